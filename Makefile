@@ -1,0 +1,50 @@
+# Every target installs what it needs: a pinned uv (bootstrapped with python3's pip when
+# the machine has none) builds the locked environment in .venv from uv.lock.
+
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+SYSTEM_UV := $(shell command -v uv 2>/dev/null)
+UV := $(if $(SYSTEM_UV),$(SYSTEM_UV),.tools/bin/uv)
+# Never let uv fetch its own interpreter: use the machine's python3.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(PYTHON)
+VENV := .venv
+DB ?= aisopod-sessions.db
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test lint format run bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+.tools/bin/uv:
+	$(PYTHON) -m venv .tools
+	.tools/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --all-groups
+	@touch $@
+
+venv: $(VENV)/.synced ## Create or update the locked environment in .venv
+
+test: venv ## Run the whole test suite
+	$(VENV)/bin/pytest
+
+lint: venv ## ruff (lint + format check) and mypy --strict
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: venv ## Apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+run: venv ## Record a short multi-channel conversation in ./$(DB) and print it
+	$(VENV)/bin/python -m aisopod_session.demo $(DB)
+
+bench: venv ## Benchmark appends and history reads against plain sqlite3
+	$(VENV)/bin/python benchmarks/bench.py
+
+clean: ## Remove the environment, caches and the demo database
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
+	rm -f $(DB) $(DB)-wal $(DB)-shm

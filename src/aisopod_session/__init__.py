@@ -1,0 +1,54 @@
+"""aisopod-session: the session and message store of the aisopod AI-agent gateway.
+
+Open a store with `open_database`, inject a `SessionRepository` into your services, and
+address conversations by `SessionKey`.
+"""
+
+from aisopod_session.database import DEFAULT_BUSY_TIMEOUT, database_url, open_database
+from aisopod_session.enums import PeerKind, Role, SessionStatus
+from aisopod_session.errors import (
+    DatabaseBusyError,
+    MigrationError,
+    SchemaVersionError,
+    SessionNotFoundError,
+    SessionStoreError,
+)
+from aisopod_session.keys import SessionKey
+from aisopod_session.migrations import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    AppliedMigration,
+    Migration,
+    applied_migrations,
+    current_version,
+    run_migrations,
+)
+from aisopod_session.models import Message, NewMessage, Session, SessionFilter
+from aisopod_session.repository import SessionRepository
+
+__all__ = [
+    "DEFAULT_BUSY_TIMEOUT",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "AppliedMigration",
+    "DatabaseBusyError",
+    "Message",
+    "Migration",
+    "MigrationError",
+    "NewMessage",
+    "PeerKind",
+    "Role",
+    "SchemaVersionError",
+    "Session",
+    "SessionFilter",
+    "SessionKey",
+    "SessionNotFoundError",
+    "SessionRepository",
+    "SessionStatus",
+    "SessionStoreError",
+    "applied_migrations",
+    "current_version",
+    "database_url",
+    "open_database",
+    "run_migrations",
+]

@@ -1,0 +1,60 @@
+"""The error taxonomy: catch `SessionStoreError` for everything the store raises itself.
+
+Invalid input is not in this tree on purpose: it raises `ValueError` (pydantic's
+`ValidationError` is one) naming the field, before anything is written, so callers can
+tell "you passed something wrong" from "the store could not do it".
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import exc as sa_exc
+
+
+class SessionStoreError(Exception):
+    """Base class of every error the session store raises about the database itself."""
+
+
+class SessionNotFoundError(SessionStoreError, LookupError):
+    """No session exists for the key or id a method needs."""
+
+
+class SchemaVersionError(SessionStoreError):
+    """The database's schema is newer than this code knows; nothing was modified."""
+
+
+class MigrationError(SessionStoreError):
+    """A migration failed (and was rolled back) or no longer matches what was applied."""
+
+
+class DatabaseBusyError(SessionStoreError):
+    """The write lock could not be taken within the busy timeout."""
+
+
+@contextmanager
+def translated_errors(action: str) -> Iterator[None]:
+    """Re-raise driver and SQLAlchemy errors as `SessionStoreError`s, chaining the original.
+
+    `action` says what was being done ("append messages"), so the message a user sees
+    names the operation as well as the driver's reason.
+    """
+    try:
+        yield
+    except SessionStoreError:
+        raise
+    except sa_exc.OperationalError as exc:
+        reason = str(exc.orig) if exc.orig is not None else str(exc)
+        if "locked" in reason or "busy" in reason:
+            raise DatabaseBusyError(
+                f"{action}: the database stayed locked by another writer past the busy "
+                f"timeout ({reason})"
+            ) from exc
+        raise SessionStoreError(f"{action}: {reason}") from exc
+    except sa_exc.DBAPIError as exc:
+        reason = str(exc.orig) if exc.orig is not None else str(exc)
+        raise SessionStoreError(f"{action}: {reason}") from exc
+    except sqlite3.Error as exc:
+        raise SessionStoreError(f"{action}: {exc}") from exc

@@ -1,0 +1,304 @@
+"""The schema in Python: the `Session` and `Message` tables, their column types, and the
+validated input models `NewMessage` and `SessionFilter`.
+
+The tables mirror migration 1 (`migrations.py`) column for column; a test compares the two.
+"""
+
+import json
+import math
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, field_validator
+from sqlalchemy import Column, Dialect, Index, Integer, Text, UniqueConstraint, text
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, Relationship, SQLModel
+
+from aisopod_session.enums import PeerKind, Role, SessionStatus
+from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
+
+MAX_JSON_DEPTH = 64
+"""How deep metadata and tool calls may nest; deeper values are refused as input."""
+
+
+# --- column types -------------------------------------------------------------------
+
+
+def utc_text(value: datetime) -> str:
+    """The one stored form of a timestamp: fixed-width ISO-8601 in UTC with microseconds,
+    `2026-11-26T03:59:48.123456+00:00`, so that text order is time order."""
+    if not isinstance(value, datetime):
+        raise TypeError(f"expected a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"naive datetime {value.isoformat()}: pass a timezone-aware datetime")
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def parse_utc_text(value: str) -> datetime:
+    """Read a stored timestamp back as an aware UTC datetime.
+
+    Besides our own form this accepts what plain SQL tends to write (`datetime('now')`
+    gives `2026-11-26 03:59:48`, `strftime(... 'Z')` a trailing `Z`); text without an
+    offset is UTC, which is what SQLite's date functions produce.
+    """
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware `datetime` in Python, canonical ISO-8601 UTC text in the database."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> str | None:
+        return None if value is None else utc_text(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        return None if value is None else parse_utc_text(value)
+
+
+def dump_json(value: Any) -> str:
+    """Compact JSON text; NaN and Infinity are refused because JSON has no such values."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+class JSONText(TypeDecorator[Any]):
+    """A JSON value stored as text (the seed's `TEXT` columns), decoded on the way out.
+
+    In-place changes to a loaded value are not tracked: change metadata through
+    `SessionRepository.update_metadata`.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else dump_json(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else json.loads(value)
+
+
+class EnumText(TypeDecorator[StrEnum]):
+    """A `StrEnum` stored as its plain lower-case text value."""
+
+    impl = Text
+    cache_ok = True
+
+    def __init__(self, enum_type: type[StrEnum]) -> None:
+        super().__init__()
+        self.enum_type = enum_type
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else parse_enum(self.enum_type, value).value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> StrEnum | None:
+        return None if value is None else self.enum_type(value)
+
+
+def check_json(field: str, value: Any) -> Any:
+    """Return `value` if it stores and reads back unchanged as JSON, else `ValueError`.
+
+    Allowed: dicts with string keys, lists and tuples, strings without lone surrogates,
+    finite numbers, booleans and None, nested at most `MAX_JSON_DEPTH` deep.
+    """
+    stack: list[tuple[Any, int, str]] = [(value, 1, field)]
+    while stack:
+        item, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{field}: nested deeper than {MAX_JSON_DEPTH} levels at {path}")
+        if item is None or isinstance(item, bool | int):
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError(f"{field}: {item} at {path} is not a JSON number")
+        elif isinstance(item, str):
+            _check_encodable(field, item, path)
+        elif isinstance(item, dict):
+            for name, child in item.items():
+                if not isinstance(name, str):
+                    raise ValueError(f"{field}: key {name!r} at {path} is not a string")
+                _check_encodable(field, name, path)
+                stack.append((child, depth + 1, f"{path}.{name}"))
+        elif isinstance(item, list | tuple):
+            stack.extend((child, depth + 1, f"{path}[{i}]") for i, child in enumerate(item))
+        else:
+            raise ValueError(f"{field}: {type(item).__name__} at {path} is not JSON-serialisable")
+    return value
+
+
+def _check_encodable(field: str, value: str, path: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{field}: text at {path} holds a lone surrogate {value[exc.start]!r} "
+            f"at position {exc.start}, which cannot be stored"
+        ) from None
+
+
+# --- tables ---------------------------------------------------------------------------
+
+
+class Session(SQLModel, table=True):
+    """One conversation, unique by its five key parts.
+
+    Returned objects are detached snapshots; `messages` is not loaded with them (read
+    history with `SessionRepository.get_history`).
+    """
+
+    __tablename__ = "sessions"
+    __table_args__ = (
+        UniqueConstraint("agent_id", "channel", "account_id", "peer_kind", "peer_id"),
+        Index("idx_sessions_agent_id", "agent_id"),
+        Index("idx_sessions_channel", "channel", "account_id"),
+        Index("idx_sessions_status", "status"),
+        Index("idx_sessions_updated_at", "updated_at"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    agent_id: str = Field(sa_column=Column(Text, nullable=False))
+    channel: str = Field(sa_column=Column(Text, nullable=False))
+    account_id: str = Field(sa_column=Column(Text, nullable=False))
+    peer_kind: PeerKind = Field(sa_column=Column(EnumText(PeerKind), nullable=False))
+    peer_id: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    updated_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    message_count: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
+    )
+    token_usage: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
+    )
+    meta: dict[str, Any] = Field(
+        default_factory=dict,
+        sa_column=Column("metadata", JSONText, nullable=False, server_default=text("'{}'")),
+    )
+    status: SessionStatus = Field(
+        default=SessionStatus.ACTIVE,
+        sa_column=Column(EnumText(SessionStatus), nullable=False, server_default=text("'active'")),
+    )
+
+    messages: list["Message"] = Relationship(
+        back_populates="session",
+        cascade_delete=True,
+        passive_deletes=True,
+        sa_relationship_kwargs={"lazy": "raise", "order_by": "Message.id"},
+    )
+
+    @property
+    def key(self) -> SessionKey:
+        """The session's `SessionKey`."""
+        return SessionKey(
+            self.agent_id, self.channel, self.account_id, self.peer_kind, self.peer_id
+        )
+
+
+class Message(SQLModel, table=True):
+    """One turn of a conversation; history order is `id` order."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        Index("idx_messages_session_id", "session_id"),
+        Index("idx_messages_created_at", "session_id", "created_at"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    session_id: int = Field(foreign_key="sessions.id", ondelete="CASCADE", sa_type=Integer)
+    role: Role = Field(sa_column=Column(EnumText(Role), nullable=False))
+    content: str = Field(sa_column=Column(Text, nullable=False))
+    tool_calls: list[Any] | None = Field(default=None, sa_column=Column(JSONText, nullable=True))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+
+    session: Session | None = Relationship(
+        back_populates="messages", sa_relationship_kwargs={"lazy": "raise"}
+    )
+
+
+# --- input models -----------------------------------------------------------------------
+
+
+class NewMessage(BaseModel):
+    """A message to append: validated before anything is written.
+
+    `role` takes a `Role` or its name in any case; `content` must be text that can be
+    stored (no lone surrogates; NUL bytes and any length are kept as given); `tool_calls`
+    is a JSON array or None.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    role: Role
+    content: str
+    tool_calls: list[Any] | None = None
+
+    def __init__(self, role: Role | str, content: str, tool_calls: list[Any] | None = None) -> None:
+        """Build a message positionally or by name."""
+        super().__init__(role=role, content=content, tool_calls=tool_calls)
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _role(cls, value: Any) -> Role:
+        return parse_enum(Role, value)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, not {type(value).__name__}")
+        _check_encodable("content", value, "content")
+        return value
+
+    @field_validator("tool_calls", mode="before")
+    @classmethod
+    def _tool_calls(cls, value: Any) -> list[Any] | None:
+        if value is None:
+            return None
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"must be a JSON array (list) or None, not {type(value).__name__}")
+        return list(check_json("tool_calls", value))
+
+
+class SessionFilter(BaseModel):
+    """Which sessions `list_sessions` and `count_sessions` see; every field is optional
+    and the given ones must all match. Key parts are normalised as in `SessionKey`;
+    `*_after` and `*_before` bounds are exclusive and must be timezone-aware."""
+
+    model_config = ConfigDict(frozen=True)
+
+    agent_id: str | None = None
+    channel: str | None = None
+    account_id: str | None = None
+    peer_kind: PeerKind | None = None
+    peer_id: str | None = None
+    status: SessionStatus | None = None
+    created_after: AwareDatetime | None = None
+    created_before: AwareDatetime | None = None
+    updated_after: AwareDatetime | None = None
+    updated_before: AwareDatetime | None = None
+
+    @field_validator("agent_id", "channel", mode="before")
+    @classmethod
+    def _lower_part(cls, value: Any) -> str | None:
+        return None if value is None else normalize_key_part(value, lower=True)
+
+    @field_validator("account_id", "peer_id", mode="before")
+    @classmethod
+    def _cased_part(cls, value: Any) -> str | None:
+        return None if value is None else normalize_key_part(value, lower=False)
+
+    @field_validator("peer_kind", mode="before")
+    @classmethod
+    def _peer_kind(cls, value: Any) -> PeerKind | None:
+        return None if value is None else parse_enum(PeerKind, value)
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _status(cls, value: Any) -> SessionStatus | None:
+        return None if value is None else parse_enum(SessionStatus, value)

@@ -1,0 +1,386 @@
+"""`SessionRepository`: every query the gateway's services need, each one atomic."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, Engine, Row, delete, func, insert, inspect, select, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import make_transient_to_detached
+from sqlmodel import SQLModel, col
+
+from aisopod_session.enums import Role, SessionStatus
+from aisopod_session.errors import SessionNotFoundError, translated_errors
+from aisopod_session.keys import SessionKey, parse_enum
+from aisopod_session.models import Message, NewMessage, Session, SessionFilter, check_json
+from aisopod_session.transactions import read_transaction, write_transaction
+
+Model = TypeVar("Model", bound=SQLModel)
+
+# Columns in mapper order with their attribute names (`meta` maps the `metadata` column),
+# so rows can be turned into objects without a round trip through an ORM session.
+_SESSION_PROPS = [(prop.key, prop.columns[0]) for prop in inspect(Session).column_attrs]
+_MESSAGE_PROPS = [(prop.key, prop.columns[0]) for prop in inspect(Message).column_attrs]
+_SESSION_COLUMNS = [column for _, column in _SESSION_PROPS]
+_MESSAGE_COLUMNS = [column for _, column in _MESSAGE_PROPS]
+_KEY_COLUMNS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
+
+
+class SessionRepository:
+    """The session store's API for services: inject one per engine and share it.
+
+    Every method is atomic: all of its writes happen in one `BEGIN IMMEDIATE`
+    transaction, or none do. Invalid arguments raise `ValueError` naming the argument
+    before anything is written; a method that needs a session raises
+    `SessionNotFoundError` when there is none; database failures raise
+    `SessionStoreError` subclasses. Returned objects are detached snapshots with every
+    column loaded. Keys may be given as `SessionKey` or in their canonical text form.
+    The repository holds no state besides the engine and is safe to share across threads.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        """Wrap an engine from `open_database` (which has set up pragmas and migrations)."""
+        self.engine = engine
+
+    # --- sessions -------------------------------------------------------------------
+
+    def get_or_create(self, key: SessionKey | str) -> Session:
+        """Return the session for `key`, creating it (`active`, empty) if there is none.
+
+        Race-free: concurrent callers with the same new key all get the one row (insert on
+        conflict do nothing, then read, under the write lock). An existing session is read
+        without taking the write lock.
+        """
+        key = _as_key(key)
+        with translated_errors("get_or_create"):
+            with read_transaction(self.engine) as conn:
+                row = conn.execute(_select_session(key)).one_or_none()
+            if row is not None:
+                return _build(Session, _SESSION_PROPS, row)
+            now = _now()
+            with write_transaction(self.engine) as conn:
+                created = conn.execute(
+                    sqlite_insert(Session)
+                    .values(**_key_values(key), created_at=now, updated_at=now)
+                    .on_conflict_do_nothing(index_elements=list(_KEY_COLUMNS))
+                    .returning(*_SESSION_COLUMNS)
+                ).one_or_none()
+                row = created or conn.execute(_select_session(key)).one()
+        return _build(Session, _SESSION_PROPS, row)
+
+    def get(self, key: SessionKey | str) -> Session | None:
+        """The session for `key`, or None. Read-only."""
+        key = _as_key(key)
+        with translated_errors("get"), read_transaction(self.engine) as conn:
+            row = conn.execute(_select_session(key)).one_or_none()
+        return None if row is None else _build(Session, _SESSION_PROPS, row)
+
+    def get_by_id(self, session_id: int) -> Session | None:
+        """The session with this id, or None. Read-only."""
+        _check_int("session_id", session_id, minimum=None)
+        with translated_errors("get_by_id"), read_transaction(self.engine) as conn:
+            row = conn.execute(
+                select(*_SESSION_COLUMNS).where(col(Session.id) == session_id)
+            ).one_or_none()
+        return None if row is None else _build(Session, _SESSION_PROPS, row)
+
+    def list_sessions(
+        self,
+        filter: SessionFilter | Mapping[str, Any] | None = None,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Session]:
+        """Sessions matching `filter`, most recently updated first (ties: higher id first),
+        `limit` of them from `offset`. Read-only."""
+        clauses = _filter_clauses(_as_filter(filter))
+        _check_int("limit", limit, minimum=0)
+        _check_int("offset", offset, minimum=0)
+        query = (
+            select(*_SESSION_COLUMNS)
+            .where(*clauses)
+            .order_by(col(Session.updated_at).desc(), col(Session.id).desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        with translated_errors("list_sessions"), read_transaction(self.engine) as conn:
+            rows = conn.execute(query).all()
+        return [_build(Session, _SESSION_PROPS, row) for row in rows]
+
+    def count_sessions(
+        self,
+        filter: SessionFilter | Mapping[str, Any] | None = None,
+    ) -> int:
+        """How many sessions match `filter`. Read-only."""
+        clauses = _filter_clauses(_as_filter(filter))
+        query = select(func.count()).select_from(Session).where(*clauses)
+        with translated_errors("count_sessions"), read_transaction(self.engine) as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def update_metadata(
+        self, key: SessionKey | str, changes: Mapping[str, Any], *, replace: bool = False
+    ) -> Session:
+        """Merge `changes` into the session's metadata (top-level keys; given keys win), or
+        with `replace=True` make `changes` the whole metadata. Bumps `updated_at`.
+
+        `changes` must be a mapping with string keys holding JSON values. One write
+        transaction; `SessionNotFoundError` if there is no session.
+        """
+        key = _as_key(key)
+        if not isinstance(changes, Mapping):
+            raise ValueError(f"changes: must be a mapping, not {type(changes).__name__}")
+        changes = dict(check_json("changes", dict(changes)))
+        with translated_errors("update_metadata"), write_transaction(self.engine) as conn:
+            current = conn.execute(
+                select(col(Session.meta)).where(*_key_clauses(key))
+            ).scalar_one_or_none()
+            if current is None:
+                raise _not_found(key)
+            meta = changes if replace else {**current, **changes}
+            row = conn.execute(
+                update(Session)
+                .where(*_key_clauses(key))
+                .values(meta=meta, updated_at=_now())
+                .returning(*_SESSION_COLUMNS)
+            ).one()
+        return _build(Session, _SESSION_PROPS, row)
+
+    def set_status(self, key: SessionKey | str, status: SessionStatus | str) -> Session:
+        """Set the session's status and bump `updated_at`; one write transaction.
+        `SessionNotFoundError` if there is no session."""
+        key = _as_key(key)
+        try:
+            new_status = parse_enum(SessionStatus, status)
+        except ValueError as exc:
+            raise ValueError(f"status: {exc}") from None
+        with translated_errors("set_status"), write_transaction(self.engine) as conn:
+            row = conn.execute(
+                update(Session)
+                .where(*_key_clauses(key))
+                .values(status=new_status, updated_at=_now())
+                .returning(*_SESSION_COLUMNS)
+            ).one_or_none()
+            if row is None:
+                raise _not_found(key)
+        return _build(Session, _SESSION_PROPS, row)
+
+    def delete(self, key: SessionKey | str) -> bool:
+        """Delete the session; its messages go with it through the foreign key's
+        `ON DELETE CASCADE`. True if a session was deleted, False if there was none."""
+        key = _as_key(key)
+        with translated_errors("delete"), write_transaction(self.engine) as conn:
+            deleted = conn.execute(
+                delete(Session).where(*_key_clauses(key)).returning(col(Session.id))
+            ).first()
+        return deleted is not None
+
+    # --- messages ---------------------------------------------------------------------
+
+    def append_messages(
+        self,
+        key: SessionKey | str,
+        messages: Sequence[NewMessage | Mapping[str, Any]],
+        *,
+        tokens: int = 0,
+    ) -> list[Message]:
+        """Append `messages` in order and return them with their ids and timestamps.
+
+        In one write transaction: the rows are inserted, `message_count` grows by their
+        number, `token_usage` by `tokens`, `updated_at` becomes now and the status
+        `active`. `messages` must hold at least one `NewMessage` (or a mapping with its
+        fields); `tokens` is an int >= 0. `SessionNotFoundError` if there is no session.
+        """
+        key = _as_key(key)
+        new = _as_new_messages(messages)
+        _check_int("tokens", tokens, minimum=0)
+        now = _now()
+        with translated_errors("append_messages"), write_transaction(self.engine) as conn:
+            session_id = conn.execute(
+                update(Session)
+                .where(*_key_clauses(key))
+                .values(
+                    message_count=col(Session.message_count) + len(new),
+                    token_usage=col(Session.token_usage) + tokens,
+                    updated_at=now,
+                    status=SessionStatus.ACTIVE,
+                )
+                .returning(col(Session.id))
+            ).scalar_one_or_none()
+            if session_id is None:
+                raise _not_found(key)
+            params = [
+                {
+                    "session_id": session_id,
+                    "role": message.role,
+                    "content": message.content,
+                    "tool_calls": message.tool_calls,
+                    "created_at": now,
+                }
+                for message in new
+            ]
+            rows = conn.execute(
+                insert(Message).returning(*_MESSAGE_COLUMNS, sort_by_parameter_order=True),
+                params,
+            ).all()
+        return [_build(Message, _MESSAGE_PROPS, row) for row in rows]
+
+    def append_message(
+        self,
+        key: SessionKey | str,
+        role: Role | str,
+        content: str,
+        *,
+        tool_calls: list[Any] | None = None,
+        tokens: int = 0,
+    ) -> Message:
+        """Append one message; the same guarantees as `append_messages`."""
+        message = NewMessage(role=role, content=content, tool_calls=tool_calls)
+        return self.append_messages(key, [message], tokens=tokens)[0]
+
+    def get_history(
+        self,
+        key: SessionKey | str,
+        *,
+        limit: int | None = None,
+        before_id: int | None = None,
+        after_id: int | None = None,
+    ) -> list[Message]:
+        """The session's messages in chronological (id) order.
+
+        Without `limit`: every message between the exclusive bounds `after_id` and
+        `before_id`. With `limit`: the newest `limit` messages before `before_id` (page
+        backwards by passing the first id you got as the next `before_id`); with
+        `after_id` too, the oldest `limit` messages after it (page forwards by passing the
+        last id you got). One read snapshot; `SessionNotFoundError` if there is no session.
+        """
+        key = _as_key(key)
+        if limit is not None:
+            _check_int("limit", limit, minimum=0)
+        if before_id is not None:
+            _check_int("before_id", before_id, minimum=None)
+        if after_id is not None:
+            _check_int("after_id", after_id, minimum=None)
+        with translated_errors("get_history"), read_transaction(self.engine) as conn:
+            session_id = conn.execute(
+                select(col(Session.id)).where(*_key_clauses(key))
+            ).scalar_one_or_none()
+            if session_id is None:
+                raise _not_found(key)
+            query = select(*_MESSAGE_COLUMNS).where(col(Message.session_id) == session_id)
+            if after_id is not None:
+                query = query.where(col(Message.id) > after_id)
+            if before_id is not None:
+                query = query.where(col(Message.id) < before_id)
+            newest_first = limit is not None and after_id is None
+            query = query.order_by(col(Message.id).desc() if newest_first else col(Message.id))
+            if limit is not None:
+                query = query.limit(limit)
+            rows = conn.execute(query).all()
+        messages = [_build(Message, _MESSAGE_PROPS, row) for row in rows]
+        if newest_first:
+            messages.reverse()
+        return messages
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _build(model: type[Model], props: list[tuple[str, Any]], row: Row[Any]) -> Model:
+    obj = model(**{name: value for (name, _), value in zip(props, row, strict=True)})
+    make_transient_to_detached(obj)
+    return obj
+
+
+def _as_key(key: Any) -> SessionKey:
+    if isinstance(key, SessionKey):
+        return key
+    if isinstance(key, str):
+        return SessionKey.parse(key)
+    raise ValueError(f"key: must be a SessionKey or its text form, not {type(key).__name__}")
+
+
+def _key_values(key: SessionKey) -> dict[str, str]:
+    return dict(zip(_KEY_COLUMNS, key.parts(), strict=True))
+
+
+def _key_clauses(key: SessionKey) -> list[ColumnElement[bool]]:
+    return [
+        col(Session.agent_id) == key.agent_id,
+        col(Session.channel) == key.channel,
+        col(Session.account_id) == key.account_id,
+        col(Session.peer_kind) == key.peer_kind,
+        col(Session.peer_id) == key.peer_id,
+    ]
+
+
+def _select_session(key: SessionKey) -> Any:
+    return select(*_SESSION_COLUMNS).where(*_key_clauses(key))
+
+
+def _not_found(key: SessionKey) -> SessionNotFoundError:
+    return SessionNotFoundError(f"no session for key {key}")
+
+
+def _as_filter(value: Any) -> SessionFilter:
+    if value is None:
+        return SessionFilter()
+    if isinstance(value, SessionFilter):
+        return value
+    if isinstance(value, Mapping):
+        return SessionFilter.model_validate(dict(value))
+    raise ValueError(f"filter: must be a SessionFilter or a mapping, not {type(value).__name__}")
+
+
+def _filter_clauses(spec: SessionFilter) -> list[ColumnElement[bool]]:
+    clauses: list[ColumnElement[bool]] = []
+    for name in _KEY_COLUMNS:
+        value = getattr(spec, name)
+        if value is not None:
+            clauses.append(getattr(Session, name) == value)
+    if spec.status is not None:
+        clauses.append(col(Session.status) == spec.status)
+    if spec.created_after is not None:
+        clauses.append(col(Session.created_at) > spec.created_after)
+    if spec.created_before is not None:
+        clauses.append(col(Session.created_at) < spec.created_before)
+    if spec.updated_after is not None:
+        clauses.append(col(Session.updated_at) > spec.updated_after)
+    if spec.updated_before is not None:
+        clauses.append(col(Session.updated_at) < spec.updated_before)
+    return clauses
+
+
+def _as_new_messages(messages: Any) -> list[NewMessage]:
+    if isinstance(messages, NewMessage | str | bytes | Mapping) or not isinstance(
+        messages, Sequence
+    ):
+        raise ValueError(
+            f"messages: must be a sequence of NewMessage, not {type(messages).__name__}"
+        )
+    if not messages:
+        raise ValueError("messages: must hold at least one message")
+    result: list[NewMessage] = []
+    for index, message in enumerate(messages):
+        if isinstance(message, NewMessage):
+            result.append(message)
+        elif isinstance(message, Mapping):
+            result.append(NewMessage.model_validate(dict(message)))
+        else:
+            raise ValueError(
+                f"messages[{index}]: must be a NewMessage or a mapping, "
+                f"not {type(message).__name__}"
+            )
+    return result
+
+
+def _check_int(field: str, value: Any, *, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field}: must be an integer, not {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{field}: must be >= {minimum}, got {value}")
