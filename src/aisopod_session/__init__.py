@@ -20,6 +20,7 @@ from aisopod_session.migrations import (
     AppliedMigration,
     Migration,
     applied_migrations,
+    check_schema,
     current_version,
     run_migrations,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "SessionStatus",
     "SessionStoreError",
     "applied_migrations",
+    "check_schema",
     "current_version",
     "database_url",
     "open_database",

@@ -8,13 +8,13 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
 from aisopod_session.errors import SessionStoreError, translated_errors
-from aisopod_session.migrations import run_migrations
-from aisopod_session.transactions import BEGIN_MODE_OPTION
+from aisopod_session.migrations import check_schema, run_migrations
+from aisopod_session.transactions import begin_listener
 
 DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds a writer waits for another writer's lock before `DatabaseBusyError`."""
@@ -27,6 +27,7 @@ def open_database(
     *,
     busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
     synchronous: Synchronous = "NORMAL",
+    migrate: bool = True,
     echo: bool = False,
 ) -> Engine:
     """Open (creating if needed) a session store and return its engine, migrated.
@@ -36,6 +37,8 @@ def open_database(
     `foreign_keys=ON`, `busy_timeout` (seconds) and `synchronous` (`NORMAL` survives any
     process crash; `FULL` also the last transactions of a power loss); a file is put in
     WAL mode. Transactions begin `IMMEDIATE` unless the store marks them read-only.
+    With `migrate=False` the schema is left as it is (to inspect pending migrations or
+    run `run_migrations` yourself); a database newer than this code is refused either way.
 
     Raises `SchemaVersionError` for a database newer than this code and
     `SessionStoreError` when the target cannot be opened or migrated; the engine is
@@ -75,9 +78,12 @@ def open_database(
     _install_sqlite_settings(engine, busy_timeout=busy_timeout, synchronous=synchronous)
     try:
         with translated_errors(f"open {url.render_as_string(hide_password=True)}"):
+            # Refuse a newer or edited schema before anything, WAL included, touches the file.
+            check_schema(engine)
             if not in_memory:
                 _enable_wal(engine)
-            run_migrations(engine)
+            if migrate:
+                run_migrations(engine)
     except BaseException:
         engine.dispose()
         raise
@@ -119,10 +125,7 @@ def _install_sqlite_settings(engine: Engine, *, busy_timeout: float, synchronous
         finally:
             cursor.close()
 
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        mode = conn.get_execution_options().get(BEGIN_MODE_OPTION, "IMMEDIATE")
-        conn.exec_driver_sql("BEGIN" if mode == "DEFERRED" else "BEGIN IMMEDIATE")
+    event.listen(engine, "begin", begin_listener)
 
 
 def _enable_wal(engine: Engine) -> None:

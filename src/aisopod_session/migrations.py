@@ -16,7 +16,11 @@ from sqlalchemy import Connection, Engine, text
 
 from aisopod_session.errors import MigrationError, SchemaVersionError, translated_errors
 from aisopod_session.models import utc_text
-from aisopod_session.transactions import read_transaction, write_transaction
+from aisopod_session.transactions import (
+    read_transaction,
+    require_store_engine,
+    write_transaction,
+)
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,19 @@ def current_version(engine: Engine) -> int:
     return max((row.version for row in applied_migrations(engine)), default=0)
 
 
+def check_schema(
+    engine: Engine, migrations: Sequence[Migration] = MIGRATIONS
+) -> list[AppliedMigration]:
+    """Check, read-only, that this code can work on the database, and return what was
+    applied: `SchemaVersionError` if the database is newer than `migrations`,
+    `MigrationError` if an applied migration's checksum differs from the code's."""
+    require_store_engine(engine)
+    _check_sequence(migrations)
+    applied = applied_migrations(engine)
+    _check_applied(applied, migrations, migrations[-1].version if migrations else 0)
+    return applied
+
+
 def run_migrations(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> int:
     """Bring the database up to the newest of `migrations` and return the version reached.
 
@@ -120,10 +137,8 @@ def run_migrations(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS)
     than `migrations` raises `SchemaVersionError`, and one whose recorded checksum differs
     from the code raises `MigrationError`; neither modifies the file.
     """
-    _check_sequence(migrations)
+    applied = check_schema(engine, migrations)
     latest = migrations[-1].version if migrations else 0
-    applied = applied_migrations(engine)
-    _check_applied(applied, migrations, latest)
     done = {row.version for row in applied}
     if all(migration.version in done for migration in migrations):
         return max(done, default=0)

@@ -6,7 +6,20 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Engine, Row, delete, func, insert, inspect, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Integer,
+    Row,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    inspect,
+    select,
+    update,
+)
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import SQLModel, col
@@ -15,7 +28,11 @@ from aisopod_session.enums import Role, SessionStatus
 from aisopod_session.errors import SessionNotFoundError, translated_errors
 from aisopod_session.keys import SessionKey, parse_enum
 from aisopod_session.models import Message, NewMessage, Session, SessionFilter, check_json
-from aisopod_session.transactions import read_transaction, write_transaction
+from aisopod_session.transactions import (
+    read_transaction,
+    require_store_engine,
+    write_transaction,
+)
 
 Model = TypeVar("Model", bound=SQLModel)
 
@@ -26,6 +43,51 @@ _MESSAGE_PROPS = [(prop.key, prop.columns[0]) for prop in inspect(Message).colum
 _SESSION_COLUMNS = [column for _, column in _SESSION_PROPS]
 _MESSAGE_COLUMNS = [column for _, column in _MESSAGE_PROPS]
 _KEY_COLUMNS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
+
+# --- the statements -------------------------------------------------------------------
+# Every statement with a fixed shape is built once, here, with named parameters: building
+# and cache-keying a statement per call costs more than running it on SQLite. Key
+# parameters are prefixed `key_` because UPDATE reserves column names for its SET clause.
+
+_BY_KEY = and_(*(getattr(Session, name) == bindparam(f"key_{name}") for name in _KEY_COLUMNS))
+_SELECT_SESSION = select(*_SESSION_COLUMNS).where(_BY_KEY)
+_SELECT_SESSION_BY_ID = select(*_SESSION_COLUMNS).where(col(Session.id) == bindparam("id"))
+_SELECT_SESSION_ID = select(col(Session.id)).where(_BY_KEY)
+_SELECT_META = select(col(Session.meta)).where(_BY_KEY)
+_INSERT_SESSION = (
+    sqlite_insert(Session)
+    .on_conflict_do_nothing(index_elements=list(_KEY_COLUMNS))
+    .returning(*_SESSION_COLUMNS)
+)
+_UPDATE_META = (
+    update(Session)
+    .where(_BY_KEY)
+    .values(meta=bindparam("meta"), updated_at=bindparam("updated_at"))
+    .returning(*_SESSION_COLUMNS)
+)
+_UPDATE_STATUS = (
+    update(Session)
+    .where(_BY_KEY)
+    .values(status=bindparam("status"), updated_at=bindparam("updated_at"))
+    .returning(*_SESSION_COLUMNS)
+)
+_DELETE_SESSION = delete(Session).where(_BY_KEY).returning(col(Session.id))
+_COUNT_APPEND = (
+    update(Session)
+    .where(_BY_KEY)
+    .values(
+        message_count=col(Session.message_count) + bindparam("added", type_=Integer),
+        token_usage=col(Session.token_usage) + bindparam("tokens", type_=Integer),
+        updated_at=bindparam("updated_at"),
+        status=SessionStatus.ACTIVE,
+    )
+    .returning(col(Session.id))
+)
+_INSERT_MESSAGE = insert(Message).returning(*_MESSAGE_COLUMNS)
+_INSERT_MESSAGES = insert(Message).returning(*_MESSAGE_COLUMNS, sort_by_parameter_order=True)
+_SELECT_MESSAGES = select(*_MESSAGE_COLUMNS).where(
+    col(Message.session_id) == bindparam("session_id")
+)
 
 
 class SessionRepository:
@@ -41,7 +103,9 @@ class SessionRepository:
     """
 
     def __init__(self, engine: Engine) -> None:
-        """Wrap an engine from `open_database` (which has set up pragmas and migrations)."""
+        """Wrap an engine from `open_database` (which set up pragmas, transaction mode and
+        migrations); any other SQLite engine is refused with `SessionStoreError`."""
+        require_store_engine(engine)
         self.engine = engine
 
     # --- sessions -------------------------------------------------------------------
@@ -56,34 +120,30 @@ class SessionRepository:
         key = _as_key(key)
         with translated_errors("get_or_create"):
             with read_transaction(self.engine) as conn:
-                row = conn.execute(_select_session(key)).one_or_none()
+                row = conn.execute(_SELECT_SESSION, _key_params(key)).one_or_none()
             if row is not None:
                 return _build(Session, _SESSION_PROPS, row)
             now = _now()
+            values = dict(zip(_KEY_COLUMNS, key.parts(), strict=True))
             with write_transaction(self.engine) as conn:
                 created = conn.execute(
-                    sqlite_insert(Session)
-                    .values(**_key_values(key), created_at=now, updated_at=now)
-                    .on_conflict_do_nothing(index_elements=list(_KEY_COLUMNS))
-                    .returning(*_SESSION_COLUMNS)
+                    _INSERT_SESSION, {**values, "created_at": now, "updated_at": now}
                 ).one_or_none()
-                row = created or conn.execute(_select_session(key)).one()
+                row = created or conn.execute(_SELECT_SESSION, _key_params(key)).one()
         return _build(Session, _SESSION_PROPS, row)
 
     def get(self, key: SessionKey | str) -> Session | None:
         """The session for `key`, or None. Read-only."""
         key = _as_key(key)
         with translated_errors("get"), read_transaction(self.engine) as conn:
-            row = conn.execute(_select_session(key)).one_or_none()
+            row = conn.execute(_SELECT_SESSION, _key_params(key)).one_or_none()
         return None if row is None else _build(Session, _SESSION_PROPS, row)
 
     def get_by_id(self, session_id: int) -> Session | None:
         """The session with this id, or None. Read-only."""
         _check_int("session_id", session_id, minimum=None)
         with translated_errors("get_by_id"), read_transaction(self.engine) as conn:
-            row = conn.execute(
-                select(*_SESSION_COLUMNS).where(col(Session.id) == session_id)
-            ).one_or_none()
+            row = conn.execute(_SELECT_SESSION_BY_ID, {"id": session_id}).one_or_none()
         return None if row is None else _build(Session, _SESSION_PROPS, row)
 
     def list_sessions(
@@ -133,17 +193,12 @@ class SessionRepository:
             raise ValueError(f"changes: must be a mapping, not {type(changes).__name__}")
         changes = dict(check_json("changes", dict(changes)))
         with translated_errors("update_metadata"), write_transaction(self.engine) as conn:
-            current = conn.execute(
-                select(col(Session.meta)).where(*_key_clauses(key))
-            ).scalar_one_or_none()
+            current = conn.execute(_SELECT_META, _key_params(key)).scalar_one_or_none()
             if current is None:
                 raise _not_found(key)
             meta = changes if replace else {**current, **changes}
             row = conn.execute(
-                update(Session)
-                .where(*_key_clauses(key))
-                .values(meta=meta, updated_at=_now())
-                .returning(*_SESSION_COLUMNS)
+                _UPDATE_META, {**_key_params(key), "meta": meta, "updated_at": _now()}
             ).one()
         return _build(Session, _SESSION_PROPS, row)
 
@@ -157,10 +212,7 @@ class SessionRepository:
             raise ValueError(f"status: {exc}") from None
         with translated_errors("set_status"), write_transaction(self.engine) as conn:
             row = conn.execute(
-                update(Session)
-                .where(*_key_clauses(key))
-                .values(status=new_status, updated_at=_now())
-                .returning(*_SESSION_COLUMNS)
+                _UPDATE_STATUS, {**_key_params(key), "status": new_status, "updated_at": _now()}
             ).one_or_none()
             if row is None:
                 raise _not_found(key)
@@ -171,9 +223,7 @@ class SessionRepository:
         `ON DELETE CASCADE`. True if a session was deleted, False if there was none."""
         key = _as_key(key)
         with translated_errors("delete"), write_transaction(self.engine) as conn:
-            deleted = conn.execute(
-                delete(Session).where(*_key_clauses(key)).returning(col(Session.id))
-            ).first()
+            deleted = conn.execute(_DELETE_SESSION, _key_params(key)).first()
         return deleted is not None
 
     # --- messages ---------------------------------------------------------------------
@@ -198,15 +248,8 @@ class SessionRepository:
         now = _now()
         with translated_errors("append_messages"), write_transaction(self.engine) as conn:
             session_id = conn.execute(
-                update(Session)
-                .where(*_key_clauses(key))
-                .values(
-                    message_count=col(Session.message_count) + len(new),
-                    token_usage=col(Session.token_usage) + tokens,
-                    updated_at=now,
-                    status=SessionStatus.ACTIVE,
-                )
-                .returning(col(Session.id))
+                _COUNT_APPEND,
+                {**_key_params(key), "added": len(new), "tokens": tokens, "updated_at": now},
             ).scalar_one_or_none()
             if session_id is None:
                 raise _not_found(key)
@@ -220,10 +263,10 @@ class SessionRepository:
                 }
                 for message in new
             ]
-            rows = conn.execute(
-                insert(Message).returning(*_MESSAGE_COLUMNS, sort_by_parameter_order=True),
-                params,
-            ).all()
+            if len(params) == 1:
+                rows = conn.execute(_INSERT_MESSAGE, params[0]).all()
+            else:
+                rows = conn.execute(_INSERT_MESSAGES, params).all()
         return [_build(Message, _MESSAGE_PROPS, row) for row in rows]
 
     def append_message(
@@ -263,12 +306,10 @@ class SessionRepository:
         if after_id is not None:
             _check_int("after_id", after_id, minimum=None)
         with translated_errors("get_history"), read_transaction(self.engine) as conn:
-            session_id = conn.execute(
-                select(col(Session.id)).where(*_key_clauses(key))
-            ).scalar_one_or_none()
+            session_id = conn.execute(_SELECT_SESSION_ID, _key_params(key)).scalar_one_or_none()
             if session_id is None:
                 raise _not_found(key)
-            query = select(*_MESSAGE_COLUMNS).where(col(Message.session_id) == session_id)
+            query = _SELECT_MESSAGES
             if after_id is not None:
                 query = query.where(col(Message.id) > after_id)
             if before_id is not None:
@@ -277,7 +318,7 @@ class SessionRepository:
             query = query.order_by(col(Message.id).desc() if newest_first else col(Message.id))
             if limit is not None:
                 query = query.limit(limit)
-            rows = conn.execute(query).all()
+            rows = conn.execute(query, {"session_id": session_id}).all()
         messages = [_build(Message, _MESSAGE_PROPS, row) for row in rows]
         if newest_first:
             messages.reverse()
@@ -292,7 +333,14 @@ def _now() -> datetime:
 
 
 def _build(model: type[Model], props: list[tuple[str, Any]], row: Row[Any]) -> Model:
-    obj = model(**{name: value for (name, _), value in zip(props, row, strict=True)})
+    # What the ORM does when it loads a row: a bare instance with its state, the values
+    # put in place (they are already converted by the column types), then marked as a
+    # detached copy of that row. SQLModel's __init__ would re-run defaults and assign
+    # attribute by attribute, which costs several times more per object.
+    obj: Model = inspect(model).class_manager.new_instance()
+    values = {name: value for (name, _), value in zip(props, row, strict=True)}
+    obj.__dict__.update(values)
+    object.__setattr__(obj, "__pydantic_fields_set__", set(values))
     make_transient_to_detached(obj)
     return obj
 
@@ -305,22 +353,14 @@ def _as_key(key: Any) -> SessionKey:
     raise ValueError(f"key: must be a SessionKey or its text form, not {type(key).__name__}")
 
 
-def _key_values(key: SessionKey) -> dict[str, str]:
-    return dict(zip(_KEY_COLUMNS, key.parts(), strict=True))
-
-
-def _key_clauses(key: SessionKey) -> list[ColumnElement[bool]]:
-    return [
-        col(Session.agent_id) == key.agent_id,
-        col(Session.channel) == key.channel,
-        col(Session.account_id) == key.account_id,
-        col(Session.peer_kind) == key.peer_kind,
-        col(Session.peer_id) == key.peer_id,
-    ]
-
-
-def _select_session(key: SessionKey) -> Any:
-    return select(*_SESSION_COLUMNS).where(*_key_clauses(key))
+def _key_params(key: SessionKey) -> dict[str, str]:
+    return {
+        "key_agent_id": key.agent_id,
+        "key_channel": key.channel,
+        "key_account_id": key.account_id,
+        "key_peer_kind": key.peer_kind.value,
+        "key_peer_id": key.peer_id,
+    }
 
 
 def _not_found(key: SessionKey) -> SessionNotFoundError:

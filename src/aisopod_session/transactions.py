@@ -15,12 +15,36 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, event
+
+from aisopod_session.errors import SessionStoreError
 
 BEGIN_MODE_OPTION = "aisopod_begin_mode"
 """Execution option read by the `begin` listener; absent means `IMMEDIATE`."""
 
 BeginMode = Literal["IMMEDIATE", "DEFERRED"]
+
+
+def begin_listener(conn: Connection) -> None:
+    """The engine's `begin` listener (installed by `open_database` on SQLite engines)."""
+    mode = conn.get_execution_options().get(BEGIN_MODE_OPTION, "IMMEDIATE")
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    # Straight to the driver: BEGIN needs no parameters, compilation or result handling.
+    driver.execute("BEGIN" if mode == "DEFERRED" else "BEGIN IMMEDIATE")
+
+
+def require_store_engine(engine: Engine) -> None:
+    """Refuse a SQLite engine that `open_database` did not set up.
+
+    On such an engine pysqlite would run DDL outside any transaction and begin writes
+    deferred, so neither migrations nor repository calls could be atomic.
+    """
+    if engine.dialect.name == "sqlite" and not event.contains(engine, "begin", begin_listener):
+        raise SessionStoreError(
+            "this SQLite engine was not created by aisopod_session.open_database(); "
+            "open the database with it so that transactions are atomic"
+        )
 
 
 @contextmanager

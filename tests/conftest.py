@@ -1,0 +1,43 @@
+"""Shared fixtures: real SQLite files in a temporary folder, never a mocked database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from aisopod_session import SessionKey, SessionRepository, open_database
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """Where a test's database file goes (not created yet)."""
+    return tmp_path / "sessions.db"
+
+
+@pytest.fixture
+def engine(db_path: Path) -> Iterator[Engine]:
+    """A freshly opened and migrated store on a real file."""
+    engine = open_database(db_path)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def repo(engine: Engine) -> SessionRepository:
+    """The repository over `engine`."""
+    return SessionRepository(engine)
+
+
+@pytest.fixture
+def key() -> SessionKey:
+    """A typical key: a Telegram DM of agent-1."""
+    return SessionKey("agent-1", "telegram", "bot-A", "dm", "User-42")
+
+
+@pytest.fixture
+def other_key() -> SessionKey:
+    """A second key, of the same agent on another channel."""
+    return SessionKey("agent-1", "slack", "T01", "channel", "C99")

@@ -1,0 +1,43 @@
+"""Plain-SQL helpers for tests: what a user writing SQL against the seed spec would do."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+SEED_SCHEMA = Path(__file__).with_name("seed_schema.sql")
+
+
+def raw_connect(path: Path) -> sqlite3.Connection:
+    """A plain sqlite3 connection, as a user writing SQL against the spec would open."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table (and the schema), to prove a call changed nothing."""
+    with sqlite3.connect(path) as conn:
+        tables = [
+            name
+            for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+            )
+        ]
+        result = {
+            table: conn.execute(f'SELECT * FROM "{table}" ORDER BY 1').fetchall()
+            for table in tables
+        }
+        result["sqlite_master"] = conn.execute(
+            "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+        ).fetchall()
+    conn.close()
+    return result
+
+
+def make_seed_file(path: Path) -> None:
+    """A database made by plain SQL from the seed spec's DDL, with no schema_version."""
+    conn = sqlite3.connect(path)
+    conn.executescript(SEED_SCHEMA.read_text())
+    conn.close()

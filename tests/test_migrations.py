@@ -1,0 +1,220 @@
+"""The version-table migrator: fresh files, re-opens, failures, newer files, races."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from freezegun import freeze_time
+from sqlalchemy import Engine, create_engine
+
+from aisopod_session import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Migration,
+    MigrationError,
+    SchemaVersionError,
+    SessionKey,
+    SessionRepository,
+    SessionStoreError,
+    applied_migrations,
+    current_version,
+    open_database,
+    run_migrations,
+)
+from tests.dbtools import snapshot
+
+BROKEN = Migration(
+    version=SCHEMA_VERSION + 1,
+    name="add a table and a column, then fail",
+    statements=(
+        "CREATE TABLE extra (x TEXT)",
+        "ALTER TABLE sessions ADD COLUMN label TEXT",
+        "INSERT INTO no_such_table VALUES (1)",
+    ),
+)
+FIXED = Migration(
+    version=SCHEMA_VERSION + 1,
+    name="add a table and a column",
+    statements=("CREATE TABLE extra (x TEXT)", "ALTER TABLE sessions ADD COLUMN label TEXT"),
+)
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def table_names(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        names = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+    conn.close()
+    return names
+
+
+def test_migrations_are_numbered_in_order() -> None:
+    assert [m.version for m in MIGRATIONS] == list(range(1, len(MIGRATIONS) + 1))
+    assert MIGRATIONS[-1].version == SCHEMA_VERSION
+
+
+def test_fresh_file_gets_every_migration_with_its_version_row(db_path: Path) -> None:
+    with freeze_time("2026-11-26T03:59:48.123456+00:00"):
+        engine = open_database(db_path)
+    rows = applied_migrations(engine)
+    engine.dispose()
+    assert [(r.version, r.name, r.checksum) for r in rows] == [
+        (m.version, m.name, m.checksum) for m in MIGRATIONS
+    ]
+    assert all(r.applied_at == datetime(2026, 11, 26, 3, 59, 48, 123456, tzinfo=UTC) for r in rows)
+    assert {"sessions", "messages", "schema_version"} <= table_names(db_path)
+
+
+def test_reopening_applies_nothing_and_changes_nothing(db_path: Path, key: SessionKey) -> None:
+    engine = open_database(db_path)
+    SessionRepository(engine).get_or_create(key)
+    before = applied_migrations(engine)
+    engine.dispose()
+    state = snapshot(db_path)
+    with freeze_time("2030-01-01T00:00:00+00:00"):
+        engine = open_database(db_path)
+        assert run_migrations(engine) == SCHEMA_VERSION
+        assert applied_migrations(engine) == before
+    engine.dispose()
+    assert snapshot(db_path) == state
+
+
+def test_up_to_date_database_is_checked_without_the_write_lock(
+    engine: Engine, db_path: Path
+) -> None:
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        # With the write lock held elsewhere, a migrator that wanted it would time out.
+        second = open_database(db_path, busy_timeout=0.05)
+        assert current_version(second) == SCHEMA_VERSION
+        second.dispose()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def test_failing_migration_leaves_no_trace(engine: Engine, db_path: Path) -> None:
+    before = snapshot(db_path)
+    with pytest.raises(
+        MigrationError, match=rf"migration {BROKEN.version}.*no_such_table"
+    ) as caught:
+        run_migrations(engine, [*MIGRATIONS, BROKEN])
+    assert isinstance(caught.value.__cause__, Exception)
+    assert snapshot(db_path) == before
+    assert "extra" not in table_names(db_path)
+    assert current_version(engine) == SCHEMA_VERSION
+
+
+def test_rerun_after_failure_applies_the_fixed_migration_once(
+    engine: Engine, db_path: Path
+) -> None:
+    with pytest.raises(MigrationError):
+        run_migrations(engine, [*MIGRATIONS, BROKEN])
+    assert run_migrations(engine, [*MIGRATIONS, FIXED]) == FIXED.version
+    assert run_migrations(engine, [*MIGRATIONS, FIXED]) == FIXED.version
+    versions = [row.version for row in applied_migrations(engine)]
+    assert versions == [*range(1, SCHEMA_VERSION + 1), FIXED.version]
+    with sqlite3.connect(db_path) as conn:
+        assert "label" in [row[1] for row in conn.execute("PRAGMA table_info(sessions)")]
+    conn.close()
+
+
+def test_failing_first_migration_on_a_fresh_file_creates_nothing(db_path: Path) -> None:
+    engine = open_database(db_path, migrate=False)
+    broken_first = Migration(1, "broken", ("CREATE TABLE a (x)", "CREATE TABLE a (x)"))
+    with pytest.raises(MigrationError, match="migration 1"):
+        run_migrations(engine, [broken_first])
+    engine.dispose()
+    assert table_names(db_path) == set()
+
+
+def test_engines_not_made_by_open_database_are_refused(db_path: Path) -> None:
+    plain = create_engine(f"sqlite:///{db_path}")
+    with pytest.raises(SessionStoreError, match="open_database"):
+        run_migrations(plain)
+    with pytest.raises(SessionStoreError, match="open_database"):
+        SessionRepository(plain)
+    plain.dispose()
+    assert table_names(db_path) == set()
+
+
+def test_open_without_migrating_leaves_the_schema_alone(db_path: Path) -> None:
+    engine = open_database(db_path, migrate=False)
+    assert current_version(engine) == 0
+    assert table_names(db_path) == set()
+    assert run_migrations(engine) == SCHEMA_VERSION
+    engine.dispose()
+
+
+def test_newer_database_is_refused_and_left_untouched(db_path: Path) -> None:
+    engine = open_database(db_path)
+    engine.dispose()
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute(
+        "INSERT INTO schema_version (version, name, checksum, applied_at) "
+        "VALUES (99, 'from the future', 'x', '2031-01-01T00:00:00.000000+00:00')"
+    )
+    conn.close()  # the last connection checkpoints the WAL into the file
+    digest = file_digest(db_path)
+    with pytest.raises(SchemaVersionError) as caught:
+        open_database(db_path)
+    assert "99" in str(caught.value)
+    assert str(SCHEMA_VERSION) in str(caught.value)
+    assert file_digest(db_path) == digest
+
+
+def test_edited_migration_is_refused_naming_it(db_path: Path) -> None:
+    engine = open_database(db_path)
+    engine.dispose()
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("UPDATE schema_version SET checksum = 'edited' WHERE version = 1")
+    conn.close()
+    digest = file_digest(db_path)
+    with pytest.raises(MigrationError, match=r"migration 1 \('create sessions and messages'\)"):
+        open_database(db_path)
+    assert file_digest(db_path) == digest
+
+
+def test_misnumbered_migrations_are_refused(engine: Engine) -> None:
+    with pytest.raises(MigrationError, match="numbered"):
+        run_migrations(engine, [MIGRATIONS[0], Migration(3, "skips 2", ("SELECT 1",))])
+
+
+def _open_when_released(path: str, barrier: multiprocessing.synchronize.Barrier) -> None:
+    barrier.wait()
+    engine = open_database(path)
+    SessionRepository(engine).get_or_create(SessionKey("a", "c", "acc", "dm", "p"))
+    engine.dispose()
+
+
+@pytest.mark.parametrize("processes", [2, 8])
+def test_processes_opening_a_fresh_file_at_once_migrate_it_once(
+    db_path: Path, processes: int
+) -> None:
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(processes)
+    workers = [
+        context.Process(target=_open_when_released, args=(str(db_path), barrier))
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [worker.exitcode for worker in workers] == [0] * processes
+    with sqlite3.connect(db_path) as conn:
+        versions = [row[0] for row in conn.execute("SELECT version FROM schema_version")]
+        sessions = conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
+    conn.close()
+    assert versions == list(range(1, SCHEMA_VERSION + 1))
+    assert sessions == 1
