@@ -45,16 +45,13 @@ def translated_errors(action: str) -> Iterator[None]:
         yield
     except SessionStoreError:
         raise
-    except sa_exc.OperationalError as exc:
-        reason = str(exc.orig) if exc.orig is not None else str(exc)
-        if "locked" in reason or "busy" in reason:
+    except (sa_exc.DBAPIError, sqlite3.Error) as exc:
+        # SQLAlchemy wraps driver errors; the BEGIN emitted straight on the driver does not.
+        cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig else exc
+        reason = str(cause)
+        if isinstance(cause, sqlite3.OperationalError) and ("locked" in reason or "busy" in reason):
             raise DatabaseBusyError(
                 f"{action}: the database stayed locked by another writer past the busy "
                 f"timeout ({reason})"
             ) from exc
         raise SessionStoreError(f"{action}: {reason}") from exc
-    except sa_exc.DBAPIError as exc:
-        reason = str(exc.orig) if exc.orig is not None else str(exc)
-        raise SessionStoreError(f"{action}: {reason}") from exc
-    except sqlite3.Error as exc:
-        raise SessionStoreError(f"{action}: {exc}") from exc

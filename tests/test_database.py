@@ -1,0 +1,215 @@
+"""open_database: targets, per-connection pragmas, WAL, and the transaction mode."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from aisopod_session import (
+    DatabaseBusyError,
+    Role,
+    SessionKey,
+    SessionRepository,
+    SessionStoreError,
+    open_database,
+)
+from aisopod_session.transactions import read_transaction, write_transaction
+from tests.dbtools import snapshot
+
+
+def pragmas(engine: Engine, connections: int = 3) -> list[tuple[int, int, int]]:
+    """foreign_keys, busy_timeout and synchronous of connections checked out at once."""
+    conns = [engine.raw_connection() for _ in range(connections)]
+    try:
+        return [
+            (
+                conn.execute("PRAGMA foreign_keys").fetchone()[0],
+                conn.execute("PRAGMA busy_timeout").fetchone()[0],
+                conn.execute("PRAGMA synchronous").fetchone()[0],
+            )
+            for conn in (c.driver_connection for c in conns)
+            if conn is not None
+        ]
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_every_pooled_connection_gets_the_pragmas(engine: Engine) -> None:
+    # synchronous: 1 is NORMAL.
+    assert pragmas(engine) == [(1, 5000, 1)] * 3
+
+
+def test_busy_timeout_and_synchronous_are_settable(db_path: Path) -> None:
+    engine = open_database(db_path, busy_timeout=0.25, synchronous="FULL")
+    assert pragmas(engine) == [(1, 250, 2)] * 3
+    engine.dispose()
+
+
+def test_file_is_in_wal_mode(engine: Engine, db_path: Path) -> None:
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()
+
+
+@pytest.mark.parametrize("kind", ["str", "pathlike", "url"])
+def test_targets_create_missing_parent_folders(tmp_path: Path, kind: str, key: SessionKey) -> None:
+    path = tmp_path / "deep" / "er" / "store.db"
+    targets: dict[str, str | Path] = {
+        "str": str(path),
+        "pathlike": path,
+        "url": f"sqlite:///{path}",
+    }
+    target = targets[kind]
+    engine = open_database(target)
+    SessionRepository(engine).get_or_create(key)
+    engine.dispose()
+    assert path.is_file()
+    reopened = open_database(path)
+    assert SessionRepository(reopened).get(key) is not None
+    reopened.dispose()
+
+
+def test_memory_database_keeps_its_data_for_the_engines_life(key: SessionKey) -> None:
+    engine = open_database(":memory:")
+    repo = SessionRepository(engine)
+    repo.get_or_create(key)
+    repo.append_message(key, Role.USER, "hi")
+    assert [m.content for m in repo.get_history(key)] == ["hi"]
+    assert pragmas(engine, connections=1) == [(1, 5000, 1)]
+    engine.dispose()
+
+
+@pytest.mark.parametrize("busy_timeout", [-1, "5", True, float("nan")])
+def test_bad_busy_timeout_is_refused(db_path: Path, busy_timeout: object) -> None:
+    with pytest.raises(ValueError, match="busy_timeout"):
+        open_database(db_path, busy_timeout=busy_timeout)  # type: ignore[arg-type]
+    assert not db_path.exists()
+
+
+def test_bad_synchronous_is_refused(db_path: Path) -> None:
+    with pytest.raises(ValueError, match="synchronous"):
+        open_database(db_path, synchronous="OFF")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("target", ["", "   ", "not a url://x"])
+def test_bad_targets_are_refused(target: str) -> None:
+    with pytest.raises(ValueError, match="target"):
+        open_database(target)
+
+
+def test_other_backends_are_refused_clearly() -> None:
+    with pytest.raises(SessionStoreError, match="unsupported database 'mysql'"):
+        open_database("mysql://user@localhost/db")
+
+
+def test_a_file_that_is_not_a_database_is_refused_untouched(db_path: Path) -> None:
+    db_path.write_bytes(b"this is not a database, just some text\n" * 200)
+    before = db_path.read_bytes()
+    with pytest.raises(SessionStoreError, match="not a database"):
+        open_database(db_path)
+    assert db_path.read_bytes() == before
+
+
+def test_writes_wait_for_the_lock_then_fail_clearly_with_nothing_written(
+    repo: SessionRepository, db_path: Path, key: SessionKey
+) -> None:
+    repo.get_or_create(key)
+    impatient = open_database(db_path, busy_timeout=0.1)
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(DatabaseBusyError, match=r"append_messages.*locked"):
+            SessionRepository(impatient).append_message(key, Role.USER, "lost?")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        impatient.dispose()
+    assert repo.get_history(key) == []
+    assert repo.get_or_create(key).message_count == 0
+
+
+def test_reads_do_not_wait_for_a_writer(
+    repo: SessionRepository, db_path: Path, key: SessionKey
+) -> None:
+    repo.get_or_create(key)
+    repo.append_message(key, Role.USER, "committed")
+    reader = SessionRepository(open_database(db_path, busy_timeout=0.05))
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    blocker.execute("UPDATE sessions SET message_count = 99")
+    blocker.execute("DELETE FROM messages")
+    try:
+        # A 50 ms busy timeout would fail if reading waited for the lock.
+        assert [m.content for m in reader.get_history(key)] == ["committed"]
+        session = reader.get(key)
+        assert session is not None
+        assert session.message_count == 1
+        assert reader.count_sessions() == 1
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        reader.engine.dispose()
+
+
+def test_write_transactions_take_the_lock_up_front(engine: Engine, db_path: Path) -> None:
+    other = sqlite3.connect(db_path, isolation_level=None, timeout=0)
+    with write_transaction(engine) as conn:
+        conn.execute(text("SELECT 1"))  # no write yet, but the lock is ours
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("ROLLBACK")
+    with read_transaction(engine) as conn:
+        conn.execute(text("SELECT count(*) FROM sessions"))
+        other.execute("BEGIN IMMEDIATE")  # a reader leaves the lock free
+        other.execute("ROLLBACK")
+    other.close()
+
+
+def test_a_failed_write_transaction_rolls_back_everything(engine: Engine, db_path: Path) -> None:
+    before = snapshot(db_path)
+
+    def insert_then_fail() -> None:
+        with write_transaction(engine) as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO sessions (agent_id, channel, account_id, peer_kind, peer_id, "
+                    "created_at, updated_at) VALUES ('a', 'c', 'x', 'dm', 'p', 't', 't')"
+                )
+            )
+            raise RuntimeError("half-way")
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        insert_then_fail()
+    assert snapshot(db_path) == before
+
+
+def test_concurrent_metadata_merges_lose_no_update(
+    repo: SessionRepository, key: SessionKey
+) -> None:
+    # update_metadata reads, merges in Python and writes: only a transaction that holds
+    # the write lock from its first read keeps every thread's key.
+    repo.get_or_create(key)
+    errors: list[BaseException] = []
+
+    def merge(worker: int) -> None:
+        try:
+            for round_ in range(25):
+                repo.update_metadata(key, {f"w{worker}-{round_}": round_})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=merge, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    session = repo.get(key)
+    assert session is not None
+    assert len(session.meta) == 6 * 25
