@@ -70,7 +70,7 @@ class SessionKey(BaseModel):
     Invalid parts raise `ValueError` (a pydantic `ValidationError`) naming the field.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     agent_id: str
     channel: str

@@ -232,7 +232,7 @@ class NewMessage(BaseModel):
     is a JSON array or None.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     role: Role
     content: str
@@ -270,7 +270,7 @@ class SessionFilter(BaseModel):
     and the given ones must all match. Key parts are normalised as in `SessionKey`;
     `*_after` and `*_before` bounds are exclusive and must be timezone-aware."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     agent_id: str | None = None
     channel: str | None = None

@@ -1,0 +1,126 @@
+"""get_history: chronological order, windows and cursors."""
+
+from __future__ import annotations
+
+import pytest
+
+from aisopod_session import (
+    Message,
+    NewMessage,
+    Role,
+    SessionKey,
+    SessionNotFoundError,
+    SessionRepository,
+)
+
+
+@pytest.fixture
+def filled(repo: SessionRepository, key: SessionKey, other_key: SessionKey) -> list[Message]:
+    """25 messages in `key`, interleaved with messages of `other_key` so ids have gaps."""
+    repo.get_or_create(key)
+    repo.get_or_create(other_key)
+    stored: list[Message] = []
+    for i in range(25):
+        stored.extend(repo.append_messages(key, [NewMessage(Role.USER, f"m{i}")]))
+        repo.append_message(other_key, Role.USER, f"other {i}")
+    return stored
+
+
+def contents(messages: list[Message]) -> list[str]:
+    return [m.content for m in messages]
+
+
+def id_of(message: Message) -> int:
+    assert message.id is not None
+    return message.id
+
+
+def test_whole_history_is_chronological(
+    repo: SessionRepository, key: SessionKey, filled: list[Message]
+) -> None:
+    history = repo.get_history(key)
+    assert contents(history) == [f"m{i}" for i in range(25)]
+    assert history == filled
+
+
+def test_limit_gives_the_newest_in_chronological_order(
+    repo: SessionRepository, key: SessionKey, filled: list[Message]
+) -> None:
+    assert contents(repo.get_history(key, limit=3)) == ["m22", "m23", "m24"]
+    assert repo.get_history(key, limit=100) == filled
+    assert repo.get_history(key, limit=0) == []
+
+
+def test_before_id_pages_backwards_through_everything_once(
+    repo: SessionRepository, key: SessionKey, filled: list[Message]
+) -> None:
+    pages: list[list[Message]] = []
+    before: int | None = None
+    while True:
+        page = repo.get_history(key, limit=7, before_id=before)
+        if not page:
+            break
+        pages.append(page)
+        before = id_of(page[0])
+    assert [len(p) for p in pages] == [7, 7, 7, 4]
+    assert [m for page in reversed(pages) for m in page] == filled
+
+
+def test_after_id_with_limit_pages_forwards_through_everything_once(
+    repo: SessionRepository, key: SessionKey, filled: list[Message]
+) -> None:
+    seen: list[Message] = []
+    after = 0
+    while page := repo.get_history(key, limit=10, after_id=after):
+        seen.extend(page)
+        after = id_of(page[-1])
+    assert seen == filled
+    assert contents(repo.get_history(key, limit=2, after_id=id_of(filled[4]))) == ["m5", "m6"]
+
+
+def test_after_id_without_limit_gives_everything_after(
+    repo: SessionRepository, key: SessionKey, filled: list[Message]
+) -> None:
+    assert repo.get_history(key, after_id=id_of(filled[21])) == filled[22:]
+
+
+def test_before_and_after_bound_a_window(
+    repo: SessionRepository, key: SessionKey, filled: list[Message]
+) -> None:
+    low, high = id_of(filled[5]), id_of(filled[12])
+    assert repo.get_history(key, after_id=low, before_id=high) == filled[6:12]
+    assert repo.get_history(key, after_id=low, before_id=high, limit=2) == filled[6:8]
+    assert repo.get_history(key, before_id=high, limit=2) == filled[10:12]
+    assert repo.get_history(key, after_id=high, before_id=low) == []
+
+
+def test_an_empty_session_has_an_empty_history(repo: SessionRepository) -> None:
+    key = SessionKey("a", "c", "x", "dm", "quiet")
+    repo.get_or_create(key)
+    assert repo.get_history(key) == []
+    assert repo.get_history(key, limit=5) == []
+
+
+def test_missing_session_is_an_error_not_an_empty_history(
+    repo: SessionRepository, key: SessionKey
+) -> None:
+    with pytest.raises(SessionNotFoundError):
+        repo.get_history(key, limit=5)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("limit", -1),
+        ("limit", 2.5),
+        ("limit", "10"),
+        ("limit", True),
+        ("before_id", "7"),
+        ("after_id", 1.0),
+    ],
+)
+def test_bad_window_arguments_name_the_argument(
+    repo: SessionRepository, key: SessionKey, filled: list[Message], argument: str, value: object
+) -> None:
+    with pytest.raises(ValueError, match=argument):
+        repo.get_history(key, **{argument: value})  # type: ignore[arg-type]

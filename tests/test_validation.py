@@ -1,0 +1,188 @@
+"""Bad input of every field: a ValueError naming the field, raised before anything is
+written, so the database is exactly as it was."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from aisopod_session import (
+    NewMessage,
+    Role,
+    SessionFilter,
+    SessionKey,
+    SessionRepository,
+    SessionStatus,
+)
+from aisopod_session.models import MAX_JSON_DEPTH
+from tests.dbtools import snapshot
+
+Call = Callable[[SessionRepository, SessionKey], object]
+
+
+def nested(depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = {"d": value}
+    return value
+
+
+class Unserialisable:
+    pass
+
+
+BAD_CALLS: dict[str, tuple[str, Call]] = {
+    # key parts, given as text keys
+    "empty agent": ("agent_id", lambda r, k: r.get_or_create(":telegram:a:dm:p")),
+    "space channel": ("channel", lambda r, k: r.get_or_create("agent-1: :a:dm:p")),
+    "long account": ("account_id", lambda r, k: r.get_or_create(f"a:c:{'x' * 256}:dm:p")),
+    "control peer": ("peer_id", lambda r, k: r.get_or_create("a:c:acc:dm:p\x07")),
+    "unknown peer kind": ("peer_kind", lambda r, k: r.get_or_create("a:c:acc:email:p")),
+    "key not a key": ("key", lambda r, k: r.get_or_create(42)),  # type: ignore[arg-type]
+    "short text key": ("key", lambda r, k: r.append_message("a:c:acc", "user", "x")),
+    # messages
+    "unknown role": ("role", lambda r, k: r.append_message(k, "narrator", "x")),
+    "role not text": ("role", lambda r, k: r.append_message(k, 3, "x")),  # type: ignore[arg-type]
+    "content not text": ("content", lambda r, k: r.append_message(k, "user", b"x")),  # type: ignore[arg-type]
+    "content None": ("content", lambda r, k: r.append_message(k, "user", None)),  # type: ignore[arg-type]
+    "lone surrogate": ("content", lambda r, k: r.append_message(k, "user", "a\udc80b")),
+    "tool_calls object": (
+        "tool_calls",
+        lambda r, k: r.append_message(k, "assistant", "", tool_calls={"id": 1}),  # type: ignore[arg-type]
+    ),
+    "tool_calls NaN": (
+        "tool_calls",
+        lambda r, k: r.append_message(k, "assistant", "", tool_calls=[{"x": float("nan")}]),
+    ),
+    "tool_calls inf": (
+        "tool_calls",
+        lambda r, k: r.append_message(k, "assistant", "", tool_calls=[float("inf")]),
+    ),
+    "tool_calls set": (
+        "tool_calls",
+        lambda r, k: r.append_message(k, "assistant", "", tool_calls=[{1, 2}]),
+    ),
+    "tool_calls object inside": (
+        "tool_calls",
+        lambda r, k: r.append_message(k, "assistant", "", tool_calls=[Unserialisable()]),
+    ),
+    "tool_calls int key": (
+        "tool_calls",
+        lambda r, k: r.append_message(k, "assistant", "", tool_calls=[{1: "a"}]),
+    ),
+    "tool_calls too deep": (
+        "tool_calls",
+        lambda r, k: r.append_message(k, "assistant", "", tool_calls=[nested(MAX_JSON_DEPTH)]),
+    ),
+    "tool_calls surrogate": (
+        "tool_calls",
+        lambda r, k: r.append_message(k, "assistant", "", tool_calls=["\ud800"]),
+    ),
+    "no messages": ("messages", lambda r, k: r.append_messages(k, [])),
+    "messages a string": ("messages", lambda r, k: r.append_messages(k, "hello")),  # type: ignore[arg-type]
+    "messages a single one": (
+        "messages",
+        lambda r, k: r.append_messages(k, NewMessage("user", "x")),  # type: ignore[arg-type]
+    ),
+    "message not a message": (
+        "messages[1]",
+        lambda r, k: r.append_messages(k, [NewMessage("user", "ok"), 5]),  # type: ignore[list-item]
+    ),
+    "bad message in a batch": (
+        "role",
+        lambda r, k: r.append_messages(k, [NewMessage("user", "ok"), {"role": "x", "content": ""}]),
+    ),
+    # tokens
+    "negative tokens": ("tokens", lambda r, k: r.append_message(k, "user", "x", tokens=-1)),
+    "float tokens": ("tokens", lambda r, k: r.append_message(k, "user", "x", tokens=1.5)),  # type: ignore[arg-type]
+    "bool tokens": ("tokens", lambda r, k: r.append_message(k, "user", "x", tokens=True)),
+    "text tokens": ("tokens", lambda r, k: r.append_message(k, "user", "x", tokens="3")),  # type: ignore[arg-type]
+    # metadata
+    "changes a list": ("changes", lambda r, k: r.update_metadata(k, [("a", 1)])),  # type: ignore[arg-type]
+    "changes NaN": ("changes", lambda r, k: r.update_metadata(k, {"a": float("nan")})),
+    "changes int key": ("changes", lambda r, k: r.update_metadata(k, {1: "a"})),  # type: ignore[dict-item]
+    "changes object": ("changes", lambda r, k: r.update_metadata(k, {"a": Unserialisable()})),
+    "changes too deep": ("changes", lambda r, k: r.update_metadata(k, nested(MAX_JSON_DEPTH))),
+    "changes datetime": ("changes", lambda r, k: r.update_metadata(k, {"at": datetime.now()})),
+    # status
+    "unknown status": ("status", lambda r, k: r.set_status(k, "deleted")),
+    "status not text": ("status", lambda r, k: r.set_status(k, 1)),  # type: ignore[arg-type]
+    # list / count
+    "negative limit": ("limit", lambda r, k: r.list_sessions(limit=-1)),
+    "negative offset": ("offset", lambda r, k: r.list_sessions(offset=-5)),
+    "filter naive time": (
+        "created_after",
+        lambda r, k: r.list_sessions({"created_after": datetime(2026, 1, 1)}),
+    ),
+    "filter bad status": ("status", lambda r, k: r.count_sessions({"status": "gone"})),
+    "filter unknown field": ("colour", lambda r, k: r.count_sessions({"colour": "red"})),
+    "filter empty agent": ("agent_id", lambda r, k: r.list_sessions({"agent_id": " "})),
+    "filter wrong type": ("filter", lambda r, k: r.list_sessions("agent-1")),  # type: ignore[arg-type]
+    "bad session id": ("session_id", lambda r, k: r.get_by_id("1")),  # type: ignore[arg-type]
+}
+
+
+@pytest.fixture
+def populated(repo: SessionRepository, key: SessionKey, db_path: Path) -> SessionRepository:
+    repo.get_or_create(key)
+    repo.append_message(key, Role.USER, "before")
+    repo.update_metadata(key, {"kept": True})
+    return repo
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_input_is_rejected_naming_the_field_and_nothing_is_written(
+    populated: SessionRepository, key: SessionKey, db_path: Path, case: str
+) -> None:
+    field, call = BAD_CALLS[case]
+    before = snapshot(db_path)
+    with pytest.raises(ValueError, match=re.escape(field)):
+        call(populated, key)
+    assert snapshot(db_path) == before
+
+
+def test_filter_rejects_unknown_fields() -> None:
+    with pytest.raises(ValidationError, match="colour"):
+        SessionFilter.model_validate({"colour": "red"})
+
+
+def test_new_message_is_validated_on_construction() -> None:
+    with pytest.raises(ValidationError) as caught:
+        NewMessage("robot", "x")
+    assert caught.value.errors()[0]["loc"] == ("role",)
+    message = NewMessage(" Assistant ", "hi", ({"id": "t"},))  # type: ignore[arg-type]
+    assert message.role is Role.ASSISTANT
+    assert message.tool_calls == [{"id": "t"}]
+
+
+def test_json_at_the_depth_limit_is_accepted(populated: SessionRepository, key: SessionKey) -> None:
+    deep = nested(MAX_JSON_DEPTH - 1)
+    assert populated.update_metadata(key, deep, replace=True).meta == deep
+    stored = populated.append_message(key, "assistant", "", tool_calls=[nested(MAX_JSON_DEPTH - 2)])
+    assert stored.tool_calls == [nested(MAX_JSON_DEPTH - 2)]
+
+
+def test_sql_meta_characters_are_plain_data_in_every_text_field(
+    repo: SessionRepository, db_path: Path
+) -> None:
+    evil = "'; DROP TABLE sessions; --"
+    key = SessionKey(evil, evil, evil, "dm", evil)
+    repo.get_or_create(key)
+    repo.append_message(key, Role.USER, evil, tool_calls=[{evil: evil}])
+    repo.update_metadata(key, {evil: evil})
+    session = repo.get(key)
+    assert session is not None
+    assert session.key == key
+    assert session.meta == {evil: evil}
+    history = repo.get_history(key)
+    assert history[0].content == evil
+    assert history[0].tool_calls == [{evil: evil}]
+    assert repo.count_sessions({"agent_id": evil, "peer_id": evil}) == 1
+    assert repo.set_status(key, SessionStatus.IDLE).status is SessionStatus.IDLE
+    assert {"sessions", "messages"} <= set(snapshot(db_path))
