@@ -1,0 +1,27 @@
+"""The README's usage example runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from aisopod_session import SessionRepository, open_database
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_usage_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    assert blocks, "README.md has no python example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "readme_example"}
+    exec(compile(blocks[0], str(README), "exec"), namespace)
+    engine = open_database(tmp_path / "aisopod-sessions.db")
+    history = SessionRepository(engine).get_history("support:telegram:bot-1:dm:12345")
+    assert [(m.role, m.content) for m in history] == [
+        ("user", "Hi!"),
+        ("assistant", "(0 earlier messages) you said: Hi!"),
+    ]
+    engine.dispose()
