@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,42 @@ def test_concurrent_metadata_merges_lose_no_update(
     session = repo.get(key)
     assert session is not None
     assert len(session.meta) == 6 * 25
+
+
+def hold_write_lock(path: Path, seconds: float) -> threading.Thread:
+    """A legacy writer in rollback-journal mode holding the write lock for a while."""
+    ready = threading.Event()
+
+    def hold() -> None:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("CREATE TABLE legacy (x)")
+        ready.set()
+        time.sleep(seconds)
+        conn.execute("COMMIT")
+        conn.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    ready.wait()
+    return thread
+
+
+def test_switching_to_wal_waits_for_a_writer_in_rollback_mode(db_path: Path) -> None:
+    # SQLite refuses the switch at once ("locked") without calling the busy handler while
+    # another connection holds the write lock; open_database must wait instead.
+    holder = hold_write_lock(db_path, 0.3)
+    engine = open_database(db_path)
+    holder.join()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    engine.dispose()
+
+
+def test_switching_to_wal_gives_up_after_the_busy_timeout(db_path: Path) -> None:
+    holder = hold_write_lock(db_path, 1.0)
+    try:
+        with pytest.raises(DatabaseBusyError, match="WAL"):
+            open_database(db_path, busy_timeout=0.1)
+    finally:
+        holder.join()

@@ -20,13 +20,12 @@ from aisopod_session import (
     SchemaVersionError,
     SessionKey,
     SessionRepository,
-    SessionStoreError,
     applied_migrations,
     current_version,
     open_database,
     run_migrations,
 )
-from tests.dbtools import snapshot
+from tests.dbtools import make_seed_file, snapshot
 
 BROKEN = Migration(
     version=SCHEMA_VERSION + 1,
@@ -138,14 +137,27 @@ def test_failing_first_migration_on_a_fresh_file_creates_nothing(db_path: Path) 
     assert table_names(db_path) == set()
 
 
-def test_engines_not_made_by_open_database_are_refused(db_path: Path) -> None:
+def test_any_sqlite_engine_is_prepared_and_migrated_atomically(
+    db_path: Path, key: SessionKey
+) -> None:
     plain = create_engine(f"sqlite:///{db_path}")
-    with pytest.raises(SessionStoreError, match="open_database"):
-        run_migrations(plain)
-    with pytest.raises(SessionStoreError, match="open_database"):
-        SessionRepository(plain)
-    plain.dispose()
+    with plain.connect() as pooled:  # a pooled connection that predates the preparation
+        pooled.exec_driver_sql("SELECT 1")
+    broken_first = Migration(1, "broken", ("CREATE TABLE a (x)", "CREATE TABLE a (x)"))
+    with pytest.raises(MigrationError, match="migration 1"):
+        run_migrations(plain, [broken_first])
     assert table_names(db_path) == set()
+
+    assert run_migrations(plain) == SCHEMA_VERSION
+    repo = SessionRepository(plain)
+    repo.get_or_create(key)
+    repo.append_message(key, "user", "hi")
+    assert repo.delete(key)
+    with sqlite3.connect(db_path) as conn:
+        # foreign_keys was on for the pooled connection: the cascade removed the message.
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+    conn.close()
+    plain.dispose()
 
 
 def test_open_without_migrating_leaves_the_schema_alone(db_path: Path) -> None:
@@ -197,24 +209,76 @@ def _open_when_released(path: str, barrier: multiprocessing.synchronize.Barrier)
     engine.dispose()
 
 
-@pytest.mark.parametrize("processes", [2, 8])
+@pytest.mark.parametrize(("processes", "rounds"), [(2, 20), (8, 6)])
 def test_processes_opening_a_fresh_file_at_once_migrate_it_once(
-    db_path: Path, processes: int
+    tmp_path: Path, processes: int, rounds: int
 ) -> None:
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(processes)
-    workers = [
-        context.Process(target=_open_when_released, args=(str(db_path), barrier))
-        for _ in range(processes)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=60)
-    assert [worker.exitcode for worker in workers] == [0] * processes
-    with sqlite3.connect(db_path) as conn:
-        versions = [row[0] for row in conn.execute("SELECT version FROM schema_version")]
-        sessions = conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
+    # fork starts workers within a millisecond of each other, so they really collide on
+    # the fresh file (switching it to WAL, creating schema_version, migrating).
+    context = multiprocessing.get_context("fork")
+    for round_ in range(rounds):
+        path = tmp_path / f"fresh-{round_}.db"
+        barrier = context.Barrier(processes)
+        workers = [
+            context.Process(target=_open_when_released, args=(str(path), barrier))
+            for _ in range(processes)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+        assert [worker.exitcode for worker in workers] == [0] * processes, f"round {round_}"
+        with sqlite3.connect(path) as conn:
+            versions = [row[0] for row in conn.execute("SELECT version FROM schema_version")]
+            sessions = conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        conn.close()
+        assert versions == list(range(1, SCHEMA_VERSION + 1))
+        assert sessions == 1
+        assert mode == "wal"
+
+
+def test_a_bare_version_row_counts_and_a_newer_one_is_refused(db_path: Path) -> None:
+    engine = open_database(db_path)
+    engine.dispose()
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("INSERT INTO schema_version (version) VALUES (99)")
     conn.close()
-    assert versions == list(range(1, SCHEMA_VERSION + 1))
-    assert sessions == 1
+    digest = file_digest(db_path)
+    with pytest.raises(SchemaVersionError, match=r"version 99.*version 1"):
+        open_database(db_path)
+    assert file_digest(db_path) == digest
+
+
+def test_a_rust_crate_version_table_is_read_and_upgraded(db_path: Path) -> None:
+    make_seed_file(db_path)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+    conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+    conn.close()
+    state = snapshot(db_path)
+
+    engine = open_database(db_path)  # up to date: read, not written
+    assert snapshot(db_path) == state
+    assert [(r.version, r.name, r.checksum, r.applied_at) for r in applied_migrations(engine)] == [
+        (1, None, None, None)
+    ]
+    assert run_migrations(engine, [*MIGRATIONS, FIXED]) == FIXED.version
+    rows = applied_migrations(engine)
+    assert [(r.version, r.name, r.checksum) for r in rows] == [
+        (1, None, None),
+        (FIXED.version, FIXED.name, FIXED.checksum),
+    ]
+    engine.dispose()
+
+
+def test_migrations_list_is_read_when_called(
+    engine: Engine, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aisopod_session import migrations
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*MIGRATIONS, FIXED])
+    assert run_migrations(engine) == FIXED.version
+    assert current_version(engine) == FIXED.version
+    reopened = open_database(db_path)  # open_database uses the patched list too
+    reopened.dispose()

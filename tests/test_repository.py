@@ -442,3 +442,65 @@ def test_content_is_stored_exactly(repo: SessionRepository, key: SessionKey) -> 
     assert [m.content for m in stored] == samples
     assert [m.content for m in repo.get_history(key)] == samples
     assert repo.count_sessions() == 1
+
+
+def test_created_at_follows_id_order_under_concurrent_writers(
+    repo: SessionRepository, key: SessionKey
+) -> None:
+    # Timestamps are taken under the write lock, so a writer that waited cannot stamp an
+    # earlier time than the one that committed before it.
+    repo.get_or_create(key)
+
+    def worker() -> None:
+        for _ in range(40):
+            repo.append_message(key, Role.USER, "tick")
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    history = repo.get_history(key)
+    assert len(history) == 160
+    stamps = [m.created_at for m in history]
+    assert stamps == sorted(stamps)
+    session = repo.get(key)
+    assert session is not None
+    assert session.updated_at == stamps[-1]
+
+
+def test_rows_written_by_plain_sql_in_other_cases_read_back(
+    repo: SessionRepository, key: SessionKey, db_path: Path
+) -> None:
+    session = repo.get_or_create(key)
+    conn = raw_connect(db_path)
+    conn.execute(
+        "INSERT INTO sessions (agent_id, channel, account_id, peer_kind, peer_id, status, "
+        "created_at, updated_at) VALUES ('legacy', 'irc', 'net', 'DM', 'bob', 'Idle', "
+        "'2026-01-01T00:00:00.000000+00:00', '2026-01-01T00:00:00.000000+00:00')"
+    )
+    conn.execute(
+        "INSERT INTO messages (session_id, role, content, created_at) "
+        "VALUES (?, 'USER', 'hi', '2026-01-01T00:00:00.000000+00:00')",
+        (session.id,),
+    )
+    conn.execute("UPDATE sessions SET metadata = 'null' WHERE id = ?", (session.id,))
+    conn.close()
+    legacy = repo.list_sessions({"agent_id": "legacy"})[0]
+    assert legacy.peer_kind is PeerKind.DM
+    assert legacy.status is SessionStatus.IDLE
+    assert repo.get_history(key)[0].role is Role.USER
+    # JSON null in metadata: merging starts from an empty object.
+    assert repo.update_metadata(key, {"a": 1}).meta == {"a": 1}
+
+
+def test_an_unknown_value_in_the_database_is_a_store_error(
+    repo: SessionRepository, key: SessionKey, db_path: Path
+) -> None:
+    repo.get_or_create(key)
+    repo.append_message(key, Role.USER, "hi")
+    conn = raw_connect(db_path)
+    conn.execute("UPDATE messages SET role = 'function'")
+    conn.close()
+    with pytest.raises(SessionStoreError, match=r"'function'.*not a Role"):
+        repo.get_history(key)

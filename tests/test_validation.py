@@ -124,7 +124,7 @@ BAD_CALLS: dict[str, tuple[str, Call]] = {
     "filter unknown field": ("colour", lambda r, k: r.count_sessions({"colour": "red"})),
     "filter empty agent": ("agent_id", lambda r, k: r.list_sessions({"agent_id": " "})),
     "filter wrong type": ("filter", lambda r, k: r.list_sessions("agent-1")),  # type: ignore[arg-type]
-    "bad session id": ("session_id", lambda r, k: r.get_by_id("1")),  # type: ignore[arg-type]
+    "bad session id": ("id: must be", lambda r, k: r.get_by_id("1")),  # type: ignore[arg-type]
 }
 
 
@@ -186,3 +186,22 @@ def test_sql_meta_characters_are_plain_data_in_every_text_field(
     assert repo.count_sessions({"agent_id": evil, "peer_id": evil}) == 1
     assert repo.set_status(key, SessionStatus.IDLE).status is SessionStatus.IDLE
     assert {"sessions", "messages"} <= set(snapshot(db_path))
+
+
+@pytest.mark.parametrize(
+    ("field", "call"),
+    [
+        ("tokens", lambda r, k: r.append_message(k, "user", "x", tokens=2**63)),
+        ("limit", lambda r, k: r.list_sessions(limit=2**64)),
+        ("offset", lambda r, k: r.list_sessions(offset=2**63)),
+        ("before_id", lambda r, k: r.get_history(k, before_id=-(2**63) - 1)),
+        ("id", lambda r, k: r.get_by_id(2**70)),
+    ],
+)
+def test_integers_beyond_64_bits_are_rejected(
+    populated: SessionRepository, key: SessionKey, db_path: Path, field: str, call: Call
+) -> None:
+    before = snapshot(db_path)
+    with pytest.raises(ValueError, match=rf"{field}: must fit in a 64-bit"):
+        call(populated, key)
+    assert snapshot(db_path) == before

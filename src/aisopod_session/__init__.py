@@ -4,7 +4,7 @@ Open a store with `open_database`, inject a `SessionRepository` into your servic
 address conversations by `SessionKey`.
 """
 
-from aisopod_session.database import DEFAULT_BUSY_TIMEOUT, database_url, open_database
+from aisopod_session.database import database_url, open_database
 from aisopod_session.enums import PeerKind, Role, SessionStatus
 from aisopod_session.errors import (
     DatabaseBusyError,
@@ -26,6 +26,7 @@ from aisopod_session.migrations import (
 )
 from aisopod_session.models import Message, NewMessage, Session, SessionFilter
 from aisopod_session.repository import SessionRepository
+from aisopod_session.transactions import DEFAULT_BUSY_TIMEOUT, prepare_engine
 
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT",
@@ -52,5 +53,6 @@ __all__ = [
     "current_version",
     "database_url",
     "open_database",
+    "prepare_engine",
     "run_migrations",
 ]

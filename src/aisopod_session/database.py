@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+from sqlalchemy.pool import StaticPool
 
-from aisopod_session.errors import SessionStoreError, translated_errors
+from aisopod_session.errors import DatabaseBusyError, SessionStoreError, translated_errors
 from aisopod_session.migrations import check_schema, run_migrations
-from aisopod_session.transactions import begin_listener
-
-DEFAULT_BUSY_TIMEOUT = 5.0
-"""Seconds a writer waits for another writer's lock before `DatabaseBusyError`."""
-
-Synchronous = Literal["NORMAL", "FULL"]
+from aisopod_session.transactions import (
+    DEFAULT_BUSY_TIMEOUT,
+    Synchronous,
+    prepare_engine,
+)
 
 
 def open_database(
@@ -75,13 +75,13 @@ def open_database(
                     f"cannot create the folder for {url.database}: {exc}"
                 ) from exc
     engine = create_engine(url, **engine_args)
-    _install_sqlite_settings(engine, busy_timeout=busy_timeout, synchronous=synchronous)
+    prepare_engine(engine, busy_timeout=busy_timeout, synchronous=synchronous)
     try:
         with translated_errors(f"open {url.render_as_string(hide_password=True)}"):
             # Refuse a newer or edited schema before anything, WAL included, touches the file.
             check_schema(engine)
             if not in_memory:
-                _enable_wal(engine)
+                _enable_wal(engine, busy_timeout=busy_timeout)
             if migrate:
                 run_migrations(engine)
     except BaseException:
@@ -108,34 +108,34 @@ def database_url(target: str | os.PathLike[str] | URL) -> URL:
     return URL.create("sqlite", database=target)
 
 
-def _install_sqlite_settings(engine: Engine, *, busy_timeout: float, synchronous: str) -> None:
-    busy_ms = int(busy_timeout * 1000)
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: sqlite3.Connection, _entry: ConnectionPoolEntry) -> None:
-        # Hand transaction control to the `begin` listener below (see transactions.py).
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            # Per-connection settings; foreign_keys is ignored inside a transaction, and
-            # none is in progress on a new connection.
-            cursor.execute("PRAGMA foreign_keys = ON")
-            cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
-            cursor.execute(f"PRAGMA synchronous = {synchronous}")
-        finally:
-            cursor.close()
-
-    event.listen(engine, "begin", begin_listener)
-
-
-def _enable_wal(engine: Engine) -> None:
+def _enable_wal(engine: Engine, *, busy_timeout: float) -> None:
     # journal_mode is stored in the file and cannot change inside a transaction, so it is
-    # set once here, on a connection with no transaction open.
+    # set here, on a connection with no transaction open. Changing it needs the file to
+    # itself, and SQLite answers "locked" at once instead of calling the busy handler, so
+    # processes opening a fresh file together retry here within their busy timeout.
+    deadline = time.monotonic() + busy_timeout
+    pause = 0.001
     with engine.connect() as conn:
         driver = conn.connection.driver_connection
         assert driver is not None
-        mode = driver.execute("PRAGMA journal_mode = WAL").fetchone()
-        if mode is None or str(mode[0]).lower() != "wal":
-            raise SessionStoreError(
-                f"could not put the database in WAL mode (journal_mode is {mode and mode[0]!r})"
-            )
+        while True:
+            try:
+                (mode,) = driver.execute("PRAGMA journal_mode").fetchone()
+                if str(mode).lower() != "wal":
+                    (mode,) = driver.execute("PRAGMA journal_mode = WAL").fetchone()
+            except sqlite3.OperationalError as exc:
+                if not ("locked" in str(exc) or "busy" in str(exc)):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise DatabaseBusyError(
+                        f"could not switch the database to WAL mode within the busy timeout "
+                        f"({busy_timeout} s): another connection kept it locked ({exc})"
+                    ) from exc
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                continue
+            if str(mode).lower() != "wal":
+                raise SessionStoreError(
+                    f"could not put the database in WAL mode (journal_mode stays {mode!r})"
+                )
+            return

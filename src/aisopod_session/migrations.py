@@ -3,6 +3,11 @@
 To change the schema, append a `Migration` to `MIGRATIONS` (never edit one that has
 shipped: its checksum is recorded in every database it was applied to) and update
 `models.py` to match. See docs/migrations.md.
+
+The version is the highest `version` in `schema_version`: every migration up to it counts
+as applied. The bookkeeping columns (`name`, `checksum`, `applied_at`) may be NULL, and
+are added when missing, so a table of the bare shape `(version INTEGER PRIMARY KEY)`, as
+the Rust crate and hand-written SQL make it, is read and upgraded rather than refused.
 """
 
 from __future__ import annotations
@@ -15,12 +20,8 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, Engine, text
 
 from aisopod_session.errors import MigrationError, SchemaVersionError, translated_errors
-from aisopod_session.models import utc_text
-from aisopod_session.transactions import (
-    read_transaction,
-    require_store_engine,
-    write_transaction,
-)
+from aisopod_session.models import parse_utc_text, utc_text
+from aisopod_session.transactions import prepare_engine, read_transaction, write_transaction
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Migration:
 
 # Migration 1 is the seed spec's DDL as written. `IF NOT EXISTS` lets a file whose tables
 # were created by plain SQL from that spec (and has no schema_version yet) be adopted.
-MIGRATIONS: tuple[Migration, ...] = (
+MIGRATIONS: list[Migration] = [
     Migration(
         version=1,
         name="create sessions and messages",
@@ -76,27 +77,28 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ON messages(session_id, created_at)",
         ),
     ),
-)
+]
 
 SCHEMA_VERSION: int = MIGRATIONS[-1].version
 """The newest schema version this code knows."""
 
 _CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
     version INTEGER PRIMARY KEY,
-    name TEXT NOT NULL,
-    checksum TEXT NOT NULL,
-    applied_at TEXT NOT NULL
+    name TEXT,
+    checksum TEXT,
+    applied_at TEXT
 )"""
+_BOOKKEEPING_COLUMNS = ("name", "checksum", "applied_at")
 
 
 @dataclass(frozen=True)
 class AppliedMigration:
-    """One row of `schema_version`."""
+    """One row of `schema_version`; bookkeeping is None where it was not recorded."""
 
     version: int
-    name: str
-    checksum: str
-    applied_at: datetime
+    name: str | None
+    checksum: str | None
+    applied_at: datetime | None
 
 
 def applied_migrations(engine: Engine) -> list[AppliedMigration]:
@@ -104,6 +106,7 @@ def applied_migrations(engine: Engine) -> list[AppliedMigration]:
 
     Read-only: takes no write lock and creates nothing.
     """
+    prepare_engine(engine)
     with translated_errors("read schema_version"), read_transaction(engine) as conn:
         return _read_applied(conn)
 
@@ -114,20 +117,22 @@ def current_version(engine: Engine) -> int:
 
 
 def check_schema(
-    engine: Engine, migrations: Sequence[Migration] = MIGRATIONS
+    engine: Engine, migrations: Sequence[Migration] | None = None
 ) -> list[AppliedMigration]:
     """Check, read-only, that this code can work on the database, and return what was
-    applied: `SchemaVersionError` if the database is newer than `migrations`,
-    `MigrationError` if an applied migration's checksum differs from the code's."""
-    require_store_engine(engine)
+    applied: `SchemaVersionError` if the database is newer than `migrations` (default
+    `MIGRATIONS`), `MigrationError` if an applied migration's recorded checksum differs
+    from the code's."""
+    migrations = MIGRATIONS if migrations is None else migrations
     _check_sequence(migrations)
     applied = applied_migrations(engine)
-    _check_applied(applied, migrations, migrations[-1].version if migrations else 0)
+    _check_applied(applied, migrations)
     return applied
 
 
-def run_migrations(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> int:
-    """Bring the database up to the newest of `migrations` and return the version reached.
+def run_migrations(engine: Engine, migrations: Sequence[Migration] | None = None) -> int:
+    """Bring the database up to the newest of `migrations` (default `MIGRATIONS`, read
+    when called) and return the version reached.
 
     Each pending migration runs in its own write transaction together with its
     `schema_version` row, so a failing one leaves no trace (`MigrationError`, chained
@@ -135,30 +140,45 @@ def run_migrations(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS)
     the version to recording it, so processes migrating at once apply each migration once.
     An up-to-date database is checked read-only and not written at all. A database newer
     than `migrations` raises `SchemaVersionError`, and one whose recorded checksum differs
-    from the code raises `MigrationError`; neither modifies the file.
+    from the code raises `MigrationError`; neither modifies the file. Any SQLite engine
+    works: one not made by `open_database` is prepared first (see `prepare_engine`).
     """
+    migrations = MIGRATIONS if migrations is None else migrations
     applied = check_schema(engine, migrations)
-    latest = migrations[-1].version if migrations else 0
-    done = {row.version for row in applied}
-    if all(migration.version in done for migration in migrations):
-        return max(done, default=0)
+    if not _pending(applied, migrations):
+        return _version(applied)
 
     for migration in migrations:
         with (
             translated_errors(f"apply migration {migration.version}"),
             write_transaction(engine) as conn,
         ):
-            conn.exec_driver_sql(_CREATE_VERSION_TABLE)
             # Re-read under the write lock: another process may have migrated meanwhile.
             applied = _read_applied(conn)
-            _check_applied(applied, migrations, latest)
-            if any(row.version == migration.version for row in applied):
+            _check_applied(applied, migrations)
+            if migration not in _pending(applied, migrations):
                 continue
             _apply(conn, migration)
-    return latest
+    return migrations[-1].version if migrations else 0
+
+
+def _pending(
+    applied: Sequence[AppliedMigration], migrations: Sequence[Migration]
+) -> list[Migration]:
+    current = _version(applied)
+    return [migration for migration in migrations if migration.version > current]
+
+
+def _version(applied: Sequence[AppliedMigration]) -> int:
+    return max((row.version for row in applied), default=0)
 
 
 def _apply(conn: Connection, migration: Migration) -> None:
+    conn.exec_driver_sql(_CREATE_VERSION_TABLE)
+    present = _version_columns(conn)
+    for column in _BOOKKEEPING_COLUMNS:
+        if column not in present:
+            conn.exec_driver_sql(f"ALTER TABLE schema_version ADD COLUMN {column} TEXT")
     try:
         for statement in migration.statements:
             conn.exec_driver_sql(statement)
@@ -180,21 +200,24 @@ def _apply(conn: Connection, migration: Migration) -> None:
     )
 
 
+def _version_columns(conn: Connection) -> set[str]:
+    return {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(schema_version)")}
+
+
 def _read_applied(conn: Connection) -> list[AppliedMigration]:
-    exists = conn.exec_driver_sql(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-    ).first()
-    if exists is None:
+    present = _version_columns(conn)
+    if not present:
         return []
-    rows = conn.exec_driver_sql(
-        "SELECT version, name, checksum, applied_at FROM schema_version ORDER BY version"
+    selected = ", ".join(
+        column if column in present else "NULL" for column in ("version", *_BOOKKEEPING_COLUMNS)
     )
+    rows = conn.exec_driver_sql(f"SELECT {selected} FROM schema_version ORDER BY version")
     return [
         AppliedMigration(
-            version=version,
+            version=int(version),
             name=name,
             checksum=checksum,
-            applied_at=datetime.fromisoformat(applied_at),
+            applied_at=None if applied_at is None else parse_utc_text(applied_at),
         )
         for version, name, checksum, applied_at in rows
     ]
@@ -206,10 +229,9 @@ def _check_sequence(migrations: Sequence[Migration]) -> None:
         raise MigrationError(f"migrations must be numbered 1, 2, 3, … in order; got {versions}")
 
 
-def _check_applied(
-    applied: Sequence[AppliedMigration], migrations: Sequence[Migration], latest: int
-) -> None:
-    newest = max((row.version for row in applied), default=0)
+def _check_applied(applied: Sequence[AppliedMigration], migrations: Sequence[Migration]) -> None:
+    newest = _version(applied)
+    latest = migrations[-1].version if migrations else 0
     if newest > latest:
         raise SchemaVersionError(
             f"the database is at schema version {newest}, newer than this code's version "
@@ -218,7 +240,11 @@ def _check_applied(
     known = {migration.version: migration for migration in migrations}
     for row in applied:
         migration = known.get(row.version)
-        if migration is not None and row.checksum != migration.checksum:
+        if (
+            migration is not None
+            and row.checksum is not None
+            and row.checksum != migration.checksum
+        ):
             raise MigrationError(
                 f"migration {row.version} ({migration.name!r}) was applied with checksum "
                 f"{row.checksum[:12]}… but the code's is {migration.checksum[:12]}…; a shipped "

@@ -16,6 +16,7 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, Relationship, SQLModel
 
 from aisopod_session.enums import PeerKind, Role, SessionStatus
+from aisopod_session.errors import SessionStoreError
 from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
 
 MAX_JSON_DEPTH = 64
@@ -97,7 +98,16 @@ class EnumText(TypeDecorator[StrEnum]):
         return None if value is None else parse_enum(self.enum_type, value).value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> StrEnum | None:
-        return None if value is None else self.enum_type(value)
+        if value is None:
+            return None
+        try:
+            # Case-insensitive, like every input: plain SQL may have written 'DM'.
+            return parse_enum(self.enum_type, value)
+        except ValueError:
+            raise SessionStoreError(
+                f"the database holds {value!r}, which is not a {self.enum_type.__name__} "
+                f"({', '.join(self.enum_type)}); fix the row with plain SQL"
+            ) from None
 
 
 def check_json(field: str, value: Any) -> Any:

@@ -28,11 +28,7 @@ from aisopod_session.enums import Role, SessionStatus
 from aisopod_session.errors import SessionNotFoundError, translated_errors
 from aisopod_session.keys import SessionKey, parse_enum
 from aisopod_session.models import Message, NewMessage, Session, SessionFilter, check_json
-from aisopod_session.transactions import (
-    read_transaction,
-    require_store_engine,
-    write_transaction,
-)
+from aisopod_session.transactions import prepare_engine, read_transaction, write_transaction
 
 Model = TypeVar("Model", bound=SQLModel)
 
@@ -103,9 +99,9 @@ class SessionRepository:
     """
 
     def __init__(self, engine: Engine) -> None:
-        """Wrap an engine from `open_database` (which set up pragmas, transaction mode and
-        migrations); any other SQLite engine is refused with `SessionStoreError`."""
-        require_store_engine(engine)
+        """Wrap an engine from `open_database`. Another SQLite engine is prepared the same
+        way on first use (`prepare_engine`), but its schema must already be migrated."""
+        prepare_engine(engine)
         self.engine = engine
 
     # --- sessions -------------------------------------------------------------------
@@ -123,9 +119,9 @@ class SessionRepository:
                 row = conn.execute(_SELECT_SESSION, _key_params(key)).one_or_none()
             if row is not None:
                 return _build(Session, _SESSION_PROPS, row)
-            now = _now()
             values = dict(zip(_KEY_COLUMNS, key.parts(), strict=True))
             with write_transaction(self.engine) as conn:
+                now = _now()  # under the lock, so time order follows commit order
                 created = conn.execute(
                     _INSERT_SESSION, {**values, "created_at": now, "updated_at": now}
                 ).one_or_none()
@@ -139,11 +135,11 @@ class SessionRepository:
             row = conn.execute(_SELECT_SESSION, _key_params(key)).one_or_none()
         return None if row is None else _build(Session, _SESSION_PROPS, row)
 
-    def get_by_id(self, session_id: int) -> Session | None:
+    def get_by_id(self, id: int) -> Session | None:
         """The session with this id, or None. Read-only."""
-        _check_int("session_id", session_id, minimum=None)
+        _check_int("id", id, minimum=None)
         with translated_errors("get_by_id"), read_transaction(self.engine) as conn:
-            row = conn.execute(_SELECT_SESSION_BY_ID, {"id": session_id}).one_or_none()
+            row = conn.execute(_SELECT_SESSION_BY_ID, {"id": id}).one_or_none()
         return None if row is None else _build(Session, _SESSION_PROPS, row)
 
     def list_sessions(
@@ -193,9 +189,11 @@ class SessionRepository:
             raise ValueError(f"changes: must be a mapping, not {type(changes).__name__}")
         changes = dict(check_json("changes", dict(changes)))
         with translated_errors("update_metadata"), write_transaction(self.engine) as conn:
-            current = conn.execute(_SELECT_META, _key_params(key)).scalar_one_or_none()
-            if current is None:
+            found = conn.execute(_SELECT_META, _key_params(key)).first()
+            if found is None:
                 raise _not_found(key)
+            # Plain SQL may have stored JSON that is not an object; merging starts afresh.
+            current = found[0] if isinstance(found[0], dict) else {}
             meta = changes if replace else {**current, **changes}
             row = conn.execute(
                 _UPDATE_META, {**_key_params(key), "meta": meta, "updated_at": _now()}
@@ -245,8 +243,8 @@ class SessionRepository:
         key = _as_key(key)
         new = _as_new_messages(messages)
         _check_int("tokens", tokens, minimum=0)
-        now = _now()
         with translated_errors("append_messages"), write_transaction(self.engine) as conn:
+            now = _now()  # under the lock, so created_at follows id order
             session_id = conn.execute(
                 _COUNT_APPEND,
                 {**_key_params(key), "added": len(new), "tokens": tokens, "updated_at": now},
@@ -419,8 +417,13 @@ def _as_new_messages(messages: Any) -> list[NewMessage]:
     return result
 
 
+_MAX_INTEGER = 2**63 - 1  # SQLite's INTEGER is a signed 64-bit value
+
+
 def _check_int(field: str, value: Any, *, minimum: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{field}: must be an integer, not {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{field}: must be >= {minimum}, got {value}")
+    if not -_MAX_INTEGER - 1 <= value <= _MAX_INTEGER:
+        raise ValueError(f"{field}: must fit in a 64-bit signed integer, got {value}")
