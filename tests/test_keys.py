@@ -85,6 +85,10 @@ def test_parse_rejects_malformed_text(text: str) -> None:
         SessionKey.parse(text)
 
 
+def test_tabs_and_line_breaks_at_the_ends_are_stripped() -> None:
+    assert make_key(peer_id="\t\r\n User-42 \n").peer_id == "User-42"
+
+
 def test_part_of_255_characters_is_accepted() -> None:
     assert make_key(peer_id="x" * 255).peer_id == "x" * 255
 
@@ -101,6 +105,9 @@ def test_part_of_255_characters_is_accepted() -> None:
         ("ab\x7fcd", "control"),
         ("ab\x1bcd", "control"),
         ("ab\ud800cd", "control"),
+        ("ab\x1f", "control"),
+        ("\x85ab", "control"),
+        ("ab\x00", "control"),
         (42, "string"),
         (None, "string"),
     ],

@@ -16,6 +16,8 @@ MAX_KEY_PART_LENGTH = 255
 _ESCAPE = {"%": "%25", ":": "%3A"}
 _UNESCAPE = re.compile(r"%(25|3[Aa])")
 
+_STRIPPABLE_CONTROLS = frozenset("\t\n\r\x0b\x0c")
+
 E = TypeVar("E", bound=StrEnum)
 
 
@@ -24,10 +26,16 @@ def normalize_key_part(value: Any, *, lower: bool) -> str:
 
     A part must be a string that is non-empty after stripping, at most
     `MAX_KEY_PART_LENGTH` characters, and free of control characters and lone
-    surrogates (which no database can store as text).
+    surrogates (which no database can store as text). Tabs and line breaks at the ends
+    are whitespace and stripped; anywhere else they are control characters.
     """
     if not isinstance(value, str):
         raise ValueError(f"must be a string, not {type(value).__name__}")
+    # Stripping may drop ordinary whitespace at the ends, but str.strip() also drops some
+    # control characters (\x1c-\x1f, \x85): those are refused wherever they stand.
+    for position, char in enumerate(value):
+        if char not in _STRIPPABLE_CONTROLS and unicodedata.category(char) in ("Cc", "Cs"):
+            raise ValueError(f"must not contain control characters, found {char!r} at {position}")
     text = value.strip()
     if lower:
         text = text.lower()
