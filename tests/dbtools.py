@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +43,25 @@ def make_seed_file(path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.executescript(SEED_SCHEMA.read_text())
     conn.close()
+
+
+def run_threads(worker: Callable[[int], object], count: int) -> None:
+    """Run `worker(0)` … `worker(count - 1)` in threads started together; re-raise the
+    first exception any of them raised."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(count)
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            worker(index)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]

@@ -19,7 +19,7 @@ from aisopod_session import (
     open_database,
 )
 from aisopod_session.transactions import read_transaction, write_transaction
-from tests.dbtools import snapshot
+from tests.dbtools import run_threads, snapshot
 
 
 def pragmas(engine: Engine, connections: int = 3) -> list[tuple[int, int, int]]:
@@ -196,21 +196,12 @@ def test_concurrent_metadata_merges_lose_no_update(
     # update_metadata reads, merges in Python and writes: only a transaction that holds
     # the write lock from its first read keeps every thread's key.
     repo.get_or_create(key)
-    errors: list[BaseException] = []
 
     def merge(worker: int) -> None:
-        try:
-            for round_ in range(25):
-                repo.update_metadata(key, {f"w{worker}-{round_}": round_})
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for round_ in range(25):
+            repo.update_metadata(key, {f"w{worker}-{round_}": round_})
 
-    threads = [threading.Thread(target=merge, args=(n,)) for n in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    run_threads(merge, 6)
     session = repo.get(key)
     assert session is not None
     assert len(session.meta) == 6 * 25

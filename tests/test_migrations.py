@@ -168,16 +168,21 @@ def test_open_without_migrating_leaves_the_schema_alone(db_path: Path) -> None:
     engine.dispose()
 
 
-def test_newer_database_is_refused_and_left_untouched(db_path: Path) -> None:
-    engine = open_database(db_path)
-    engine.dispose()
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    conn.execute(
-        "INSERT INTO schema_version (version, name, checksum, applied_at) "
-        "VALUES (99, 'from the future', 'x', '2031-01-01T00:00:00.000000+00:00')"
-    )
+def migrated_then(path: Path, sql: str) -> str:
+    """Migrate a fresh file, run `sql` on it with plain sqlite3, return the file's digest."""
+    open_database(path).dispose()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(sql)
     conn.close()  # the last connection checkpoints the WAL into the file
-    digest = file_digest(db_path)
+    return file_digest(path)
+
+
+def test_newer_database_is_refused_and_left_untouched(db_path: Path) -> None:
+    digest = migrated_then(
+        db_path,
+        "INSERT INTO schema_version (version, name, checksum, applied_at) "
+        "VALUES (99, 'from the future', 'x', '2031-01-01T00:00:00.000000+00:00')",
+    )
     with pytest.raises(SchemaVersionError) as caught:
         open_database(db_path)
     assert "99" in str(caught.value)
@@ -186,12 +191,7 @@ def test_newer_database_is_refused_and_left_untouched(db_path: Path) -> None:
 
 
 def test_edited_migration_is_refused_naming_it(db_path: Path) -> None:
-    engine = open_database(db_path)
-    engine.dispose()
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    conn.execute("UPDATE schema_version SET checksum = 'edited' WHERE version = 1")
-    conn.close()
-    digest = file_digest(db_path)
+    digest = migrated_then(db_path, "UPDATE schema_version SET checksum = 'edited'")
     with pytest.raises(MigrationError, match=r"migration 1 \('create sessions and messages'\)"):
         open_database(db_path)
     assert file_digest(db_path) == digest
@@ -239,12 +239,7 @@ def test_processes_opening_a_fresh_file_at_once_migrate_it_once(
 
 
 def test_a_bare_version_row_counts_and_a_newer_one_is_refused(db_path: Path) -> None:
-    engine = open_database(db_path)
-    engine.dispose()
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    conn.execute("INSERT INTO schema_version (version) VALUES (99)")
-    conn.close()
-    digest = file_digest(db_path)
+    digest = migrated_then(db_path, "INSERT INTO schema_version (version) VALUES (99)")
     with pytest.raises(SchemaVersionError, match=r"version 99.*version 1"):
         open_database(db_path)
     assert file_digest(db_path) == digest

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from aisopod_session import (
     SessionStatus,
     SessionStoreError,
 )
-from tests.dbtools import raw_connect, snapshot
+from tests.dbtools import raw_connect, run_threads, snapshot
 
 T0 = datetime(2026, 11, 26, 3, 59, 48, 123456, tzinfo=UTC)
 
@@ -79,24 +78,8 @@ def test_get_or_create_accepts_the_key_as_text(repo: SessionRepository, key: Ses
 
 def test_get_or_create_is_race_free(engine: Engine, db_path: Path) -> None:
     key = SessionKey("racer", "discord", "guild", "group", "g1")
-    barrier = threading.Barrier(8)
     ids: list[int | None] = []
-    errors: list[BaseException] = []
-
-    def create() -> None:
-        repo = SessionRepository(engine)
-        barrier.wait()
-        try:
-            ids.append(repo.get_or_create(key).id)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=create) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    run_threads(lambda _: ids.append(SessionRepository(engine).get_or_create(key).id), 8)
     assert len(ids) == 8
     assert len(set(ids)) == 1
     assert count_rows(db_path, "sessions") == 1
@@ -241,21 +224,12 @@ def test_counters_equal_rows_after_many_appends_from_threads(
 ) -> None:
     repo = SessionRepository(engine)
     repo.get_or_create(key)
-    errors: list[BaseException] = []
 
     def worker(n: int) -> None:
-        try:
-            for i in range(20):
-                repo.append_messages(key, [NewMessage(Role.USER, f"{n}-{i}")] * 2, tokens=3)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(20):
+            repo.append_messages(key, [NewMessage(Role.USER, f"{n}-{i}")] * 2, tokens=3)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    run_threads(worker, 4)
     session = repo.get(key)
     assert session is not None
     assert session.message_count == count_rows(db_path, "messages") == 4 * 20 * 2
@@ -451,15 +425,11 @@ def test_created_at_follows_id_order_under_concurrent_writers(
     # earlier time than the one that committed before it.
     repo.get_or_create(key)
 
-    def worker() -> None:
+    def worker(_: int) -> None:
         for _ in range(40):
             repo.append_message(key, Role.USER, "tick")
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads(worker, 4)
     history = repo.get_history(key)
     assert len(history) == 160
     stamps = [m.created_at for m in history]
