@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,15 @@ def raw_connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA foreign_keys = ON")
     return conn
+
+
+def run_sql(path: Path, sql: str, params: Sequence[Any] = ()) -> None:
+    """Run one statement on the file with plain sqlite3 (autocommit), as a user would."""
+    conn = raw_connect(path)
+    try:
+        conn.execute(sql, params)
+    finally:
+        conn.close()  # the last connection to close checkpoints the WAL into the file
 
 
 def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:

@@ -25,7 +25,7 @@ from aisopod_session import (
     open_database,
     run_migrations,
 )
-from tests.dbtools import make_seed_file, snapshot
+from tests.dbtools import make_seed_file, run_sql, snapshot
 
 BROKEN = Migration(
     version=SCHEMA_VERSION + 1,
@@ -171,9 +171,7 @@ def test_open_without_migrating_leaves_the_schema_alone(db_path: Path) -> None:
 def migrated_then(path: Path, sql: str) -> str:
     """Migrate a fresh file, run `sql` on it with plain sqlite3, return the file's digest."""
     open_database(path).dispose()
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute(sql)
-    conn.close()  # the last connection checkpoints the WAL into the file
+    run_sql(path, sql)
     return file_digest(path)
 
 
@@ -247,10 +245,8 @@ def test_a_bare_version_row_counts_and_a_newer_one_is_refused(db_path: Path) -> 
 
 def test_a_rust_crate_version_table_is_read_and_upgraded(db_path: Path) -> None:
     make_seed_file(db_path)
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
-    conn.execute("INSERT INTO schema_version (version) VALUES (1)")
-    conn.close()
+    run_sql(db_path, "CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+    run_sql(db_path, "INSERT INTO schema_version (version) VALUES (1)")
     state = snapshot(db_path)
 
     engine = open_database(db_path)  # up to date: read, not written

@@ -24,7 +24,7 @@ from aisopod_session import (
     SessionStatus,
     SessionStoreError,
 )
-from tests.dbtools import raw_connect, run_threads, snapshot
+from tests.dbtools import run_sql, run_threads, snapshot
 
 T0 = datetime(2026, 11, 26, 3, 59, 48, 123456, tzinfo=UTC)
 
@@ -196,12 +196,11 @@ def test_append_is_all_or_nothing_when_the_database_refuses_a_row(
     repo.get_or_create(key)
     repo.append_message(key, Role.USER, "kept")
     # A plain-SQL trigger makes the database itself fail on the third row of the batch.
-    conn = raw_connect(db_path)
-    conn.execute(
+    run_sql(
+        db_path,
         "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages WHEN NEW.content = 'boom' "
-        "BEGIN SELECT RAISE(ABORT, 'boom refused'); END"
+        "BEGIN SELECT RAISE(ABORT, 'boom refused'); END",
     )
-    conn.close()
     before = snapshot(db_path)
     with pytest.raises(SessionStoreError, match="boom refused"):
         repo.append_messages(
@@ -443,19 +442,19 @@ def test_rows_written_by_plain_sql_in_other_cases_read_back(
     repo: SessionRepository, key: SessionKey, db_path: Path
 ) -> None:
     session = repo.get_or_create(key)
-    conn = raw_connect(db_path)
-    conn.execute(
+    run_sql(
+        db_path,
         "INSERT INTO sessions (agent_id, channel, account_id, peer_kind, peer_id, status, "
         "created_at, updated_at) VALUES ('legacy', 'irc', 'net', 'DM', 'bob', 'Idle', "
-        "'2026-01-01T00:00:00.000000+00:00', '2026-01-01T00:00:00.000000+00:00')"
+        "'2026-01-01T00:00:00.000000+00:00', '2026-01-01T00:00:00.000000+00:00')",
     )
-    conn.execute(
+    run_sql(
+        db_path,
         "INSERT INTO messages (session_id, role, content, created_at) "
         "VALUES (?, 'USER', 'hi', '2026-01-01T00:00:00.000000+00:00')",
         (session.id,),
     )
-    conn.execute("UPDATE sessions SET metadata = 'null' WHERE id = ?", (session.id,))
-    conn.close()
+    run_sql(db_path, "UPDATE sessions SET metadata = 'null' WHERE id = ?", (session.id,))
     legacy = repo.list_sessions({"agent_id": "legacy"})[0]
     assert legacy.peer_kind is PeerKind.DM
     assert legacy.status is SessionStatus.IDLE
@@ -469,8 +468,6 @@ def test_an_unknown_value_in_the_database_is_a_store_error(
 ) -> None:
     repo.get_or_create(key)
     repo.append_message(key, Role.USER, "hi")
-    conn = raw_connect(db_path)
-    conn.execute("UPDATE messages SET role = 'function'")
-    conn.close()
+    run_sql(db_path, "UPDATE messages SET role = 'function'")
     with pytest.raises(SessionStoreError, match=r"'function'.*not a Role"):
         repo.get_history(key)

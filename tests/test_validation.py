@@ -129,7 +129,7 @@ BAD_CALLS: dict[str, tuple[str, Call]] = {
 
 
 @pytest.fixture
-def populated(repo: SessionRepository, key: SessionKey, db_path: Path) -> SessionRepository:
+def populated(repo: SessionRepository, key: SessionKey) -> SessionRepository:
     repo.get_or_create(key)
     repo.append_message(key, Role.USER, "before")
     repo.update_metadata(key, {"kept": True})

@@ -13,7 +13,12 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
 
-from aisopod_session.errors import DatabaseBusyError, SessionStoreError, translated_errors
+from aisopod_session.errors import (
+    DatabaseBusyError,
+    SessionStoreError,
+    is_busy,
+    translated_errors,
+)
 from aisopod_session.migrations import check_schema, run_migrations
 from aisopod_session.transactions import (
     DEFAULT_BUSY_TIMEOUT,
@@ -124,7 +129,7 @@ def _enable_wal(engine: Engine, *, busy_timeout: float) -> None:
                 if str(mode).lower() != "wal":
                     (mode,) = driver.execute("PRAGMA journal_mode = WAL").fetchone()
             except sqlite3.OperationalError as exc:
-                if not ("locked" in str(exc) or "busy" in str(exc)):
+                if not is_busy(exc):
                     raise
                 if time.monotonic() >= deadline:
                     raise DatabaseBusyError(

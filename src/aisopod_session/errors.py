@@ -34,6 +34,12 @@ class DatabaseBusyError(SessionStoreError):
     """The write lock could not be taken within the busy timeout."""
 
 
+def is_busy(error: BaseException) -> bool:
+    """Whether a driver error means another connection holds a lock we need."""
+    reason = str(error)
+    return isinstance(error, sqlite3.OperationalError) and ("locked" in reason or "busy" in reason)
+
+
 @contextmanager
 def translated_errors(action: str) -> Iterator[None]:
     """Re-raise driver and SQLAlchemy errors as `SessionStoreError`s, chaining the original.
@@ -49,7 +55,7 @@ def translated_errors(action: str) -> Iterator[None]:
         # SQLAlchemy wraps driver errors; the BEGIN emitted straight on the driver does not.
         cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig else exc
         reason = str(cause)
-        if isinstance(cause, sqlite3.OperationalError) and ("locked" in reason or "busy" in reason):
+        if is_busy(cause):
             raise DatabaseBusyError(
                 f"{action}: the database stayed locked by another writer past the busy "
                 f"timeout ({reason})"

@@ -33,9 +33,7 @@ def normalize_key_part(value: Any, *, lower: bool) -> str:
         raise ValueError(f"must be a string, not {type(value).__name__}")
     # Stripping may drop ordinary whitespace at the ends, but str.strip() also drops some
     # control characters (\x1c-\x1f, \x85): those are refused wherever they stand.
-    for position, char in enumerate(value):
-        if char not in _STRIPPABLE_CONTROLS and unicodedata.category(char) in ("Cc", "Cs"):
-            raise ValueError(f"must not contain control characters, found {char!r} at {position}")
+    _refuse_controls(value, allowed=_STRIPPABLE_CONTROLS)
     text = value.strip()
     if lower:
         text = text.lower()
@@ -43,10 +41,14 @@ def normalize_key_part(value: Any, *, lower: bool) -> str:
         raise ValueError("must not be empty or only whitespace")
     if len(text) > MAX_KEY_PART_LENGTH:
         raise ValueError(f"must be at most {MAX_KEY_PART_LENGTH} characters, got {len(text)}")
-    for position, char in enumerate(text):
-        if unicodedata.category(char) in ("Cc", "Cs"):
-            raise ValueError(f"must not contain control characters, found {char!r} at {position}")
+    _refuse_controls(text, allowed=frozenset())
     return text
+
+
+def _refuse_controls(text: str, *, allowed: frozenset[str]) -> None:
+    for position, char in enumerate(text):
+        if char not in allowed and unicodedata.category(char) in ("Cc", "Cs"):
+            raise ValueError(f"must not contain control characters, found {char!r} at {position}")
 
 
 def parse_enum(enum_type: type[E], value: Any) -> E:

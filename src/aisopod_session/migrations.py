@@ -113,7 +113,7 @@ def applied_migrations(engine: Engine) -> list[AppliedMigration]:
 
 def current_version(engine: Engine) -> int:
     """The highest applied schema version, 0 for a fresh database. Read-only."""
-    return max((row.version for row in applied_migrations(engine)), default=0)
+    return _version(applied_migrations(engine))
 
 
 def check_schema(
@@ -145,10 +145,11 @@ def run_migrations(engine: Engine, migrations: Sequence[Migration] | None = None
     """
     migrations = MIGRATIONS if migrations is None else migrations
     applied = check_schema(engine, migrations)
-    if not _pending(applied, migrations):
+    pending = _pending(applied, migrations)
+    if not pending:
         return _version(applied)
 
-    for migration in migrations:
+    for migration in pending:
         with (
             translated_errors(f"apply migration {migration.version}"),
             write_transaction(engine) as conn,

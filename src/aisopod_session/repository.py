@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -32,12 +32,34 @@ from aisopod_session.transactions import prepare_engine, read_transaction, write
 
 Model = TypeVar("Model", bound=SQLModel)
 
-# Columns in mapper order with their attribute names (`meta` maps the `metadata` column),
-# so rows can be turned into objects without a round trip through an ORM session.
-_SESSION_PROPS = [(prop.key, prop.columns[0]) for prop in inspect(Session).column_attrs]
-_MESSAGE_PROPS = [(prop.key, prop.columns[0]) for prop in inspect(Message).column_attrs]
-_SESSION_COLUMNS = [column for _, column in _SESSION_PROPS]
-_MESSAGE_COLUMNS = [column for _, column in _MESSAGE_PROPS]
+
+class _Loader(Generic[Model]):
+    """A model's columns in mapper order, and the one way rows become its objects."""
+
+    def __init__(self, model: type[Model]) -> None:
+        mapper = inspect(model)
+        # Attribute names, not column names: `meta` maps the `metadata` column.
+        self.names = [prop.key for prop in mapper.column_attrs]
+        self.columns = [prop.columns[0] for prop in mapper.column_attrs]
+        self._manager = mapper.class_manager
+
+    def __call__(self, row: Row[Any]) -> Model:
+        """What the ORM does when it loads a row: a bare instance with its state, the
+        values (already converted by the column types) put in place, then marked as a
+        detached copy of that row. SQLModel's __init__ would re-run defaults and assign
+        attribute by attribute, which costs several times more per object."""
+        obj: Model = self._manager.new_instance()
+        values = dict(zip(self.names, row, strict=True))
+        obj.__dict__.update(values)
+        object.__setattr__(obj, "__pydantic_fields_set__", set(values))
+        make_transient_to_detached(obj)
+        return obj
+
+
+_SESSION = _Loader(Session)
+_MESSAGE = _Loader(Message)
+_SESSION_COLUMNS = _SESSION.columns
+_MESSAGE_COLUMNS = _MESSAGE.columns
 _KEY_COLUMNS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
 
 # --- the statements -------------------------------------------------------------------
@@ -118,7 +140,7 @@ class SessionRepository:
             with read_transaction(self.engine) as conn:
                 row = conn.execute(_SELECT_SESSION, _key_params(key)).one_or_none()
             if row is not None:
-                return _build(Session, _SESSION_PROPS, row)
+                return _SESSION(row)
             values = dict(zip(_KEY_COLUMNS, key.parts(), strict=True))
             with write_transaction(self.engine) as conn:
                 now = _now()  # under the lock, so time order follows commit order
@@ -126,21 +148,21 @@ class SessionRepository:
                     _INSERT_SESSION, {**values, "created_at": now, "updated_at": now}
                 ).one_or_none()
                 row = created or conn.execute(_SELECT_SESSION, _key_params(key)).one()
-        return _build(Session, _SESSION_PROPS, row)
+        return _SESSION(row)
 
     def get(self, key: SessionKey | str) -> Session | None:
         """The session for `key`, or None. Read-only."""
         key = _as_key(key)
         with translated_errors("get"), read_transaction(self.engine) as conn:
             row = conn.execute(_SELECT_SESSION, _key_params(key)).one_or_none()
-        return None if row is None else _build(Session, _SESSION_PROPS, row)
+        return None if row is None else _SESSION(row)
 
     def get_by_id(self, id: int) -> Session | None:
         """The session with this id, or None. Read-only."""
         _check_int("id", id, minimum=None)
         with translated_errors("get_by_id"), read_transaction(self.engine) as conn:
             row = conn.execute(_SELECT_SESSION_BY_ID, {"id": id}).one_or_none()
-        return None if row is None else _build(Session, _SESSION_PROPS, row)
+        return None if row is None else _SESSION(row)
 
     def list_sessions(
         self,
@@ -163,7 +185,7 @@ class SessionRepository:
         )
         with translated_errors("list_sessions"), read_transaction(self.engine) as conn:
             rows = conn.execute(query).all()
-        return [_build(Session, _SESSION_PROPS, row) for row in rows]
+        return [_SESSION(row) for row in rows]
 
     def count_sessions(
         self,
@@ -198,7 +220,7 @@ class SessionRepository:
             row = conn.execute(
                 _UPDATE_META, {**_key_params(key), "meta": meta, "updated_at": _now()}
             ).one()
-        return _build(Session, _SESSION_PROPS, row)
+        return _SESSION(row)
 
     def set_status(self, key: SessionKey | str, status: SessionStatus | str) -> Session:
         """Set the session's status and bump `updated_at`; one write transaction.
@@ -214,7 +236,7 @@ class SessionRepository:
             ).one_or_none()
             if row is None:
                 raise _not_found(key)
-        return _build(Session, _SESSION_PROPS, row)
+        return _SESSION(row)
 
     def delete(self, key: SessionKey | str) -> bool:
         """Delete the session; its messages go with it through the foreign key's
@@ -265,7 +287,7 @@ class SessionRepository:
                 rows = conn.execute(_INSERT_MESSAGE, params[0]).all()
             else:
                 rows = conn.execute(_INSERT_MESSAGES, params).all()
-        return [_build(Message, _MESSAGE_PROPS, row) for row in rows]
+        return [_MESSAGE(row) for row in rows]
 
     def append_message(
         self,
@@ -317,7 +339,7 @@ class SessionRepository:
             if limit is not None:
                 query = query.limit(limit)
             rows = conn.execute(query, {"session_id": session_id}).all()
-        messages = [_build(Message, _MESSAGE_PROPS, row) for row in rows]
+        messages = [_MESSAGE(row) for row in rows]
         if newest_first:
             messages.reverse()
         return messages
@@ -330,19 +352,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _build(model: type[Model], props: list[tuple[str, Any]], row: Row[Any]) -> Model:
-    # What the ORM does when it loads a row: a bare instance with its state, the values
-    # put in place (they are already converted by the column types), then marked as a
-    # detached copy of that row. SQLModel's __init__ would re-run defaults and assign
-    # attribute by attribute, which costs several times more per object.
-    obj: Model = inspect(model).class_manager.new_instance()
-    values = {name: value for (name, _), value in zip(props, row, strict=True)}
-    obj.__dict__.update(values)
-    object.__setattr__(obj, "__pydantic_fields_set__", set(values))
-    make_transient_to_detached(obj)
-    return obj
-
-
 def _as_key(key: Any) -> SessionKey:
     if isinstance(key, SessionKey):
         return key
@@ -352,13 +361,8 @@ def _as_key(key: Any) -> SessionKey:
 
 
 def _key_params(key: SessionKey) -> dict[str, str]:
-    return {
-        "key_agent_id": key.agent_id,
-        "key_channel": key.channel,
-        "key_account_id": key.account_id,
-        "key_peer_kind": key.peer_kind.value,
-        "key_peer_id": key.peer_id,
-    }
+    """The parameters of `_BY_KEY`."""
+    return {f"key_{name}": part for name, part in zip(_KEY_COLUMNS, key.parts(), strict=True)}
 
 
 def _not_found(key: SessionKey) -> SessionNotFoundError:
