@@ -108,14 +108,6 @@ def test_other_backends_are_refused_clearly() -> None:
         open_database("mysql://user@localhost/db")
 
 
-def test_a_file_that_is_not_a_database_is_refused_untouched(db_path: Path) -> None:
-    db_path.write_bytes(b"this is not a database, just some text\n" * 200)
-    before = db_path.read_bytes()
-    with pytest.raises(SessionStoreError, match="not a database"):
-        open_database(db_path)
-    assert db_path.read_bytes() == before
-
-
 def test_writes_wait_for_the_lock_then_fail_clearly_with_nothing_written(
     repo: SessionRepository, db_path: Path, key: SessionKey
 ) -> None:

@@ -7,6 +7,7 @@ address conversations by `SessionKey`.
 from aisopod_session.database import database_url, open_database
 from aisopod_session.enums import PeerKind, Role, SessionStatus
 from aisopod_session.errors import (
+    AccessDeniedError,
     DatabaseBusyError,
     MigrationError,
     SchemaVersionError,
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_BUSY_TIMEOUT",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "AccessDeniedError",
     "AppliedMigration",
     "DatabaseBusyError",
     "Message",

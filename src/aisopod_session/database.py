@@ -24,6 +24,7 @@ from aisopod_session.transactions import (
     DEFAULT_BUSY_TIMEOUT,
     Synchronous,
     prepare_engine,
+    read_transaction,
 )
 
 
@@ -72,17 +73,15 @@ def open_database(
         # Every connection to ":memory:" would be a new, empty database: share one.
         engine_args["poolclass"] = StaticPool
     else:
-        with translated_errors(f"create the folder for {url.database}"):
-            try:
-                Path(str(url.database)).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise SessionStoreError(
-                    f"cannot create the folder for {url.database}: {exc}"
-                ) from exc
+        _check_file(Path(str(url.database)))
     engine = create_engine(url, **engine_args)
     prepare_engine(engine, busy_timeout=busy_timeout, synchronous=synchronous)
     try:
-        with translated_errors(f"open {url.render_as_string(hide_password=True)}"):
+        with translated_errors(f"open {url.database}"):
+            # A file that is not a database, or a damaged one, fails this first read,
+            # which names the file; nothing has been written to it yet.
+            with read_transaction(engine) as conn:
+                conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar_one()
             # Refuse a newer or edited schema before anything, WAL included, touches the file.
             check_schema(engine)
             if not in_memory:
@@ -111,6 +110,35 @@ def database_url(target: str | os.PathLike[str] | URL) -> URL:
         except Exception as exc:
             raise ValueError(f"target: {target!r} is not a valid database URL: {exc}") from exc
     return URL.create("sqlite", database=target)
+
+
+def _check_file(path: Path) -> None:
+    """Refuse, before SQLite touches anything, a path the store could not read and write.
+
+    SQLite would open a read-only file read-only without a word and fail at the first
+    write, and report a missing folder as "unable to open database file"; here each case
+    gets its own message and nothing is created, changed or deleted.
+    """
+    if path.is_dir():
+        raise SessionStoreError(f"cannot open {path}: it is a folder, not a database file")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SessionStoreError(
+            f"cannot open {path}: its folder {folder} is missing and cannot be created "
+            f"({exc.strerror or exc})"
+        ) from exc
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise SessionStoreError(
+            f"cannot open {path}: the file is read-only (or unreadable) for this process; "
+            "the session store must read and write it"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SessionStoreError(
+            f"cannot open {path}: its folder {folder} is read-only for this process; "
+            f"SQLite must create {path.name}-wal and {path.name}-shm beside the database"
+        )
 
 
 def _enable_wal(engine: Engine, *, busy_timeout: float) -> None:

@@ -22,6 +22,10 @@ class SessionNotFoundError(SessionStoreError, LookupError):
     """No session exists for the key or id a method needs."""
 
 
+class AccessDeniedError(SessionStoreError):
+    """A repository confined to one agent (`for_agent`) was given another agent's key."""
+
+
 class SchemaVersionError(SessionStoreError):
     """The database's schema is newer than this code knows; nothing was modified."""
 
@@ -60,4 +64,29 @@ def translated_errors(action: str) -> Iterator[None]:
                 f"{action}: the database stayed locked by another writer past the busy "
                 f"timeout ({reason})"
             ) from exc
-        raise SessionStoreError(f"{action}: {reason}") from exc
+        raise SessionStoreError(f"{action}: {describe(cause)}") from exc
+
+
+# What SQLite's primary result codes mean to someone who opened a session store.
+_MEANINGS = {
+    "SQLITE_NOTADB": "the file is not a SQLite database (or is encrypted)",
+    "SQLITE_CORRUPT": "the database file is damaged: truncated or overwritten",
+    "SQLITE_CANTOPEN": "the database file cannot be opened: missing folder or no access",
+    "SQLITE_READONLY": "the database is read-only for this process",
+    "SQLITE_PERM": "this process may not access the database file",
+    "SQLITE_FULL": "the disk is full",
+    "SQLITE_IOERR": "the disk reported an I/O error",
+}
+
+
+def describe(error: BaseException) -> str:
+    """A driver error's reason, led by what it means when SQLite's result code says more
+    than its message (`database disk image is malformed` means a damaged file)."""
+    reason = str(error)
+    code = getattr(error, "sqlite_errorname", None)
+    if isinstance(code, str):
+        # Extended codes (SQLITE_READONLY_DBMOVED) share their primary code's meaning.
+        meaning = _MEANINGS.get("_".join(code.split("_")[:2]))
+        if meaning is not None:
+            return f"{meaning} ({reason})"
+    return reason

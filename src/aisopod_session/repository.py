@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -25,8 +26,8 @@ from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import SQLModel, col
 
 from aisopod_session.enums import Role, SessionStatus
-from aisopod_session.errors import SessionNotFoundError, translated_errors
-from aisopod_session.keys import SessionKey, parse_enum
+from aisopod_session.errors import AccessDeniedError, SessionNotFoundError, translated_errors
+from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
 from aisopod_session.models import Message, NewMessage, Session, SessionFilter, check_json
 from aisopod_session.transactions import prepare_engine, read_transaction, write_transaction
 
@@ -117,7 +118,11 @@ class SessionRepository:
     `SessionNotFoundError` when there is none; database failures raise
     `SessionStoreError` subclasses. Returned objects are detached snapshots with every
     column loaded. Keys may be given as `SessionKey` or in their canonical text form.
-    The repository holds no state besides the engine and is safe to share across threads.
+    The repository holds no state besides the engine (and, from `for_agent`, its agent)
+    and is safe to share across threads.
+
+    A repository made by `SessionRepository(engine)` is the admin view: it sees every
+    agent's sessions. `for_agent(agent_id)` gives one confined to a single agent.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -125,6 +130,52 @@ class SessionRepository:
         way on first use (`prepare_engine`), but its schema must already be migrated."""
         prepare_engine(engine)
         self.engine = engine
+        self._agent: str | None = None
+
+    @property
+    def agent_id(self) -> str | None:
+        """The agent this repository is confined to, or None for the admin view."""
+        return self._agent
+
+    def for_agent(self, agent_id: str) -> SessionRepository:
+        """A repository on the same engine confined to `agent_id`'s sessions.
+
+        Every method given a key of another agent raises `AccessDeniedError` before it
+        reads or writes anything; `list_sessions` and `count_sessions` see only this
+        agent's sessions whatever the filter says (a filter naming another agent matches
+        nothing); `get_by_id` returns None for another agent's session, as if it did not
+        exist. `agent_id` is normalised like `SessionKey.agent_id` (`ValueError` naming
+        `agent_id` if invalid). A confined repository cannot widen itself:
+        `for_agent` with another agent raises `AccessDeniedError`.
+        """
+        try:
+            agent = normalize_key_part(agent_id, lower=True)
+        except ValueError as exc:
+            raise ValueError(f"agent_id: {exc}") from None
+        if self._agent is not None and agent != self._agent:
+            raise AccessDeniedError(
+                f"this repository is confined to agent {self._agent!r}; "
+                f"it cannot act for agent {agent!r}"
+            )
+        scoped = copy.copy(self)
+        scoped._agent = agent
+        return scoped
+
+    def _key(self, key: SessionKey | str) -> SessionKey:
+        """`key` as a `SessionKey`, refused if it belongs to an agent out of scope."""
+        key = _as_key(key)
+        if self._agent is not None and key.agent_id != self._agent:
+            raise AccessDeniedError(
+                f"key {key} belongs to agent {key.agent_id!r}; this repository is confined "
+                f"to agent {self._agent!r}"
+            )
+        return key
+
+    def _scope(self, spec: SessionFilter) -> list[ColumnElement[bool]]:
+        clauses = _filter_clauses(spec)
+        if self._agent is not None:
+            clauses.append(col(Session.agent_id) == self._agent)
+        return clauses
 
     # --- sessions -------------------------------------------------------------------
 
@@ -135,7 +186,7 @@ class SessionRepository:
         conflict do nothing, then read, under the write lock). An existing session is read
         without taking the write lock.
         """
-        key = _as_key(key)
+        key = self._key(key)
         with translated_errors("get_or_create"):
             with read_transaction(self.engine) as conn:
                 row = conn.execute(_SELECT_SESSION, _key_params(key)).one_or_none()
@@ -152,17 +203,21 @@ class SessionRepository:
 
     def get(self, key: SessionKey | str) -> Session | None:
         """The session for `key`, or None. Read-only."""
-        key = _as_key(key)
+        key = self._key(key)
         with translated_errors("get"), read_transaction(self.engine) as conn:
             row = conn.execute(_SELECT_SESSION, _key_params(key)).one_or_none()
         return None if row is None else _SESSION(row)
 
     def get_by_id(self, id: int) -> Session | None:
-        """The session with this id, or None. Read-only."""
+        """The session with this id, or None (also when it belongs to an agent this
+        repository is not confined to). Read-only."""
         _check_int("id", id, minimum=None)
         with translated_errors("get_by_id"), read_transaction(self.engine) as conn:
             row = conn.execute(_SELECT_SESSION_BY_ID, {"id": id}).one_or_none()
-        return None if row is None else _SESSION(row)
+        if row is None:
+            return None
+        session = _SESSION(row)
+        return None if self._agent not in (None, session.agent_id) else session
 
     def list_sessions(
         self,
@@ -171,9 +226,10 @@ class SessionRepository:
         limit: int = 100,
         offset: int = 0,
     ) -> list[Session]:
-        """Sessions matching `filter`, most recently updated first (ties: higher id first),
-        `limit` of them from `offset`. Read-only."""
-        clauses = _filter_clauses(_as_filter(filter))
+        """Sessions matching `filter` (and the repository's agent, if confined), most
+        recently updated first (ties: higher id first), `limit` of them from `offset`.
+        Read-only."""
+        clauses = self._scope(_as_filter(filter))
         _check_int("limit", limit, minimum=0)
         _check_int("offset", offset, minimum=0)
         query = (
@@ -191,8 +247,9 @@ class SessionRepository:
         self,
         filter: SessionFilter | Mapping[str, Any] | None = None,
     ) -> int:
-        """How many sessions match `filter`. Read-only."""
-        clauses = _filter_clauses(_as_filter(filter))
+        """How many sessions match `filter` (and the repository's agent, if confined).
+        Read-only."""
+        clauses = self._scope(_as_filter(filter))
         query = select(func.count()).select_from(Session).where(*clauses)
         with translated_errors("count_sessions"), read_transaction(self.engine) as conn:
             return int(conn.execute(query).scalar_one())
@@ -206,7 +263,7 @@ class SessionRepository:
         `changes` must be a mapping with string keys holding JSON values. One write
         transaction; `SessionNotFoundError` if there is no session.
         """
-        key = _as_key(key)
+        key = self._key(key)
         if not isinstance(changes, Mapping):
             raise ValueError(f"changes: must be a mapping, not {type(changes).__name__}")
         changes = dict(check_json("changes", dict(changes)))
@@ -225,7 +282,7 @@ class SessionRepository:
     def set_status(self, key: SessionKey | str, status: SessionStatus | str) -> Session:
         """Set the session's status and bump `updated_at`; one write transaction.
         `SessionNotFoundError` if there is no session."""
-        key = _as_key(key)
+        key = self._key(key)
         try:
             new_status = parse_enum(SessionStatus, status)
         except ValueError as exc:
@@ -241,7 +298,7 @@ class SessionRepository:
     def delete(self, key: SessionKey | str) -> bool:
         """Delete the session; its messages go with it through the foreign key's
         `ON DELETE CASCADE`. True if a session was deleted, False if there was none."""
-        key = _as_key(key)
+        key = self._key(key)
         with translated_errors("delete"), write_transaction(self.engine) as conn:
             deleted = conn.execute(_DELETE_SESSION, _key_params(key)).first()
         return deleted is not None
@@ -262,7 +319,7 @@ class SessionRepository:
         `active`. `messages` must hold at least one `NewMessage` (or a mapping with its
         fields); `tokens` is an int >= 0. `SessionNotFoundError` if there is no session.
         """
-        key = _as_key(key)
+        key = self._key(key)
         new = _as_new_messages(messages)
         _check_int("tokens", tokens, minimum=0)
         with translated_errors("append_messages"), write_transaction(self.engine) as conn:
@@ -299,6 +356,7 @@ class SessionRepository:
         tokens: int = 0,
     ) -> Message:
         """Append one message; the same guarantees as `append_messages`."""
+        key = self._key(key)
         message = NewMessage(role=role, content=content, tool_calls=tool_calls)
         return self.append_messages(key, [message], tokens=tokens)[0]
 
@@ -318,7 +376,7 @@ class SessionRepository:
         `after_id` too, the oldest `limit` messages after it (page forwards by passing the
         last id you got). One read snapshot; `SessionNotFoundError` if there is no session.
         """
-        key = _as_key(key)
+        key = self._key(key)
         if limit is not None:
             _check_int("limit", limit, minimum=0)
         if before_id is not None:
