@@ -12,7 +12,7 @@ VENV := .venv
 DB ?= aisopod-sessions.db
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint format run bench clean
+.PHONY: help venv test stress lint format run bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -29,6 +29,10 @@ venv: $(VENV)/.synced ## Create or update the locked environment in .venv
 
 test: venv ## Run the whole test suite
 	$(VENV)/bin/pytest
+
+STRESS ?= 10
+stress: venv ## The suite with load, crash and property tests 10x larger (STRESS=n to change)
+	AISOPOD_STRESS=$(STRESS) $(VENV)/bin/pytest -s
 
 lint: venv ## ruff (lint + format check) and mypy --strict
 	$(VENV)/bin/ruff check .

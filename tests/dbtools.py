@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -9,6 +10,19 @@ from pathlib import Path
 from typing import Any
 
 SEED_SCHEMA = Path(__file__).with_name("seed_schema.sql")
+
+
+def stress() -> int:
+    """The `AISOPOD_STRESS` environment variable: a positive integer by which randomised
+    and load tests multiply their work (default 1, the quick run)."""
+    text = os.environ.get("AISOPOD_STRESS", "").strip() or "1"
+    try:
+        factor = int(text)
+    except ValueError:
+        factor = 0
+    if factor < 1:
+        raise ValueError(f"AISOPOD_STRESS must be a positive integer, got {text!r}")
+    return factor
 
 
 def raw_connect(path: Path) -> sqlite3.Connection:

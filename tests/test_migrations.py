@@ -25,7 +25,7 @@ from aisopod_session import (
     open_database,
     run_migrations,
 )
-from tests.dbtools import make_seed_file, run_sql, snapshot
+from tests.dbtools import make_seed_file, run_sql, snapshot, stress
 
 BROKEN = Migration(
     version=SCHEMA_VERSION + 1,
@@ -207,7 +207,7 @@ def _open_when_released(path: str, barrier: multiprocessing.synchronize.Barrier)
     engine.dispose()
 
 
-@pytest.mark.parametrize(("processes", "rounds"), [(2, 20), (8, 6)])
+@pytest.mark.parametrize(("processes", "rounds"), [(2, 20 * stress()), (8, 6 * stress())])
 def test_processes_opening_a_fresh_file_at_once_migrate_it_once(
     tmp_path: Path, processes: int, rounds: int
 ) -> None:
