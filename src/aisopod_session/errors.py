@@ -55,9 +55,10 @@ def translated_errors(action: str) -> Iterator[None]:
         yield
     except SessionStoreError:
         raise
-    except (sa_exc.DBAPIError, sqlite3.Error) as exc:
-        # SQLAlchemy wraps driver errors; the BEGIN emitted straight on the driver does not.
-        cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig else exc
+    except (sa_exc.StatementError, sqlite3.Error) as exc:
+        # SQLAlchemy wraps driver errors (and errors binding parameters); the BEGIN
+        # emitted straight on the driver is not wrapped.
+        cause = exc.orig if isinstance(exc, sa_exc.StatementError) and exc.orig else exc
         reason = str(cause)
         if is_busy(cause):
             raise DatabaseBusyError(

@@ -110,18 +110,29 @@ class EnumText(TypeDecorator[StrEnum]):
             ) from None
 
 
+_MAX_JSON_INT = 2**63 - 1
+_MIN_JSON_INT = -(2**63)
+
+
 def check_json(field: str, value: Any) -> Any:
     """Return `value` if it stores and reads back unchanged as JSON, else `ValueError`.
 
-    Allowed: dicts with string keys, lists and tuples, strings without lone surrogates,
-    finite numbers, booleans and None, nested at most `MAX_JSON_DEPTH` deep.
+    Allowed: dicts with string keys, lists and tuples (read back as lists), strings
+    without lone surrogates, integers that fit in 64 signed bits, finite floats, booleans
+    and None, nested at most `MAX_JSON_DEPTH` deep.
     """
     stack: list[tuple[Any, int, str]] = [(value, 1, field)]
     while stack:
         item, depth, path = stack.pop()
         if depth > MAX_JSON_DEPTH:
             raise ValueError(f"{field}: nested deeper than {MAX_JSON_DEPTH} levels at {path}")
-        if item is None or isinstance(item, bool | int):
+        if item is None or isinstance(item, bool):
+            continue
+        if isinstance(item, int):
+            # SQLite's JSON functions (and most JSON readers) turn wider integers into
+            # floats, and Python cannot even print ones of over 4300 digits.
+            if not _MIN_JSON_INT <= item <= _MAX_JSON_INT:
+                raise ValueError(f"{field}: the integer at {path} does not fit in 64 bits")
             continue
         if isinstance(item, float):
             if not math.isfinite(item):
@@ -306,7 +317,9 @@ class SessionFilter(BaseModel):
     @field_validator("peer_kind", mode="before")
     @classmethod
     def _peer_kind(cls, value: Any) -> PeerKind | None:
-        return None if value is None else parse_enum(PeerKind, value)
+        return (
+            None if value is None else parse_enum(PeerKind, normalize_key_part(value, lower=True))
+        )
 
     @field_validator("status", mode="before")
     @classmethod
