@@ -46,26 +46,33 @@ def is_busy(error: BaseException) -> bool:
 
 @contextmanager
 def translated_errors(action: str) -> Iterator[None]:
-    """Re-raise driver and SQLAlchemy errors as `SessionStoreError`s, chaining the original.
-
-    `action` says what was being done ("append messages"), so the message a user sees
-    names the operation as well as the driver's reason.
-    """
+    """Re-raise driver and SQLAlchemy errors as `SessionStoreError`s (see `translate`),
+    chaining the original."""
     try:
         yield
     except SessionStoreError:
         raise
     except (sa_exc.StatementError, sqlite3.Error) as exc:
-        # SQLAlchemy wraps driver errors (and errors binding parameters); the BEGIN
-        # emitted straight on the driver is not wrapped.
-        cause = exc.orig if isinstance(exc, sa_exc.StatementError) and exc.orig else exc
-        reason = str(cause)
-        if is_busy(cause):
-            raise DatabaseBusyError(
-                f"{action}: the database stayed locked by another writer past the busy "
-                f"timeout ({reason})"
-            ) from exc
-        raise SessionStoreError(f"{action}: {describe(cause)}") from exc
+        raise translate(exc, action) from exc
+
+
+def translate(error: BaseException, action: str) -> BaseException:
+    """The `SessionStoreError` for a driver or SQLAlchemy error (other exceptions are
+    returned as they are). `action` says what was being done ("append_messages"), so the
+    message names the operation as well as the reason."""
+    if isinstance(error, SessionStoreError) or not isinstance(
+        error, sa_exc.StatementError | sqlite3.Error
+    ):
+        return error
+    # SQLAlchemy wraps driver errors (and errors binding parameters); the driver's own
+    # are not wrapped.
+    cause = error.orig if isinstance(error, sa_exc.StatementError) and error.orig else error
+    if is_busy(cause):
+        return DatabaseBusyError(
+            f"{action}: the database stayed locked by another writer past the busy "
+            f"timeout ({cause})"
+        )
+    return SessionStoreError(f"{action}: {describe(cause)}")
 
 
 # What SQLite's primary result codes mean to someone who opened a session store.

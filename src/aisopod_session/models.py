@@ -49,17 +49,42 @@ def parse_utc_text(value: str) -> datetime:
     return parsed.astimezone(UTC)
 
 
-class UTCDateTime(TypeDecorator[datetime]):
-    """Aware `datetime` in Python, canonical ISO-8601 UTC text in the database."""
+class StoredText(TypeDecorator[Any]):
+    """A column stored as text that Python sees as another type.
+
+    `write` and `read` are the conversion, in one place: SQLAlchemy calls them for
+    statements it executes, and the repository's hot paths, which hand plain SQL to the
+    driver, call them directly. Neither is given None.
+    """
 
     impl = Text
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> str | None:
-        return None if value is None else utc_text(value)
+    def write(self, value: Any) -> str:
+        """The stored text of `value`."""
+        raise NotImplementedError
 
-    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        return None if value is None else parse_utc_text(value)
+    def read(self, value: Any) -> Any:
+        """The Python value of stored text."""
+        raise NotImplementedError
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else self.write(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else self.read(value)
+
+
+class UTCDateTime(StoredText):
+    """Aware `datetime` in Python, canonical ISO-8601 UTC text in the database."""
+
+    cache_ok = True
+
+    def write(self, value: datetime) -> str:
+        return utc_text(value)
+
+    def read(self, value: str) -> datetime:
+        return parse_utc_text(value)
 
 
 def dump_json(value: Any) -> str:
@@ -67,39 +92,39 @@ def dump_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
-class JSONText(TypeDecorator[Any]):
+class JSONText(StoredText):
     """A JSON value stored as text (the seed's `TEXT` columns), decoded on the way out.
 
     In-place changes to a loaded value are not tracked: change metadata through
     `SessionRepository.update_metadata`.
     """
 
-    impl = Text
     cache_ok = True
 
-    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
-        return None if value is None else dump_json(value)
+    def write(self, value: Any) -> str:
+        return dump_json(value)
 
-    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
-        return None if value is None else json.loads(value)
+    def read(self, value: str) -> Any:
+        return json.loads(value)
 
 
-class EnumText(TypeDecorator[StrEnum]):
+class EnumText(StoredText):
     """A `StrEnum` stored as its plain lower-case text value."""
 
-    impl = Text
     cache_ok = True
 
     def __init__(self, enum_type: type[StrEnum]) -> None:
         super().__init__()
         self.enum_type = enum_type
+        self._members = {member.value: member for member in enum_type}
 
-    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
-        return None if value is None else parse_enum(self.enum_type, value).value
+    def write(self, value: Any) -> str:
+        return parse_enum(self.enum_type, value).value
 
-    def process_result_value(self, value: Any, dialect: Dialect) -> StrEnum | None:
-        if value is None:
-            return None
+    def read(self, value: str) -> StrEnum:
+        member = self._members.get(value)
+        if member is not None:
+            return member
         try:
             # Case-insensitive, like every input: plain SQL may have written 'DM'.
             return parse_enum(self.enum_type, value)
@@ -271,19 +296,31 @@ class NewMessage(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _content(cls, value: Any) -> str:
-        if not isinstance(value, str):
-            raise ValueError(f"must be a string, not {type(value).__name__}")
-        _check_encodable("content", value, "content")
-        return value
+        return check_content(value)
 
     @field_validator("tool_calls", mode="before")
     @classmethod
     def _tool_calls(cls, value: Any) -> list[Any] | None:
-        if value is None:
-            return None
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"must be a JSON array (list) or None, not {type(value).__name__}")
-        return list(check_json("tool_calls", value))
+        return check_tool_calls(value)
+
+
+def check_content(value: Any) -> str:
+    """`value` if it is text that can be stored, else `ValueError`."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {type(value).__name__}")
+    if not value.isascii():
+        _check_encodable("content", value, "content")
+    return value
+
+
+def check_tool_calls(value: Any) -> list[Any] | None:
+    """`value` as a list if it is None or a JSON array that can be stored, else
+    `ValueError`."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"must be a JSON array (list) or None, not {type(value).__name__}")
+    return list(check_json("tool_calls", value))
 
 
 class SessionFilter(BaseModel):

@@ -5,108 +5,47 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import (
-    ColumnElement,
-    Engine,
-    Integer,
-    Row,
-    and_,
-    bindparam,
-    delete,
-    func,
-    insert,
-    inspect,
-    select,
-    update,
-)
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import make_transient_to_detached
-from sqlmodel import SQLModel, col
+from sqlalchemy import Engine
 
 from aisopod_session.enums import Role, SessionStatus
-from aisopod_session.errors import AccessDeniedError, SessionNotFoundError, translated_errors
+from aisopod_session.errors import AccessDeniedError, SessionNotFoundError
 from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
-from aisopod_session.models import Message, NewMessage, Session, SessionFilter, check_json
-from aisopod_session.transactions import prepare_engine, read_transaction, write_transaction
-
-Model = TypeVar("Model", bound=SQLModel)
-
-
-class _Loader(Generic[Model]):
-    """A model's columns in mapper order, and the one way rows become its objects."""
-
-    def __init__(self, model: type[Model]) -> None:
-        mapper = inspect(model)
-        # Attribute names, not column names: `meta` maps the `metadata` column.
-        self.names = [prop.key for prop in mapper.column_attrs]
-        self.columns = [prop.columns[0] for prop in mapper.column_attrs]
-        self._manager = mapper.class_manager
-
-    def __call__(self, row: Row[Any]) -> Model:
-        """What the ORM does when it loads a row: a bare instance with its state, the
-        values (already converted by the column types) put in place, then marked as a
-        detached copy of that row. SQLModel's __init__ would re-run defaults and assign
-        attribute by attribute, which costs several times more per object."""
-        obj: Model = self._manager.new_instance()
-        values = dict(zip(self.names, row, strict=True))
-        obj.__dict__.update(values)
-        object.__setattr__(obj, "__pydantic_fields_set__", set(values))
-        make_transient_to_detached(obj)
-        return obj
-
-
-_SESSION = _Loader(Session)
-_MESSAGE = _Loader(Message)
-_SESSION_COLUMNS = _SESSION.columns
-_MESSAGE_COLUMNS = _MESSAGE.columns
-_KEY_COLUMNS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
-
-# --- the statements -------------------------------------------------------------------
-# Every statement with a fixed shape is built once, here, with named parameters: building
-# and cache-keying a statement per call costs more than running it on SQLite. Key
-# parameters are prefixed `key_` because UPDATE reserves column names for its SET clause.
-
-_BY_KEY = and_(*(getattr(Session, name) == bindparam(f"key_{name}") for name in _KEY_COLUMNS))
-_SELECT_SESSION = select(*_SESSION_COLUMNS).where(_BY_KEY)
-_SELECT_SESSION_BY_ID = select(*_SESSION_COLUMNS).where(col(Session.id) == bindparam("id"))
-_SELECT_SESSION_ID = select(col(Session.id)).where(_BY_KEY)
-_SELECT_META = select(col(Session.meta)).where(_BY_KEY)
-_INSERT_SESSION = (
-    sqlite_insert(Session)
-    .on_conflict_do_nothing(index_elements=list(_KEY_COLUMNS))
-    .returning(*_SESSION_COLUMNS)
+from aisopod_session.models import (
+    Message,
+    NewMessage,
+    Session,
+    SessionFilter,
+    check_content,
+    check_json,
+    check_tool_calls,
+    dump_json,
+    utc_text,
 )
-_UPDATE_META = (
-    update(Session)
-    .where(_BY_KEY)
-    .values(meta=bindparam("meta"), updated_at=bindparam("updated_at"))
-    .returning(*_SESSION_COLUMNS)
+from aisopod_session.statements import (
+    COUNT_APPEND,
+    DELETE_SESSION,
+    INSERT_SESSION,
+    KEY_PARAMETERS,
+    MESSAGE,
+    MESSAGE_VALUES,
+    SELECT_META,
+    SELECT_SESSION,
+    SELECT_SESSION_BY_ID,
+    SELECT_SESSION_ID,
+    SESSION,
+    UPDATE_META,
+    UPDATE_STATUS,
+    history,
+    insert_messages,
+    list_sessions,
 )
-_UPDATE_STATUS = (
-    update(Session)
-    .where(_BY_KEY)
-    .values(status=bindparam("status"), updated_at=bindparam("updated_at"))
-    .returning(*_SESSION_COLUMNS)
-)
-_DELETE_SESSION = delete(Session).where(_BY_KEY).returning(col(Session.id))
-_COUNT_APPEND = (
-    update(Session)
-    .where(_BY_KEY)
-    .values(
-        message_count=col(Session.message_count) + bindparam("added", type_=Integer),
-        token_usage=col(Session.token_usage) + bindparam("tokens", type_=Integer),
-        updated_at=bindparam("updated_at"),
-        status=SessionStatus.ACTIVE,
-    )
-    .returning(col(Session.id))
-)
-_INSERT_MESSAGE = insert(Message).returning(*_MESSAGE_COLUMNS)
-_INSERT_MESSAGES = insert(Message).returning(*_MESSAGE_COLUMNS, sort_by_parameter_order=True)
-_SELECT_MESSAGES = select(*_MESSAGE_COLUMNS).where(
-    col(Message.session_id) == bindparam("session_id")
-)
+from aisopod_session.transactions import driver_transaction, prepare_engine
+
+# Rows per INSERT when appending a batch: SQLite allows 32 766 parameters per statement.
+_INSERT_CHUNK = 500
 
 
 class SessionRepository:
@@ -171,12 +110,6 @@ class SessionRepository:
             )
         return key
 
-    def _scope(self, spec: SessionFilter) -> list[ColumnElement[bool]]:
-        clauses = _filter_clauses(spec)
-        if self._agent is not None:
-            clauses.append(col(Session.agent_id) == self._agent)
-        return clauses
-
     # --- sessions -------------------------------------------------------------------
 
     def get_or_create(self, key: SessionKey | str) -> Session:
@@ -184,39 +117,37 @@ class SessionRepository:
 
         Race-free: concurrent callers with the same new key all get the one row (insert on
         conflict do nothing, then read, under the write lock). An existing session is read
-        without taking the write lock.
+        with one statement, without taking the write lock.
         """
         key = self._key(key)
-        with translated_errors("get_or_create"):
-            with read_transaction(self.engine) as conn:
-                row = conn.execute(_SELECT_SESSION, _key_params(key)).one_or_none()
-            if row is not None:
-                return _SESSION(row)
-            values = dict(zip(_KEY_COLUMNS, key.parts(), strict=True))
-            with write_transaction(self.engine) as conn:
-                now = _now()  # under the lock, so time order follows commit order
-                created = conn.execute(
-                    _INSERT_SESSION, {**values, "created_at": now, "updated_at": now}
-                ).one_or_none()
-                row = created or conn.execute(_SELECT_SESSION, _key_params(key)).one()
-        return _SESSION(row)
+        params = _key_params(key)
+        with driver_transaction(self.engine, "get_or_create", None) as conn:
+            row = conn.execute(SELECT_SESSION, params).fetchone()
+        if row is not None:
+            return SESSION(row)
+        with driver_transaction(self.engine, "get_or_create", "IMMEDIATE") as conn:
+            params["now"] = _now_text()  # under the lock, so time order follows commit order
+            row = conn.execute(INSERT_SESSION, params).fetchone()
+            if row is None:  # created by another writer since the read
+                row = conn.execute(SELECT_SESSION, params).fetchone()
+        return SESSION(row)
 
     def get(self, key: SessionKey | str) -> Session | None:
-        """The session for `key`, or None. Read-only."""
+        """The session for `key`, or None. Read-only, one statement."""
         key = self._key(key)
-        with translated_errors("get"), read_transaction(self.engine) as conn:
-            row = conn.execute(_SELECT_SESSION, _key_params(key)).one_or_none()
-        return None if row is None else _SESSION(row)
+        with driver_transaction(self.engine, "get", None) as conn:
+            row = conn.execute(SELECT_SESSION, _key_params(key)).fetchone()
+        return None if row is None else SESSION(row)
 
     def get_by_id(self, id: int) -> Session | None:
         """The session with this id, or None (also when it belongs to an agent this
-        repository is not confined to). Read-only."""
+        repository is not confined to). Read-only, one statement."""
         _check_int("id", id, minimum=None)
-        with translated_errors("get_by_id"), read_transaction(self.engine) as conn:
-            row = conn.execute(_SELECT_SESSION_BY_ID, {"id": id}).one_or_none()
+        with driver_transaction(self.engine, "get_by_id", None) as conn:
+            row = conn.execute(SELECT_SESSION_BY_ID, {"id": id}).fetchone()
         if row is None:
             return None
-        session = _SESSION(row)
+        session = SESSION(row)
         return None if self._agent not in (None, session.agent_id) else session
 
     def list_sessions(
@@ -228,31 +159,26 @@ class SessionRepository:
     ) -> list[Session]:
         """Sessions matching `filter` (and the repository's agent, if confined), most
         recently updated first (ties: higher id first), `limit` of them from `offset`.
-        Read-only."""
-        clauses = self._scope(_as_filter(filter))
+        Read-only, one statement."""
+        fields, params = self._filter_params(filter)
         _check_int("limit", limit, minimum=0)
         _check_int("offset", offset, minimum=0)
-        query = (
-            select(*_SESSION_COLUMNS)
-            .where(*clauses)
-            .order_by(col(Session.updated_at).desc(), col(Session.id).desc())
-            .limit(limit)
-            .offset(offset)
-        )
-        with translated_errors("list_sessions"), read_transaction(self.engine) as conn:
-            rows = conn.execute(query).all()
-        return [_SESSION(row) for row in rows]
+        params["limit"] = limit
+        params["offset"] = offset
+        with driver_transaction(self.engine, "list_sessions", None) as conn:
+            rows = conn.execute(list_sessions(fields, count=False), params).fetchall()
+        return [SESSION(row) for row in rows]
 
     def count_sessions(
         self,
         filter: SessionFilter | Mapping[str, Any] | None = None,
     ) -> int:
         """How many sessions match `filter` (and the repository's agent, if confined).
-        Read-only."""
-        clauses = self._scope(_as_filter(filter))
-        query = select(func.count()).select_from(Session).where(*clauses)
-        with translated_errors("count_sessions"), read_transaction(self.engine) as conn:
-            return int(conn.execute(query).scalar_one())
+        Read-only, one statement."""
+        fields, params = self._filter_params(filter)
+        with driver_transaction(self.engine, "count_sessions", None) as conn:
+            (count,) = conn.execute(list_sessions(fields, count=True), params).fetchone()
+        return int(count)
 
     def update_metadata(
         self, key: SessionKey | str, changes: Mapping[str, Any], *, replace: bool = False
@@ -267,17 +193,16 @@ class SessionRepository:
         if not isinstance(changes, Mapping):
             raise ValueError(f"changes: must be a mapping, not {type(changes).__name__}")
         changes = dict(check_json("changes", dict(changes)))
-        with translated_errors("update_metadata"), write_transaction(self.engine) as conn:
-            found = conn.execute(_SELECT_META, _key_params(key)).first()
+        params: dict[str, Any] = _key_params(key)
+        with driver_transaction(self.engine, "update_metadata", "IMMEDIATE") as conn:
+            found = conn.execute(SELECT_META, params).fetchone()
             if found is None:
                 raise _not_found(key)
-            # Plain SQL may have stored JSON that is not an object; merging starts afresh.
-            current = found[0] if isinstance(found[0], dict) else {}
-            meta = changes if replace else {**current, **changes}
-            row = conn.execute(
-                _UPDATE_META, {**_key_params(key), "meta": meta, "updated_at": _now()}
-            ).one()
-        return _SESSION(row)
+            current = _read_json_object(found[0])
+            params["meta"] = dump_json(changes if replace else {**current, **changes})
+            params["now"] = _now_text()
+            row = conn.execute(UPDATE_META, params).fetchone()
+        return SESSION(row)
 
     def set_status(self, key: SessionKey | str, status: SessionStatus | str) -> Session:
         """Set the session's status and bump `updated_at`; one write transaction.
@@ -287,21 +212,23 @@ class SessionRepository:
             new_status = parse_enum(SessionStatus, status)
         except ValueError as exc:
             raise ValueError(f"status: {exc}") from None
-        with translated_errors("set_status"), write_transaction(self.engine) as conn:
-            row = conn.execute(
-                _UPDATE_STATUS, {**_key_params(key), "status": new_status, "updated_at": _now()}
-            ).one_or_none()
+        params: dict[str, Any] = _key_params(key)
+        params["status"] = new_status.value
+        with driver_transaction(self.engine, "set_status", "IMMEDIATE") as conn:
+            params["now"] = _now_text()
+            row = conn.execute(UPDATE_STATUS, params).fetchone()
             if row is None:
                 raise _not_found(key)
-        return _SESSION(row)
+        return SESSION(row)
 
     def delete(self, key: SessionKey | str) -> bool:
         """Delete the session; its messages go with it through the foreign key's
-        `ON DELETE CASCADE`. True if a session was deleted, False if there was none."""
+        `ON DELETE CASCADE`, in one write transaction. True if a session was deleted,
+        False if there was none."""
         key = self._key(key)
-        with translated_errors("delete"), write_transaction(self.engine) as conn:
-            deleted = conn.execute(_DELETE_SESSION, _key_params(key)).first()
-        return deleted is not None
+        with driver_transaction(self.engine, "delete", "IMMEDIATE") as conn:
+            deleted = conn.execute(DELETE_SESSION, _key_params(key)).fetchall()
+        return bool(deleted)
 
     # --- messages ---------------------------------------------------------------------
 
@@ -322,29 +249,16 @@ class SessionRepository:
         key = self._key(key)
         new = _as_new_messages(messages)
         _check_int("tokens", tokens, minimum=0)
-        with translated_errors("append_messages"), write_transaction(self.engine) as conn:
-            now = _now()  # under the lock, so created_at follows id order
-            session_id = conn.execute(
-                _COUNT_APPEND,
-                {**_key_params(key), "added": len(new), "tokens": tokens, "updated_at": now},
-            ).scalar_one_or_none()
-            if session_id is None:
-                raise _not_found(key)
-            params = [
-                {
-                    "session_id": session_id,
-                    "role": message.role,
-                    "content": message.content,
-                    "tool_calls": message.tool_calls,
-                    "created_at": now,
-                }
-                for message in new
-            ]
-            if len(params) == 1:
-                rows = conn.execute(_INSERT_MESSAGE, params[0]).all()
-            else:
-                rows = conn.execute(_INSERT_MESSAGES, params).all()
-        return [_MESSAGE(row) for row in rows]
+        rows = [
+            (
+                message.role,
+                message.content,
+                message.tool_calls,
+                None if message.tool_calls is None else dump_json(message.tool_calls),
+            )
+            for message in new
+        ]
+        return self._append(key, rows, tokens)
 
     def append_message(
         self,
@@ -357,8 +271,53 @@ class SessionRepository:
     ) -> Message:
         """Append one message; the same guarantees as `append_messages`."""
         key = self._key(key)
-        message = NewMessage(role=role, content=content, tool_calls=tool_calls)
-        return self.append_messages(key, [message], tokens=tokens)[0]
+        # The checks NewMessage runs, without building one: this is the hottest call.
+        try:
+            role = Role(role) if type(role) is str and role in _ROLES else parse_enum(Role, role)
+        except ValueError as exc:
+            raise ValueError(f"role: {exc}") from None
+        try:
+            content = check_content(content)
+        except ValueError as exc:
+            raise ValueError(f"content: {exc}") from None
+        try:
+            tool_calls = check_tool_calls(tool_calls)
+        except ValueError as exc:
+            raise ValueError(f"tool_calls: {exc}") from None
+        _check_int("tokens", tokens, minimum=0)
+        stored_calls = None if tool_calls is None else dump_json(tool_calls)
+        return self._append(key, [(role, content, tool_calls, stored_calls)], tokens)[0]
+
+    def _append(
+        self,
+        key: SessionKey,
+        rows: list[tuple[Role, str, list[Any] | None, str | None]],
+        tokens: int,
+    ) -> list[Message]:
+        params: dict[str, Any] = _key_params(key)
+        params["added"] = len(rows)
+        params["tokens"] = tokens
+        with driver_transaction(self.engine, "append_messages", "IMMEDIATE") as conn:
+            now = datetime.now(UTC)  # under the lock, so created_at follows id order
+            params["now"] = now_text = utc_text(now)
+            found = conn.execute(COUNT_APPEND, params).fetchone()
+            if found is None:
+                raise _not_found(key)
+            session_id = found[0]
+            ids: list[int] = []
+            for start in range(0, len(rows), _INSERT_CHUNK):
+                chunk = rows[start : start + _INSERT_CHUNK]
+                values: dict[str, Any] = {}
+                for index, (role, content, _, stored_calls) in enumerate(chunk):
+                    row_values = (session_id, role.value, content, stored_calls, now_text)
+                    for name, value in zip(MESSAGE_VALUES, row_values, strict=True):
+                        values[f"{name}_{index}"] = value
+                inserted = conn.execute(insert_messages(len(chunk)), values).fetchall()
+                ids.extend(sorted(row[0] for row in inserted))
+        return [
+            MESSAGE.build((message_id, session_id, role, content, tool_calls, now))
+            for message_id, (role, content, tool_calls, _) in zip(ids, rows, strict=True)
+        ]
 
     def get_history(
         self,
@@ -374,7 +333,8 @@ class SessionRepository:
         `before_id`. With `limit`: the newest `limit` messages before `before_id` (page
         backwards by passing the first id you got as the next `before_id`); with
         `after_id` too, the oldest `limit` messages after it (page forwards by passing the
-        last id you got). One read snapshot; `SessionNotFoundError` if there is no session.
+        last id you got). One statement, so one snapshot; `SessionNotFoundError` if
+        there is no session.
         """
         key = self._key(key)
         if limit is not None:
@@ -383,31 +343,65 @@ class SessionRepository:
             _check_int("before_id", before_id, minimum=None)
         if after_id is not None:
             _check_int("after_id", after_id, minimum=None)
-        with translated_errors("get_history"), read_transaction(self.engine) as conn:
-            session_id = conn.execute(_SELECT_SESSION_ID, _key_params(key)).scalar_one_or_none()
-            if session_id is None:
-                raise _not_found(key)
-            query = _SELECT_MESSAGES
-            if after_id is not None:
-                query = query.where(col(Message.id) > after_id)
-            if before_id is not None:
-                query = query.where(col(Message.id) < before_id)
-            newest_first = limit is not None and after_id is None
-            query = query.order_by(col(Message.id).desc() if newest_first else col(Message.id))
-            if limit is not None:
-                query = query.limit(limit)
-            rows = conn.execute(query, {"session_id": session_id}).all()
-        messages = [_MESSAGE(row) for row in rows]
+        params: dict[str, Any] = _key_params(key)
+        if limit == 0:
+            # The joined query returns no row at all for LIMIT 0; only existence matters.
+            with driver_transaction(self.engine, "get_history", None) as conn:
+                if conn.execute(SELECT_SESSION_ID, params).fetchone() is None:
+                    raise _not_found(key)
+            return []
+        newest_first = limit is not None and after_id is None
+        sql = history(
+            newest_first=newest_first,
+            limit=limit is not None,
+            after=after_id is not None,
+            before=before_id is not None,
+        )
+        params["limit"] = limit
+        params["offset"] = 0
+        params["after_id"] = after_id
+        params["before_id"] = before_id
+        with driver_transaction(self.engine, "get_history", None) as conn:
+            rows = conn.execute(sql, params).fetchall()
+        if not rows:
+            raise _not_found(key)
+        if rows[0][1] is None:  # the session, without a message in the window
+            return []
+        messages = [MESSAGE(row[1:]) for row in rows]
         if newest_first:
             messages.reverse()
         return messages
 
+    # --- helpers ----------------------------------------------------------------------
+
+    def _filter_params(
+        self, filter: SessionFilter | Mapping[str, Any] | None
+    ) -> tuple[tuple[str, ...], dict[str, Any]]:
+        """The fields a filter sets (plus this repository's agent) and their values in
+        stored form, for `statements.list_sessions`."""
+        spec = _as_filter(filter)
+        params: dict[str, Any] = {}
+        for name, value in spec:
+            if value is None:
+                continue
+            if isinstance(value, datetime):
+                params[name] = utc_text(value)
+            elif isinstance(value, StrEnum):
+                params[name] = value.value
+            else:
+                params[name] = value
+        if self._agent is not None:
+            params["agent_scope"] = self._agent
+        return tuple(params), params
+
 
 # --- helpers --------------------------------------------------------------------------
 
+_ROLES = frozenset(Role)
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+
+def _now_text() -> str:
+    return utc_text(datetime.now(UTC))
 
 
 def _as_key(key: Any) -> SessionKey:
@@ -418,13 +412,19 @@ def _as_key(key: Any) -> SessionKey:
     raise ValueError(f"key: must be a SessionKey or its text form, not {type(key).__name__}")
 
 
-def _key_params(key: SessionKey) -> dict[str, str]:
-    """The parameters of `_BY_KEY`."""
-    return {f"key_{name}": part for name, part in zip(_KEY_COLUMNS, key.parts(), strict=True)}
+def _key_params(key: SessionKey) -> dict[str, Any]:
+    """The parameters `key_<part>` of every statement that finds a session by key."""
+    return dict(zip(KEY_PARAMETERS, key.parts(), strict=True))
 
 
 def _not_found(key: SessionKey) -> SessionNotFoundError:
     return SessionNotFoundError(f"no session for key {key}")
+
+
+def _read_json_object(stored: str) -> dict[str, Any]:
+    # Plain SQL may have stored JSON that is not an object; merging starts afresh then.
+    value = SESSION.columns[SESSION.names.index("meta")].type.read(stored)
+    return value if isinstance(value, dict) else {}
 
 
 def _as_filter(value: Any) -> SessionFilter:
@@ -435,25 +435,6 @@ def _as_filter(value: Any) -> SessionFilter:
     if isinstance(value, Mapping):
         return SessionFilter.model_validate(dict(value))
     raise ValueError(f"filter: must be a SessionFilter or a mapping, not {type(value).__name__}")
-
-
-def _filter_clauses(spec: SessionFilter) -> list[ColumnElement[bool]]:
-    clauses: list[ColumnElement[bool]] = []
-    for name in _KEY_COLUMNS:
-        value = getattr(spec, name)
-        if value is not None:
-            clauses.append(getattr(Session, name) == value)
-    if spec.status is not None:
-        clauses.append(col(Session.status) == spec.status)
-    if spec.created_after is not None:
-        clauses.append(col(Session.created_at) > spec.created_after)
-    if spec.created_before is not None:
-        clauses.append(col(Session.created_at) < spec.created_before)
-    if spec.updated_after is not None:
-        clauses.append(col(Session.updated_at) > spec.updated_after)
-    if spec.updated_before is not None:
-        clauses.append(col(Session.updated_at) < spec.updated_before)
-    return clauses
 
 
 def _as_new_messages(messages: Any) -> list[NewMessage]:

@@ -9,17 +9,28 @@ stale read snapshot to a write. It also runs DDL outside any transaction. So
 emit: writes take the write lock up front with `BEGIN IMMEDIATE` (waiting up to
 `busy_timeout` for it), reads use a deferred `BEGIN`, which in WAL mode never waits for
 writers.
+
+The repository's calls do not go through SQLAlchemy's execution layer at all: they run
+precompiled SQL on the driver connection (`driver_transaction`), which costs a fraction
+as much per call. Each thread keeps one connection for that between calls (`lease`),
+because checking one out of the pool and back costs as much as a whole indexed read.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import TracebackType
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, event
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, StaticPool
+
+from aisopod_session.errors import translate
 
 DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds a writer waits for another writer's lock before `DatabaseBusyError`."""
@@ -103,3 +114,168 @@ def _transaction(engine: Engine, mode: BeginMode) -> Iterator[Connection]:
         conn.execution_options(**{BEGIN_MODE_OPTION: mode})
         with conn.begin():
             yield conn
+
+
+# --- the repository's connections -------------------------------------------------------
+
+
+class _Lease:
+    """A pooled connection detached from the pool and kept by one thread between calls.
+
+    Detached, it does not count against the pool's size, so any number of threads can
+    hold one. It is closed when its thread ends (the thread-local holding it is cleared),
+    when the engine is disposed of, or never, in a forked child: a SQLite connection must
+    not be used or closed across `fork`, so a child opens its own.
+    """
+
+    __slots__ = ("__weakref__", "_proxy", "driver", "pid", "pool")
+
+    def __init__(self, engine: Engine) -> None:
+        self.pool = engine.pool
+        self.pid = os.getpid()
+        self._proxy: PoolProxiedConnection | None = engine.raw_connection()
+        try:
+            driver = self._proxy.driver_connection  # gone from the proxy once detached
+            assert isinstance(driver, sqlite3.Connection)
+            self._proxy.detach()
+        except BaseException:
+            self.close()
+            raise
+        self.driver: sqlite3.Connection = driver
+
+    def close(self) -> None:
+        proxy, self._proxy = self._proxy, None
+        if proxy is not None and self.pid == os.getpid():
+            proxy.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class _Leases(threading.local):
+    lease: _Lease | None = None
+
+
+_LEASES: weakref.WeakKeyDictionary[Engine, tuple[_Leases, weakref.WeakSet[_Lease]]] = (
+    weakref.WeakKeyDictionary()
+)
+_LEASES_LOCK = threading.Lock()
+
+
+def lease(engine: Engine) -> sqlite3.Connection:
+    """This thread's driver connection to `engine`'s database, set up like every pooled
+    one (pragmas, implicit transactions off). No transaction is open on it between calls.
+
+    An in-memory database (one shared connection) is not leased: it is checked out of
+    its pool, which hands out that one connection, and used by one thread at a time.
+    """
+    entry = _LEASES.get(engine)
+    if entry is not None:
+        held = entry[0].lease
+        if held is not None and held.pool is engine.pool and held.pid == os.getpid():
+            return held.driver
+    return _new_lease(engine)
+
+
+def _new_lease(engine: Engine) -> sqlite3.Connection:
+    with _LEASES_LOCK:
+        entry = _LEASES.get(engine)
+        if entry is None:
+            entry = (_Leases(), weakref.WeakSet())
+            _LEASES[engine] = entry
+            event.listen(engine, "engine_disposed", _close_leases)
+    leases, every = entry
+    if leases.lease is not None:
+        leases.lease.close()  # from a disposed pool, or inherited through fork
+    held = _Lease(engine)
+    leases.lease = held
+    with _LEASES_LOCK:
+        every.add(held)
+    return held.driver
+
+
+def _close_leases(engine: Engine) -> None:
+    entry = _LEASES.get(engine)
+    if entry is not None:
+        with _LEASES_LOCK:
+            held = list(entry[1])
+        for each in held:
+            each.close()
+
+
+class driver_transaction:  # noqa: N801 - used like a function: `with driver_transaction(...)`
+    """Run the block on this thread's leased driver connection, in one transaction.
+
+    `mode` is `"IMMEDIATE"` (the write lock first: every write), `"DEFERRED"` (a read
+    snapshot over several statements) or None (a single statement, which SQLite runs as
+    its own transaction). The block's driver and SQL errors become `SessionStoreError`s
+    naming `action`; any exception rolls everything back.
+    """
+
+    __slots__ = ("_action", "_begin", "_conn", "_engine", "_shared")
+
+    def __init__(self, engine: Engine, action: str, mode: BeginMode | None) -> None:
+        self._engine = engine
+        self._action = action
+        self._begin = None if mode is None else _BEGIN[mode]
+        self._shared: PoolProxiedConnection | None = None
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            if isinstance(self._engine.pool, StaticPool):
+                self._shared = self._engine.raw_connection()
+                conn = self._shared.driver_connection
+                assert isinstance(conn, sqlite3.Connection)
+            else:
+                conn = lease(self._engine)
+            self._conn = conn
+            if self._begin is not None:
+                conn.execute(self._begin)
+        except BaseException as exc:
+            self._release()
+            translated = translate(exc, self._action)
+            if translated is exc:
+                raise
+            raise translated from exc
+        return conn
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        conn = self._conn
+        try:
+            if error is None and self._begin is not None:
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    error = exc
+            if error is not None and conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    # A connection that cannot roll back is not reused: SQLite has
+                    # rolled back already if it lost the transaction, and closing it
+                    # rolls back otherwise.
+                    self._discard()
+        finally:
+            self._release()
+        if isinstance(error, sqlite3.Error):
+            raise translate(error, self._action) from error
+
+    def _discard(self) -> None:
+        if self._shared is None:
+            entry = _LEASES.get(self._engine)
+            if entry is not None and entry[0].lease is not None:
+                entry[0].lease.close()
+                entry[0].lease = None
+
+    def _release(self) -> None:
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.close()
+
+
+_BEGIN: dict[BeginMode, str] = {"IMMEDIATE": "BEGIN IMMEDIATE", "DEFERRED": "BEGIN"}

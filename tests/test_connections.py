@@ -1,0 +1,169 @@
+"""The repository's connections: one leased driver connection per thread, kept between
+calls, closed with its thread or the engine, never shared across fork; and objects built
+from rows that behave exactly like ORM-loaded ones."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, inspect
+from sqlmodel import Session as OrmSession
+
+from aisopod_session import Message, Role, Session, SessionKey, SessionNotFoundError
+from aisopod_session import SessionRepository as Repository
+from aisopod_session.transactions import lease
+from tests.dbtools import raw_connect, run_threads
+
+
+def is_closed(conn: sqlite3.Connection) -> bool:
+    try:
+        conn.execute("SELECT 1")
+    except sqlite3.ProgrammingError:
+        return True
+    return False
+
+
+def test_a_thread_reuses_its_connection_and_threads_do_not_share(
+    repo: Repository, engine: Engine, key: SessionKey
+) -> None:
+    repo.get_or_create(key)
+    mine = lease(engine)
+    repo.append_message(key, Role.USER, "hi")
+    assert lease(engine) is mine
+    theirs: list[sqlite3.Connection] = []
+    thread = threading.Thread(target=lambda: theirs.append(lease(engine)))
+    thread.start()
+    thread.join()
+    assert theirs[0] is not mine
+
+
+def test_a_connection_is_closed_when_its_thread_ends(repo: Repository, engine: Engine) -> None:
+    seen: list[sqlite3.Connection] = []
+
+    def work() -> None:
+        repo.count_sessions()
+        seen.append(lease(engine))
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    gc.collect()
+    assert is_closed(seen[0])
+
+
+def test_disposing_of_the_engine_closes_every_leased_connection(
+    repo: Repository, engine: Engine, key: SessionKey
+) -> None:
+    repo.get_or_create(key)
+    held: list[sqlite3.Connection] = [lease(engine)]
+    ready, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.append(lease(engine))
+        ready.set()
+        release.wait()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    ready.wait()
+    engine.dispose()
+    assert all(is_closed(conn) for conn in held)
+    release.set()
+    thread.join()
+    # The engine stays usable, as after any dispose: a new connection is leased.
+    assert repo.get(key) is not None
+    assert lease(engine) is not held[0]
+
+
+def test_threads_beyond_the_pool_size_each_get_a_connection(
+    repo: Repository, key: SessionKey
+) -> None:
+    """Leased connections are detached from the pool, so 40 threads (the pool allows 15)
+    never wait for one."""
+    repo.get_or_create(key)
+    barrier = threading.Barrier(40)
+
+    def work(index: int) -> None:
+        repo.append_message(key, Role.USER, f"from {index}")
+        barrier.wait(timeout=20)  # all 40 hold their connection at once
+        repo.get_history(key, limit=1)
+
+    run_threads(work, 40)
+    session = repo.get(key)
+    assert session is not None
+    assert session.message_count == 40
+
+
+def test_a_failed_call_leaves_no_transaction_open(
+    repo: Repository, engine: Engine, key: SessionKey, db_path: Path
+) -> None:
+    with pytest.raises(SessionNotFoundError):
+        repo.append_message(key, Role.USER, "nobody is there")
+    assert not lease(engine).in_transaction
+    # Another connection can take the write lock at once: nothing was left holding it.
+    other = raw_connect(db_path)
+    other.execute("PRAGMA busy_timeout = 0")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("ROLLBACK")
+    other.close()
+
+
+def test_a_forked_child_opens_its_own_connection(
+    repo: Repository, engine: Engine, key: SessionKey
+) -> None:
+    repo.get_or_create(key)
+    parents = lease(engine)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - reports through the pipe
+        status = b"ok"
+        try:
+            repo.append_message(key, Role.USER, "from the child")
+            if lease(engine) is parents:
+                status = b"the child used the parent's connection"
+        except BaseException as exc:
+            status = repr(exc).encode()
+        os.write(write_end, status)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        status = reader.read()
+    os.waitpid(pid, 0)
+    assert status == b"ok"
+    assert lease(engine) is parents
+    assert [m.content for m in repo.get_history(key)] == ["from the child"]
+
+
+def test_built_objects_behave_like_orm_loaded_ones(
+    repo: Repository, engine: Engine, key: SessionKey
+) -> None:
+    repo.get_or_create(key)
+    repo.update_metadata(key, {"lang": "pt"})
+    appended = repo.append_message(key, Role.ASSISTANT, "ok", tool_calls=[{"id": "c1"}])
+    (read,) = repo.get_history(key)
+    session = repo.get(key)
+    assert session is not None
+    with OrmSession(engine) as orm:
+        orm_session = orm.get(Session, session.id)
+        orm_message = orm.get(Message, appended.id)
+        assert orm_session is not None
+        assert orm_message is not None
+        orm.expunge_all()
+    for ours, theirs in ((session, orm_session), (appended, orm_message), (read, orm_message)):
+        assert ours.model_dump() == theirs.model_dump()
+        # One deliberate difference: every column counts as set (the ORM leaves pydantic's
+        # fields-set empty on load, so `exclude_unset` would drop every column).
+        assert ours.model_fields_set == set(type(ours).model_fields) - {"messages", "session"}
+        assert inspect(ours).key == inspect(theirs).key
+        assert inspect(ours).detached
+    # A detached object can join an ORM session and be changed through it.
+    with OrmSession(engine) as orm:
+        orm.add(read)
+        read.content = "edited through the ORM"
+        orm.commit()
+    assert [m.content for m in repo.get_history(key)] == ["edited through the ORM"]
