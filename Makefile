@@ -21,8 +21,18 @@ help: ## List the targets
 	$(PYTHON) -m venv .tools
 	.tools/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
 
+# Two stamps: `.synced` holds what test/lint/run need (the default `dev` group), and
+# `.synced-bench` adds the heavy `bench` group (the peer stores) for `make bench` only.
+# The dev sync is --inexact: it installs the locked dev versions but removes nothing, so
+# after a `make bench` the bench packages stay and are not uninstalled and reinstalled at
+# every switch between `make test` and `make bench`. The bench sync is exact (dev + bench),
+# so it is also what removes packages that the lock no longer lists; `make clean` resets.
 $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --locked --all-groups
+	$(UV) sync --locked --inexact
+	@touch $@
+
+$(VENV)/.synced-bench: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --group dev --group bench
 	@touch $@
 
 venv: $(VENV)/.synced ## Create or update the locked environment in .venv
@@ -46,8 +56,8 @@ format: venv ## Apply ruff's fixes and formatting
 run: venv ## Record a short multi-channel conversation in ./$(DB) and print it
 	$(VENV)/bin/python -m aisopod_session.demo $(DB)
 
-bench: venv ## Benchmark appends and history reads against plain sqlite3
-	$(VENV)/bin/python benchmarks/bench.py
+bench: $(VENV)/.synced-bench ## Benchmark our store against plain sqlite3 and peer stores
+	$(VENV)/bin/python -m benchmarks.bench
 
 clean: ## Remove the environment, caches and the demo database
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

@@ -1,63 +1,66 @@
-"""A first honest benchmark: appends and history reads through `SessionRepository`,
-against plain `sqlite3` doing the same work.
+"""`make bench`: our `SessionRepository` against the floor (plain `sqlite3` running the same
+SQL, see `floor.py`) and the peer stores (see `peers.py`), in one run.
 
-What is measured, one operation per timed repetition (`time.perf_counter_ns`):
+Scenarios (file databases, one process unless said):
 
-* `append`: `append_message(key, role, content, tokens=...)`, one message per write
-  transaction, N messages into one session that starts empty.
-* `history`: `get_history(key, limit=50)`, the newest 50 messages of a session that
-  holds 10 000, repeated R times.
+1. append one message per transaction, 10 000 messages;
+2. append batches of 50 messages per transaction (10 000 messages);
+3. read the newest 50 messages of a session that has 10 000;
+4. `get_or_create` of an existing key;
+5. `list_sessions` for one agent, page of 50, in a store of 100 000 sessions;
+6. growth: scenarios 3 and 4 in stores of 10^3, 10^5 and 10^6 messages;
+7. 4 processes appending to different sessions of one file at once;
+8. memory: peak RSS while appending 10^6 messages, one per transaction.
 
-Why the floor is a fair floor: it runs on a database created by `open_database`, so the
-schema and indexes are identical, and opens its own `sqlite3` connection with the same
-pragmas (`foreign_keys=ON`, `busy_timeout=5000`, `synchronous=NORMAL`, WAL) and the same
-transaction mode (`isolation_level=None`, `BEGIN IMMEDIATE` for writes, `BEGIN` for
-reads). It runs the statements our repository emits, one round trip each, and decodes
-every returned row into the same kinds of Python values our API returns (an aware
-`datetime`, decoded JSON tool calls), so only the layers in between differ: validation,
-SQLAlchemy's statement handling and connection pool, and model objects. It skips those
-layers, builds plain tuples and keeps one connection open, so it is about the least a
-Python store on sqlite3 can spend on the same work; the ratio says how much of it we keep.
-
-Run `python benchmarks/bench.py`; `AISOPOD_BENCH_SCALE=0.1` shrinks N and R for a quick
-run. Results are medians on this machine; raw numbers go to `benchmarks/results/`.
+Every operation is timed on its own (`perf_counter_ns`) after a warm-up; tables show
+medians. `AISOPOD_BENCH_SCALE=0.05 make bench` scales every count and size down for a quick
+run (sizes never below 1 000). Raw results go to `benchmarks/results/latest.json`;
+`docs/benchmarks.md` and `docs/benchmarks.png` are regenerated from them (`--no-docs` to
+keep them; `--no-peers` to measure only the floor and ours).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import gc
+import inspect
 import json
 import math
+import multiprocessing
 import os
-import platform
-import sqlite3
+import resource
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from aisopod_session import SessionKey, SessionRepository, open_database
+from aisopod_session import NewMessage, SessionKey, SessionRepository, open_database
+from aisopod_session.statements import KEY as KEY_NAMES
+from aisopod_session.statements import SELECT_SESSION, history, list_sessions
+from benchmarks import floor
+from benchmarks.report import Report, write_docs
 
-APPEND_COUNT = 2000
-HISTORY_REPEATS = 300
-HISTORY_SIZE = 10_000
-HISTORY_LIMIT = 50
-TOKENS_PER_APPEND = 12
-MIN_REPEATS = 10
 SCALE_ENV = "AISOPOD_BENCH_SCALE"
-RESULTS_PATH = Path(__file__).resolve().parent / "results" / "latest.json"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_PATH = ROOT / "benchmarks" / "results" / "latest.json"
 
 KEY = SessionKey("bench", "cli", "local", "dm", "user-1")
+KEY_PARAMS = KEY.parts()
+PEER_SESSION = "bench-user-1"
+TOKENS = 12
+BATCH = 50
+LIMIT = 50
+PROCESSES = 4
 
-# A realistic mix, so both sides encode and decode JSON tool calls as well as plain text.
-MessageSpec = tuple[str, str, list[Any] | None]
-CONVERSATION: tuple[MessageSpec, ...] = (
+# A realistic mix, so every contender encodes and decodes JSON tool calls as well as text.
+CONVERSATION: tuple[floor.MessageSpec, ...] = (
     ("user", "What is the weather in Lisbon tomorrow? " * 4, None),
     (
         "assistant",
@@ -68,29 +71,12 @@ CONVERSATION: tuple[MessageSpec, ...] = (
     ("assistant", "Tomorrow in Lisbon: sunny, 15 to 24 °C. " * 3, None),
 )
 
-# The statements `SessionRepository` emits (see `echo=True`), written by hand.
-UPDATE_SESSION = (
-    "UPDATE sessions SET message_count = message_count + ?, token_usage = token_usage + ?, "
-    "updated_at = ?, status = 'active' WHERE agent_id = ? AND channel = ? AND account_id = ? "
-    "AND peer_kind = ? AND peer_id = ? RETURNING id"
-)
-INSERT_MESSAGE = (
-    "INSERT INTO messages (session_id, role, content, tool_calls, created_at) "
-    "VALUES (?, ?, ?, ?, ?)"
-)
-INSERT_MESSAGE_RETURNING = (
-    INSERT_MESSAGE + " RETURNING id, session_id, role, content, tool_calls, created_at"
-)
-SELECT_SESSION_ID = (
-    "SELECT id FROM sessions WHERE agent_id = ? AND channel = ? AND account_id = ? "
-    "AND peer_kind = ? AND peer_id = ?"
-)
-SELECT_NEWEST = (
-    "SELECT id, session_id, role, content, tool_calls, created_at FROM messages "
-    "WHERE session_id = ? ORDER BY id DESC LIMIT ?"
-)
 
-MessageRow = tuple[int, int, str, str, list[Any] | None, datetime]
+def spec(i: int) -> floor.MessageSpec:
+    return CONVERSATION[i % len(CONVERSATION)]
+
+
+# --- measuring ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -101,129 +87,75 @@ class Stats:
     median_us: float
     p90_us: float
 
-    @property
-    def ops_per_s(self) -> float:
-        return 1_000_000 / self.median_us
-
     def as_json(self) -> dict[str, float]:
         return {
             "count": self.count,
             "median_us": round(self.median_us, 3),
             "p90_us": round(self.p90_us, 3),
-            "ops_per_s": round(self.ops_per_s, 1),
         }
 
 
-@dataclass(frozen=True)
-class Result:
-    """One scenario: the floor against our repository."""
-
-    scenario: str
-    floor: Stats
-    ours: Stats
-
-    @property
-    def throughput_ratio(self) -> float:
-        return self.floor.median_us / self.ours.median_us
-
-
-# --- the floor: plain sqlite3 ---------------------------------------------------------
-
-
-def connect_floor(path: Path) -> sqlite3.Connection:
-    """A connection set up as `open_database` sets up each of its pooled connections."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA busy_timeout = 5000")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise RuntimeError(f"{path}: expected WAL mode, found {mode!r}")
-    return conn
-
-
-@contextmanager
-def floor_transaction(conn: sqlite3.Connection, begin: str) -> Iterator[sqlite3.Connection]:
-    conn.execute(begin)
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-def encode_json(value: list[Any] | None) -> str | None:
-    # The same compact form our JSON column writes, so both sides store the same bytes.
-    if value is None:
-        return None
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def decode_message(row: tuple[Any, ...]) -> MessageRow:
-    message_id, session_id, role, content, tool_calls, created_at = row
-    return (
-        message_id,
-        session_id,
-        role,
-        content,
-        None if tool_calls is None else json.loads(tool_calls),
-        datetime.fromisoformat(created_at),
+def _stats(samples: Sequence[int]) -> Stats:
+    micros = [sample / 1000 for sample in samples]
+    return Stats(
+        count=len(micros),
+        median_us=statistics.median(micros),
+        p90_us=statistics.quantiles(micros, n=10, method="inclusive")[-1],
     )
 
 
-def floor_append(
-    conn: sqlite3.Connection, role: str, content: str, tool_calls: list[Any] | None
-) -> MessageRow:
-    now = datetime.now(UTC).isoformat(timespec="microseconds")
-    with floor_transaction(conn, "BEGIN IMMEDIATE"):
-        found = conn.execute(UPDATE_SESSION, (1, TOKENS_PER_APPEND, now, *KEY.parts())).fetchone()
-        if found is None:
-            raise LookupError(f"no session for key {KEY}")
-        row = conn.execute(
-            INSERT_MESSAGE_RETURNING, (found[0], role, content, encode_json(tool_calls), now)
-        ).fetchone()
-    return decode_message(row)
-
-
-def floor_history(conn: sqlite3.Connection) -> list[MessageRow]:
-    with floor_transaction(conn, "BEGIN"):
-        found = conn.execute(SELECT_SESSION_ID, KEY.parts()).fetchone()
-        if found is None:
-            raise LookupError(f"no session for key {KEY}")
-        rows = conn.execute(SELECT_NEWEST, (found[0], HISTORY_LIMIT)).fetchall()
-    messages = [decode_message(row) for row in rows]
-    messages.reverse()
-    return messages
-
-
-# --- measuring ------------------------------------------------------------------------
-
-
-def measure(operation: Callable[[int], object], count: int, warmup: int) -> Stats:
-    """Time `count` calls of `operation(i)` one by one, after `warmup` untimed calls that
-    fill statement caches and the pool, so that first-call costs do not skew the tail."""
-    for i in range(warmup):
+def measure(operation: Callable[[int], Any], count: int, warmup: int | None = None) -> Stats:
+    """Time `count` calls of `operation(i)` one by one, after untimed warm-up calls (which
+    fill statement caches and leases). An operation that returns an awaitable (a peer's
+    async API) is awaited inside one event loop, each await timed."""
+    warmup = max(3, count // 20) if warmup is None else warmup
+    first = operation(0)
+    if inspect.isawaitable(first):
+        return asyncio.run(_measure_async(operation, first, count, warmup))
+    for i in range(1, warmup):
         operation(i)
-    # Collect now so that garbage from setup is not charged to the timed calls.
     gc.collect()
     samples: list[int] = []
     for i in range(warmup, warmup + count):
         start = time.perf_counter_ns()
         operation(i)
         samples.append(time.perf_counter_ns() - start)
-    micros = [sample / 1000 for sample in samples]
-    return Stats(
-        count=count,
-        median_us=statistics.median(micros),
-        p90_us=statistics.quantiles(micros, n=10, method="inclusive")[-1],
-    )
+    return _stats(samples)
+
+
+async def _measure_async(
+    operation: Callable[[int], Any], first: Any, count: int, warmup: int
+) -> Stats:
+    await first
+    for i in range(1, warmup):
+        await operation(i)
+    gc.collect()
+    samples: list[int] = []
+    for i in range(warmup, warmup + count):
+        start = time.perf_counter_ns()
+        await operation(i)
+        samples.append(time.perf_counter_ns() - start)
+    return _stats(samples)
+
+
+def run(result: Any) -> Any:
+    """The value of a peer call, awaiting it if it is awaitable (set-up steps)."""
+    if inspect.isawaitable(result):
+
+        async def wait() -> Any:
+            return await result
+
+        return asyncio.run(wait())
+    return result
+
+
+# --- stores -----------------------------------------------------------------------------
 
 
 @contextmanager
-def fresh_database(folder: Path, name: str) -> Iterator[tuple[Path, SessionRepository]]:
-    """A new store holding one empty session for `KEY`, created through our API so that
-    both contenders see the schema, pragmas and WAL mode of a real store."""
+def store(folder: Path, name: str) -> Iterator[tuple[Path, SessionRepository]]:
+    """A new store holding the empty session `KEY`, created through our API, so that
+    every contender on it sees the schema, pragmas and WAL mode of a real store."""
     path = folder / f"{name}.db"
     engine = open_database(path)
     try:
@@ -234,98 +166,383 @@ def fresh_database(folder: Path, name: str) -> Iterator[tuple[Path, SessionRepos
         engine.dispose()
 
 
-def spec(i: int) -> MessageSpec:
-    return CONVERSATION[i % len(CONVERSATION)]
+def fill_messages(path: Path, sessions: int, per_session: int) -> None:
+    """Plain-SQL set-up (not measured): `sessions` sessions (the last one is `KEY`) of
+    `per_session` messages each, counters kept true to the rows."""
+    start = datetime.now(UTC) - timedelta(days=30)
+    conn = floor.connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for number in range(sessions):
+            parts = KEY.parts() if number == sessions - 1 else (*KEY.parts()[:4], f"u{number}")
+            stamp = (start + timedelta(seconds=number)).isoformat(timespec="microseconds")
+            conn.execute(
+                "INSERT OR IGNORE INTO sessions (agent_id, channel, account_id, peer_kind, "
+                "peer_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (*parts, stamp, stamp),
+            )
+            (session_id,) = conn.execute(
+                "SELECT id FROM sessions WHERE agent_id = ? AND channel = ? AND account_id = ? "
+                "AND peer_kind = ? AND peer_id = ?",
+                parts,
+            ).fetchone()
+            conn.executemany(
+                "INSERT INTO messages (session_id, role, content, tool_calls, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (
+                    (session_id, role, content, floor._json(calls), stamp)
+                    for role, content, calls in map(spec, range(per_session))
+                ),
+            )
+            conn.execute(
+                "UPDATE sessions SET message_count = message_count + ? WHERE id = ?",
+                (per_session, session_id),
+            )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
 
 
-def bench_append(folder: Path, count: int) -> Result:
-    warmup = max(1, count // 20)
+def fill_sessions(path: Path, sessions: int, agents: int) -> None:
+    """Plain-SQL set-up: `sessions` empty sessions spread over `agents` agents."""
+    start = datetime.now(UTC) - timedelta(days=30)
+    conn = floor.connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT INTO sessions (agent_id, channel, account_id, peer_kind, peer_id, "
+            "created_at, updated_at) VALUES (?, 'telegram', 'bot', 'dm', ?, ?, ?)",
+            (
+                (
+                    f"agent-{number % agents}",
+                    f"peer-{number}",
+                    stamp := (start + timedelta(seconds=number)).isoformat(timespec="microseconds"),
+                    stamp,
+                )
+                for number in range(sessions)
+            ),
+        )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
 
-    # Each contender appends to its own empty store, so neither pays for the other's rows.
-    with fresh_database(folder, "append-floor") as (path, _):
-        conn = connect_floor(path)
+
+# --- scenarios --------------------------------------------------------------------------
+
+
+@dataclass
+class Scenario:
+    """One scenario's results: contender name to stats, or to why it has none."""
+
+    number: int
+    title: str
+    stats: dict[str, Stats] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, folder: Path, scale: float, peers: list[Any]) -> None:
+        self.folder = folder
+        self.scale = scale
+        self.peers = peers
+        self.journal_modes: dict[str, str] = {}
+
+    def count(self, base: int, minimum: int = 30) -> int:
+        return max(minimum, round(base * self.scale))
+
+    def size(self, base: int) -> int:
+        return max(1000, round(base * self.scale))
+
+    # each peer on its own fresh file, with a session to work on
+    @contextmanager
+    def peer_store(self, peer: Any, name: str) -> Iterator[None]:
+        path = self.folder / f"{name}-{len(os.listdir(self.folder))}.db"
+        peer.open(path)
         try:
-            floor = measure(lambda i: floor_append(conn, *spec(i)), count, warmup)
-            check_floor_appended(conn, count + warmup)
+            self.journal_modes[peer.name] = peer.journal_mode()
+            run(peer.create_session(PEER_SESSION))
+            yield
         finally:
+            peer.close()
+
+    def on_peers(self, scenario: Scenario, measure_peer: Callable[[Any], Stats]) -> None:
+        from benchmarks.peers import NotSupported
+
+        for peer in self.peers:
+            try:
+                scenario.stats[peer.name] = measure_peer(peer)
+            except NotSupported as exc:
+                scenario.missing[peer.name] = str(exc) or "not in its public API"
+
+    def append_one(self) -> Scenario:
+        scenario = Scenario(1, "append one message per transaction")
+        count = self.count(10_000)
+        with store(self.folder, "s1-floor") as (path, _):
+            conn = floor.connect(path)
+            scenario.stats["floor"] = measure(
+                lambda i: floor.append(conn, KEY_PARAMS, [spec(i)], TOKENS), count
+            )
             conn.close()
+        with store(self.folder, "s1-ours") as (_, repository):
 
-    with fresh_database(folder, "append-ours") as (_, repository):
+            def ours(i: int) -> object:
+                role, content, calls = spec(i)
+                return repository.append_message(
+                    KEY, role, content, tool_calls=calls, tokens=TOKENS
+                )
 
-        def append(i: int) -> object:
-            role, content, tool_calls = spec(i)
-            return repository.append_message(
-                KEY, role, content, tool_calls=tool_calls, tokens=TOKENS_PER_APPEND
+            scenario.stats["ours"] = measure(ours, count)
+            check_counter(repository, count + max(3, count // 20))
+
+        def peer_append(peer: Any) -> Stats:
+            with self.peer_store(peer, "s1"):
+                return measure(lambda i: peer.append_one(PEER_SESSION, *spec(i)[:2]), count)
+
+        self.on_peers(scenario, peer_append)
+        return scenario
+
+    def append_batch(self) -> Scenario:
+        scenario = Scenario(2, f"append batches of {BATCH} messages per transaction")
+        count = self.count(200, minimum=20)
+        batches = [[spec(i * BATCH + j) for j in range(BATCH)] for i in range(4)]
+        with store(self.folder, "s2-floor") as (path, _):
+            conn = floor.connect(path)
+            scenario.stats["floor"] = measure(
+                lambda i: floor.append(conn, KEY_PARAMS, batches[i % 4], TOKENS), count
+            )
+            conn.close()
+        with store(self.folder, "s2-ours") as (_, repository):
+
+            def ours(i: int) -> object:
+                messages = [NewMessage(*message) for message in batches[i % 4]]
+                return repository.append_messages(KEY, messages, tokens=TOKENS)
+
+            scenario.stats["ours"] = measure(ours, count)
+
+        def peer_batch(peer: Any) -> Stats:
+            pairs = [[(role, content) for role, content, _ in batch] for batch in batches]
+            with self.peer_store(peer, "s2"):
+                return measure(lambda i: peer.append_batch(PEER_SESSION, pairs[i % 4]), count)
+
+        self.on_peers(scenario, peer_batch)
+        return scenario
+
+    def read_newest(self) -> Scenario:
+        size = self.size(10_000)
+        scenario = Scenario(3, f"read the newest {LIMIT} of {size:,} messages")
+        count = self.count(1000)
+        with store(self.folder, "s3") as (path, repository):
+            fill_messages(path, 1, size)
+            conn = floor.connect(path)
+            check_same_history(floor.read_newest(conn, KEY_PARAMS, LIMIT), repository)
+            scenario.stats["floor"] = measure(
+                lambda _: floor.read_newest(conn, KEY_PARAMS, LIMIT), count
+            )
+            conn.close()
+            scenario.stats["ours"] = measure(
+                lambda _: repository.get_history(KEY, limit=LIMIT), count
             )
 
-        ours = measure(append, count, warmup)
-        check_appended(repository, count + warmup)
-    return Result("append", floor, ours)
+        def peer_read(peer: Any) -> Stats:
+            with self.peer_store(peer, "s3"):
+                fill_peer(peer, size)
+                return measure(lambda _: peer.read_newest(PEER_SESSION, LIMIT), count)
+
+        self.on_peers(scenario, peer_read)
+        return scenario
+
+    def get_existing(self) -> Scenario:
+        scenario = Scenario(4, "get_or_create of an existing key")
+        count = self.count(5000)
+        with store(self.folder, "s4") as (path, repository):
+            fill_messages(path, 100, 10)
+            conn = floor.connect(path)
+            scenario.stats["floor"] = measure(lambda _: floor.get_session(conn, KEY_PARAMS), count)
+            conn.close()
+            scenario.stats["ours"] = measure(lambda _: repository.get_or_create(KEY), count)
+
+        def peer_get(peer: Any) -> Stats:
+            with self.peer_store(peer, "s4"):
+                return measure(lambda _: peer.get_or_create(PEER_SESSION), count)
+
+        self.on_peers(scenario, peer_get)
+        return scenario
+
+    def list_page(self) -> Scenario:
+        sessions = self.size(100_000)
+        agents = 10
+        scenario = Scenario(
+            5, f"list_sessions of one agent, page of {LIMIT}, {sessions:,} sessions"
+        )
+        count = self.count(300)
+        with store(self.folder, "s5") as (path, repository):
+            fill_sessions(path, sessions, agents)
+            conn = floor.connect(path)
+            scenario.stats["floor"] = measure(
+                lambda _: floor.list_for_agent(conn, "agent-3", LIMIT), count
+            )
+            conn.close()
+            scenario.stats["ours"] = measure(
+                lambda _: repository.list_sessions({"agent_id": "agent-3"}, limit=LIMIT), count
+            )
+        peer_sessions = min(sessions, self.size(2000))
+
+        def peer_list(peer: Any) -> Stats:
+            with self.peer_store(peer, "s5"):
+                for number in range(peer_sessions):
+                    run(peer.create_session(f"peer-{number}"))
+                return measure(lambda _: peer.list_sessions(LIMIT), count)
+
+        self.on_peers(scenario, peer_list)
+        if self.peers:
+            scenario.title += f" (peers: {peer_sessions:,} sessions)"
+        return scenario
+
+    def growth(self) -> list[Scenario]:
+        """Scenarios 3 and 4 as the store grows; sessions of 1 000 messages each."""
+        sizes = [1000, self.size(100_000), self.size(1_000_000)]
+        return [self.grown(size, self.count(1000)) for size in sizes]
+
+    def grown(self, size: int, count: int) -> Scenario:
+        scenario = Scenario(6, f"{size:,} messages")
+        with store(self.folder, f"s6-{size}") as (path, repository):
+            fill_messages(path, max(1, size // 1000), min(size, 1000))
+            conn = floor.connect(path)
+            scenario.stats["floor: read newest 50"] = measure(
+                lambda _: floor.read_newest(conn, KEY_PARAMS, LIMIT), count
+            )
+            scenario.stats["floor: get_or_create"] = measure(
+                lambda _: floor.get_session(conn, KEY_PARAMS), count
+            )
+            conn.close()
+            scenario.stats["ours: read newest 50"] = measure(
+                lambda _: repository.get_history(KEY, limit=LIMIT), count
+            )
+            scenario.stats["ours: get_or_create"] = measure(
+                lambda _: repository.get_or_create(KEY), count
+            )
+        return scenario
+
+    def processes(self) -> Scenario:
+        per_process = self.count(2500)
+        scenario = Scenario(
+            7, f"{PROCESSES} processes appending to their own sessions, one file (aggregate)"
+        )
+        for contender in ("floor", "ours"):
+            with store(self.folder, f"s7-{contender}") as (path, repository):
+                for number in range(PROCESSES):
+                    repository.get_or_create(process_key(number))
+            scenario.stats[contender] = parallel_appends(path, contender, per_process)
+        return scenario
+
+    def memory(self) -> dict[str, Any]:
+        """Scenario 8 in a child process, so that its peak RSS is its own."""
+        count = max(10_000, round(1_000_000 * self.scale))
+        path = self.folder / "s8.db"
+        command = f"{sys.executable} -m benchmarks.bench --memory {count} {path}"
+        with os.popen(f"cd {ROOT} && {command}") as child:
+            output = child.read()
+        return dict(json.loads(output.strip().splitlines()[-1]))
 
 
-def check_floor_appended(conn: sqlite3.Connection, expected: int) -> None:
-    found = conn.execute(
-        "SELECT message_count, (SELECT count(*) FROM messages) FROM sessions"
-    ).fetchall()
-    if found != [(expected, expected)]:
-        raise RuntimeError(f"append floor: expected {expected} messages, found {found!r}")
+def fill_peer(peer: Any, size: int) -> None:
+    from benchmarks.peers import NotSupported
+
+    try:
+        for start in range(0, size, 500):
+            batch = [spec(i)[:2] for i in range(start, min(size, start + 500))]
+            run(peer.append_batch(PEER_SESSION, batch))
+    except NotSupported:
+        for i in range(size):
+            run(peer.append_one(PEER_SESSION, *spec(i)[:2]))
 
 
-def check_appended(repository: SessionRepository, expected: int) -> None:
+def check_counter(repository: SessionRepository, expected: int) -> None:
     session = repository.get(KEY)
     if session is None or session.message_count != expected:
         raise RuntimeError(f"append: expected {expected} messages, found {session!r}")
 
 
-def fill_history(path: Path, size: int) -> None:
-    """Insert `size` messages in one transaction; setup, not measured, so it may be fast."""
-    start = datetime.now(UTC) - timedelta(days=1)
-    rows = [
-        (
-            role,
-            content,
-            encode_json(tool_calls),
-            (start + timedelta(milliseconds=i)).isoformat(timespec="microseconds"),
-        )
-        for i, (role, content, tool_calls) in enumerate(map(spec, range(size)))
-    ]
-    conn = connect_floor(path)
-    try:
-        with floor_transaction(conn, "BEGIN IMMEDIATE"):
-            (session_id,) = conn.execute(SELECT_SESSION_ID, KEY.parts()).fetchone()
-            conn.executemany(INSERT_MESSAGE, [(session_id, *row) for row in rows])
-            # Keep the session's counter true to its rows, as appends would have.
-            conn.execute("UPDATE sessions SET message_count = ? WHERE id = ?", (size, session_id))
-    finally:
-        conn.close()
-
-
-def bench_history(folder: Path, repeats: int) -> Result:
-    warmup = max(1, repeats // 20)
-
-    # Reads change nothing, so both contenders read the same store and must agree.
-    with fresh_database(folder, "history") as (path, repository):
-        fill_history(path, HISTORY_SIZE)
-        conn = connect_floor(path)
-        try:
-            check_same_history(floor_history(conn), repository)
-            floor = measure(lambda _: floor_history(conn), repeats, warmup)
-        finally:
-            conn.close()
-        ours = measure(lambda _: repository.get_history(KEY, limit=HISTORY_LIMIT), repeats, warmup)
-    return Result("history", floor, ours)
-
-
-def check_same_history(floor: list[MessageRow], repository: SessionRepository) -> None:
+def check_same_history(rows: list[tuple[Any, ...]], repository: SessionRepository) -> None:
     ours = [
         (m.id, m.session_id, m.role.value, m.content, m.tool_calls, m.created_at)
-        for m in repository.get_history(KEY, limit=HISTORY_LIMIT)
+        for m in repository.get_history(KEY, limit=LIMIT)
     ]
-    if len(floor) != HISTORY_LIMIT or floor != ours:
+    if len(rows) != LIMIT or rows != ours:
         raise RuntimeError("history: the floor and our repository read different messages")
 
 
-# --- reporting ------------------------------------------------------------------------
+def process_key(number: int) -> SessionKey:
+    return SessionKey("bench", "cli", "local", "dm", f"process-{number}")
+
+
+def _append_in_process(
+    path: Path, contender: str, number: int, count: int, start: Any, out: Any
+) -> None:
+    key = process_key(number)
+    if contender == "floor":
+        conn = floor.connect(path)
+        params = key.parts()
+
+        def append(i: int) -> object:
+            return floor.append(conn, params, [spec(i)], TOKENS)
+
+    else:
+        engine = open_database(path)
+        repository = SessionRepository(engine)
+
+        def append(i: int) -> object:
+            role, content, calls = spec(i)
+            return repository.append_message(key, role, content, tool_calls=calls, tokens=TOKENS)
+
+    append(0)
+    start.wait()
+    began = time.perf_counter_ns()
+    for i in range(count):
+        append(i)
+    out.put((began, time.perf_counter_ns()))
+
+
+def parallel_appends(path: Path, contender: str, per_process: int) -> Stats:
+    """Aggregate throughput of PROCESSES writers, as microseconds per append overall."""
+    context = multiprocessing.get_context("fork")
+    start, out = context.Barrier(PROCESSES), context.Queue()
+    workers = [
+        context.Process(
+            target=_append_in_process, args=(path, contender, n, per_process, start, out)
+        )
+        for n in range(PROCESSES)
+    ]
+    for worker in workers:
+        worker.start()
+    spans = [out.get(timeout=600) for _ in workers]
+    for worker in workers:
+        worker.join()
+    wall = max(end for _, end in spans) - min(began for began, _ in spans)
+    per_append = wall / 1000 / (PROCESSES * per_process)
+    return Stats(count=PROCESSES * per_process, median_us=per_append, p90_us=math.nan)
+
+
+def memory_child(count: int, path: Path) -> None:
+    """Append `count` messages one per transaction, sampling peak RSS ten times."""
+    engine = open_database(path)
+    repository = SessionRepository(engine)
+    repository.get_or_create(KEY)
+    samples = []
+    step = count // 10
+    began = time.perf_counter()
+    for i in range(count):
+        role, content, calls = spec(i)
+        repository.append_message(KEY, role, content, tool_calls=calls, tokens=TOKENS)
+        if (i + 1) % step == 0:
+            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            samples.append({"appended": i + 1, "peak_rss_mib": round(peak_kib / 1024, 1)})
+    seconds = time.perf_counter() - began
+    engine.dispose()
+    print(json.dumps({"count": count, "seconds": round(seconds, 1), "samples": samples}))
+
+
+# --- main -------------------------------------------------------------------------------
 
 
 def read_scale() -> float:
@@ -339,79 +556,96 @@ def read_scale() -> float:
     return scale
 
 
-def scaled(count: int, scale: float) -> int:
-    # Enough samples for a median and a p90 to mean something even at tiny scales.
-    return max(MIN_REPEATS, round(count * scale))
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "python_implementation": platform.python_implementation(),
-        "sqlite": sqlite3.sqlite_version,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "packages": {
-            name: metadata.version(name)
-            for name in ("aisopod-session", "sqlalchemy", "sqlmodel", "pydantic")
-        },
+def query_plans(folder: Path) -> dict[str, list[str]]:
+    """`EXPLAIN QUERY PLAN` of each hot query, on a store with the schema's indexes."""
+    queries = {
+        "get_or_create / get (by key)": SELECT_SESSION,
+        "get_history(limit=50)": history(newest_first=True, limit=True, after=False, before=False),
+        "get_history(after_id=...)": history(
+            newest_first=False, limit=False, after=True, before=False
+        ),
+        "list_sessions(agent_id=...)": list_sessions(("agent_id",), count=False),
     }
-
-
-def format_table(results: list[Result]) -> str:
-    header = (
-        f"{'scenario':<10}{'floor µs/op':>13}{'ours µs/op':>13}"
-        f"{'floor ops/s':>13}{'ours ops/s':>13}{'ours/floor throughput':>24}"
-    )
-    lines = [header]
-    for r in results:
-        lines.append(
-            f"{r.scenario:<10}{r.floor.median_us:>13.1f}{r.ours.median_us:>13.1f}"
-            f"{r.floor.ops_per_s:>13,.0f}{r.ours.ops_per_s:>13,.0f}"
-            f"{r.throughput_ratio:>23.2f}\N{MULTIPLICATION SIGN}"
-        )
-    return "\n".join(lines)
-
-
-def write_results(results: list[Result], scale: float) -> None:
-    report = {
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "scale": scale,
-        "settings": {
-            "history_size": HISTORY_SIZE,
-            "history_limit": HISTORY_LIMIT,
-            "tokens_per_append": TOKENS_PER_APPEND,
-        },
-        "scenarios": {
-            r.scenario: {
-                "floor": r.floor.as_json(),
-                "ours": r.ours.as_json(),
-                "ours_over_floor_throughput": round(r.throughput_ratio, 4),
-            }
-            for r in results
-        },
-    }
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    with store(folder, "plans") as (path, _):
+        conn = floor.connect(path)
+        values = {
+            **dict(zip(KEY_NAMES, KEY.parts(), strict=True)),
+            "limit": 50,
+            "offset": 0,
+            "after_id": 0,
+            "agent_id": "bench",
+        }
+        plans = {
+            name: [
+                row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql.text}", sql.bind(values))
+            ]
+            for name, sql in queries.items()
+        }
+        conn.close()
+    return plans
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-peers", action="store_true", help="measure floor and ours only")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/")
+    parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="JSON output")
+    parser.add_argument(
+        "--only", help="comma-separated scenario numbers, for a partial run (no report)"
+    )
+    parser.add_argument("--memory", nargs=2, metavar=("COUNT", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory:
+        memory_child(int(args.memory[0]), Path(args.memory[1]))
+        return
+
     scale = read_scale()
+    peers: list[Any] = []
+    if not args.no_peers:
+        from benchmarks.peers import available_peers
+
+        peers = available_peers()
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="aisopod-bench-") as tmp:
         folder = Path(tmp)
-        results = [
-            bench_append(folder, scaled(APPEND_COUNT, scale)),
-            bench_history(folder, scaled(HISTORY_REPEATS, scale)),
+        bench = Bench(folder, scale, peers)
+        steps: list[tuple[str, Callable[[], Any]]] = [
+            ("1", bench.append_one),
+            ("2", bench.append_batch),
+            ("3", bench.read_newest),
+            ("4", bench.get_existing),
+            ("5", bench.list_page),
+            ("6", bench.growth),
+            ("7", bench.processes),
+            ("8", bench.memory),
         ]
-    write_results(results, scale)
-    print(format_table(results))
-    print(
-        f"Medians on this machine (scale {scale:g}); targets come in a later issue. "
-        f"Raw results: {RESULTS_PATH}"
+        outcomes: dict[str, Any] = {}
+        for number, step in steps:
+            if args.only and number not in args.only.split(","):
+                continue
+            print(f"scenario {number} ...", file=sys.stderr, flush=True)
+            outcomes[number] = step()
+        if args.only:
+            for number, outcome in outcomes.items():
+                print(number, outcome)
+            return
+        plans = query_plans(folder)
+    report = Report(
+        scale=scale,
+        scenarios=[outcomes[n] for n in "12345"],
+        growth=outcomes["6"],
+        processes=outcomes["7"],
+        memory=outcomes["8"],
+        plans=plans,
+        journal_modes=bench.journal_modes,
+        seconds=time.perf_counter() - began,
     )
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(report.as_json(), indent=2, ensure_ascii=False) + "\n")
+    print(report.text())
+    if not args.no_docs:
+        write_docs(report, ROOT / "docs")
+    print(f"Raw results: {args.results}")
 
 
 if __name__ == "__main__":

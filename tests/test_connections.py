@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import sqlite3
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, inspect
+from sqlalchemy.exc import InvalidRequestError
 from sqlmodel import Session as OrmSession
 
 from aisopod_session import Message, Role, Session, SessionKey, SessionNotFoundError
 from aisopod_session import SessionRepository as Repository
 from aisopod_session.transactions import lease
 from tests.dbtools import raw_connect, run_threads
+
+T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
 
 def is_closed(conn: sqlite3.Connection) -> bool:
@@ -167,3 +172,45 @@ def test_built_objects_behave_like_orm_loaded_ones(
         read.content = "edited through the ORM"
         orm.commit()
     assert [m.content for m in repo.get_history(key)] == ["edited through the ORM"]
+
+
+def test_built_objects_get_their_orm_state_when_first_asked(
+    repo: Repository, engine: Engine, key: SessionKey
+) -> None:
+    repo.get_or_create(key)
+    message = repo.append_message(key, Role.USER, "hi")
+    assert "_sa_instance_state" not in message.__dict__  # none made for a plain read
+    state = inspect(message)
+    assert state.detached
+    assert state.key == (Message, (message.id,), None)
+    assert inspect(message) is state  # made once, then kept
+    with pytest.raises(InvalidRequestError, match="lazy='raise'"):
+        _ = message.session
+    # Copies and pickles of a built object behave like the original.
+    for copy in (message.model_copy(), pickle.loads(pickle.dumps(message))):
+        assert copy.model_dump() == message.model_dump()
+        assert inspect(copy).key == state.key
+    # merge() into an ORM session finds the row by the identity key.
+    fresh = repo.get_history(key)[0]
+    with OrmSession(engine) as orm:
+        merged = orm.merge(fresh)
+        assert merged.content == "hi"
+        assert inspect(merged).persistent
+
+
+def test_models_made_the_usual_ways_keep_their_usual_state(
+    engine: Engine, repo: Repository, key: SessionKey
+) -> None:
+    session = repo.get_or_create(key)
+    made = Message(session_id=session.id, role=Role.USER, content="by hand", created_at=T0)
+    validated = Message.model_validate(
+        {"session_id": session.id, "role": "user", "content": "validated", "created_at": T0}
+    )
+    for obj in (made, validated):
+        assert inspect(obj).transient
+    with OrmSession(engine) as orm:
+        orm.add(made)
+        orm.add(validated)
+        orm.commit()
+        assert made.id is not None
+    assert [m.content for m in repo.get_history(key)] == ["by hand", "validated"]

@@ -49,6 +49,7 @@ BAD_CALLS: dict[str, tuple[str, Call]] = {
     # messages
     "unknown role": ("role", lambda r, k: r.append_message(k, "narrator", "x")),
     "role not text": ("role", lambda r, k: r.append_message(k, 3, "x")),  # type: ignore[arg-type]
+    "role unhashable": ("role", lambda r, k: r.append_message(k, ["user"], "x")),  # type: ignore[arg-type]
     "content not text": ("content", lambda r, k: r.append_message(k, "user", b"x")),  # type: ignore[arg-type]
     "content None": ("content", lambda r, k: r.append_message(k, "user", None)),  # type: ignore[arg-type]
     "lone surrogate": ("content", lambda r, k: r.append_message(k, "user", "a\udc80b")),

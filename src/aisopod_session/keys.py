@@ -56,6 +56,9 @@ def parse_enum(enum_type: type[E], value: Any) -> E:
     if isinstance(value, enum_type):
         return value
     if isinstance(value, str):
+        member = enum_type._value2member_map_.get(value)  # the common case: an exact value
+        if member is not None:
+            return member  # type: ignore[return-value]
         try:
             return enum_type(value.strip().lower())
         except ValueError:

@@ -44,6 +44,8 @@ def parse_utc_text(value: str) -> datetime:
     offset is UTC, which is what SQLite's date functions produce.
     """
     parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is UTC:  # our own form: nothing to convert
+        return parsed
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)
@@ -146,6 +148,10 @@ def check_json(field: str, value: Any) -> Any:
     without lone surrogates, integers that fit in 64 signed bits, finite floats, booleans
     and None, nested at most `MAX_JSON_DEPTH` deep.
     """
+    if _plainly_valid(value, 1):
+        return value
+    # Something is wrong, or of a subclass the quick walk does not judge: walk again,
+    # keeping the path of every value, to accept it or to say exactly where it fails.
     stack: list[tuple[Any, int, str]] = [(value, 1, field)]
     while stack:
         item, depth, path = stack.pop()
@@ -175,6 +181,42 @@ def check_json(field: str, value: Any) -> Any:
         else:
             raise ValueError(f"{field}: {type(item).__name__} at {path} is not JSON-serialisable")
     return value
+
+
+def _plainly_valid(item: Any, depth: int) -> bool:
+    """True if `item` passes `check_json`, judged quickly: exact built-in types only,
+    no paths kept. False means "walk again" (it may still be valid: an `IntEnum`, a
+    `dict` subclass). Recursion stops at the depth limit, so hostile nesting cannot
+    exhaust the stack."""
+    if depth > MAX_JSON_DEPTH:
+        return False
+    kind = type(item)
+    if kind is str:
+        return item.isascii() or _encodable(item)
+    if item is None or kind is bool:
+        return True
+    if kind is int:
+        return _MIN_JSON_INT <= item <= _MAX_JSON_INT
+    if kind is float:
+        return math.isfinite(item)
+    if kind is dict:
+        for name, child in item.items():
+            if type(name) is not str or not (name.isascii() or _encodable(name)):
+                return False
+            if not _plainly_valid(child, depth + 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        return all(_plainly_valid(child, depth + 1) for child in item)
+    return False
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_encodable(field: str, value: str, path: str) -> None:
@@ -285,8 +327,27 @@ class NewMessage(BaseModel):
     tool_calls: list[Any] | None = None
 
     def __init__(self, role: Role | str, content: str, tool_calls: list[Any] | None = None) -> None:
-        """Build a message positionally or by name."""
-        super().__init__(role=role, content=content, tool_calls=tool_calls)
+        """Build a message positionally or by name; pydantic's `ValidationError` (a
+        `ValueError`) naming the field if a value is invalid.
+
+        Valid values are checked by the field validators' own functions and put in place
+        directly: pydantic's general path costs more than the checks for a model this
+        small, and a batch of 50 messages pays it 50 times. Invalid values go through
+        pydantic, which raises its usual error.
+        """
+        try:
+            values = {
+                "role": parse_enum(Role, role),
+                "content": check_content(content),
+                "tool_calls": check_tool_calls(tool_calls),
+            }
+        except ValueError:
+            super().__init__(role=role, content=content, tool_calls=tool_calls)
+            raise  # pragma: no cover - pydantic raised above, with the same checks
+        object.__setattr__(self, "__dict__", values)
+        object.__setattr__(self, "__pydantic_fields_set__", set(values))
+        object.__setattr__(self, "__pydantic_extra__", None)
+        object.__setattr__(self, "__pydantic_private__", None)
 
     @field_validator("role", mode="before")
     @classmethod

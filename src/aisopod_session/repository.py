@@ -18,9 +18,7 @@ from aisopod_session.models import (
     NewMessage,
     Session,
     SessionFilter,
-    check_content,
     check_json,
-    check_tool_calls,
     dump_json,
     utc_text,
 )
@@ -28,9 +26,8 @@ from aisopod_session.statements import (
     COUNT_APPEND,
     DELETE_SESSION,
     INSERT_SESSION,
-    KEY_PARAMETERS,
+    KEY,
     MESSAGE,
-    MESSAGE_VALUES,
     SELECT_META,
     SELECT_SESSION,
     SELECT_SESSION_BY_ID,
@@ -119,24 +116,23 @@ class SessionRepository:
         conflict do nothing, then read, under the write lock). An existing session is read
         with one statement, without taking the write lock.
         """
-        key = self._key(key)
-        params = _key_params(key)
+        parts = self._key(key).parts()
         with driver_transaction(self.engine, "get_or_create", None) as conn:
-            row = conn.execute(SELECT_SESSION, params).fetchone()
+            row = conn.execute(SELECT_SESSION.text, parts).fetchone()
         if row is not None:
             return SESSION(row)
         with driver_transaction(self.engine, "get_or_create", "IMMEDIATE") as conn:
-            params["now"] = _now_text()  # under the lock, so time order follows commit order
-            row = conn.execute(INSERT_SESSION, params).fetchone()
+            now = _now_text()  # under the lock, so time order follows commit order
+            row = conn.execute(INSERT_SESSION.text, (*parts, now, now)).fetchone()
             if row is None:  # created by another writer since the read
-                row = conn.execute(SELECT_SESSION, params).fetchone()
+                row = conn.execute(SELECT_SESSION.text, parts).fetchone()
         return SESSION(row)
 
     def get(self, key: SessionKey | str) -> Session | None:
         """The session for `key`, or None. Read-only, one statement."""
-        key = self._key(key)
+        parts = self._key(key).parts()
         with driver_transaction(self.engine, "get", None) as conn:
-            row = conn.execute(SELECT_SESSION, _key_params(key)).fetchone()
+            row = conn.execute(SELECT_SESSION.text, parts).fetchone()
         return None if row is None else SESSION(row)
 
     def get_by_id(self, id: int) -> Session | None:
@@ -144,7 +140,7 @@ class SessionRepository:
         repository is not confined to). Read-only, one statement."""
         _check_int("id", id, minimum=None)
         with driver_transaction(self.engine, "get_by_id", None) as conn:
-            row = conn.execute(SELECT_SESSION_BY_ID, {"id": id}).fetchone()
+            row = conn.execute(SELECT_SESSION_BY_ID.text, (id,)).fetchone()
         if row is None:
             return None
         session = SESSION(row)
@@ -165,8 +161,9 @@ class SessionRepository:
         _check_int("offset", offset, minimum=0)
         params["limit"] = limit
         params["offset"] = offset
+        sql = list_sessions(fields, count=False)
         with driver_transaction(self.engine, "list_sessions", None) as conn:
-            rows = conn.execute(list_sessions(fields, count=False), params).fetchall()
+            rows = conn.execute(sql.text, sql.bind(params)).fetchall()
         return [SESSION(row) for row in rows]
 
     def count_sessions(
@@ -176,8 +173,9 @@ class SessionRepository:
         """How many sessions match `filter` (and the repository's agent, if confined).
         Read-only, one statement."""
         fields, params = self._filter_params(filter)
+        sql = list_sessions(fields, count=True)
         with driver_transaction(self.engine, "count_sessions", None) as conn:
-            (count,) = conn.execute(list_sessions(fields, count=True), params).fetchone()
+            (count,) = conn.execute(sql.text, sql.bind(params)).fetchone()
         return int(count)
 
     def update_metadata(
@@ -193,15 +191,14 @@ class SessionRepository:
         if not isinstance(changes, Mapping):
             raise ValueError(f"changes: must be a mapping, not {type(changes).__name__}")
         changes = dict(check_json("changes", dict(changes)))
-        params: dict[str, Any] = _key_params(key)
+        parts = key.parts()
         with driver_transaction(self.engine, "update_metadata", "IMMEDIATE") as conn:
-            found = conn.execute(SELECT_META, params).fetchone()
+            found = conn.execute(SELECT_META.text, parts).fetchone()
             if found is None:
                 raise _not_found(key)
             current = _read_json_object(found[0])
-            params["meta"] = dump_json(changes if replace else {**current, **changes})
-            params["now"] = _now_text()
-            row = conn.execute(UPDATE_META, params).fetchone()
+            meta = dump_json(changes if replace else {**current, **changes})
+            row = conn.execute(UPDATE_META.text, (_now_text(), meta, *parts)).fetchone()
         return SESSION(row)
 
     def set_status(self, key: SessionKey | str, status: SessionStatus | str) -> Session:
@@ -212,11 +209,9 @@ class SessionRepository:
             new_status = parse_enum(SessionStatus, status)
         except ValueError as exc:
             raise ValueError(f"status: {exc}") from None
-        params: dict[str, Any] = _key_params(key)
-        params["status"] = new_status.value
+        params = (new_status.value, *key.parts())
         with driver_transaction(self.engine, "set_status", "IMMEDIATE") as conn:
-            params["now"] = _now_text()
-            row = conn.execute(UPDATE_STATUS, params).fetchone()
+            row = conn.execute(UPDATE_STATUS.text, (_now_text(), *params)).fetchone()
             if row is None:
                 raise _not_found(key)
         return SESSION(row)
@@ -227,7 +222,7 @@ class SessionRepository:
         False if there was none."""
         key = self._key(key)
         with driver_transaction(self.engine, "delete", "IMMEDIATE") as conn:
-            deleted = conn.execute(DELETE_SESSION, _key_params(key)).fetchall()
+            deleted = conn.execute(DELETE_SESSION.text, key.parts()).fetchall()
         return bool(deleted)
 
     # --- messages ---------------------------------------------------------------------
@@ -271,22 +266,11 @@ class SessionRepository:
     ) -> Message:
         """Append one message; the same guarantees as `append_messages`."""
         key = self._key(key)
-        # The checks NewMessage runs, without building one: this is the hottest call.
-        try:
-            role = Role(role) if type(role) is str and role in _ROLES else parse_enum(Role, role)
-        except ValueError as exc:
-            raise ValueError(f"role: {exc}") from None
-        try:
-            content = check_content(content)
-        except ValueError as exc:
-            raise ValueError(f"content: {exc}") from None
-        try:
-            tool_calls = check_tool_calls(tool_calls)
-        except ValueError as exc:
-            raise ValueError(f"tool_calls: {exc}") from None
+        message = NewMessage(role, content, tool_calls)
         _check_int("tokens", tokens, minimum=0)
-        stored_calls = None if tool_calls is None else dump_json(tool_calls)
-        return self._append(key, [(role, content, tool_calls, stored_calls)], tokens)[0]
+        calls = message.tool_calls
+        stored_calls = None if calls is None else dump_json(calls)
+        return self._append(key, [(message.role, message.content, calls, stored_calls)], tokens)[0]
 
     def _append(
         self,
@@ -294,28 +278,25 @@ class SessionRepository:
         rows: list[tuple[Role, str, list[Any] | None, str | None]],
         tokens: int,
     ) -> list[Message]:
-        params: dict[str, Any] = _key_params(key)
-        params["added"] = len(rows)
-        params["tokens"] = tokens
+        counters = (len(rows), tokens, *key.parts())
         with driver_transaction(self.engine, "append_messages", "IMMEDIATE") as conn:
             now = datetime.now(UTC)  # under the lock, so created_at follows id order
-            params["now"] = now_text = utc_text(now)
-            found = conn.execute(COUNT_APPEND, params).fetchone()
+            now_text = utc_text(now)
+            found = conn.execute(COUNT_APPEND.text, (now_text, *counters)).fetchone()
             if found is None:
                 raise _not_found(key)
             session_id = found[0]
             ids: list[int] = []
             for start in range(0, len(rows), _INSERT_CHUNK):
                 chunk = rows[start : start + _INSERT_CHUNK]
-                values: dict[str, Any] = {}
-                for index, (role, content, _, stored_calls) in enumerate(chunk):
-                    row_values = (session_id, role.value, content, stored_calls, now_text)
-                    for name, value in zip(MESSAGE_VALUES, row_values, strict=True):
-                        values[f"{name}_{index}"] = value
-                inserted = conn.execute(insert_messages(len(chunk)), values).fetchall()
+                values: list[Any] = []
+                for role, content, _, stored_calls in chunk:
+                    values += (session_id, role.value, content, stored_calls, now_text)
+                inserted = conn.execute(insert_messages(len(chunk)).text, values).fetchall()
                 ids.extend(sorted(row[0] for row in inserted))
+        build = MESSAGE.build
         return [
-            MESSAGE.build((message_id, session_id, role, content, tool_calls, now))
+            build((message_id, session_id, role, content, tool_calls, now))
             for message_id, (role, content, tool_calls, _) in zip(ids, rows, strict=True)
         ]
 
@@ -343,11 +324,10 @@ class SessionRepository:
             _check_int("before_id", before_id, minimum=None)
         if after_id is not None:
             _check_int("after_id", after_id, minimum=None)
-        params: dict[str, Any] = _key_params(key)
         if limit == 0:
             # The joined query returns no row at all for LIMIT 0; only existence matters.
             with driver_transaction(self.engine, "get_history", None) as conn:
-                if conn.execute(SELECT_SESSION_ID, params).fetchone() is None:
+                if conn.execute(SELECT_SESSION_ID.text, key.parts()).fetchone() is None:
                     raise _not_found(key)
             return []
         newest_first = limit is not None and after_id is None
@@ -357,12 +337,15 @@ class SessionRepository:
             after=after_id is not None,
             before=before_id is not None,
         )
-        params["limit"] = limit
-        params["offset"] = 0
-        params["after_id"] = after_id
-        params["before_id"] = before_id
+        params = {
+            **dict(zip(KEY, key.parts(), strict=True)),
+            "limit": limit,
+            "offset": 0,
+            "after_id": after_id,
+            "before_id": before_id,
+        }
         with driver_transaction(self.engine, "get_history", None) as conn:
-            rows = conn.execute(sql, params).fetchall()
+            rows = conn.execute(sql.text, sql.bind(params)).fetchall()
         if not rows:
             raise _not_found(key)
         if rows[0][1] is None:  # the session, without a message in the window
@@ -397,8 +380,6 @@ class SessionRepository:
 
 # --- helpers --------------------------------------------------------------------------
 
-_ROLES = frozenset(Role)
-
 
 def _now_text() -> str:
     return utc_text(datetime.now(UTC))
@@ -410,11 +391,6 @@ def _as_key(key: Any) -> SessionKey:
     if isinstance(key, str):
         return SessionKey.parse(key)
     raise ValueError(f"key: must be a SessionKey or its text form, not {type(key).__name__}")
-
-
-def _key_params(key: SessionKey) -> dict[str, Any]:
-    """The parameters `key_<part>` of every statement that finds a session by key."""
-    return dict(zip(KEY_PARAMETERS, key.parts(), strict=True))
 
 
 def _not_found(key: SessionKey) -> SessionNotFoundError:

@@ -14,7 +14,8 @@ clause.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
@@ -34,6 +35,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm.state import InstanceState as _InstanceState
 from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlmodel import SQLModel, col
 
 from aisopod_session.enums import SessionStatus
@@ -41,18 +43,36 @@ from aisopod_session.models import Message, Session, StoredText
 
 Model = TypeVar("Model", bound=SQLModel)
 
-_DIALECT = sqlite.dialect(paramstyle="named")
+_DIALECT = sqlite.dialect()  # pysqlite's own paramstyle: `?`, bound from a tuple
 
 
-def compile_sql(statement: ClauseElement) -> str:
-    """`statement` as SQLite SQL text with `:name` parameters, every one of them a
-    `bindparam` the caller fills (a literal value would hide a parameter in the text
-    that the caller does not know to pass)."""
+@dataclass(frozen=True)
+class Sql:
+    """A compiled statement: its SQL text with `?` parameters, and their names in order."""
+
+    text: str
+    names: tuple[str, ...]
+
+    def bind(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The parameter tuple from values by name (for statements built per shape; the
+        hot ones are given their tuple directly, in the order their definition checks)."""
+        return tuple(values[name] for name in self.names)
+
+
+def compile_sql(statement: ClauseElement, order: Sequence[str] | None = None) -> Sql:
+    """`statement` compiled for SQLite. Every parameter must be a `bindparam` the caller
+    fills (a literal would hide a parameter the caller does not know to pass); `order`,
+    when given, is the parameter order the caller binds, checked here once, so a change
+    of the statement cannot silently shift values into the wrong places."""
     compiled = statement.compile(dialect=_DIALECT)
+    assert isinstance(compiled, SQLCompiler)
     hidden = sorted(name for name, value in compiled.params.items() if value is not None)
     if hidden:
         raise TypeError(f"statement has bound literals {hidden}: use bindparam or SQL text")
-    return str(compiled)
+    names = tuple(compiled.positiontup or ())
+    if order is not None and names != tuple(order):
+        raise TypeError(f"statement binds {names}, not {tuple(order)}")
+    return Sql(str(compiled), names)
 
 
 class Loader(Generic[Model]):
@@ -72,6 +92,8 @@ class Loader(Generic[Model]):
             if isinstance(column.type, StoredText)
         ]
         self._manager = mapper.class_manager
+        # Class attribute named as SQLAlchemy's state attribute; see _StateOnDemand.
+        type.__setattr__(model, "_sa_instance_state", _StateOnDemand(model, self._manager))
 
     def __call__(self, row: Sequence[Any]) -> Model:
         """An object from a row of stored values, in `columns` order."""
@@ -84,21 +106,53 @@ class Loader(Generic[Model]):
 
     def build(self, values: Sequence[Any]) -> Model:
         """An object from Python values in `columns` order, made as the ORM makes one
-        when it loads a row (`ClassManager.new_instance`: a bare instance and its
-        `InstanceState`; SQLModel's `__new__`: pydantic's three slots), with the values
-        in place, then marked as the detached copy of row `values[0]`. SQLModel's
-        `__init__` would re-run validation and defaults, and the ORM's general-purpose
-        path costs as much again; for 50 messages that is most of a history read."""
+        when it loads a row (a bare instance; SQLModel's `__new__`: pydantic's three
+        slots) with the values in place; its ORM state, marking it the detached copy of
+        row `values[0]`, is made on first use (`_StateOnDemand`). SQLModel's `__init__`
+        would re-run validation and defaults, and the ORM's general path costs as much
+        again; for 50 messages that was most of a history read."""
         obj: Model = _new_object(self.model)
-        state = _InstanceState(obj, self._manager)
-        state.key = (self.model, (values[0],), None)
         attributes = dict(zip(self.names, values))  # noqa: B905 - lengths match by construction
-        attributes["_sa_instance_state"] = state
+        attributes[_BUILT] = True
         _set_slot(obj, "__dict__", attributes)
         _set_slot(obj, "__pydantic_fields_set__", set(self.names))
         _set_slot(obj, "__pydantic_extra__", None)
         _set_slot(obj, "__pydantic_private__", None)
         return obj
+
+
+_BUILT = "_aisopod_built"
+"""Marks, in an object's `__dict__`, that `Loader.build` made it and it has no ORM state
+until one is asked for."""
+
+
+class _StateOnDemand:
+    """The ORM state of an object built by `Loader.build`, made when first asked for.
+
+    SQLAlchemy reads an instance's state as its `_sa_instance_state` attribute; the ORM
+    keeps it in the instance's `__dict__`, which attribute lookup reads before this class
+    attribute, so objects the ORM made (and objects made by `Model(...)`) never reach
+    here. A built object does, the first time anything inspects it, merges it into an
+    ORM session or touches a relationship: it then gets the state the ORM would have
+    given it (detached, identity key of its id), kept in its `__dict__`. A state costs
+    about as much to make and to free as the rest of the object, and most objects
+    returned by the repository are only read. Anything else has no state, as before.
+    """
+
+    def __init__(self, model: type[SQLModel], manager: Any) -> None:
+        self._model = model
+        self._manager = manager
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        attributes = obj.__dict__
+        if _BUILT not in attributes:
+            raise AttributeError("_sa_instance_state")
+        state = _InstanceState(obj, self._manager)
+        state.key = (self._model, (attributes["id"],), None)
+        attributes["_sa_instance_state"] = state
+        return state
 
 
 _new_object = object.__new__
@@ -109,18 +163,19 @@ SESSION = Loader(Session)
 MESSAGE = Loader(Message)
 
 KEY_COLUMNS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
-KEY_PARAMETERS = tuple(f"key_{name}" for name in KEY_COLUMNS)
+KEY = tuple(f"key_{name}" for name in KEY_COLUMNS)
+"""The key's parameters in the order of `SessionKey.parts()`."""
 
 _BY_KEY = and_(*(getattr(Session, name) == bindparam(f"key_{name}") for name in KEY_COLUMNS))
 
 # --- sessions ---------------------------------------------------------------------------
 
-SELECT_SESSION = compile_sql(select(*SESSION.columns).where(_BY_KEY))
+SELECT_SESSION = compile_sql(select(*SESSION.columns).where(_BY_KEY), KEY)
 SELECT_SESSION_BY_ID = compile_sql(
-    select(*SESSION.columns).where(col(Session.id) == bindparam("id"))
+    select(*SESSION.columns).where(col(Session.id) == bindparam("id")), ("id",)
 )
-SELECT_SESSION_ID = compile_sql(select(col(Session.id)).where(_BY_KEY))
-SELECT_META = compile_sql(select(col(Session.meta)).where(_BY_KEY))
+SELECT_SESSION_ID = compile_sql(select(col(Session.id)).where(_BY_KEY), KEY)
+SELECT_META = compile_sql(select(col(Session.meta)).where(_BY_KEY), KEY)
 INSERT_SESSION = compile_sql(
     sqlite_insert(Session)
     .values(
@@ -129,25 +184,28 @@ INSERT_SESSION = compile_sql(
         updated_at=bindparam("now"),
     )
     .on_conflict_do_nothing(index_elements=list(KEY_COLUMNS))
-    .returning(*SESSION.columns)
+    .returning(*SESSION.columns),
+    (*KEY, "now", "now"),
 )
 UPDATE_META = compile_sql(
     update(Session)
     .where(_BY_KEY)
     .values(meta=bindparam("meta"), updated_at=bindparam("now"))
-    .returning(*SESSION.columns)
+    .returning(*SESSION.columns),
+    ("now", "meta", *KEY),
 )
 UPDATE_STATUS = compile_sql(
     update(Session)
     .where(_BY_KEY)
     .values(status=bindparam("status"), updated_at=bindparam("now"))
-    .returning(*SESSION.columns)
+    .returning(*SESSION.columns),
+    ("now", "status", *KEY),
 )
-DELETE_SESSION = compile_sql(delete(Session).where(_BY_KEY).returning(col(Session.id)))
+DELETE_SESSION = compile_sql(delete(Session).where(_BY_KEY).returning(col(Session.id)), KEY)
 
 
 @functools.cache
-def list_sessions(fields: tuple[str, ...], *, count: bool) -> str:
+def list_sessions(fields: tuple[str, ...], *, count: bool) -> Sql:
     """`SELECT` of the sessions matching a filter with `fields` set, newest first, one
     page (`:limit`, `:offset`); or with `count` their number. Every field's value is the
     parameter of its name; `agent_scope` is the confined repository's agent."""
@@ -183,7 +241,8 @@ COUNT_APPEND = compile_sql(
         updated_at=bindparam("now"),
         status=literal_column(f"'{SessionStatus.ACTIVE.value}'"),
     )
-    .returning(col(Session.id))
+    .returning(col(Session.id)),
+    ("now", "added", "tokens", *KEY),
 )
 
 MESSAGE_VALUES = ("session_id", "role", "content", "tool_calls", "created_at")
@@ -191,18 +250,19 @@ MESSAGE_VALUES = ("session_id", "role", "content", "tool_calls", "created_at")
 
 
 @functools.cache
-def insert_messages(count: int) -> str:
-    """`INSERT` of `count` messages in one statement, returning their ids. Row `i`'s
-    values are the parameters `<column>_<i>`. Ids come back in no promised order, but
-    rows get increasing ids in VALUES order, so sorted ids match rows in order."""
+def insert_messages(count: int) -> Sql:
+    """`INSERT` of `count` messages in one statement, returning their ids; bound from the
+    rows' `MESSAGE_VALUES` one row after the other. Ids come back in no promised order,
+    but rows get increasing ids in VALUES order, so sorted ids match rows in order."""
     rows: list[dict[str, Any]] = [
         {name: bindparam(f"{name}_{i}") for name in MESSAGE_VALUES} for i in range(count)
     ]
-    return compile_sql(insert(Message).values(rows).returning(col(Message.id)))
+    order = [f"{name}_{i}" for i in range(count) for name in MESSAGE_VALUES]
+    return compile_sql(insert(Message).values(rows).returning(col(Message.id)), order)
 
 
 @functools.cache
-def history(*, newest_first: bool, limit: bool, after: bool, before: bool) -> str:
+def history(*, newest_first: bool, limit: bool, after: bool, before: bool) -> Sql:
     """The session's id and its messages in one statement (one snapshot, one round
     trip): the session row is outer-joined to the messages between the exclusive bounds
     `:after_id` and `:before_id`, so a session without such messages still gives one row
