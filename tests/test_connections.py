@@ -202,6 +202,7 @@ def test_models_made_the_usual_ways_keep_their_usual_state(
     engine: Engine, repo: Repository, key: SessionKey
 ) -> None:
     session = repo.get_or_create(key)
+    assert session.id is not None
     made = Message(session_id=session.id, role=Role.USER, content="by hand", created_at=T0)
     validated = Message.model_validate(
         {"session_id": session.id, "role": "user", "content": "validated", "created_at": T0}

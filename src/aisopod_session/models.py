@@ -196,7 +196,7 @@ def _plainly_valid(item: Any, depth: int) -> bool:
     if item is None or kind is bool:
         return True
     if kind is int:
-        return _MIN_JSON_INT <= item <= _MAX_JSON_INT
+        return bool(_MIN_JSON_INT <= item <= _MAX_JSON_INT)
     if kind is float:
         return math.isfinite(item)
     if kind is dict:
