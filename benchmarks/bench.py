@@ -594,7 +594,15 @@ def main() -> None:
         "--only", help="comma-separated scenario numbers, for a partial run (no report)"
     )
     parser.add_argument("--memory", nargs=2, metavar=("COUNT", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--docs-from", type=Path, help="rewrite docs/ from saved results instead of running"
+    )
     args = parser.parse_args()
+    if args.docs_from:
+        saved = Report.from_json(json.loads(args.docs_from.read_text()))
+        print(saved.text())
+        write_docs(saved, ROOT / "docs")
+        return
     if args.memory:
         memory_child(int(args.memory[0]), Path(args.memory[1]))
         return

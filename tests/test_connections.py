@@ -13,11 +13,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, create_engine, inspect
 from sqlalchemy.exc import InvalidRequestError
 from sqlmodel import Session as OrmSession
 
-from aisopod_session import Message, Role, Session, SessionKey, SessionNotFoundError
+from aisopod_session import (
+    SCHEMA_VERSION,
+    Message,
+    Role,
+    Session,
+    SessionKey,
+    SessionNotFoundError,
+    current_version,
+    run_migrations,
+)
 from aisopod_session import SessionRepository as Repository
 from aisopod_session.transactions import lease
 from tests.dbtools import raw_connect, run_threads
@@ -215,3 +224,16 @@ def test_models_made_the_usual_ways_keep_their_usual_state(
         orm.commit()
         assert made.id is not None
     assert [m.content for m in repo.get_history(key)] == ["by hand", "validated"]
+
+
+def test_an_in_memory_engine_of_ones_own_keeps_its_one_connection(key: SessionKey) -> None:
+    """`create_engine("sqlite://")` pools one connection per thread, which is the whole
+    database: the repository borrows it for each call instead of keeping it."""
+    engine = create_engine("sqlite://")
+    run_migrations(engine)
+    repo = Repository(engine)
+    repo.get_or_create(key)
+    repo.append_message(key, Role.USER, "kept")
+    assert [m.content for m in repo.get_history(key)] == ["kept"]
+    assert current_version(engine) == SCHEMA_VERSION  # the pool's connection is the same db
+    engine.dispose()

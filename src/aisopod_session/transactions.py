@@ -28,7 +28,12 @@ from types import TracebackType
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, event
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, StaticPool
+from sqlalchemy.pool import (
+    ConnectionPoolEntry,
+    PoolProxiedConnection,
+    SingletonThreadPool,
+    StaticPool,
+)
 
 from aisopod_session.errors import translate
 
@@ -145,11 +150,20 @@ class _Lease:
 
     def close(self) -> None:
         proxy, self._proxy = self._proxy, None
-        if proxy is not None and self.pid == os.getpid():
+        if proxy is None:
+            return
+        if self.pid == os.getpid():
             proxy.close()
+        else:
+            # Inherited through fork: freeing it would close the parent's SQLite
+            # connection from this process, so it is kept, unused, until the process ends.
+            _INHERITED.append(proxy)
 
     def __del__(self) -> None:
         self.close()
+
+
+_INHERITED: list[PoolProxiedConnection] = []
 
 
 class _Leases(threading.local):
@@ -166,8 +180,9 @@ def lease(engine: Engine) -> sqlite3.Connection:
     """This thread's driver connection to `engine`'s database, set up like every pooled
     one (pragmas, implicit transactions off). No transaction is open on it between calls.
 
-    An in-memory database (one shared connection) is not leased: it is checked out of
-    its pool, which hands out that one connection, and used by one thread at a time.
+    Not used for pools that hand out fixed connections (`StaticPool`, as
+    `open_database` uses for `":memory:"`, and `SingletonThreadPool`): an in-memory
+    database lives in its one connection, which must stay the pool's.
     """
     entry = _LEASES.get(engine)
     if entry is not None:
@@ -222,7 +237,7 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
 
     def __enter__(self) -> sqlite3.Connection:
         try:
-            if isinstance(self._engine.pool, StaticPool):
+            if isinstance(self._engine.pool, StaticPool | SingletonThreadPool):
                 self._shared = self._engine.raw_connection()
                 conn = self._shared.driver_connection
                 assert isinstance(conn, sqlite3.Connection)
