@@ -145,6 +145,16 @@ class Report:
             rows.append([target, got, "yes" if met else "**no**"])
         return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
+    def extra_lines(self) -> str:
+        lines = []
+        for scenario in self.scenarios:
+            for name, stats in scenario.extra.items():
+                lines.append(
+                    f"- scenario {scenario.number}, {name}: {stats.median_us:,.1f} µs "
+                    f"({scenario.stats['floor'].median_us / stats.median_us:.2f}× the floor)"
+                )
+        return "\n".join(lines) or "- none"
+
     def missing_lines(self) -> str:
         lines = []
         for scenario in self.scenarios:
@@ -156,6 +166,7 @@ class Report:
         return "\n\n".join(
             [
                 self.main_table(),
+                "Also measured:\n" + self.extra_lines(),
                 "Scenario 6, growth:\n" + self.growth_table(),
                 "Scenario 7:\n" + self.process_table(),
                 "Scenario 8:\n" + self.memory_table(),
@@ -181,6 +192,14 @@ class Report:
                     for name, stats in raw["stats"].items()
                 },
                 missing=dict(raw["not_supported"]),
+                extra={
+                    name: Stats(
+                        count=int(stats["count"]),
+                        median_us=float(stats["median_us"]),
+                        p90_us=float(stats["p90_us"]),
+                    )
+                    for name, stats in raw.get("extra", {}).items()
+                },
             )
 
         return cls(
@@ -201,6 +220,7 @@ class Report:
                 "title": scenario.title,
                 "stats": {name: stats.as_json() for name, stats in scenario.stats.items()},
                 "not_supported": scenario.missing,
+                "extra": {name: stats.as_json() for name, stats in scenario.extra.items()},
             }
 
         return {
@@ -303,6 +323,7 @@ def write_docs(report: Report, docs: Path) -> None:
         plans=plans,
         modes=modes or "- (peers not measured)",
         missing=report.missing_lines(),
+        extra=report.extra_lines(),
         notes=NOTES,
     )
     (docs / "benchmarks.md").write_text(text)
@@ -341,6 +362,10 @@ Last run: {machine}; {versions}; scale {scale}; {seconds} minutes.
 ## Scenarios 1–5
 
 {main}
+
+Also measured (not compared):
+
+{extra}
 
 Peers' journal modes (WAL set where their API allows):
 

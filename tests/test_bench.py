@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_benchmark_runs_every_scenario_and_reports_every_target(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
+    command = [sys.executable, "-m", "benchmarks.bench", "--no-peers", "--no-docs"]
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench", "--no-peers", "--no-docs"]
-        + ["--results", str(results)],
+        [*command, "--results", str(results)],
         cwd=ROOT,
         env={**os.environ, "AISOPOD_BENCH_SCALE": "0.001"},
         capture_output=True,

@@ -25,6 +25,7 @@ from aisopod_session.models import (
 from aisopod_session.statements import (
     COUNT_APPEND,
     DELETE_SESSION,
+    HISTORY_MESSAGE,
     INSERT_SESSION,
     KEY,
     MESSAGE,
@@ -120,20 +121,20 @@ class SessionRepository:
         with driver_transaction(self.engine, "get_or_create", None) as conn:
             row = conn.execute(SELECT_SESSION.text, parts).fetchone()
         if row is not None:
-            return SESSION(row)
+            return SESSION.read(row)
         with driver_transaction(self.engine, "get_or_create", "IMMEDIATE") as conn:
             now = _now_text()  # under the lock, so time order follows commit order
             row = conn.execute(INSERT_SESSION.text, (*parts, now, now)).fetchone()
             if row is None:  # created by another writer since the read
                 row = conn.execute(SELECT_SESSION.text, parts).fetchone()
-        return SESSION(row)
+        return SESSION.read(row)
 
     def get(self, key: SessionKey | str) -> Session | None:
         """The session for `key`, or None. Read-only, one statement."""
         parts = self._key(key).parts()
         with driver_transaction(self.engine, "get", None) as conn:
             row = conn.execute(SELECT_SESSION.text, parts).fetchone()
-        return None if row is None else SESSION(row)
+        return None if row is None else SESSION.read(row)
 
     def get_by_id(self, id: int) -> Session | None:
         """The session with this id, or None (also when it belongs to an agent this
@@ -143,7 +144,7 @@ class SessionRepository:
             row = conn.execute(SELECT_SESSION_BY_ID.text, (id,)).fetchone()
         if row is None:
             return None
-        session = SESSION(row)
+        session = SESSION.read(row)
         return None if self._agent not in (None, session.agent_id) else session
 
     def list_sessions(
@@ -164,7 +165,7 @@ class SessionRepository:
         sql = list_sessions(fields, count=False)
         with driver_transaction(self.engine, "list_sessions", None) as conn:
             rows = conn.execute(sql.text, sql.bind(params)).fetchall()
-        return [SESSION(row) for row in rows]
+        return [SESSION.read(row) for row in rows]
 
     def count_sessions(
         self,
@@ -199,7 +200,7 @@ class SessionRepository:
             current = _read_json_object(found[0])
             meta = dump_json(changes if replace else {**current, **changes})
             row = conn.execute(UPDATE_META.text, (_now_text(), meta, *parts)).fetchone()
-        return SESSION(row)
+        return SESSION.read(row)
 
     def set_status(self, key: SessionKey | str, status: SessionStatus | str) -> Session:
         """Set the session's status and bump `updated_at`; one write transaction.
@@ -214,7 +215,7 @@ class SessionRepository:
             row = conn.execute(UPDATE_STATUS.text, (_now_text(), *params)).fetchone()
             if row is None:
                 raise _not_found(key)
-        return SESSION(row)
+        return SESSION.read(row)
 
     def delete(self, key: SessionKey | str) -> bool:
         """Delete the session; its messages go with it through the foreign key's
@@ -350,7 +351,7 @@ class SessionRepository:
             raise _not_found(key)
         if rows[0][1] is None:  # the session, without a message in the window
             return []
-        messages = [MESSAGE(row[1:]) for row in rows]
+        messages = [HISTORY_MESSAGE.read(row) for row in rows]
         if newest_first:
             messages.reverse()
         return messages

@@ -14,7 +14,7 @@ clause.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -78,7 +78,9 @@ def compile_sql(statement: ClauseElement, order: Sequence[str] | None = None) ->
 class Loader(Generic[Model]):
     """A model's columns in mapper order, and the one way their values become objects."""
 
-    def __init__(self, model: type[Model]) -> None:
+    def __init__(self, model: type[Model], *, skip: int = 0) -> None:
+        """`skip`: how many leading columns of a row come before the model's (a history
+        row starts with the session's id)."""
         mapper = inspect(model)
         self.model = model
         # Attribute names, not column names: `meta` maps the `metadata` column.
@@ -86,40 +88,56 @@ class Loader(Generic[Model]):
         self.columns = [prop.columns[0] for prop in mapper.column_attrs]
         if self.names[0] != "id":
             raise TypeError(f"{model.__name__}: the first column must be the id")
-        self._readers = [
-            (index, column.type.read)
-            for index, column in enumerate(self.columns)
-            if isinstance(column.type, StoredText)
-        ]
         self._manager = mapper.class_manager
         # Class attribute named as SQLAlchemy's state attribute; see _StateOnDemand.
         type.__setattr__(model, "_sa_instance_state", _StateOnDemand(model, self._manager))
+        self.read: Callable[[Sequence[Any]], Model] = self._compile_reader(skip, stored=True)
+        """An object from a row of stored values, in `columns` order after `skip`
+        leading columns."""
+        self.build: Callable[[Sequence[Any]], Model] = self._compile_reader(0, stored=False)
+        """An object from Python values in `columns` order (the values of a row just
+        written)."""
 
-    def __call__(self, row: Sequence[Any]) -> Model:
-        """An object from a row of stored values, in `columns` order."""
-        values = list(row)
-        for index, read in self._readers:
-            value = values[index]
-            if value is not None:
-                values[index] = read(value)
-        return self.build(values)
-
-    def build(self, values: Sequence[Any]) -> Model:
-        """An object from Python values in `columns` order, made as the ORM makes one
-        when it loads a row (a bare instance; SQLModel's `__new__`: pydantic's three
-        slots) with the values in place; its ORM state, marking it the detached copy of
-        row `values[0]`, is made on first use (`_StateOnDemand`). SQLModel's `__init__`
-        would re-run validation and defaults, and the ORM's general path costs as much
-        again; for 50 messages that was most of a history read."""
-        obj: Model = _new_object(self.model)
-        attributes = dict(zip(self.names, values))  # noqa: B905 - lengths match by construction
-        attributes[_BUILT] = True
-        _set_slot(obj, "__dict__", attributes)
-        _set_slot(obj, "__pydantic_fields_set__", set(self.names))
-        _set_slot(obj, "__pydantic_extra__", None)
-        _set_slot(obj, "__pydantic_private__", None)
-        return obj
-
+    def _compile_reader(self, skip: int, *, stored: bool) -> Callable[[Sequence[Any]], Model]:
+        """Write, once, the function that turns a row into an object the way the ORM
+        makes one when it loads a row (a bare instance; SQLModel's `__new__`: pydantic's
+        three slots) with the values in place, each column read with its type's
+        `StoredText.read` (skipping NULL where the column allows it), in one dictionary
+        display. Its ORM state, marking it the detached copy of its row, is made on first
+        use (`_StateOnDemand`). This is what `dataclasses` does for `__init__`: SQLModel's
+        `__init__` would re-run validation and defaults, the ORM's loading machinery costs
+        as much again, and even a loop over the columns with a call per column costs half
+        again as much as this, for every row of every read. With `stored=False` the
+        values are taken as they are."""
+        env: dict[str, Any] = {
+            "new": _new_object,
+            "set_slot": _set_slot,
+            "model": self.model,
+            "names": self.names,
+        }
+        items = []
+        for index, (name, column) in enumerate(zip(self.names, self.columns, strict=True)):
+            value = f"row[{index + skip}]"
+            if stored and isinstance(column.type, StoredText):
+                env[f"read_{index}"] = column.type.read
+                if column.nullable:
+                    value = f"(None if (v{index} := {value}) is None else read_{index}(v{index}))"
+                else:
+                    value = f"read_{index}({value})"
+            items.append(f"{name!r}: {value}")
+        items.append(f"{_BUILT!r}: True")
+        source = (
+            "def read_row(row):\n"
+            "    obj = new(model)\n"
+            f"    set_slot(obj, '__dict__', {{{', '.join(items)}}})\n"
+            "    set_slot(obj, '__pydantic_fields_set__', set(names))\n"
+            "    set_slot(obj, '__pydantic_extra__', None)\n"
+            "    set_slot(obj, '__pydantic_private__', None)\n"
+            "    return obj\n"
+        )
+        exec(compile(source, f"<row reader of {self.model.__name__}>", "exec"), env)
+        reader: Callable[[Sequence[Any]], Model] = env["read_row"]
+        return reader
 
 _BUILT = "_aisopod_built"
 """Marks, in an object's `__dict__`, that `Loader.build` made it and it has no ORM state
@@ -161,6 +179,8 @@ _set_slot = object.__setattr__
 
 SESSION = Loader(Session)
 MESSAGE = Loader(Message)
+HISTORY_MESSAGE = Loader(Message, skip=1)
+"""Messages from `history` rows, which start with the session's id."""
 
 KEY_COLUMNS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
 KEY = tuple(f"key_{name}" for name in KEY_COLUMNS)
