@@ -139,6 +139,7 @@ class Loader(Generic[Model]):
         reader: Callable[[Sequence[Any]], Model] = env["read_row"]
         return reader
 
+
 _BUILT = "_aisopod_built"
 """Marks, in an object's `__dict__`, that `Loader.build` made it and it has no ORM state
 until one is asked for."""
