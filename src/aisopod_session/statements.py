@@ -2,10 +2,11 @@
 
 Statements are written once with SQLAlchemy Core against the models' tables (so a column
 renamed in `models.py` cannot drift from the SQL) and compiled once, at import or at the
-first use of their shape, to SQL text with named parameters. The repository hands that
-text to the driver: building, caching and executing a Core statement per call costs
-several times more than SQLite takes to run it. Parameters carry values already in their
-stored form (`StoredText.write`); rows are read back with `StoredText.read`.
+first use of their shape, to SQL text with positional (`?`) parameters, whose names and
+order `Sql` keeps. The repository hands that text to the driver: building, caching and
+executing a Core statement per call costs several times more than SQLite takes to run
+it, and binding a tuple costs less than binding by name. Parameters carry values already
+in their stored form (`StoredText.write`); rows are read back with `StoredText.read`.
 
 Key parameters are named `key_<part>`, because UPDATE reserves column names for its SET
 clause.
@@ -90,7 +91,8 @@ class Loader(Generic[Model]):
             raise TypeError(f"{model.__name__}: the first column must be the id")
         self._manager = mapper.class_manager
         # Class attribute named as SQLAlchemy's state attribute; see _StateOnDemand.
-        type.__setattr__(model, "_sa_instance_state", _StateOnDemand(model, self._manager))
+        if not isinstance(model.__dict__.get("_sa_instance_state"), _StateOnDemand):
+            type.__setattr__(model, "_sa_instance_state", _StateOnDemand(model, self._manager))
         self.read: Callable[[Sequence[Any]], Model] = self._compile_reader(skip, stored=True)
         """An object from a row of stored values, in `columns` order after `skip`
         leading columns."""
