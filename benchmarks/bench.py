@@ -123,6 +123,34 @@ def measure(operation: Callable[[int], Any], count: int, warmup: int | None = No
     return _stats(samples)
 
 
+ROUNDS = 10
+WARMUP = 3
+
+
+def measure_together(operations: dict[str, Callable[[int], Any]], count: int) -> dict[str, Stats]:
+    """Time `count` calls of each operation, taking turns in `ROUNDS` rounds, so that the
+    machine's drift during a run (it is shared, and its disk's speed varies) weighs on
+    every contender alike instead of on whichever ran at a bad moment. Each operation is
+    warmed up `WARMUP` times first (`i` = 0); the timed calls get `i` = 1 … `count`."""
+    samples: dict[str, list[int]] = {name: [] for name in operations}
+    for operation in operations.values():
+        for _ in range(WARMUP):
+            operation(0)
+    per_round = max(1, count // ROUNDS)
+    done = 0
+    while done < count:
+        block = min(per_round, count - done)
+        gc.collect()
+        for name, operation in operations.items():
+            timings = samples[name]
+            for i in range(done + 1, done + 1 + block):
+                start = time.perf_counter_ns()
+                operation(i)
+                timings.append(time.perf_counter_ns() - start)
+        done += block
+    return {name: _stats(timings) for name, timings in samples.items()}
+
+
 async def _measure_async(
     operation: Callable[[int], Any], first: Any, count: int, warmup: int
 ) -> Stats:
@@ -279,13 +307,11 @@ class Bench:
     def append_one(self) -> Scenario:
         scenario = Scenario(1, "append one message per transaction")
         count = self.count(10_000)
-        with store(self.folder, "s1-floor") as (path, _):
-            conn = floor.connect(path)
-            scenario.stats["floor"] = measure(
-                lambda i: floor.append(conn, KEY_PARAMS, [spec(i)], TOKENS), count
-            )
-            conn.close()
-        with store(self.folder, "s1-ours") as (_, repository):
+        with (
+            store(self.folder, "s1-floor") as (floor_path, _),
+            store(self.folder, "s1-ours") as (_, repository),
+        ):
+            conn = floor.connect(floor_path)
 
             def ours(i: int) -> object:
                 role, content, calls = spec(i)
@@ -293,8 +319,17 @@ class Bench:
                     KEY, role, content, tool_calls=calls, tokens=TOKENS
                 )
 
-            scenario.stats["ours"] = measure(ours, count)
-            check_counter(repository, count + max(3, count // 20))
+            scenario.stats.update(
+                measure_together(
+                    {
+                        "floor": lambda i: floor.append(conn, KEY_PARAMS, [spec(i)], TOKENS),
+                        "ours": ours,
+                    },
+                    count,
+                )
+            )
+            conn.close()
+            check_counter(repository, count + WARMUP)
 
         def peer_append(peer: Any) -> Stats:
             with self.peer_store(peer, "s1"):
@@ -307,29 +342,35 @@ class Bench:
         scenario = Scenario(2, f"append batches of {BATCH} messages per transaction")
         count = self.count(200, minimum=20)
         batches = [[spec(i * BATCH + j) for j in range(BATCH)] for i in range(4)]
-        with store(self.folder, "s2-floor") as (path, _):
-            conn = floor.connect(path)
-            scenario.stats["floor"] = measure(
-                lambda i: floor.append(conn, KEY_PARAMS, batches[i % 4], TOKENS), count
-            )
-            conn.close()
         # The floor is handed ready tuples; ours is handed ready NewMessage objects (each
         # validated when it was made, as a gateway makes one per message it receives).
-        # The row after shows the cost of making them in the timed call too.
+        # A third contender shows the cost of making them in the timed call too.
         messages = [[NewMessage(*message) for message in batch] for batch in batches]
-        with store(self.folder, "s2-ours") as (_, repository):
-            scenario.stats["ours"] = measure(
-                lambda i: repository.append_messages(KEY, messages[i % 4], tokens=TOKENS), count
-            )
-        with store(self.folder, "s2-ours-new") as (_, repository):
+        making = "ours, making the 50 NewMessage objects in the call"
+        with (
+            store(self.folder, "s2-floor") as (floor_path, _),
+            store(self.folder, "s2-ours") as (_, repository),
+            store(self.folder, "s2-ours-new") as (_, making_repository),
+        ):
+            conn = floor.connect(floor_path)
 
             def making_them(i: int) -> object:
                 made = [NewMessage(*message) for message in batches[i % 4]]
-                return repository.append_messages(KEY, made, tokens=TOKENS)
+                return making_repository.append_messages(KEY, made, tokens=TOKENS)
 
-            scenario.extra["ours, making the 50 NewMessage objects in the call"] = measure(
-                making_them, count
+            results = measure_together(
+                {
+                    "floor": lambda i: floor.append(conn, KEY_PARAMS, batches[i % 4], TOKENS),
+                    "ours": lambda i: repository.append_messages(
+                        KEY, messages[i % 4], tokens=TOKENS
+                    ),
+                    making: making_them,
+                },
+                count,
             )
+            conn.close()
+        scenario.extra[making] = results.pop(making)
+        scenario.stats.update(results)
 
         def peer_batch(peer: Any) -> Stats:
             pairs = [[(role, content) for role, content, _ in batch] for batch in batches]
@@ -347,13 +388,16 @@ class Bench:
             fill_messages(path, 1, size)
             conn = floor.connect(path)
             check_same_history(floor.read_newest(conn, KEY_PARAMS, LIMIT), repository)
-            scenario.stats["floor"] = measure(
-                lambda _: floor.read_newest(conn, KEY_PARAMS, LIMIT), count
+            scenario.stats.update(
+                measure_together(
+                    {
+                        "floor": lambda _: floor.read_newest(conn, KEY_PARAMS, LIMIT),
+                        "ours": lambda _: repository.get_history(KEY, limit=LIMIT),
+                    },
+                    count,
+                )
             )
             conn.close()
-            scenario.stats["ours"] = measure(
-                lambda _: repository.get_history(KEY, limit=LIMIT), count
-            )
 
         def peer_read(peer: Any) -> Stats:
             with self.peer_store(peer, "s3"):
@@ -369,9 +413,16 @@ class Bench:
         with store(self.folder, "s4") as (path, repository):
             fill_messages(path, 100, 10)
             conn = floor.connect(path)
-            scenario.stats["floor"] = measure(lambda _: floor.get_session(conn, KEY_PARAMS), count)
+            scenario.stats.update(
+                measure_together(
+                    {
+                        "floor": lambda _: floor.get_session(conn, KEY_PARAMS),
+                        "ours": lambda _: repository.get_or_create(KEY),
+                    },
+                    count,
+                )
+            )
             conn.close()
-            scenario.stats["ours"] = measure(lambda _: repository.get_or_create(KEY), count)
 
         def peer_get(peer: Any) -> Stats:
             with self.peer_store(peer, "s4"):
@@ -390,13 +441,18 @@ class Bench:
         with store(self.folder, "s5") as (path, repository):
             fill_sessions(path, sessions, agents)
             conn = floor.connect(path)
-            scenario.stats["floor"] = measure(
-                lambda _: floor.list_for_agent(conn, "agent-3", LIMIT), count
+            scenario.stats.update(
+                measure_together(
+                    {
+                        "floor": lambda _: floor.list_for_agent(conn, "agent-3", LIMIT),
+                        "ours": lambda _: repository.list_sessions(
+                            {"agent_id": "agent-3"}, limit=LIMIT
+                        ),
+                    },
+                    count,
+                )
             )
             conn.close()
-            scenario.stats["ours"] = measure(
-                lambda _: repository.list_sessions({"agent_id": "agent-3"}, limit=LIMIT), count
-            )
         peer_sessions = min(sessions, self.size(2000))
 
         def peer_list(peer: Any) -> Stats:
@@ -420,19 +476,20 @@ class Bench:
         with store(self.folder, f"s6-{size}") as (path, repository):
             fill_messages(path, max(1, size // 1000), min(size, 1000))
             conn = floor.connect(path)
-            scenario.stats["floor: read newest 50"] = measure(
-                lambda _: floor.read_newest(conn, KEY_PARAMS, LIMIT), count
-            )
-            scenario.stats["floor: get_or_create"] = measure(
-                lambda _: floor.get_session(conn, KEY_PARAMS), count
+            scenario.stats.update(
+                measure_together(
+                    {
+                        "floor: read newest 50": lambda _: floor.read_newest(
+                            conn, KEY_PARAMS, LIMIT
+                        ),
+                        "floor: get_or_create": lambda _: floor.get_session(conn, KEY_PARAMS),
+                        "ours: read newest 50": lambda _: repository.get_history(KEY, limit=LIMIT),
+                        "ours: get_or_create": lambda _: repository.get_or_create(KEY),
+                    },
+                    count,
+                )
             )
             conn.close()
-            scenario.stats["ours: read newest 50"] = measure(
-                lambda _: repository.get_history(KEY, limit=LIMIT), count
-            )
-            scenario.stats["ours: get_or_create"] = measure(
-                lambda _: repository.get_or_create(KEY), count
-            )
         return scenario
 
     def processes(self) -> Scenario:
