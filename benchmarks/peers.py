@@ -169,7 +169,36 @@ def _openai_item(role: str, content: str) -> TResponseInputItem:
     return {"type": "function_call_output", "call_id": TOOL_CALL_ID, "output": content}
 
 
-class OpenAISQLiteSessionPeer:
+class _OpenAISessionCalls:
+    """The scenario calls of both openai-agents stores: each implements the SDK's
+    `Session` protocol (`add_items`, `get_items`), and neither has a call that fetches or
+    lists sessions (a session is an id; its row appears with its first message)."""
+
+    label: str
+    _sessions: dict[str, Any]
+
+    async def append_one(self, session_id: str, role: str, content: str) -> None:
+        await _missing(self._sessions, session_id).add_items([_openai_item(role, content)])
+
+    async def append_batch(self, session_id: str, messages: list[tuple[str, str]]) -> None:
+        items = [_openai_item(role, content) for role, content in messages]
+        await _missing(self._sessions, session_id).add_items(items)
+
+    async def read_newest(self, session_id: str, limit: int) -> list[Any]:
+        items: list[Any] = await _missing(self._sessions, session_id).get_items(limit=limit)
+        return items
+
+    def get_or_create(self, session_id: str) -> Any:
+        raise NotSupported(f"{self._store()} has no call that fetches a session")
+
+    def list_sessions(self, limit: int) -> list[Any]:
+        raise NotSupported(f"{self._store()} has no call that lists sessions")
+
+    def _store(self) -> str:
+        return self.label.split()[-1]
+
+
+class OpenAISQLiteSessionPeer(_OpenAISessionCalls):
     """openai-agents `SQLiteSession`: one object per session id over a shared file, each
     running its `sqlite3` calls in worker threads (`asyncio.to_thread`).
 
@@ -206,30 +235,13 @@ class OpenAISQLiteSessionPeer:
         """Construct the session object (schema check, WAL pragma); nothing is written."""
         self._sessions[session_id] = self._session_class(session_id, db_path=self._opened())
 
-    async def append_one(self, session_id: str, role: str, content: str) -> None:
-        await _missing(self._sessions, session_id).add_items([_openai_item(role, content)])
-
-    async def append_batch(self, session_id: str, messages: list[tuple[str, str]]) -> None:
-        items = [_openai_item(role, content) for role, content in messages]
-        await _missing(self._sessions, session_id).add_items(items)
-
-    async def read_newest(self, session_id: str, limit: int) -> list[Any]:
-        items: list[Any] = await _missing(self._sessions, session_id).get_items(limit=limit)
-        return items
-
-    def get_or_create(self, session_id: str) -> Any:
-        raise NotSupported("SQLiteSession has no call that fetches a session")
-
-    def list_sessions(self, limit: int) -> list[Any]:
-        raise NotSupported("SQLiteSession has no call that lists sessions")
-
     def _opened(self) -> Path:
         if self._path is None:
             raise RuntimeError(f"{self.name}: call open first")
         return self._path
 
 
-class OpenAISQLAlchemySessionPeer:
+class OpenAISQLAlchemySessionPeer(_OpenAISessionCalls):
     """openai-agents `SQLAlchemySession` on one shared `sqlite+aiosqlite` AsyncEngine, one
     session object per id (`create_tables` only for the schema probe in `open`).
 
@@ -277,23 +289,6 @@ class OpenAISQLAlchemySessionPeer:
     def create_session(self, session_id: str) -> None:
         """Construct the session object on the shared engine; nothing is written."""
         self._sessions[session_id] = self._session_class(session_id, engine=self._opened())
-
-    async def append_one(self, session_id: str, role: str, content: str) -> None:
-        await _missing(self._sessions, session_id).add_items([_openai_item(role, content)])
-
-    async def append_batch(self, session_id: str, messages: list[tuple[str, str]]) -> None:
-        items = [_openai_item(role, content) for role, content in messages]
-        await _missing(self._sessions, session_id).add_items(items)
-
-    async def read_newest(self, session_id: str, limit: int) -> list[Any]:
-        items: list[Any] = await _missing(self._sessions, session_id).get_items(limit=limit)
-        return items
-
-    def get_or_create(self, session_id: str) -> Any:
-        raise NotSupported("SQLAlchemySession has no call that fetches a session")
-
-    def list_sessions(self, limit: int) -> list[Any]:
-        raise NotSupported("SQLAlchemySession has no call that lists sessions")
 
     def _opened(self) -> AsyncEngine:
         if self._engine is None:

@@ -14,6 +14,7 @@ from aisopod_session.enums import Role, SessionStatus
 from aisopod_session.errors import AccessDeniedError, SessionNotFoundError
 from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
 from aisopod_session.models import (
+    JSONText,
     Message,
     NewMessage,
     Session,
@@ -400,7 +401,7 @@ def _not_found(key: SessionKey) -> SessionNotFoundError:
 
 def _read_json_object(stored: str) -> dict[str, Any]:
     # Plain SQL may have stored JSON that is not an object; merging starts afresh then.
-    value = SESSION.columns[SESSION.names.index("meta")].type.read(stored)
+    value = JSONText().read(stored)
     return value if isinstance(value, dict) else {}
 
 
