@@ -113,6 +113,8 @@ def _session(row: Sequence[Any]) -> tuple[Any, ...]:
     values[6] = datetime.fromisoformat(values[6])
     values[7] = datetime.fromisoformat(values[7])
     values[10] = json.loads(values[10])
+    if values[13] is not None:  # last_compacted_at
+        values[13] = datetime.fromisoformat(values[13])
     return tuple(values)
 
 

@@ -61,10 +61,22 @@ def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
     return result
 
 
-def make_seed_file(path: Path) -> None:
-    """A database made by plain SQL from the seed spec's DDL, with no schema_version."""
+RUST_V2 = """
+ALTER TABLE sessions ADD COLUMN compaction_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sessions ADD COLUMN last_compacted_at TEXT;
+ALTER TABLE sessions ADD COLUMN last_compaction_summary TEXT;
+"""
+"""The Rust crate's schema version 2, typed from its spec (an independent copy of what
+migration 2 must do)."""
+
+
+def make_seed_file(path: Path, *, version: int = 1) -> None:
+    """A database made by plain SQL from the seed spec's DDL (and, for `version=2`, the
+    Rust crate's version 2), with no schema_version."""
     conn = sqlite3.connect(path)
     conn.executescript(SEED_SCHEMA.read_text())
+    if version >= 2:
+        conn.executescript(RUST_V2)
     conn.close()
 
 

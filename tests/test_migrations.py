@@ -238,28 +238,53 @@ def test_processes_opening_a_fresh_file_at_once_migrate_it_once(
 
 def test_a_bare_version_row_counts_and_a_newer_one_is_refused(db_path: Path) -> None:
     digest = migrated_then(db_path, "INSERT INTO schema_version (version) VALUES (99)")
-    with pytest.raises(SchemaVersionError, match=r"version 99.*version 1"):
+    with pytest.raises(SchemaVersionError, match=rf"version 99.*version {SCHEMA_VERSION}"):
         open_database(db_path)
     assert file_digest(db_path) == digest
 
 
-def test_a_rust_crate_version_table_is_read_and_upgraded(db_path: Path) -> None:
-    make_seed_file(db_path)
+def test_a_rust_crate_version_2_file_is_read_as_up_to_date(db_path: Path) -> None:
+    make_seed_file(db_path, version=2)
     run_sql(db_path, "CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
-    run_sql(db_path, "INSERT INTO schema_version (version) VALUES (1)")
+    run_sql(db_path, "INSERT INTO schema_version (version) VALUES (1), (2)")
     state = snapshot(db_path)
 
     engine = open_database(db_path)  # up to date: read, not written
     assert snapshot(db_path) == state
     assert [(r.version, r.name, r.checksum, r.applied_at) for r in applied_migrations(engine)] == [
-        (1, None, None, None)
+        (1, None, None, None),
+        (2, None, None, None),
     ]
     assert run_migrations(engine, [*MIGRATIONS, FIXED]) == FIXED.version
     rows = applied_migrations(engine)
     assert [(r.version, r.name, r.checksum) for r in rows] == [
         (1, None, None),
+        (2, None, None),
         (FIXED.version, FIXED.name, FIXED.checksum),
     ]
+    engine.dispose()
+
+
+def test_a_rust_crate_version_1_file_is_upgraded_to_version_2(
+    db_path: Path, key: SessionKey
+) -> None:
+    make_seed_file(db_path)
+    run_sql(db_path, "CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+    run_sql(db_path, "INSERT INTO schema_version (version) VALUES (1)")
+    run_sql(
+        db_path,
+        "INSERT INTO sessions (agent_id, channel, account_id, peer_kind, peer_id, created_at, "
+        "updated_at, message_count) VALUES ('agent-1', 'telegram', 'bot-A', 'dm', 'User-42', "
+        "'2026-11-01T00:00:00.000000+00:00', '2026-11-01T00:00:00.000000+00:00', 0)",
+    )
+    engine = open_database(db_path)
+    rows = applied_migrations(engine)
+    assert [(r.version, r.name) for r in rows] == [(1, None), (2, MIGRATIONS[1].name)]
+    assert rows[1].checksum == MIGRATIONS[1].checksum
+    session = SessionRepository(engine).get(key)
+    assert session is not None
+    assert (session.compaction_count, session.last_compacted_at) == (0, None)
+    assert session.last_compaction_summary is None
     engine.dispose()
 
 

@@ -40,6 +40,10 @@ SESSIONS_COLUMNS = [
     ("token_usage", "INTEGER", 1, "0", 0),
     ("metadata", "TEXT", 1, "'{}'", 0),
     ("status", "TEXT", 1, "'active'", 0),
+    # added by migration 2, as the Rust crate's schema version 2 adds them
+    ("compaction_count", "INTEGER", 1, "0", 0),
+    ("last_compacted_at", "TEXT", 0, None, 0),
+    ("last_compaction_summary", "TEXT", 0, None, 0),
 ]
 MESSAGES_COLUMNS = [
     ("id", "INTEGER", 0, None, 1),
@@ -138,9 +142,11 @@ def test_ids_are_autoincrement_and_never_reused(
     assert second_message.id > first_message.id
 
 
-def test_migrated_schema_equals_the_seed_ddl(engine: Engine, db_path: Path, tmp_path: Path) -> None:
+def test_migrated_schema_equals_the_seed_ddl_and_the_rust_version_2(
+    engine: Engine, db_path: Path, tmp_path: Path
+) -> None:
     seed = tmp_path / "seed.db"
-    make_seed_file(seed)
+    make_seed_file(seed, version=2)
     assert schema_facts(db_path) == schema_facts(seed)
 
 

@@ -26,7 +26,7 @@ from aisopod_session.migrations import (
     run_migrations,
 )
 from aisopod_session.models import Message, NewMessage, Session, SessionFilter
-from aisopod_session.repository import SessionRepository
+from aisopod_session.repository import CompactionResult, SessionRepository
 from aisopod_session.transactions import DEFAULT_BUSY_TIMEOUT, prepare_engine
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AccessDeniedError",
     "AppliedMigration",
+    "CompactionResult",
     "DatabaseBusyError",
     "Message",
     "Migration",

@@ -77,6 +77,16 @@ MIGRATIONS: list[Migration] = [
             "ON messages(session_id, created_at)",
         ),
     ),
+    # Migration 2 is the Rust crate's schema version 2: compaction bookkeeping.
+    Migration(
+        version=2,
+        name="add compaction fields to sessions",
+        statements=(
+            "ALTER TABLE sessions ADD COLUMN compaction_count INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE sessions ADD COLUMN last_compacted_at TEXT",
+            "ALTER TABLE sessions ADD COLUMN last_compaction_summary TEXT",
+        ),
+    ),
 ]
 
 SCHEMA_VERSION: int = MIGRATIONS[-1].version

@@ -271,6 +271,14 @@ class Session(SQLModel, table=True):
         default=SessionStatus.ACTIVE,
         sa_column=Column(EnumText(SessionStatus), nullable=False, server_default=text("'active'")),
     )
+    # Migration 2 (the Rust crate's schema version 2): compaction bookkeeping.
+    compaction_count: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
+    )
+    last_compacted_at: datetime | None = Field(
+        default=None, sa_column=Column(UTCDateTime, nullable=True)
+    )
+    last_compaction_summary: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
     messages: list["Message"] = Relationship(
         back_populates="session",

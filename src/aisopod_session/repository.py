@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -19,17 +22,26 @@ from aisopod_session.models import (
     NewMessage,
     Session,
     SessionFilter,
+    check_content,
     check_json,
     dump_json,
     utc_text,
 )
 from aisopod_session.statements import (
+    COMPACTION_RANGE,
     COUNT_APPEND,
+    DELETE_MESSAGES_UP_TO,
     DELETE_SESSION,
+    DELETE_SESSION_MESSAGES,
+    DELETE_SESSIONS,
     HISTORY_MESSAGE,
+    INSERT_MESSAGE_WITH_ID,
     INSERT_SESSION,
     KEY,
     MESSAGE,
+    RECORD_COMPACTION,
+    RESET_SESSION,
+    SELECT_CREATED_AT,
     SELECT_META,
     SELECT_SESSION,
     SELECT_SESSION_BY_ID,
@@ -40,11 +52,40 @@ from aisopod_session.statements import (
     history,
     insert_messages,
     list_sessions,
+    mark_idle,
+    prune_candidates,
+    prune_count,
 )
 from aisopod_session.transactions import driver_transaction, prepare_engine
 
 # Rows per INSERT when appending a batch: SQLite allows 32 766 parameters per statement.
 _INSERT_CHUNK = 500
+
+PRUNE_BATCH_SESSIONS = 500
+"""At most this many sessions are deleted per `prune` transaction..."""
+PRUNE_BATCH_MESSAGES = 5000
+"""...holding at most about this many messages between them (a bigger one goes alone)."""
+
+
+@dataclass(frozen=True)
+class CompactionResult:
+    """What `compact` did: how many messages it removed, the summary message it
+    inserted (or None), and the session as it is now (with its recounted
+    `message_count` and new `compaction_count`)."""
+
+    removed: int
+    summary: Message | None
+    session: Session
+
+    @property
+    def message_count(self) -> int:
+        """The session's messages after compaction (the summary included)."""
+        return self.session.message_count
+
+    @property
+    def compaction_count(self) -> int:
+        """How many compactions the session has had."""
+        return self.session.compaction_count
 
 
 class SessionRepository:
@@ -356,6 +397,153 @@ class SessionRepository:
         if newest_first:
             messages.reverse()
         return messages
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def compact(
+        self, key: SessionKey | str, *, keep_last: int, summary: str | None = None
+    ) -> CompactionResult:
+        """Keep the newest `keep_last` messages and delete the rest, in one write
+        transaction; `SessionNotFoundError` if there is no session.
+
+        With `summary`, a `system` message holding it takes the place of the removed
+        ones: it gets the id and `created_at` of the newest removed message, so it sits
+        right before the kept messages in history (id) order, and nothing kept changes id.
+        Then `message_count` is recounted from the rows, `compaction_count` grows by one,
+        `last_compacted_at` and `updated_at` become now, `last_compaction_summary` is the
+        summary (or NULL) and the status `compacted`. `token_usage` (what the
+        conversation has cost) is kept.
+
+        When there is nothing to remove (`keep_last` >= the number of messages) nothing
+        changes, the summary included, and the result says `removed == 0`.
+        `keep_last` is an int >= 0; a summary must be text that is not empty or only
+        whitespace (`ValueError` naming the argument, before anything is written).
+        """
+        key = self._key(key)
+        _check_int("keep_last", keep_last, minimum=0)
+        if summary is not None:
+            try:
+                summary = check_content(summary)
+            except ValueError as exc:
+                raise ValueError(f"summary: {exc}") from None
+            if not summary.strip():
+                raise ValueError("summary: must not be empty or only whitespace")
+        with driver_transaction(self.engine, "compact", "IMMEDIATE") as conn:
+            found = conn.execute(SELECT_SESSION_ID.text, key.parts()).fetchone()
+            if found is None:
+                raise _not_found(key)
+            session_id = found[0]
+            removed, last = conn.execute(COMPACTION_RANGE.text, (session_id, keep_last)).fetchone()
+            if removed == 0:
+                row = conn.execute(SELECT_SESSION.text, key.parts()).fetchone()
+                return CompactionResult(removed=0, summary=None, session=SESSION.read(row))
+            (last_created,) = conn.execute(SELECT_CREATED_AT.text, (last,)).fetchone()
+            conn.execute(DELETE_MESSAGES_UP_TO.text, (session_id, last))
+            summary_message = None
+            if summary is not None:
+                values = (last, session_id, Role.SYSTEM.value, summary, None, last_created)
+                conn.execute(INSERT_MESSAGE_WITH_ID.text, values)
+                summary_message = HISTORY_MESSAGE.read((session_id, *values))
+            now = _now_text()
+            row = conn.execute(RECORD_COMPACTION.text, (now, now, summary, session_id)).fetchone()
+        return CompactionResult(
+            removed=int(removed), summary=summary_message, session=SESSION.read(row)
+        )
+
+    def reset(self, key: SessionKey | str) -> Session:
+        """Start the conversation afresh under the same key, in one write transaction:
+        every message is deleted and the session returns to its newly created state
+        (`message_count`, `token_usage` and `compaction_count` 0, no last compaction,
+        status `active`, `updated_at` now), keeping only its `id`, `created_at` and
+        metadata. `SessionNotFoundError` if there is no session."""
+        key = self._key(key)
+        with driver_transaction(self.engine, "reset", "IMMEDIATE") as conn:
+            found = conn.execute(SELECT_SESSION_ID.text, key.parts()).fetchone()
+            if found is None:
+                raise _not_found(key)
+            conn.execute(DELETE_SESSION_MESSAGES.text, (found[0],))
+            row = conn.execute(RESET_SESSION.text, (_now_text(), found[0])).fetchone()
+        return SESSION.read(row)
+
+    def mark_idle(self, *, idle_for: timedelta) -> int:
+        """Mark `idle` every `active` session (of this repository's agent, if confined)
+        not updated for `idle_for` or longer, in one write transaction, and return how
+        many. `updated_at` is kept, so the time since the last activity stays true; the
+        next append makes a session `active` again. `idle_for` must be a positive
+        `timedelta`."""
+        if not isinstance(idle_for, timedelta) or idle_for <= timedelta(0):
+            raise ValueError(f"idle_for: must be a positive timedelta, got {idle_for!r}")
+        sql = mark_idle(scoped=self._agent is not None)
+        with driver_transaction(self.engine, "mark_idle", "IMMEDIATE") as conn:
+            values = {
+                "before": utc_text(datetime.now(UTC) - idle_for),
+                "status": SessionStatus.ACTIVE.value,
+                "agent_scope": self._agent,
+            }
+            return int(conn.execute(sql.text, sql.bind(values)).rowcount)
+
+    def prune(
+        self,
+        *,
+        updated_before: datetime,
+        status: SessionStatus | str | None = None,
+        dry_run: bool = False,
+        on_batch: Callable[[int], object] | None = None,
+    ) -> int:
+        """Delete every session (of this repository's agent, if confined) last updated
+        before `updated_before`, and with `status` if given, with its messages; return
+        how many. With `dry_run`, count them and delete nothing.
+
+        The deletion runs in batches, each its own write transaction of whole sessions
+        holding at most about `PRUNE_BATCH_MESSAGES` messages (a larger session goes
+        alone), so the write lock is never held for long and other writers go on between
+        batches. Each batch checks the condition again, so a session written to while the
+        prune runs is kept. `on_batch`, if given, is called after each committed batch
+        with the number deleted so far (for progress reports). `updated_before` must be
+        timezone-aware.
+        """
+        if not isinstance(updated_before, datetime):
+            raise ValueError(
+                f"updated_before: must be a datetime, not {type(updated_before).__name__}"
+            )
+        if updated_before.tzinfo is None or updated_before.utcoffset() is None:
+            raise ValueError("updated_before: must be timezone-aware")
+        wanted: SessionStatus | None = None
+        if status is not None:
+            try:
+                wanted = parse_enum(SessionStatus, status)
+            except ValueError as exc:
+                raise ValueError(f"status: {exc}") from None
+        shape = {"status": wanted is not None, "scoped": self._agent is not None}
+        values: dict[str, Any] = {
+            "before": utc_text(updated_before),
+            "status": None if wanted is None else wanted.value,
+            "agent_scope": self._agent,
+            "limit": PRUNE_BATCH_SESSIONS,
+        }
+        if dry_run:
+            sql = prune_count(**shape)
+            with driver_transaction(self.engine, "prune", None) as conn:
+                return int(conn.execute(sql.text, sql.bind(values)).fetchone()[0])
+        candidates = prune_candidates(**shape)
+        deleted = 0
+        while True:
+            with driver_transaction(self.engine, "prune", "IMMEDIATE") as conn:
+                batch: list[int] = []
+                messages = 0
+                for session_id, count in conn.execute(candidates.text, candidates.bind(values)):
+                    if batch and messages + count > PRUNE_BATCH_MESSAGES:
+                        break
+                    batch.append(session_id)
+                    messages += count
+                if not batch:
+                    return deleted
+                conn.execute(DELETE_SESSIONS.text, (json.dumps(batch),))
+            deleted += len(batch)
+            if on_batch is not None:
+                on_batch(deleted)
+            # Let a writer waiting on the lock take it before the next batch does.
+            time.sleep(0.001)
 
     # --- helpers ----------------------------------------------------------------------
 

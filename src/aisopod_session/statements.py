@@ -306,3 +306,134 @@ def history(*, newest_first: bool, limit: bool, after: bool, before: bool) -> Sq
     if limit:
         query = query.limit(bindparam("limit")).offset(bindparam("offset"))
     return compile_sql(query)
+
+
+# --- lifecycle --------------------------------------------------------------------------
+
+_BY_SESSION_ID = col(Session.id) == bindparam("session_id")
+
+COMPACTION_RANGE = compile_sql(
+    select(func.count(), func.max(literal_column("id"))).select_from(
+        select(col(Message.id))
+        .where(col(Message.session_id) == bindparam("session_id"))
+        .order_by(col(Message.id).desc())
+        .limit(literal_column("-1"))
+        .offset(bindparam("keep_last"))
+        .subquery()
+    ),
+    ("session_id", "keep_last"),
+)
+"""How many of the session's messages fall outside the newest `keep_last`, and the id of
+the newest of them (every message up to that id goes)."""
+
+DELETE_MESSAGES_UP_TO = compile_sql(
+    delete(Message).where(
+        col(Message.session_id) == bindparam("session_id"), col(Message.id) <= bindparam("last")
+    ),
+    ("session_id", "last"),
+)
+SELECT_CREATED_AT = compile_sql(
+    select(col(Message.created_at)).where(col(Message.id) == bindparam("id")), ("id",)
+)
+INSERT_MESSAGE_WITH_ID = compile_sql(
+    insert(Message).values(
+        id=bindparam("id"),
+        session_id=bindparam("session_id"),
+        role=bindparam("role"),
+        content=bindparam("content"),
+        tool_calls=bindparam("tool_calls"),
+        created_at=bindparam("created_at"),
+    ),
+    ("id", "session_id", "role", "content", "tool_calls", "created_at"),
+)
+_ROWS_OF_SESSION = (
+    select(func.count())
+    .select_from(Message)
+    .where(col(Message.session_id) == col(Session.id))
+    .scalar_subquery()
+)
+RECORD_COMPACTION = compile_sql(
+    update(Session)
+    .where(_BY_SESSION_ID)
+    .values(
+        message_count=_ROWS_OF_SESSION,
+        compaction_count=col(Session.compaction_count) + literal_column("1"),
+        last_compacted_at=bindparam("now"),
+        last_compaction_summary=bindparam("summary"),
+        status=literal_column(f"'{SessionStatus.COMPACTED.value}'"),
+        updated_at=bindparam("now"),
+    )
+    .returning(*SESSION.columns),
+    ("now", "now", "summary", "session_id"),
+)
+DELETE_SESSION_MESSAGES = compile_sql(
+    delete(Message).where(col(Message.session_id) == bindparam("session_id")), ("session_id",)
+)
+RESET_SESSION = compile_sql(
+    update(Session)
+    .where(_BY_SESSION_ID)
+    .values(
+        message_count=literal_column("0"),
+        token_usage=literal_column("0"),
+        compaction_count=literal_column("0"),
+        last_compacted_at=literal_column("NULL"),
+        last_compaction_summary=literal_column("NULL"),
+        status=literal_column(f"'{SessionStatus.ACTIVE.value}'"),
+        updated_at=bindparam("now"),
+    )
+    .returning(*SESSION.columns),
+    ("now", "session_id"),
+)
+
+
+def _lifecycle_scope(*, status: bool, scoped: bool) -> list[ColumnElement[bool]]:
+    clauses = [col(Session.updated_at) < bindparam("before")]
+    if status:
+        clauses.append(col(Session.status) == bindparam("status"))
+    if scoped:
+        clauses.append(col(Session.agent_id) == bindparam("agent_scope"))
+    return clauses
+
+
+@functools.cache
+def mark_idle(*, scoped: bool) -> Sql:
+    """Active sessions not updated since `:before` become idle; `updated_at` is kept."""
+    return compile_sql(
+        update(Session)
+        .where(*_lifecycle_scope(status=True, scoped=scoped))
+        .values(status=literal_column(f"'{SessionStatus.IDLE.value}'"))
+    )
+
+
+@functools.cache
+def prune_candidates(*, status: bool, scoped: bool) -> Sql:
+    """Ids and message counts of the next `:limit` sessions to prune, by id."""
+    return compile_sql(
+        select(col(Session.id), col(Session.message_count))
+        .where(*_lifecycle_scope(status=status, scoped=scoped))
+        .order_by(col(Session.id))
+        .limit(bindparam("limit"))
+        .offset(literal_column("0"))
+    )
+
+
+@functools.cache
+def prune_count(*, status: bool, scoped: bool) -> Sql:
+    """How many sessions a prune would delete."""
+    return compile_sql(
+        select(func.count())
+        .select_from(Session)
+        .where(*_lifecycle_scope(status=status, scoped=scoped))
+    )
+
+
+DELETE_SESSIONS = compile_sql(
+    delete(Session).where(
+        col(Session.id).in_(
+            select(literal_column("value")).select_from(func.json_each(bindparam("ids")))
+        )
+    ),
+    ("ids",),
+)
+"""Delete the sessions whose ids are in the JSON array `:ids` (their messages go with
+them through `ON DELETE CASCADE`)."""
