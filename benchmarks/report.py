@@ -464,9 +464,10 @@ after them. Two targets have little margin: scenario 2 against the floor (0.73×
 runs of 2026-11-26 gave 0.71–0.75×) and scenario 3 against the OpenAI Agents SDK's
 `SQLiteSession` (1.4–2.1× over that day's runs). The peers are measured after floor and
 ours, not in turns with them, so a slow spell of the machine can land on one side only:
-in the run above the floor's own read took 153 µs where it usually takes 83 µs, and ours
-271 µs where it usually takes 145–150 µs, while the peer's 375 µs is within its usual
-240–375 µs. When a run falls short, "Missed targets" above says by how much and why.
+on a quiet machine the floor reads 50 messages in about 83 µs, ours in 145–150 µs and
+that peer in 240–375 µs, so a floor figure well above 83 µs in the table marks a run
+whose comparisons with the peers lean against ours. When a run falls short, "Missed
+targets" above says by how much and why.
 
 `list_sessions` for one agent (scenario 5) uses the spec's `idx_sessions_agent_id`, then
 sorts that agent's sessions by `updated_at` (see its plan), so its time grows with the
