@@ -628,12 +628,14 @@ def read_scale() -> float:
 def query_plans(folder: Path) -> dict[str, list[str]]:
     """`EXPLAIN QUERY PLAN` of each hot query, on a store with the schema's indexes."""
     queries = {
-        "get_or_create / get (by key)": SELECT_SESSION,
-        "get_history(limit=50)": history(newest_first=True, limit=True, after=False, before=False),
+        "get_or_create / get (by key)": SELECT_SESSION.sqlite,
+        "get_history(limit=50)": history(
+            newest_first=True, limit=True, after=False, before=False
+        ).sqlite,
         "get_history(after_id=...)": history(
             newest_first=False, limit=False, after=True, before=False
-        ),
-        "list_sessions(agent_id=...)": list_sessions(("agent_id",), count=False),
+        ).sqlite,
+        "list_sessions(agent_id=...)": list_sessions(("agent_id",), count=False).sqlite,
     }
     with store(folder, "plans") as (path, _):
         conn = floor.connect(path)

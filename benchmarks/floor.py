@@ -30,8 +30,8 @@ from aisopod_session.statements import (
 # (role, content, tool_calls) of one message to append
 MessageSpec = tuple[str, str, list[Any] | None]
 
-NEWEST = history(newest_first=True, limit=True, after=False, before=False)
-LIST_FOR_AGENT = list_sessions(("agent_id",), count=False)
+NEWEST = history(newest_first=True, limit=True, after=False, before=False).sqlite
+LIST_FOR_AGENT = list_sessions(("agent_id",), count=False).sqlite
 # The floor binds tuples in these orders, as the repository does for its fixed statements.
 if NEWEST.names != (*KEY, "limit", "offset") or LIST_FOR_AGENT.names != (
     "agent_id",
@@ -67,14 +67,16 @@ def append(
     try:
         now = datetime.now(UTC)
         now_text = now.isoformat(timespec="microseconds")
-        found = conn.execute(COUNT_APPEND.text, (now_text, len(batch), tokens, *key)).fetchone()
+        found = conn.execute(
+            COUNT_APPEND.sqlite.text, (now_text, len(batch), tokens, *key)
+        ).fetchone()
         if found is None:
             raise LookupError("no session")
         session_id = found[0]
         values: list[Any] = []
         for role, content, tool_calls in batch:
             values += (session_id, role, content, _json(tool_calls), now_text)
-        ids = sorted(r[0] for r in conn.execute(insert_messages(len(batch)).text, values))
+        ids = sorted(r[0] for r in conn.execute(insert_messages(len(batch)).sqlite.text, values))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -120,7 +122,7 @@ def _session(row: Sequence[Any]) -> tuple[Any, ...]:
 
 def get_session(conn: sqlite3.Connection, key: tuple[str, ...]) -> tuple[Any, ...]:
     """`get_or_create` of an existing key: the one `SELECT`, decoded."""
-    row = conn.execute(SELECT_SESSION.text, key).fetchone()
+    row = conn.execute(SELECT_SESSION.sqlite.text, key).fetchone()
     if row is None:
         raise LookupError("no session")
     return _session(row)

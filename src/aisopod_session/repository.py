@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,17 +27,16 @@ from aisopod_session.models import (
     utc_text,
 )
 from aisopod_session.statements import (
-    COMPACTION_RANGE,
     COUNT_APPEND,
     DELETE_MESSAGES_UP_TO,
     DELETE_SESSION,
     DELETE_SESSION_MESSAGES,
-    DELETE_SESSIONS,
     HISTORY_MESSAGE,
     INSERT_MESSAGE_WITH_ID,
     INSERT_SESSION,
     KEY,
     MESSAGE,
+    NEWEST_REMOVED,
     RECORD_COMPACTION,
     RESET_SESSION,
     SELECT_CREATED_AT,
@@ -55,6 +53,7 @@ from aisopod_session.statements import (
     mark_idle,
     prune_candidates,
     prune_count,
+    prune_delete,
 )
 from aisopod_session.transactions import driver_transaction, prepare_engine
 
@@ -109,6 +108,7 @@ class SessionRepository:
         way on first use (`prepare_engine`), but its schema must already be migrated."""
         prepare_engine(engine)
         self.engine = engine
+        self._dialect = engine.dialect
         self._agent: str | None = None
 
     @property
@@ -161,21 +161,21 @@ class SessionRepository:
         """
         parts = self._key(key).parts()
         with driver_transaction(self.engine, "get_or_create", None) as conn:
-            row = conn.execute(SELECT_SESSION.text, parts).fetchone()
+            row = conn.execute(SELECT_SESSION.on(self._dialect).text, parts).fetchone()
         if row is not None:
             return SESSION.read(row)
         with driver_transaction(self.engine, "get_or_create", "IMMEDIATE") as conn:
             now = _now_text()  # under the lock, so time order follows commit order
-            row = conn.execute(INSERT_SESSION.text, (*parts, now, now)).fetchone()
+            row = conn.execute(INSERT_SESSION.on(self._dialect).text, (*parts, now, now)).fetchone()
             if row is None:  # created by another writer since the read
-                row = conn.execute(SELECT_SESSION.text, parts).fetchone()
+                row = conn.execute(SELECT_SESSION.on(self._dialect).text, parts).fetchone()
         return SESSION.read(row)
 
     def get(self, key: SessionKey | str) -> Session | None:
         """The session for `key`, or None. Read-only, one statement."""
         parts = self._key(key).parts()
         with driver_transaction(self.engine, "get", None) as conn:
-            row = conn.execute(SELECT_SESSION.text, parts).fetchone()
+            row = conn.execute(SELECT_SESSION.on(self._dialect).text, parts).fetchone()
         return None if row is None else SESSION.read(row)
 
     def get_by_id(self, id: int) -> Session | None:
@@ -183,7 +183,7 @@ class SessionRepository:
         repository is not confined to). Read-only, one statement."""
         _check_int("id", id, minimum=None)
         with driver_transaction(self.engine, "get_by_id", None) as conn:
-            row = conn.execute(SELECT_SESSION_BY_ID.text, (id,)).fetchone()
+            row = conn.execute(SELECT_SESSION_BY_ID.on(self._dialect).text, (id,)).fetchone()
         if row is None:
             return None
         session = SESSION.read(row)
@@ -204,7 +204,7 @@ class SessionRepository:
         _check_int("offset", offset, minimum=0)
         params["limit"] = limit
         params["offset"] = offset
-        sql = list_sessions(fields, count=False)
+        sql = list_sessions(fields, count=False).on(self._dialect)
         with driver_transaction(self.engine, "list_sessions", None) as conn:
             rows = conn.execute(sql.text, sql.bind(params)).fetchall()
         return [SESSION.read(row) for row in rows]
@@ -216,7 +216,7 @@ class SessionRepository:
         """How many sessions match `filter` (and the repository's agent, if confined).
         Read-only, one statement."""
         fields, params = self._filter_params(filter)
-        sql = list_sessions(fields, count=True)
+        sql = list_sessions(fields, count=True).on(self._dialect)
         with driver_transaction(self.engine, "count_sessions", None) as conn:
             (count,) = conn.execute(sql.text, sql.bind(params)).fetchone()
         return int(count)
@@ -236,12 +236,14 @@ class SessionRepository:
         changes = dict(check_json("changes", dict(changes)))
         parts = key.parts()
         with driver_transaction(self.engine, "update_metadata", "IMMEDIATE") as conn:
-            found = conn.execute(SELECT_META.text, parts).fetchone()
+            found = conn.execute(SELECT_META.on(self._dialect).text, parts).fetchone()
             if found is None:
                 raise _not_found(key)
             current = _read_json_object(found[0])
             meta = dump_json(changes if replace else {**current, **changes})
-            row = conn.execute(UPDATE_META.text, (_now_text(), meta, *parts)).fetchone()
+            row = conn.execute(
+                UPDATE_META.on(self._dialect).text, (_now_text(), meta, *parts)
+            ).fetchone()
         return SESSION.read(row)
 
     def set_status(self, key: SessionKey | str, status: SessionStatus | str) -> Session:
@@ -254,7 +256,9 @@ class SessionRepository:
             raise ValueError(f"status: {exc}") from None
         params = (new_status.value, *key.parts())
         with driver_transaction(self.engine, "set_status", "IMMEDIATE") as conn:
-            row = conn.execute(UPDATE_STATUS.text, (_now_text(), *params)).fetchone()
+            row = conn.execute(
+                UPDATE_STATUS.on(self._dialect).text, (_now_text(), *params)
+            ).fetchone()
             if row is None:
                 raise _not_found(key)
         return SESSION.read(row)
@@ -265,7 +269,7 @@ class SessionRepository:
         False if there was none."""
         key = self._key(key)
         with driver_transaction(self.engine, "delete", "IMMEDIATE") as conn:
-            deleted = conn.execute(DELETE_SESSION.text, key.parts()).fetchall()
+            deleted = conn.execute(DELETE_SESSION.on(self._dialect).text, key.parts()).fetchall()
         return bool(deleted)
 
     # --- messages ---------------------------------------------------------------------
@@ -325,7 +329,9 @@ class SessionRepository:
         with driver_transaction(self.engine, "append_messages", "IMMEDIATE") as conn:
             now = datetime.now(UTC)  # under the lock, so created_at follows id order
             now_text = utc_text(now)
-            found = conn.execute(COUNT_APPEND.text, (now_text, *counters)).fetchone()
+            found = conn.execute(
+                COUNT_APPEND.on(self._dialect).text, (now_text, *counters)
+            ).fetchone()
             if found is None:
                 raise _not_found(key)
             session_id = found[0]
@@ -335,7 +341,9 @@ class SessionRepository:
                 values: list[Any] = []
                 for role, content, _, stored_calls in chunk:
                     values += (session_id, role.value, content, stored_calls, now_text)
-                inserted = conn.execute(insert_messages(len(chunk)).text, values).fetchall()
+                inserted = conn.execute(
+                    insert_messages(len(chunk)).on(self._dialect).text, values
+                ).fetchall()
                 ids.extend(sorted(row[0] for row in inserted))
         build = MESSAGE.build
         return [
@@ -370,7 +378,10 @@ class SessionRepository:
         if limit == 0:
             # The joined query returns no row at all for LIMIT 0; only existence matters.
             with driver_transaction(self.engine, "get_history", None) as conn:
-                if conn.execute(SELECT_SESSION_ID.text, key.parts()).fetchone() is None:
+                if (
+                    conn.execute(SELECT_SESSION_ID.on(self._dialect).text, key.parts()).fetchone()
+                    is None
+                ):
                     raise _not_found(key)
             return []
         newest_first = limit is not None and after_id is None
@@ -379,7 +390,7 @@ class SessionRepository:
             limit=limit is not None,
             after=after_id is not None,
             before=before_id is not None,
-        )
+        ).on(self._dialect)
         params = {
             **dict(zip(KEY, key.parts(), strict=True)),
             "limit": limit,
@@ -429,23 +440,32 @@ class SessionRepository:
             if not summary.strip():
                 raise ValueError("summary: must not be empty or only whitespace")
         with driver_transaction(self.engine, "compact", "IMMEDIATE") as conn:
-            found = conn.execute(SELECT_SESSION_ID.text, key.parts()).fetchone()
+            found = conn.execute(SELECT_SESSION_ID.on(self._dialect).text, key.parts()).fetchone()
             if found is None:
                 raise _not_found(key)
             session_id = found[0]
-            removed, last = conn.execute(COMPACTION_RANGE.text, (session_id, keep_last)).fetchone()
-            if removed == 0:
-                row = conn.execute(SELECT_SESSION.text, key.parts()).fetchone()
+            newest_removed = conn.execute(
+                NEWEST_REMOVED.on(self._dialect).text, (session_id, keep_last)
+            ).fetchone()
+            if newest_removed is None:
+                row = conn.execute(SELECT_SESSION.on(self._dialect).text, key.parts()).fetchone()
                 return CompactionResult(removed=0, summary=None, session=SESSION.read(row))
-            (last_created,) = conn.execute(SELECT_CREATED_AT.text, (last,)).fetchone()
-            conn.execute(DELETE_MESSAGES_UP_TO.text, (session_id, last))
+            last = newest_removed[0]
+            (last_created,) = conn.execute(
+                SELECT_CREATED_AT.on(self._dialect).text, (last,)
+            ).fetchone()
+            removed = conn.execute(
+                DELETE_MESSAGES_UP_TO.on(self._dialect).text, (session_id, last)
+            ).rowcount
             summary_message = None
             if summary is not None:
                 values = (last, session_id, Role.SYSTEM.value, summary, None, last_created)
-                conn.execute(INSERT_MESSAGE_WITH_ID.text, values)
+                conn.execute(INSERT_MESSAGE_WITH_ID.on(self._dialect).text, values)
                 summary_message = HISTORY_MESSAGE.read((session_id, *values))
             now = _now_text()
-            row = conn.execute(RECORD_COMPACTION.text, (now, now, summary, session_id)).fetchone()
+            row = conn.execute(
+                RECORD_COMPACTION.on(self._dialect).text, (now, now, summary, session_id)
+            ).fetchone()
         return CompactionResult(
             removed=int(removed), summary=summary_message, session=SESSION.read(row)
         )
@@ -458,11 +478,13 @@ class SessionRepository:
         metadata. `SessionNotFoundError` if there is no session."""
         key = self._key(key)
         with driver_transaction(self.engine, "reset", "IMMEDIATE") as conn:
-            found = conn.execute(SELECT_SESSION_ID.text, key.parts()).fetchone()
+            found = conn.execute(SELECT_SESSION_ID.on(self._dialect).text, key.parts()).fetchone()
             if found is None:
                 raise _not_found(key)
-            conn.execute(DELETE_SESSION_MESSAGES.text, (found[0],))
-            row = conn.execute(RESET_SESSION.text, (_now_text(), found[0])).fetchone()
+            conn.execute(DELETE_SESSION_MESSAGES.on(self._dialect).text, (found[0],))
+            row = conn.execute(
+                RESET_SESSION.on(self._dialect).text, (_now_text(), found[0])
+            ).fetchone()
         return SESSION.read(row)
 
     def mark_idle(self, *, idle_for: timedelta) -> int:
@@ -473,7 +495,7 @@ class SessionRepository:
         `timedelta`."""
         if not isinstance(idle_for, timedelta) or idle_for <= timedelta(0):
             raise ValueError(f"idle_for: must be a positive timedelta, got {idle_for!r}")
-        sql = mark_idle(scoped=self._agent is not None)
+        sql = mark_idle(scoped=self._agent is not None).on(self._dialect)
         with driver_transaction(self.engine, "mark_idle", "IMMEDIATE") as conn:
             values = {
                 "before": utc_text(datetime.now(UTC) - idle_for),
@@ -522,10 +544,11 @@ class SessionRepository:
             "limit": PRUNE_BATCH_SESSIONS,
         }
         if dry_run:
-            sql = prune_count(**shape)
+            sql = prune_count(**shape).on(self._dialect)
             with driver_transaction(self.engine, "prune", None) as conn:
                 return int(conn.execute(sql.text, sql.bind(values)).fetchone()[0])
-        candidates = prune_candidates(**shape)
+        candidates = prune_candidates(**shape).on(self._dialect)
+        delete_batch = prune_delete(**shape).on(self._dialect)
         deleted = 0
         while True:
             with driver_transaction(self.engine, "prune", "IMMEDIATE") as conn:
@@ -538,7 +561,7 @@ class SessionRepository:
                     messages += count
                 if not batch:
                     return deleted
-                conn.execute(DELETE_SESSIONS.text, (json.dumps(batch),))
+                conn.execute(delete_batch.text, delete_batch.bind({**values, "last": batch[-1]}))
             deleted += len(batch)
             if on_batch is not None:
                 on_batch(deleted)

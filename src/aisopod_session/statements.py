@@ -33,7 +33,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm.state import InstanceState as _InstanceState
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -44,12 +46,26 @@ from aisopod_session.models import Message, Session, StoredText
 
 Model = TypeVar("Model", bound=SQLModel)
 
-_DIALECT = sqlite.dialect()  # pysqlite's own paramstyle: `?`, bound from a tuple
+SQLITE: Dialect = sqlite.dialect()  # pysqlite's own paramstyle: `?`, bound from a tuple
+
+
+def driver_dialect(dialect: Dialect) -> Dialect:
+    """The dialect statements are compiled with for an engine's dialect: the same
+    database, with positional parameters (`?` for sqlite3, `%s` for psycopg), so that
+    they are bound from a tuple."""
+    if dialect.name == "sqlite":
+        return SQLITE
+    if dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+        return PGDialect_psycopg(paramstyle="format")  # type: ignore[no-untyped-call]
+    raise ValueError(f"unsupported database {dialect.name!r}")
 
 
 @dataclass(frozen=True)
 class Sql:
-    """A compiled statement: its SQL text with `?` parameters, and their names in order."""
+    """A compiled statement: its SQL text with positional parameters, and their names in
+    order."""
 
     text: str
     names: tuple[str, ...]
@@ -60,12 +76,14 @@ class Sql:
         return tuple(values[name] for name in self.names)
 
 
-def compile_sql(statement: ClauseElement, order: Sequence[str] | None = None) -> Sql:
-    """`statement` compiled for SQLite. Every parameter must be a `bindparam` the caller
-    fills (a literal would hide a parameter the caller does not know to pass); `order`,
-    when given, is the parameter order the caller binds, checked here once, so a change
-    of the statement cannot silently shift values into the wrong places."""
-    compiled = statement.compile(dialect=_DIALECT)
+def compile_sql(
+    statement: ClauseElement, order: Sequence[str] | None = None, dialect: Dialect = SQLITE
+) -> Sql:
+    """`statement` compiled for `dialect`. Every parameter must be a `bindparam` the
+    caller fills (a literal would hide a parameter the caller does not know to pass);
+    `order`, when given, is the parameter order the caller binds, checked here once, so
+    a change of the statement cannot silently shift values into the wrong places."""
+    compiled = statement.compile(dialect=dialect)
     assert isinstance(compiled, SQLCompiler)
     hidden = sorted(name for name, value in compiled.params.items() if value is not None)
     if hidden:
@@ -74,6 +92,36 @@ def compile_sql(statement: ClauseElement, order: Sequence[str] | None = None) ->
     if order is not None and names != tuple(order):
         raise TypeError(f"statement binds {names}, not {tuple(order)}")
     return Sql(str(compiled), names)
+
+
+class Query:
+    """A statement written once with Core and compiled once per database (SQLite at
+    import, so a wrong parameter order fails at once; others on first use).
+
+    `build` makes the statement for a dialect name; most ignore it, and the few that
+    differ (an `INSERT … ON CONFLICT` is a dialect's own construct) choose by it."""
+
+    def __init__(
+        self, build: Callable[[str], ClauseElement], order: Sequence[str] | None = None
+    ) -> None:
+        self._build = build
+        self._order = order
+        self._compiled: dict[str, Sql] = {}
+        self.sqlite = self.on(SQLITE)
+
+    def on(self, dialect: Dialect) -> Sql:
+        """This statement compiled for `dialect` (cached)."""
+        compiled = self._compiled.get(dialect.name)
+        if compiled is None:
+            statement = self._build(dialect.name)
+            compiled = compile_sql(statement, self._order, driver_dialect(dialect))
+            self._compiled[dialect.name] = compiled
+        return compiled
+
+
+def query(statement: ClauseElement, order: Sequence[str] | None = None) -> Query:
+    """A `Query` whose statement is the same on every database."""
+    return Query(lambda _: statement, order)
 
 
 class Loader(Generic[Model]):
@@ -185,6 +233,11 @@ MESSAGE = Loader(Message)
 HISTORY_MESSAGE = Loader(Message, skip=1)
 """Messages from `history` rows, which start with the session's id."""
 
+
+def _insert_for(dialect: str) -> Any:
+    return postgresql_insert if dialect == "postgresql" else sqlite_insert
+
+
 KEY_COLUMNS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
 KEY = tuple(f"key_{name}" for name in KEY_COLUMNS)
 """The key's parameters in the order of `SessionKey.parts()`."""
@@ -193,42 +246,44 @@ _BY_KEY = and_(*(getattr(Session, name) == bindparam(f"key_{name}") for name in 
 
 # --- sessions ---------------------------------------------------------------------------
 
-SELECT_SESSION = compile_sql(select(*SESSION.columns).where(_BY_KEY), KEY)
-SELECT_SESSION_BY_ID = compile_sql(
+SELECT_SESSION = query(select(*SESSION.columns).where(_BY_KEY), KEY)
+SELECT_SESSION_BY_ID = query(
     select(*SESSION.columns).where(col(Session.id) == bindparam("id")), ("id",)
 )
-SELECT_SESSION_ID = compile_sql(select(col(Session.id)).where(_BY_KEY), KEY)
-SELECT_META = compile_sql(select(col(Session.meta)).where(_BY_KEY), KEY)
-INSERT_SESSION = compile_sql(
-    sqlite_insert(Session)
-    .values(
-        **{name: bindparam(f"key_{name}") for name in KEY_COLUMNS},
-        created_at=bindparam("now"),
-        updated_at=bindparam("now"),
-    )
-    .on_conflict_do_nothing(index_elements=list(KEY_COLUMNS))
-    .returning(*SESSION.columns),
+SELECT_SESSION_ID = query(select(col(Session.id)).where(_BY_KEY), KEY)
+SELECT_META = query(select(col(Session.meta)).where(_BY_KEY), KEY)
+INSERT_SESSION = Query(
+    lambda dialect: (
+        _insert_for(dialect)(Session)
+        .values(
+            **{name: bindparam(f"key_{name}") for name in KEY_COLUMNS},
+            created_at=bindparam("now"),
+            updated_at=bindparam("now"),
+        )
+        .on_conflict_do_nothing(index_elements=list(KEY_COLUMNS))
+        .returning(*SESSION.columns)
+    ),
     (*KEY, "now", "now"),
 )
-UPDATE_META = compile_sql(
+UPDATE_META = query(
     update(Session)
     .where(_BY_KEY)
     .values(meta=bindparam("meta"), updated_at=bindparam("now"))
     .returning(*SESSION.columns),
     ("now", "meta", *KEY),
 )
-UPDATE_STATUS = compile_sql(
+UPDATE_STATUS = query(
     update(Session)
     .where(_BY_KEY)
     .values(status=bindparam("status"), updated_at=bindparam("now"))
     .returning(*SESSION.columns),
     ("now", "status", *KEY),
 )
-DELETE_SESSION = compile_sql(delete(Session).where(_BY_KEY).returning(col(Session.id)), KEY)
+DELETE_SESSION = query(delete(Session).where(_BY_KEY).returning(col(Session.id)), KEY)
 
 
 @functools.cache
-def list_sessions(fields: tuple[str, ...], *, count: bool) -> Sql:
+def list_sessions(fields: tuple[str, ...], *, count: bool) -> Query:
     """`SELECT` of the sessions matching a filter with `fields` set, newest first, one
     page (`:limit`, `:offset`); or with `count` their number. Every field's value is the
     parameter of its name; `agent_scope` is the confined repository's agent."""
@@ -243,8 +298,8 @@ def list_sessions(fields: tuple[str, ...], *, count: bool) -> Sql:
         else:
             clauses.append(getattr(Session, name) == bindparam(name))
     if count:
-        return compile_sql(select(func.count()).select_from(Session).where(*clauses))
-    return compile_sql(
+        return query(select(func.count()).select_from(Session).where(*clauses))
+    return query(
         select(*SESSION.columns)
         .where(*clauses)
         .order_by(col(Session.updated_at).desc(), col(Session.id).desc())
@@ -255,7 +310,7 @@ def list_sessions(fields: tuple[str, ...], *, count: bool) -> Sql:
 
 # --- messages ---------------------------------------------------------------------------
 
-COUNT_APPEND = compile_sql(
+COUNT_APPEND = query(
     update(Session)
     .where(_BY_KEY)
     .values(
@@ -273,7 +328,7 @@ MESSAGE_VALUES = ("session_id", "role", "content", "tool_calls", "created_at")
 
 
 @functools.cache
-def insert_messages(count: int) -> Sql:
+def insert_messages(count: int) -> Query:
     """`INSERT` of `count` messages in one statement, returning their ids; bound from the
     rows' `MESSAGE_VALUES` one row after the other. Ids come back in no promised order,
     but rows get increasing ids in VALUES order, so sorted ids match rows in order."""
@@ -281,11 +336,11 @@ def insert_messages(count: int) -> Sql:
         {name: bindparam(f"{name}_{i}") for name in MESSAGE_VALUES} for i in range(count)
     ]
     order = [f"{name}_{i}" for i in range(count) for name in MESSAGE_VALUES]
-    return compile_sql(insert(Message).values(rows).returning(col(Message.id)), order)
+    return query(insert(Message).values(rows).returning(col(Message.id)), order)
 
 
 @functools.cache
-def history(*, newest_first: bool, limit: bool, after: bool, before: bool) -> Sql:
+def history(*, newest_first: bool, limit: bool, after: bool, before: bool) -> Query:
     """The session's id and its messages in one statement (one snapshot, one round
     trip): the session row is outer-joined to the messages between the exclusive bounds
     `:after_id` and `:before_id`, so a session without such messages still gives one row
@@ -296,7 +351,7 @@ def history(*, newest_first: bool, limit: bool, after: bool, before: bool) -> Sq
         on.append(col(Message.id) > bindparam("after_id"))
     if before:
         on.append(col(Message.id) < bindparam("before_id"))
-    query = (
+    statement = (
         select(col(Session.id), *MESSAGE.columns)
         .select_from(Session)
         .outerjoin(Message, and_(*on))
@@ -304,38 +359,35 @@ def history(*, newest_first: bool, limit: bool, after: bool, before: bool) -> Sq
         .order_by(col(Message.id).desc() if newest_first else col(Message.id))
     )
     if limit:
-        query = query.limit(bindparam("limit")).offset(bindparam("offset"))
-    return compile_sql(query)
+        statement = statement.limit(bindparam("limit")).offset(bindparam("offset"))
+    return query(statement)
 
 
 # --- lifecycle --------------------------------------------------------------------------
 
 _BY_SESSION_ID = col(Session.id) == bindparam("session_id")
 
-COMPACTION_RANGE = compile_sql(
-    select(func.count(), func.max(literal_column("id"))).select_from(
-        select(col(Message.id))
-        .where(col(Message.session_id) == bindparam("session_id"))
-        .order_by(col(Message.id).desc())
-        .limit(literal_column("-1"))
-        .offset(bindparam("keep_last"))
-        .subquery()
-    ),
+NEWEST_REMOVED = query(
+    select(col(Message.id))
+    .where(col(Message.session_id) == bindparam("session_id"))
+    .order_by(col(Message.id).desc())
+    .limit(literal_column("1"))
+    .offset(bindparam("keep_last")),
     ("session_id", "keep_last"),
 )
-"""How many of the session's messages fall outside the newest `keep_last`, and the id of
-the newest of them (every message up to that id goes)."""
+"""The id of the newest message outside the newest `keep_last` (none if there is no
+such message): compaction removes every message up to it."""
 
-DELETE_MESSAGES_UP_TO = compile_sql(
+DELETE_MESSAGES_UP_TO = query(
     delete(Message).where(
         col(Message.session_id) == bindparam("session_id"), col(Message.id) <= bindparam("last")
     ),
     ("session_id", "last"),
 )
-SELECT_CREATED_AT = compile_sql(
+SELECT_CREATED_AT = query(
     select(col(Message.created_at)).where(col(Message.id) == bindparam("id")), ("id",)
 )
-INSERT_MESSAGE_WITH_ID = compile_sql(
+INSERT_MESSAGE_WITH_ID = query(
     insert(Message).values(
         id=bindparam("id"),
         session_id=bindparam("session_id"),
@@ -352,7 +404,7 @@ _ROWS_OF_SESSION = (
     .where(col(Message.session_id) == col(Session.id))
     .scalar_subquery()
 )
-RECORD_COMPACTION = compile_sql(
+RECORD_COMPACTION = query(
     update(Session)
     .where(_BY_SESSION_ID)
     .values(
@@ -366,10 +418,10 @@ RECORD_COMPACTION = compile_sql(
     .returning(*SESSION.columns),
     ("now", "now", "summary", "session_id"),
 )
-DELETE_SESSION_MESSAGES = compile_sql(
+DELETE_SESSION_MESSAGES = query(
     delete(Message).where(col(Message.session_id) == bindparam("session_id")), ("session_id",)
 )
-RESET_SESSION = compile_sql(
+RESET_SESSION = query(
     update(Session)
     .where(_BY_SESSION_ID)
     .values(
@@ -396,9 +448,9 @@ def _lifecycle_scope(*, status: bool, scoped: bool) -> list[ColumnElement[bool]]
 
 
 @functools.cache
-def mark_idle(*, scoped: bool) -> Sql:
+def mark_idle(*, scoped: bool) -> Query:
     """Active sessions not updated since `:before` become idle; `updated_at` is kept."""
-    return compile_sql(
+    return query(
         update(Session)
         .where(*_lifecycle_scope(status=True, scoped=scoped))
         .values(status=literal_column(f"'{SessionStatus.IDLE.value}'"))
@@ -406,9 +458,9 @@ def mark_idle(*, scoped: bool) -> Sql:
 
 
 @functools.cache
-def prune_candidates(*, status: bool, scoped: bool) -> Sql:
+def prune_candidates(*, status: bool, scoped: bool) -> Query:
     """Ids and message counts of the next `:limit` sessions to prune, by id."""
-    return compile_sql(
+    return query(
         select(col(Session.id), col(Session.message_count))
         .where(*_lifecycle_scope(status=status, scoped=scoped))
         .order_by(col(Session.id))
@@ -418,22 +470,23 @@ def prune_candidates(*, status: bool, scoped: bool) -> Sql:
 
 
 @functools.cache
-def prune_count(*, status: bool, scoped: bool) -> Sql:
+def prune_count(*, status: bool, scoped: bool) -> Query:
     """How many sessions a prune would delete."""
-    return compile_sql(
+    return query(
         select(func.count())
         .select_from(Session)
         .where(*_lifecycle_scope(status=status, scoped=scoped))
     )
 
 
-DELETE_SESSIONS = compile_sql(
-    delete(Session).where(
-        col(Session.id).in_(
-            select(literal_column("value")).select_from(func.json_each(bindparam("ids")))
+@functools.cache
+def prune_delete(*, status: bool, scoped: bool) -> Query:
+    """Delete the sessions matching the prune's condition with ids up to `:last` (the
+    last of a batch picked by `prune_candidates` in the same transaction; the condition
+    is checked again, so a session written to since is kept). Messages go with them
+    through `ON DELETE CASCADE`."""
+    return query(
+        delete(Session).where(
+            *_lifecycle_scope(status=status, scoped=scoped), col(Session.id) <= bindparam("last")
         )
-    ),
-    ("ids",),
-)
-"""Delete the sessions whose ids are in the JSON array `:ids` (their messages go with
-them through `ON DELETE CASCADE`)."""
+    )
