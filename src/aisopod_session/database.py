@@ -59,10 +59,12 @@ def open_database(
         raise ValueError(f"synchronous: must be 'NORMAL' or 'FULL', got {synchronous!r}")
 
     url = database_url(target)
+    if url.get_backend_name() == "postgresql":
+        return _open_postgresql(url, migrate=migrate, echo=echo)
     if url.get_backend_name() != "sqlite":
         raise SessionStoreError(
-            f"unsupported database {url.get_backend_name()!r}: this version stores sessions "
-            "in SQLite only"
+            f"unsupported database {url.get_backend_name()!r}: sessions are stored in "
+            "SQLite or PostgreSQL"
         )
     in_memory = url.database in (None, "", ":memory:")
     engine_args: dict[str, Any] = {
@@ -86,6 +88,35 @@ def open_database(
             check_schema(engine)
             if not in_memory:
                 _enable_wal(engine, busy_timeout=busy_timeout)
+            if migrate:
+                run_migrations(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
+def _open_postgresql(url: URL, *, migrate: bool, echo: bool) -> Engine:
+    """A PostgreSQL engine through psycopg 3 (`postgresql+psycopg://…`; a bare
+    `postgresql://` URL means the same driver), checked and migrated like a SQLite one.
+    The migrator serialises hosts with an advisory lock (see `run_migrations`)."""
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    if url.drivername != "postgresql+psycopg":
+        raise SessionStoreError(
+            f"unsupported PostgreSQL driver {url.drivername!r}: use postgresql+psycopg://"
+        )
+    try:
+        import psycopg  # noqa: F401 - only to give a clear error when it is missing
+    except ImportError:
+        raise SessionStoreError(
+            "PostgreSQL needs psycopg 3: pip install 'aisopod-session[postgresql]'"
+        ) from None
+    # pool_pre_ping: a gateway's pool outlives server restarts and idle-connection reaping.
+    engine = create_engine(url, echo=echo, pool_pre_ping=True)
+    try:
+        with translated_errors(f"open {url.render_as_string(hide_password=True)}"):
+            check_schema(engine)
             if migrate:
                 run_migrations(engine)
     except BaseException:

@@ -38,10 +38,29 @@ class DatabaseBusyError(SessionStoreError):
     """The write lock could not be taken within the busy timeout."""
 
 
+def _driver_errors() -> tuple[type[Exception], ...]:
+    errors: list[type[Exception]] = [sqlite3.Error]
+    try:
+        import psycopg
+    except ImportError:  # the postgresql extra is not installed
+        pass
+    else:
+        errors.append(psycopg.Error)
+    return tuple(errors)
+
+
+DRIVER_ERRORS = _driver_errors()
+"""The base errors of the drivers the store runs on (sqlite3, and psycopg if installed)."""
+_TRANSLATED: tuple[type[Exception], ...] = (sa_exc.StatementError, *DRIVER_ERRORS)
+
+
 def is_busy(error: BaseException) -> bool:
     """Whether a driver error means another connection holds a lock we need."""
     reason = str(error)
-    return isinstance(error, sqlite3.OperationalError) and ("locked" in reason or "busy" in reason)
+    if isinstance(error, sqlite3.OperationalError):
+        return "locked" in reason or "busy" in reason
+    # PostgreSQL: lock_not_available (a lock_timeout ran out) or a deadlock broken.
+    return getattr(error, "sqlstate", None) in ("55P03", "40P01")
 
 
 @contextmanager
@@ -52,7 +71,7 @@ def translated_errors(action: str) -> Iterator[None]:
         yield
     except SessionStoreError:
         raise
-    except (sa_exc.StatementError, sqlite3.Error) as exc:
+    except _TRANSLATED as exc:
         raise translate(exc, action) from exc
 
 
@@ -60,9 +79,7 @@ def translate(error: BaseException, action: str) -> BaseException:
     """The `SessionStoreError` for a driver or SQLAlchemy error (other exceptions are
     returned as they are). `action` says what was being done ("append_messages"), so the
     message names the operation as well as the reason."""
-    if isinstance(error, SessionStoreError) or not isinstance(
-        error, sa_exc.StatementError | sqlite3.Error
-    ):
+    if isinstance(error, SessionStoreError) or not isinstance(error, _TRANSLATED):
         return error
     # SQLAlchemy wraps driver errors (and errors binding parameters); the driver's own
     # are not wrapped.

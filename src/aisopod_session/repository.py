@@ -35,6 +35,7 @@ from aisopod_session.statements import (
     INSERT_MESSAGE_WITH_ID,
     INSERT_SESSION,
     KEY,
+    LOCK_SESSION,
     MESSAGE,
     NEWEST_REMOVED,
     RECORD_COMPACTION,
@@ -440,7 +441,7 @@ class SessionRepository:
             if not summary.strip():
                 raise ValueError("summary: must not be empty or only whitespace")
         with driver_transaction(self.engine, "compact", "IMMEDIATE") as conn:
-            found = conn.execute(SELECT_SESSION_ID.on(self._dialect).text, key.parts()).fetchone()
+            found = conn.execute(LOCK_SESSION.on(self._dialect).text, key.parts()).fetchone()
             if found is None:
                 raise _not_found(key)
             session_id = found[0]
@@ -478,7 +479,7 @@ class SessionRepository:
         metadata. `SessionNotFoundError` if there is no session."""
         key = self._key(key)
         with driver_transaction(self.engine, "reset", "IMMEDIATE") as conn:
-            found = conn.execute(SELECT_SESSION_ID.on(self._dialect).text, key.parts()).fetchone()
+            found = conn.execute(LOCK_SESSION.on(self._dialect).text, key.parts()).fetchone()
             if found is None:
                 raise _not_found(key)
             conn.execute(DELETE_SESSION_MESSAGES.on(self._dialect).text, (found[0],))

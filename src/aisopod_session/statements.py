@@ -251,7 +251,12 @@ SELECT_SESSION_BY_ID = query(
     select(*SESSION.columns).where(col(Session.id) == bindparam("id")), ("id",)
 )
 SELECT_SESSION_ID = query(select(col(Session.id)).where(_BY_KEY), KEY)
-SELECT_META = query(select(col(Session.meta)).where(_BY_KEY), KEY)
+# FOR UPDATE locks the session's row on PostgreSQL for the rest of the transaction (a
+# read-modify-write must not lose a concurrent change); SQLite's write transaction holds
+# the database lock already, and its compiler leaves the clause out.
+SELECT_META = query(select(col(Session.meta)).where(_BY_KEY).with_for_update(), KEY)
+LOCK_SESSION = query(select(col(Session.id)).where(_BY_KEY).with_for_update(), KEY)
+"""The session's id, its row locked until the transaction ends (compact, reset)."""
 INSERT_SESSION = Query(
     lambda dialect: (
         _insert_for(dialect)(Session)

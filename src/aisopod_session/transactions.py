@@ -35,7 +35,7 @@ from sqlalchemy.pool import (
     StaticPool,
 )
 
-from aisopod_session.errors import translate
+from aisopod_session.errors import DRIVER_ERRORS, translate
 
 DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds a writer waits for another writer's lock before `DatabaseBusyError`."""
@@ -227,16 +227,27 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
     naming `action`; any exception rolls everything back.
     """
 
-    __slots__ = ("_action", "_begin", "_conn", "_engine", "_shared")
+    __slots__ = ("_action", "_begin", "_conn", "_engine", "_server", "_shared")
 
     def __init__(self, engine: Engine, action: str, mode: BeginMode | None) -> None:
         self._engine = engine
         self._action = action
         self._begin = None if mode is None else _BEGIN[mode]
         self._shared: PoolProxiedConnection | None = None
+        self._server = False
+        self._conn: Any = None  # the driver's connection: sqlite3's or psycopg's
 
-    def __enter__(self) -> sqlite3.Connection:
+    def __enter__(self) -> Any:
         try:
+            if self._engine.dialect.name != "sqlite":
+                # PostgreSQL (psycopg): a pooled connection per call, whose transaction
+                # begins with the first statement; rows are locked by the statements
+                # themselves (UPDATE, SELECT … FOR UPDATE), so no BEGIN mode is needed.
+                self._shared = self._engine.raw_connection()
+                self._conn = self._shared.driver_connection
+                self._begin = None
+                self._server = True
+                return self._conn
             if isinstance(self._engine.pool, StaticPool | SingletonThreadPool):
                 self._shared = self._engine.raw_connection()
                 conn = self._shared.driver_connection
@@ -261,6 +272,9 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
         traceback: TracebackType | None,
     ) -> None:
         conn = self._conn
+        if self._server:
+            self._end_server_transaction(error)
+            return
         try:
             if error is None and self._begin is not None:
                 try:
@@ -278,6 +292,21 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
         finally:
             self._release()
         if isinstance(error, sqlite3.Error):
+            raise translate(error, self._action) from error
+
+    def _end_server_transaction(self, error: BaseException | None) -> None:
+        conn = self._conn
+        try:
+            if error is None:
+                try:
+                    conn.commit()
+                except DRIVER_ERRORS as exc:
+                    error = exc
+            if error is not None:
+                conn.rollback()
+        finally:
+            self._release()
+        if isinstance(error, DRIVER_ERRORS):
             raise translate(error, self._action) from error
 
     def _discard(self) -> None:
