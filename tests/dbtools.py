@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Engine, inspect
+
 SEED_SCHEMA = Path(__file__).with_name("seed_schema.sql")
 
 
@@ -41,8 +43,20 @@ def run_sql(path: Path, sql: str, params: Sequence[Any] = ()) -> None:
         conn.close()  # the last connection to close checkpoints the WAL into the file
 
 
-def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table (and the schema), to prove a call changed nothing."""
+def snapshot(target: Path | Engine) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table (and, for a SQLite file, the schema), to prove a call
+    changed nothing. An engine is read through SQLAlchemy, so on either backend."""
+    if isinstance(target, Engine):
+        with target.connect() as connection:
+            names = sorted(inspect(connection).get_table_names())
+            return {
+                name: [
+                    tuple(row)
+                    for row in connection.exec_driver_sql(f'SELECT * FROM "{name}" ORDER BY 1')
+                ]
+                for name in names
+            }
+    path = target
     with sqlite3.connect(path) as conn:
         tables = [
             name

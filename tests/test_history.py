@@ -15,6 +15,12 @@ from aisopod_session import (
 
 
 @pytest.fixture
+def repo(store_repo: SessionRepository) -> SessionRepository:
+    """Every test of this module runs on SQLite and on PostgreSQL (see conftest)."""
+    return store_repo
+
+
+@pytest.fixture
 def filled(repo: SessionRepository, key: SessionKey, other_key: SessionKey) -> list[Message]:
     """25 messages in `key`, interleaved with messages of `other_key` so ids have gaps."""
     repo.get_or_create(key)

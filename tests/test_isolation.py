@@ -4,9 +4,9 @@ the unscoped repository is the admin view of every agent."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 from aisopod_session import (
     AccessDeniedError,
@@ -19,6 +19,13 @@ from aisopod_session import (
     SessionStoreError,
 )
 from tests.dbtools import snapshot
+
+
+@pytest.fixture
+def repo(store_repo: SessionRepository) -> SessionRepository:
+    """Every test of this module runs on SQLite and on PostgreSQL (see conftest)."""
+    return store_repo
+
 
 MINE = SessionKey("agent-1", "telegram", "bot-A", "dm", "User-42")
 THEIRS = SessionKey("agent-2", "telegram", "bot-A", "dm", "User-42")
@@ -52,25 +59,25 @@ def admin(repo: SessionRepository) -> SessionRepository:
 @pytest.mark.parametrize("method", list(KEYED_CALLS))
 @pytest.mark.parametrize("as_text", [False, True], ids=["key", "text"])
 def test_every_keyed_call_with_another_agents_key_is_denied_and_changes_nothing(
-    admin: SessionRepository, db_path: Path, method: str, as_text: bool
+    admin: SessionRepository, store: Engine, method: str, as_text: bool
 ) -> None:
     scoped = admin.for_agent("agent-1")
-    before = snapshot(db_path)
+    before = snapshot(store)
     key: SessionKey | str = THEIRS.canonical() if as_text else THEIRS
     with pytest.raises(AccessDeniedError, match="agent-2"):
         KEYED_CALLS[method](scoped, key)
-    assert snapshot(db_path) == before
+    assert snapshot(store) == before
 
 
 @pytest.mark.parametrize("method", list(KEYED_CALLS))
 def test_a_key_of_an_agent_with_no_sessions_is_denied_too(
-    admin: SessionRepository, db_path: Path, method: str
+    admin: SessionRepository, store: Engine, method: str
 ) -> None:
     scoped = admin.for_agent("agent-1")
-    before = snapshot(db_path)
+    before = snapshot(store)
     with pytest.raises(AccessDeniedError):
         KEYED_CALLS[method](scoped, SessionKey("agent-9", "telegram", "b", "dm", "p"))
-    assert snapshot(db_path) == before
+    assert snapshot(store) == before
 
 
 def test_access_denied_is_a_session_store_error() -> None:

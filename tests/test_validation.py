@@ -6,11 +6,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import Engine
 
 from aisopod_session import (
     NewMessage,
@@ -22,6 +22,13 @@ from aisopod_session import (
 )
 from aisopod_session.models import MAX_JSON_DEPTH
 from tests.dbtools import snapshot
+
+
+@pytest.fixture
+def repo(store_repo: SessionRepository) -> SessionRepository:
+    """Every test of this module runs on SQLite and on PostgreSQL (see conftest)."""
+    return store_repo
+
 
 Call = Callable[[SessionRepository, SessionKey], object]
 
@@ -139,13 +146,13 @@ def populated(repo: SessionRepository, key: SessionKey) -> SessionRepository:
 
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_input_is_rejected_naming_the_field_and_nothing_is_written(
-    populated: SessionRepository, key: SessionKey, db_path: Path, case: str
+    populated: SessionRepository, key: SessionKey, store: Engine, case: str
 ) -> None:
     field, call = BAD_CALLS[case]
-    before = snapshot(db_path)
+    before = snapshot(store)
     with pytest.raises(ValueError, match=re.escape(field)):
         call(populated, key)
-    assert snapshot(db_path) == before
+    assert snapshot(store) == before
 
 
 def test_filter_rejects_unknown_fields() -> None:
@@ -170,7 +177,7 @@ def test_json_at_the_depth_limit_is_accepted(populated: SessionRepository, key: 
 
 
 def test_sql_meta_characters_are_plain_data_in_every_text_field(
-    repo: SessionRepository, db_path: Path
+    repo: SessionRepository, store: Engine
 ) -> None:
     evil = "'; DROP TABLE sessions; --"
     key = SessionKey(evil, evil, evil, "dm", evil)
@@ -186,7 +193,7 @@ def test_sql_meta_characters_are_plain_data_in_every_text_field(
     assert history[0].tool_calls == [{evil: evil}]
     assert repo.count_sessions({"agent_id": evil, "peer_id": evil}) == 1
     assert repo.set_status(key, SessionStatus.IDLE).status is SessionStatus.IDLE
-    assert {"sessions", "messages"} <= set(snapshot(db_path))
+    assert {"sessions", "messages"} <= set(snapshot(store))
 
 
 @pytest.mark.parametrize(
@@ -200,9 +207,9 @@ def test_sql_meta_characters_are_plain_data_in_every_text_field(
     ],
 )
 def test_integers_beyond_64_bits_are_rejected(
-    populated: SessionRepository, key: SessionKey, db_path: Path, field: str, call: Call
+    populated: SessionRepository, key: SessionKey, store: Engine, field: str, call: Call
 ) -> None:
-    before = snapshot(db_path)
+    before = snapshot(store)
     with pytest.raises(ValueError, match=rf"{field}: must fit in a 64-bit"):
         call(populated, key)
-    assert snapshot(db_path) == before
+    assert snapshot(store) == before
