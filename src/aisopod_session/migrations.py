@@ -54,6 +54,16 @@ class Migration:
         return self.checksum_for("sqlite")
 
 
+# The seed's six indexes, in the same SQL on SQLite and PostgreSQL.
+_SEED_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS idx_sessions_agent_id ON sessions(agent_id)",
+    "CREATE INDEX IF NOT EXISTS idx_sessions_channel ON sessions(channel, account_id)",
+    "CREATE INDEX IF NOT EXISTS idx_sessions_status ON sessions(status)",
+    "CREATE INDEX IF NOT EXISTS idx_sessions_updated_at ON sessions(updated_at)",
+    "CREATE INDEX IF NOT EXISTS idx_messages_session_id ON messages(session_id)",
+    "CREATE INDEX IF NOT EXISTS idx_messages_created_at ON messages(session_id, created_at)",
+)
+
 # Migration 1 is the seed spec's DDL as written. `IF NOT EXISTS` lets a file whose tables
 # were created by plain SQL from that spec (and has no schema_version yet) be adopted.
 MIGRATIONS: list[Migration] = [
@@ -84,13 +94,7 @@ MIGRATIONS: list[Migration] = [
     tool_calls TEXT,
     created_at TEXT NOT NULL
 )""",
-            "CREATE INDEX IF NOT EXISTS idx_sessions_agent_id ON sessions(agent_id)",
-            "CREATE INDEX IF NOT EXISTS idx_sessions_channel ON sessions(channel, account_id)",
-            "CREATE INDEX IF NOT EXISTS idx_sessions_status ON sessions(status)",
-            "CREATE INDEX IF NOT EXISTS idx_sessions_updated_at ON sessions(updated_at)",
-            "CREATE INDEX IF NOT EXISTS idx_messages_session_id ON messages(session_id)",
-            "CREATE INDEX IF NOT EXISTS idx_messages_created_at "
-            "ON messages(session_id, created_at)",
+            *_SEED_INDEXES,
         ),
         # The same tables on PostgreSQL: identity ids (BY DEFAULT, so ids can be given,
         # as copies and compaction summaries do), the same text columns and index names.
@@ -118,13 +122,7 @@ MIGRATIONS: list[Migration] = [
     tool_calls TEXT,
     created_at TEXT NOT NULL
 )""",
-            "CREATE INDEX IF NOT EXISTS idx_sessions_agent_id ON sessions(agent_id)",
-            "CREATE INDEX IF NOT EXISTS idx_sessions_channel ON sessions(channel, account_id)",
-            "CREATE INDEX IF NOT EXISTS idx_sessions_status ON sessions(status)",
-            "CREATE INDEX IF NOT EXISTS idx_sessions_updated_at ON sessions(updated_at)",
-            "CREATE INDEX IF NOT EXISTS idx_messages_session_id ON messages(session_id)",
-            "CREATE INDEX IF NOT EXISTS idx_messages_created_at "
-            "ON messages(session_id, created_at)",
+            *_SEED_INDEXES,
         ),
     ),
     # Migration 2 is the Rust crate's schema version 2: compaction bookkeeping.
