@@ -4,6 +4,7 @@ Open a store with `open_database`, inject a `SessionRepository` into your servic
 address conversations by `SessionKey`.
 """
 
+from aisopod_session.copying import CopyResult, copy_database
 from aisopod_session.database import database_url, open_database
 from aisopod_session.enums import PeerKind, Role, SessionStatus
 from aisopod_session.errors import (
@@ -36,6 +37,7 @@ __all__ = [
     "AccessDeniedError",
     "AppliedMigration",
     "CompactionResult",
+    "CopyResult",
     "DatabaseBusyError",
     "Message",
     "Migration",
@@ -53,6 +55,7 @@ __all__ = [
     "SessionStoreError",
     "applied_migrations",
     "check_schema",
+    "copy_database",
     "current_version",
     "database_url",
     "open_database",
