@@ -4,15 +4,14 @@ upgrading a version-1 file full of data."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from freezegun import freeze_time
+from sqlalchemy import Engine, text
 
 from aisopod_session import (
     MIGRATIONS,
@@ -26,20 +25,26 @@ from aisopod_session import (
     open_database,
     run_migrations,
 )
-from tests.dbtools import raw_connect, snapshot
+from tests.dbtools import snapshot
 
 T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 
 
-def counters_match_rows(path: Path) -> None:
-    conn = sqlite3.connect(path)
-    wrong = conn.execute(
-        "SELECT id, message_count, (SELECT count(*) FROM messages m WHERE m.session_id = s.id) "
-        "FROM sessions s WHERE message_count != "
-        "(SELECT count(*) FROM messages m WHERE m.session_id = s.id)"
-    ).fetchall()
-    conn.close()
+def counters_match_rows(engine: Engine) -> None:
+    with engine.connect() as conn:
+        wrong = conn.execute(
+            text(
+                "SELECT id, message_count FROM sessions s WHERE message_count != "
+                "(SELECT count(*) FROM messages m WHERE m.session_id = s.id)"
+            )
+        ).all()
     assert wrong == []
+
+
+@pytest.fixture
+def repo(store_repo: SessionRepository) -> SessionRepository:
+    """Every test of this module runs on SQLite and on PostgreSQL (see conftest)."""
+    return store_repo
 
 
 @pytest.fixture
@@ -56,7 +61,7 @@ def talked(repo: SessionRepository, key: SessionKey) -> SessionRepository:
 
 
 def test_compact_keeps_the_newest_in_order_with_the_summary_first(
-    talked: SessionRepository, key: SessionKey, db_path: Path
+    talked: SessionRepository, key: SessionKey, store: Engine
 ) -> None:
     before = talked.get_history(key)
     with freeze_time(T0 + timedelta(hours=1)):
@@ -80,30 +85,30 @@ def test_compact_keeps_the_newest_in_order_with_the_summary_first(
     assert session.last_compacted_at == session.updated_at == T0 + timedelta(hours=1)
     assert session.last_compaction_summary == "m0 to m6, in short"
     assert talked.get(key) == session
-    counters_match_rows(db_path)
+    counters_match_rows(store)
 
 
 def test_compact_without_a_summary_only_removes(
-    talked: SessionRepository, key: SessionKey, db_path: Path
+    talked: SessionRepository, key: SessionKey, store: Engine
 ) -> None:
     result = talked.compact(key, keep_last=2)
     assert [m.content for m in talked.get_history(key)] == ["m8", "m9"]
     assert (result.removed, result.summary, result.message_count) == (8, None, 2)
     assert result.session.last_compaction_summary is None
-    counters_match_rows(db_path)
+    counters_match_rows(store)
 
 
 def test_compact_to_nothing_leaves_only_the_summary(
-    talked: SessionRepository, key: SessionKey, db_path: Path
+    talked: SessionRepository, key: SessionKey, store: Engine
 ) -> None:
     result = talked.compact(key, keep_last=0, summary="all of it")
     assert [m.content for m in talked.get_history(key)] == ["all of it"]
     assert (result.removed, result.message_count) == (10, 1)
-    counters_match_rows(db_path)
+    counters_match_rows(store)
 
 
 def test_compacting_again_replaces_the_old_summary(
-    talked: SessionRepository, key: SessionKey, db_path: Path
+    talked: SessionRepository, key: SessionKey, store: Engine
 ) -> None:
     talked.compact(key, keep_last=5, summary="first")
     talked.append_message(key, Role.USER, "m10")
@@ -111,18 +116,18 @@ def test_compacting_again_replaces_the_old_summary(
     assert [m.content for m in talked.get_history(key)] == ["second", "m9", "m10"]
     assert result.compaction_count == 2
     assert result.session.last_compaction_summary == "second"
-    counters_match_rows(db_path)
+    counters_match_rows(store)
 
 
 def test_compact_with_nothing_to_remove_changes_nothing(
-    talked: SessionRepository, key: SessionKey, db_path: Path
+    talked: SessionRepository, key: SessionKey, store: Engine
 ) -> None:
-    before = snapshot(db_path)
+    before = snapshot(store)
     for keep_last in (10, 50):
         result = talked.compact(key, keep_last=keep_last, summary="nothing to summarise")
         assert (result.removed, result.summary, result.compaction_count) == (0, None, 0)
         assert result.session.status is SessionStatus.ACTIVE
-    assert snapshot(db_path) == before
+    assert snapshot(store) == before
 
 
 def test_appending_after_a_compaction_makes_the_session_active(
@@ -139,7 +144,7 @@ def test_appending_after_a_compaction_makes_the_session_active(
 
 
 def test_reset_returns_the_session_to_its_fresh_state_keeping_id_created_and_meta(
-    talked: SessionRepository, key: SessionKey, db_path: Path
+    talked: SessionRepository, key: SessionKey, store: Engine
 ) -> None:
     talked.update_metadata(key, {"lang": "pt"})
     talked.compact(key, keep_last=4, summary="s")
@@ -154,7 +159,7 @@ def test_reset_returns_the_session_to_its_fresh_state_keeping_id_created_and_met
     assert session.status is SessionStatus.ACTIVE
     assert session.updated_at == T0 + timedelta(days=1)
     assert talked.get(key) == session
-    counters_match_rows(db_path)
+    counters_match_rows(store)
 
 
 # --- mark_idle ----------------------------------------------------------------------------
@@ -215,23 +220,22 @@ def test_the_idle_boundary_is_exact(repo: SessionRepository) -> None:
 
 
 def test_prune_deletes_old_sessions_with_their_messages_and_dry_run_only_counts(
-    repo: SessionRepository, db_path: Path
+    repo: SessionRepository, store: Engine
 ) -> None:
     keys = make_sessions(
         repo,
         {"a-old": timedelta(days=40), "a-older": timedelta(days=90), "a-new": timedelta(days=1)},
     )
     cutoff = T0 - timedelta(days=30)
-    before = snapshot(db_path)
+    before = snapshot(store)
     assert repo.prune(updated_before=cutoff, dry_run=True) == 2
-    assert snapshot(db_path) == before
+    assert snapshot(store) == before
     assert repo.prune(updated_before=cutoff) == 2
     assert [s.peer_id for s in repo.list_sessions()] == ["a-new"]
     assert repo.get(keys["a-old"]) is None
-    conn = sqlite3.connect(db_path)
-    assert conn.execute("SELECT count(*) FROM messages").fetchone() == (1,)
-    conn.close()
-    counters_match_rows(db_path)
+    with store.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM messages")).scalar_one() == 1
+    counters_match_rows(store)
 
 
 def test_prune_can_be_limited_to_a_status(repo: SessionRepository) -> None:
@@ -242,31 +246,33 @@ def test_prune_can_be_limited_to_a_status(repo: SessionRepository) -> None:
     assert [s.peer_id for s in repo.list_sessions()] == ["a-1"]
 
 
-def fill_old_sessions(path: Path, sessions: int, messages_each: int) -> None:
+def fill_old_sessions(engine: Engine, sessions: int, messages_each: int) -> None:
     """Plain-SQL set-up: `sessions` sessions of agent `bulk`, last updated a year ago."""
     stamp = (T0 - timedelta(days=365)).isoformat(timespec="microseconds")
-    conn = raw_connect(path)
-    conn.execute("BEGIN")
-    conn.executemany(
-        "INSERT INTO sessions (agent_id, channel, account_id, peer_kind, peer_id, created_at, "
-        "updated_at, message_count) VALUES ('bulk', 'telegram', 'bot', 'dm', ?, ?, ?, ?)",
-        ((f"p{i}", stamp, stamp, messages_each) for i in range(sessions)),
-    )
-    conn.execute(
-        "INSERT INTO messages (session_id, role, content, created_at) "
-        "SELECT s.id, 'user', 'old', ? FROM sessions s, "
-        "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
-        "SELECT i FROM n)",
-        (stamp, messages_each),
-    )
-    conn.execute("COMMIT")
-    conn.close()
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO sessions (agent_id, channel, account_id, peer_kind, peer_id, "
+                "created_at, updated_at, message_count) "
+                "VALUES ('bulk', 'telegram', 'bot', 'dm', :peer, :stamp, :stamp, :count)"
+            ),
+            [{"peer": f"p{i}", "stamp": stamp, "count": messages_each} for i in range(sessions)],
+        )
+        conn.execute(
+            text(
+                "INSERT INTO messages (session_id, role, content, created_at) "
+                "SELECT s.id, 'user', 'old', :stamp FROM sessions s, "
+                "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+                "WHERE i < :each) SELECT i FROM n) AS numbers"
+            ),
+            {"stamp": stamp, "each": messages_each},
+        )
 
 
 def test_a_large_prune_lets_another_writer_go_on(
-    repo: SessionRepository, key: SessionKey, db_path: Path
+    repo: SessionRepository, key: SessionKey, store: Engine
 ) -> None:
-    fill_old_sessions(db_path, 50_000, 2)
+    fill_old_sessions(store, 50_000, 2)
     repo.get_or_create(key)
     events: list[str] = []
     done = threading.Event()
@@ -299,7 +305,7 @@ def test_a_large_prune_lets_another_writer_go_on(
     session = repo.get(key)
     assert session is not None
     assert session.message_count == events.count("write")
-    counters_match_rows(db_path)
+    counters_match_rows(store)
 
 
 # --- confinement and bad input ------------------------------------------------------------
@@ -347,13 +353,13 @@ BAD_CALLS: dict[str, tuple[str, Callable[[SessionRepository, SessionKey], Any]]]
 
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_lifecycle_arguments_are_refused_and_change_nothing(
-    talked: SessionRepository, key: SessionKey, db_path: Path, case: str
+    talked: SessionRepository, key: SessionKey, store: Engine, case: str
 ) -> None:
     field, call = BAD_CALLS[case]
-    before = snapshot(db_path)
+    before = snapshot(store)
     with pytest.raises(ValueError, match=field):
         call(talked, key)
-    assert snapshot(db_path) == before
+    assert snapshot(store) == before
 
 
 def test_compact_and_reset_need_a_session(repo: SessionRepository, key: SessionKey) -> None:
@@ -366,25 +372,24 @@ def test_compact_and_reset_need_a_session(repo: SessionRepository, key: SessionK
 # --- migration 2 --------------------------------------------------------------------------
 
 
-def test_a_version_1_file_full_of_data_upgrades_with_nothing_lost(db_path: Path) -> None:
-    engine = open_database(db_path, migrate=False)
+def test_a_version_1_store_full_of_data_upgrades_with_nothing_lost(store_url: str) -> None:
+    engine = open_database(store_url, migrate=False)
     assert run_migrations(engine, MIGRATIONS[:1]) == 1
+    fill_old_sessions(engine, 100, 100)  # 10 000 messages, as version 1 stores them
+    before = snapshot(engine)
     engine.dispose()
-    fill_old_sessions(db_path, 100, 100)  # 10 000 messages, as version 1 stores them
-    before = snapshot(db_path)
 
-    engine = open_database(db_path)
-    engine.dispose()
-    after = snapshot(db_path)
+    engine = open_database(store_url)
+    after = snapshot(engine)
     assert after["messages"] == before["messages"]
     old_columns = len(before["sessions"][0])
     assert [row[:old_columns] for row in after["sessions"]] == before["sessions"]
     assert {row[old_columns:] for row in after["sessions"]} == {(0, None, None)}
     assert [row[0] for row in after["schema_version"]] == list(range(1, SCHEMA_VERSION + 1))
-    counters_match_rows(db_path)
-    repo = SessionRepository(open_database(db_path))
+    counters_match_rows(engine)
+    repo = SessionRepository(engine)
     session = repo.get(SessionKey("bulk", "telegram", "bot", "dm", "p7"))
     assert session is not None
     assert (session.message_count, session.compaction_count) == (100, 0)
     assert len(repo.get_history(session.key)) == 100
-    repo.engine.dispose()
+    engine.dispose()
