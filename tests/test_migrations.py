@@ -298,3 +298,28 @@ def test_migrations_list_is_read_when_called(
     assert current_version(engine) == FIXED.version
     reopened = open_database(db_path)  # open_database uses the patched list too
     reopened.dispose()
+
+
+def test_processes_migrating_a_fresh_store_at_once_apply_each_version_once(
+    store_url: str,
+) -> None:
+    """Eight processes open the same new store at once, on either backend (PostgreSQL:
+    they serialise on the migrator's advisory lock)."""
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(8)
+    workers = [
+        context.Process(target=_open_when_released, args=(store_url, barrier)) for _ in range(8)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [worker.exitcode for worker in workers] == [0] * 8
+    engine = open_database(store_url)
+    rows = applied_migrations(engine)
+    assert [row.version for row in rows] == list(range(1, SCHEMA_VERSION + 1))
+    assert [row.checksum for row in rows] == [
+        m.checksum_for(engine.dialect.name) for m in MIGRATIONS
+    ]
+    assert SessionRepository(engine).count_sessions() == 1
+    engine.dispose()

@@ -110,6 +110,10 @@ class SessionRepository:
         prepare_engine(engine)
         self.engine = engine
         self._dialect = engine.dialect
+        # SQLite's BEGIN IMMEDIATE holds the database's write lock before the first
+        # statement; PostgreSQL locks rows as statements reach them, so a write that
+        # stamps a time locks its session's row first (one more round trip there).
+        self._lock_rows = engine.dialect.name != "sqlite"
         self._agent: str | None = None
 
     @property
@@ -257,6 +261,8 @@ class SessionRepository:
             raise ValueError(f"status: {exc}") from None
         params = (new_status.value, *key.parts())
         with driver_transaction(self.engine, "set_status", "IMMEDIATE") as conn:
+            if self._lock_rows:
+                self._lock_session(conn, key)
             row = conn.execute(
                 UPDATE_STATUS.on(self._dialect).text, (_now_text(), *params)
             ).fetchone()
@@ -328,6 +334,8 @@ class SessionRepository:
     ) -> list[Message]:
         counters = (len(rows), tokens, *key.parts())
         with driver_transaction(self.engine, "append_messages", "IMMEDIATE") as conn:
+            if self._lock_rows:
+                self._lock_session(conn, key)
             now = datetime.now(UTC)  # under the lock, so created_at follows id order
             now_text = utc_text(now)
             found = conn.execute(
@@ -570,6 +578,14 @@ class SessionRepository:
             time.sleep(0.001)
 
     # --- helpers ----------------------------------------------------------------------
+
+    def _lock_session(self, conn: Any, key: SessionKey) -> int:
+        """Lock the session's row until the transaction ends; its id, or
+        `SessionNotFoundError`."""
+        found = conn.execute(LOCK_SESSION.on(self._dialect).text, key.parts()).fetchone()
+        if found is None:
+            raise _not_found(key)
+        return int(found[0])
 
     def _filter_params(
         self, filter: SessionFilter | Mapping[str, Any] | None
