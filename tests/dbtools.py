@@ -34,8 +34,17 @@ def raw_connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def run_sql(path: Path, sql: str, params: Sequence[Any] = ()) -> None:
-    """Run one statement on the file with plain sqlite3 (autocommit), as a user would."""
+def run_sql(target: Path | Engine, sql: str, params: Sequence[Any] = ()) -> None:
+    """Run one statement (with `?` parameters) as a user writing plain SQL would: on a
+    file with plain sqlite3 (autocommit), or on an engine's database through its driver
+    (`?` becomes psycopg's `%s`)."""
+    if isinstance(target, Engine):
+        if target.dialect.name == "postgresql":
+            sql = sql.replace("?", "%s")
+        with target.begin() as connection:
+            connection.exec_driver_sql(sql, tuple(params))
+        return
+    path = target
     conn = raw_connect(path)
     try:
         conn.execute(sql, params)
@@ -114,3 +123,9 @@ def run_threads(worker: Callable[[int], object], count: int) -> None:
         thread.join()
     if errors:
         raise errors[0]
+
+
+def count_rows(engine: Engine, table: str) -> int:
+    """How many rows `table` holds, on either backend."""
+    with engine.connect() as connection:
+        return int(connection.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar_one())

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from freezegun import freeze_time
@@ -24,16 +22,15 @@ from aisopod_session import (
     SessionStatus,
     SessionStoreError,
 )
-from tests.dbtools import run_sql, run_threads, snapshot
+from tests.dbtools import count_rows, run_sql, run_threads, snapshot
 
 T0 = datetime(2026, 11, 26, 3, 59, 48, 123456, tzinfo=UTC)
 
 
-def count_rows(path: Path, table: str) -> int:
-    conn = sqlite3.connect(path)
-    (count,) = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
-    conn.close()
-    return int(count)
+@pytest.fixture
+def engine(store: Engine) -> Engine:
+    """Every test of this module runs on SQLite and on PostgreSQL (see conftest)."""
+    return store
 
 
 # --- get_or_create / get / get_by_id ----------------------------------------------------
@@ -60,29 +57,29 @@ def test_get_or_create_creates_an_empty_active_session(
 
 
 def test_get_or_create_returns_the_existing_session_unchanged(
-    repo: SessionRepository, key: SessionKey, db_path: Path
+    repo: SessionRepository, key: SessionKey, engine: Engine
 ) -> None:
     with freeze_time(T0):
         first = repo.get_or_create(key)
-    before = snapshot(db_path)
+    before = snapshot(engine)
     with freeze_time(T0 + timedelta(hours=1)):
         again = repo.get_or_create(key)
     assert again.id == first.id
     assert again.updated_at == T0
-    assert snapshot(db_path) == before
+    assert snapshot(engine) == before
 
 
 def test_get_or_create_accepts_the_key_as_text(repo: SessionRepository, key: SessionKey) -> None:
     assert repo.get_or_create(str(key)).id == repo.get_or_create(key).id
 
 
-def test_get_or_create_is_race_free(engine: Engine, db_path: Path) -> None:
+def test_get_or_create_is_race_free(engine: Engine) -> None:
     key = SessionKey("racer", "discord", "guild", "group", "g1")
     ids: list[int | None] = []
     run_threads(lambda _: ids.append(SessionRepository(engine).get_or_create(key).id), 8)
     assert len(ids) == 8
     assert len(set(ids)) == 1
-    assert count_rows(db_path, "sessions") == 1
+    assert count_rows(engine, "sessions") == 1
 
 
 def test_get_and_get_by_id(repo: SessionRepository, key: SessionKey, other_key: SessionKey) -> None:
@@ -180,28 +177,41 @@ def test_append_makes_an_idle_session_active_again(
 
 
 def test_append_to_a_missing_session_raises_and_writes_nothing(
-    repo: SessionRepository, key: SessionKey, db_path: Path
+    repo: SessionRepository, key: SessionKey, engine: Engine
 ) -> None:
-    before = snapshot(db_path)
+    before = snapshot(engine)
     with pytest.raises(SessionNotFoundError, match=str(key)):
         repo.append_message(key, Role.USER, "into the void")
     with pytest.raises(SessionNotFoundError):
         repo.append_messages(key, [NewMessage(Role.USER, "a")], tokens=1)
-    assert snapshot(db_path) == before
+    assert snapshot(engine) == before
 
 
 def test_append_is_all_or_nothing_when_the_database_refuses_a_row(
-    repo: SessionRepository, key: SessionKey, db_path: Path
+    repo: SessionRepository, key: SessionKey, engine: Engine
 ) -> None:
     repo.get_or_create(key)
     repo.append_message(key, Role.USER, "kept")
     # A plain-SQL trigger makes the database itself fail on the third row of the batch.
-    run_sql(
-        db_path,
-        "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages WHEN NEW.content = 'boom' "
-        "BEGIN SELECT RAISE(ABORT, 'boom refused'); END",
-    )
-    before = snapshot(db_path)
+    if engine.dialect.name == "postgresql":
+        run_sql(
+            engine,
+            "CREATE FUNCTION refuse_boom() RETURNS trigger AS $$ BEGIN "
+            "IF NEW.content = 'boom' THEN RAISE EXCEPTION 'boom refused'; END IF; "
+            "RETURN NEW; END $$ LANGUAGE plpgsql",
+        )
+        run_sql(
+            engine,
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_boom()",
+        )
+    else:
+        run_sql(
+            engine,
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages WHEN NEW.content = 'boom' "
+            "BEGIN SELECT RAISE(ABORT, 'boom refused'); END",
+        )
+    before = snapshot(engine)
     with pytest.raises(SessionStoreError, match="boom refused"):
         repo.append_messages(
             key,
@@ -212,14 +222,14 @@ def test_append_is_all_or_nothing_when_the_database_refuses_a_row(
             ],
             tokens=10,
         )
-    assert snapshot(db_path) == before
+    assert snapshot(engine) == before
     session = repo.get(key)
     assert session is not None
     assert (session.message_count, session.token_usage) == (1, 0)
 
 
 def test_counters_equal_rows_after_many_appends_from_threads(
-    engine: Engine, key: SessionKey, db_path: Path
+    engine: Engine, key: SessionKey
 ) -> None:
     repo = SessionRepository(engine)
     repo.get_or_create(key)
@@ -231,7 +241,7 @@ def test_counters_equal_rows_after_many_appends_from_threads(
     run_threads(worker, 4)
     session = repo.get(key)
     assert session is not None
-    assert session.message_count == count_rows(db_path, "messages") == 4 * 20 * 2
+    assert session.message_count == count_rows(engine, "messages") == 4 * 20 * 2
     assert session.token_usage == 4 * 20 * 3
     contents = [m.content for m in repo.get_history(key)]
     for n in range(4):
@@ -368,14 +378,14 @@ def test_set_status_changes_status_and_bumps_updated_at(
 
 
 def test_delete_cascades_to_the_sessions_messages_only(
-    repo: SessionRepository, key: SessionKey, other_key: SessionKey, db_path: Path
+    repo: SessionRepository, key: SessionKey, other_key: SessionKey, engine: Engine
 ) -> None:
     for k in (key, other_key):
         repo.get_or_create(k)
         repo.append_messages(k, [NewMessage(Role.USER, "a"), NewMessage(Role.ASSISTANT, "b")])
     assert repo.delete(key) is True
     assert repo.get(key) is None
-    assert count_rows(db_path, "messages") == 2
+    assert count_rows(engine, "messages") == 2
     assert [m.content for m in repo.get_history(other_key)] == ["a", "b"]
     assert repo.delete(key) is False
 
@@ -391,26 +401,32 @@ def test_delete_cascades_to_the_sessions_messages_only(
     ids=["get_history", "update_metadata", "set_status", "append_message"],
 )
 def test_methods_that_need_a_session_raise_not_found(
-    repo: SessionRepository, key: SessionKey, db_path: Path, call: object
+    repo: SessionRepository, key: SessionKey, engine: Engine, call: object
 ) -> None:
-    before = snapshot(db_path)
+    before = snapshot(engine)
     with pytest.raises(SessionNotFoundError) as caught:
         call(repo, key)  # type: ignore[operator]
     assert isinstance(caught.value, LookupError)
     assert isinstance(caught.value, SessionStoreError)
-    assert snapshot(db_path) == before
+    assert snapshot(engine) == before
 
 
-def test_content_is_stored_exactly(repo: SessionRepository, key: SessionKey) -> None:
+def test_content_is_stored_exactly(
+    repo: SessionRepository, key: SessionKey, engine: Engine
+) -> None:
     repo.get_or_create(key)
     samples = [
         "",
         "emoji 🦀🎉 and CJK 漢字",
-        "nul\x00inside",
         "'; DROP TABLE sessions; --",
         "x" * 1_000_000,
         "line\r\nbreaks\ttabs",
     ]
+    if engine.dialect.name == "sqlite":
+        samples.append("nul\x00inside")
+    else:  # PostgreSQL's text cannot hold NUL: refused before anything is written
+        with pytest.raises(ValueError, match="content: holds a NUL character"):
+            repo.append_message(key, Role.USER, "nul\x00inside")
     stored = repo.append_messages(key, [NewMessage(Role.USER, text) for text in samples])
     assert [m.content for m in stored] == samples
     assert [m.content for m in repo.get_history(key)] == samples
@@ -439,22 +455,22 @@ def test_created_at_follows_id_order_under_concurrent_writers(
 
 
 def test_rows_written_by_plain_sql_in_other_cases_read_back(
-    repo: SessionRepository, key: SessionKey, db_path: Path
+    repo: SessionRepository, key: SessionKey, engine: Engine
 ) -> None:
     session = repo.get_or_create(key)
     run_sql(
-        db_path,
+        engine,
         "INSERT INTO sessions (agent_id, channel, account_id, peer_kind, peer_id, status, "
         "created_at, updated_at) VALUES ('legacy', 'irc', 'net', 'DM', 'bob', 'Idle', "
         "'2026-01-01T00:00:00.000000+00:00', '2026-01-01T00:00:00.000000+00:00')",
     )
     run_sql(
-        db_path,
+        engine,
         "INSERT INTO messages (session_id, role, content, created_at) "
         "VALUES (?, 'USER', 'hi', '2026-01-01T00:00:00.000000+00:00')",
         (session.id,),
     )
-    run_sql(db_path, "UPDATE sessions SET metadata = 'null' WHERE id = ?", (session.id,))
+    run_sql(engine, "UPDATE sessions SET metadata = 'null' WHERE id = ?", (session.id,))
     legacy = repo.list_sessions({"agent_id": "legacy"})[0]
     assert legacy.peer_kind is PeerKind.DM
     assert legacy.status is SessionStatus.IDLE
@@ -464,10 +480,10 @@ def test_rows_written_by_plain_sql_in_other_cases_read_back(
 
 
 def test_an_unknown_value_in_the_database_is_a_store_error(
-    repo: SessionRepository, key: SessionKey, db_path: Path
+    repo: SessionRepository, key: SessionKey, engine: Engine
 ) -> None:
     repo.get_or_create(key)
     repo.append_message(key, Role.USER, "hi")
-    run_sql(db_path, "UPDATE messages SET role = 'function'")
+    run_sql(engine, "UPDATE messages SET role = 'function'")
     with pytest.raises(SessionStoreError, match=r"'function'.*not a Role"):
         repo.get_history(key)

@@ -114,6 +114,8 @@ class SessionRepository:
         # statement; PostgreSQL locks rows as statements reach them, so a write that
         # stamps a time locks its session's row first (one more round trip there).
         self._lock_rows = engine.dialect.name != "sqlite"
+        # PostgreSQL's text type cannot hold NUL, which SQLite keeps: refused as input.
+        self._no_nul = engine.dialect.name == "postgresql"
         self._agent: str | None = None
 
     @property
@@ -332,6 +334,11 @@ class SessionRepository:
         rows: list[tuple[Role, str, list[Any] | None, str | None]],
         tokens: int,
     ) -> list[Message]:
+        if self._no_nul:
+            for index, (_, content, _, _) in enumerate(rows):
+                self._refuse_nul(
+                    f"messages[{index}].content" if len(rows) > 1 else "content", content
+                )
         counters = (len(rows), tokens, *key.parts())
         with driver_transaction(self.engine, "append_messages", "IMMEDIATE") as conn:
             if self._lock_rows:
@@ -448,6 +455,8 @@ class SessionRepository:
                 raise ValueError(f"summary: {exc}") from None
             if not summary.strip():
                 raise ValueError("summary: must not be empty or only whitespace")
+            if self._no_nul:
+                self._refuse_nul("summary", summary)
         with driver_transaction(self.engine, "compact", "IMMEDIATE") as conn:
             found = conn.execute(LOCK_SESSION.on(self._dialect).text, key.parts()).fetchone()
             if found is None:
@@ -578,6 +587,14 @@ class SessionRepository:
             time.sleep(0.001)
 
     # --- helpers ----------------------------------------------------------------------
+
+    @staticmethod
+    def _refuse_nul(field: str, text: str) -> None:
+        if "\x00" in text:
+            raise ValueError(
+                f"{field}: holds a NUL character at {text.index(chr(0))}, which PostgreSQL "
+                "cannot store (SQLite can)"
+            )
 
     def _lock_session(self, conn: Any, key: SessionKey) -> int:
         """Lock the session's row until the transaction ends; its id, or
