@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from sqlalchemy import text
+
 from aisopod_session import (
     SCHEMA_VERSION,
     NewMessage,
@@ -26,6 +28,7 @@ from aisopod_session import (
     current_version,
     open_database,
 )
+from aisopod_session.transactions import read_transaction
 from tests.dbtools import raw_connect, stress
 
 KILLS = 15 * stress()
@@ -38,18 +41,20 @@ KEYS = [SessionKey("agent-1", "telegram", "bot", "dm", f"peer-{i}") for i in ran
 def batch_of(tag: str) -> tuple[int, list[str], int]:
     """Everything about the batch named `tag`, derived from the tag alone so that the
     parent can check what the killed child wrote: its session, contents and tokens.
-    Contents are up to a few KB, so one batch spans several database pages."""
+    Contents are up to a few KB, so one batch spans several database pages. Tags of a
+    PostgreSQL run start with "pg": their contents leave out NUL, which it cannot store."""
     rng = random.Random(tag)
+    letters = "abcdefé🙂" if tag.startswith("pg") else "abcdefé🙂\x00"
     size = rng.choice((1, 1, 2, 3, 8))
     contents = []
     for index in range(size):
-        body = "".join(rng.choices("abcdefé🙂\x00", k=rng.choice((10, 200, 3000))))
+        body = "".join(rng.choices(letters, k=rng.choice((10, 200, 3000))))
         digest = hashlib.sha256(body.encode()).hexdigest()[:16]
         contents.append(f"{tag}/{index}|{digest}|{body}")
     return rng.randrange(len(KEYS)), contents, rng.randrange(100)
 
 
-def write_until_killed(path: Path, round_number: int, acks: int) -> None:
+def write_until_killed(path: str, prefix: str, acks: int) -> None:
     """The child: append batches from THREADS threads forever, reporting each one on the
     `acks` pipe only after `append_messages` returned (that is what acknowledged means)."""
     engine = open_database(path)
@@ -60,7 +65,7 @@ def write_until_killed(path: Path, round_number: int, acks: int) -> None:
     def thread(number: int) -> None:
         sent = 0
         while True:
-            tag = f"r{round_number}-t{number}-b{sent}"
+            tag = f"{prefix}-t{number}-b{sent}"
             session, contents, tokens = batch_of(tag)
             stored = repo.append_messages(
                 KEYS[session], [NewMessage(Role.USER, text) for text in contents], tokens=tokens
@@ -75,22 +80,25 @@ def write_until_killed(path: Path, round_number: int, acks: int) -> None:
         time.sleep(1)
 
 
-def test_a_writer_killed_at_random_points_loses_nothing_acknowledged(tmp_path: Path) -> None:
+def test_a_writer_killed_at_random_points_loses_nothing_acknowledged(store_url: str) -> None:
     rng = random.Random(20261126)
     acknowledged: dict[str, list[int]] = {}
     total = 0
+    sqlite = "://" not in store_url
+    path = store_url  # PostgreSQL: one fresh schema for every round
     for round_number in range(KILLS):
-        if round_number % KILLS_PER_FILE == 0:
+        if sqlite and round_number % KILLS_PER_FILE == 0:
             # A new file now and then keeps each check's full read of the file short.
-            path = tmp_path / f"crashing-{round_number}.db"
+            path = str(Path(store_url).with_name(f"crashing-{round_number}.db"))
             total += len(acknowledged)
             acknowledged = {}
+        prefix = f"r{round_number}" if sqlite else f"pg{round_number}"
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child only ever dies by SIGKILL
             os.close(read_end)
             try:
-                write_until_killed(path, round_number, write_end)
+                write_until_killed(path, prefix, write_end)
             finally:
                 os._exit(1)
         os.close(write_end)
@@ -107,22 +115,29 @@ def test_a_writer_killed_at_random_points_loses_nothing_acknowledged(tmp_path: P
     print(f"\n{KILLS} kills, {total} acknowledged appends all kept")
 
 
-def check_after_kill(path: Path, acknowledged: dict[str, list[int]]) -> None:
-    # The store opens (recovering the WAL) and the file is sound.
-    open_database(path).dispose()
-    conn = raw_connect(path)
+def check_after_kill(path: str, acknowledged: dict[str, list[int]]) -> None:
+    # The store opens (SQLite: recovering the WAL) and, for a file, the file is sound.
+    engine = open_database(path)
     try:
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        rows = conn.execute("SELECT id, session_id, content FROM messages ORDER BY id").fetchall()
-        session_ids = {peer: sid for sid, peer in conn.execute("SELECT id, peer_id FROM sessions")}
-        counters = {
-            sid: (count, tokens)
-            for sid, count, tokens in conn.execute(
-                "SELECT id, message_count, token_usage FROM sessions"
-            )
-        }
+        with read_transaction(engine) as conn:
+            rows = conn.execute(
+                text("SELECT id, session_id, content FROM messages ORDER BY id")
+            ).all()
+            session_ids = {
+                peer: sid for sid, peer in conn.execute(text("SELECT id, peer_id FROM sessions"))
+            }
+            counters = {
+                sid: (count, tokens)
+                for sid, count, tokens in conn.execute(
+                    text("SELECT id, message_count, token_usage FROM sessions")
+                )
+            }
     finally:
-        conn.close()
+        engine.dispose()
+    if "://" not in path:
+        checks = raw_connect(Path(path))
+        assert checks.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        checks.close()
 
     # Group the stored rows by batch: each batch is there whole, exactly as sent, or not
     # at all (a batch committed but killed before it was reported is there whole too).
