@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from freezegun import freeze_time
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, inspect
 
 from aisopod_session import (
     MIGRATIONS,
@@ -102,30 +103,33 @@ def test_up_to_date_database_is_checked_without_the_write_lock(
         blocker.close()
 
 
-def test_failing_migration_leaves_no_trace(engine: Engine, db_path: Path) -> None:
-    before = snapshot(db_path)
+def columns_of(engine: Engine, table: str) -> list[str]:
+    return [column["name"] for column in inspect(engine).get_columns(table)]
+
+
+def test_failing_migration_leaves_no_trace(store: Engine) -> None:
+    """On both backends: DDL is transactional on SQLite and PostgreSQL alike."""
+    before = snapshot(store)
+    sessions_columns = columns_of(store, "sessions")
     with pytest.raises(
         MigrationError, match=rf"migration {BROKEN.version}.*no_such_table"
     ) as caught:
-        run_migrations(engine, [*MIGRATIONS, BROKEN])
+        run_migrations(store, [*MIGRATIONS, BROKEN])
     assert isinstance(caught.value.__cause__, Exception)
-    assert snapshot(db_path) == before
-    assert "extra" not in table_names(db_path)
-    assert current_version(engine) == SCHEMA_VERSION
+    assert snapshot(store) == before
+    assert "extra" not in inspect(store).get_table_names()
+    assert columns_of(store, "sessions") == sessions_columns
+    assert current_version(store) == SCHEMA_VERSION
 
 
-def test_rerun_after_failure_applies_the_fixed_migration_once(
-    engine: Engine, db_path: Path
-) -> None:
+def test_rerun_after_failure_applies_the_fixed_migration_once(store: Engine) -> None:
     with pytest.raises(MigrationError):
-        run_migrations(engine, [*MIGRATIONS, BROKEN])
-    assert run_migrations(engine, [*MIGRATIONS, FIXED]) == FIXED.version
-    assert run_migrations(engine, [*MIGRATIONS, FIXED]) == FIXED.version
-    versions = [row.version for row in applied_migrations(engine)]
+        run_migrations(store, [*MIGRATIONS, BROKEN])
+    assert run_migrations(store, [*MIGRATIONS, FIXED]) == FIXED.version
+    assert run_migrations(store, [*MIGRATIONS, FIXED]) == FIXED.version
+    versions = [row.version for row in applied_migrations(store)]
     assert versions == [*range(1, SCHEMA_VERSION + 1), FIXED.version]
-    with sqlite3.connect(db_path) as conn:
-        assert "label" in [row[1] for row in conn.execute("PRAGMA table_info(sessions)")]
-    conn.close()
+    assert "label" in columns_of(store, "sessions")
 
 
 def test_failing_first_migration_on_a_fresh_file_creates_nothing(db_path: Path) -> None:
@@ -175,24 +179,39 @@ def migrated_then(path: Path, sql: str) -> str:
     return file_digest(path)
 
 
-def test_newer_database_is_refused_and_left_untouched(db_path: Path) -> None:
-    digest = migrated_then(
-        db_path,
+def untouched(store: Engine, store_url: str) -> Callable[[], object]:
+    """What must not change when a store is refused: its rows (either backend) and, for
+    a SQLite file, every byte."""
+    path = None if "://" in store_url else Path(store_url)
+    return lambda: (snapshot(store), path and file_digest(path))
+
+
+def test_newer_database_is_refused_and_left_untouched(store: Engine, store_url: str) -> None:
+    run_sql(
+        store,
         "INSERT INTO schema_version (version, name, checksum, applied_at) "
         "VALUES (99, 'from the future', 'x', '2031-01-01T00:00:00.000000+00:00')",
     )
+    store.dispose()  # SQLite: the last connection checkpoints the WAL into the file
+    state = untouched(store, store_url)
+    before = state()
     with pytest.raises(SchemaVersionError) as caught:
-        open_database(db_path)
+        open_database(store_url)
     assert "99" in str(caught.value)
     assert str(SCHEMA_VERSION) in str(caught.value)
-    assert file_digest(db_path) == digest
+    store.dispose()
+    assert state() == before
 
 
-def test_edited_migration_is_refused_naming_it(db_path: Path) -> None:
-    digest = migrated_then(db_path, "UPDATE schema_version SET checksum = 'edited'")
+def test_edited_migration_is_refused_naming_it(store: Engine, store_url: str) -> None:
+    run_sql(store, "UPDATE schema_version SET checksum = 'edited' WHERE version = 1")
+    store.dispose()
+    state = untouched(store, store_url)
+    before = state()
     with pytest.raises(MigrationError, match=r"migration 1 \('create sessions and messages'\)"):
-        open_database(db_path)
-    assert file_digest(db_path) == digest
+        open_database(store_url)
+    store.dispose()
+    assert state() == before
 
 
 def test_misnumbered_migrations_are_refused(engine: Engine) -> None:
