@@ -1,7 +1,13 @@
 """Hostile and bad input, field by field: every value is either stored and read back exactly
-(through the API and, byte for byte, with plain sqlite3) or refused with a `ValueError`
+(through the API and, byte for byte, with plain SQL) or refused with a `ValueError`
 naming the field, with the database left exactly as it was. The rejection catalogue of
 `test_validation.py` is not repeated here.
+
+Every test that touches a store runs on SQLite and on PostgreSQL (see conftest). One
+difference is by design: PostgreSQL's text type cannot hold NUL (U+0000), so there content
+holding one is refused with a `ValueError` naming it, nothing written (NUL inside JSON is
+stored JSON-escaped, and key parts never allow it); every other value is stored exactly as
+on SQLite.
 
 The property tests (Hypothesis) run a quick number of examples by default; set
 `AISOPOD_STRESS=<n>` to run n times as many.
@@ -11,22 +17,29 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import date
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 
 from aisopod_session import (
+    Message,
     NewMessage,
     PeerKind,
     Role,
@@ -144,61 +157,116 @@ def assert_same_json(actual: Any, expected: Any, path: str = "$") -> None:
         raise AssertionError(f"{path}: got {show(actual)}, expected {show(expected)}")
 
 
-def raw_row(db_path: Path, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
-    """One row read with plain sqlite3, as a user writing SQL against the file would."""
-    conn = raw_connect(db_path)
-    try:
-        row = conn.execute(sql, params).fetchone()
-    finally:
-        conn.close()
+def on_sqlite(store: Engine) -> bool:
+    return store.dialect.name == "sqlite"
+
+
+def sqlite_file(store: Engine) -> Path:
+    """The file of a SQLite store."""
+    assert store.url.database, store.url
+    return Path(store.url.database)
+
+
+def snap(store: Engine) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table: on SQLite read from the file with plain sqlite3 (the schema
+    too), on PostgreSQL through the engine."""
+    return snapshot(sqlite_file(store) if on_sqlite(store) else store)
+
+
+def raw_row(store: Engine, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
+    """One row read with plain SQL, as a user writing SQL against the store would: with
+    plain sqlite3 on the SQLite file, or through the PostgreSQL driver (`?` becomes `%s`)."""
+    if on_sqlite(store):
+        conn = raw_connect(sqlite_file(store))
+        try:
+            row = conn.execute(sql, params).fetchone()
+        finally:
+            conn.close()
+    else:
+        with store.connect() as connection:
+            found = connection.exec_driver_sql(sql.replace("?", "%s"), params).fetchone()
+        row = None if found is None else tuple(found)
     assert row is not None, f"no row for {sql} {params}"
     return tuple(row)
 
 
-def assert_raw_text(db_path: Path, table: str, column: str, row_id: int, expected: str) -> None:
-    """The column holds TEXT whose bytes are exactly the UTF-8 of `expected`."""
-    value, kind, same_bytes = raw_row(
-        db_path,
-        f'SELECT "{column}", typeof("{column}"), CAST("{column}" AS BLOB) = ? '
+def utf8_equals(store: Engine, column: str) -> str:
+    """SQL true when `column` holds exactly the UTF-8 bytes given as a parameter."""
+    if on_sqlite(store):
+        return f'CAST("{column}" AS BLOB) = ?'
+    return f"convert_to(\"{column}\", 'UTF8') = ?"
+
+
+def as_int(store: Engine, condition: str) -> str:
+    """`condition` read as 1 or 0 (PostgreSQL's booleans are not integers)."""
+    return condition if on_sqlite(store) else f"({condition})::int"
+
+
+def assert_raw_text(store: Engine, table: str, column: str, row_id: int, expected: str) -> None:
+    """The column holds text whose bytes are exactly the UTF-8 of `expected`."""
+    kind = f'typeof("{column}")' if on_sqlite(store) else f'pg_typeof("{column}")::text'
+    value, stored_as, same_bytes = raw_row(
+        store,
+        f'SELECT "{column}", {kind}, {as_int(store, utf8_equals(store, column))} '
         f'FROM "{table}" WHERE id = ?',
         (expected.encode("utf-8"), row_id),
     )
-    assert kind == "text", f"{table}.{column} is stored as {kind}"
+    assert stored_as == "text", f"{table}.{column} is stored as {stored_as}"
     assert_same_text(value, expected, f"raw {table}.{column}")
     assert same_bytes == 1, f"raw {table}.{column}: stored bytes differ from the UTF-8 text"
 
 
-def assert_raw_json(db_path: Path, table: str, column: str, row_id: int, expected: Any) -> None:
-    """The column holds valid JSON text (for SQLite's json functions too) decoding to
-    exactly `expected`, or SQL NULL when `expected` is None."""
-    text, kind, valid = raw_row(
-        db_path,
-        f'SELECT "{column}", typeof("{column}"), json_valid("{column}") '
-        f'FROM "{table}" WHERE id = ?',
-        (row_id,),
-    )
+def assert_raw_json(store: Engine, table: str, column: str, row_id: int, expected: Any) -> None:
+    """The column holds valid JSON text (for SQLite's json functions, or PostgreSQL's json
+    type) decoding to exactly `expected`, or SQL NULL when `expected` is None."""
+    if on_sqlite(store):
+        sql = (
+            f'SELECT "{column}", typeof("{column}"), json_valid("{column}") '
+            f'FROM "{table}" WHERE id = ?'
+        )
+    else:  # a cast to json raises on invalid JSON text
+        sql = (
+            f'SELECT "{column}", CASE WHEN "{column}" IS NULL THEN \'null\' '
+            f'ELSE pg_typeof("{column}")::text END, ("{column}"::json IS NOT NULL)::int '
+            f'FROM "{table}" WHERE id = ?'
+        )
+    text, kind, valid = raw_row(store, sql, (row_id,))
     if expected is None:
         assert kind == "null", f"{table}.{column} is {kind}, not NULL"
         return
     assert kind == "text", f"{table}.{column} is stored as {kind}"
-    assert valid == 1, f"{table}.{column} is not valid JSON for SQLite"
+    assert valid == 1, f"{table}.{column} is not valid JSON for {store.dialect.name}"
     assert_same_json(json.loads(text), expected, f"raw {table}.{column}")
 
 
-def assert_raw_key(db_path: Path, session_id: int, key: SessionKey) -> None:
+def assert_raw_key(store: Engine, session_id: int, key: SessionKey) -> None:
     """The five key columns hold exactly the key's parts, byte for byte."""
     blobs = tuple(part.encode("utf-8") for part in key.parts())
+    same = as_int(store, " AND ".join(utf8_equals(store, name) for name in PARTS))
     row = raw_row(
-        db_path,
-        "SELECT agent_id, channel, account_id, peer_kind, peer_id, "
-        "CAST(agent_id AS BLOB) = ? AND CAST(channel AS BLOB) = ? AND "
-        "CAST(account_id AS BLOB) = ? AND CAST(peer_kind AS BLOB) = ? AND "
-        "CAST(peer_id AS BLOB) = ? FROM sessions WHERE id = ?",
+        store,
+        f"SELECT agent_id, channel, account_id, peer_kind, peer_id, {same} "
+        "FROM sessions WHERE id = ?",
         (*blobs, session_id),
     )
     for name, part, value in zip(PARTS, key.parts(), row[:5], strict=True):
         assert_same_text(value, part, f"raw sessions.{name}")
     assert row[5] == 1, "raw key columns: stored bytes differ from the UTF-8 text"
+
+
+def assert_nul_refused(store: Engine, call: Callable[[], object], field: str) -> None:
+    """PostgreSQL's text cannot hold NUL: `call` raises a `ValueError` naming `field` and
+    saying so, and writes nothing."""
+    before = snap(store)
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)}: holds a NUL character"):
+        call()
+    assert snap(store) == before
+
+
+@pytest.fixture
+def repo(store_repo: SessionRepository) -> SessionRepository:
+    """Every test of this module runs on SQLite and on PostgreSQL (see conftest)."""
+    return store_repo
 
 
 # --- accepted: stored and read back exactly -----------------------------------------------
@@ -232,15 +300,23 @@ ACCEPTED_CONTENT: dict[str, str] = {
 
 @pytest.mark.parametrize("case", list(ACCEPTED_CONTENT))
 def test_accepted_content_is_read_back_byte_for_byte(
-    repo: SessionRepository, key: SessionKey, db_path: Path, case: str
+    repo: SessionRepository, key: SessionKey, store: Engine, case: str
 ) -> None:
     content = ACCEPTED_CONTENT[case]
     repo.get_or_create(key)
+
+    def append_batch() -> list[Message]:
+        return repo.append_messages(
+            key.canonical(),
+            [NewMessage(Role.ASSISTANT, content), {"role": "tool", "content": content}],
+        )
+
+    if not on_sqlite(store) and "\x00" in content:
+        assert_nul_refused(store, lambda: repo.append_message(key, Role.USER, content), "content")
+        assert_nul_refused(store, append_batch, "messages[0].content")
+        content = content.replace("\x00", "")  # the rest of it is still stored exactly
     one = repo.append_message(key, Role.USER, content)
-    batch = repo.append_messages(
-        key.canonical(),
-        [NewMessage(Role.ASSISTANT, content), {"role": "tool", "content": content}],
-    )
+    batch = append_batch()
     history = repo.get_history(key)
     assert [m.id for m in history] == [one.id, *(m.id for m in batch)]
     assert [m.role for m in history] == [Role.USER, Role.ASSISTANT, Role.TOOL]
@@ -248,7 +324,7 @@ def test_accepted_content_is_read_back_byte_for_byte(
         assert_same_text(message.content, content, f"message {message.id}")
     for message in history:
         assert message.id is not None
-        assert_raw_text(db_path, "messages", "content", message.id, content)
+        assert_raw_text(store, "messages", "content", message.id, content)
     session = repo.get(key)
     assert session is not None
     assert session.message_count == 3
@@ -299,7 +375,7 @@ ACCEPTED_KEY_PARTS: dict[str, tuple[str, str, str]] = {
 
 @pytest.mark.parametrize("case", list(ACCEPTED_KEY_PARTS))
 def test_accepted_key_parts_are_stored_and_found_exactly(
-    repo: SessionRepository, db_path: Path, case: str
+    repo: SessionRepository, store: Engine, case: str
 ) -> None:
     field, given, stored = ACCEPTED_KEY_PARTS[case]
     key = make_key(**{field: given})
@@ -321,7 +397,7 @@ def test_accepted_key_parts_are_stored_and_found_exactly(
     assert repo.count_sessions(dict(zip(PARTS, key.parts(), strict=True))) == 1
     message = repo.append_message(text, Role.USER, text)
     assert [m.id for m in repo.get_history(key)] == [message.id]
-    assert_raw_key(db_path, session.id, key)
+    assert_raw_key(store, session.id, key)
 
 
 ACCEPTED_JSON: dict[str, Any] = {
@@ -353,7 +429,7 @@ ACCEPTED_JSON: dict[str, Any] = {
 
 @pytest.mark.parametrize("case", list(ACCEPTED_JSON))
 def test_accepted_json_is_read_back_exactly_as_metadata_and_tool_calls(
-    repo: SessionRepository, key: SessionKey, db_path: Path, case: str
+    repo: SessionRepository, key: SessionKey, store: Engine, case: str
 ) -> None:
     """The value sits one level down (`{"v": value}`, `[value]`), so a value of depth
     `MAX_JSON_DEPTH - 1` puts both at the depth limit exactly."""
@@ -367,7 +443,7 @@ def test_accepted_json_is_read_back_exactly_as_metadata_and_tool_calls(
     assert_same_json(found.meta, meta)
     (listed,) = repo.list_sessions({"peer_id": key.peer_id})
     assert_same_json(listed.meta, meta)
-    assert_raw_json(db_path, "sessions", "metadata", session.id, meta)
+    assert_raw_json(store, "sessions", "metadata", session.id, meta)
     merged = repo.update_metadata(key, {"w": value})
     assert_same_json(merged.meta, {"v": value, "w": value})
 
@@ -376,7 +452,7 @@ def test_accepted_json_is_read_back_exactly_as_metadata_and_tool_calls(
     assert_same_json(message.tool_calls, [value])
     (read,) = repo.get_history(key)
     assert_same_json(read.tool_calls, [value])
-    assert_raw_json(db_path, "messages", "tool_calls", message.id, [value])
+    assert_raw_json(store, "messages", "tool_calls", message.id, [value])
 
 
 # --- integers wider than 64 bits ------------------------------------------------------
@@ -390,11 +466,11 @@ WIDE_INTEGERS = [2**63, -(2**63) - 1, 2**64, 10**100, 10**4300]  # 10**4300: pas
 )
 @pytest.mark.parametrize("field", ["changes", "tool_calls"])
 def test_integers_wider_than_64_bits_are_rejected_naming_the_field(
-    repo: SessionRepository, key: SessionKey, db_path: Path, field: str, value: int
+    repo: SessionRepository, key: SessionKey, store: Engine, field: str, value: int
 ) -> None:
     """SQLite's JSON functions read wider integers back as floats: refused, not stored."""
     repo.get_or_create(key)
-    before = snapshot(db_path)
+    before = snap(store)
     nested = [1, {"n": value}]
     call: Callable[[], object] = (
         (lambda: repo.update_metadata(key, {"n": nested}))
@@ -403,7 +479,7 @@ def test_integers_wider_than_64_bits_are_rejected_naming_the_field(
     )
     with pytest.raises(ValueError, match=rf"{field}: the integer at .* does not fit in 64 bits"):
         call()
-    assert snapshot(db_path) == before
+    assert snap(store) == before
 
 
 # --- rejected: a ValueError naming the field, and nothing written --------------------------
@@ -413,32 +489,66 @@ KEY = make_key()
 EVIL_KEY = SessionKey(EVIL, EVIL, EVIL, "group", EVIL)
 
 
-@pytest.fixture(scope="module")
+POSTGRES_ENV = "AISOPOD_TEST_POSTGRES_URL"
+
+
+@contextmanager
+def module_store_url(backend: str, folder: Path) -> Iterator[str]:
+    """Like conftest's `store_url`, for a store a module shares: a new SQLite file in
+    `folder`, or a new schema of the PostgreSQL server named by AISOPOD_TEST_POSTGRES_URL,
+    dropped afterwards (without that variable the PostgreSQL case is skipped, saying so,
+    or fails under AISOPOD_REQUIRE_POSTGRES)."""
+    if backend == "sqlite":
+        yield str(folder / "sessions.db")
+        return
+    server = os.environ.get(POSTGRES_ENV)
+    if not server:
+        reason = f"PostgreSQL not tested: set {POSTGRES_ENV} (.ci/run does)"
+        if os.environ.get("AISOPOD_REQUIRE_POSTGRES"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    url = make_url(server).set(drivername="postgresql+psycopg")
+    url = url.update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def stocked_store(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[SessionRepository, Path]]:
-    """One store for the rejection tests, holding something hostile already so that
-    "unchanged" means something. The module shares it: a rejected call writes nothing,
-    and each test compares the file with its own snapshot from just before."""
-    db_path = tmp_path_factory.mktemp("hostile") / "sessions.db"
-    engine = open_database(db_path)
-    repo = SessionRepository(engine)
-    repo.get_or_create(KEY)
-    repo.append_message(KEY, Role.USER, "before\x00🦀", tool_calls=[{EVIL: [1.5, None]}])
-    repo.update_metadata(KEY, {"kept": True, EVIL: "\x00"})
-    repo.get_or_create(EVIL_KEY)
-    repo.append_message(EVIL_KEY, Role.ASSISTANT, EVIL, tokens=7)
-    yield repo, db_path
-    engine.dispose()
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[SessionRepository, Engine]]:
+    """One store per backend for the rejection tests, holding something hostile already so
+    that "unchanged" means something. The module shares it: a rejected call writes nothing,
+    and each test compares the store with its own snapshot from just before."""
+    with module_store_url(request.param, tmp_path_factory.mktemp("hostile")) as url:
+        engine = open_database(url)
+        try:
+            repo = SessionRepository(engine)
+            # PostgreSQL refuses NUL in content (by design): a zero-width joiner there.
+            first = "before\x00🦀" if on_sqlite(engine) else "before\u200d🦀"
+            repo.get_or_create(KEY)
+            repo.append_message(KEY, Role.USER, first, tool_calls=[{EVIL: [1.5, None]}])
+            repo.update_metadata(KEY, {"kept": True, EVIL: "\x00"})
+            repo.get_or_create(EVIL_KEY)
+            repo.append_message(EVIL_KEY, Role.ASSISTANT, EVIL, tokens=7)
+            yield repo, engine
+        finally:
+            engine.dispose()
 
 
 @pytest.fixture
-def stocked(stocked_store: tuple[SessionRepository, Path]) -> SessionRepository:
+def stocked(stocked_store: tuple[SessionRepository, Engine]) -> SessionRepository:
     return stocked_store[0]
 
 
 @pytest.fixture
-def stocked_path(stocked_store: tuple[SessionRepository, Path]) -> Path:
+def stocked_db(stocked_store: tuple[SessionRepository, Engine]) -> Engine:
     return stocked_store[1]
 
 
@@ -470,12 +580,12 @@ TEXT_KEY_CALLS: dict[str, Callable[[SessionRepository, str], object]] = {
 
 @pytest.mark.parametrize("case", list(BAD_KEY_PARTS))
 def test_bad_key_parts_are_rejected_naming_the_part_everywhere(
-    stocked: SessionRepository, stocked_path: Path, case: str
+    stocked: SessionRepository, stocked_db: Engine, case: str
 ) -> None:
     """In each of the five parts: building a `SessionKey`, a canonical text key given to
     every keyed method, and a filter given to `list_sessions` / `count_sessions`."""
     value = BAD_KEY_PARTS[case]
-    before = snapshot(stocked_path)
+    before = snap(stocked_db)
     for field in PARTS:
         with pytest.raises(ValidationError) as caught:
             make_key(**{field: value})
@@ -486,12 +596,12 @@ def test_bad_key_parts_are_rejected_naming_the_part_everywhere(
         for method, call in TEXT_KEY_CALLS.items():
             with pytest.raises(ValueError, match=re.escape(field)):
                 call(stocked, text)
-            assert snapshot(stocked_path) == before, f"{method} with a bad {field} wrote something"
+            assert snap(stocked_db) == before, f"{method} with a bad {field} wrote something"
         with pytest.raises(ValueError, match=re.escape(field)):
             stocked.list_sessions({field: value})
         with pytest.raises(ValueError, match=re.escape(field)):
             stocked.count_sessions({field: value})
-    assert snapshot(stocked_path) == before
+    assert snap(stocked_db) == before
 
 
 NAN = math.nan
@@ -656,13 +766,13 @@ MORE_BAD_CALLS: dict[str, tuple[str, Call]] = {
 
 @pytest.mark.parametrize("case", list(MORE_BAD_CALLS))
 def test_more_bad_input_is_rejected_naming_the_field_and_nothing_is_written(
-    stocked: SessionRepository, stocked_path: Path, case: str
+    stocked: SessionRepository, stocked_db: Engine, case: str
 ) -> None:
     field, call = MORE_BAD_CALLS[case]
-    before = snapshot(stocked_path)
+    before = snap(stocked_db)
     with pytest.raises(ValueError, match=re.escape(field)):
         call(stocked, KEY)
-    assert snapshot(stocked_path) == before
+    assert snap(stocked_db) == before
 
 
 # --- properties ------------------------------------------------------------------------------
@@ -673,8 +783,8 @@ STRESS = stress()
 def examples(count: int) -> settings:
     """`count` examples, times AISOPOD_STRESS.
 
-    The `repo`, `key` and `db_path` fixtures are function-scoped, so every example of a
-    test shares one database file: that keeps the run fast, and each property checks only
+    The `repo`, `key` and `store` fixtures are function-scoped, so every example of a
+    test shares one store: that keeps the run fast, and each property checks only
     what its own example wrote (its own key, or messages after its own first id), so the
     health check that warns about shared fixtures is switched off on purpose. No example
     database: failures print their reproduction (Hypothesis still keeps caches in its
@@ -790,7 +900,7 @@ def test_any_key_parts_are_normalised_and_round_trip_or_are_rejected_naming_the_
     by_text=st.booleans(),
 )
 def test_any_valid_key_is_stored_and_found_and_any_invalid_one_writes_nothing(
-    repo: SessionRepository, db_path: Path, parts: tuple[str, str, str, str, str], by_text: bool
+    repo: SessionRepository, store: Engine, parts: tuple[str, str, str, str, str], by_text: bool
 ) -> None:
     given_parts = dict(zip(PARTS, parts, strict=True))
     text = ":".join(escape(str(part)) for part in parts)
@@ -798,10 +908,10 @@ def test_any_valid_key_is_stored_and_found_and_any_invalid_one_writes_nothing(
         key = SessionKey(*parts)
     except ValidationError as exc:
         check_rejection(exc, given_parts)
-        before = snapshot(db_path)
+        before = snap(store)
         with pytest.raises(ValueError, match="|".join(PARTS)):
             repo.get_or_create(text)
-        assert snapshot(db_path) == before
+        assert snap(store) == before
         return
     assert SessionKey.parse(text) == key
     session = repo.get_or_create(text if by_text else key)
@@ -813,7 +923,7 @@ def test_any_valid_key_is_stored_and_found_and_any_invalid_one_writes_nothing(
         assert found.id == session.id
     assert [s.id for s in repo.list_sessions(given_parts)] == [session.id]
     assert repo.count_sessions(given_parts) == 1
-    assert_raw_key(db_path, session.id, key)
+    assert_raw_key(store, session.id, key)
 
 
 CONTENT = st.text(st.one_of(st.sampled_from("\x00\ufeff\u200d\u202e🦀\r\n"), TEXT_CHAR))
@@ -822,9 +932,12 @@ CONTENT = st.text(st.one_of(st.sampled_from("\x00\ufeff\u200d\u202e🦀\r\n"), T
 @examples(100)
 @given(content=CONTENT, role=st.sampled_from(list(Role)))
 def test_any_text_content_is_read_back_byte_for_byte(
-    repo: SessionRepository, key: SessionKey, db_path: Path, content: str, role: Role
+    repo: SessionRepository, key: SessionKey, store: Engine, content: str, role: Role
 ) -> None:
     repo.get_or_create(key)
+    if not on_sqlite(store) and "\x00" in content:
+        assert_nul_refused(store, lambda: repo.append_message(key, role, content), "content")
+        content = content.replace("\x00", "")  # the rest of it is still stored exactly
     message = repo.append_message(key, role, content)
     assert message.id is not None
     (read,) = repo.get_history(key, after_id=message.id - 1, limit=1)
@@ -832,7 +945,7 @@ def test_any_text_content_is_read_back_byte_for_byte(
     assert read.role is role
     assert_same_text(message.content, content, "returned content")
     assert_same_text(read.content, content, "history content")
-    assert_raw_text(db_path, "messages", "content", message.id, content)
+    assert_raw_text(store, "messages", "content", message.id, content)
 
 
 @examples(30)
@@ -841,9 +954,9 @@ def test_any_text_content_is_read_back_byte_for_byte(
     in_a_batch=st.booleans(),
 )
 def test_text_with_a_lone_surrogate_is_rejected_naming_content(
-    stocked: SessionRepository, stocked_path: Path, content: str, in_a_batch: bool
+    stocked: SessionRepository, stocked_db: Engine, content: str, in_a_batch: bool
 ) -> None:
-    before = snapshot(stocked_path)
+    before = snap(stocked_db)
     batch: list[NewMessage | dict[str, Any]] = [NewMessage(Role.USER, "fine")]
     batch.append({"role": "user", "content": content})
 
@@ -854,7 +967,7 @@ def test_text_with_a_lone_surrogate_is_rejected_naming_content(
 
     with pytest.raises(ValueError, match="content"):
         append()
-    assert snapshot(stocked_path) == before
+    assert snap(stocked_db) == before
 
 
 JSON_SCALAR = st.one_of(
@@ -882,7 +995,7 @@ TOOL_CALLS = st.one_of(st.none(), st.lists(JSON_VALUE, max_size=4))
 @examples(60)
 @given(meta=METADATA, by_text=st.booleans())
 def test_any_json_metadata_is_read_back_exactly(
-    repo: SessionRepository, key: SessionKey, db_path: Path, meta: dict[str, Any], by_text: bool
+    repo: SessionRepository, key: SessionKey, store: Engine, meta: dict[str, Any], by_text: bool
 ) -> None:
     session = repo.get_or_create(key)
     assert session.id is not None
@@ -897,7 +1010,7 @@ def test_any_json_metadata_is_read_back_exactly(
     assert_same_json(found.meta, meta)
     (listed,) = repo.list_sessions(dict(zip(PARTS, key.parts(), strict=True)))
     assert_same_json(listed.meta, meta)
-    assert_raw_json(db_path, "sessions", "metadata", session.id, meta)
+    assert_raw_json(store, "sessions", "metadata", session.id, meta)
 
 
 @examples(40)
@@ -919,11 +1032,18 @@ def test_metadata_merge_replaces_top_level_keys_only(
 def test_any_tool_calls_are_read_back_exactly(
     repo: SessionRepository,
     key: SessionKey,
-    db_path: Path,
+    store: Engine,
     tool_calls: list[Any] | None,
     content: str,
 ) -> None:
     repo.get_or_create(key)
+    if not on_sqlite(store) and "\x00" in content:
+        assert_nul_refused(
+            store,
+            lambda: repo.append_message(key, Role.ASSISTANT, content, tool_calls=tool_calls),
+            "content",
+        )
+        content = content.replace("\x00", "")  # the rest of it is still stored exactly
     message = repo.append_message(key, Role.ASSISTANT, content, tool_calls=tool_calls)
     assert message.id is not None
     (read,) = repo.get_history(key, after_id=message.id - 1)
@@ -932,7 +1052,7 @@ def test_any_tool_calls_are_read_back_exactly(
             assert got.tool_calls is None
         else:
             assert_same_json(got.tool_calls, tool_calls)
-    assert_raw_json(db_path, "messages", "tool_calls", message.id, tool_calls)
+    assert_raw_json(store, "messages", "tool_calls", message.id, tool_calls)
 
 
 @examples(50)
@@ -943,21 +1063,33 @@ def test_any_tool_calls_are_read_back_exactly(
     tokens=st.integers(min_value=0, max_value=2**32),
     as_mappings=st.booleans(),
 )
+@example(batch=[(Role.USER, "", None)], tokens=2**31, as_mappings=False)  # tokens past 32 bits
 def test_any_batch_of_messages_is_read_back_in_order_and_counted(
     repo: SessionRepository,
     key: SessionKey,
+    store: Engine,
     batch: list[tuple[Role, str, list[Any] | None]],
     tokens: int,
     as_mappings: bool,
 ) -> None:
     before = repo.get_or_create(key)
-    messages = [
-        {"role": role, "content": content, "tool_calls": calls}
-        if as_mappings
-        else NewMessage(role, content, calls)
-        for role, content, calls in batch
-    ]
-    stored = repo.append_messages(key.canonical(), messages, tokens=tokens)
+
+    def append() -> list[Message]:
+        messages = [
+            {"role": role, "content": content, "tool_calls": calls}
+            if as_mappings
+            else NewMessage(role, content, calls)
+            for role, content, calls in batch
+        ]
+        return repo.append_messages(key.canonical(), messages, tokens=tokens)
+
+    with_nul = [index for index, (_, content, _) in enumerate(batch) if "\x00" in content]
+    if not on_sqlite(store) and with_nul:
+        field = f"messages[{with_nul[0]}].content" if len(batch) > 1 else "content"
+        assert_nul_refused(store, append, field)
+        # the rest of it is still stored exactly
+        batch = [(role, content.replace("\x00", ""), calls) for role, content, calls in batch]
+    stored = append()
     first = stored[0].id
     assert first is not None
     history = repo.get_history(key, after_id=first - 1)
@@ -1017,16 +1149,16 @@ def bury(value: Any, path: list[str | None]) -> Any:
 )
 def test_json_with_anything_unstorable_anywhere_is_rejected_naming_the_field(
     stocked: SessionRepository,
-    stocked_path: Path,
+    stocked_db: Engine,
     poison: Any,
     path: list[str | None],
     meta: dict[str, Any],
     tool_calls: list[Any],
 ) -> None:
     buried = bury(poison, path)
-    before = snapshot(stocked_path)
+    before = snap(stocked_db)
     with pytest.raises(ValueError, match="changes"):
         stocked.update_metadata(KEY, {**meta, "poisoned": buried})
     with pytest.raises(ValueError, match="tool_calls"):
         stocked.append_message(KEY, Role.TOOL, "", tool_calls=[*tool_calls, buried])
-    assert snapshot(stocked_path) == before
+    assert snap(stocked_db) == before

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
-    Integer,
     and_,
     bindparam,
     delete,
@@ -319,8 +319,8 @@ COUNT_APPEND = query(
     update(Session)
     .where(_BY_KEY)
     .values(
-        message_count=col(Session.message_count) + bindparam("added", type_=Integer),
-        token_usage=col(Session.token_usage) + bindparam("tokens", type_=Integer),
+        message_count=col(Session.message_count) + bindparam("added", type_=BigInteger),
+        token_usage=col(Session.token_usage) + bindparam("tokens", type_=BigInteger),
         updated_at=bindparam("now"),
         status=literal_column(f"'{SessionStatus.ACTIVE.value}'"),
     )
