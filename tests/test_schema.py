@@ -12,6 +12,7 @@ from typing import Any
 
 from freezegun import freeze_time
 from sqlalchemy import Engine, create_engine
+from sqlalchemy import inspect as sa_inspect
 from sqlmodel import SQLModel
 
 from aisopod_session import (
@@ -289,3 +290,43 @@ def test_plain_sql_reads_and_writes_a_file_made_by_the_library(
     assert row == ("agent-1", "telegram", "bot-A", "dm", "User-42", "active", "{}")
     assert [m.content for m in repo.get_history(key)] == ["typed in sqlite3"]
     assert repo.get_or_create(key).message_count == 1
+
+
+def test_the_schema_is_the_same_on_every_backend(store: Engine) -> None:
+    """Read through SQLAlchemy's inspector, so the same facts are compared on SQLite and
+    on PostgreSQL: column names, order, nullability and defaults, the unique key, the
+    cascading foreign key and the six index names with their columns."""
+    inspector = sa_inspect(store)
+    for table, expected in (("sessions", SESSIONS_COLUMNS), ("messages", MESSAGES_COLUMNS)):
+        found = inspector.get_columns(table)
+        assert [c["name"] for c in found] == [name for name, *_ in expected]
+        # Primary keys aside (SQLite reports its INTEGER PRIMARY KEY as nullable).
+        assert [bool(c["nullable"]) for c in found][1:] == [
+            not notnull for _, _, notnull, _, _ in expected
+        ][1:]
+        defaults = {c["name"]: str(c["default"]).split("::")[0] for c in found if c["default"]}
+        expected_defaults = {name: default for name, _, _, default, _ in expected if default}
+        assert {k: v for k, v in defaults.items() if k != "id"} == expected_defaults
+    assert [u["column_names"] for u in inspector.get_unique_constraints("sessions")] == [
+        ["agent_id", "channel", "account_id", "peer_kind", "peer_id"]
+    ]
+    (foreign_key,) = inspector.get_foreign_keys("messages")
+    assert (foreign_key["referred_table"], foreign_key["constrained_columns"]) == (
+        "sessions",
+        ["session_id"],
+    )
+    if store.dialect.name == "sqlite":  # SQLAlchemy does not reflect SQLite's ON DELETE
+        with store.connect() as conn:
+            (row,) = conn.exec_driver_sql("PRAGMA foreign_key_list(messages)").all()
+        assert row[6] == "CASCADE"
+    else:
+        assert foreign_key["options"].get("ondelete") == "CASCADE"
+    indexes = {
+        index["name"]: (table, index["column_names"])
+        for table in ("sessions", "messages")
+        for index in inspector.get_indexes(table)
+        if not index.get("unique")
+    }
+    assert {name: value for name, value in indexes.items() if name in SEED_INDEXES} == {
+        name: (table, cols) for name, (table, cols) in SEED_INDEXES.items()
+    }
