@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
 
 from aisopod_session import SessionKey, SessionRepository, open_database
+from tests.dbtools import store_location
 
 
 @pytest.fixture
@@ -49,33 +46,12 @@ def other_key() -> SessionKey:
 
 # --- both backends ------------------------------------------------------------------------
 
-POSTGRES_ENV = "AISOPOD_TEST_POSTGRES_URL"
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Where a backend-neutral test's store lives: a new SQLite file, or a new schema of
-    the PostgreSQL server named by AISOPOD_TEST_POSTGRES_URL, dropped afterwards. Without
-    that variable the PostgreSQL case is skipped, saying so."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "sessions.db")
-        return
-    server = os.environ.get(POSTGRES_ENV)
-    if not server:
-        reason = f"PostgreSQL not tested: set {POSTGRES_ENV} (.ci/run does)"
-        if os.environ.get("AISOPOD_REQUIRE_POSTGRES"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    url = make_url(server).set(drivername="postgresql+psycopg")
-    url = url.update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    """Where a backend-neutral test's store lives (see `dbtools.store_location`)."""
+    with store_location(request.param, tmp_path) as location:
+        yield location
 
 
 @pytest.fixture

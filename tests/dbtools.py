@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import pytest
 from sqlalchemy import Engine, inspect
+from sqlalchemy.engine import make_url
 
 SEED_SCHEMA = Path(__file__).with_name("seed_schema.sql")
 
@@ -129,3 +134,33 @@ def count_rows(engine: Engine, table: str) -> int:
     """How many rows `table` holds, on either backend."""
     with engine.connect() as connection:
         return int(connection.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar_one())
+
+
+POSTGRES_ENV = "AISOPOD_TEST_POSTGRES_URL"
+
+
+@contextmanager
+def store_location(backend: str, folder: Path) -> Iterator[str]:
+    """Where a test's store lives: a new SQLite file in `folder`, or a new schema of the
+    PostgreSQL server named by AISOPOD_TEST_POSTGRES_URL, dropped afterwards. Without that
+    variable the PostgreSQL case is skipped, saying so (or fails, under
+    AISOPOD_REQUIRE_POSTGRES, as `.ci/run` sets it)."""
+    if backend == "sqlite":
+        yield str(folder / "sessions.db")
+        return
+    server = os.environ.get(POSTGRES_ENV)
+    if not server:
+        reason = f"PostgreSQL not tested: set {POSTGRES_ENV} (.ci/run does)"
+        if os.environ.get("AISOPOD_REQUIRE_POSTGRES"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    url = make_url(server).set(drivername="postgresql+psycopg")
+    url = url.update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

@@ -17,26 +17,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
 import unicodedata
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import date
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
 
 from aisopod_session import (
     Message,
@@ -50,7 +45,7 @@ from aisopod_session import (
 )
 from aisopod_session.keys import MAX_KEY_PART_LENGTH
 from aisopod_session.models import MAX_JSON_DEPTH
-from tests.dbtools import raw_connect, snapshot, stress
+from tests.dbtools import raw_connect, snapshot, store_location, stress
 
 PARTS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
 LOWERED = frozenset({"agent_id", "channel", "peer_kind"})
@@ -489,36 +484,6 @@ KEY = make_key()
 EVIL_KEY = SessionKey(EVIL, EVIL, EVIL, "group", EVIL)
 
 
-POSTGRES_ENV = "AISOPOD_TEST_POSTGRES_URL"
-
-
-@contextmanager
-def module_store_url(backend: str, folder: Path) -> Iterator[str]:
-    """Like conftest's `store_url`, for a store a module shares: a new SQLite file in
-    `folder`, or a new schema of the PostgreSQL server named by AISOPOD_TEST_POSTGRES_URL,
-    dropped afterwards (without that variable the PostgreSQL case is skipped, saying so,
-    or fails under AISOPOD_REQUIRE_POSTGRES)."""
-    if backend == "sqlite":
-        yield str(folder / "sessions.db")
-        return
-    server = os.environ.get(POSTGRES_ENV)
-    if not server:
-        reason = f"PostgreSQL not tested: set {POSTGRES_ENV} (.ci/run does)"
-        if os.environ.get("AISOPOD_REQUIRE_POSTGRES"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    url = make_url(server).set(drivername="postgresql+psycopg")
-    url = url.update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def stocked_store(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -526,7 +491,7 @@ def stocked_store(
     """One store per backend for the rejection tests, holding something hostile already so
     that "unchanged" means something. The module shares it: a rejected call writes nothing,
     and each test compares the store with its own snapshot from just before."""
-    with module_store_url(request.param, tmp_path_factory.mktemp("hostile")) as url:
+    with store_location(request.param, tmp_path_factory.mktemp("hostile")) as url:
         engine = open_database(url)
         try:
             repo = SessionRepository(engine)
