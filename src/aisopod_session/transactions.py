@@ -219,12 +219,15 @@ def _close_leases(engine: Engine) -> None:
 
 
 class driver_transaction:  # noqa: N801 - used like a function: `with driver_transaction(...)`
-    """Run the block on this thread's leased driver connection, in one transaction.
+    """Run the block in one transaction on a driver connection: on SQLite this thread's
+    leased one, on PostgreSQL one checked out of the pool for the block.
 
-    `mode` is `"IMMEDIATE"` (the write lock first: every write), `"DEFERRED"` (a read
-    snapshot over several statements) or None (a single statement, which SQLite runs as
-    its own transaction). The block's driver and SQL errors become `SessionStoreError`s
-    naming `action`; any exception rolls everything back.
+    On SQLite `mode` is `"IMMEDIATE"` (the write lock first: every write), `"DEFERRED"`
+    (a read snapshot over several statements) or None (a single statement, which SQLite
+    runs as its own transaction); PostgreSQL's transaction begins with the first
+    statement and commits at the end whatever the mode. The block's driver and SQL
+    errors become `SessionStoreError`s naming `action`; any exception rolls everything
+    back.
     """
 
     __slots__ = ("_action", "_begin", "_conn", "_engine", "_server", "_shared")
