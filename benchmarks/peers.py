@@ -169,7 +169,23 @@ def _openai_item(role: str, content: str) -> TResponseInputItem:
     return {"type": "function_call_output", "call_id": TOOL_CALL_ID, "output": content}
 
 
-class _OpenAISessionCalls:
+class _OnFile:
+    """What every peer shares: the file it was opened on, and its journal mode."""
+
+    name: str
+    _path: Path | None = None
+
+    def journal_mode(self) -> str:
+        """The file's journal mode, read with plain sqlite3 after `open`."""
+        return read_journal_mode(self._file())
+
+    def _file(self) -> Path:
+        if self._path is None:
+            raise RuntimeError(f"{self.name}: call open first")
+        return self._path
+
+
+class _OpenAISessionCalls(_OnFile):
     """The scenario calls of both openai-agents stores: each implements the SDK's
     `Session` protocol (`add_items`, `get_items`), and neither has a call that fetches or
     lists sessions (a session is an id; its row appears with its first message)."""
@@ -223,9 +239,6 @@ class OpenAISQLiteSessionPeer(_OpenAISessionCalls):
         self._session_class(SCHEMA_PROBE_ID, db_path=path).close()
         self._path = path
 
-    def journal_mode(self) -> str:
-        return read_journal_mode(self._opened())
-
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
@@ -233,12 +246,7 @@ class OpenAISQLiteSessionPeer(_OpenAISessionCalls):
 
     def create_session(self, session_id: str) -> None:
         """Construct the session object (schema check, WAL pragma); nothing is written."""
-        self._sessions[session_id] = self._session_class(session_id, db_path=self._opened())
-
-    def _opened(self) -> Path:
-        if self._path is None:
-            raise RuntimeError(f"{self.name}: call open first")
-        return self._path
+        self._sessions[session_id] = self._session_class(session_id, db_path=self._file())
 
 
 class OpenAISQLAlchemySessionPeer(_OpenAISessionCalls):
@@ -275,11 +283,6 @@ class OpenAISQLAlchemySessionPeer(_OpenAISessionCalls):
         _run_to_completion(create_schema)
         self._path, self._engine = path, engine
 
-    def journal_mode(self) -> str:
-        if self._path is None:
-            raise RuntimeError(f"{self.name}: call open first")
-        return read_journal_mode(self._path)
-
     def close(self) -> None:
         self._sessions.clear()
         engine, self._engine = self._engine, None
@@ -299,7 +302,7 @@ class OpenAISQLAlchemySessionPeer(_OpenAISessionCalls):
 # --- google-adk -----------------------------------------------------------------------
 
 
-class AdkDatabaseSessionPeer:
+class AdkDatabaseSessionPeer(_OnFile):
     """google-adk `DatabaseSessionService` on a `sqlite+aiosqlite:///` file URL (the form
     it requires: a plain `sqlite://` URL is refused as a synchronous driver).
 
@@ -347,11 +350,6 @@ class AdkDatabaseSessionPeer:
 
         _run_to_completion(create_schema)
         self._path, self._service = path, service
-
-    def journal_mode(self) -> str:
-        if self._path is None:
-            raise RuntimeError(f"{self.name}: call open first")
-        return read_journal_mode(self._path)
 
     def close(self) -> None:
         self._sessions.clear()
@@ -432,7 +430,7 @@ class AdkDatabaseSessionPeer:
 # --- langchain-community --------------------------------------------------------------
 
 
-class LangChainSQLHistoryPeer:
+class LangChainSQLHistoryPeer(_OnFile):
     """langchain-community `SQLChatMessageHistory` (sync API) on one shared SQLAlchemy
     Engine on a `sqlite:///` file, one history object per session id.
 
@@ -469,11 +467,6 @@ class LangChainSQLHistoryPeer:
         # Constructing a history creates the table; a probe writes no rows.
         self._history_class(SCHEMA_PROBE_ID, connection=engine)
         self._path, self._engine = path, engine
-
-    def journal_mode(self) -> str:
-        if self._path is None:
-            raise RuntimeError(f"{self.name}: call open first")
-        return read_journal_mode(self._path)
 
     def close(self) -> None:
         self._histories.clear()

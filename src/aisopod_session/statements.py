@@ -1,11 +1,12 @@
 """Every statement the repository runs, and the one way rows become model objects.
 
 Statements are written once with SQLAlchemy Core against the models' tables (so a column
-renamed in `models.py` cannot drift from the SQL) and compiled once, at import or at the
-first use of their shape, to SQL text with positional (`?`) parameters, whose names and
-order `Sql` keeps. The repository hands that text to the driver: building, caching and
-executing a Core statement per call costs several times more than SQLite takes to run
-it, and binding a tuple costs less than binding by name. Parameters carry values already
+renamed in `models.py` cannot drift from the SQL) and compiled once per database
+(`Query.on(dialect)`: SQLite at import, PostgreSQL at first use), to SQL text with
+positional parameters (`?` for sqlite3, `%s` for psycopg), whose names and order `Sql`
+keeps. The repository hands that text to the driver: building, caching and executing a
+Core statement per call costs several times more than SQLite takes to run it, and
+binding a tuple costs less than binding by name. Parameters carry values already
 in their stored form (`StoredText.write`); rows are read back with `StoredText.read`.
 
 Key parameters are named `key_<part>`, because UPDATE reserves column names for its SET
