@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from aisopod_session import SessionKey, SessionRepository, open_database
-from tests.dbtools import store_location
+from aisopod_session import (
+    AsyncSessionRepository,
+    SessionKey,
+    SessionRepository,
+    open_async_database,
+    open_database,
+)
+from tests.dbtools import AwaitingRepository, event_loop_thread, run_on, store_location
 
 
 @pytest.fixture
@@ -62,7 +68,19 @@ def store(store_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-@pytest.fixture
-def store_repo(store: Engine) -> SessionRepository:
-    """The repository over `store`."""
-    return SessionRepository(store)
+@pytest.fixture(params=["sync", "async"])
+def store_repo(
+    request: pytest.FixtureRequest, store: Engine, store_url: str
+) -> Iterator[SessionRepository]:
+    """The repository over `store`'s database, through either API: `SessionRepository`,
+    or an `AsyncSessionRepository` on its own `open_async_database` engine, driven
+    through the same calls by `AwaitingRepository` (so no test is written twice)."""
+    if request.param == "sync":
+        yield SessionRepository(store)
+        return
+    with event_loop_thread() as loop:
+        engine = run_on(loop, open_async_database(store_url))
+        try:
+            yield AwaitingRepository.over(AsyncSessionRepository(engine), loop)
+        finally:
+            run_on(loop, engine.dispose())

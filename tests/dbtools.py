@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
+from inspect import iscoroutinefunction
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import psycopg
 import pytest
 from sqlalchemy import Engine, inspect
 from sqlalchemy.engine import make_url
+
+from aisopod_session import AsyncSessionRepository, SessionRepository
+
+T = TypeVar("T")
 
 SEED_SCHEMA = Path(__file__).with_name("seed_schema.sql")
 
@@ -164,3 +170,54 @@ def store_location(backend: str, folder: Path) -> Iterator[str]:
     finally:
         with psycopg.connect(server, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@contextmanager
+def event_loop_thread() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop running in its own thread for the block: what a service's loop is to
+    its callers. Coroutines go to it with `run_coroutine_threadsafe`, from any thread."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="event-loop", daemon=True)
+    thread.start()
+    try:
+        yield loop
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+def run_on(loop: asyncio.AbstractEventLoop, awaitable: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on `loop` (in its thread) and wait for its result."""
+    return asyncio.run_coroutine_threadsafe(awaitable, loop).result()
+
+
+class AwaitingRepository:
+    """An `AsyncSessionRepository` behind `SessionRepository`'s synchronous interface:
+    each call runs the real coroutine on one event loop (`event_loop_thread`) and waits
+    for it. Calls made from several threads become concurrent tasks on that loop. It lets
+    one test body check both APIs; nothing is faked below the async API."""
+
+    def __init__(self, repo: AsyncSessionRepository, loop: asyncio.AbstractEventLoop) -> None:
+        self.repo = repo
+        self._loop = loop
+
+    @classmethod
+    def over(
+        cls, repo: AsyncSessionRepository, loop: asyncio.AbstractEventLoop
+    ) -> SessionRepository:
+        """The wrapper, typed as what the tests take (it answers the same calls)."""
+        return cast(SessionRepository, cls(repo, loop))
+
+    def for_agent(self, agent_id: str) -> SessionRepository:
+        return AwaitingRepository.over(self.repo.for_agent(agent_id), self._loop)
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self.repo, name)
+        if not iscoroutinefunction(found):
+            return found
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return run_on(self._loop, found(*args, **kwargs))
+
+        return call

@@ -5,7 +5,7 @@ address conversations by `SessionKey`.
 """
 
 from aisopod_session.copying import CopyResult, copy_database
-from aisopod_session.database import database_url, open_database
+from aisopod_session.database import database_url, open_async_database, open_database
 from aisopod_session.enums import PeerKind, Role, SessionStatus
 from aisopod_session.errors import (
     AccessDeniedError,
@@ -27,7 +27,11 @@ from aisopod_session.migrations import (
     run_migrations,
 )
 from aisopod_session.models import Message, NewMessage, Session, SessionFilter
-from aisopod_session.repository import CompactionResult, SessionRepository
+from aisopod_session.repository import (
+    AsyncSessionRepository,
+    CompactionResult,
+    SessionRepository,
+)
 from aisopod_session.transactions import DEFAULT_BUSY_TIMEOUT, prepare_engine
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AccessDeniedError",
     "AppliedMigration",
+    "AsyncSessionRepository",
     "CompactionResult",
     "CopyResult",
     "DatabaseBusyError",
@@ -58,6 +63,7 @@ __all__ = [
     "copy_database",
     "current_version",
     "database_url",
+    "open_async_database",
     "open_database",
     "prepare_engine",
     "run_migrations",

@@ -1,5 +1,5 @@
-"""`open_database`: the engine, its per-connection pragmas, its transaction mode, and the
-migrations, all set up in one call."""
+"""`open_database` and `open_async_database`: the engine, its per-connection pragmas, its
+transaction mode, and the migrations, all set up in one call."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.util import greenlet_spawn
 
 from aisopod_session.errors import (
     DatabaseBusyError,
@@ -39,7 +41,8 @@ def open_database(
     """Open (creating if needed) a session store and return its engine, migrated.
 
     `target` is a file path (missing parent folders are created), `":memory:"`, or a
-    SQLAlchemy URL such as `sqlite:///path/to.db`. Every pooled connection gets
+    SQLAlchemy URL such as `sqlite:///path/to.db` or `postgresql+psycopg://…` (a bare
+    `postgresql://` means the same driver). Every pooled SQLite connection gets
     `foreign_keys=ON`, `busy_timeout` (seconds) and `synchronous` (`NORMAL` survives any
     process crash; `FULL` also the last transactions of a power loss); a file is put in
     WAL mode. Transactions begin `IMMEDIATE` unless the store marks them read-only.
@@ -51,55 +54,106 @@ def open_database(
     disposed of then. An in-memory database lives as long as the engine and must be used
     from one thread at a time.
     """
-    if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float):
-        raise ValueError(f"busy_timeout: must be a number of seconds, got {busy_timeout!r}")
-    if not busy_timeout >= 0:
-        raise ValueError(f"busy_timeout: must be >= 0 seconds, got {busy_timeout!r}")
-    if synchronous not in ("NORMAL", "FULL"):
-        raise ValueError(f"synchronous: must be 'NORMAL' or 'FULL', got {synchronous!r}")
-
-    url = database_url(target)
+    url = _checked_target(target, busy_timeout, synchronous)
     if url.get_backend_name() == "postgresql":
-        return _open_postgresql(url, migrate=migrate, echo=echo)
-    if url.get_backend_name() != "sqlite":
-        raise SessionStoreError(
-            f"unsupported database {url.get_backend_name()!r}: sessions are stored in "
-            "SQLite or PostgreSQL"
-        )
-    in_memory = url.database in (None, "", ":memory:")
-    engine_args: dict[str, Any] = {
-        "connect_args": {"check_same_thread": False, "timeout": busy_timeout},
-        "echo": echo,
-    }
-    if in_memory:
-        # Every connection to ":memory:" would be a new, empty database: share one.
-        engine_args["poolclass"] = StaticPool
+        # pool_pre_ping: a gateway's pool outlives server restarts and idle-connection reaping.
+        engine = create_engine(_psycopg_url(url), echo=echo, pool_pre_ping=True)
     else:
-        _check_file(Path(str(url.database)))
-    engine = create_engine(url, **engine_args)
-    prepare_engine(engine, busy_timeout=busy_timeout, synchronous=synchronous)
+        engine = create_engine(url, **_sqlite_engine_args(url, busy_timeout, echo))
     try:
-        with translated_errors(f"open {url.database}"):
-            # A file that is not a database, or a damaged one, fails this first read,
-            # which names the file; nothing has been written to it yet.
-            with read_transaction(engine) as conn:
-                conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar_one()
-            # Refuse a newer or edited schema before anything, WAL included, touches the file.
-            check_schema(engine)
-            if not in_memory:
-                _enable_wal(engine, busy_timeout=busy_timeout)
-            if migrate:
-                run_migrations(engine)
+        _set_up(engine, busy_timeout=busy_timeout, synchronous=synchronous, migrate=migrate)
     except BaseException:
         engine.dispose()
         raise
     return engine
 
 
-def _open_postgresql(url: URL, *, migrate: bool, echo: bool) -> Engine:
-    """A PostgreSQL engine through psycopg 3 (`postgresql+psycopg://…`; a bare
-    `postgresql://` URL means the same driver), checked and migrated like a SQLite one.
-    The migrator serialises hosts with an advisory lock (see `run_migrations`)."""
+async def open_async_database(
+    target: str | os.PathLike[str] | URL,
+    *,
+    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    synchronous: Synchronous = "NORMAL",
+    migrate: bool = True,
+    echo: bool = False,
+) -> AsyncEngine:
+    """`open_database` for asyncio: the same targets, arguments, checks, pragmas,
+    transaction modes and migrations, returning an `AsyncEngine` for
+    `AsyncSessionRepository`. Await it: `engine = await open_async_database(path)`.
+
+    SQLite runs on aiosqlite (`sqlite+aiosqlite://`), PostgreSQL on psycopg's asyncio
+    connection (`postgresql+psycopg://`, chosen by SQLAlchemy for an async engine). The
+    same errors are raised, and the engine is disposed of then. An in-memory database
+    lives in one connection that every task shares; its calls run one after another.
+    """
+    url = _checked_target(target, busy_timeout, synchronous)
+    # The repository's calls return their connections with no transaction open
+    # (`run_bound`), so the pool's own rollback on every return (a trip to aiosqlite's
+    # thread or to the server) is turned off; SQLAlchemy's `Connection` still rolls back
+    # what it began itself when it closes.
+    if url.get_backend_name() == "postgresql":
+        engine = create_async_engine(
+            _psycopg_url(url), echo=echo, pool_pre_ping=True, pool_reset_on_return=None
+        )
+    else:
+        url = url.set(drivername="sqlite+aiosqlite")
+        engine = create_async_engine(
+            url, pool_reset_on_return=None, **_sqlite_engine_args(url, busy_timeout, echo)
+        )
+    try:
+        # The same set-up code as open_database's, its statements awaited on the engine's
+        # asyncio driver through SQLAlchemy's greenlet bridge.
+        await greenlet_spawn(
+            _set_up,
+            engine.sync_engine,
+            busy_timeout=busy_timeout,
+            synchronous=synchronous,
+            migrate=migrate,
+        )
+    except BaseException:
+        await engine.dispose()
+        raise
+    return engine
+
+
+def _checked_target(
+    target: str | os.PathLike[str] | URL, busy_timeout: float, synchronous: str
+) -> URL:
+    """The URL of `target`, after checking the arguments every opener takes."""
+    if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float):
+        raise ValueError(f"busy_timeout: must be a number of seconds, got {busy_timeout!r}")
+    if not busy_timeout >= 0:
+        raise ValueError(f"busy_timeout: must be >= 0 seconds, got {busy_timeout!r}")
+    if synchronous not in ("NORMAL", "FULL"):
+        raise ValueError(f"synchronous: must be 'NORMAL' or 'FULL', got {synchronous!r}")
+    url = database_url(target)
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise SessionStoreError(
+            f"unsupported database {url.get_backend_name()!r}: sessions are stored in "
+            "SQLite or PostgreSQL"
+        )
+    return url
+
+
+def _sqlite_engine_args(url: URL, busy_timeout: float, echo: bool) -> dict[str, Any]:
+    """`create_engine`'s arguments for a SQLite URL; a file's path is checked first."""
+    args: dict[str, Any] = {
+        "connect_args": {"check_same_thread": False, "timeout": busy_timeout},
+        "echo": echo,
+    }
+    if _in_memory(url):
+        # Every connection to ":memory:" would be a new, empty database: share one.
+        args["poolclass"] = StaticPool
+    else:
+        _check_file(Path(str(url.database)))
+    return args
+
+
+def _in_memory(url: URL) -> bool:
+    return url.database in (None, "", ":memory:")
+
+
+def _psycopg_url(url: URL) -> URL:
+    """A PostgreSQL URL on psycopg 3, which must be installed."""
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")
     if url.drivername != "postgresql+psycopg":
@@ -112,17 +166,35 @@ def _open_postgresql(url: URL, *, migrate: bool, echo: bool) -> Engine:
         raise SessionStoreError(
             "PostgreSQL needs psycopg 3: pip install 'aisopod-session[postgresql]'"
         ) from None
-    # pool_pre_ping: a gateway's pool outlives server restarts and idle-connection reaping.
-    engine = create_engine(url, echo=echo, pool_pre_ping=True)
-    try:
+    return url
+
+
+def _set_up(
+    engine: Engine, *, busy_timeout: float, synchronous: Synchronous, migrate: bool
+) -> None:
+    """Check a new engine's database and bring it up to date: SQLite's pragmas and WAL,
+    the schema's version, the migrations. (An asyncio engine's `sync_engine` runs this
+    under the greenlet bridge.)"""
+    url = engine.url
+    if url.get_backend_name() == "postgresql":
+        # The migrator serialises hosts with an advisory lock (see `run_migrations`).
         with translated_errors(f"open {url.render_as_string(hide_password=True)}"):
             check_schema(engine)
             if migrate:
                 run_migrations(engine)
-    except BaseException:
-        engine.dispose()
-        raise
-    return engine
+        return
+    prepare_engine(engine, busy_timeout=busy_timeout, synchronous=synchronous)
+    with translated_errors(f"open {url.database}"):
+        # A file that is not a database, or a damaged one, fails this first read,
+        # which names the file; nothing has been written to it yet.
+        with read_transaction(engine) as conn:
+            conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar_one()
+        # Refuse a newer or edited schema before anything, WAL included, touches the file.
+        check_schema(engine)
+        if not _in_memory(url):
+            _enable_wal(engine, busy_timeout=busy_timeout)
+        if migrate:
+            run_migrations(engine)
 
 
 def database_url(target: str | os.PathLike[str] | URL) -> URL:
@@ -180,7 +252,8 @@ def _enable_wal(engine: Engine, *, busy_timeout: float) -> None:
     deadline = time.monotonic() + busy_timeout
     pause = 0.001
     with engine.connect() as conn:
-        driver = conn.connection.driver_connection
+        # The DBAPI connection: sqlite3's, or SQLAlchemy's adapter of aiosqlite's.
+        driver = conn.connection.dbapi_connection
         assert driver is not None
         while True:
             try:

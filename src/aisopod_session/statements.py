@@ -16,6 +16,7 @@ clause.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -496,3 +497,25 @@ def prune_delete(*, status: bool, scoped: bool) -> Query:
             *_lifecycle_scope(status=status, scoped=scoped), col(Session.id) <= bindparam("last")
         )
     )
+
+
+def warm(dialect: Dialect) -> None:
+    """Compile now, for `dialect`, every statement the repository runs and the common
+    shapes of those it builds per call (history windows, unfiltered lists, prunes,
+    one- and two-message appends), instead of on first use. An asyncio repository on
+    PostgreSQL compiles on the event loop, where each would hold it for a few ms once."""
+    for value in list(globals().values()):
+        if isinstance(value, Query):
+            value.on(dialect)
+    flags = (False, True)
+    for newest_first, limit, after, before in itertools.product(flags, repeat=4):
+        history(newest_first=newest_first, limit=limit, after=after, before=before).on(dialect)
+    for fields in ((), ("agent_scope",)):
+        for counting in flags:
+            list_sessions(fields, count=counting).on(dialect)
+    for status, scoped in itertools.product(flags, repeat=2):
+        for build in (prune_candidates, prune_count, prune_delete):
+            build(status=status, scoped=scoped).on(dialect)
+        mark_idle(scoped=scoped).on(dialect)
+    for rows in (1, 2):
+        insert_messages(rows).on(dialect)

@@ -18,24 +18,28 @@ because checking one out of the pool and back costs as much as a whole indexed r
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 from sqlalchemy import Connection, Engine, event
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import (
     ConnectionPoolEntry,
     PoolProxiedConnection,
     SingletonThreadPool,
     StaticPool,
 )
+from sqlalchemy.util import await_, greenlet_spawn
 
-from aisopod_session.errors import DRIVER_ERRORS, translate
+from aisopod_session.errors import DRIVER_ERRORS, SessionStoreError, translate
 
 DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds a writer waits for another writer's lock before `DatabaseBusyError`."""
@@ -71,9 +75,9 @@ def prepare_engine(
         f"PRAGMA synchronous = {synchronous}",
     )
 
-    def on_checkout(
-        dbapi_connection: sqlite3.Connection, entry: ConnectionPoolEntry, _proxy: Any
-    ) -> None:
+    def on_checkout(dbapi_connection: Any, entry: ConnectionPoolEntry, _proxy: Any) -> None:
+        # `dbapi_connection` is sqlite3's connection, or on an asyncio engine SQLAlchemy's
+        # adapter of aiosqlite's (same calls, each awaited through the greenlet bridge).
         if entry.info.get(_PREPARED):
             return
         # No transaction is open on a checked-in connection, so foreign_keys (ignored
@@ -91,10 +95,11 @@ def prepare_engine(
 def begin_listener(conn: Connection) -> None:
     """The `begin` listener that `prepare_engine` installs."""
     mode = conn.get_execution_options().get(BEGIN_MODE_OPTION, "IMMEDIATE")
-    driver = conn.connection.driver_connection
-    assert driver is not None
-    # Straight to the driver: BEGIN needs no parameters, compilation or result handling.
-    driver.execute("BEGIN" if mode == "DEFERRED" else "BEGIN IMMEDIATE")
+    # Straight to the DBAPI connection: BEGIN needs no parameters, compilation or result
+    # handling. (On an asyncio engine this is SQLAlchemy's adapter of aiosqlite's.)
+    conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
+        "BEGIN" if mode == "DEFERRED" else "BEGIN IMMEDIATE"
+    )
 
 
 @contextmanager
@@ -242,6 +247,22 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
 
     def __enter__(self) -> Any:
         try:
+            bound = _BOUND.get()
+            if bound is not None:
+                # An asyncio call (`run_bound`): its connection was checked out for it.
+                self._conn = bound
+                if isinstance(bound, AwaitedConnection):
+                    self._begin = None
+                    self._server = True
+                    return bound
+                if self._begin is not None:
+                    bound.execute(self._begin)
+                return bound
+            if self._engine.dialect.is_async:
+                raise SessionStoreError(
+                    "this engine is an asyncio one (from open_async_database): use "
+                    "AsyncSessionRepository, not SessionRepository, with it"
+                )
             if self._engine.dialect.name != "sqlite":
                 # PostgreSQL (psycopg): a pooled connection per call, whose transaction
                 # begins with the first statement; rows are locked by the statements
@@ -313,7 +334,7 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
             raise translate(error, self._action) from error
 
     def _discard(self) -> None:
-        if self._shared is None:
+        if self._shared is None and _BOUND.get() is None:
             entry = _LEASES.get(self._engine)
             if entry is not None and entry[0].lease is not None:
                 entry[0].lease.close()
@@ -326,3 +347,124 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
 
 
 _BEGIN: dict[BeginMode, str] = {"IMMEDIATE": "BEGIN IMMEDIATE", "DEFERRED": "BEGIN"}
+
+
+# --- the asyncio repository's connections -----------------------------------------------
+
+_BOUND: ContextVar[Any] = ContextVar("aisopod_bound_connection", default=None)
+"""The connection every `driver_transaction` uses while `run_bound` runs a call."""
+
+_T = TypeVar("_T")
+
+
+async def run_bound(engine: AsyncEngine, call: Callable[[], _T]) -> _T:
+    """Run `call`, synchronous repository code, for an asyncio caller: its transactions
+    use one connection checked out of `engine`'s pool for the call.
+
+    On SQLite (aiosqlite) the whole call runs on the connection's own thread, which
+    aiosqlite keeps to run that connection's blocking sqlite3 calls: one trip there and
+    back per call, and the write lock is taken and released inside that trip, never held
+    while the event loop runs other tasks. On PostgreSQL (psycopg's asyncio connection)
+    the call runs on the event loop under SQLAlchemy's greenlet bridge, and each
+    statement awaits the server (`AwaitedConnection`). Either way the connection goes
+    back to the pool with no transaction open.
+    """
+    return await greenlet_spawn(_run_checked_out, engine.sync_engine, call)
+
+
+def _run_checked_out(engine: Engine, call: Callable[[], _T]) -> _T:
+    pooled = engine.raw_connection()
+    try:
+        driver: Any = pooled.driver_connection
+        if engine.dialect.name == "sqlite":
+            # aiosqlite queues functions for its thread with `_execute`, as its own
+            # cursors do; `_conn` is the sqlite3 connection that thread owns. If the
+            # caller is cancelled, the call still runs to its end there, and whoever
+            # checks the connection out next queues behind it.
+            return cast(_T, await_(driver._execute(lambda: _call_bound(driver._conn, call))))
+        return _call_bound(AwaitedConnection(driver), call)
+    finally:
+        pooled.close()
+
+
+def _call_bound(conn: Any, call: Callable[[], _T]) -> _T:
+    token = _BOUND.set(conn)
+    try:
+        return call()
+    finally:
+        _BOUND.reset(token)
+        # A transaction that could not be ended (its COMMIT and ROLLBACK both failed, or
+        # the caller was cancelled in between) is rolled back here, so the pool needs no
+        # reset of its own (open_async_database turns that round trip off).
+        if conn.in_transaction:
+            conn.rollback()
+
+
+_PG_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE
+
+
+class AwaitedConnection:
+    """psycopg's asyncio connection behind the synchronous calls the repository makes
+    (`execute(...).fetchone()`, `commit()`, ...), each awaited through SQLAlchemy's
+    greenlet bridge. Rows are read when the statement runs (psycopg has them already)."""
+
+    __slots__ = ("_driver",)
+
+    def __init__(self, driver: Any) -> None:
+        self._driver = driver
+
+    def execute(self, sql: str, params: Any = ()) -> _Rows:
+        cursor = await_(self._driver.execute(sql, params))
+        rows = await_(cursor.fetchall()) if cursor.description is not None else []
+        return _Rows(rows, cursor.rowcount)
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open (psycopg knows without a round trip)."""
+        return bool(self._driver.info.transaction_status != _PG_IDLE)
+
+    def commit(self) -> None:
+        await_(self._driver.commit())
+
+    def rollback(self) -> None:
+        await_(self._driver.rollback())
+
+
+class _Rows:
+    """A statement's result as the repository reads it from a DBAPI cursor."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self._rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
+
+
+_GATES: weakref.WeakKeyDictionary[
+    Engine, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]
+] = weakref.WeakKeyDictionary()
+
+
+def write_gate(engine: AsyncEngine) -> asyncio.Lock | None:
+    """The lock this event loop's writers to a SQLite `engine` take turns on (None for
+    PostgreSQL, whose writers lock only the rows they change). One per engine and event
+    loop, shared by every repository on the engine."""
+    if engine.dialect.name != "sqlite":
+        return None
+    loop = asyncio.get_running_loop()
+    gates = _GATES.get(engine.sync_engine)
+    if gates is None:
+        gates = _GATES.setdefault(engine.sync_engine, weakref.WeakKeyDictionary())
+    gate = gates.get(loop)
+    if gate is None:
+        gate = gates.setdefault(loop, asyncio.Lock())
+    return gate

@@ -1,0 +1,471 @@
+"""The asyncio API: `open_async_database` and what only an event loop can show about
+`AsyncSessionRepository` (concurrent tasks, the loop's lag, cancellation).
+
+Every repository behaviour is checked for both APIs by the shared suites (the
+`store_repo` fixture runs them through `AsyncSessionRepository` too); this module holds
+what those cannot express. Run with `-s` to see the loop-lag figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Awaitable, Coroutine
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from aisopod_session import (
+    SCHEMA_VERSION,
+    AsyncSessionRepository,
+    DatabaseBusyError,
+    NewMessage,
+    Role,
+    SchemaVersionError,
+    SessionKey,
+    SessionRepository,
+    SessionStoreError,
+    applied_migrations,
+    open_async_database,
+    open_database,
+)
+from tests.dbtools import count_rows, make_seed_file, run_sql, snapshot, stress
+
+T = TypeVar("T")
+
+
+def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coroutine)
+
+
+class LoopMonitor:
+    """How long the event loop is kept from its work while the block runs.
+
+    `lags`: how late a task asking to wake every millisecond is woken (wall time: the
+    loop's lag as a caller feels it, which also counts the time the OS gives other
+    processes, such as a PostgreSQL server on the same cores). `longest_step`: the
+    longest time any one callback held the loop, in the loop thread's CPU time (what the
+    code running on the loop itself costs). Garbage collection is frozen meanwhile, so
+    the test process's own garbage is not counted against the store.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.lags: list[float] = []
+        self.longest_step = 0.0
+        run_handle = asyncio.events.Handle._run
+
+        self._watching = False
+
+        def timed_run(handle: asyncio.events.Handle) -> None:
+            watched = self._watching
+            started = time.thread_time()
+            run_handle(handle)
+            if watched and self._watching:
+                self.longest_step = max(self.longest_step, time.thread_time() - started)
+
+        monkeypatch.setattr(asyncio.events.Handle, "_run", timed_run)
+
+    async def watch(self, work: Awaitable[T]) -> T:
+        """Run `work` while measuring; its result."""
+        stop = asyncio.Event()
+
+        async def tick() -> None:
+            while not stop.is_set():
+                asked = time.perf_counter()
+                await asyncio.sleep(0.001)
+                self.lags.append(time.perf_counter() - asked - 0.001)
+
+        gc.collect()
+        gc.freeze()
+        ticker = asyncio.create_task(tick())
+        self._watching = True
+        try:
+            return await work
+        finally:
+            self._watching = False
+            stop.set()
+            await ticker
+            gc.unfreeze()
+
+    def report(self, label: str) -> str:
+        lags = sorted(self.lags)
+        return (
+            f"{label}: loop lag median {lags[len(lags) // 2] * 1e3:.2f} ms, "
+            f"p99 {lags[int(len(lags) * 0.99)] * 1e3:.2f} ms, max {lags[-1] * 1e3:.2f} ms "
+            f"over {len(lags)} ticks; longest callback {self.longest_step * 1e3:.2f} ms CPU"
+        )
+
+
+# --- open_async_database --------------------------------------------------------------
+
+
+def test_opens_a_migrated_wal_file_on_aiosqlite(db_path: Path, tmp_path: Path) -> None:
+    async def main() -> str:
+        engine = await open_async_database(db_path)
+        assert isinstance(engine, AsyncEngine)
+        try:
+            return str(engine.dialect.driver)
+        finally:
+            await engine.dispose()
+
+    assert run(main()) == "aiosqlite"
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (
+            SCHEMA_VERSION,
+        )
+    finally:
+        conn.close()
+    # The same schema, migration records aside, as open_database makes.
+    sync_path = tmp_path / "sync.db"
+    open_database(sync_path).dispose()
+    made_async, made_sync = snapshot(db_path), snapshot(sync_path)
+    assert made_async["sqlite_master"] == made_sync["sqlite_master"]
+    assert [row[:3] for row in made_async["schema_version"]] == [
+        row[:3] for row in made_sync["schema_version"]
+    ]
+
+
+def test_every_pooled_connection_gets_the_pragmas(db_path: Path) -> None:
+    async def main() -> list[list[tuple[int, int, int]]]:
+        found = []
+        for busy_timeout, synchronous in ((5.0, "NORMAL"), (0.25, "FULL")):
+            engine = await open_async_database(
+                db_path,
+                busy_timeout=busy_timeout,
+                synchronous=synchronous,  # type: ignore[arg-type]
+            )
+            try:
+                held = [await engine.connect() for _ in range(3)]
+                rows = []
+                for conn in held:
+                    # Straight to aiosqlite: a Core statement would begin a transaction.
+                    driver: Any = (await conn.get_raw_connection()).driver_connection
+                    values = [
+                        (await (await driver.execute(f"PRAGMA {name}")).fetchone())[0]
+                        for name in ("foreign_keys", "busy_timeout", "synchronous")
+                    ]
+                    rows.append((values[0], values[1], values[2]))
+                for conn in held:
+                    await conn.close()
+                found.append(rows)
+            finally:
+                await engine.dispose()
+        return found
+
+    # synchronous: 1 is NORMAL, 2 is FULL.
+    assert run(main()) == [[(1, 5000, 1)] * 3, [(1, 250, 2)] * 3]
+
+
+def test_writes_wait_off_the_loop_for_the_lock_then_fail_clearly(
+    db_path: Path, key: SessionKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write takes the lock up front (BEGIN IMMEDIATE), waits for it up to the busy
+    timeout on aiosqlite's thread, not on the event loop, and then fails with nothing
+    written; reads meanwhile do not wait at all."""
+    open_database(db_path).dispose()
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    monitor = LoopMonitor(monkeypatch)
+
+    async def main() -> None:
+        engine = await open_async_database(db_path, busy_timeout=0.3)
+        repo = AsyncSessionRepository(engine)
+        await repo.get_or_create(key)
+        blocker.execute("BEGIN IMMEDIATE")
+        blocker.execute("UPDATE sessions SET message_count = 99")
+        try:
+            with pytest.raises(DatabaseBusyError, match=r"append_messages.*locked"):
+                await monitor.watch(repo.append_message(key, Role.USER, "lost?"))
+            session = await repo.get(key)  # a reader sees the last commit at once
+            assert session is not None
+            assert session.message_count == 0
+        finally:
+            blocker.execute("ROLLBACK")
+        assert await repo.get_history(key) == []
+        await engine.dispose()
+
+    try:
+        run(main())
+    finally:
+        blocker.close()
+    print(monitor.report("waiting 0.3 s for the lock"))
+    # The loop ticked all along: about 300 ticks in 0.3 s, none of them held up.
+    assert len(monitor.lags) > 100
+    assert max(monitor.lags) < 0.05
+
+
+def test_memory_database_is_shared_by_concurrent_tasks() -> None:
+    keys = [SessionKey("agent-1", "telegram", "bot", "dm", f"peer-{n}") for n in range(50)]
+
+    async def main() -> tuple[int, list[int]]:
+        engine = await open_async_database(":memory:")
+        repo = AsyncSessionRepository(engine)
+
+        async def talk(key: SessionKey) -> None:
+            await repo.get_or_create(key)
+            for n in range(3):
+                await repo.append_message(key, Role.USER, f"{key.peer_id} {n}")
+
+        await asyncio.gather(*(talk(key) for key in keys))
+        counts = [(await repo.get_or_create(key)).message_count for key in keys]
+        total = await repo.count_sessions()
+        await engine.dispose()
+        return total, counts
+
+    assert run(main()) == (50, [3] * 50)
+
+
+def test_a_newer_schema_is_refused_with_nothing_changed(db_path: Path) -> None:
+    open_database(db_path).dispose()
+    run_sql(db_path, "INSERT INTO schema_version (version, name) VALUES (999, 'future')")
+    before = snapshot(db_path)
+    with pytest.raises(SchemaVersionError, match="999"):
+        run(open_async_database(db_path))
+    assert snapshot(db_path) == before
+
+
+def test_a_seed_made_file_is_adopted_and_upgraded(db_path: Path) -> None:
+    make_seed_file(db_path)
+
+    async def main() -> int:
+        engine = await open_async_database(db_path)
+        await engine.dispose()
+        return 0
+
+    run(main())
+    engine = open_database(db_path, migrate=False)
+    try:
+        assert [m.version for m in applied_migrations(engine)] == list(range(1, SCHEMA_VERSION + 1))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [({"busy_timeout": -1}, "busy_timeout"), ({"synchronous": "OFF"}, "synchronous")],
+)
+def test_bad_arguments_are_refused_before_anything_is_created(
+    db_path: Path, options: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ValueError, match=field):
+        run(open_async_database(db_path, **options))
+    assert not db_path.exists()
+
+
+def test_on_either_backend_it_migrates_like_open_database(store_url: str) -> None:
+    async def main() -> tuple[bool, str]:
+        engine = await open_async_database(store_url)
+        try:
+            return engine.dialect.is_async, engine.dialect.name
+        finally:
+            await engine.dispose()
+
+    is_async, name = run(main())
+    assert is_async
+    engine = open_database(store_url, migrate=False)
+    try:
+        assert engine.dialect.name == name
+        applied = applied_migrations(engine)
+        assert [m.version for m in applied] == list(range(1, SCHEMA_VERSION + 1))
+    finally:
+        engine.dispose()
+
+
+# --- the repository's surface ---------------------------------------------------------
+
+
+def public_methods() -> list[str]:
+    return [
+        name
+        for name, member in inspect.getmembers(SessionRepository, inspect.isfunction)
+        if not name.startswith("_") and name != "for_agent"
+    ]
+
+
+def test_every_method_of_the_sync_repository_is_a_coroutine_with_its_signature() -> None:
+    names = public_methods()
+    assert {"get_or_create", "append_messages", "get_history", "compact", "prune"} <= set(names)
+    for name in names:
+        twin = getattr(AsyncSessionRepository, name)
+        assert inspect.iscoroutinefunction(twin), name
+        assert inspect.signature(twin) == inspect.signature(getattr(SessionRepository, name)), name
+    assert isinstance(AsyncSessionRepository.agent_id, property)
+
+
+def test_for_agent_is_plain_and_may_be_awaited(db_path: Path, key: SessionKey) -> None:
+    async def main() -> None:
+        engine = await open_async_database(db_path)
+        repo = AsyncSessionRepository(engine)
+        await repo.get_or_create(key)
+        plain = repo.for_agent(key.agent_id)
+        awaited = await repo.for_agent(key.agent_id)
+        assert plain.agent_id == awaited.agent_id == key.agent_id
+        assert repo.agent_id is None
+        assert await plain.count_sessions() == await awaited.count_sessions() == 1
+        assert await repo.for_agent("someone-else").count_sessions() == 0
+        await engine.dispose()
+
+    run(main())
+
+
+def test_engines_go_with_their_own_repository(engine: Engine, key: SessionKey) -> None:
+    with pytest.raises(TypeError, match="AsyncEngine"):
+        AsyncSessionRepository(engine)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async_engine = await open_async_database(":memory:")
+        try:
+            with pytest.raises(SessionStoreError, match="AsyncSessionRepository"):
+                SessionRepository(async_engine.sync_engine).get(key)
+        finally:
+            await async_engine.dispose()
+
+    run(main())
+
+
+# --- many tasks on one loop -----------------------------------------------------------
+
+TASKS = 200
+ROUNDS = 10 * stress()
+
+
+def test_200_tasks_append_at_once_without_blocking_the_loop(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 tasks on one event loop append to a shared session and their own: no error
+    (no "database is locked"), every counter exact, and the loop keeps running."""
+    shared = SessionKey("agent-1", "telegram", "bot", "group", "everyone")
+    own = [SessionKey("agent-1", "telegram", "bot", "dm", f"peer-{n}") for n in range(TASKS)]
+    monitor = LoopMonitor(monkeypatch)
+
+    async def main() -> list[BaseException | None]:
+        engine = await open_async_database(store_url)
+        repo = AsyncSessionRepository(engine)
+
+        async def talk(n: int) -> None:
+            await repo.get_or_create(shared)  # 200 tasks race to create it
+            await repo.get_or_create(own[n])
+            for r in range(ROUNDS):
+                await repo.append_message(shared, Role.USER, f"{n}:{r}", tokens=1)
+                await repo.append_messages(
+                    own[n],
+                    [
+                        NewMessage(role=Role.USER, content=f"q{r}"),
+                        {"role": "assistant", "content": f"a{r}"},
+                    ],
+                    tokens=2,
+                )
+                await repo.get_history(own[n], limit=4)
+
+        try:
+            return await monitor.watch(
+                asyncio.gather(*(talk(n) for n in range(TASKS)), return_exceptions=True)
+            )
+        finally:
+            await engine.dispose()
+
+    outcomes = run(main())
+    print(monitor.report(f"{TASKS} tasks × {ROUNDS} rounds on {store_url.split(':')[0]}"))
+    assert [o for o in outcomes if o is not None] == []
+
+    engine = open_database(store_url)
+    try:
+        repo = SessionRepository(engine)
+        everyone = repo.get_or_create(shared)
+        assert everyone.message_count == TASKS * ROUNDS
+        assert everyone.token_usage == TASKS * ROUNDS
+        said = [m.content for m in repo.get_history(shared)]
+        assert sorted(said) == sorted(f"{n}:{r}" for n in range(TASKS) for r in range(ROUNDS))
+        for n in range(TASKS):
+            # Each task's own appends land in its order.
+            assert [r for r in said if r.startswith(f"{n}:")] == [f"{n}:{r}" for r in range(ROUNDS)]
+            mine = repo.get_or_create(own[n])
+            assert (mine.message_count, mine.token_usage) == (2 * ROUNDS, 2 * ROUNDS)
+        assert count_rows(engine, "sessions") == TASKS + 1
+        assert count_rows(engine, "messages") == 3 * TASKS * ROUNDS
+    finally:
+        engine.dispose()
+    # The store's code never holds the loop for more than a few ms at a time...
+    assert monitor.longest_step < 0.01
+    # ...and a task asking to wake every millisecond is woken in time. (Wall time also
+    # counts other processes on the machine's cores, such as the PostgreSQL server.)
+    lags = sorted(monitor.lags)
+    assert lags[int(len(lags) * 0.99)] < 0.02
+    assert lags[-1] < 0.1
+
+
+def test_cancelled_calls_leave_no_half_written_batch(store_url: str) -> None:
+    """Tasks cancelled at random moments: each batch is all there or not there at all,
+    counters match the rows, and the store goes on working."""
+    keys = [SessionKey("agent-1", "slack", "T1", "channel", f"c{n}") for n in range(10)]
+    rng = random.Random(7)
+
+    async def main() -> None:
+        engine = await open_async_database(store_url)
+        repo = AsyncSessionRepository(engine)
+        for key in keys:
+            await repo.get_or_create(key)
+
+        async def write(n: int) -> None:
+            for b in range(5):
+                batch = [NewMessage(role=Role.USER, content=f"t{n}-b{b}-m{m}") for m in range(5)]
+                await repo.append_messages(keys[n % len(keys)], batch, tokens=5)
+
+        tasks = [asyncio.create_task(write(n)) for n in range(60 * stress())]
+        for task in tasks:
+            asyncio.get_running_loop().call_later(rng.uniform(0, 0.05), task.cancel)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert any(task.cancelled() for task in tasks)
+        await repo.append_message(keys[0], Role.USER, "still working")
+        await engine.dispose()
+
+    run(main())
+    engine = open_database(store_url)
+    try:
+        repo = SessionRepository(engine)
+        for key in keys:
+            session = repo.get_or_create(key)
+            history = repo.get_history(key)
+            assert session.message_count == len(history)
+            batches: dict[str, list[str]] = {}
+            for message in history:
+                if message.content != "still working":
+                    batch, _, part = message.content.rpartition("-")
+                    batches.setdefault(batch, []).append(part)
+            assert all(parts == [f"m{m}" for m in range(5)] for parts in batches.values())
+            assert session.token_usage == 5 * len(batches)
+    finally:
+        engine.dispose()
+
+
+def test_prune_awaits_its_callback_on_the_loop(store_url: str) -> None:
+    async def main() -> tuple[int, list[tuple[int, int]]]:
+        engine = await open_async_database(store_url)
+        repo = AsyncSessionRepository(engine)
+        for n in range(3):
+            await repo.get_or_create(SessionKey("agent-1", "web", "site", "dm", f"old-{n}"))
+        seen: list[tuple[int, int]] = []
+
+        async def on_batch(deleted: int) -> None:
+            await asyncio.sleep(0)
+            seen.append((deleted, threading.get_ident()))
+
+        deleted = await repo.prune(
+            updated_before=datetime.now(UTC) + timedelta(days=1), on_batch=on_batch
+        )
+        await engine.dispose()
+        return deleted, seen
+
+    deleted, seen = run(main())
+    assert deleted == 3
+    assert seen == [(3, threading.get_ident())]  # asyncio.run's loop runs in this thread
