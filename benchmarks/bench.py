@@ -12,9 +12,10 @@ Scenarios (file databases, one process unless said):
 7. 4 processes appending to different sessions of one file at once;
 8. memory: peak RSS while appending 10^6 messages, one per transaction.
 
-Every operation is timed on its own (`perf_counter_ns`) after a warm-up; tables show
-medians. `AISOPOD_BENCH_SCALE=0.05 make bench` scales every count and size down for a quick
-run (sizes never below 1 000). Raw results go to `benchmarks/results/latest.json`;
+Scenarios 1 and 3 also time our `AsyncSessionRepository` (each await timed inside one
+event loop). Every operation is timed on its own (`perf_counter_ns`) after a warm-up;
+tables show medians. `AISOPOD_BENCH_SCALE=0.05 make bench` scales every count and size
+down for a quick run (sizes never below 1 000). Raw results go to `benchmarks/results/latest.json`;
 `docs/benchmarks.md` and `docs/benchmarks.png` are regenerated from them (`--no-docs` to
 keep them; `--no-peers` to measure only the floor and ours).
 """
@@ -34,18 +35,25 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from aisopod_session import NewMessage, SessionKey, SessionRepository, open_database
+from aisopod_session import (
+    AsyncSessionRepository,
+    NewMessage,
+    SessionKey,
+    SessionRepository,
+    open_async_database,
+    open_database,
+)
 from aisopod_session.statements import KEY as KEY_NAMES
 from aisopod_session.statements import SELECT_SESSION, history, list_sessions
 from benchmarks import floor
-from benchmarks.report import Report, write_docs
+from benchmarks.report import ASYNC, Report, write_docs
 
 SCALE_ENV = "AISOPOD_BENCH_SCALE"
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,28 +135,50 @@ ROUNDS = 10
 WARMUP = 3
 
 
-def measure_together(operations: dict[str, Callable[[int], Any]], count: int) -> dict[str, Stats]:
+def measure_together(
+    operations: dict[str, Callable[[int], Any]],
+    count: int,
+    runner: asyncio.Runner | None = None,
+) -> dict[str, Stats]:
     """Time `count` calls of each operation, taking turns in `ROUNDS` rounds, so that the
     machine's drift during a run (it is shared, and its disk's speed varies) weighs on
     every contender alike instead of on whichever ran at a bad moment. Each operation is
-    warmed up `WARMUP` times first (`i` = 0); the timed calls get `i` = 1 … `count`."""
+    warmed up `WARMUP` times first (`i` = 0); the timed calls get `i` = 1 … `count`.
+    An operation that returns a coroutine (our async API) is awaited on `runner`'s event
+    loop, each await timed on its own inside the loop."""
     samples: dict[str, list[int]] = {name: [] for name in operations}
-    for operation in operations.values():
+    awaited: set[str] = set()
+    for name, operation in operations.items():
         for _ in range(WARMUP):
-            operation(0)
+            result = operation(0)
+            if inspect.iscoroutine(result):
+                assert runner is not None, f"{name} is async: pass a runner"
+                runner.run(result)
+                awaited.add(name)
     per_round = max(1, count // ROUNDS)
     done = 0
     while done < count:
-        block = min(per_round, count - done)
+        block = range(done + 1, done + 1 + min(per_round, count - done))
         gc.collect()
         for name, operation in operations.items():
             timings = samples[name]
-            for i in range(done + 1, done + 1 + block):
+            if name in awaited:
+                assert runner is not None
+                runner.run(_time_awaits(operation, block, timings))
+                continue
+            for i in block:
                 start = time.perf_counter_ns()
                 operation(i)
                 timings.append(time.perf_counter_ns() - start)
-        done += block
+        done += len(block)
     return {name: _stats(timings) for name, timings in samples.items()}
+
+
+async def _time_awaits(operation: Callable[[int], Any], calls: range, timings: list[int]) -> None:
+    for i in calls:
+        start = time.perf_counter_ns()
+        await operation(i)
+        timings.append(time.perf_counter_ns() - start)
 
 
 async def _measure_async(
@@ -178,6 +208,16 @@ def run(result: Any) -> Any:
 
 
 # --- stores -----------------------------------------------------------------------------
+
+
+@contextmanager
+def async_store(runner: asyncio.Runner, path: Path) -> Iterator[AsyncSessionRepository]:
+    """Our async repository on the store at `path`, its engine on `runner`'s loop."""
+    engine = runner.run(open_async_database(path))
+    try:
+        yield AsyncSessionRepository(engine)
+    finally:
+        runner.run(engine.dispose())
 
 
 @contextmanager
@@ -308,8 +348,11 @@ class Bench:
         scenario = Scenario(1, "append one message per transaction")
         count = self.count(10_000)
         with (
+            asyncio.Runner() as runner,
             store(self.folder, "s1-floor") as (floor_path, _),
             store(self.folder, "s1-ours") as (_, repository),
+            store(self.folder, "s1-ours-async") as (async_path, checker),
+            async_store(runner, async_path) as async_repository,
         ):
             conn = floor.connect(floor_path)
 
@@ -319,17 +362,26 @@ class Bench:
                     KEY, role, content, tool_calls=calls, tokens=TOKENS
                 )
 
+            def ours_async(i: int) -> Coroutine[Any, Any, object]:
+                role, content, calls = spec(i)
+                return async_repository.append_message(
+                    KEY, role, content, tool_calls=calls, tokens=TOKENS
+                )
+
             scenario.stats.update(
                 measure_together(
                     {
                         "floor": lambda i: floor.append(conn, KEY_PARAMS, [spec(i)], TOKENS),
                         "ours": ours,
+                        ASYNC: ours_async,
                     },
                     count,
+                    runner,
                 )
             )
             conn.close()
             check_counter(repository, count + WARMUP)
+            check_counter(checker, count + WARMUP)
 
         def peer_append(peer: Any) -> Stats:
             with self.peer_store(peer, "s1"):
@@ -384,19 +436,22 @@ class Bench:
         size = self.size(10_000)
         scenario = Scenario(3, f"read the newest {LIMIT} of {size:,} messages")
         count = self.count(1000)
-        with store(self.folder, "s3") as (path, repository):
+        with asyncio.Runner() as runner, store(self.folder, "s3") as (path, repository):
             fill_messages(path, 1, size)
             conn = floor.connect(path)
             check_same_history(floor.read_newest(conn, KEY_PARAMS, LIMIT), repository)
-            scenario.stats.update(
-                measure_together(
-                    {
-                        "floor": lambda _: floor.read_newest(conn, KEY_PARAMS, LIMIT),
-                        "ours": lambda _: repository.get_history(KEY, limit=LIMIT),
-                    },
-                    count,
+            with async_store(runner, path) as async_repository:
+                scenario.stats.update(
+                    measure_together(
+                        {
+                            "floor": lambda _: floor.read_newest(conn, KEY_PARAMS, LIMIT),
+                            "ours": lambda _: repository.get_history(KEY, limit=LIMIT),
+                            ASYNC: lambda _: async_repository.get_history(KEY, limit=LIMIT),
+                        },
+                        count,
+                        runner,
+                    )
                 )
-            )
             conn.close()
 
         def peer_read(peer: Any) -> Stats:

@@ -23,6 +23,11 @@ GROWTH_LIMIT = 1.5
 """The 10^6-message figure of scenario 6 within this factor of the 10^3 one."""
 
 
+ASYNC = "ours, async"
+"""Our `AsyncSessionRepository`, measured beside ours in scenarios 1 and 3."""
+OURS = ("floor", "ours", ASYNC)
+
+
 def ratio_text(value: float) -> str:
     return f"{value:.2f}×"
 
@@ -50,7 +55,7 @@ class Report:
         return {
             name: stats.median_us / ours
             for name, stats in scenario.stats.items()
-            if name not in ("floor", "ours")
+            if name not in OURS
         }
 
     def verdicts(self) -> list[tuple[str, bool, str, str]]:
@@ -104,8 +109,9 @@ class Report:
         return names
 
     def main_table(self) -> str:
-        peers = [name for name in self.contenders() if name not in ("floor", "ours")]
-        header = ["scenario", "floor µs", "ours µs", "ours/floor", *[f"{p} µs" for p in peers]]
+        peers = [name for name in self.contenders() if name not in OURS]
+        header = ["scenario", "floor µs", "ours µs", "ours/floor", "ours, async µs"]
+        header.extend(f"{p} µs" for p in peers)
         header.append("ours vs fastest peer")
         rows = [header, ["---", *["---:"] * (len(header) - 1)]]
         for scenario in self.scenarios:
@@ -113,6 +119,8 @@ class Report:
             row.append(f"{scenario.stats['floor'].median_us:,.1f}")
             row.append(f"{scenario.stats['ours'].median_us:,.1f}")
             row.append(ratio_text(self.floor_ratio(scenario)))
+            asynchronous = scenario.stats.get(ASYNC)
+            row.append("–" if asynchronous is None else f"{asynchronous.median_us:,.1f}")
             ratios = self.peers_of(scenario)
             for peer in peers:
                 if peer in scenario.stats:
@@ -357,6 +365,11 @@ What is measured, in one run:
   validation or model objects (`benchmarks/floor.py`);
 - **ours**: the public `SessionRepository` API, returning validated, detached `Session` and
   `Message` objects;
+- **ours, async** (scenarios 1 and 3): the same calls through `AsyncSessionRepository` on
+  `open_async_database`'s aiosqlite engine, each `await` timed inside one event loop. A
+  call checks a connection out of the engine's pool and makes one trip to that
+  connection's aiosqlite thread, where the whole call runs; the difference from **ours**
+  is that round trip (two thread wake-ups) and the pool check-out;
 - **peers**: the session stores of the OpenAI Agents SDK (`SQLiteSession`,
   `SQLAlchemySession`), Google ADK (`DatabaseSessionService`) and LangChain
   (`SQLChatMessageHistory`), each through its own public API on a fresh file

@@ -27,6 +27,9 @@ def test_the_benchmark_runs_every_scenario_and_reports_every_target(tmp_path: Pa
     assert completed.returncode == 0, completed.stderr
     report = json.loads(results.read_text())
     assert [s["number"] for s in report["scenarios"]] == [1, 2, 3, 4, 5]
+    # The async API's column: scenarios 1 and 3.
+    timed_async = [s["number"] for s in report["scenarios"] if "ours, async" in s["stats"]]
+    assert timed_async == [1, 3]
     for scenario in [*report["scenarios"], *report["growth"], report["processes"]]:
         assert scenario["stats"], scenario
         assert all(stats["median_us"] > 0 for stats in scenario["stats"].values())
