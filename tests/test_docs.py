@@ -1,4 +1,4 @@
-"""The README's usage example runs as written."""
+"""The README's usage examples run as written."""
 
 from __future__ import annotations
 
@@ -24,4 +24,17 @@ def test_readme_usage_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ("user", "Hi!"),
         ("assistant", "(0 earlier messages) you said: Hi!"),
     ]
+    engine.dispose()
+
+
+def test_readme_asyncio_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    asyncio_blocks = [block for block in blocks if "open_async_database" in block]
+    assert asyncio_blocks, "README.md shows no asyncio example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "readme_example"}
+    exec(compile(asyncio_blocks[0], str(README), "exec"), namespace)
+    engine = open_database(tmp_path / "aisopod-sessions.db")
+    history = SessionRepository(engine).get_history("support:telegram:bot-1:dm:67890")
+    assert [(m.role, m.content) for m in history] == [("user", "Hello from asyncio")]
     engine.dispose()
