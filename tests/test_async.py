@@ -9,6 +9,7 @@ what those cannot express. Run with `-s` to see the loop-lag figures.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import inspect
 import random
@@ -22,7 +23,7 @@ from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aisopod_session import (
     SCHEMA_VERSION,
@@ -318,6 +319,31 @@ def test_for_agent_is_plain_and_may_be_awaited(db_path: Path, key: SessionKey) -
     run(main())
 
 
+def test_an_async_engine_made_elsewhere_is_prepared_on_first_use(
+    db_path: Path, key: SessionKey
+) -> None:
+    open_database(db_path).dispose()  # migrated
+
+    async def main() -> list[int]:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{db_path}")
+        try:
+            repo = AsyncSessionRepository(engine)
+            await repo.get_or_create(key)
+            await repo.append_message(key, Role.USER, "hello")
+            conn = await engine.connect()
+            driver: Any = (await conn.get_raw_connection()).driver_connection
+            found = [
+                (await (await driver.execute(f"PRAGMA {name}")).fetchone())[0]
+                for name in ("foreign_keys", "busy_timeout")
+            ]
+            await conn.close()
+            return found
+        finally:
+            await engine.dispose()
+
+    assert run(main()) == [1, 5000]
+
+
 def test_engines_go_with_their_own_repository(engine: Engine, key: SessionKey) -> None:
     with pytest.raises(TypeError, match="AsyncEngine"):
         AsyncSessionRepository(engine)  # type: ignore[arg-type]
@@ -448,17 +474,21 @@ def test_cancelled_calls_leave_no_half_written_batch(store_url: str) -> None:
         engine.dispose()
 
 
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
+
+
 def test_prune_awaits_its_callback_on_the_loop(store_url: str) -> None:
-    async def main() -> tuple[int, list[tuple[int, int]]]:
+    async def main() -> tuple[int, list[tuple[int, int, str]]]:
         engine = await open_async_database(store_url)
         repo = AsyncSessionRepository(engine)
         for n in range(3):
             await repo.get_or_create(SessionKey("agent-1", "web", "site", "dm", f"old-{n}"))
-        seen: list[tuple[int, int]] = []
+        seen: list[tuple[int, int, str]] = []
+        REQUEST.set("request-7")  # the caller's context reaches the callback
 
         async def on_batch(deleted: int) -> None:
             await asyncio.sleep(0)
-            seen.append((deleted, threading.get_ident()))
+            seen.append((deleted, threading.get_ident(), REQUEST.get()))
 
         deleted = await repo.prune(
             updated_before=datetime.now(UTC) + timedelta(days=1), on_batch=on_batch
@@ -468,4 +498,5 @@ def test_prune_awaits_its_callback_on_the_loop(store_url: str) -> None:
 
     deleted, seen = run(main())
     assert deleted == 3
-    assert seen == [(3, threading.get_ident())]  # asyncio.run's loop runs in this thread
+    # On the loop (asyncio.run's, in this thread), in the caller's context.
+    assert seen == [(3, threading.get_ident(), "request-7")]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import inspect
 import threading
@@ -894,6 +895,7 @@ class AsyncSessionRepository:
         loop = asyncio.get_running_loop()
         on_thread = self.engine.dialect.name == "sqlite"
         stopped = threading.Event()
+        caller = contextvars.copy_context()  # the callback runs in the caller's context
 
         def between_batches(deleted: int) -> None:
             if stopped.is_set():
@@ -901,7 +903,9 @@ class AsyncSessionRepository:
             if on_batch is None:
                 return
             if on_thread:  # SQLite: the prune runs on its connection's thread
-                asyncio.run_coroutine_threadsafe(_call(on_batch, deleted), loop).result()
+                caller.run(
+                    asyncio.run_coroutine_threadsafe, _call(on_batch, deleted), loop
+                ).result()
             else:  # PostgreSQL: on the loop, under the greenlet bridge
                 await_(_call(on_batch, deleted))
 
