@@ -53,8 +53,11 @@ format: venv ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-run: venv ## Record a short multi-channel conversation in ./$(DB) and print it
+run: venv ## Record a short conversation in ./$(DB), then show it with the aisopod-session command
 	$(VENV)/bin/python -m aisopod_session.demo $(DB)
+	$(VENV)/bin/aisopod-session --db $(DB) status
+	$(VENV)/bin/aisopod-session --db $(DB) sessions list --agent-id concierge
+	$(VENV)/bin/aisopod-session --db $(DB) sessions show concierge:telegram:bot-main:dm:1001 --last 6
 
 bench: $(VENV)/.synced-bench ## Benchmark our store against plain sqlite3 and peer stores
 	$(VENV)/bin/python -m benchmarks.bench

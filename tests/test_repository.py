@@ -21,6 +21,7 @@ from aisopod_session import (
     SessionRepository,
     SessionStatus,
     SessionStoreError,
+    Totals,
 )
 from tests.dbtools import count_rows, run_sql, run_threads, snapshot
 
@@ -487,3 +488,24 @@ def test_an_unknown_value_in_the_database_is_a_store_error(
     run_sql(engine, "UPDATE messages SET role = 'function'")
     with pytest.raises(SessionStoreError, match=r"'function'.*not a Role"):
         repo.get_history(key)
+
+
+def test_summary_counts_per_status_and_agent(
+    repo: SessionRepository, key: SessionKey, other_key: SessionKey
+) -> None:
+    assert repo.summary().total == Totals()
+    third = SessionKey("agent-2", "web", "site", "dm", "visitor")
+    for each in (key, other_key, third):
+        repo.get_or_create(each)
+    repo.append_message(key, Role.USER, "one", tokens=3)
+    repo.append_message(key, Role.ASSISTANT, "two", tokens=4)
+    repo.append_message(third, Role.USER, "three", tokens=5)
+    repo.set_status(other_key, SessionStatus.IDLE)
+    summary = repo.summary()
+    assert summary.total == Totals(sessions=3, messages=3, tokens=12)
+    assert summary.by_status == {
+        SessionStatus.ACTIVE: Totals(2, 3, 12),
+        SessionStatus.IDLE: Totals(1, 0, 0),
+    }
+    assert summary.by_agent == {"agent-1": Totals(2, 2, 7), "agent-2": Totals(1, 1, 5)}
+    assert repo.for_agent("agent-2").summary().total == Totals(1, 1, 5)

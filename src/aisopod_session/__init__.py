@@ -31,8 +31,17 @@ from aisopod_session.repository import (
     AsyncSessionRepository,
     CompactionResult,
     SessionRepository,
+    StoreSummary,
+    Totals,
 )
 from aisopod_session.transactions import DEFAULT_BUSY_TIMEOUT, prepare_engine
+from aisopod_session.transfer import (
+    ExportResult,
+    ImportResult,
+    LineError,
+    export_jsonl,
+    import_jsonl,
+)
 
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT",
@@ -44,6 +53,9 @@ __all__ = [
     "CompactionResult",
     "CopyResult",
     "DatabaseBusyError",
+    "ExportResult",
+    "ImportResult",
+    "LineError",
     "Message",
     "Migration",
     "MigrationError",
@@ -58,11 +70,15 @@ __all__ = [
     "SessionRepository",
     "SessionStatus",
     "SessionStoreError",
+    "StoreSummary",
+    "Totals",
     "applied_migrations",
     "check_schema",
     "copy_database",
     "current_version",
     "database_url",
+    "export_jsonl",
+    "import_jsonl",
     "open_async_database",
     "open_database",
     "prepare_engine",

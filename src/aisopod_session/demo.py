@@ -1,5 +1,6 @@
 """The main job, shown: a gateway service records a short multi-channel conversation
-through an injected `SessionRepository`, then prints the sessions and one transcript.
+through an injected `SessionRepository`. `make run` then shows the store with the
+`aisopod-session` command (status, the sessions, one transcript).
 
 Run with `make run` or `python -m aisopod_session.demo [DATABASE]`.
 """
@@ -72,7 +73,8 @@ CONVERSATION: Sequence[Inbound] = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Record the demo conversation in the database named by argv[0] and print it."""
+    """Record the demo conversation in the database named by argv[0]; say how much the
+    store holds."""
     args = list(sys.argv[1:] if argv is None else argv)
     target = args[0] if args else DEFAULT_DATABASE
     engine = open_database(target)
@@ -82,22 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for inbound in CONVERSATION:
             service.handle(inbound)
 
-        sessions = repository.list_sessions({"agent_id": "concierge"})
-        print(f"{repository.count_sessions()} session(s) in {target}:")
-        for session in sessions:
-            print(
-                f"  #{session.id:<4} {session.key!s:<48} {session.status:<9} "
-                f"{session.message_count:>4} msgs {session.token_usage:>5} tokens  "
-                f"updated {session.updated_at:%Y-%m-%d %H:%M:%S}Z"
-            )
-        first = CONVERSATION[0]
-        key = SessionKey(
-            "concierge", first.channel, first.account_id, first.peer_kind, first.peer_id
+        total = repository.summary().total
+        print(
+            f"Recorded {len(CONVERSATION)} chat messages and the agent's replies in {target}: "
+            f"{total.sessions} session(s), {total.messages} message(s) in all."
         )
-        print(f"\nTranscript of {key} (newest 6 messages):")
-        for message in repository.get_history(key, limit=6):
-            tools = f"  tool_calls={message.tool_calls}" if message.tool_calls else ""
-            print(f"  [{message.id}] {message.role:>9}: {message.content}{tools}")
     finally:
         engine.dispose()
     return 0

@@ -63,6 +63,7 @@ from aisopod_session.statements import (
     prune_candidates,
     prune_count,
     prune_delete,
+    summary,
     warm,
 )
 from aisopod_session.transactions import (
@@ -102,6 +103,32 @@ class CompactionResult:
     def compaction_count(self) -> int:
         """How many compactions the session has had."""
         return self.session.compaction_count
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Sessions, and the messages and tokens their counters hold."""
+
+    sessions: int = 0
+    messages: int = 0
+    tokens: int = 0
+
+    def __add__(self, other: Totals) -> Totals:
+        return Totals(
+            self.sessions + other.sessions,
+            self.messages + other.messages,
+            self.tokens + other.tokens,
+        )
+
+
+@dataclass(frozen=True)
+class StoreSummary:
+    """What `summary` counted: totals over the repository's sessions, per status and per
+    agent (both in name order)."""
+
+    total: Totals
+    by_status: dict[SessionStatus, Totals]
+    by_agent: dict[str, Totals]
 
 
 class SessionRepository:
@@ -296,6 +323,28 @@ class SessionRepository:
         with driver_transaction(self.engine, "delete", "IMMEDIATE") as conn:
             deleted = conn.execute(DELETE_SESSION.on(self._dialect).text, key.parts()).fetchall()
         return bool(deleted)
+
+    def summary(self) -> StoreSummary:
+        """How many sessions there are (of this repository's agent, if confined), per
+        status and per agent, with the sums of their `message_count` and `token_usage`.
+        Read-only, one statement."""
+        sql = summary(scoped=self._agent is not None).on(self._dialect)
+        with driver_transaction(self.engine, "summary", None) as conn:
+            rows = conn.execute(sql.text, sql.bind({"agent_scope": self._agent})).fetchall()
+        total = Totals()
+        by_status: dict[SessionStatus, Totals] = {}
+        by_agent: dict[str, Totals] = {}
+        for agent, status, sessions, messages, tokens in rows:
+            totals = Totals(int(sessions), int(messages), int(tokens))
+            state = parse_enum(SessionStatus, status)
+            total = total + totals
+            by_status[state] = by_status.get(state, Totals()) + totals
+            by_agent[agent] = by_agent.get(agent, Totals()) + totals
+        return StoreSummary(
+            total=total,
+            by_status=dict(sorted(by_status.items())),
+            by_agent=by_agent,
+        )
 
     # --- messages ---------------------------------------------------------------------
 
@@ -626,25 +675,32 @@ class SessionRepository:
     def _filter_params(
         self, filter: SessionFilter | Mapping[str, Any] | None
     ) -> tuple[tuple[str, ...], dict[str, Any]]:
-        """The fields a filter sets (plus this repository's agent) and their values in
-        stored form, for `statements.list_sessions`."""
-        spec = _as_filter(filter)
-        params: dict[str, Any] = {}
-        for name, value in spec:
-            if value is None:
-                continue
-            if isinstance(value, datetime):
-                params[name] = utc_text(value)
-            elif isinstance(value, StrEnum):
-                params[name] = value.value
-            else:
-                params[name] = value
-        if self._agent is not None:
-            params["agent_scope"] = self._agent
-        return tuple(params), params
+        return filter_params(filter, self._agent)
 
 
 # --- helpers --------------------------------------------------------------------------
+
+
+def filter_params(
+    filter: SessionFilter | Mapping[str, Any] | None, agent: str | None = None
+) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """The fields a filter sets (plus `agent_scope` when `agent` confines it) and their
+    values in stored form, for `statements.filter_clauses`; `ValueError` for a bad
+    filter."""
+    spec = _as_filter(filter)
+    params: dict[str, Any] = {}
+    for name, value in spec:
+        if value is None:
+            continue
+        if isinstance(value, datetime):
+            params[name] = utc_text(value)
+        elif isinstance(value, StrEnum):
+            params[name] = value.value
+        else:
+            params[name] = value
+    if agent is not None:
+        params["agent_scope"] = agent
+    return tuple(params), params
 
 
 def _now_text() -> str:
@@ -810,6 +866,10 @@ class AsyncSessionRepository:
     async def count_sessions(self, filter: SessionFilter | Mapping[str, Any] | None = None) -> int:
         """`SessionRepository.count_sessions`, awaited."""
         return await self._run(partial(self._sync.count_sessions, filter))
+
+    async def summary(self) -> StoreSummary:
+        """`SessionRepository.summary`, awaited."""
+        return await self._run(self._sync.summary)
 
     async def update_metadata(
         self, key: SessionKey | str, changes: Mapping[str, Any], *, replace: bool = False

@@ -289,11 +289,9 @@ UPDATE_STATUS = query(
 DELETE_SESSION = query(delete(Session).where(_BY_KEY).returning(col(Session.id)), KEY)
 
 
-@functools.cache
-def list_sessions(fields: tuple[str, ...], *, count: bool) -> Query:
-    """`SELECT` of the sessions matching a filter with `fields` set, newest first, one
-    page (`:limit`, `:offset`); or with `count` their number. Every field's value is the
-    parameter of its name; `agent_scope` is the confined repository's agent."""
+def filter_clauses(fields: Sequence[str]) -> list[ColumnElement[bool]]:
+    """The conditions on `sessions` of a filter with `fields` set: every field's value is
+    the parameter of its name; `agent_scope` is a confined repository's agent."""
     clauses: list[ColumnElement[bool]] = []
     for name in fields:
         if name.endswith("_after"):
@@ -304,6 +302,15 @@ def list_sessions(fields: tuple[str, ...], *, count: bool) -> Query:
             clauses.append(col(Session.agent_id) == bindparam(name))
         else:
             clauses.append(getattr(Session, name) == bindparam(name))
+    return clauses
+
+
+@functools.cache
+def list_sessions(fields: tuple[str, ...], *, count: bool) -> Query:
+    """`SELECT` of the sessions matching a filter with `fields` set (see
+    `filter_clauses`), newest first, one page (`:limit`, `:offset`); or with `count`
+    their number."""
+    clauses = filter_clauses(fields)
     if count:
         return query(select(func.count()).select_from(Session).where(*clauses))
     return query(
@@ -313,6 +320,22 @@ def list_sessions(fields: tuple[str, ...], *, count: bool) -> Query:
         .limit(bindparam("limit"))
         .offset(bindparam("offset"))
     )
+
+
+@functools.cache
+def summary(*, scoped: bool) -> Query:
+    """Per agent and status: how many sessions, and the sum of their message and token
+    counters (every session, or with `scoped` those of `:agent_scope`)."""
+    statement = select(
+        col(Session.agent_id),
+        col(Session.status),
+        func.count(),
+        func.sum(col(Session.message_count)),
+        func.sum(col(Session.token_usage)),
+    ).group_by(col(Session.agent_id), col(Session.status))
+    if scoped:
+        statement = statement.where(col(Session.agent_id) == bindparam("agent_scope"))
+    return query(statement.order_by(col(Session.agent_id), col(Session.status)))
 
 
 # --- messages ---------------------------------------------------------------------------
@@ -510,6 +533,8 @@ def warm(dialect: Dialect) -> None:
     flags = (False, True)
     for newest_first, limit, after, before in itertools.product(flags, repeat=4):
         history(newest_first=newest_first, limit=limit, after=after, before=before).on(dialect)
+    for scoped in flags:
+        summary(scoped=scoped).on(dialect)
     for fields in ((), ("agent_scope",)):
         for counting in flags:
             list_sessions(fields, count=counting).on(dialect)

@@ -1,0 +1,830 @@
+"""`aisopod-session`: look into a store, back it up, move it, clean it, without SQL.
+
+Every command takes `--db` (a path or a URL; also `AISOPOD_SESSION_DB`; default
+`./aisopod-sessions.db`), before or after the command's name. Reading commands take
+`--json` for machine-readable output. User errors (a missing store, a bad key, an unknown
+session, a newer schema...) print one line on stderr and exit with status 1; usage
+errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy import Engine
+
+from aisopod_session.copying import copy_database
+from aisopod_session.database import database_url, open_database
+from aisopod_session.enums import PeerKind, Role, SessionStatus
+from aisopod_session.errors import SessionNotFoundError, SessionStoreError
+from aisopod_session.keys import SessionKey
+from aisopod_session.migrations import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    applied_migrations,
+    current_version,
+)
+from aisopod_session.models import Message, Session
+from aisopod_session.repository import SessionRepository
+from aisopod_session.transfer import count_export, export_jsonl, import_jsonl, session_json
+
+DATABASE_ENV = "AISOPOD_SESSION_DB"
+DEFAULT_DATABASE = "aisopod-sessions.db"
+
+app = typer.Typer(
+    name="aisopod-session",
+    help="Inspect, export, import and maintain an aisopod session store.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+sessions_app = typer.Typer(
+    help="List, show and delete sessions (and compact, reset).", no_args_is_help=True
+)
+app.add_typer(sessions_app, name="sessions")
+
+# Piped or captured output gets wide lines, so that tables are not wrapped at 80 columns.
+# No markup or emoji codes in what is printed (a key like `a:b:c:thread:d` holds one):
+# only the transcript's lines ask for markup, with their text escaped.
+out = Console(
+    highlight=False,
+    soft_wrap=True,
+    markup=False,
+    emoji=False,
+    width=None if sys.stdout.isatty() else 200,
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+
+
+@dataclass
+class Settings:
+    db: str | None = None
+    json: bool = False
+
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help=f"The store: a file path or a database URL [env {DATABASE_ENV}; "
+        f"default ./{DEFAULT_DATABASE}].",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+@app.callback()
+def settings(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = False) -> None:
+    """Inspect, export, import and maintain an aisopod session store."""
+    ctx.obj = Settings(db=db, json=json_output)
+
+
+class UserError(Exception):
+    """A mistake of the caller's, reported in one line."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(command: F) -> F:
+    """Turn the store's and the user's errors into one line on stderr and exit status 1
+    (`AISOPOD_DEBUG=1` shows the traceback instead)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if os.environ.get("AISOPOD_DEBUG"):
+                raise
+            if isinstance(exc, UserError | SessionStoreError | ValueError | OSError):
+                message = str(exc)
+            else:
+                message = f"unexpected {type(exc).__name__}: {exc}"
+            err.print(f"error: {message}", style="red")
+            raise typer.Exit(1) from None
+
+    return run  # type: ignore[return-value]
+
+
+# --- opening the store --------------------------------------------------------------------
+
+
+def target_of(ctx: typer.Context, db: str | None) -> str:
+    settings: Settings = ctx.obj
+    return db or settings.db or os.environ.get(DATABASE_ENV) or DEFAULT_DATABASE
+
+
+def wants_json(ctx: typer.Context, flag: bool) -> bool:
+    settings: Settings = ctx.obj
+    return flag or settings.json
+
+
+def file_of(target: str) -> Path | None:
+    """The SQLite file a target names, or None for a server or `:memory:`."""
+    url = database_url(target)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(str(url.database))
+
+
+@contextmanager
+def opened(target: str, *, create: bool = False, migrate: bool = False) -> Iterator[Engine]:
+    """The store's engine for the block. A missing file is an error unless `create`; a
+    store behind this code's schema is an error unless `migrate` (reading commands never
+    change the schema)."""
+    path = file_of(target)
+    if path is not None and not create and not path.exists():
+        raise UserError(
+            f"no session store at {path}: pass --db (or set {DATABASE_ENV}), or create one "
+            "with `aisopod-session init`"
+        )
+    engine = open_database(target, migrate=migrate)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def repository(target: str) -> Iterator[SessionRepository]:
+    """A repository on an existing store at this code's schema version."""
+    with opened(target) as engine:
+        version = current_version(engine)
+        if version < SCHEMA_VERSION:
+            raise UserError(
+                f"the store is at schema version {version}, this aisopod-session needs "
+                f"{SCHEMA_VERSION}: run `aisopod-session migrate` first"
+            )
+        yield SessionRepository(engine)
+
+
+def find_session(repo: SessionRepository, key_or_id: str) -> Session:
+    """The session named by its id (digits) or its key; `UserError` if there is none."""
+    text = key_or_id.strip()
+    if text.isdigit():
+        found = repo.get_by_id(int(text))
+        if found is None:
+            raise UserError(f"no session with id {text}")
+        return found
+    try:
+        key = SessionKey.parse(text)
+    except ValueError as exc:
+        raise UserError(
+            f"{text!r} is neither a session id nor a key (agent:channel:account:kind:peer): {exc}"
+        ) from None
+    found = repo.get(key)
+    if found is None:
+        raise UserError(f"no session for key {key}")
+    return found
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+
+
+def when(value: datetime | None) -> str:
+    return "-" if value is None else f"{value:%Y-%m-%d %H:%M:%S}Z"
+
+
+# --- init and migrate ---------------------------------------------------------------------
+
+
+@app.command()
+@friendly
+def init(ctx: typer.Context, db: DbOption = None) -> None:
+    """Create the store (or bring an existing one up to date)."""
+    target = target_of(ctx, db)
+    path = file_of(target)
+    existed = path is None or path.exists()
+    with opened(target, create=True) as engine:
+        before = len(applied_migrations(engine)) if existed else 0
+    with opened(target, create=True, migrate=True) as engine:
+        version = current_version(engine)
+        done = len(applied_migrations(engine)) - before
+    if not existed:
+        out.print(f"Created {target} at schema version {version}.")
+    elif done:
+        out.print(f"Upgraded {target} to schema version {version} ({done} migration(s)).")
+    else:
+        out.print(f"{target} is ready at schema version {version}; nothing to do.")
+
+
+@app.command()
+@friendly
+def migrate(
+    ctx: typer.Context,
+    status: Annotated[
+        bool, typer.Option("--status", help="List applied and pending migrations; change nothing.")
+    ] = False,
+    db: DbOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Apply pending migrations (creating the store if needed), or with --status list
+    them."""
+    target = target_of(ctx, db)
+    if not status:
+        path = file_of(target)
+        existed = path is None or path.exists()
+        with opened(target, create=True) as engine:
+            before = {m.version for m in applied_migrations(engine)} if existed else set()
+        with opened(target, create=True, migrate=True) as engine:
+            applied = [m for m in applied_migrations(engine) if m.version not in before]
+            version = current_version(engine)
+        if wants_json(ctx, json_output):
+            print_json({"schema_version": version, "applied": [m.version for m in applied]})
+            return
+        for migration in applied:
+            out.print(f"applied {migration.version}: {migration.name}")
+        out.print(f"{target} is at schema version {version}.")
+        return
+    with opened(target) as engine:
+        applied_now = {m.version: m for m in applied_migrations(engine)}
+        version = current_version(engine)
+    rows: list[dict[str, Any]] = []
+    for step in MIGRATIONS:
+        done = applied_now.get(step.version)
+        rows.append(
+            {
+                "version": step.version,
+                "name": step.name,
+                "status": "applied" if done else "pending",
+                "applied_at": None
+                if done is None or done.applied_at is None
+                else done.applied_at.isoformat(),
+            }
+        )
+    if wants_json(ctx, json_output):
+        print_json({"schema_version": version, "code_version": SCHEMA_VERSION, "migrations": rows})
+        return
+    table = Table("version", "name", "status", "applied at", title=f"Migrations of {target}")
+    for row in rows:
+        table.add_row(
+            str(row["version"]),
+            str(row["name"]),
+            str(row["status"]),
+            when(None if row["applied_at"] is None else datetime.fromisoformat(row["applied_at"])),
+        )
+    out.print(table)
+    pending = sum(row["status"] == "pending" for row in rows)
+    out.print(
+        f"schema version {version}; "
+        + (f"{pending} pending: run `aisopod-session migrate`" if pending else "up to date")
+    )
+
+
+# --- status ---------------------------------------------------------------------------
+
+
+@app.command()
+@friendly
+def status(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = False) -> None:
+    """Schema version, sessions by status and by agent, messages, tokens, file sizes."""
+    target = target_of(ctx, db)
+    with repository(target) as repo:
+        summary = repo.summary()
+        version = current_version(repo.engine)
+        backend = repo.engine.dialect.name
+    path = file_of(target)
+    sizes: dict[str, int | None] = {"file_bytes": None, "wal_bytes": None}
+    if path is not None:
+        wal = path.with_name(path.name + "-wal")
+        sizes = {
+            "file_bytes": path.stat().st_size,
+            "wal_bytes": wal.stat().st_size if wal.exists() else 0,
+        }
+    report = {
+        "database": target,
+        "backend": backend,
+        "schema_version": version,
+        "sessions": summary.total.sessions,
+        "messages": summary.total.messages,
+        "tokens": summary.total.tokens,
+        "sessions_by_status": {
+            state.value: totals.sessions for state, totals in summary.by_status.items()
+        },
+        "agents": {
+            agent: {
+                "sessions": totals.sessions,
+                "messages": totals.messages,
+                "tokens": totals.tokens,
+            }
+            for agent, totals in summary.by_agent.items()
+        },
+        **sizes,
+    }
+    if wants_json(ctx, json_output):
+        print_json(report)
+        return
+    out.print(f"store:          {target} ({backend}, schema version {version})")
+    if path is not None:
+        out.print(
+            f"size:           {size_text(sizes['file_bytes'])} "
+            f"+ WAL {size_text(sizes['wal_bytes'])}"
+        )
+    out.print(f"sessions:       {summary.total.sessions:,}")
+    out.print(f"messages:       {summary.total.messages:,}")
+    out.print(f"tokens:         {summary.total.tokens:,}")
+    if summary.by_status:
+        out.print(
+            "by status:      "
+            + ", ".join(f"{s.value} {t.sessions:,}" for s, t in summary.by_status.items())
+        )
+    if summary.by_agent:
+        table = Table("agent", "sessions", "messages", "tokens", title="by agent")
+        for agent, totals in summary.by_agent.items():
+            table.add_row(
+                agent, f"{totals.sessions:,}", f"{totals.messages:,}", f"{totals.tokens:,}"
+            )
+        out.print(table)
+
+
+def size_text(size: int | None) -> str:
+    if size is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:,} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size = size / 1024  # type: ignore[assignment]
+    return f"{size} B"
+
+
+# --- sessions -----------------------------------------------------------------------------
+
+AgentOption = Annotated[str | None, typer.Option("--agent-id", help="Only this agent's.")]
+ChannelOption = Annotated[str | None, typer.Option("--channel", help="Only this channel's.")]
+AccountOption = Annotated[str | None, typer.Option("--account-id", help="Only this account's.")]
+PeerKindOption = Annotated[PeerKind | None, typer.Option("--peer-kind", help="Only this kind.")]
+PeerOption = Annotated[str | None, typer.Option("--peer-id", help="Only this peer's.")]
+StatusOption = Annotated[
+    SessionStatus | None, typer.Option("--status", help="Only sessions in this status.")
+]
+TimeOption = Annotated[str | None, typer.Option(metavar="TIME")]
+
+
+def parse_time(field: str, text: str | None) -> datetime | None:
+    """An ISO-8601 time (UTC when it has no offset), or a duration ago (`30d`, `12h`)."""
+    if text is None:
+        return None
+    ago = parse_duration_or_none(text)
+    if ago is not None:
+        return datetime.now(UTC) - ago
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(
+            f"{field}: {text!r} is neither an ISO-8601 time nor a duration like 30d"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration_or_none(text: str) -> timedelta | None:
+    match = _DURATION.match(text)
+    if match is None:
+        return None
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def parse_duration(field: str, text: str) -> timedelta:
+    found = parse_duration_or_none(text)
+    if found is None or found <= timedelta(0):
+        raise UserError(f"{field}: {text!r} is not a duration like 90s, 45m, 12h, 30d or 2w")
+    return found
+
+
+def session_filter(
+    agent_id: str | None,
+    channel: str | None,
+    account_id: str | None,
+    peer_kind: PeerKind | None,
+    peer_id: str | None,
+    status: SessionStatus | None,
+    created_after: str | None,
+    created_before: str | None,
+    updated_after: str | None,
+    updated_before: str | None,
+) -> dict[str, Any]:
+    """The `SessionFilter` fields the options set."""
+    fields: dict[str, Any] = {
+        "agent_id": agent_id,
+        "channel": channel,
+        "account_id": account_id,
+        "peer_kind": peer_kind,
+        "peer_id": peer_id,
+        "status": status,
+        "created_after": parse_time("--created-after", created_after),
+        "created_before": parse_time("--created-before", created_before),
+        "updated_after": parse_time("--updated-after", updated_after),
+        "updated_before": parse_time("--updated-before", updated_before),
+    }
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+@sessions_app.command("list")
+@friendly
+def list_sessions(
+    ctx: typer.Context,
+    agent_id: AgentOption = None,
+    channel: ChannelOption = None,
+    account_id: AccountOption = None,
+    peer_kind: PeerKindOption = None,
+    peer_id: PeerOption = None,
+    status: StatusOption = None,
+    created_after: Annotated[
+        str | None, typer.Option(help="Created after TIME or ago (30d).")
+    ] = None,
+    created_before: Annotated[str | None, typer.Option(help="Created before TIME or ago.")] = None,
+    updated_after: Annotated[str | None, typer.Option(help="Updated after TIME or ago.")] = None,
+    updated_before: Annotated[str | None, typer.Option(help="Updated before TIME or ago.")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="At most this many.")] = 50,
+    offset: Annotated[int, typer.Option(min=0, help="Skip this many first.")] = 0,
+    db: DbOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Sessions matching the filters, most recently updated first."""
+    wanted = session_filter(
+        agent_id,
+        channel,
+        account_id,
+        peer_kind,
+        peer_id,
+        status,
+        created_after,
+        created_before,
+        updated_after,
+        updated_before,
+    )
+    with repository(target_of(ctx, db)) as repo:
+        found = repo.list_sessions(wanted, limit=limit, offset=offset)
+        total = repo.count_sessions(wanted)
+    if wants_json(ctx, json_output):
+        print_json([session_json(session) for session in found])
+        return
+    table = Table("id", "key", "status", "messages", "tokens", "updated (UTC)")
+    for session in found:
+        table.add_row(
+            str(session.id),
+            str(session.key),
+            session.status.value,
+            f"{session.message_count:,}",
+            f"{session.token_usage:,}",
+            when(session.updated_at),
+        )
+    out.print(table)
+    shown = f"{offset + 1}–{offset + len(found)}" if found else "none"
+    out.print(f"{total:,} session(s) match; showing {shown}.")
+
+
+ROLE_STYLES = {
+    Role.USER: "bold cyan",
+    Role.ASSISTANT: "bold green",
+    Role.SYSTEM: "bold yellow",
+    Role.TOOL: "bold magenta",
+}
+
+
+@sessions_app.command("show")
+@friendly
+def show(
+    ctx: typer.Context,
+    session: Annotated[str, typer.Argument(metavar="KEY-OR-ID", help="A session id or key.")],
+    last: Annotated[int | None, typer.Option("--last", min=1, help="Only the newest N.")] = None,
+    db: DbOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """A session's transcript: every message (or the newest N), roles coloured, tool
+    calls spelled out."""
+    with repository(target_of(ctx, db)) as repo:
+        found = find_session(repo, session)
+        messages = repo.get_history(found.key, limit=last)
+    if wants_json(ctx, json_output):
+        print_json(
+            {"session": session_json(found), "messages": [message_json(m) for m in messages]}
+        )
+        return
+    out.print(
+        f"Session #{found.id} {found.key} ({found.status.value}): "
+        f"{found.message_count:,} messages, {found.token_usage:,} tokens; "
+        f"created {when(found.created_at)}, updated {when(found.updated_at)}"
+    )
+    if found.meta:
+        out.print(f"metadata: {json.dumps(found.meta, ensure_ascii=False)}")
+    if last is not None and found.message_count > len(messages):
+        out.print(f"(the newest {len(messages)} of {found.message_count:,})")
+    for message in messages:
+        style = ROLE_STYLES.get(message.role, "bold")
+        out.print(
+            f"[dim]\\[{message.id}] {message.created_at:%H:%M:%S}[/dim] "
+            f"[{style}]{message.role.value:>9}[/{style}]: {escape(message.content)}",
+            markup=True,
+        )
+        for call in message.tool_calls or []:
+            text = json.dumps(call, ensure_ascii=False, indent=2)
+            out.print("           ↳ tool call " + text.replace("\n", "\n             "))
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    return {
+        "id": message.id,
+        "session_id": message.session_id,
+        "role": message.role.value,
+        "content": message.content,
+        "tool_calls": message.tool_calls,
+        "created_at": message.created_at.isoformat(),
+    }
+
+
+YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask on a terminal unless --yes; scripts (no terminal) are not asked."""
+    if yes or not sys.stdin.isatty():
+        return
+    if not typer.confirm(question, default=False):
+        raise typer.Abort()
+
+
+@sessions_app.command("delete")
+@friendly
+def delete(
+    ctx: typer.Context,
+    session: Annotated[str, typer.Argument(metavar="KEY-OR-ID")],
+    yes: YesOption = False,
+    db: DbOption = None,
+) -> None:
+    """Delete a session and its messages."""
+    with repository(target_of(ctx, db)) as repo:
+        found = find_session(repo, session)
+        confirm(
+            f"Delete session #{found.id} {found.key} and its {found.message_count} messages?", yes
+        )
+        if not repo.delete(found.key):
+            raise SessionNotFoundError(f"no session for key {found.key}")
+    out.print(f"Deleted session #{found.id} {found.key} ({found.message_count:,} messages).")
+
+
+def compact(
+    ctx: typer.Context,
+    session: Annotated[str, typer.Argument(metavar="KEY-OR-ID")],
+    keep_last: Annotated[int, typer.Option("--keep-last", min=0, help="Messages to keep.")],
+    summary: Annotated[
+        str | None, typer.Option("--summary", help="A system message in place of the rest.")
+    ] = None,
+    db: DbOption = None,
+) -> None:
+    """Keep the newest N messages of a session, optionally replacing the rest with a
+    summary."""
+    with repository(target_of(ctx, db)) as repo:
+        found = find_session(repo, session)
+        result = repo.compact(found.key, keep_last=keep_last, summary=summary)
+    out.print(
+        f"Compacted #{found.id}: removed {result.removed:,} message(s), "
+        f"{result.message_count:,} left"
+        + (", summary added" if result.summary is not None else "")
+        + f" (compaction {result.compaction_count})."
+    )
+
+
+def reset(
+    ctx: typer.Context,
+    session: Annotated[str, typer.Argument(metavar="KEY-OR-ID")],
+    yes: YesOption = False,
+    db: DbOption = None,
+) -> None:
+    """Delete every message of a session and start it afresh under the same key."""
+    with repository(target_of(ctx, db)) as repo:
+        found = find_session(repo, session)
+        confirm(f"Delete the {found.message_count} messages of #{found.id} {found.key}?", yes)
+        repo.reset(found.key)
+    out.print(f"Reset #{found.id} {found.key}: {found.message_count:,} message(s) deleted.")
+
+
+for command in (compact, reset):
+    app.command(command.__name__)(friendly(command))
+    sessions_app.command(command.__name__)(friendly(command))
+
+
+@app.command()
+@friendly
+def prune(
+    ctx: typer.Context,
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Not updated for this long: 90s, 45m, 12h, 30d, 2w.")
+    ],
+    status: StatusOption = None,
+    agent_id: AgentOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count them.")] = False,
+    yes: YesOption = False,
+    db: DbOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Delete sessions not updated for a while, with their messages, in short batches."""
+    before = datetime.now(UTC) - parse_duration("--older-than", older_than)
+    with repository(target_of(ctx, db)) as repo:
+        scoped = repo if agent_id is None else repo.for_agent(agent_id)
+        count = scoped.prune(updated_before=before, status=status, dry_run=True)
+        if not dry_run and count:
+            confirm(f"Delete {count} session(s) not updated since {when(before)}?", yes)
+            count = scoped.prune(updated_before=before, status=status)
+    if wants_json(ctx, json_output):
+        print_json({"dry_run": dry_run, "sessions": count, "updated_before": before.isoformat()})
+        return
+    verb = "Would delete" if dry_run else "Deleted"
+    out.print(f"{verb} {count:,} session(s) not updated since {when(before)}.")
+
+
+@app.command("mark-idle")
+@friendly
+def mark_idle(
+    ctx: typer.Context,
+    idle_for: Annotated[
+        str, typer.Option("--idle-for", help="Not updated for this long: 30m, 7d.")
+    ],
+    db: DbOption = None,
+) -> None:
+    """Mark idle every active session not updated for a while."""
+    with repository(target_of(ctx, db)) as repo:
+        count = repo.mark_idle(idle_for=parse_duration("--idle-for", idle_for))
+    out.print(f"Marked {count:,} session(s) idle.")
+
+
+# --- export, import, copy -----------------------------------------------------------------
+
+
+@contextmanager
+def progress_bar(label: str, total: int | None) -> Iterator[Callable[[int], object]]:
+    """A progress bar on stderr when it is a terminal; otherwise nothing."""
+    if not err.is_terminal:
+        yield lambda _: None
+        return
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda done: bar.update(task, completed=done)
+
+
+@app.command("export")
+@friendly
+def export(
+    ctx: typer.Context,
+    out_path: Annotated[
+        str, typer.Option("--out", "-o", metavar="FILE", help="Where to write; - is stdout.")
+    ] = "-",
+    agent_id: AgentOption = None,
+    channel: ChannelOption = None,
+    account_id: AccountOption = None,
+    peer_kind: PeerKindOption = None,
+    peer_id: PeerOption = None,
+    status: StatusOption = None,
+    created_after: Annotated[str | None, typer.Option(help="Created after TIME or ago.")] = None,
+    created_before: Annotated[str | None, typer.Option(help="Created before TIME or ago.")] = None,
+    updated_after: Annotated[str | None, typer.Option(help="Updated after TIME or ago.")] = None,
+    updated_before: Annotated[str | None, typer.Option(help="Updated before TIME or ago.")] = None,
+    db: DbOption = None,
+) -> None:
+    """Write sessions and their messages as JSON Lines, one object per line, streaming."""
+    wanted = session_filter(
+        agent_id,
+        channel,
+        account_id,
+        peer_kind,
+        peer_id,
+        status,
+        created_after,
+        created_before,
+        updated_after,
+        updated_before,
+    )
+    with repository(target_of(ctx, db)) as repo:
+        engine = repo.engine
+        sessions, messages = count_export(engine, wanted)
+        with (
+            progress_bar("exporting", sessions + messages) as report,
+            open_output(out_path) as stream,
+        ):
+            result = export_jsonl(engine, stream, wanted, progress=report)
+    where = "stdout" if out_path == "-" else out_path
+    err.print(
+        f"Exported {result.sessions:,} session(s) and {result.messages:,} message(s) to {where}."
+    )
+
+
+@contextmanager
+def open_output(path: str) -> Iterator[Any]:
+    if path == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    with open(path, "w", encoding="utf-8", newline="\n") as stream:
+        yield stream
+
+
+@app.command("import")
+@friendly
+def import_(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Argument(metavar="FILE.jsonl", help="An export; - is stdin.")],
+    batch_size: Annotated[int, typer.Option(min=1, help="Lines per transaction.")] = 1000,
+    db: DbOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Import an export: every line validated, written in batches, idempotent. Bad lines
+    are reported (number and reason) and skipped; the exit status is then 1."""
+    target = target_of(ctx, db)
+    if file != "-" and not Path(file).is_file():
+        raise UserError(f"no file {file}")
+    with (
+        opened(target, create=True, migrate=True) as engine,
+        open_input(file) as lines,
+        progress_bar("importing", None) as report,
+    ):
+        result = import_jsonl(engine, lines, batch_size=batch_size, progress=report)
+    for error in result.errors:
+        err.print(f"line {error.line}: {error.reason}", style="red")
+    if wants_json(ctx, json_output):
+        print_json(
+            {
+                "sessions_created": result.sessions_created,
+                "sessions_existing": result.sessions_existing,
+                "messages_imported": result.messages_imported,
+                "messages_existing": result.messages_existing,
+                "errors": [{"line": e.line, "reason": e.reason} for e in result.errors],
+            }
+        )
+    else:
+        out.print(
+            f"Imported {result.sessions_created:,} session(s) and "
+            f"{result.messages_imported:,} message(s); already there: "
+            f"{result.sessions_existing:,} session(s), {result.messages_existing:,} "
+            f"message(s); refused: {len(result.errors):,} line(s)."
+        )
+    if result.errors:
+        raise typer.Exit(1)
+
+
+@contextmanager
+def open_input(path: str) -> Iterator[Any]:
+    if path == "-":
+        yield sys.stdin
+        return
+    with open(path, encoding="utf-8") as stream:
+        yield stream
+
+
+@app.command("copy")
+@friendly
+def copy(
+    ctx: typer.Context,
+    to: Annotated[str, typer.Option("--to", metavar="URL", help="The target store.")],
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace what the target holds.")
+    ] = False,
+    db: DbOption = None,
+) -> None:
+    """Copy the whole store into another one (a SQLite file into PostgreSQL, say), ids
+    included."""
+    with (
+        repository(target_of(ctx, db)) as repo,
+        opened(to, create=True, migrate=True) as target,
+        progress_bar("copying", None) as report,
+    ):
+        result = copy_database(
+            repo.engine,
+            target,
+            overwrite=overwrite,
+            progress=lambda _table, done, _total: report(done),
+        )
+    out.print(f"Copied {result.sessions:,} session(s) and {result.messages:,} message(s) to {to}.")
+
+
+def main() -> None:
+    """The `aisopod-session` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,540 @@
+"""Export a store to JSON Lines and import it back: backups, moves between machines, and
+the `aisopod-session export` / `import` commands.
+
+The format, one JSON object per line:
+
+- first a header, `{"type": "aisopod-session-export", "format": 1, "schema_version": 2,
+  "exported_at": "…"}` (optional on import);
+- then one line per session, `{"type": "session", "id": 7, "key": "agent:channel:…",
+  "agent_id": …, "created_at": "…", "message_count": 3, "metadata": {…}, …}` with every
+  column of the `sessions` table (`metadata` under its column name);
+- then one line per message in id order, `{"type": "message", "id": 41, "session":
+  "agent:channel:…", "role": "user", "content": "…", "tool_calls": null, "created_at":
+  "…"}`, naming its session by key.
+
+Timestamps are the stored ISO-8601 UTC text. Both directions stream: memory does not grow
+with the store.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TextIO
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from sqlalchemy import Connection, Engine, func, insert, select
+from sqlmodel import SQLModel
+
+from aisopod_session.enums import PeerKind, Role, SessionStatus
+from aisopod_session.errors import translated_errors
+from aisopod_session.keys import SessionKey
+from aisopod_session.migrations import SCHEMA_VERSION
+from aisopod_session.models import (
+    Message,
+    Session,
+    SessionFilter,
+    check_content,
+    check_json,
+    check_tool_calls,
+    utc_text,
+)
+from aisopod_session.repository import filter_params
+from aisopod_session.statements import filter_clauses
+from aisopod_session.transactions import write_transaction
+
+FORMAT = 1
+"""The version of the line format this code writes and reads."""
+HEADER_TYPE = "aisopod-session-export"
+
+SESSIONS = SQLModel.metadata.tables[Session.__tablename__]
+MESSAGES = SQLModel.metadata.tables[Message.__tablename__]
+
+Progress = Callable[[int], object]
+"""Called with the number of lines handled so far (at most every 1 000 lines)."""
+
+_MAX_INTEGER = 2**63 - 1
+
+
+# --- export -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """How many sessions and messages `export_jsonl` wrote."""
+
+    sessions: int
+    messages: int
+
+
+def count_export(
+    engine: Engine, filter: SessionFilter | Mapping[str, Any] | None = None
+) -> tuple[int, int]:
+    """How many sessions and messages `export_jsonl` would write with `filter` (for a
+    progress bar's total). Read-only."""
+    fields, params = filter_params(filter)
+    clauses = filter_clauses(fields)
+    with engine.connect() as conn:
+        sessions = conn.execute(
+            select(func.count()).select_from(SESSIONS).where(*clauses), params
+        ).scalar_one()
+        messages = conn.execute(
+            select(func.count()).select_from(MESSAGES.join(SESSIONS)).where(*clauses),
+            params,
+        ).scalar_one()
+    return int(sessions), int(messages)
+
+
+def export_jsonl(
+    engine: Engine,
+    out: TextIO,
+    filter: SessionFilter | Mapping[str, Any] | None = None,
+    *,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Write the sessions matching `filter` (every session by default) and their messages
+    to `out` as JSON Lines (see the module docstring).
+
+    One consistent snapshot (a read transaction; repeatable read on PostgreSQL), read
+    with streaming cursors and written line by line, in constant memory; writers are not
+    blocked. `ValueError` for a bad filter, `SessionStoreError` if the database fails.
+    """
+    fields, params = filter_params(filter)
+    clauses = filter_clauses(fields)
+    sessions = messages = 0
+    out.write(
+        json.dumps(
+            {
+                "type": HEADER_TYPE,
+                "format": FORMAT,
+                "schema_version": SCHEMA_VERSION,
+                "exported_at": utc_text(datetime.now(UTC)),
+            }
+        )
+        + "\n"
+    )
+    with translated_errors("export"), engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        streaming = conn.execution_options(stream_results=True, yield_per=1000)
+        with conn.begin():
+            rows = streaming.execute(
+                select(SESSIONS).where(*clauses).order_by(SESSIONS.c.id), params
+            )
+            for row in rows:
+                out.write(json.dumps(_session_line(row._mapping), ensure_ascii=False) + "\n")
+                sessions += 1
+                if progress is not None and sessions % 1000 == 0:
+                    progress(sessions)
+            key_columns = [SESSIONS.c[name] for name in _KEY_COLUMNS]
+            rows = streaming.execute(
+                select(MESSAGES, *key_columns)
+                .select_from(MESSAGES.join(SESSIONS))
+                .where(*clauses)
+                .order_by(MESSAGES.c.id),
+                params,
+            )
+            for row in rows:
+                out.write(json.dumps(_message_line(row), ensure_ascii=False) + "\n")
+                messages += 1
+                if progress is not None and messages % 1000 == 0:
+                    progress(sessions + messages)
+    if progress is not None:
+        progress(sessions + messages)
+    return ExportResult(sessions=sessions, messages=messages)
+
+
+_KEY_COLUMNS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
+
+
+def _session_line(row: Mapping[Any, Any]) -> dict[str, Any]:
+    key = SessionKey(*(row[name] for name in _KEY_COLUMNS))
+    line: dict[str, Any] = {"type": "session", "key": str(key)}
+    for name, value in row.items():
+        line[name] = _plain(value)
+    return line
+
+
+def session_json(session: Session) -> dict[str, Any]:
+    """A session as JSON: its key, then every column under its column name (`metadata`),
+    times in their stored ISO-8601 UTC form, enums as their values."""
+    return {
+        "key": str(session.key),
+        "id": session.id,
+        "agent_id": session.agent_id,
+        "channel": session.channel,
+        "account_id": session.account_id,
+        "peer_kind": session.peer_kind.value,
+        "peer_id": session.peer_id,
+        "created_at": utc_text(session.created_at),
+        "updated_at": utc_text(session.updated_at),
+        "message_count": session.message_count,
+        "token_usage": session.token_usage,
+        "metadata": session.meta,
+        "status": session.status.value,
+        "compaction_count": session.compaction_count,
+        "last_compacted_at": _plain(session.last_compacted_at),
+        "last_compaction_summary": session.last_compaction_summary,
+    }
+
+
+def _message_line(row: Any) -> dict[str, Any]:
+    values = row._mapping
+    key = SessionKey(*(values[SESSIONS.c[name]] for name in _KEY_COLUMNS))
+    return {
+        "type": "message",
+        "id": values[MESSAGES.c.id],
+        "session": str(key),
+        "role": _plain(values[MESSAGES.c.role]),
+        "content": values[MESSAGES.c.content],
+        "tool_calls": values[MESSAGES.c.tool_calls],
+        "created_at": _plain(values[MESSAGES.c.created_at]),
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return utc_text(value)
+    if isinstance(value, PeerKind | Role | SessionStatus):
+        return value.value
+    return value
+
+
+# --- import -------------------------------------------------------------------------------
+
+
+class _Line(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HeaderLine(_Line):
+    type: Literal["aisopod-session-export"]
+    format: int
+    schema_version: int
+    exported_at: AwareDatetime | None = None
+
+
+class SessionLine(_Line):
+    """A session as an export line holds it; validated like the repository's input."""
+
+    type: Literal["session"]
+    id: int | None = Field(default=None, ge=1, le=_MAX_INTEGER)
+    key: str | None = None
+    agent_id: str
+    channel: str
+    account_id: str
+    peer_kind: PeerKind
+    peer_id: str
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+    message_count: int = Field(default=0, ge=0, le=_MAX_INTEGER)
+    token_usage: int = Field(default=0, ge=0, le=_MAX_INTEGER)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    status: SessionStatus = SessionStatus.ACTIVE
+    compaction_count: int = Field(default=0, ge=0, le=_MAX_INTEGER)
+    last_compacted_at: AwareDatetime | None = None
+    last_compaction_summary: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SessionLine:
+        key = self.session_key()  # ValueError naming the part
+        if self.key is not None and self.key != str(key):
+            raise ValueError(f"key: {self.key!r} does not match the key parts ({key})")
+        check_json("metadata", self.metadata)
+        if self.last_compaction_summary is not None:
+            check_content(self.last_compaction_summary)
+        return self
+
+    def session_key(self) -> SessionKey:
+        return SessionKey(
+            self.agent_id, self.channel, self.account_id, self.peer_kind, self.peer_id
+        )
+
+    def row(self) -> dict[str, Any]:
+        key = self.session_key()
+        return {
+            "agent_id": key.agent_id,
+            "channel": key.channel,
+            "account_id": key.account_id,
+            "peer_kind": key.peer_kind,
+            "peer_id": key.peer_id,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "message_count": self.message_count,
+            "token_usage": self.token_usage,
+            "metadata": self.metadata,
+            "status": self.status,
+            "compaction_count": self.compaction_count,
+            "last_compacted_at": self.last_compacted_at,
+            "last_compaction_summary": self.last_compaction_summary,
+        }
+
+
+class MessageLine(_Line):
+    """A message as an export line holds it, naming its session by key."""
+
+    type: Literal["message"]
+    id: int | None = Field(default=None, ge=1, le=_MAX_INTEGER)
+    session: str
+    role: Role
+    content: str
+    tool_calls: list[Any] | None = None
+    created_at: AwareDatetime
+
+    @model_validator(mode="after")
+    def _check(self) -> MessageLine:
+        SessionKey.parse(self.session)
+        check_content(self.content)
+        check_tool_calls(self.tool_calls)
+        return self
+
+    def fields(self) -> tuple[Role, str, Any, datetime]:
+        """What makes two messages of one session the same message."""
+        return (self.role, self.content, self.tool_calls, self.created_at)
+
+
+@dataclass(frozen=True)
+class LineError:
+    """A line `import_jsonl` refused, by number (1-based), and why."""
+
+    line: int
+    reason: str
+
+
+@dataclass
+class ImportResult:
+    """What `import_jsonl` did. Counts are of lines; `errors` lists every refused one."""
+
+    sessions_created: int = 0
+    sessions_existing: int = 0
+    messages_imported: int = 0
+    messages_existing: int = 0
+    errors: list[LineError] = field(default_factory=list)
+
+
+Record = HeaderLine | SessionLine | MessageLine
+
+
+def parse_line(text: str) -> Record:
+    """One line of an export, validated; `ValueError` saying what is wrong."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"not a JSON object but {type(raw).__name__}")
+    kind = raw.get("type")
+    model: type[Record]
+    if kind == HEADER_TYPE:
+        model = HeaderLine
+    elif kind == "session":
+        model = SessionLine
+    elif kind == "message":
+        model = MessageLine
+    else:
+        raise ValueError(f"type: must be 'session', 'message' or {HEADER_TYPE!r}, got {kind!r}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or kind
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ValueError(f"{where}: {message}") from None
+
+
+def import_jsonl(
+    engine: Engine,
+    lines: Iterable[str],
+    *,
+    batch_size: int = 1000,
+    progress: Progress | None = None,
+) -> ImportResult:
+    """Import an export (see the module docstring) into the store, streaming.
+
+    Every line is validated first; a bad one is not imported and is reported in
+    `errors` with its number and reason, and the others go on. Valid lines are written
+    in batches of `batch_size`, each batch one write transaction. Ids are kept where
+    they are free, so importing into an empty store reproduces the exported one exactly.
+    Importing is idempotent: a session whose key is already in the store is reused as it
+    is (its counters and times are not changed, except that `message_count` is recounted
+    if messages are added to it), and a message already there (the same id, or without
+    an id the same session, role, content, tool calls and time) is skipped, so importing
+    the same file twice changes nothing. A message whose id is taken by a different
+    message, or whose session is neither in the store nor earlier in the file, is
+    refused. Id sequences are moved past the imported ids.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
+    result = ImportResult()
+    batch: list[tuple[int, SessionLine | MessageLine]] = []
+    handled = 0
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            record = parse_line(text)
+            if isinstance(record, HeaderLine):
+                if number != 1:
+                    raise ValueError("the header may only be the first line")
+                if record.format != FORMAT:
+                    raise ValueError(
+                        f"format: this code reads format {FORMAT}, not {record.format}"
+                    )
+                continue
+        except ValueError as exc:
+            result.errors.append(LineError(number, str(exc)))
+            continue
+        batch.append((number, record))
+        if len(batch) >= batch_size:
+            _import_batch(engine, batch, result)
+            handled += len(batch)
+            batch = []
+            if progress is not None:
+                progress(handled)
+    if batch:
+        _import_batch(engine, batch, result)
+        handled += len(batch)
+        if progress is not None:
+            progress(handled)
+    result.errors.sort(key=lambda error: error.line)
+    return result
+
+
+def _import_batch(
+    engine: Engine, batch: list[tuple[int, SessionLine | MessageLine]], result: ImportResult
+) -> None:
+    from aisopod_session.copying import _high_water, _set_high_water
+
+    with translated_errors("import"), write_transaction(engine) as conn:
+        sessions: dict[str, int] = {}  # key text to the store's id, for this batch
+        touched: set[int] = set()
+        pending: dict[int, tuple[int, tuple[Any, ...]]] = {}  # message id: session, fields
+        ids = [r.id for _, r in batch if isinstance(r, MessageLine) and r.id is not None]
+        taken = _messages_by_id(conn, ids)
+        new_messages: list[dict[str, Any]] = []
+        for number, record in batch:
+            if isinstance(record, SessionLine):
+                _import_session(conn, record, sessions, result)
+                continue
+            session_id = _session_id(conn, record.session, sessions)
+            if session_id is None:
+                result.errors.append(
+                    LineError(
+                        number,
+                        f"session: no session {record.session} in the store or earlier in the file",
+                    )
+                )
+                continue
+            fields = record.fields()
+            if record.id is not None:
+                known = taken.get(record.id) or pending.get(record.id)
+                if known is not None:
+                    if known == (session_id, fields):
+                        result.messages_existing += 1
+                    else:
+                        result.errors.append(
+                            LineError(
+                                number,
+                                f"id: message {record.id} is already in the store as a "
+                                "different message",
+                            )
+                        )
+                    continue
+                pending[record.id] = (session_id, fields)
+            elif _same_message_exists(conn, session_id, fields):
+                result.messages_existing += 1
+                continue
+            new_messages.append(
+                {
+                    **({"id": record.id} if record.id is not None else {}),
+                    "session_id": session_id,
+                    "role": record.role,
+                    "content": record.content,
+                    "tool_calls": record.tool_calls,
+                    "created_at": record.created_at,
+                }
+            )
+            touched.add(session_id)
+        with_ids = [row for row in new_messages if "id" in row]
+        without = [row for row in new_messages if "id" not in row]
+        if with_ids:
+            conn.execute(insert(MESSAGES), with_ids)
+        if without:
+            conn.execute(insert(MESSAGES), without)
+        result.messages_imported += len(new_messages)
+        for session_id in touched:
+            count = select(func.count()).where(MESSAGES.c.session_id == session_id)
+            conn.execute(
+                SESSIONS.update()
+                .where(SESSIONS.c.id == session_id)
+                .values(message_count=count.scalar_subquery())
+            )
+        for table in (SESSIONS, MESSAGES):
+            _set_high_water(conn, table, _high_water(conn, table))
+
+
+def _messages_by_id(conn: Connection, ids: list[int]) -> dict[int, tuple[int, tuple[Any, ...]]]:
+    if not ids:
+        return {}
+    rows = conn.execute(
+        select(
+            MESSAGES.c.id,
+            MESSAGES.c.session_id,
+            MESSAGES.c.role,
+            MESSAGES.c.content,
+            MESSAGES.c.tool_calls,
+            MESSAGES.c.created_at,
+        ).where(MESSAGES.c.id.in_(ids))
+    )
+    return {row[0]: (row[1], tuple(row[2:])) for row in rows}
+
+
+def _same_message_exists(conn: Connection, session_id: int, fields: tuple[Any, ...]) -> bool:
+    role, content, tool_calls, created_at = fields
+    rows = conn.execute(
+        select(MESSAGES.c.tool_calls).where(
+            MESSAGES.c.session_id == session_id,
+            MESSAGES.c.created_at == created_at,
+            MESSAGES.c.role == role,
+            MESSAGES.c.content == content,
+        )
+    )
+    return any(stored == tool_calls for (stored,) in rows)
+
+
+def _session_id(conn: Connection, key_text: str, known: dict[str, int]) -> int | None:
+    found = known.get(key_text)
+    if found is not None:
+        return found
+    key = SessionKey.parse(key_text)
+    row = conn.execute(
+        select(SESSIONS.c.id).where(
+            *(
+                SESSIONS.c[name] == value
+                for name, value in zip(_KEY_COLUMNS, key.parts(), strict=True)
+            )
+        )
+    ).first()
+    if row is None:
+        return None
+    known[key_text] = int(row[0])
+    return int(row[0])
+
+
+def _import_session(
+    conn: Connection, record: SessionLine, known: dict[str, int], result: ImportResult
+) -> None:
+    key_text = str(record.session_key())
+    if _session_id(conn, key_text, known) is not None:
+        result.sessions_existing += 1
+        return
+    values = record.row()
+    if record.id is not None:
+        free = conn.execute(select(SESSIONS.c.id).where(SESSIONS.c.id == record.id)).first()
+        if free is None:
+            values["id"] = record.id
+    new_id = conn.execute(insert(SESSIONS).values(values).returning(SESSIONS.c.id)).scalar_one()
+    known[key_text] = int(new_id)
+    result.sessions_created += 1

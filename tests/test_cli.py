@@ -1,0 +1,448 @@
+"""The `aisopod-session` command, through its real entry point (the installed script, in a
+subprocess) and through Typer's test runner, on real files (and PostgreSQL where said)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from aisopod_session import (
+    NewMessage,
+    Role,
+    SessionKey,
+    SessionRepository,
+    SessionStatus,
+    open_database,
+)
+from aisopod_session.cli import app
+from tests.dbtools import make_seed_file, run_sql, snapshot, stress
+
+SCRIPT = Path(sys.executable).parent / "aisopod-session"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+RUNNER = CliRunner()
+
+
+def cli(*args: str, env: dict[str, str] | None = None, real: bool = False) -> Outcome:
+    """Run the command: with `real`, the installed script in a subprocess (the real entry
+    point, about 2 s of start-up each); otherwise in this process through Typer's test
+    runner. AISOPOD_SESSION_DB is unset unless `env` sets it."""
+    if not real:
+        result = RUNNER.invoke(app, list(args), env={"AISOPOD_SESSION_DB": None, **(env or {})})
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return Outcome(result.exit_code, result.stdout, result.stderr)
+    environment = {k: v for k, v in os.environ.items() if k != "AISOPOD_SESSION_DB"}
+    environment.update(env or {})
+    done = subprocess.run(
+        [str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+        check=False,
+    )
+    return Outcome(done.returncode, done.stdout, done.stderr)
+
+
+def ok(*args: str, real: bool = False) -> str:
+    done = cli(*args, real=real)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def as_json(*args: str, real: bool = False) -> Any:
+    return json.loads(ok(*args, "--json", real=real))
+
+
+def failed(*args: str, real: bool = True) -> str:
+    """The one line a user error prints; the exit status is 1 and there is no traceback."""
+    done = cli(*args, real=real)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+TELEGRAM = SessionKey("concierge", "telegram", "bot-1", "dm", "1001")
+SLACK = SessionKey("concierge", "slack", "T1", "channel", "C9")
+OTHER = SessionKey("sales", "discord", "guild", "thread", "t-1")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """Three sessions of two agents, one of them idle, with a tool call and metadata."""
+    db_path = tmp_path / "cli-store.db"
+    engine = open_database(db_path)
+    repo = SessionRepository(engine)
+    for key in (TELEGRAM, SLACK, OTHER):
+        repo.get_or_create(key)
+    repo.append_messages(
+        TELEGRAM,
+        [
+            NewMessage(Role.USER, "What's the weather in Oslo?"),
+            NewMessage(Role.ASSISTANT, "", [{"id": "c1", "name": "weather", "arguments": {}}]),
+            NewMessage(Role.TOOL, '{"temp_c": 4}'),
+            NewMessage(Role.ASSISTANT, "4 °C in Oslo."),
+        ],
+        tokens=30,
+    )
+    repo.append_message(SLACK, Role.USER, "standup?", tokens=2)
+    repo.append_message(OTHER, Role.USER, "price list", tokens=5)
+    repo.update_metadata(TELEGRAM, {"language": "en"})
+    repo.set_status(OTHER, SessionStatus.IDLE)
+    engine.dispose()
+    return db_path
+
+
+# --- init, migrate, status ----------------------------------------------------------------
+
+
+def test_init_creates_the_store_once(db_path: Path) -> None:
+    assert "Created" in ok("--db", str(db_path), "init", real=True)
+    assert db_path.exists()
+    assert "nothing to do" in ok("init", "--db", str(db_path))
+    migrations = as_json("--db", str(db_path), "migrate", "--status")
+    assert [m["status"] for m in migrations["migrations"]] == ["applied", "applied"]
+    assert all(m["applied_at"] for m in migrations["migrations"])
+    assert migrations["schema_version"] == migrations["code_version"] == 2
+
+
+def test_migrate_upgrades_an_old_store_and_status_waits_for_it(db_path: Path) -> None:
+    make_seed_file(db_path)  # the Rust crate's version-1 schema, made by plain SQL
+    assert "run `aisopod-session migrate`" in failed("--db", str(db_path), "status")
+    before = as_json("--db", str(db_path), "migrate", "--status")
+    assert [m["status"] for m in before["migrations"]][-1] == "pending"
+    assert "applied 2" in ok("--db", str(db_path), "migrate")
+    after = as_json("--db", str(db_path), "migrate", "--status")
+    assert [m["status"] for m in after["migrations"]] == ["applied", "applied"]
+    assert as_json("--db", str(db_path), "status")["schema_version"] == 2
+
+
+def test_status_counts_sessions_messages_and_sizes(store: Path) -> None:
+    report = as_json("--db", str(store), "status", real=True)
+    assert report["schema_version"] == 2
+    assert (report["sessions"], report["messages"], report["tokens"]) == (3, 6, 37)
+    assert report["sessions_by_status"] == {"active": 2, "idle": 1}
+    assert report["agents"] == {
+        "concierge": {"sessions": 2, "messages": 5, "tokens": 32},
+        "sales": {"sessions": 1, "messages": 1, "tokens": 5},
+    }
+    assert report["file_bytes"] > 0
+    assert report["wal_bytes"] >= 0
+    text = ok("--db", str(store), "status")
+    assert "sessions:       3" in text
+    assert "concierge" in text
+
+
+def test_the_store_comes_from_the_environment_when_no_db_is_given(store: Path) -> None:
+    done = cli("status", "--json", env={"AISOPOD_SESSION_DB": str(store)}, real=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["sessions"] == 3
+
+
+# --- sessions -----------------------------------------------------------------------------
+
+
+def test_sessions_list_takes_every_filter_field_and_pages(store: Path) -> None:
+    runner = CliRunner()
+
+    def keys(*args: str) -> list[str]:
+        result = runner.invoke(app, ["--db", str(store), "sessions", "list", "--json", *args])
+        assert result.exit_code == 0, result.output
+        return [session["key"] for session in json.loads(result.stdout)]
+
+    assert set(keys()) == {str(TELEGRAM), str(SLACK), str(OTHER)}
+    assert keys("--agent-id", "sales") == [str(OTHER)]
+    assert keys("--channel", "slack") == [str(SLACK)]
+    assert keys("--account-id", "bot-1") == [str(TELEGRAM)]
+    assert keys("--peer-kind", "thread") == [str(OTHER)]
+    assert keys("--peer-id", "C9") == [str(SLACK)]
+    assert keys("--status", "idle") == [str(OTHER)]
+    assert len(keys("--created-after", "1d")) == 3
+    assert keys("--created-before", "2000-01-01") == []
+    assert len(keys("--updated-after", "2000-01-01T00:00:00+00:00")) == 3
+    assert keys("--updated-before", "1d") == []
+    newest_first = keys()
+    assert keys("--limit", "1") == newest_first[:1]
+    assert keys("--limit", "2", "--offset", "1") == newest_first[1:3]
+    listed = runner.invoke(app, ["--db", str(store), "sessions", "list"])
+    assert "3 session(s) match" in listed.stdout
+
+
+def test_sessions_show_prints_the_transcript(store: Path) -> None:
+    text = ok("--db", str(store), "sessions", "show", str(TELEGRAM), real=True)
+    assert "What's the weather in Oslo?" in text
+    assert '"name": "weather"' in text  # the tool call, spelled out
+    assert "↳ tool call" in text
+    by_id = as_json("--db", str(store), "sessions", "show", "1", "--last", "2")
+    assert by_id["session"]["key"] == str(TELEGRAM)
+    assert by_id["session"]["metadata"] == {"language": "en"}
+    assert [m["content"] for m in by_id["messages"]] == ['{"temp_c": 4}', "4 °C in Oslo."]
+    assert [m["role"] for m in by_id["messages"]] == ["tool", "assistant"]
+
+
+def test_delete_compact_and_reset(store: Path) -> None:
+    compacted = ok("--db", str(store), "compact", "1", "--keep-last", "1", "--summary", "Oslo")
+    assert "removed 3 message(s)" in compacted
+    shown = as_json("--db", str(store), "sessions", "show", str(TELEGRAM))
+    assert [m["content"] for m in shown["messages"]] == ["Oslo", "4 °C in Oslo."]
+    assert shown["session"]["status"] == "compacted"
+    assert "Reset #2" in ok("--db", str(store), "sessions", "reset", str(SLACK))
+    assert as_json("--db", str(store), "sessions", "show", "2")["messages"] == []
+    assert "Deleted session #3" in ok("--db", str(store), "sessions", "delete", str(OTHER))
+    assert as_json("--db", str(store), "status")["sessions"] == 2
+
+
+def test_prune_and_mark_idle(store: Path) -> None:
+    old = "2020-01-01T00:00:00.000000+00:00"
+    run_sql(store, "UPDATE sessions SET updated_at = ? WHERE id IN (2, 3)", (old,))
+    dry = as_json("--db", str(store), "prune", "--older-than", "30d", "--dry-run")
+    assert (dry["dry_run"], dry["sessions"]) == (True, 2)
+    assert as_json("--db", str(store), "status")["sessions"] == 3  # nothing deleted
+    assert "Deleted 1 session(s)" in ok(
+        "--db", str(store), "prune", "--older-than", "30d", "--status", "idle"
+    )
+    assert "Marked 1 session(s) idle" in ok("--db", str(store), "mark-idle", "--idle-for", "7d")
+    assert "Deleted 1 session(s)" in ok("--db", str(store), "prune", "--older-than", "30d")
+    assert as_json("--db", str(store), "status")["sessions"] == 1
+
+
+# --- user errors --------------------------------------------------------------------------
+
+
+def test_user_errors_are_one_line_and_exit_1(store: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.db"
+    assert "no session store at" in failed("--db", str(missing), "status")
+    assert not missing.exists()  # reading never creates a store
+    assert "neither a session id nor a key" in failed(
+        "--db", str(store), "sessions", "show", "not-a-key"
+    )
+    assert "no session with id 99" in failed("--db", str(store), "sessions", "show", "99")
+    assert "no session for key" in failed("--db", str(store), "sessions", "show", "a:b:c:dm:nobody")
+    assert "not a duration" in failed("--db", str(store), "prune", "--older-than", "soon")
+    assert "no file" in failed("--db", str(store), "import", str(tmp_path / "none.jsonl"))
+    run_sql(store, "INSERT INTO schema_version (version, name) VALUES (99, 'future')")
+    assert "99" in failed("--db", str(store), "status")
+
+
+def test_usage_errors_exit_2_with_usage(store: Path) -> None:
+    done = cli("--db", str(store), "sessions", "list", "--status", "sleeping", real=True)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "--status" in done.stderr
+
+
+# --- export, import, copy -----------------------------------------------------------------
+
+
+def fill(path: Path, sessions: int, per_session: int) -> None:
+    """Sessions with messages (10 000 for 20 × 500), metadata, tool calls, a compaction
+    and statuses."""
+    engine = open_database(path)
+    repo = SessionRepository(engine)
+    for n in range(sessions):
+        key = SessionKey(f"agent-{n % 3}", "telegram", "bot", "dm", f"peer-{n}")
+        repo.get_or_create(key)
+        for start in range(0, per_session, 100):
+            repo.append_messages(
+                key,
+                [
+                    NewMessage(
+                        Role.USER if i % 2 == 0 else Role.ASSISTANT,
+                        f"message {i} of {key.peer_id} — ünïcode ✓",
+                        [{"id": f"c{i}", "name": "lookup", "arguments": {"n": i}}]
+                        if i % 7 == 0
+                        else None,
+                    )
+                    for i in range(start, min(per_session, start + 100))
+                ],
+                tokens=100,
+            )
+        repo.update_metadata(key, {"n": n, "tags": ["a", "b"]})
+    repo.compact(SessionKey("agent-0", "telegram", "bot", "dm", "peer-0"), keep_last=5, summary="s")
+    repo.set_status(SessionKey("agent-1", "telegram", "bot", "dm", "peer-1"), "archived")
+    engine.dispose()
+
+
+def tables(path: Path) -> dict[str, Any]:
+    found = snapshot(path)
+    found.pop("schema_version")  # when each store was migrated
+    return found
+
+
+def test_export_then_import_round_trips_10000_messages_exactly(tmp_path: Path) -> None:
+    source, target = tmp_path / "source.db", tmp_path / "target.db"
+    fill(source, sessions=20, per_session=500)
+    export = tmp_path / "export.jsonl"
+    done = cli("--db", str(source), "export", "--out", str(export), real=True)
+    assert done.returncode == 0, done.stderr
+    messages = len(tables(source)["messages"])  # 10 000, less what compaction removed
+    assert messages == 19 * 500 + 6
+    assert f"Exported 20 session(s) and {messages:,} message(s)" in done.stderr
+    lines = export.read_text().splitlines()
+    assert json.loads(lines[0])["type"] == "aisopod-session-export"
+    assert len(lines) == 1 + 20 + messages
+    imported = as_json("--db", str(target), "import", str(export), real=True)
+    assert (imported["sessions_created"], imported["messages_imported"]) == (20, messages)
+    assert imported["errors"] == []
+    assert tables(target) == tables(source)
+    # Idempotent: the same file again changes nothing.
+    again = as_json("--db", str(target), "import", str(export))
+    assert (again["sessions_existing"], again["messages_existing"]) == (20, messages)
+    assert (again["sessions_created"], again["messages_imported"]) == (0, 0)
+    assert tables(target) == tables(source)
+    # To stdout, filtered: one agent's sessions and only their messages.
+    one_agent = [
+        json.loads(line)
+        for line in ok("--db", str(source), "export", "--agent-id", "agent-2").splitlines()
+    ]
+    sessions = [line for line in one_agent if line["type"] == "session"]
+    assert {line["agent_id"] for line in sessions} == {"agent-2"}
+    assert {line["session"].split(":")[0] for line in one_agent if line["type"] == "message"} == {
+        "agent-2"
+    }
+
+
+def test_import_reports_bad_lines_and_imports_the_rest(tmp_path: Path, store: Path) -> None:
+    export = tmp_path / "export.jsonl"
+    ok("--db", str(store), "export", "-o", str(export))
+    good = export.read_text().splitlines()
+    message = json.loads(good[-1])
+    bad = [
+        "{not json",
+        json.dumps({"type": "chat"}),
+        json.dumps({**message, "role": "wizard", "id": None}),
+        json.dumps({**message, "session": "x:y:z:dm:nobody", "id": None}),
+        json.dumps({**json.loads(good[1]), "created_at": "2026-01-01T00:00:00"}),
+        good[0],  # a header that is not the first line
+    ]
+    lines = [*good, *bad]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(lines) + "\n")
+    target = tmp_path / "target.db"
+    done = cli("--db", str(target), "import", str(mixed), real=True)
+    assert done.returncode == 1
+    reported = done.stderr.strip().splitlines()
+    first_bad = len(good) + 1
+    assert [line.split(":")[0] for line in reported] == [
+        f"line {n}" for n in range(first_bad, first_bad + len(bad))
+    ]
+    assert "not JSON" in reported[0]
+    assert "type" in reported[1]
+    assert "role" in reported[2]
+    assert "no session x:y:z:dm:nobody" in reported[3]
+    assert "created_at" in reported[4]
+    assert "header" in reported[5]
+    assert "refused: 6 line(s)" in done.stdout
+    assert tables(target) == tables(store)  # every good line, nothing else
+    # A message id taken by a different message is refused too.
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text(json.dumps({**message, "content": "something else"}) + "\n")
+    refused = cli("--db", str(target), "import", str(clash))
+    assert refused.returncode == 1
+    assert "different message" in refused.stderr
+    assert tables(target) == tables(store)
+
+
+def test_copy_to_another_store(store: Path, tmp_path: Path, store_url: str) -> None:
+    assert "Copied 3 session(s) and 6 message(s)" in ok(
+        "--db", str(store), "copy", "--to", store_url
+    )
+    copied = as_json("--db", store_url, "status")
+    assert (copied["sessions"], copied["messages"], copied["tokens"]) == (3, 6, 37)
+    # A target that holds sessions is not overwritten unless asked.
+    assert "overwrite" in failed("--db", str(store), "copy", "--to", store_url)
+    assert "Copied 3 session(s)" in ok("--db", str(store), "copy", "--to", store_url, "--overwrite")
+
+
+def test_import_into_either_backend_round_trips(
+    store: Path, tmp_path: Path, store_url: str
+) -> None:
+    export = tmp_path / "export.jsonl"
+    ok("--db", str(store), "export", "-o", str(export))
+    assert as_json("--db", store_url, "import", str(export))["messages_imported"] == 6
+    assert as_json("--db", store_url, "import", str(export))["messages_existing"] == 6
+    mine = as_json("--db", str(store), "sessions", "show", "1")
+    theirs = as_json("--db", store_url, "sessions", "show", "1")
+    assert theirs == mine
+    roundtrip = tmp_path / "again.jsonl"
+    ok("--db", store_url, "export", "-o", str(roundtrip))
+    assert roundtrip.read_text().splitlines()[1:] == export.read_text().splitlines()[1:]
+
+
+# --- a big export in constant memory ------------------------------------------------------
+
+EXPORT_MESSAGES = 100_000 * stress()  # `make stress`: 1 000 000
+
+
+def fill_fast(path: Path, messages: int) -> None:
+    """Plain-SQL set-up (not what is tested): 100 sessions sharing `messages` messages."""
+    open_database(path).dispose()
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    per = messages // 100
+    with conn:
+        conn.executemany(
+            "INSERT INTO sessions (id, agent_id, channel, account_id, peer_kind, peer_id, "
+            "created_at, updated_at, message_count) VALUES (?, 'a', 'c', 'x', 'dm', ?, ?, ?, ?)",
+            [(n + 1, f"p{n}", now.isoformat(), now.isoformat(), per) for n in range(100)],
+        )
+        conn.executemany(
+            "INSERT INTO messages (session_id, role, content, created_at) VALUES (?, 'user', ?, ?)",
+            (
+                (i % 100 + 1, f"message {i} " + "x" * 80, (now + timedelta(seconds=i)).isoformat())
+                for i in range(per * 100)
+            ),
+        )
+    conn.close()
+
+
+def peak_rss_mib(*args: str) -> float:
+    """Run the installed script; its peak resident memory, from the kernel's accounting."""
+    process = subprocess.Popen(
+        [str(SCRIPT), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 0
+    return usage.ru_maxrss / 1024
+
+
+def test_a_big_export_runs_in_flat_memory(tmp_path: Path) -> None:
+    """Exporting 10× the messages takes no more memory: the export streams. (Sized by
+    AISOPOD_STRESS: 100 000 messages by default, 1 000 000 under `make stress`; run with
+    -s for the figures.)"""
+    small, big = tmp_path / "small.db", tmp_path / "big.db"
+    fill_fast(small, EXPORT_MESSAGES // 10)
+    fill_fast(big, EXPORT_MESSAGES)
+    small_peak = peak_rss_mib("--db", str(small), "export", "-o", str(tmp_path / "s.jsonl"))
+    big_peak = peak_rss_mib("--db", str(big), "export", "-o", str(tmp_path / "b.jsonl"))
+    with (tmp_path / "b.jsonl").open() as exported:
+        lines = sum(1 for _ in exported)
+    assert lines == 1 + 100 + EXPORT_MESSAGES
+    print(
+        f"export peak RSS: {small_peak:.1f} MiB for {EXPORT_MESSAGES // 10:,} messages, "
+        f"{big_peak:.1f} MiB for {EXPORT_MESSAGES:,}"
+    )
+    assert big_peak < small_peak + 16
