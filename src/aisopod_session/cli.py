@@ -82,6 +82,7 @@ DbOption = Annotated[
     str | None,
     typer.Option(
         "--db",
+        metavar="PATH-OR-URL",
         help=f"The store: a file path or a database URL [env {DATABASE_ENV}; "
         f"default ./{DEFAULT_DATABASE}].",
         show_default=False,
