@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -114,17 +115,32 @@ def friendly(command: F) -> F:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            # The reader went away (`... | head`): stop quietly, as `cat` would.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except Exception as exc:
             if os.environ.get("AISOPOD_DEBUG"):
                 raise
-            if isinstance(exc, UserError | SessionStoreError | ValueError | OSError):
-                message = str(exc)
-            else:
-                message = f"unexpected {type(exc).__name__}: {exc}"
-            err.print(f"error: {message}", style="red")
+            err.print(f"error: {one_line(exc)}", style="red")
             raise typer.Exit(1) from None
 
     return run  # type: ignore[return-value]
+
+
+def one_line(exc: Exception) -> str:
+    """What went wrong, in one line."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors()
+        )
+    if isinstance(exc, UserError | SessionStoreError | ValueError | OSError):
+        message = str(exc)
+    else:
+        message = f"unexpected {type(exc).__name__}: {exc}"
+    return " ".join(message.split())
 
 
 # --- opening the store --------------------------------------------------------------------
