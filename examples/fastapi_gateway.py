@@ -58,13 +58,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 app = FastAPI(title="aisopod gateway (example)", lifespan=lifespan)
 
 
-def store(request: Request) -> AsyncSessionRepository:
+async def store(request: Request) -> AsyncSessionRepository:
     """The application's repository (the admin view, over every agent)."""
     repository: AsyncSessionRepository = request.app.state.repository
     return repository
 
 
-def agent_store(
+async def agent_store(
     agent_id: str, repository: Annotated[AsyncSessionRepository, Depends(store)]
 ) -> AsyncSessionRepository:
     """The repository confined to the agent named in the path."""

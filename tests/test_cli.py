@@ -3,8 +3,10 @@ subprocess) and through Typer's test runner, on real files (and PostgreSQL where
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from aisopod_session import (
     SessionKey,
     SessionRepository,
     SessionStatus,
+    export_jsonl,
     open_database,
 )
 from aisopod_session.cli import app
@@ -397,8 +400,6 @@ EXPORT_MESSAGES = 100_000 * stress()  # `make stress`: 1 000 000
 def fill_fast(path: Path, messages: int) -> None:
     """Plain-SQL set-up (not what is tested): 100 sessions sharing `messages` messages."""
     open_database(path).dispose()
-    import sqlite3
-
     conn = sqlite3.connect(path)
     now = datetime(2026, 1, 1, tzinfo=UTC)
     per = messages // 100
@@ -446,3 +447,76 @@ def test_a_big_export_runs_in_flat_memory(tmp_path: Path) -> None:
         f"{big_peak:.1f} MiB for {EXPORT_MESSAGES:,}"
     )
     assert big_peak < small_peak + 16
+
+
+def test_export_takes_no_write_lock(store: Path) -> None:
+    """Writers go on while an export reads its snapshot."""
+    writes: list[str] = []
+
+    class WriteWhileExporting(io.StringIO):
+        def write(self, text: str) -> int:
+            if not writes:
+                writer = sqlite3.connect(store, timeout=0, isolation_level=None)
+                writer.execute("BEGIN IMMEDIATE")  # fails at once if the export held it
+                writer.execute("UPDATE sessions SET token_usage = 99 WHERE id = 1")
+                writer.execute("COMMIT")
+                writer.close()
+                writes.append("done")
+            return super().write(text)
+
+    engine = open_database(store)
+    try:
+        result = export_jsonl(engine, WriteWhileExporting())
+    finally:
+        engine.dispose()
+    assert (result.sessions, writes) == (3, ["done"])
+
+
+def test_import_counts_messages_from_the_rows_it_adds(store: Path, tmp_path: Path) -> None:
+    export = tmp_path / "export.jsonl"
+    ok("--db", str(store), "export", "-o", str(export))
+    sessions_only = tmp_path / "sessions-only.jsonl"
+    sessions_only.write_text(
+        "\n".join(line for line in export.read_text().splitlines() if '"message"' not in line)
+    )
+    target = tmp_path / "target.db"
+    ok("--db", str(target), "import", str(sessions_only))
+    listed = as_json("--db", str(target), "sessions", "list")
+    assert [s["message_count"] for s in listed] == [0, 0, 0]  # no rows, so no messages
+
+
+def test_bad_bytes_and_deep_nesting_are_refused_by_line(store: Path, tmp_path: Path) -> None:
+    export = tmp_path / "export.jsonl"
+    ok("--db", str(store), "export", "-o", str(export))
+    good = export.read_bytes().splitlines()
+    message = json.loads(good[-1])
+    nested = json.dumps({**message, "id": None, "tool_calls": [[]]}).replace(
+        "[[]]", "[" * 100_000 + "]" * 100_000
+    )
+    broken = json.dumps({**message, "id": None, "content": "X"}).encode().replace(b"X", b"\xff")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(b"\xef\xbb\xbf" + b"\n".join([*good, nested.encode(), broken]) + b"\n")
+    done = cli("--db", str(tmp_path / "t.db"), "import", str(mixed), real=True)
+    assert done.returncode == 1
+    reported = done.stderr.strip().splitlines()
+    assert [line.split(":")[0] for line in reported] == [
+        f"line {len(good) + 1}",
+        f"line {len(good) + 2}",
+    ]
+    assert "nested too deeply" in reported[0]
+    assert "refused: 2 line(s)" in done.stdout  # the BOM-led header and the rest went in
+
+
+def test_a_closed_pipe_ends_quietly(store: Path) -> None:
+    process = subprocess.Popen(
+        [str(SCRIPT), "--db", str(store), "migrate", "--status"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    process.stdout.close()  # the reader goes away before the table is printed
+    errors = process.stderr.read()
+    process.stderr.close()
+    assert process.wait() == 141
+    assert errors == b""

@@ -29,6 +29,12 @@ T0 = datetime(2026, 11, 26, 3, 59, 48, 123456, tzinfo=UTC)
 
 
 @pytest.fixture
+def repo(store_repo: SessionRepository) -> SessionRepository:
+    """Every test of this module runs through both APIs on both backends (see conftest)."""
+    return store_repo
+
+
+@pytest.fixture
 def engine(store: Engine) -> Engine:
     """Every test of this module runs on SQLite and on PostgreSQL (see conftest)."""
     return store

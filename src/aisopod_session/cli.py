@@ -37,10 +37,11 @@ from aisopod_session.keys import SessionKey
 from aisopod_session.migrations import (
     MIGRATIONS,
     SCHEMA_VERSION,
+    AppliedMigration,
     applied_migrations,
     current_version,
 )
-from aisopod_session.models import Message, Session
+from aisopod_session.models import Message, Session, utc_text
 from aisopod_session.repository import SessionRepository
 from aisopod_session.transfer import count_export, export_jsonl, import_jsonl, session_json
 
@@ -60,17 +61,24 @@ sessions_app = typer.Typer(
 )
 app.add_typer(sessions_app, name="sessions")
 
+
 # Piped or captured output gets wide lines, so that tables are not wrapped at 80 columns.
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # Rich would exit with status 1 and no word; `friendly` ends quietly with 141.
+        raise BrokenPipeError
+
+
 # No markup or emoji codes in what is printed (a key like `a:b:c:thread:d` holds one):
 # only the transcript's lines ask for markup, with their text escaped.
-out = Console(
+out = _Console(
     highlight=False,
     soft_wrap=True,
     markup=False,
     emoji=False,
     width=None if sys.stdout.isatty() else 200,
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+err = _Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 @dataclass
@@ -231,19 +239,25 @@ def when(value: datetime | None) -> str:
 def init(ctx: typer.Context, db: DbOption = None) -> None:
     """Create the store (or bring an existing one up to date)."""
     target = target_of(ctx, db)
-    path = file_of(target)
-    existed = path is None or path.exists()
-    with opened(target, create=True) as engine:
-        before = len(applied_migrations(engine)) if existed else 0
-    with opened(target, create=True, migrate=True) as engine:
-        version = current_version(engine)
-        done = len(applied_migrations(engine)) - before
-    if not existed:
+    created, applied, version = upgrade(target)
+    if created:
         out.print(f"Created {target} at schema version {version}.")
-    elif done:
-        out.print(f"Upgraded {target} to schema version {version} ({done} migration(s)).")
+    elif applied:
+        out.print(f"Upgraded {target} to schema version {version} ({len(applied)} migration(s)).")
     else:
         out.print(f"{target} is ready at schema version {version}; nothing to do.")
+
+
+def upgrade(target: str) -> tuple[bool, list[AppliedMigration], int]:
+    """Create or migrate the store: whether it was created, the migrations applied now,
+    and the schema version."""
+    path = file_of(target)
+    created = path is not None and not path.exists()
+    with opened(target, create=True) as engine:
+        before = set() if created else {m.version for m in applied_migrations(engine)}
+    with opened(target, create=True, migrate=True) as engine:
+        applied = [m for m in applied_migrations(engine) if m.version not in before]
+        return created, applied, current_version(engine)
 
 
 @app.command()
@@ -260,13 +274,7 @@ def migrate(
     them."""
     target = target_of(ctx, db)
     if not status:
-        path = file_of(target)
-        existed = path is None or path.exists()
-        with opened(target, create=True) as engine:
-            before = {m.version for m in applied_migrations(engine)} if existed else set()
-        with opened(target, create=True, migrate=True) as engine:
-            applied = [m for m in applied_migrations(engine) if m.version not in before]
-            version = current_version(engine)
+        _, applied, version = upgrade(target)
         if wants_json(ctx, json_output):
             print_json({"schema_version": version, "applied": [m.version for m in applied]})
             return
@@ -378,11 +386,14 @@ def status(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = Fa
 def size_text(size: int | None) -> str:
     if size is None:
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:,} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
-        size = size / 1024  # type: ignore[assignment]
-    return f"{size} B"
+    if size < 1024:
+        return f"{size:,} B"
+    scaled = float(size)
+    for unit in ("KiB", "MiB", "GiB"):
+        scaled /= 1024
+        if scaled < 1024 or unit == "GiB":
+            break
+    return f"{scaled:,.1f} {unit}"
 
 
 # --- sessions -----------------------------------------------------------------------------
@@ -570,7 +581,7 @@ def message_json(message: Message) -> dict[str, Any]:
         "role": message.role.value,
         "content": message.content,
         "tool_calls": message.tool_calls,
-        "created_at": message.created_at.isoformat(),
+        "created_at": utc_text(message.created_at),
     }
 
 
@@ -806,9 +817,12 @@ def import_(
 @contextmanager
 def open_input(path: str) -> Iterator[Any]:
     if path == "-":
+        sys.stdin.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
         yield sys.stdin
         return
-    with open(path, encoding="utf-8") as stream:
+    # A BOM is skipped; bytes that are not UTF-8 reach the line's checks (and are refused
+    # there, with the line's number) instead of stopping the import.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as stream:
         yield stream
 
 

@@ -75,8 +75,8 @@ def copy_database(
         with write_transaction(target) as conn:
             for table in (sessions, messages):
                 with read_transaction(source) as read:
-                    mark = _high_water(read, table)
-                _set_high_water(conn, table, mark)
+                    mark = high_water(read, table)
+                set_high_water(conn, table, mark)
     return CopyResult(sessions=copied["sessions"], messages=copied["messages"])
 
 
@@ -103,7 +103,7 @@ def _copy_table(
             progress(table.name, copied, total)
 
 
-def _high_water(conn: Connection, table: Table) -> int:
+def high_water(conn: Connection, table: Table) -> int:
     """The highest id the store ever gave in `table` (deleted rows included, where the
     store remembers it)."""
     highest = int(conn.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar_one())
@@ -118,7 +118,7 @@ def _high_water(conn: Connection, table: Table) -> int:
     return max(highest, int(row[0]) if row and row[1] else 0)
 
 
-def _set_high_water(conn: Connection, table: Table, mark: int) -> None:
+def set_high_water(conn: Connection, table: Table, mark: int) -> None:
     """Make the next id `table` gives at least `mark + 1`."""
     if mark < 1:
         return

@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import copy
 import inspect
-import threading
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +16,6 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.util import await_
 
 from aisopod_session.enums import Role, SessionStatus
 from aisopod_session.errors import AccessDeniedError, SessionNotFoundError
@@ -103,6 +100,15 @@ class CompactionResult:
     def compaction_count(self) -> int:
         """How many compactions the session has had."""
         return self.session.compaction_count
+
+
+@dataclass(frozen=True)
+class _PrunePlan:
+    """A prune's condition: which statement shape, and its parameters."""
+
+    status: bool
+    scoped: bool
+    values: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -607,6 +613,28 @@ class SessionRepository:
         with the number deleted so far (for progress reports). `updated_before` must be
         timezone-aware.
         """
+        plan = self._prune_plan(updated_before, status)
+        if dry_run:
+            return self._prune_count(plan)
+        deleted = 0
+        while True:
+            batch = self._prune_batch(plan)
+            if not batch:
+                return deleted
+            deleted += batch
+            if on_batch is not None:
+                on_batch(deleted)
+            if not self._lock_rows:
+                # SQLite's write lock is the whole database's: let a writer waiting on it
+                # take it before the next batch does. (PostgreSQL's writers of other
+                # sessions never wait for a batch, which locks only its own rows.)
+                time.sleep(0.001)
+
+    def _prune_plan(
+        self, updated_before: datetime, status: SessionStatus | str | None
+    ) -> _PrunePlan:
+        """`prune`'s arguments checked (`ValueError` naming the argument) and in stored
+        form."""
         if not isinstance(updated_before, datetime):
             raise ValueError(
                 f"updated_before: must be a datetime, not {type(updated_before).__name__}"
@@ -619,40 +647,39 @@ class SessionRepository:
                 wanted = parse_enum(SessionStatus, status)
             except ValueError as exc:
                 raise ValueError(f"status: {exc}") from None
-        shape = {"status": wanted is not None, "scoped": self._agent is not None}
-        values: dict[str, Any] = {
-            "before": utc_text(updated_before),
-            "status": None if wanted is None else wanted.value,
-            "agent_scope": self._agent,
-            "limit": PRUNE_BATCH_SESSIONS,
-        }
-        if dry_run:
-            sql = prune_count(**shape).on(self._dialect)
-            with driver_transaction(self.engine, "prune", None) as conn:
-                return int(conn.execute(sql.text, sql.bind(values)).fetchone()[0])
-        candidates = prune_candidates(**shape).on(self._dialect)
-        delete_batch = prune_delete(**shape).on(self._dialect)
-        deleted = 0
-        while True:
-            with driver_transaction(self.engine, "prune", "IMMEDIATE") as conn:
-                batch: list[int] = []
-                messages = 0
-                for session_id, count in conn.execute(candidates.text, candidates.bind(values)):
-                    if batch and messages + count > PRUNE_BATCH_MESSAGES:
-                        break
-                    batch.append(session_id)
-                    messages += count
-                if not batch:
-                    return deleted
-                conn.execute(delete_batch.text, delete_batch.bind({**values, "last": batch[-1]}))
-            deleted += len(batch)
-            if on_batch is not None:
-                on_batch(deleted)
-            if not self._lock_rows:
-                # SQLite's write lock is the whole database's: let a writer waiting on it
-                # take it before the next batch does. (PostgreSQL's writers of other
-                # sessions never wait for a batch, which locks only its own rows.)
-                time.sleep(0.001)
+        return _PrunePlan(
+            status=wanted is not None,
+            scoped=self._agent is not None,
+            values={
+                "before": utc_text(updated_before),
+                "status": None if wanted is None else wanted.value,
+                "agent_scope": self._agent,
+                "limit": PRUNE_BATCH_SESSIONS,
+            },
+        )
+
+    def _prune_count(self, plan: _PrunePlan) -> int:
+        sql = prune_count(status=plan.status, scoped=plan.scoped).on(self._dialect)
+        with driver_transaction(self.engine, "prune", None) as conn:
+            return int(conn.execute(sql.text, sql.bind(plan.values)).fetchone()[0])
+
+    def _prune_batch(self, plan: _PrunePlan) -> int:
+        """Delete one batch of `prune` in one write transaction; how many sessions (0 when
+        none is left)."""
+        candidates = prune_candidates(status=plan.status, scoped=plan.scoped).on(self._dialect)
+        delete_batch = prune_delete(status=plan.status, scoped=plan.scoped).on(self._dialect)
+        with driver_transaction(self.engine, "prune", "IMMEDIATE") as conn:
+            batch: list[int] = []
+            messages = 0
+            for session_id, count in conn.execute(candidates.text, candidates.bind(plan.values)):
+                if batch and messages + count > PRUNE_BATCH_MESSAGES:
+                    break
+                batch.append(session_id)
+                messages += count
+            if batch:
+                values = {**plan.values, "last": batch[-1]}
+                conn.execute(delete_batch.text, delete_batch.bind(values))
+        return len(batch)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -950,46 +977,22 @@ class AsyncSessionRepository:
         dry_run: bool = False,
         on_batch: Callable[[int], object] | None = None,
     ) -> int:
-        """`SessionRepository.prune`, awaited. `on_batch` is called on the event loop and
-        may be a coroutine function (it is awaited before the next batch)."""
-        loop = asyncio.get_running_loop()
-        on_thread = self.engine.dialect.name == "sqlite"
-        stopped = threading.Event()
-        caller = contextvars.copy_context()  # the callback runs in the caller's context
-
-        def between_batches(deleted: int) -> None:
-            if stopped.is_set():
-                raise _PruneCancelledError
-            if on_batch is None:
-                return
-            if on_thread:  # SQLite: the prune runs on its connection's thread
-                caller.run(
-                    asyncio.run_coroutine_threadsafe, _call(on_batch, deleted), loop
-                ).result()
-            else:  # PostgreSQL: on the loop, under the greenlet bridge
-                await_(_call(on_batch, deleted))
-
-        prune = partial(
-            self._sync.prune,
-            updated_before=updated_before,
-            status=status,
-            dry_run=dry_run,
-            on_batch=between_batches,
-        )
-        try:
-            # Not through the write gate: each batch is its own transaction, and other
-            # writers go in between batches (see `SessionRepository.prune`).
-            return await self._run(prune)
-        except asyncio.CancelledError:
-            stopped.set()
-            raise
-
-
-class _PruneCancelledError(Exception):
-    """Stops a prune whose asyncio caller was cancelled (nobody sees it)."""
-
-
-async def _call(function: Callable[[int], object], value: int) -> None:
-    result = function(value)
-    if inspect.isawaitable(result):
-        await result
+        """`SessionRepository.prune`, awaited: the same checks and batches, each batch
+        one call through the write gate. `on_batch` is called between batches in the
+        caller's task, and may be a coroutine function (it is awaited before the next
+        batch). Cancelled, it stops after the batch in progress."""
+        plan = self._sync._prune_plan(updated_before, status)
+        if dry_run:
+            return await self._run(partial(self._sync._prune_count, plan))
+        deleted = 0
+        while True:
+            batch = await self._write(partial(self._sync._prune_batch, plan))
+            if not batch:
+                return deleted
+            deleted += batch
+            if on_batch is not None:
+                result = on_batch(deleted)
+                if inspect.isawaitable(result):
+                    await result
+            # Let this loop's other writers, waiting on the gate, go before the next batch.
+            await asyncio.sleep(0)

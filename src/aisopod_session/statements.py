@@ -338,6 +338,12 @@ def summary(*, scoped: bool) -> Query:
     return query(statement.order_by(col(Session.agent_id), col(Session.status)))
 
 
+@functools.cache
+def export_sessions(fields: tuple[str, ...]) -> Query:
+    """Every session matching a filter with `fields` set, in id order (for an export)."""
+    return query(select(*SESSION.columns).where(*filter_clauses(fields)).order_by(col(Session.id)))
+
+
 # --- messages ---------------------------------------------------------------------------
 
 COUNT_APPEND = query(

@@ -374,6 +374,7 @@ async def run_bound(engine: AsyncEngine, call: Callable[[], _T]) -> _T:
 
 def _run_checked_out(engine: Engine, call: Callable[[], _T]) -> _T:
     pooled = engine.raw_connection()
+    broken: list[bool] = []
     try:
         driver: Any = pooled.driver_connection
         if engine.dialect.name == "sqlite":
@@ -381,13 +382,18 @@ def _run_checked_out(engine: Engine, call: Callable[[], _T]) -> _T:
             # cursors do; `_conn` is the sqlite3 connection that thread owns. If the
             # caller is cancelled, the call still runs to its end there, and whoever
             # checks the connection out next queues behind it.
-            return cast(_T, await_(driver._execute(lambda: _call_bound(driver._conn, call))))
-        return _call_bound(AwaitedConnection(driver), call)
+            return cast(
+                _T, await_(driver._execute(lambda: _call_bound(driver._conn, call, broken)))
+            )
+        return _call_bound(AwaitedConnection(driver), call, broken)
     finally:
-        pooled.close()
+        if broken:
+            pooled.invalidate()  # closed, and replaced by a new one at the next check-out
+        else:
+            pooled.close()
 
 
-def _call_bound(conn: Any, call: Callable[[], _T]) -> _T:
+def _call_bound(conn: Any, call: Callable[[], _T], broken: list[bool]) -> _T:
     token = _BOUND.set(conn)
     try:
         return call()
@@ -395,9 +401,13 @@ def _call_bound(conn: Any, call: Callable[[], _T]) -> _T:
         _BOUND.reset(token)
         # A transaction that could not be ended (its COMMIT and ROLLBACK both failed, or
         # the caller was cancelled in between) is rolled back here, so the pool needs no
-        # reset of its own (open_async_database turns that round trip off).
-        if conn.in_transaction:
-            conn.rollback()
+        # reset of its own (open_async_database turns that round trip off). A connection
+        # that cannot even do that is not reused; the call's own error stands.
+        try:
+            if conn.in_transaction:
+                conn.rollback()
+        except Exception:
+            broken.append(True)
 
 
 _PG_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE

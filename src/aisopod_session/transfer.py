@@ -28,6 +28,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from sqlalchemy import Connection, Engine, func, insert, select
 from sqlmodel import SQLModel
 
+from aisopod_session.copying import high_water, set_high_water
 from aisopod_session.enums import PeerKind, Role, SessionStatus
 from aisopod_session.errors import translated_errors
 from aisopod_session.keys import SessionKey
@@ -42,8 +43,8 @@ from aisopod_session.models import (
     utc_text,
 )
 from aisopod_session.repository import filter_params
-from aisopod_session.statements import filter_clauses
-from aisopod_session.transactions import write_transaction
+from aisopod_session.statements import SESSION, export_sessions, filter_clauses
+from aisopod_session.transactions import BEGIN_MODE_OPTION, read_transaction, write_transaction
 
 FORMAT = 1
 """The version of the line format this code writes and reads."""
@@ -76,7 +77,7 @@ def count_export(
     progress bar's total). Read-only."""
     fields, params = filter_params(filter)
     clauses = filter_clauses(fields)
-    with engine.connect() as conn:
+    with read_transaction(engine) as conn:
         sessions = conn.execute(
             select(func.count()).select_from(SESSIONS).where(*clauses), params
         ).scalar_one()
@@ -116,15 +117,20 @@ def export_jsonl(
         + "\n"
     )
     with translated_errors("export"), engine.connect() as conn:
+        # A read snapshot: SQLite's deferred BEGIN takes no write lock (writers go on),
+        # PostgreSQL's repeatable read keeps the sessions and messages read consistent.
+        conn = conn.execution_options(**{BEGIN_MODE_OPTION: "DEFERRED"})
         if conn.dialect.name == "postgresql":
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
         streaming = conn.execution_options(stream_results=True, yield_per=1000)
         with conn.begin():
-            rows = streaming.execute(
-                select(SESSIONS).where(*clauses).order_by(SESSIONS.c.id), params
-            )
+            # The driver's own rows, read by the repository's loader: one definition of a
+            # session's JSON (`session_json`) for exports and `--json` alike.
+            sql = export_sessions(fields).on(conn.dialect)
+            rows = streaming.exec_driver_sql(sql.text, sql.bind(params))
             for row in rows:
-                out.write(json.dumps(_session_line(row._mapping), ensure_ascii=False) + "\n")
+                line = {"type": "session", **session_json(SESSION.read(row))}
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
                 sessions += 1
                 if progress is not None and sessions % 1000 == 0:
                     progress(sessions)
@@ -147,14 +153,6 @@ def export_jsonl(
 
 
 _KEY_COLUMNS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
-
-
-def _session_line(row: Mapping[Any, Any]) -> dict[str, Any]:
-    key = SessionKey(*(row[name] for name in _KEY_COLUMNS))
-    line: dict[str, Any] = {"type": "session", "key": str(key)}
-    for name, value in row.items():
-        line[name] = _plain(value)
-    return line
 
 
 def session_json(session: Session) -> dict[str, Any]:
@@ -323,6 +321,8 @@ def parse_line(text: str) -> Record:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise ValueError("not JSON this store takes: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ValueError(f"not a JSON object but {type(raw).__name__}")
     kind = raw.get("type")
@@ -337,6 +337,8 @@ def parse_line(text: str) -> Record:
         raise ValueError(f"type: must be 'session', 'message' or {HEADER_TYPE!r}, got {kind!r}")
     try:
         return model.model_validate(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or kind
@@ -405,8 +407,6 @@ def import_jsonl(
 def _import_batch(
     engine: Engine, batch: list[tuple[int, SessionLine | MessageLine]], result: ImportResult
 ) -> None:
-    from aisopod_session.copying import _high_water, _set_high_water
-
     with translated_errors("import"), write_transaction(engine) as conn:
         sessions: dict[str, int] = {}  # key text to the store's id, for this batch
         touched: set[int] = set()
@@ -416,7 +416,9 @@ def _import_batch(
         new_messages: list[dict[str, Any]] = []
         for number, record in batch:
             if isinstance(record, SessionLine):
-                _import_session(conn, record, sessions, result)
+                created = _import_session(conn, record, sessions, result)
+                if created is not None:
+                    touched.add(created)
                 continue
             session_id = _session_id(conn, record.session, sessions)
             if session_id is None:
@@ -472,7 +474,7 @@ def _import_batch(
                 .values(message_count=count.scalar_subquery())
             )
         for table in (SESSIONS, MESSAGES):
-            _set_high_water(conn, table, _high_water(conn, table))
+            set_high_water(conn, table, high_water(conn, table))
 
 
 def _messages_by_id(conn: Connection, ids: list[int]) -> dict[int, tuple[int, tuple[Any, ...]]]:
@@ -525,16 +527,21 @@ def _session_id(conn: Connection, key_text: str, known: dict[str, int]) -> int |
 
 def _import_session(
     conn: Connection, record: SessionLine, known: dict[str, int], result: ImportResult
-) -> None:
+) -> int | None:
+    """The id of the session the import creates, or None if its key is in the store."""
     key_text = str(record.session_key())
     if _session_id(conn, key_text, known) is not None:
         result.sessions_existing += 1
-        return
+        return None
     values = record.row()
     if record.id is not None:
         free = conn.execute(select(SESSIONS.c.id).where(SESSIONS.c.id == record.id)).first()
         if free is None:
             values["id"] = record.id
+    # Counted from the rows the import adds (so a session whose messages are refused or
+    # missing from the file still has a true count).
+    values["message_count"] = 0
     new_id = conn.execute(insert(SESSIONS).values(values).returning(SESSIONS.c.id)).scalar_one()
     known[key_text] = int(new_id)
     result.sessions_created += 1
+    return int(new_id)
