@@ -224,7 +224,9 @@ def test_prune_and_mark_idle(store: Path) -> None:
     assert "Deleted 1 session(s)" in ok(
         "--db", str(store), "prune", "--older-than", "30d", "--status", "idle"
     )
-    assert "Marked 1 session(s) idle" in ok("--db", str(store), "mark-idle", "--idle-for", "7d")
+    assert "Marked 1 session(s) idle" in ok(
+        "--db", str(store), "sessions", "mark-idle", "--idle-for", "7d"
+    )
     assert "Deleted 1 session(s)" in ok("--db", str(store), "prune", "--older-than", "30d")
     assert as_json("--db", str(store), "status")["sessions"] == 1
 

@@ -57,7 +57,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 sessions_app = typer.Typer(
-    help="List, show and delete sessions (and compact, reset).", no_args_is_help=True
+    help="List, show and delete sessions (and compact, reset, prune, mark-idle).",
+    no_args_is_help=True,
 )
 app.add_typer(sessions_app, name="sessions")
 
@@ -656,7 +657,6 @@ for command in (compact, reset):
     sessions_app.command(command.__name__)(friendly(command))
 
 
-@app.command()
 @friendly
 def prune(
     ctx: typer.Context,
@@ -685,7 +685,6 @@ def prune(
     out.print(f"{verb} {count:,} session(s) not updated since {when(before)}.")
 
 
-@app.command("mark-idle")
 @friendly
 def mark_idle(
     ctx: typer.Context,
@@ -698,6 +697,12 @@ def mark_idle(
     with repository(target_of(ctx, db)) as repo:
         count = repo.mark_idle(idle_for=parse_duration("--idle-for", idle_for))
     out.print(f"Marked {count:,} session(s) idle.")
+
+
+# The lifecycle commands, at the top level and under `sessions` alike.
+for lifecycle, name in ((prune, "prune"), (mark_idle, "mark-idle")):
+    app.command(name)(lifecycle)
+    sessions_app.command(name)(lifecycle)
 
 
 # --- export, import, copy -----------------------------------------------------------------
