@@ -407,7 +407,11 @@ PeerOption = Annotated[str | None, typer.Option("--peer-id", help="Only this pee
 StatusOption = Annotated[
     SessionStatus | None, typer.Option("--status", help="Only sessions in this status.")
 ]
-TimeOption = Annotated[str | None, typer.Option(metavar="TIME")]
+# A time: ISO-8601 (UTC without an offset) or a duration ago (`30d`); see `parse_time`.
+CreatedAfter = Annotated[str | None, typer.Option(metavar="TIME", help="Created after TIME.")]
+CreatedBefore = Annotated[str | None, typer.Option(metavar="TIME", help="Created before TIME.")]
+UpdatedAfter = Annotated[str | None, typer.Option(metavar="TIME", help="Updated after TIME.")]
+UpdatedBefore = Annotated[str | None, typer.Option(metavar="TIME", help="Updated before TIME.")]
 
 
 def parse_time(field: str, text: str | None) -> datetime | None:
@@ -482,18 +486,17 @@ def list_sessions(
     peer_kind: PeerKindOption = None,
     peer_id: PeerOption = None,
     status: StatusOption = None,
-    created_after: Annotated[
-        str | None, typer.Option(help="Created after TIME or ago (30d).")
-    ] = None,
-    created_before: Annotated[str | None, typer.Option(help="Created before TIME or ago.")] = None,
-    updated_after: Annotated[str | None, typer.Option(help="Updated after TIME or ago.")] = None,
-    updated_before: Annotated[str | None, typer.Option(help="Updated before TIME or ago.")] = None,
+    created_after: CreatedAfter = None,
+    created_before: CreatedBefore = None,
+    updated_after: UpdatedAfter = None,
+    updated_before: UpdatedBefore = None,
     limit: Annotated[int, typer.Option(min=0, help="At most this many.")] = 50,
     offset: Annotated[int, typer.Option(min=0, help="Skip this many first.")] = 0,
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Sessions matching the filters, most recently updated first."""
+    """Sessions matching the filters, most recently updated first. TIME is an ISO-8601
+    time (UTC when it has no offset) or a duration ago, such as 30d."""
     wanted = session_filter(
         agent_id,
         channel,
@@ -733,13 +736,14 @@ def export(
     peer_kind: PeerKindOption = None,
     peer_id: PeerOption = None,
     status: StatusOption = None,
-    created_after: Annotated[str | None, typer.Option(help="Created after TIME or ago.")] = None,
-    created_before: Annotated[str | None, typer.Option(help="Created before TIME or ago.")] = None,
-    updated_after: Annotated[str | None, typer.Option(help="Updated after TIME or ago.")] = None,
-    updated_before: Annotated[str | None, typer.Option(help="Updated before TIME or ago.")] = None,
+    created_after: CreatedAfter = None,
+    created_before: CreatedBefore = None,
+    updated_after: UpdatedAfter = None,
+    updated_before: UpdatedBefore = None,
     db: DbOption = None,
 ) -> None:
-    """Write sessions and their messages as JSON Lines, one object per line, streaming."""
+    """Write sessions and their messages as JSON Lines, one object per line, streaming.
+    The filters are those of `sessions list`."""
     wanted = session_filter(
         agent_id,
         channel,

@@ -43,7 +43,7 @@ from aisopod_session.models import (
     utc_text,
 )
 from aisopod_session.repository import filter_params
-from aisopod_session.statements import SESSION, export_sessions, filter_clauses
+from aisopod_session.statements import KEY_COLUMNS, SESSION, export_sessions, filter_clauses
 from aisopod_session.transactions import BEGIN_MODE_OPTION, read_transaction, write_transaction
 
 FORMAT = 1
@@ -134,7 +134,7 @@ def export_jsonl(
                 sessions += 1
                 if progress is not None and sessions % 1000 == 0:
                     progress(sessions)
-            key_columns = [SESSIONS.c[name] for name in _KEY_COLUMNS]
+            key_columns = [SESSIONS.c[name] for name in KEY_COLUMNS]
             rows = streaming.execute(
                 select(MESSAGES, *key_columns)
                 .select_from(MESSAGES.join(SESSIONS))
@@ -150,9 +150,6 @@ def export_jsonl(
     if progress is not None:
         progress(sessions + messages)
     return ExportResult(sessions=sessions, messages=messages)
-
-
-_KEY_COLUMNS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
 
 
 def session_json(session: Session) -> dict[str, Any]:
@@ -180,7 +177,7 @@ def session_json(session: Session) -> dict[str, Any]:
 
 def _message_line(row: Any) -> dict[str, Any]:
     values = row._mapping
-    key = SessionKey(*(values[SESSIONS.c[name]] for name in _KEY_COLUMNS))
+    key = SessionKey(*(values[SESSIONS.c[name]] for name in KEY_COLUMNS))
     return {
         "type": "message",
         "id": values[MESSAGES.c.id],
@@ -515,7 +512,7 @@ def _session_id(conn: Connection, key_text: str, known: dict[str, int]) -> int |
         select(SESSIONS.c.id).where(
             *(
                 SESSIONS.c[name] == value
-                for name, value in zip(_KEY_COLUMNS, key.parts(), strict=True)
+                for name, value in zip(KEY_COLUMNS, key.parts(), strict=True)
             )
         )
     ).first()
