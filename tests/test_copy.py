@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from aisopod_session import (
     copy_database,
     open_database,
 )
-from tests.dbtools import snapshot
+from tests.dbtools import count_rows, snapshot, store_location
 
 KEYS = [SessionKey(f"agent-{i % 3}", "telegram", "bot", "dm", f"peer-{i}") for i in range(30)]
 
@@ -105,3 +106,204 @@ def test_a_non_empty_target_is_refused_unless_overwritten(source: Engine, store:
 def test_a_bad_batch_size_is_refused(source: Engine, store: Engine, batch_size: object) -> None:
     with pytest.raises(ValueError, match="batch_size"):
         copy_database(source, store, batch_size=batch_size)  # type: ignore[arg-type]
+
+
+# --- atomicity: a failed copy leaves the target as it was ---------------------------------
+
+
+@pytest.fixture
+def pg_target(tmp_path: Path) -> Iterator[Engine]:
+    """A fresh PostgreSQL store to copy into (skipped without a server)."""
+    with store_location("postgresql", tmp_path) as url:
+        engine = open_database(url)
+        yield engine
+        engine.dispose()
+
+
+def store_with_a_nul_message(path: Path, good: int) -> tuple[Engine, int]:
+    """A SQLite store of 5 sessions holding `good` messages between them, then one
+    message with a NUL character (SQLite keeps it; PostgreSQL's text cannot); the engine
+    and the NUL message's id."""
+    engine = open_database(path)
+    repo = SessionRepository(engine)
+    keys = [SessionKey("agent-1", "telegram", "bot", "dm", f"nul-{i}") for i in range(5)]
+    for key in keys:
+        repo.get_or_create(key)
+    for number in range(good):
+        repo.append_message(keys[number % 5], Role.USER, f"good {number}")
+    bad = repo.append_message(keys[0], Role.USER, "before \x00 after")
+    assert bad.content == "before \x00 after"
+    assert bad.id is not None
+    return engine, bad.id
+
+
+def test_a_message_postgresql_cannot_hold_fails_the_copy_naming_table_row_and_column(
+    tmp_path: Path, pg_target: Engine
+) -> None:
+    """One NUL in one message's content: `SessionStoreError` naming the table
+    `messages`, the message's id and the column `content`; the PostgreSQL target is left
+    as it was, empty (it used to keep the sessions, without their messages)."""
+    source, bad_id = store_with_a_nul_message(tmp_path / "nul.db", good=3)
+    try:
+        before = snapshot(pg_target)
+        with pytest.raises(SessionStoreError) as raised:
+            copy_database(source, pg_target)
+        message = str(raised.value)
+        assert "messages" in message
+        assert re.search(rf"\b{bad_id}\b", message), message
+        assert "content" in message
+        assert snapshot(pg_target) == before
+        assert count_rows(pg_target, "sessions") == 0
+    finally:
+        source.dispose()
+
+
+def test_a_copy_failing_in_a_later_batch_leaves_the_target_unchanged(
+    tmp_path: Path, pg_target: Engine
+) -> None:
+    """With batch_size=10, the NUL message comes after 50 good ones: five batches of
+    messages were written before the failure, and none of them stays."""
+    source, _ = store_with_a_nul_message(tmp_path / "nul.db", good=50)
+    try:
+        before = snapshot(pg_target)
+        with pytest.raises(SessionStoreError):
+            copy_database(source, pg_target, batch_size=10)
+        assert snapshot(pg_target) == before
+    finally:
+        source.dispose()
+
+
+def test_a_failed_copy_with_overwrite_keeps_what_the_target_held(
+    tmp_path: Path, pg_target: Engine
+) -> None:
+    """`overwrite=True` deletes the target's contents only as part of a copy that
+    succeeds: when the copy fails, the old contents are all still there."""
+    old = SessionKey("old", "slack", "T", "dm", "kept")
+    SessionRepository(pg_target).get_or_create(old)
+    SessionRepository(pg_target).append_message(old, Role.USER, "still here")
+    source, _ = store_with_a_nul_message(tmp_path / "nul.db", good=50)
+    try:
+        before = snapshot(pg_target)
+        with pytest.raises(SessionStoreError):
+            copy_database(source, pg_target, batch_size=10, overwrite=True)
+        assert snapshot(pg_target) == before
+    finally:
+        source.dispose()
+
+
+def test_a_copy_interrupted_by_its_progress_callback_leaves_the_target_unchanged(
+    source: Engine, store: Engine
+) -> None:
+    """Any failure, not only the database's: a progress callback that raises half-way
+    (an interrupted operator's tool, say) aborts the copy, and the target on either
+    backend holds what it held before (here: an old session, with overwrite=True)."""
+    SessionRepository(store).get_or_create(SessionKey("old", "c", "a", "dm", "p"))
+    before = snapshot(store)
+    calls: list[tuple[str, int, int]] = []
+
+    def progress(table: str, done: int, total: int) -> None:
+        calls.append((table, done, total))
+        if table == "messages" and len(calls) > 8:
+            raise RuntimeError("interrupted")
+
+    # The callback's own error is expected to come through as it is; a store that wraps
+    # it in a SessionStoreError would also have stopped the copy, which is what counts.
+    with pytest.raises((RuntimeError, SessionStoreError)):
+        copy_database(source, store, batch_size=7, overwrite=True, progress=progress)
+    assert snapshot(store) == before
+
+
+# --- the same store as source and target ---------------------------------------------------
+
+
+def test_copying_a_store_onto_its_own_engine_is_refused_and_changes_nothing(
+    store: Engine,
+) -> None:
+    """`copy_database(x, x, overwrite=True)`: the target is the source, so overwriting it
+    would empty both (it used to: "Copied 0 session(s)"). Refused, store unchanged."""
+    repo = SessionRepository(store)
+    key = SessionKey("agent-1", "telegram", "bot", "dm", "self")
+    repo.get_or_create(key)
+    repo.append_message(key, Role.USER, "not to be lost")
+    before = snapshot(store)
+    with pytest.raises(SessionStoreError, match=r"(?i)same"):
+        copy_database(store, store, overwrite=True)
+    assert snapshot(store) == before
+
+
+def _by_path(path: Path) -> Engine:
+    return open_database(path)
+
+
+def _by_url(path: Path) -> Engine:
+    return open_database(f"sqlite:///{path}")
+
+
+def _through_a_symlink(path: Path) -> Engine:
+    link = path.with_name("link-to-" + path.name)
+    link.symlink_to(path)
+    return open_database(link)
+
+
+@pytest.mark.parametrize(
+    "second", [_by_path, _by_url, _through_a_symlink], ids=["path", "url", "symlink"]
+)
+def test_copying_a_sqlite_file_onto_itself_through_another_engine_is_refused(
+    tmp_path: Path, second: Callable[[Path], Engine]
+) -> None:
+    """Two engines on one file (opened by path, by `sqlite:///` URL, or through a
+    symlink) are one store: refused, the file unchanged."""
+    path = tmp_path / "one.db"
+    first = open_database(path)
+    key = SessionKey("agent-1", "telegram", "bot", "dm", "self")
+    SessionRepository(first).get_or_create(key)
+    SessionRepository(first).append_message(key, Role.USER, "not to be lost")
+    other = second(path)
+    try:
+        before = snapshot(path)
+        with pytest.raises(SessionStoreError, match=r"(?i)same"):
+            copy_database(first, other, overwrite=True)
+        assert snapshot(path) == before
+    finally:
+        first.dispose()
+        other.dispose()
+
+
+def test_copying_a_postgresql_schema_onto_itself_through_another_engine_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Two engines on one PostgreSQL database and schema are one store: refused,
+    unchanged."""
+    with store_location("postgresql", tmp_path) as url:
+        first, other = open_database(url), open_database(url)
+        try:
+            key = SessionKey("agent-1", "telegram", "bot", "dm", "self")
+            SessionRepository(first).get_or_create(key)
+            SessionRepository(first).append_message(key, Role.USER, "not to be lost")
+            before = snapshot(first)
+            with pytest.raises(SessionStoreError, match=r"(?i)same"):
+                copy_database(first, other, overwrite=True)
+            assert snapshot(first) == before
+        finally:
+            first.dispose()
+            other.dispose()
+
+
+def test_two_schemas_of_one_postgresql_database_are_different_stores(
+    source: Engine, tmp_path: Path
+) -> None:
+    """The same-store check is not too broad: one schema copies into another of the same
+    database (copied from SQLite first, then PostgreSQL to PostgreSQL)."""
+    with (
+        store_location("postgresql", tmp_path) as first_url,
+        store_location("postgresql", tmp_path) as second_url,
+    ):
+        first, second = open_database(first_url), open_database(second_url)
+        try:
+            copy_database(source, first)
+            result = copy_database(first, second)
+            assert (result.sessions, result.messages) == (30, 30 * 10 - 8 + 1)
+            assert rows(second) == rows(source)
+        finally:
+            first.dispose()
+            second.dispose()

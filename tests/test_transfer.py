@@ -1,0 +1,166 @@
+"""`import_jsonl` into either backend, PostgreSQL above all: lines with and without ids
+mixed in one batch, and a message PostgreSQL cannot hold (a NUL character), refused by
+line while every other line is imported."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from aisopod_session import (
+    Role,
+    SessionKey,
+    SessionRepository,
+    export_jsonl,
+    import_jsonl,
+    open_database,
+)
+from tests.dbtools import count_rows, store_location
+
+AT = "2026-11-26T03:59:48.123456+00:00"
+
+
+def key_of(peer: str) -> SessionKey:
+    return SessionKey("agent-1", "telegram", "bot", "dm", peer)
+
+
+def session_line(peer: str, id: int | None) -> dict[str, Any]:
+    """A session line as an export writes it, with or without its id."""
+    line: dict[str, Any] = {
+        "type": "session",
+        "key": str(key_of(peer)),
+        "agent_id": "agent-1",
+        "channel": "telegram",
+        "account_id": "bot",
+        "peer_kind": "dm",
+        "peer_id": peer,
+        "created_at": AT,
+        "updated_at": AT,
+    }
+    if id is not None:
+        line["id"] = id
+    return line
+
+
+def message_line(peer: str, content: str, id: int | None) -> dict[str, Any]:
+    """A message line naming its session by key, with or without its id."""
+    line: dict[str, Any] = {
+        "type": "message",
+        "session": str(key_of(peer)),
+        "role": "user",
+        "content": content,
+        "created_at": AT,
+    }
+    if id is not None:
+        line["id"] = id
+    return line
+
+
+# Sessions and messages with ids and without, interleaved: a line without an id must get
+# an id that no line of the same batch gives explicitly, before or after it.
+MIXED: list[dict[str, Any]] = [
+    session_line("s1", 1),
+    session_line("s2", None),
+    session_line("s3", 3),
+    session_line("s4", None),
+    message_line("s1", "s1 #1", 1),
+    message_line("s1", "s1 no id a", None),
+    message_line("s1", "s1 #2", 2),
+    message_line("s2", "s2 no id a", None),
+    message_line("s2", "s2 no id b", None),
+    message_line("s2", "s2 #3", 3),
+    session_line("s5", 10),
+    message_line("s3", "s3 no id", None),
+    message_line("s4", "s4 #7", 7),
+    message_line("s4", "s4 no id", None),
+    message_line("s5", "s5 #20", 20),
+    message_line("s5", "s5 no id", None),
+]
+
+
+def test_lines_with_and_without_ids_mixed_in_a_batch_are_all_imported(store: Engine) -> None:
+    """All in one batch, every line is imported (PostgreSQL's id sequences used to move
+    only at the end of a batch, so a line without an id took an id given to another
+    line: duplicate key), given ids are kept, and each new id is past every id given
+    before it. (Across batches an id given later may already have been taken by a line
+    without one, and is then refused as documented: one batch is the case that must
+    work.)"""
+    lines = [json.dumps(line) for line in MIXED]
+    result = import_jsonl(store, lines)
+    assert result.errors == []
+    assert (result.sessions_created, result.messages_imported) == (5, 11)
+    repo = SessionRepository(store)
+    sessions = {s.peer_id: s.id for s in repo.list_sessions()}
+    messages = {m.content: m.id for peer in sessions for m in repo.get_history(key_of(peer))}
+    assert len(sessions) == 5
+    assert len(set(sessions.values())) == 5
+    assert len(messages) == 11
+    assert len(set(messages.values())) == 11
+    given: dict[str, list[int]] = {"session": [], "message": []}
+    for line in MIXED:
+        kind = line["type"]
+        stored = sessions[line["peer_id"]] if kind == "session" else messages[line["content"]]
+        if "id" in line:
+            assert stored == line["id"], line
+            given[kind].append(line["id"])
+        else:
+            assert stored is not None
+            assert stored > max(given[kind], default=0), line
+    # The sequences are past everything imported: new rows take fresh ids.
+    fresh = repo.get_or_create(key_of("fresh"))
+    assert fresh.id is not None
+    assert fresh.id > max(i for i in sessions.values() if i is not None)
+    message = repo.append_message(key_of("fresh"), Role.USER, "after the import")
+    assert message.id is not None
+    assert message.id > max(i for i in messages.values() if i is not None)
+
+
+@pytest.fixture
+def pg_store(tmp_path: Path) -> Iterator[Engine]:
+    """A fresh PostgreSQL store (skipped without a server)."""
+    with store_location("postgresql", tmp_path) as url:
+        engine = open_database(url)
+        yield engine
+        engine.dispose()
+
+
+def test_an_import_into_postgresql_refuses_the_line_with_a_nul_and_imports_the_rest(
+    tmp_path: Path, pg_store: Engine
+) -> None:
+    """SQLite keeps a NUL in a message; PostgreSQL's text cannot. Importing the SQLite
+    store's export into PostgreSQL refuses that one line, by number, saying why, and
+    imports every other line (it used to fail the whole batch with a store error)."""
+    source = open_database(tmp_path / "source.db")
+    try:
+        repo = SessionRepository(source)
+        for peer in ("a", "b"):
+            repo.get_or_create(key_of(peer))
+            repo.append_message(key_of(peer), Role.USER, f"{peer} before")
+        repo.append_message(key_of("a"), Role.USER, "nul \x00 inside")
+        repo.append_message(key_of("b"), Role.USER, "b after")
+        out = io.StringIO()
+        export_jsonl(source, out)
+    finally:
+        source.dispose()
+    lines = out.getvalue().splitlines()
+    nul_line = next(n for n, text in enumerate(lines, start=1) if "\\u0000" in text)
+
+    result = import_jsonl(pg_store, lines)
+
+    assert [error.line for error in result.errors] == [nul_line]
+    assert "NUL" in result.errors[0].reason
+    assert (result.sessions_created, result.messages_imported) == (2, 3)
+    target = SessionRepository(pg_store)
+    assert [m.content for m in target.get_history(key_of("a"))] == ["a before"]
+    assert [m.content for m in target.get_history(key_of("b"))] == ["b before", "b after"]
+    # message_count is counted from the rows imported, not taken from the file.
+    a = target.get(key_of("a"))
+    assert a is not None
+    assert a.message_count == 1
+    assert count_rows(pg_store, "messages") == 3
