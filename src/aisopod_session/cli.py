@@ -28,6 +28,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from aisopod_session.copying import copy_database
 from aisopod_session.database import database_url, open_database
@@ -149,7 +151,35 @@ def one_line(exc: Exception) -> str:
         message = str(exc)
     else:
         message = f"unexpected {type(exc).__name__}: {exc}"
-    return " ".join(message.split())
+    # An error may quote the URL it was given (one that does not parse, say).
+    return without_passwords(" ".join(message.split()))
+
+
+# --- naming a store without its password --------------------------------------------------
+
+# A URL's password: after `scheme://user:` up to the `@` (SQLAlchemy's own reading), or a
+# `password=` query parameter (which libpq takes too).
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][\w+.-]*://[^:/?#@\s]*:)[^@\s]*(?=@)")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#\s'\"]*", re.IGNORECASE)
+
+
+def shown_target(target: str) -> str:
+    """How a store is named in anything printed: a path as given; a URL as SQLAlchemy
+    renders it with its password hidden (`***`), a `password=` query parameter too. A URL
+    that does not parse is masked by `without_passwords`."""
+    if "://" not in target:
+        return target
+    try:
+        rendered = make_url(target).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        rendered = target
+    return without_passwords(rendered)
+
+
+def without_passwords(text: str) -> str:
+    """`text` with the password of every URL in it, and every `password=` query
+    parameter, replaced by `***`."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***", text))
 
 
 # --- opening the store --------------------------------------------------------------------
@@ -241,12 +271,13 @@ def init(ctx: typer.Context, db: DbOption = None) -> None:
     """Create the store (or bring an existing one up to date)."""
     target = target_of(ctx, db)
     created, applied, version = upgrade(target)
+    name = shown_target(target)
     if created:
-        out.print(f"Created {target} at schema version {version}.")
+        out.print(f"Created {name} at schema version {version}.")
     elif applied:
-        out.print(f"Upgraded {target} to schema version {version} ({len(applied)} migration(s)).")
+        out.print(f"Upgraded {name} to schema version {version} ({len(applied)} migration(s)).")
     else:
-        out.print(f"{target} is ready at schema version {version}; nothing to do.")
+        out.print(f"{name} is ready at schema version {version}; nothing to do.")
 
 
 def upgrade(target: str) -> tuple[bool, list[AppliedMigration], int]:
@@ -281,7 +312,7 @@ def migrate(
             return
         for migration in applied:
             out.print(f"applied {migration.version}: {migration.name}")
-        out.print(f"{target} is at schema version {version}.")
+        out.print(f"{shown_target(target)} is at schema version {version}.")
         return
     with opened(target) as engine:
         applied_now = {m.version: m for m in applied_migrations(engine)}
@@ -302,7 +333,9 @@ def migrate(
     if wants_json(ctx, json_output):
         print_json({"schema_version": version, "code_version": SCHEMA_VERSION, "migrations": rows})
         return
-    table = Table("version", "name", "status", "applied at", title=f"Migrations of {target}")
+    table = Table(
+        "version", "name", "status", "applied at", title=f"Migrations of {shown_target(target)}"
+    )
     for row in rows:
         table.add_row(
             str(row["version"]),
@@ -339,7 +372,7 @@ def status(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = Fa
             "wal_bytes": wal.stat().st_size if wal.exists() else 0,
         }
     report = {
-        "database": target,
+        "database": shown_target(target),
         "backend": backend,
         "schema_version": version,
         "sessions": summary.total.sessions,
@@ -361,7 +394,7 @@ def status(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = Fa
     if wants_json(ctx, json_output):
         print_json(report)
         return
-    out.print(f"store:          {target} ({backend}, schema version {version})")
+    out.print(f"store:          {report['database']} ({backend}, schema version {version})")
     if path is not None:
         out.print(
             f"size:           {size_text(sizes['file_bytes'])} "
@@ -858,7 +891,10 @@ def copy(
             overwrite=overwrite,
             progress=lambda _table, done, _total: report(done),
         )
-    out.print(f"Copied {result.sessions:,} session(s) and {result.messages:,} message(s) to {to}.")
+    out.print(
+        f"Copied {result.sessions:,} session(s) and {result.messages:,} message(s) "
+        f"to {shown_target(to)}."
+    )
 
 
 def main() -> None:
