@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,3 +139,113 @@ def test_no_command_prints_the_password_of_a_server_store(
     from_env = cli("status", env={"AISOPOD_SESSION_DB": server})
     assert from_env.returncode == 0
     assert_no_password(from_env)
+
+
+# --- 2. stored text cannot drive the terminal ---------------------------------------------
+
+HOSTILE = {
+    "screen clear": ("\x1b[2J", "\\x1b[2J"),
+    "window title": ("\x1b]0;pwned\x07", "\\x1b]0;pwned\\x07"),
+    "clipboard write": ("\x1b]52;c;cm0gLXJmIH4=\x07", "\\x1b]52;c;cm0gLXJmIH4=\\x07"),
+    "carriage return": ("over\rwrite", "over\\rwrite"),
+    "C1 CSI": ("\x9b31m", "\\x9b31m"),
+    "NEL": ("\x85", "\\x85"),
+    "DEL": ("\x7f", "\\x7f"),
+    "bidi override": ("\u202eevil", "\\u202eevil"),
+    "bidi isolate": ("\u2066iso\u2069", "\\u2066iso\\u2069"),
+}
+RAW = ("\x1b", "\x07", "\r", "\x9b", "\x85", "\x7f", "\u202e", "\u2066", "\u2069")
+# What --json may not carry raw either: C0 is JSON-escaped anyway; DEL, C1, bidi too.
+RAW_IN_JSON = ("\x7f", "\x9b", "\x85", "\u202e", "\u2066", "\u2069")
+EVERY_SEQUENCE = "".join(raw for raw, _ in HOSTILE.values())
+HOSTILE_KEY = SessionKey("agent\u202eevil", "telegram", "bot-1", "dm", "peer\u2066x")
+
+
+@pytest.fixture
+def hostile_store(tmp_path: Path) -> Path:
+    """Chat users' escape sequences in a key, messages, a tool call, metadata and a
+    compaction summary; one message with a real newline and tab."""
+    path = tmp_path / "hostile.db"
+    engine = open_database(path)
+    repo = SessionRepository(engine)
+    repo.get_or_create(HOSTILE_KEY)
+    repo.append_messages(
+        HOSTILE_KEY,
+        [
+            *(NewMessage(Role.USER, f"{name}: {raw}") for name, (raw, _) in HOSTILE.items()),
+            NewMessage(Role.ASSISTANT, "", [{"id": "c1", "arguments": EVERY_SEQUENCE}]),
+            NewMessage(Role.USER, "old"),
+            NewMessage(Role.USER, "line one\nline two\tafter a tab — 4 °C"),
+        ],
+    )
+    repo.update_metadata(HOSTILE_KEY, {"title": EVERY_SEQUENCE, EVERY_SEQUENCE: "as a key"})
+    repo.compact(HOSTILE_KEY, keep_last=len(HOSTILE) + 2, summary=f"summary {EVERY_SEQUENCE}")
+    engine.dispose()
+    return path
+
+
+def assert_escaped(text: str) -> None:
+    for raw in RAW:
+        assert raw not in text, f"{raw!r} reached the terminal"
+    for _, shown in HOSTILE.values():
+        assert shown in text
+
+
+def test_sessions_show_escapes_every_control_and_bidi_character(hostile_store: Path) -> None:
+    text = ok("--db", str(hostile_store), "sessions", "show", "1")
+    assert_escaped(text)
+    assert "summary \\x1b[2J" in text  # the compaction's summary message
+    # A newline stays a line break; a tab is not escaped (Rich expands it to spaces).
+    assert re.search(r"line one\nline two +after a tab — 4 °C", text)
+    assert "\\t" not in text
+    assert "agent\\u202eevil" in text  # the key too
+
+
+def test_sessions_list_and_status_escape_stored_keys(hostile_store: Path) -> None:
+    for args in (("sessions", "list"), ("status",)):
+        text = ok("--db", str(hostile_store), *args)
+        for raw in RAW:
+            assert raw not in text
+        assert "agent\\u202eevil" in text
+
+
+def test_json_output_carries_no_raw_c1_or_bidi_character_and_loses_nothing(
+    hostile_store: Path,
+) -> None:
+    for args in (("sessions", "show", "1"), ("sessions", "list"), ("status",)):
+        text = ok("--db", str(hostile_store), *args, "--json")
+        for raw in (*RAW, *RAW_IN_JSON):
+            assert raw not in text
+        json.loads(text)
+    text = ok("--db", str(hostile_store), "sessions", "show", "1", "--json")
+    assert "\\u009b" in text  # C1 written as JSON escapes
+    assert "— 4 °C" in text  # other non-ASCII text stays readable
+    shown = json.loads(text)
+    assert shown["session"]["metadata"] == {"title": EVERY_SEQUENCE, EVERY_SEQUENCE: "as a key"}
+    assert shown["messages"][0]["content"] == f"summary {EVERY_SEQUENCE}"
+    assert shown["messages"][-1]["content"] == "line one\nline two\tafter a tab — 4 °C"
+    assert shown["session"]["agent_id"] == HOSTILE_KEY.agent_id
+
+
+def test_an_export_to_stdout_carries_no_raw_c1_or_bidi_character(hostile_store: Path) -> None:
+    text = ok("--db", str(hostile_store), "export")
+    for raw in (*RAW, *RAW_IN_JSON):
+        assert raw not in text
+    lines = [json.loads(line) for line in text.splitlines()]
+    first = next(line for line in lines if line["type"] == "message")
+    assert first["content"] == f"summary {EVERY_SEQUENCE}"
+
+
+def test_errors_escape_the_text_they_quote(store: Path, tmp_path: Path) -> None:
+    export = tmp_path / "export.jsonl"
+    ok("--db", str(store), "export", "--out", str(export))
+    message = json.loads(export.read_text().splitlines()[-1])
+    hostile = {**message, "id": None, "session": "a:b:c:dm:\u202eevil\u2066"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(hostile, ensure_ascii=False) + "\n")
+    done = cli("--db", str(store), "import", str(bad))
+    assert done.returncode == 1
+    assert "line 1" in done.stderr
+    for raw in RAW:
+        assert raw not in done.stderr
+    assert "no session a:b:c:dm:\\u202eevil\\u2066" in done.stderr

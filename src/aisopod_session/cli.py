@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TextIO, TypeVar, cast
 
 import typer
 from pydantic import ValidationError
@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -65,11 +66,61 @@ sessions_app = typer.Typer(
 app.add_typer(sessions_app, name="sessions")
 
 
+# --- what reaches the operator's terminal ------------------------------------------------
+
+# Characters a terminal acts on instead of showing: every control character (Unicode's Cc:
+# C0, DEL and C1, such as ESC starting a sequence that clears the screen, retitles the
+# window or writes the clipboard, CR overwriting the line, and the one-byte CSI \x9b) but
+# newline and tab, and the bidirectional overrides and isolates that reorder what follows.
+_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every control character but newline and tab, and every bidirectional
+    override or isolate, written as an escape (`\\x1b`, `\\r`, `\\x9b`, `\\u202e`); the
+    rest, other non-ASCII text included, unchanged."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code == 0x0D:
+        return "\\r"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def json_safe(text: str) -> str:
+    """JSON text with the characters `terminal_safe` escapes, where json.dumps leaves them
+    raw (DEL, C1, the bidirectional ones), written as JSON escapes (`\\u009b`). Those can
+    only stand inside JSON strings, so the JSON means exactly the same."""
+    return _UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+class _JsonSafeWriter:
+    """Writes to `stream` through `json_safe` (for JSON Lines written to stdout)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(json_safe(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
 # Piped or captured output gets wide lines, so that tables are not wrapped at 80 columns.
 class _Console(Console):
     def on_broken_pipe(self) -> None:
         # Rich would exit with status 1 and no word; `friendly` ends quietly with 141.
         raise BrokenPipeError
+
+    def render_str(self, text: str, **options: Any) -> Text:
+        """Every string printed, table cells and markup included, becomes Rich text here:
+        escaping it here keeps any stored text from driving the terminal (markup tags
+        hold no control character, so they are read as before)."""
+        return super().render_str(terminal_safe(text), **options)
 
 
 # No markup or emoji codes in what is printed (a key like `a:b:c:thread:d` holds one):
@@ -255,7 +306,9 @@ def find_session(repo: SessionRepository, key_or_id: str) -> Session:
 
 
 def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+    """`value` as indented JSON on stdout, non-ASCII text readable but no character a
+    terminal would act on raw (`json_safe`)."""
+    sys.stdout.write(json_safe(json.dumps(value, ensure_ascii=False, indent=2)) + "\n")
 
 
 def when(value: datetime | None) -> str:
@@ -629,7 +682,7 @@ def confirm(question: str, yes: bool) -> None:
     """Ask on a terminal unless --yes; scripts (no terminal) are not asked."""
     if yes or not sys.stdin.isatty():
         return
-    if not typer.confirm(question, default=False):
+    if not typer.confirm(terminal_safe(question), default=False):
         raise typer.Abort()
 
 
@@ -804,9 +857,12 @@ def export(
 
 
 @contextmanager
-def open_output(path: str) -> Iterator[Any]:
+def open_output(path: str) -> Iterator[TextIO]:
+    """The export's stream: the file, or stdout through `json_safe` (it may be a
+    terminal; the JSON it carries means the same)."""
     if path == "-":
-        yield sys.stdout
+        # export_jsonl only writes to its stream.
+        yield cast(TextIO, _JsonSafeWriter(sys.stdout))
         sys.stdout.flush()
         return
     with open(path, "w", encoding="utf-8", newline="\n") as stream:
