@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +21,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from aisopod_session import NewMessage, Role, SessionKey, SessionRepository, open_database
-from tests.dbtools import store_location
-from tests.test_cli import Outcome, cli, ok
+from tests.dbtools import snapshot, store_location
+from tests.test_cli import SCRIPT, Outcome, cli, ok
 
 KEY = SessionKey("concierge", "telegram", "bot-1", "dm", "1001")
 
@@ -249,3 +251,69 @@ def test_errors_escape_the_text_they_quote(store: Path, tmp_path: Path) -> None:
     for raw in RAW:
         assert raw not in done.stderr
     assert "no session a:b:c:dm:\\u202eevil\\u2066" in done.stderr
+
+
+# --- 3. compact asks on a terminal --------------------------------------------------------
+
+
+def on_a_terminal(*args: str, typed: str) -> Outcome:
+    """Run the installed script with a pseudo-terminal as its stdin and `typed` already
+    typed on it (stdout and stderr are pipes, as when an operator pipes the output)."""
+    controller, terminal = pty.openpty()
+    environment = {k: v for k, v in os.environ.items() if k != "AISOPOD_SESSION_DB"}
+    try:
+        os.write(controller, typed.encode())
+        done = subprocess.run(
+            [str(SCRIPT), *args],
+            stdin=terminal,
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    return Outcome(done.returncode, done.stdout, done.stderr)
+
+
+def test_compact_on_a_terminal_asks_and_no_keeps_every_message(store: Path) -> None:
+    before = snapshot(store)
+    done = on_a_terminal("--db", str(store), "compact", "1", "--keep-last", "1", typed="n\n")
+    assert done.returncode == 1  # aborted
+    assert "Keep only the newest 1 of the 4 messages of #1" in done.stdout
+    assert snapshot(store) == before
+
+
+def test_compact_on_a_terminal_goes_ahead_on_y(store: Path) -> None:
+    done = on_a_terminal("--db", str(store), "compact", "1", "--keep-last", "1", typed="y\n")
+    assert done.returncode == 0, done
+    assert "removed 3 message(s)" in done.stdout
+
+
+def test_compact_with_yes_does_not_ask_even_on_a_terminal(store: Path) -> None:
+    # The "n" typed in advance is never read: nothing asks.
+    done = on_a_terminal(
+        "--db", str(store), "sessions", "compact", "1", "--keep-last", "1", "-y", typed="n\n"
+    )
+    assert done.returncode == 0, done
+    assert "removed 3 message(s)" in done.stdout
+    assert "[y/N]" not in done.stdout
+
+
+def test_compact_in_a_script_is_not_asked(store: Path) -> None:
+    assert "removed 3 message(s)" in ok("--db", str(store), "compact", "1", "--keep-last", "1")
+
+
+def test_the_question_escapes_the_stored_key(tmp_path: Path) -> None:
+    path = tmp_path / "hostile.db"
+    engine = open_database(path)
+    repo = SessionRepository(engine)
+    repo.get_or_create(HOSTILE_KEY)
+    repo.append_message(HOSTILE_KEY, Role.USER, "hi")
+    engine.dispose()
+    done = on_a_terminal("--db", str(path), "reset", "1", typed="n\n")
+    assert done.returncode == 1
+    assert "agent\\u202eevil" in done.stdout
+    assert "\u202e" not in done.stdout

@@ -679,11 +679,17 @@ YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for con
 
 
 def confirm(question: str, yes: bool) -> None:
-    """Ask on a terminal unless --yes; scripts (no terminal) are not asked."""
-    if yes or not sys.stdin.isatty():
+    """Ask on a terminal unless --yes, and abort on anything but yes; scripts (no
+    terminal) are not asked. The question's stored text is escaped (`terminal_safe`)."""
+    if yes or not on_terminal():
         return
     if not typer.confirm(terminal_safe(question), default=False):
         raise typer.Abort()
+
+
+def on_terminal() -> bool:
+    """Whether someone can answer a question: stdin is a terminal."""
+    return sys.stdin.isatty()
 
 
 @sessions_app.command("delete")
@@ -712,12 +718,20 @@ def compact(
     summary: Annotated[
         str | None, typer.Option("--summary", help="A system message in place of the rest.")
     ] = None,
+    yes: YesOption = False,
     db: DbOption = None,
 ) -> None:
     """Keep the newest N messages of a session, optionally replacing the rest with a
     summary."""
     with repository(target_of(ctx, db)) as repo:
         found = find_session(repo, session)
+        if found.message_count > keep_last:  # otherwise nothing would change
+            confirm(
+                f"Keep only the newest {keep_last} of the {found.message_count} messages of "
+                f"#{found.id} {found.key}, deleting the other "
+                f"{found.message_count - keep_last}?",
+                yes,
+            )
         result = repo.compact(found.key, keep_last=keep_last, summary=summary)
     out.print(
         f"Compacted #{found.id}: removed {result.removed:,} message(s), "
