@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 
 from aisopod_session import NewMessage, Role, SessionKey, SessionRepository, open_database
 from tests.dbtools import snapshot, store_location
-from tests.test_cli import SCRIPT, Outcome, cli, ok
+from tests.test_cli import SCRIPT, Outcome, cli, failed, ok
 
 KEY = SessionKey("concierge", "telegram", "bot-1", "dm", "1001")
 
@@ -317,3 +317,104 @@ def test_the_question_escapes_the_stored_key(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "agent\\u202eevil" in done.stdout
     assert "\u202e" not in done.stdout
+
+
+# --- 4. an export, import or copy never lands on its own store ----------------------------
+
+
+def db_forms(folder: Path) -> dict[str, str]:
+    """The store `store.db` in `folder` (the working directory), named every way."""
+    absolute = folder / "store.db"
+    return {
+        "relative": "store.db",
+        "absolute": str(absolute),
+        "sqlite URL, absolute": f"sqlite:///{absolute}",
+        "sqlite URL, relative": "sqlite:///store.db",
+        "symlink": "link.db",
+    }
+
+
+def out_forms(folder: Path) -> dict[str, str]:
+    """The store's own files in `folder`, named every way an --out or FILE could."""
+    return {
+        "the same name": "store.db",
+        "absolute": str(folder / "store.db"),
+        "a symlink to it": "link.db",
+        "a hard link to it": "hard.db",
+        "./x/../": "./x/../store.db",
+        "./missing/../": "./missing/../store.db",
+        "its WAL": "store.db-wal",
+        "its shared memory": "store.db-shm",
+        "its rollback journal": "./store.db-journal",
+    }
+
+
+@pytest.fixture
+def here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory holding store.db, link.db (a symlink to it), hard.db (a hard
+    link) and an empty folder x."""
+    make_store(tmp_path / "store.db")
+    (tmp_path / "link.db").symlink_to("store.db")
+    os.link(tmp_path / "store.db", tmp_path / "hard.db")
+    (tmp_path / "x").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def assert_refused(here: Path, *args: str, naming: str, real: bool = False) -> None:
+    before = folder_state(here)
+    line = failed(*args, real=real)
+    assert naming in line
+    assert folder_state(here) == before  # not a byte written, no -wal or -shm left
+
+
+@pytest.mark.parametrize("out", out_forms(Path("/")).keys())
+@pytest.mark.parametrize("db", db_forms(Path("/")).keys())
+def test_export_refuses_to_write_over_its_own_store(here: Path, db: str, out: str) -> None:
+    db_arg, out_arg = db_forms(here)[db], out_forms(here)[out]
+    # Truncating the -shm file the export has mapped would kill the process with SIGBUS,
+    # so should that ever happen again it happens in a process of its own.
+    real = out == "its shared memory"
+    assert_refused(here, "--db", db_arg, "export", "--out", out_arg, naming=out_arg, real=real)
+
+
+def test_export_refuses_the_wal_named_after_a_symlink_to_the_store(here: Path) -> None:
+    # SQLite names its files after the symlink's target, but an older build or another
+    # VFS might not: the name given counts too.
+    assert_refused(here, "--db", "link.db", "export", "--out", "link.db-wal", naming="link.db-wal")
+
+
+def test_export_to_another_file_still_works(here: Path) -> None:
+    done = cli("--db", "link.db", "export", "--out", "./x/../export.jsonl")
+    assert done.returncode == 0, done
+    assert "Exported 1 session(s) and 4 message(s)" in done.stderr
+    assert len((here / "export.jsonl").read_text().splitlines()) == 1 + 1 + 4
+
+
+@pytest.mark.parametrize("file", ["the same name", "a symlink to it", "./x/../", "its WAL"])
+@pytest.mark.parametrize("db", ["relative", "sqlite URL, absolute", "symlink"])
+def test_import_refuses_the_store_itself(here: Path, db: str, file: str) -> None:
+    db_arg, file_arg = db_forms(here)[db], out_forms(here)[file]
+    assert_refused(here, "--db", db_arg, "import", file_arg, naming=file_arg)
+
+
+@pytest.mark.parametrize("to", ["relative", "absolute", "sqlite URL, relative", "symlink"])
+def test_copy_refuses_its_own_store_as_the_target(here: Path, to: str) -> None:
+    to_arg = db_forms(here)[to]
+    assert_refused(here, "--db", "store.db", "copy", "--to", to_arg, "--overwrite", naming=to_arg)
+
+
+def test_copy_refuses_the_same_server_schema_whatever_its_password(
+    server: str, store: Path
+) -> None:
+    assert "Copied 1 session(s)" in ok("--db", str(store), "copy", "--to", server)
+    no_password = make_url(server)._replace(password=None).render_as_string(hide_password=False)
+    engine = open_database(server)
+    try:
+        before = snapshot(engine)
+        line = failed("--db", no_password, "copy", "--to", server, "--overwrite", real=False)
+        assert "same store" in line
+        assert PASSWORD not in line
+        assert snapshot(engine) == before
+    finally:
+        engine.dispose()

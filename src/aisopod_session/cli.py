@@ -254,6 +254,73 @@ def file_of(target: str) -> Path | None:
     return Path(str(url.database))
 
 
+# The files SQLite keeps beside a database: its write-ahead log, the log's shared-memory
+# index and the rollback journal. Writing over any of them damages the store.
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def store_files(store: Path) -> list[Path]:
+    """The store's file and the files SQLite keeps beside it, under the name given and
+    under the name it resolves to (SQLite names them after a symlink's target)."""
+    real = Path(os.path.realpath(store))
+    return [
+        name.with_name(name.name + suffix)
+        for name in dict.fromkeys((store, real))
+        for suffix in ("", *SQLITE_COMPANIONS)
+    ]
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file: the same device and inode when both exist (so
+    through symlinks and hard links), else the same path once resolved (`x/../`,
+    symlinks)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_store_file(label: str, file: Path, target: str, why: str) -> None:
+    """`UserError` ("`label` is the session store's file ...: `why`") if `file` is the
+    SQLite store `target`'s own file or one SQLite keeps beside it. Nothing is opened:
+    call it before touching either."""
+    store = file_of(target)
+    if store is None:
+        return
+    for own in store_files(store):
+        if same_file(file, own):
+            raise UserError(f"{label} is the session store's file {own}: {why}")
+
+
+def server_of(target: str) -> str | None:
+    """The PostgreSQL database and user a target names, as one comparable text without
+    a password, or None for SQLite."""
+    url = database_url(target)
+    if url.get_backend_name() != "postgresql":
+        return None
+    return url._replace(
+        drivername="postgresql", password=None, port=url.port or 5432
+    ).render_as_string(hide_password=False)
+
+
+def refuse_copy_into_itself(source: str, target: str) -> None:
+    """`UserError` if `target` is the store `source` (the same SQLite file however named,
+    or the same server URL but for its password and driver). `copy_database` guards
+    this too; here it is caught before the target is opened."""
+    file = file_of(target)
+    if file is not None:
+        refuse_store_file(
+            f"--to {shown_target(target)}", file, source, "a store cannot be copied into itself"
+        )
+        return
+    server = server_of(target)
+    if server is not None and server == server_of(source):
+        raise UserError(
+            f"--to {shown_target(target)} is the same store as --db: a store cannot be "
+            "copied into itself"
+        )
+
+
 @contextmanager
 def opened(target: str, *, create: bool = False, migrate: bool = False) -> Iterator[Engine]:
     """The store's engine for the block. A missing file is an error unless `create`; a
@@ -856,7 +923,12 @@ def export(
         updated_after,
         updated_before,
     )
-    with repository(target_of(ctx, db)) as repo:
+    target = target_of(ctx, db)
+    if out_path != "-":
+        refuse_store_file(
+            f"--out {out_path}", Path(out_path), target, "the export would overwrite the store"
+        )
+    with repository(target) as repo:
         engine = repo.engine
         sessions, messages = count_export(engine, wanted)
         with (
@@ -895,8 +967,12 @@ def import_(
     """Import an export: every line validated, written in batches, idempotent. Bad lines
     are reported (number and reason) and skipped; the exit status is then 1."""
     target = target_of(ctx, db)
-    if file != "-" and not Path(file).is_file():
-        raise UserError(f"no file {file}")
+    if file != "-":
+        refuse_store_file(
+            file, Path(file), target, "a store cannot be imported into itself; import an export"
+        )
+        if not Path(file).is_file():
+            raise UserError(f"no file {file}")
     with (
         opened(target, create=True, migrate=True) as engine,
         open_input(file) as lines,
@@ -950,8 +1026,10 @@ def copy(
 ) -> None:
     """Copy the whole store into another one (a SQLite file into PostgreSQL, say), ids
     included."""
+    source = target_of(ctx, db)
+    refuse_copy_into_itself(source, to)
     with (
-        repository(target_of(ctx, db)) as repo,
+        repository(source) as repo,
         opened(to, create=True, migrate=True) as target,
         progress_bar("copying", None) as report,
     ):
