@@ -418,3 +418,91 @@ def test_copy_refuses_the_same_server_schema_whatever_its_password(
         assert snapshot(engine) == before
     finally:
         engine.dispose()
+
+
+# --- 5. numbers, durations and times out of range -----------------------------------------
+
+HUGE = str(2**63)  # one past the largest 64-bit integer
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (("prune", "--older-than", "99999999999d"), "--older-than"),
+        (("prune", "--older-than", "999999999d"), "--older-than"),
+        (("sessions", "prune", "--older-than", "9" * 5000 + "s"), "--older-than"),
+        (("mark-idle", "--idle-for", "99999999999d"), "--idle-for"),
+        (("sessions", "mark-idle", "--idle-for", "999999999d"), "--idle-for"),
+        (("sessions", "list", "--updated-before", "999999999d"), "--updated-before"),
+        (("sessions", "list", "--created-after", "99999999999w"), "--created-after"),
+        (("sessions", "list", "--created-before", "9999-12-31T23:59:59-01:00"), "--created-before"),
+        (("sessions", "list", "--updated-after", "0001-01-01T00:00:00+01:00"), "--updated-after"),
+        (("export", "--updated-after", "999999999d"), "--updated-after"),
+    ],
+)
+def test_overflowing_durations_and_times_name_their_option(
+    store: Path, args: tuple[str, ...], option: str
+) -> None:
+    line = failed("--db", str(store), *args, real=False)
+    assert line.startswith(f"error: {option}: ")
+    assert "unexpected" not in line
+
+
+def test_the_longest_duration_that_fits_still_works(store: Path) -> None:
+    assert "Would delete 0 session(s)" in ok(
+        "--db", str(store), "prune", "--older-than", "700000d", "--dry-run"
+    )
+    assert ok("--db", str(store), "sessions", "list", "--updated-after", "0001-01-01T00:00:00")
+
+
+# Full-width one, Arabic-Indic three, superscript three, a one then an Arabic-Indic three.
+@pytest.mark.parametrize("digits", ["\uff11", "\u0663", "\u00b3", "1\u0663"])
+def test_only_ascii_digits_name_a_session_id(store: Path, digits: str) -> None:
+    line = failed("--db", str(store), "sessions", "show", digits, real=False)
+    assert "is neither a session id nor a key" in line
+
+
+@pytest.mark.parametrize("text", [HUGE, "9" * 5000])
+def test_an_id_beyond_64_bits_is_no_session(store: Path, text: str) -> None:
+    line = failed("--db", str(store), "sessions", "show", text, real=False)
+    assert line.startswith("error: no session with id ")
+
+
+def test_durations_take_only_ascii_digits(store: Path) -> None:
+    assert "not a duration" in failed(
+        "--db", str(store), "prune", "--older-than", "\uff13\uff10d", real=False
+    )
+    assert "not a duration" in failed(
+        "--db", str(store), "mark-idle", "--idle-for", "\u0663d", real=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (("sessions", "list", "--limit", HUGE), "--limit"),
+        (("sessions", "list", "--offset", HUGE), "--offset"),
+        (("sessions", "show", "1", "--last", HUGE), "--last"),
+        (("compact", "1", "--keep-last", HUGE), "--keep-last"),
+        (("sessions", "compact", "1", "--keep-last", HUGE, "--yes"), "--keep-last"),
+        (("import", "-", "--batch-size", HUGE), "--batch-size"),
+    ],
+)
+def test_integer_options_beyond_64_bits_are_usage_errors(
+    store: Path, args: tuple[str, ...], option: str
+) -> None:
+    before = snapshot(store)
+    done = cli("--db", str(store), *args)
+    assert done.returncode == 2, done
+    assert option in done.stderr
+    assert "9223372036854775807" in done.stderr  # the largest value it takes
+    assert snapshot(store) == before
+
+
+def test_the_largest_64_bit_values_are_taken(store: Path) -> None:
+    largest = str(2**63 - 1)
+    assert "showing none" in ok(
+        "--db", str(store), "sessions", "list", "--limit", largest, "--offset", largest
+    )
+    assert "4 °C in Oslo." in ok("--db", str(store), "sessions", "show", "1", "--last", largest)
+    assert "removed 0 message(s)" in ok("--db", str(store), "compact", "1", "--keep-last", largest)

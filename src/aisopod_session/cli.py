@@ -153,6 +153,15 @@ DbOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
+MAX_INTEGER = 2**63 - 1
+"""The largest integer a store holds (SQLite's INTEGER and PostgreSQL's bigint)."""
+
+
+def integer_option(minimum: int, help_text: str, *names: str) -> Any:
+    """An integer option that Click keeps within [minimum, MAX_INTEGER]: a value outside
+    is a usage error (exit status 2) naming the option and the range."""
+    return typer.Option(*names, min=minimum, max=MAX_INTEGER, help=help_text)
+
 
 @app.callback()
 def settings(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = False) -> None:
@@ -352,14 +361,17 @@ def repository(target: str) -> Iterator[SessionRepository]:
         yield SessionRepository(engine)
 
 
+# An id is ASCII digits only: `str.isdigit` would take full-width or Arabic-Indic digits
+# (and int() read them as another number).
+_SESSION_ID = re.compile(r"[0-9]+")
+
+
 def find_session(repo: SessionRepository, key_or_id: str) -> Session:
-    """The session named by its id (digits) or its key; `UserError` if there is none."""
+    """The session named by its id (ASCII digits) or its key; `UserError` if there is
+    none."""
     text = key_or_id.strip()
-    if text.isdigit():
-        found = repo.get_by_id(int(text))
-        if found is None:
-            raise UserError(f"no session with id {text}")
-        return found
+    if _SESSION_ID.fullmatch(text):
+        return session_by_id(repo, text)
     try:
         key = SessionKey.parse(text)
     except ValueError as exc:
@@ -369,6 +381,18 @@ def find_session(repo: SessionRepository, key_or_id: str) -> Session:
     found = repo.get(key)
     if found is None:
         raise UserError(f"no session for key {key}")
+    return found
+
+
+def session_by_id(repo: SessionRepository, digits: str) -> Session:
+    """The session with the id `digits` spells; `UserError` if there is none, as for an
+    id beyond MAX_INTEGER, which no store holds (it is not even converted)."""
+    significant = digits.lstrip("0") or "0"
+    found = None
+    if len(significant) <= len(str(MAX_INTEGER)) and int(significant) <= MAX_INTEGER:
+        found = repo.get_by_id(int(significant))
+    if found is None:
+        raise UserError(f"no session with id {digits}")
     return found
 
 
@@ -568,10 +592,12 @@ UpdatedBefore = Annotated[str | None, typer.Option(metavar="TIME", help="Updated
 
 
 def parse_time(field: str, text: str | None) -> datetime | None:
-    """An ISO-8601 time (UTC when it has no offset), or a duration ago (`30d`, `12h`)."""
+    """An ISO-8601 time (UTC when it has no offset), or a duration ago (`30d`, `12h`), as
+    an aware time in UTC; `UserError` naming `field` for anything else, a time beyond
+    the years 1 to 9999 in UTC included."""
     if text is None:
         return None
-    ago = parse_duration_or_none(text)
+    ago = parse_duration_or_none(field, text)
     if ago is not None:
         return datetime.now(UTC) - ago
     try:
@@ -580,22 +606,46 @@ def parse_time(field: str, text: str | None) -> datetime | None:
         raise UserError(
             f"{field}: {text!r} is neither an ISO-8601 time nor a duration like 30d"
         ) from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise UserError(f"{field}: {text!r} is outside the years 1 to 9999 in UTC") from None
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+# ASCII digits only, as for ids; the whole text must match (`$` would let a newline by).
+_DURATION = re.compile(r"\s*([0-9]+)\s*([smhdw])\s*")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
-def parse_duration_or_none(text: str) -> timedelta | None:
-    match = _DURATION.match(text)
+def parse_duration_or_none(field: str, text: str) -> timedelta | None:
+    """The duration `text` spells (`90s`, `45m`, `12h`, `30d`, `2w`), or None if it
+    spells none; `UserError` naming `field` if it reaches back before the year 1, so
+    that the time that long ago can always be computed."""
+    match = _DURATION.fullmatch(text)
     if match is None:
         return None
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    amount, unit = match.groups()
+    try:
+        found = timedelta(**{_UNITS[unit]: int(amount)})
+    except (OverflowError, ValueError):  # beyond timedelta, or too many digits for int()
+        found = None
+    if found is None or found > longest_ago():
+        raise UserError(
+            f"{field}: {text!r} is too long: at most {longest_ago().days:,} days "
+            "(back to the year 1)"
+        )
+    return found
+
+
+def longest_ago() -> timedelta:
+    """How far back a time can go from now: Python's times begin with the year 1."""
+    return datetime.now(UTC) - datetime.min.replace(tzinfo=UTC)
 
 
 def parse_duration(field: str, text: str) -> timedelta:
-    found = parse_duration_or_none(text)
+    """A positive duration that reaches back no further than the year 1; `UserError`
+    naming `field` otherwise."""
+    found = parse_duration_or_none(field, text)
     if found is None or found <= timedelta(0):
         raise UserError(f"{field}: {text!r} is not a duration like 90s, 45m, 12h, 30d or 2w")
     return found
@@ -643,8 +693,8 @@ def list_sessions(
     created_before: CreatedBefore = None,
     updated_after: UpdatedAfter = None,
     updated_before: UpdatedBefore = None,
-    limit: Annotated[int, typer.Option(min=0, help="At most this many.")] = 50,
-    offset: Annotated[int, typer.Option(min=0, help="Skip this many first.")] = 0,
+    limit: Annotated[int, integer_option(0, "At most this many.")] = 50,
+    offset: Annotated[int, integer_option(0, "Skip this many first.")] = 0,
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -696,7 +746,7 @@ ROLE_STYLES = {
 def show(
     ctx: typer.Context,
     session: Annotated[str, typer.Argument(metavar="KEY-OR-ID", help="A session id or key.")],
-    last: Annotated[int | None, typer.Option("--last", min=1, help="Only the newest N.")] = None,
+    last: Annotated[int | None, integer_option(1, "Only the newest N.", "--last")] = None,
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -781,7 +831,7 @@ def delete(
 def compact(
     ctx: typer.Context,
     session: Annotated[str, typer.Argument(metavar="KEY-OR-ID")],
-    keep_last: Annotated[int, typer.Option("--keep-last", min=0, help="Messages to keep.")],
+    keep_last: Annotated[int, integer_option(0, "Messages to keep.", "--keep-last")],
     summary: Annotated[
         str | None, typer.Option("--summary", help="A system message in place of the rest.")
     ] = None,
@@ -864,8 +914,9 @@ def mark_idle(
     db: DbOption = None,
 ) -> None:
     """Mark idle every active session not updated for a while."""
+    duration = parse_duration("--idle-for", idle_for)
     with repository(target_of(ctx, db)) as repo:
-        count = repo.mark_idle(idle_for=parse_duration("--idle-for", idle_for))
+        count = repo.mark_idle(idle_for=duration)
     out.print(f"Marked {count:,} session(s) idle.")
 
 
@@ -960,7 +1011,7 @@ def open_output(path: str) -> Iterator[TextIO]:
 def import_(
     ctx: typer.Context,
     file: Annotated[str, typer.Argument(metavar="FILE.jsonl", help="An export; - is stdin.")],
-    batch_size: Annotated[int, typer.Option(min=1, help="Lines per transaction.")] = 1000,
+    batch_size: Annotated[int, integer_option(1, "Lines per transaction.")] = 1000,
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
