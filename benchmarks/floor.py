@@ -3,10 +3,11 @@
 It runs the very SQL text the repository runs (imported from `aisopod_session.statements`,
 so the two cannot drift apart), with the same pragmas (`foreign_keys=ON`,
 `busy_timeout=5000`, `synchronous=NORMAL`, WAL) and the same transaction mode
-(`BEGIN IMMEDIATE` around every write, reads as single statements), on one connection kept
-open. It decodes rows into the same kinds of Python values our API returns (aware
-`datetime`s, decoded JSON) but as plain tuples, and skips validation, key handling and
-model objects: about the least a Python store on `sqlite3` can spend on the same work.
+(`BEGIN IMMEDIATE` around every write, reads as single statements; an append also reads
+the newest message's time, as the store's clock does), on one connection kept open. It
+decodes rows into the same kinds of Python values our API returns (aware `datetime`s,
+decoded JSON) but as plain tuples, and skips validation, key handling and model objects:
+about the least a Python store on `sqlite3` can spend on the same work.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aisopod_session.clock import SELECT_LATEST
 from aisopod_session.statements import (
     COUNT_APPEND,
     KEY,
@@ -26,6 +28,8 @@ from aisopod_session.statements import (
     insert_messages,
     list_sessions,
 )
+
+_MAX = 2**63 - 1  # the counters' room is checked in COUNT_APPEND
 
 # (role, content, tool_calls) of one message to append
 MessageSpec = tuple[str, str, list[Any] | None]
@@ -67,8 +71,14 @@ def append(
     try:
         now = datetime.now(UTC)
         now_text = now.isoformat(timespec="microseconds")
+        # The store's clock never goes back past the newest message (clock.py).
+        latest = conn.execute(SELECT_LATEST).fetchone()
+        if latest is not None and latest[0] > now_text:
+            now = datetime.fromisoformat(latest[0])
+            now_text = latest[0]
         found = conn.execute(
-            COUNT_APPEND.sqlite.text, (now_text, len(batch), tokens, *key)
+            COUNT_APPEND.sqlite.text,
+            (now_text, len(batch), tokens, *key, _MAX - len(batch), _MAX - tokens),
         ).fetchone()
         if found is None:
             raise LookupError("no session")

@@ -15,7 +15,13 @@ from aisopod_session import (
     open_async_database,
     open_database,
 )
-from tests.dbtools import AwaitingRepository, event_loop_thread, run_on, store_location
+from tests.dbtools import (
+    AwaitingRepository,
+    event_loop_thread,
+    python_clock,
+    run_on,
+    store_location,
+)
 
 
 @pytest.fixture
@@ -62,8 +68,10 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def store(store_url: str) -> Iterator[Engine]:
-    """A freshly opened and migrated store on either backend."""
-    engine = open_database(store_url)
+    """A freshly opened and migrated store on either backend. Its clock is Python's
+    (`python_clock`), so freezegun sets the time on PostgreSQL too (whose own clock is
+    the server's: tests/test_clock.py tests that one)."""
+    engine = open_database(store_url, clock=python_clock)
     yield engine
     engine.dispose()
 
@@ -79,7 +87,7 @@ def store_repo(
         yield SessionRepository(store)
         return
     with event_loop_thread() as loop:
-        engine = run_on(loop, open_async_database(store_url))
+        engine = run_on(loop, open_async_database(store_url, clock=python_clock))
         try:
             yield AwaitingRepository.over(AsyncSessionRepository(engine), loop)
         finally:

@@ -9,6 +9,7 @@ import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from inspect import iscoroutinefunction
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -23,6 +24,11 @@ from aisopod_session import AsyncSessionRepository, SessionRepository
 T = TypeVar("T")
 
 SEED_SCHEMA = Path(__file__).with_name("seed_schema.sql")
+
+
+def python_clock() -> datetime:
+    """Python's clock, for `open_database(clock=...)`: freezegun controls it."""
+    return datetime.now(UTC)
 
 
 def stress() -> int:

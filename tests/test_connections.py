@@ -28,7 +28,7 @@ from aisopod_session import (
     run_migrations,
 )
 from aisopod_session import SessionRepository as Repository
-from aisopod_session.transactions import lease
+from aisopod_session.connections import lease
 from tests.dbtools import raw_connect, run_threads
 
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -127,9 +127,9 @@ def test_a_failed_call_leaves_no_transaction_open(
     other.close()
 
 
-def test_a_forked_child_opens_its_own_connection(
-    repo: Repository, engine: Engine, key: SessionKey
-) -> None:
+def test_no_connection_crosses_a_fork(repo: Repository, engine: Engine, key: SessionKey) -> None:
+    """The parent's connections are closed before the fork (SQLite's lock bookkeeping
+    must not reach the child); both processes open new ones afterwards."""
     repo.get_or_create(key)
     parents = lease(engine)
     read_end, write_end = os.pipe()
@@ -149,7 +149,8 @@ def test_a_forked_child_opens_its_own_connection(
         status = reader.read()
     os.waitpid(pid, 0)
     assert status == b"ok"
-    assert lease(engine) is parents
+    assert is_closed(parents)
+    assert lease(engine) is not parents
     assert [m.content for m in repo.get_history(key)] == ["from the child"]
 
 

@@ -9,6 +9,7 @@ from aisopod_session.database import database_url, open_async_database, open_dat
 from aisopod_session.enums import PeerKind, Role, SessionStatus
 from aisopod_session.errors import (
     AccessDeniedError,
+    DamagedRowError,
     DatabaseBusyError,
     MigrationError,
     SchemaVersionError,
@@ -34,7 +35,8 @@ from aisopod_session.repository import (
     StoreSummary,
     Totals,
 )
-from aisopod_session.transactions import DEFAULT_BUSY_TIMEOUT, prepare_engine
+from aisopod_session.settings import DEFAULT_BUSY_TIMEOUT
+from aisopod_session.transactions import prepare_engine, write_engine
 from aisopod_session.transfer import (
     ExportResult,
     ImportResult,
@@ -52,6 +54,7 @@ __all__ = [
     "AsyncSessionRepository",
     "CompactionResult",
     "CopyResult",
+    "DamagedRowError",
     "DatabaseBusyError",
     "ExportResult",
     "ImportResult",
@@ -83,4 +86,5 @@ __all__ = [
     "open_database",
     "prepare_engine",
     "run_migrations",
+    "write_engine",
 ]

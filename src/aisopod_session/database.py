@@ -4,17 +4,19 @@ transaction mode, and the migrations, all set up in one call."""
 from __future__ import annotations
 
 import os
+import shlex
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.util import greenlet_spawn
 
+from aisopod_session.connections import register
 from aisopod_session.errors import (
     DatabaseBusyError,
     SessionStoreError,
@@ -22,9 +24,10 @@ from aisopod_session.errors import (
     translated_errors,
 )
 from aisopod_session.migrations import check_schema, run_migrations
+from aisopod_session.settings import DEFAULT_BUSY_TIMEOUT, Clock, set_store_options
 from aisopod_session.transactions import (
-    DEFAULT_BUSY_TIMEOUT,
     Synchronous,
+    check_busy_timeout,
     prepare_engine,
     read_transaction,
 )
@@ -37,6 +40,7 @@ def open_database(
     synchronous: Synchronous = "NORMAL",
     migrate: bool = True,
     echo: bool = False,
+    clock: Clock | None = None,
 ) -> Engine:
     """Open (creating if needed) a session store and return its engine, migrated.
 
@@ -48,18 +52,30 @@ def open_database(
     WAL mode. Transactions begin `IMMEDIATE` unless the store marks them read-only.
     With `migrate=False` the schema is left as it is (to inspect pending migrations or
     run `run_migrations` yourself); a database newer than this code is refused either way.
+    `busy_timeout` (0 to about 24.8 days) also bounds a PostgreSQL write's wait for a row
+    lock (`lock_timeout`). Timestamps come from the store's clock (see `clock.py`): the
+    server's on PostgreSQL, this host's (never going backwards) on SQLite, or `clock`, a
+    callable returning an aware `datetime`, if given.
+
+    On PostgreSQL psycopg prepares no statement (safe behind PgBouncer's transaction
+    pooling) unless the URL says `?prepare_threshold=5` (or another count); a URL's
+    `?options=-csearch_path=…` is checked to have taken effect on every new connection.
 
     Raises `SchemaVersionError` for a database newer than this code and
     `SessionStoreError` when the target cannot be opened or migrated; the engine is
     disposed of then. An in-memory database lives as long as the engine and must be used
     from one thread at a time.
     """
-    url = _checked_target(target, busy_timeout, synchronous)
+    url = _checked_target(target, busy_timeout, synchronous, clock)
     if url.get_backend_name() == "postgresql":
         # pool_pre_ping: a gateway's pool outlives server restarts and idle-connection reaping.
-        engine = create_engine(_psycopg_url(url), echo=echo, pool_pre_ping=True)
+        url, connect_args = _psycopg_url(url)
+        engine = create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+        _check_search_path(engine)
     else:
         engine = create_engine(url, **_sqlite_engine_args(url, busy_timeout, echo))
+    set_store_options(engine, busy_timeout=busy_timeout, clock=clock)
+    register(engine)
     try:
         _set_up(engine, busy_timeout=busy_timeout, synchronous=synchronous, migrate=migrate)
     except BaseException:
@@ -75,6 +91,7 @@ async def open_async_database(
     synchronous: Synchronous = "NORMAL",
     migrate: bool = True,
     echo: bool = False,
+    clock: Clock | None = None,
 ) -> AsyncEngine:
     """`open_database` for asyncio: the same targets, arguments, checks, pragmas,
     transaction modes and migrations, returning an `AsyncEngine` for
@@ -85,20 +102,28 @@ async def open_async_database(
     same errors are raised, and the engine is disposed of then. An in-memory database
     lives in one connection that every task shares; its calls run one after another.
     """
-    url = _checked_target(target, busy_timeout, synchronous)
+    url = _checked_target(target, busy_timeout, synchronous, clock)
     # The repository's calls return their connections with no transaction open
     # (`run_bound`), so the pool's own rollback on every return (a trip to aiosqlite's
     # thread or to the server) is turned off; SQLAlchemy's `Connection` still rolls back
     # what it began itself when it closes.
     if url.get_backend_name() == "postgresql":
+        url, connect_args = _psycopg_url(url)
         engine = create_async_engine(
-            _psycopg_url(url), echo=echo, pool_pre_ping=True, pool_reset_on_return=None
+            url,
+            echo=echo,
+            pool_pre_ping=True,
+            pool_reset_on_return=None,
+            connect_args=connect_args,
         )
+        _check_search_path(engine.sync_engine)
     else:
         url = url.set(drivername="sqlite+aiosqlite")
         engine = create_async_engine(
             url, pool_reset_on_return=None, **_sqlite_engine_args(url, busy_timeout, echo)
         )
+    set_store_options(engine.sync_engine, busy_timeout=busy_timeout, clock=clock)
+    register(engine.sync_engine)
     try:
         # The same set-up code as open_database's, its statements awaited on the engine's
         # asyncio driver through SQLAlchemy's greenlet bridge.
@@ -116,13 +141,12 @@ async def open_async_database(
 
 
 def _checked_target(
-    target: str | os.PathLike[str] | URL, busy_timeout: float, synchronous: str
+    target: str | os.PathLike[str] | URL, busy_timeout: float, synchronous: str, clock: Any
 ) -> URL:
     """The URL of `target`, after checking the arguments every opener takes."""
-    if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float):
-        raise ValueError(f"busy_timeout: must be a number of seconds, got {busy_timeout!r}")
-    if not busy_timeout >= 0:
-        raise ValueError(f"busy_timeout: must be >= 0 seconds, got {busy_timeout!r}")
+    check_busy_timeout(busy_timeout)
+    if clock is not None and not callable(clock):
+        raise ValueError(f"clock: must be a callable returning a datetime, got {clock!r}")
     if synchronous not in ("NORMAL", "FULL"):
         raise ValueError(f"synchronous: must be 'NORMAL' or 'FULL', got {synchronous!r}")
     url = database_url(target)
@@ -152,8 +176,10 @@ def _in_memory(url: URL) -> bool:
     return url.database in (None, "", ":memory:")
 
 
-def _psycopg_url(url: URL) -> URL:
-    """A PostgreSQL URL on psycopg 3, which must be installed."""
+def _psycopg_url(url: URL) -> tuple[URL, dict[str, Any]]:
+    """A PostgreSQL URL on psycopg 3, which must be installed, and psycopg's connect
+    arguments: `prepare_threshold` from the URL's query (an int, or none), which psycopg
+    would otherwise be given as text."""
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")
     if url.drivername != "postgresql+psycopg":
@@ -166,7 +192,82 @@ def _psycopg_url(url: URL) -> URL:
         raise SessionStoreError(
             "PostgreSQL needs psycopg 3: pip install 'aisopod-session[postgresql]'"
         ) from None
-    return url
+    # psycopg prepares a statement after 5 runs, under a name of its connection's own;
+    # behind PgBouncer's transaction pooling those names meet other clients' statements
+    # on shared server connections (another client's DELETE ran for a SELECT). None
+    # prepares nothing; a URL for a direct connection may ask for a threshold.
+    threshold: int | None = None
+    given = url.query.get("prepare_threshold")
+    if given is not None:
+        text = given if isinstance(given, str) else given[-1]
+        if not (text.isascii() and text.isdigit()) or int(text) > 2**31 - 1:
+            raise ValueError(
+                f"target: prepare_threshold must be a count of runs (0 or more), got {text!r}"
+            )
+        threshold = int(text)
+        url = url.difference_update_query(["prepare_threshold"])
+    return url, {"prepare_threshold": threshold}
+
+
+def _check_search_path(engine: Engine) -> None:
+    """Refuse every new connection on which the URL's `search_path` did not take effect.
+
+    A pooler may drop the URL's `options` (PgBouncer with `ignore_startup_parameters =
+    options`): the connection then runs on the default search path and would read and
+    write another schema's tables, another tenant's sessions."""
+    wanted = _first_schema(engine.url)
+    if wanted is None:
+        return
+
+    def check(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT current_schema(), current_setting('search_path')")
+            schema, setting = cursor.fetchone()
+        finally:
+            cursor.close()
+        dbapi_connection.rollback()
+        if schema != wanted:
+            dbapi_connection.close()
+            raise SessionStoreError(
+                f"the URL's search_path names schema {wanted!r}, but the connection's "
+                f"current schema is {schema!r} (search_path {setting!r}): the schema does "
+                "not exist, or a pooler such as PgBouncer dropped the URL's options "
+                "(ignore_startup_parameters); refusing it, so that no other schema's "
+                "sessions are read or written (docs/postgresql.md: PgBouncer)"
+            )
+
+    event.listen(engine, "connect", check)
+
+
+def _first_schema(url: URL) -> str | None:
+    """The first schema of the search path set by the URL's `options` (`-csearch_path=…`,
+    `-c search_path=…` or `--search_path=…`), as PostgreSQL names it; None if the URL
+    sets none (or starts it with `$user`)."""
+    given = url.query.get("options")
+    if given is None:
+        return None
+    text = given if isinstance(given, str) else " ".join(given)
+    tokens = shlex.split(text)
+    value = None
+    for index, token in enumerate(tokens):
+        if token == "-c" and index + 1 < len(tokens):
+            setting = tokens[index + 1]
+        elif token.startswith("-c") or token.startswith("--"):
+            setting = token[2:]
+        else:
+            continue
+        name, _, found = setting.partition("=")
+        if name.strip().lower().replace("-", "_") == "search_path":
+            value = found
+    if value is None:
+        return None
+    first = value.split(",")[0].strip()
+    if first.startswith('"') and first.endswith('"') and len(first) > 1:
+        return first[1:-1].replace('""', '"')
+    if not first or first == "$user":
+        return None
+    return first.lower()
 
 
 def _set_up(

@@ -35,7 +35,21 @@ class MigrationError(SessionStoreError):
 
 
 class DatabaseBusyError(SessionStoreError):
-    """The write lock could not be taken within the busy timeout."""
+    """The write lock (on PostgreSQL, a row lock) could not be taken within the busy
+    timeout."""
+
+
+class DamagedRowError(SessionStoreError):
+    """A stored row holds a value this code cannot read: written by plain SQL or another
+    program, or damaged. Names the table, the row's id and the column; nothing was
+    changed. Listing, export and `summary` go on past such rows and report them."""
+
+    def __init__(self, table: str, row_id: object, column: str, reason: str) -> None:
+        self.table = table
+        self.row_id = row_id
+        self.column = column
+        self.reason = reason
+        super().__init__(f"{table} row {row_id}, column {column}: {reason}")
 
 
 def _driver_errors() -> tuple[type[Exception], ...]:

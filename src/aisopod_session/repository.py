@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import inspect
+import logging
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -17,8 +18,16 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from aisopod_session.asyncbridge import run_bound, write_gate
+from aisopod_session.clock import StoreClock
+from aisopod_session.connections import driver_transaction
 from aisopod_session.enums import Role, SessionStatus
-from aisopod_session.errors import AccessDeniedError, SessionNotFoundError
+from aisopod_session.errors import (
+    AccessDeniedError,
+    DamagedRowError,
+    SessionNotFoundError,
+    SessionStoreError,
+)
 from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
 from aisopod_session.models import (
     JSONText,
@@ -28,6 +37,7 @@ from aisopod_session.models import (
     SessionFilter,
     check_content,
     check_json,
+    check_text_size,
     dump_json,
     utc_text,
 )
@@ -51,6 +61,7 @@ from aisopod_session.statements import (
     SELECT_SESSION_BY_ID,
     SELECT_SESSION_ID,
     SESSION,
+    SESSION_COUNTERS,
     UPDATE_META,
     UPDATE_STATUS,
     history,
@@ -63,17 +74,17 @@ from aisopod_session.statements import (
     summary,
     warm,
 )
-from aisopod_session.transactions import (
-    driver_transaction,
-    prepare_engine,
-    run_bound,
-    write_gate,
-)
+from aisopod_session.transactions import prepare_engine
 
 _T = TypeVar("_T")
 
-# Rows per INSERT when appending a batch: SQLite allows 32 766 parameters per statement.
-_INSERT_CHUNK = 500
+logger = logging.getLogger("aisopod_session")
+
+_MAX_BIGINT = 2**63 - 1
+# PostgreSQL's message_count is an INTEGER (32 bits), SQLite's any 64-bit integer.
+_MAX_MESSAGE_COUNT = {"postgresql": 2**31 - 1}
+
+_GET_OR_CREATE_TRIES = 100
 
 PRUNE_BATCH_SESSIONS = 500
 """At most this many sessions are deleted per `prune` transaction..."""
@@ -130,11 +141,14 @@ class Totals:
 @dataclass(frozen=True)
 class StoreSummary:
     """What `summary` counted: totals over the repository's sessions, per status and per
-    agent (both in name order)."""
+    agent (both in name order). `damaged` counts the sessions whose stored status is not
+    a `SessionStatus` or whose counters are not integers (written by plain SQL or other
+    programs); they are in `total` and `by_agent` but in no `by_status` entry."""
 
     total: Totals
     by_status: dict[SessionStatus, Totals]
     by_agent: dict[str, Totals]
+    damaged: Totals = Totals()
 
 
 class SessionRepository:
@@ -159,6 +173,8 @@ class SessionRepository:
         prepare_engine(engine)
         self.engine = engine
         self._dialect = engine.dialect
+        self._clock = StoreClock(engine)
+        self._max_count = _MAX_MESSAGE_COUNT.get(engine.dialect.name, _MAX_BIGINT)
         # SQLite's BEGIN IMMEDIATE holds the database's write lock before the first
         # statement; PostgreSQL locks rows as statements reach them, so a write that
         # stamps a time locks its session's row first (one more round trip there).
@@ -215,17 +231,28 @@ class SessionRepository:
         conflict do nothing, then read, under the write lock). An existing session is read
         with one statement, without taking the write lock.
         """
-        parts = self._key(key).parts()
+        key = self._key(key)
+        parts = key.parts()
         with driver_transaction(self.engine, "get_or_create", None) as conn:
             row = conn.execute(SELECT_SESSION.on(self._dialect).text, parts).fetchone()
         if row is not None:
             return SESSION.read(row)
-        with driver_transaction(self.engine, "get_or_create", "IMMEDIATE") as conn:
-            now = _now_text()  # under the lock, so time order follows commit order
-            row = conn.execute(INSERT_SESSION.on(self._dialect).text, (*parts, now, now)).fetchone()
-            if row is None:  # created by another writer since the read
-                row = conn.execute(SELECT_SESSION.on(self._dialect).text, parts).fetchone()
-        return SESSION.read(row)
+        for _ in range(_GET_OR_CREATE_TRIES):
+            with driver_transaction(self.engine, "get_or_create", "IMMEDIATE") as conn:
+                _, now = self._clock.stamp(conn)
+                row = conn.execute(
+                    INSERT_SESSION.on(self._dialect).text, (*parts, now, now)
+                ).fetchone()
+                if row is None:  # created by another writer since the read
+                    row = conn.execute(SELECT_SESSION.on(self._dialect).text, parts).fetchone()
+            # On PostgreSQL the conflicting row may have been deleted between the insert
+            # and the read (SQLite's write lock rules that out): insert again.
+            if row is not None:
+                return SESSION.read(row)
+        raise SessionStoreError(
+            f"get_or_create: the session for key {key} was deleted by another writer each "
+            f"of {_GET_OR_CREATE_TRIES} times it was created"
+        )
 
     def get(self, key: SessionKey | str) -> Session | None:
         """The session for `key`, or None. Read-only, one statement."""
@@ -254,7 +281,10 @@ class SessionRepository:
     ) -> list[Session]:
         """Sessions matching `filter` (and the repository's agent, if confined), most
         recently updated first (ties: higher id first), `limit` of them from `offset`.
-        Read-only, one statement."""
+        Read-only, one statement. A row that cannot be read (a value written by plain SQL
+        or another program that this code does not understand) is left out of the list
+        and logged as a warning (logger `aisopod_session`) naming its table, id and
+        column; `get` and `get_by_id` raise `DamagedRowError` for it."""
         fields, params = self._filter_params(filter)
         _check_int("limit", limit, minimum=0)
         _check_int("offset", offset, minimum=0)
@@ -263,7 +293,7 @@ class SessionRepository:
         sql = list_sessions(fields, count=False).on(self._dialect)
         with driver_transaction(self.engine, "list_sessions", None) as conn:
             rows = conn.execute(sql.text, sql.bind(params)).fetchall()
-        return [SESSION.read(row) for row in rows]
+        return list(readable(SESSION.read, rows))
 
     def count_sessions(
         self,
@@ -290,16 +320,21 @@ class SessionRepository:
         if not isinstance(changes, Mapping):
             raise ValueError(f"changes: must be a mapping, not {type(changes).__name__}")
         changes = dict(check_json("changes", dict(changes)))
+        if replace:
+            check_text_size("changes", dump_json(changes))
         parts = key.parts()
         with driver_transaction(self.engine, "update_metadata", "IMMEDIATE") as conn:
             found = conn.execute(SELECT_META.on(self._dialect).text, parts).fetchone()
             if found is None:
                 raise _not_found(key)
-            current = _read_json_object(found[0])
-            meta = dump_json(changes if replace else {**current, **changes})
-            row = conn.execute(
-                UPDATE_META.on(self._dialect).text, (_now_text(), meta, *parts)
-            ).fetchone()
+            session_id, stored, server_now = found
+            if replace:
+                meta = dump_json(changes)
+            else:
+                meta = dump_json({**_read_json_object(stored, session_id), **changes})
+                check_text_size("changes", meta)
+            _, now = self._clock.stamp(conn, server_now)
+            row = conn.execute(UPDATE_META.on(self._dialect).text, (now, meta, *parts)).fetchone()
         return SESSION.read(row)
 
     def set_status(self, key: SessionKey | str, status: SessionStatus | str) -> Session:
@@ -312,11 +347,9 @@ class SessionRepository:
             raise ValueError(f"status: {exc}") from None
         params = (new_status.value, *key.parts())
         with driver_transaction(self.engine, "set_status", "IMMEDIATE") as conn:
-            if self._lock_rows:
-                self._lock_session(conn, key)
-            row = conn.execute(
-                UPDATE_STATUS.on(self._dialect).text, (_now_text(), *params)
-            ).fetchone()
+            server_now = self._lock_session(conn, key)[1] if self._lock_rows else None
+            _, now = self._clock.stamp(conn, server_now)
+            row = conn.execute(UPDATE_STATUS.on(self._dialect).text, (now, *params)).fetchone()
             if row is None:
                 raise _not_found(key)
         return SESSION.read(row)
@@ -337,19 +370,23 @@ class SessionRepository:
         sql = summary(scoped=self._agent is not None).on(self._dialect)
         with driver_transaction(self.engine, "summary", None) as conn:
             rows = conn.execute(sql.text, sql.bind({"agent_scope": self._agent})).fetchall()
-        total = Totals()
+        total = damaged = Totals()
         by_status: dict[SessionStatus, Totals] = {}
         by_agent: dict[str, Totals] = {}
-        for agent, status, sessions, messages, tokens in rows:
-            totals = Totals(int(sessions), int(messages), int(tokens))
-            state = parse_enum(SessionStatus, status)
+        for agent, status, integral, sessions, messages, tokens in rows:
+            totals = Totals(int(sessions), _lenient_int(messages), _lenient_int(tokens))
             total = total + totals
-            by_status[state] = by_status.get(state, Totals()) + totals
             by_agent[agent] = by_agent.get(agent, Totals()) + totals
+            state = _known_status(status)
+            if state is None or not integral:
+                damaged = damaged + totals
+            else:
+                by_status[state] = by_status.get(state, Totals()) + totals
         return StoreSummary(
             total=total,
             by_status=dict(sorted(by_status.items())),
             by_agent=by_agent,
+            damaged=damaged,
         )
 
     # --- messages ---------------------------------------------------------------------
@@ -376,9 +413,12 @@ class SessionRepository:
                 message.role,
                 message.content,
                 message.tool_calls,
-                None if message.tool_calls is None else dump_json(message.tool_calls),
+                _stored_calls(
+                    f"messages[{index}].tool_calls" if len(new) > 1 else "tool_calls",
+                    message.tool_calls,
+                ),
             )
-            for message in new
+            for index, message in enumerate(new)
         ]
         return self._append(key, rows, tokens)
 
@@ -396,7 +436,7 @@ class SessionRepository:
         message = NewMessage(role, content, tool_calls)
         _check_int("tokens", tokens, minimum=0)
         calls = message.tool_calls
-        stored_calls = None if calls is None else dump_json(calls)
+        stored_calls = _stored_calls("tool_calls", calls)
         return self._append(key, [(message.role, message.content, calls, stored_calls)], tokens)[0]
 
     def _append(
@@ -410,21 +450,20 @@ class SessionRepository:
                 self._refuse_nul(
                     f"messages[{index}].content" if len(rows) > 1 else "content", content
                 )
-        counters = (len(rows), tokens, *key.parts())
+        added = len(rows)
+        counters = (added, tokens, *key.parts(), self._max_count - added, _MAX_BIGINT - tokens)
         with driver_transaction(self.engine, "append_messages", "IMMEDIATE") as conn:
-            if self._lock_rows:
-                self._lock_session(conn, key)
-            now = datetime.now(UTC)  # under the lock, so created_at follows id order
-            now_text = utc_text(now)
+            server_now = self._lock_session(conn, key)[1] if self._lock_rows else None
+            # Under the lock, so created_at follows id order (see clock.py).
+            now, now_text = self._clock.stamp(conn, server_now)
             found = conn.execute(
                 COUNT_APPEND.on(self._dialect).text, (now_text, *counters)
             ).fetchone()
             if found is None:
-                raise _not_found(key)
+                raise self._refused_append(conn, key, added, tokens)
             session_id = found[0]
             ids: list[int] = []
-            for start in range(0, len(rows), _INSERT_CHUNK):
-                chunk = rows[start : start + _INSERT_CHUNK]
+            for chunk in _chunks(rows):
                 values: list[Any] = []
                 for role, content, _, stored_calls in chunk:
                     values += (session_id, role.value, content, stored_calls, now_text)
@@ -529,10 +568,7 @@ class SessionRepository:
             if self._no_nul:
                 self._refuse_nul("summary", summary)
         with driver_transaction(self.engine, "compact", "IMMEDIATE") as conn:
-            found = conn.execute(LOCK_SESSION.on(self._dialect).text, key.parts()).fetchone()
-            if found is None:
-                raise _not_found(key)
-            session_id = found[0]
+            session_id, server_now = self._lock_session(conn, key)
             newest_removed = conn.execute(
                 NEWEST_REMOVED.on(self._dialect).text, (session_id, keep_last)
             ).fetchone()
@@ -551,7 +587,7 @@ class SessionRepository:
                 values = (last, session_id, Role.SYSTEM.value, summary, None, last_created)
                 conn.execute(INSERT_MESSAGE_WITH_ID.on(self._dialect).text, values)
                 summary_message = HISTORY_MESSAGE.read((session_id, *values))
-            now = _now_text()
+            _, now = self._clock.stamp(conn, server_now)
             row = conn.execute(
                 RECORD_COMPACTION.on(self._dialect).text, (now, now, summary, session_id)
             ).fetchone()
@@ -567,13 +603,10 @@ class SessionRepository:
         metadata. `SessionNotFoundError` if there is no session."""
         key = self._key(key)
         with driver_transaction(self.engine, "reset", "IMMEDIATE") as conn:
-            found = conn.execute(LOCK_SESSION.on(self._dialect).text, key.parts()).fetchone()
-            if found is None:
-                raise _not_found(key)
-            conn.execute(DELETE_SESSION_MESSAGES.on(self._dialect).text, (found[0],))
-            row = conn.execute(
-                RESET_SESSION.on(self._dialect).text, (_now_text(), found[0])
-            ).fetchone()
+            session_id, server_now = self._lock_session(conn, key)
+            conn.execute(DELETE_SESSION_MESSAGES.on(self._dialect).text, (session_id,))
+            _, now = self._clock.stamp(conn, server_now)
+            row = conn.execute(RESET_SESSION.on(self._dialect).text, (now, session_id)).fetchone()
         return SESSION.read(row)
 
     def mark_idle(self, *, idle_for: timedelta) -> int:
@@ -584,14 +617,25 @@ class SessionRepository:
         `timedelta`."""
         if not isinstance(idle_for, timedelta) or idle_for <= timedelta(0):
             raise ValueError(f"idle_for: must be a positive timedelta, got {idle_for!r}")
+        _check_age("idle_for", idle_for)
         sql = mark_idle(scoped=self._agent is not None).on(self._dialect)
         with driver_transaction(self.engine, "mark_idle", "IMMEDIATE") as conn:
+            now, _ = self._clock.stamp(conn)
             values = {
-                "before": utc_text(datetime.now(UTC) - idle_for),
+                "before": utc_text(_ago("idle_for", now, idle_for)),
                 "status": SessionStatus.ACTIVE.value,
                 "agent_scope": self._agent,
             }
             return int(conn.execute(sql.text, sql.bind(values)).rowcount)
+
+    def now(self) -> datetime:
+        """The store's time now, the clock every timestamp it writes comes from (see
+        `open_database(clock=...)`): on PostgreSQL the server's, on SQLite this host's
+        but never earlier than the newest timestamp stored. Compute cutoffs such as
+        `prune(updated_before=repo.now() - age)` from it, so a host with a skewed clock
+        prunes what the store's clock says is old. Read-only, one statement."""
+        with driver_transaction(self.engine, "now", None) as conn:
+            return self._clock.stamp(conn)[0]
 
     def prune(
         self,
@@ -691,13 +735,33 @@ class SessionRepository:
                 "cannot store (SQLite can)"
             )
 
-    def _lock_session(self, conn: Any, key: SessionKey) -> int:
-        """Lock the session's row until the transaction ends; its id, or
-        `SessionNotFoundError`."""
+    def _lock_session(self, conn: Any, key: SessionKey) -> tuple[int, str | None]:
+        """Lock the session's row until the transaction ends (PostgreSQL; SQLite's write
+        lock is the database's); its id and, on PostgreSQL, the server's time after the
+        lock. `SessionNotFoundError` if there is no session."""
         found = conn.execute(LOCK_SESSION.on(self._dialect).text, key.parts()).fetchone()
         if found is None:
             raise _not_found(key)
-        return int(found[0])
+        return int(found[0]), found[1]
+
+    def _refused_append(
+        self, conn: Any, key: SessionKey, added: int, tokens: int
+    ) -> SessionStoreError | ValueError:
+        """Why `COUNT_APPEND` matched no row: no session, or counters without room."""
+        found = conn.execute(SESSION_COUNTERS.on(self._dialect).text, key.parts()).fetchone()
+        if found is None:
+            return _not_found(key)
+        messages, used = found
+        if used > _MAX_BIGINT - tokens:
+            return ValueError(
+                f"tokens: adding {tokens} to the session's token_usage ({used}) would pass "
+                f"{_MAX_BIGINT}, the largest count the store keeps; nothing was written"
+            )
+        return ValueError(
+            f"messages: adding {added} to the session's message_count ({messages}) would "
+            f"pass {self._max_count}, the largest count this database keeps; nothing was "
+            "written"
+        )
 
     def _filter_params(
         self, filter: SessionFilter | Mapping[str, Any] | None
@@ -730,8 +794,76 @@ def filter_params(
     return tuple(params), params
 
 
-def _now_text() -> str:
-    return utc_text(datetime.now(UTC))
+def readable(read: Callable[[Any], _T], rows: Iterable[Any]) -> Iterator[_T]:
+    """`read(row)` for each row, leaving out (and logging) rows that cannot be read."""
+    for row in rows:
+        try:
+            yield read(row)
+        except DamagedRowError as exc:
+            logger.warning("skipped a damaged row: %s", exc)
+
+
+def _lenient_int(value: Any) -> int:
+    """A summed counter as an int (sums over damaged rows may be floats or text)."""
+    if type(value) is int:
+        return value
+    try:
+        return int(float(value or 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _known_status(stored: Any) -> SessionStatus | None:
+    try:
+        return parse_enum(SessionStatus, stored)
+    except ValueError:
+        return None
+
+
+def _stored_calls(field: str, calls: list[Any] | None) -> str | None:
+    if calls is None:
+        return None
+    return check_text_size(field, dump_json(calls))
+
+
+# Rows per INSERT when appending a batch: SQLite allows 32 766 parameters per statement,
+# and a statement's values are kept under _CHUNK_BYTES (PostgreSQL refuses messages of
+# 1 GiB or more).
+_INSERT_CHUNK = 500
+_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def _chunks(
+    rows: list[tuple[Role, str, Any, str | None]],
+) -> Iterator[list[tuple[Role, str, Any, str | None]]]:
+    chunk: list[tuple[Role, str, Any, str | None]] = []
+    size = 0
+    for row in rows:
+        # Characters, not bytes: a bound that costs nothing to keep.
+        weight = len(row[1]) + len(row[3] or "")
+        if chunk and (len(chunk) == _INSERT_CHUNK or size + weight > _CHUNK_BYTES // 4):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(row)
+        size += weight
+    if chunk:
+        yield chunk
+
+
+_EPOCH = datetime(1, 1, 2, tzinfo=UTC)
+
+
+def _check_age(field: str, age: timedelta) -> None:
+    """Refuse an age reaching back before the year 1, which no datetime can hold."""
+    if age >= datetime.now(UTC) - _EPOCH:
+        raise ValueError(f"{field}: {age!r} reaches back before the year 1")
+
+
+def _ago(field: str, now: datetime, age: timedelta) -> datetime:
+    try:
+        return now - age
+    except OverflowError:
+        raise ValueError(f"{field}: {age!r} reaches back before the year 1") from None
 
 
 def _as_key(key: Any) -> SessionKey:
@@ -746,9 +878,17 @@ def _not_found(key: SessionKey) -> SessionNotFoundError:
     return SessionNotFoundError(f"no session for key {key}")
 
 
-def _read_json_object(stored: str) -> dict[str, Any]:
+def _read_json_object(stored: str, session_id: int) -> dict[str, Any]:
     # Plain SQL may have stored JSON that is not an object; merging starts afresh then.
-    value = JSONText().read(stored)
+    try:
+        value = JSONText().read(stored)
+    except ValueError as exc:
+        raise DamagedRowError(
+            "sessions",
+            session_id,
+            "metadata",
+            f"not JSON ({exc}); replace it with update_metadata(..., replace=True)",
+        ) from exc
     return value if isinstance(value, dict) else {}
 
 
@@ -968,6 +1108,10 @@ class AsyncSessionRepository:
     async def mark_idle(self, *, idle_for: timedelta) -> int:
         """`SessionRepository.mark_idle`, awaited."""
         return await self._write(partial(self._sync.mark_idle, idle_for=idle_for))
+
+    async def now(self) -> datetime:
+        """`SessionRepository.now`, awaited."""
+        return await self._run(self._sync.now)
 
     async def prune(
         self,

@@ -19,11 +19,13 @@ import functools
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    Select,
     and_,
     bindparam,
     delete,
@@ -43,7 +45,9 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlmodel import SQLModel, col
 
+from aisopod_session.clock import SERVER_NOW
 from aisopod_session.enums import SessionStatus
+from aisopod_session.errors import DamagedRowError
 from aisopod_session.models import Message, Session, StoredText
 
 Model = TypeVar("Model", bound=SQLModel)
@@ -166,6 +170,8 @@ class Loader(Generic[Model]):
             "set_slot": _set_slot,
             "model": self.model,
             "names": self.names,
+            "damaged": partial(self._damaged, skip),
+            "bad_int": _bad_int,
         }
         items = []
         for index, (name, column) in enumerate(zip(self.names, self.columns, strict=True)):
@@ -176,12 +182,20 @@ class Loader(Generic[Model]):
                     value = f"(None if (v{index} := {value}) is None else read_{index}(v{index}))"
                 else:
                     value = f"read_{index}({value})"
+            elif stored and name in _COUNTERS:
+                # Counters are summed in SQL: one SQLite may have turned into a float.
+                value = f"(v{index} if type(v{index} := {value}) is int else bad_int(v{index}))"
             items.append(f"{name!r}: {value}")
         items.append(f"{_BUILT!r}: True")
         source = (
             "def read_row(row):\n"
             "    obj = new(model)\n"
-            f"    set_slot(obj, '__dict__', {{{', '.join(items)}}})\n"
+            "    try:\n"
+            f"        values = {{{', '.join(items)}}}\n"
+            "    except Exception:\n"
+            "        damaged(row)\n"
+            "        raise\n"
+            "    set_slot(obj, '__dict__', values)\n"
             "    set_slot(obj, '__pydantic_fields_set__', set(names))\n"
             "    set_slot(obj, '__pydantic_extra__', None)\n"
             "    set_slot(obj, '__pydantic_private__', None)\n"
@@ -190,6 +204,38 @@ class Loader(Generic[Model]):
         exec(compile(source, f"<row reader of {self.model.__name__}>", "exec"), env)
         reader: Callable[[Sequence[Any]], Model] = env["read_row"]
         return reader
+
+    def _damaged(self, skip: int, row: Sequence[Any]) -> None:
+        """Raise `DamagedRowError` naming the first column of `row` that cannot be read
+        (the fast reader failed; this finds where)."""
+        table = str(self.model.__tablename__)
+        row_id = row[skip]
+        for index, column in enumerate(self.columns):
+            value = row[index + skip]
+            if value is None and column.nullable:
+                continue
+            try:
+                if isinstance(column.type, StoredText):
+                    column.type.read(value)
+                elif column.name in _COUNTERS:
+                    _bad_int(value) if type(value) is not int else None
+            except Exception as exc:
+                raise DamagedRowError(table, row_id, column.name, _reason(value, exc)) from exc
+
+
+_COUNTERS = frozenset({"message_count", "token_usage", "compaction_count"})
+
+
+def _bad_int(value: Any) -> int:
+    raise ValueError(f"not an integer but {type(value).__name__}")
+
+
+def _reason(value: Any, error: Exception) -> str:
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    message = str(error) or type(error).__name__
+    return f"cannot read {shown}: {message}"
 
 
 _BUILT = "_aisopod_built"
@@ -256,9 +302,31 @@ SELECT_SESSION_ID = query(select(col(Session.id)).where(_BY_KEY), KEY)
 # FOR UPDATE locks the session's row on PostgreSQL for the rest of the transaction (a
 # read-modify-write must not lose a concurrent change); SQLite's write transaction holds
 # the database lock already, and its compiler leaves the clause out.
-SELECT_META = query(select(col(Session.meta)).where(_BY_KEY).with_for_update(), KEY)
-LOCK_SESSION = query(select(col(Session.id)).where(_BY_KEY).with_for_update(), KEY)
-"""The session's id, its row locked until the transaction ends (compact, reset)."""
+
+
+def _locked_with_now(dialect: str, *columns: Any) -> Select[Any]:
+    """`columns` of the session with the key, its row locked until the transaction ends,
+    and the server's time read after the lock was taken (PostgreSQL: the lock is taken
+    in a CTE, whose row the outer SELECT reads before computing its own columns; a
+    clock in the locking SELECT itself would be read before the wait for the lock). On
+    SQLite, whose write lock is the database's, the time is NULL (`clock.StoreClock`
+    uses the host's)."""
+    if dialect != "postgresql":
+        return select(*columns, literal_column("NULL")).where(_BY_KEY)
+    locked = select(*columns).where(_BY_KEY).with_for_update().cte("locked")
+    return select(*locked.c, literal_column(SERVER_NOW)).select_from(locked)
+
+
+SELECT_META = Query(
+    lambda dialect: _locked_with_now(dialect, col(Session.id), col(Session.meta)), KEY
+)
+"""The session's id, metadata and (PostgreSQL) the server's time, its row locked."""
+LOCK_SESSION = Query(lambda dialect: _locked_with_now(dialect, col(Session.id)), KEY)
+"""The session's id and (PostgreSQL) the server's time, its row locked until the
+transaction ends."""
+SESSION_COUNTERS = query(
+    select(col(Session.message_count), col(Session.token_usage)).where(_BY_KEY), KEY
+)
 INSERT_SESSION = Query(
     lambda dialect: (
         _insert_for(dialect)(Session)
@@ -324,18 +392,33 @@ def list_sessions(fields: tuple[str, ...], *, count: bool) -> Query:
 
 @functools.cache
 def summary(*, scoped: bool) -> Query:
-    """Per agent and status: how many sessions, and the sum of their message and token
-    counters (every session, or with `scoped` those of `:agent_scope`)."""
-    statement = select(
-        col(Session.agent_id),
-        col(Session.status),
-        func.count(),
-        func.sum(col(Session.message_count)),
-        func.sum(col(Session.token_usage)),
-    ).group_by(col(Session.agent_id), col(Session.status))
-    if scoped:
-        statement = statement.where(col(Session.agent_id) == bindparam("agent_scope"))
-    return query(statement.order_by(col(Session.agent_id), col(Session.status)))
+    """Per agent, status and whether both counters are stored as integers: how many
+    sessions, and the sum of their message and token counters (every session, or with
+    `scoped` those of `:agent_scope`)."""
+
+    def build(dialect: str) -> ClauseElement:
+        # SQLite keeps whatever plain SQL stored; PostgreSQL's columns are integers.
+        integral: ColumnElement[Any] = literal_column(
+            "(typeof(message_count) = 'integer' AND typeof(token_usage) = 'integer')"
+            if dialect == "sqlite"
+            else "TRUE"
+        )
+        groups: list[Any] = [col(Session.agent_id), col(Session.status)]
+        if dialect == "sqlite":
+            groups.append(integral)
+        statement = select(
+            col(Session.agent_id),
+            col(Session.status),
+            integral,
+            func.count(),
+            func.sum(col(Session.message_count)),
+            func.sum(col(Session.token_usage)),
+        ).group_by(*groups)
+        if scoped:
+            statement = statement.where(col(Session.agent_id) == bindparam("agent_scope"))
+        return statement.order_by(col(Session.agent_id), col(Session.status))
+
+    return Query(build)
 
 
 @functools.cache
@@ -344,11 +427,30 @@ def export_sessions(fields: tuple[str, ...]) -> Query:
     return query(select(*SESSION.columns).where(*filter_clauses(fields)).order_by(col(Session.id)))
 
 
+@functools.cache
+def export_messages(fields: tuple[str, ...]) -> Query:
+    """Every message of the sessions matching a filter with `fields` set, in id order,
+    each followed by its session's key parts (for an export)."""
+    return query(
+        select(*MESSAGE.columns, *(getattr(Session, name) for name in KEY_COLUMNS))
+        .select_from(Message)
+        .join(Session, col(Message.session_id) == col(Session.id))
+        .where(*filter_clauses(fields))
+        .order_by(col(Message.id))
+    )
+
+
 # --- messages ---------------------------------------------------------------------------
 
 COUNT_APPEND = query(
     update(Session)
-    .where(_BY_KEY)
+    .where(
+        _BY_KEY,
+        # The counters' room is checked here, before adding: a sum past the column's
+        # range would become a float on SQLite and fail on PostgreSQL.
+        col(Session.message_count) <= bindparam("count_room", type_=BigInteger),
+        col(Session.token_usage) <= bindparam("token_room", type_=BigInteger),
+    )
     .values(
         message_count=col(Session.message_count) + bindparam("added", type_=BigInteger),
         token_usage=col(Session.token_usage) + bindparam("tokens", type_=BigInteger),
@@ -356,8 +458,10 @@ COUNT_APPEND = query(
         status=literal_column(f"'{SessionStatus.ACTIVE.value}'"),
     )
     .returning(col(Session.id)),
-    ("now", "added", "tokens", *KEY),
+    ("now", "added", "tokens", *KEY, "count_room", "token_room"),
 )
+"""Add to a session's counters, if they have room, and make it active; its id, or no
+row when there is no such session or no room."""
 
 MESSAGE_VALUES = ("session_id", "role", "content", "tool_calls", "created_at")
 """The columns an append writes, in the order of the parameters of `insert_messages`."""

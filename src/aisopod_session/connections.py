@@ -1,0 +1,553 @@
+"""Which connection each repository call runs on, how its transaction begins and ends,
+and why no SQLite connection of ours ever crosses a `fork`.
+
+The repository's calls do not go through SQLAlchemy's execution layer: they run
+precompiled SQL on the driver connection (`driver_transaction`), which costs a fraction
+as much per call.
+
+- **SQLite.** Each thread keeps one connection per engine between calls (a *lease*),
+  because checking one out of the pool and back costs as much as a whole indexed read.
+  A lease is taken from the pool once and detached from it, so any number of threads
+  may hold one. Writes begin `BEGIN IMMEDIATE`, reads run as single statements (or a
+  deferred `BEGIN` for a snapshot over several).
+- **PostgreSQL.** A pooled connection per call, switched to autocommit for the call: a
+  single statement is one round trip; a write sends `BEGIN; SET LOCAL lock_timeout = …`
+  in one round trip (so a row lock is waited for at most `busy_timeout`, also behind
+  PgBouncer's transaction pooling, where a session-level `SET` would not stick), then
+  its statements, then `COMMIT`. A connection whose transaction cannot be ended (the
+  server went away) is invalidated, never returned to the pool.
+- **asyncio** (`run_bound`): the call's connection is checked out for it and bound in a
+  context variable that `driver_transaction` uses.
+
+**Dispose.** `engine.dispose()` closes the leases that are not in a call; a lease in a
+call is closed by its thread when the call ends (closing a sqlite3 connection another
+thread is using crashes the process). An engine that is garbage-collected closes its
+leases too.
+
+**Fork.** SQLite keeps per-process bookkeeping of the locks it holds on a file, shared by
+every connection of the process to that file. A child forked while the parent has a
+connection open inherits that bookkeeping but not the POSIX locks behind it, so its own
+connections to the file believe they hold locks they do not; the parent's last close
+then checkpoints and deletes the WAL under the child's writes. So before a fork (an
+`os.register_at_fork` hook) calls in other threads are waited for, new calls wait, and
+every leased and pooled SQLite connection of every registered engine is closed; the
+parent reopens lazily afterwards. In the child every registered engine gets a new pool
+(`dispose(close=False)`: the parent's connections, SQLite or PostgreSQL, are neither used
+nor closed there).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from types import TracebackType
+from typing import Any, Literal
+
+from sqlalchemy import Engine, event
+from sqlalchemy.pool import PoolProxiedConnection, SingletonThreadPool, StaticPool
+
+from aisopod_session.errors import DRIVER_ERRORS, SessionStoreError, translate
+from aisopod_session.settings import busy_timeout_of
+
+logger = logging.getLogger("aisopod_session")
+
+Mode = Literal["IMMEDIATE", "DEFERRED"]
+
+_FORK_WAIT = 60.0
+"""Seconds a fork waits for calls in other threads to end before it goes ahead anyway."""
+
+
+# --- the gate every SQLite call passes, so a fork can wait for calls in flight ----------
+
+
+class _Gate:
+    """Calls in progress on leased connections, and the thread that is forking (if any).
+    One per process; the child of a fork makes a new one (its lock may have been held
+    by a thread that does not exist there)."""
+
+    __slots__ = ("active", "cond", "forking")
+
+    def __init__(self, active: int = 0) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.active = active
+        self.forking: int | None = None
+
+
+_gate = _Gate()
+
+
+class _Mine(threading.local):
+    active = 0  # this thread's calls in progress (a forking thread does not wait for them)
+
+
+_mine = _Mine()
+
+
+# --- leases -------------------------------------------------------------------------------
+
+
+class _Lease:
+    """A driver connection kept by one thread between calls. `busy` while a call runs on
+    it; `retired` when it must be closed as soon as that call ends. Closed when its
+    thread ends (the thread's reference to it goes)."""
+
+    __slots__ = ("__weakref__", "busy", "closed", "driver", "held", "pid", "retired")
+
+    def __init__(self, driver: sqlite3.Connection, held: weakref.WeakSet[_Lease]) -> None:
+        self.driver = driver
+        self.held = held
+        self.pid = os.getpid()
+        self.busy = False
+        self.retired = False
+        self.closed = False
+
+    def __del__(self) -> None:
+        _close(self)
+
+
+class _Leases:
+    """One engine's leases: the calling thread's (`local.lease`) and every open one
+    (`held`). Holds no reference to the engine, so the engine can be collected."""
+
+    __slots__ = ("__weakref__", "held", "local")
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self.held: weakref.WeakSet[_Lease] = weakref.WeakSet()
+
+    def retire(self) -> None:
+        """Close every lease not in a call; each one in a call closes when the call ends."""
+        with _gate.cond:
+            idle = _retire(list(self.held))
+        for held in idle:
+            _close(held)
+
+
+def _retire(leases: list[_Lease]) -> list[_Lease]:
+    """Mark `leases` retired (under the gate's lock) and return those not in a call."""
+    idle = []
+    for held in leases:
+        held.retired = True
+        if not held.busy:
+            held.held.discard(held)
+            idle.append(held)
+    return idle
+
+
+_INHERITED: list[Any] = []
+"""Connections inherited through fork: kept, never used or closed, in the child (closing
+one there could let SQLite delete the parent's WAL)."""
+
+
+def _close(lease: _Lease) -> None:
+    if lease.closed:
+        return
+    lease.closed = True
+    if lease.pid != os.getpid():
+        _INHERITED.append(lease.driver)
+        return
+    try:
+        lease.driver.close()
+    except sqlite3.Error:  # a connection of another thread (an engine made elsewhere)
+        _INHERITED.append(lease.driver)
+
+
+_LEASES: weakref.WeakKeyDictionary[Engine, _Leases] = weakref.WeakKeyDictionary()
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+_REGISTERING = threading.Lock()
+
+
+def register(engine: Engine) -> None:
+    """Make `engine` one of the store's engines: its leases are closed when it is
+    disposed of or collected, and it is made safe across `fork` (module docstring).
+    Idempotent."""
+    if engine in _ENGINES:
+        return
+    with _REGISTERING:
+        if engine in _ENGINES:
+            return
+        if engine.dialect.name == "sqlite":
+            leases = _Leases()
+            _LEASES[engine] = leases
+            event.listen(engine, "engine_disposed", _on_dispose)
+            weakref.finalize(engine, leases.retire)
+        _ENGINES.add(engine)
+
+
+def _on_dispose(engine: Engine) -> None:
+    leases = _LEASES.get(engine)
+    if leases is not None:
+        leases.retire()
+
+
+def _leases_of(engine: Engine) -> _Leases:
+    leases = _LEASES.get(engine)
+    if leases is None:
+        register(engine)
+        leases = _LEASES[engine]
+    return leases
+
+
+def _open_lease(engine: Engine, leases: _Leases) -> _Lease:
+    """A connection from the pool, set up like every pooled one (pragmas, implicit
+    transactions off), then detached from it."""
+    proxy = engine.raw_connection()
+    try:
+        driver = proxy.driver_connection  # gone from the proxy once detached
+        assert isinstance(driver, sqlite3.Connection)
+        proxy.detach()
+    except BaseException:
+        proxy.close()
+        raise
+    return _Lease(driver, leases.held)
+
+
+def _check_out(engine: Engine) -> _Lease:
+    """This thread's lease on `engine`, marked busy (waiting while a fork is under way)."""
+    leases = _leases_of(engine)
+    lease: _Lease | None = getattr(leases.local, "lease", None)
+    gate = _gate
+    with gate.cond:
+        if gate.forking is not None and gate.forking != threading.get_ident():
+            while gate.forking is not None:
+                gate.cond.wait()
+        gate.active += 1
+        usable = lease is not None and not lease.retired and lease.pid == os.getpid()
+        if usable:
+            lease.busy = True  # type: ignore[union-attr]
+    _mine.active += 1
+    if usable:
+        return lease  # type: ignore[return-value]
+    try:
+        lease = _open_lease(engine, leases)
+    except BaseException:
+        _check_in_failed()
+        raise
+    with gate.cond:
+        lease.busy = True
+        leases.held.add(lease)
+    leases.local.lease = lease
+    return lease
+
+
+def _check_in(lease: _Lease, *, discard: bool = False) -> None:
+    """End a call on `lease`; close it if it was retired meanwhile or cannot be reused."""
+    gate = _gate
+    with gate.cond:
+        lease.busy = False
+        close = lease.retired or discard
+        if close:
+            lease.retired = True
+            lease.held.discard(lease)
+        gate.active -= 1
+        if gate.forking is not None:
+            gate.cond.notify_all()
+    _mine.active -= 1
+    if close:
+        _close(lease)
+
+
+def _check_in_failed() -> None:
+    gate = _gate
+    with gate.cond:
+        gate.active -= 1
+        if gate.forking is not None:
+            gate.cond.notify_all()
+    _mine.active -= 1
+
+
+def lease(engine: Engine) -> sqlite3.Connection:
+    """This thread's driver connection to `engine`'s database (for tests and tools: the
+    repository's calls check it out themselves). No transaction is open on it."""
+    held = _check_out(engine)
+    _check_in(held)
+    return held.driver
+
+
+# --- fork ---------------------------------------------------------------------------------
+
+
+def _before_fork() -> None:
+    gate = _gate
+    with gate.cond:
+        gate.forking = threading.get_ident()
+        deadline = time.monotonic() + _FORK_WAIT
+        while gate.active > _mine.active:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                logger.warning(
+                    "fork: %d call(s) in other threads did not end within %.0f s; their "
+                    "SQLite connections cross the fork",
+                    gate.active - _mine.active,
+                    _FORK_WAIT,
+                )
+                break
+            gate.cond.wait(remaining)
+        idle: list[_Lease] = []
+        for leases in list(_LEASES.values()):
+            idle += _retire(list(leases.held))
+    for held in idle:
+        _close(held)
+    for engine in list(_ENGINES):
+        if _closes_before_fork(engine):
+            engine.dispose()  # its idle pooled connections; the pool is replaced
+
+
+def _closes_before_fork(engine: Engine) -> bool:
+    """Whether `engine` has SQLite file connections this process can close now: not an
+    asyncio engine (aiosqlite's connections close on their own threads, awaited), and not
+    a pool that is the database itself (`:memory:`)."""
+    return (
+        engine.dialect.name == "sqlite"
+        and not engine.dialect.is_async
+        and not isinstance(engine.pool, StaticPool | SingletonThreadPool)
+    )
+
+
+def _after_fork_in_parent() -> None:
+    gate = _gate
+    with gate.cond:
+        gate.forking = None
+        gate.cond.notify_all()
+
+
+def _after_fork_in_child() -> None:
+    global _gate
+    _gate = _Gate(active=_mine.active)
+    for engine in list(_ENGINES):
+        # A new pool; the parent's connections (SQLite's or PostgreSQL's sockets) are
+        # kept unused, so that nothing in this process closes them.
+        _INHERITED.append(engine.pool)
+        engine.dispose(close=False)
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
+
+
+# --- one call's transaction ---------------------------------------------------------------
+
+_BOUND: ContextVar[Any] = ContextVar("aisopod_bound_connection", default=None)
+"""The connection every `driver_transaction` uses while `run_bound` runs a call."""
+
+_BEGIN: dict[Mode, str] = {"IMMEDIATE": "BEGIN IMMEDIATE", "DEFERRED": "BEGIN"}
+_SERVER_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+_PG_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE
+
+
+def server_begin(engine: Engine, mode: Mode) -> str:
+    """What a PostgreSQL transaction of `mode` begins with (one round trip)."""
+    if mode == "DEFERRED":
+        return _SERVER_READ
+    # lock_timeout 0 would mean "wait forever": the shortest real wait is 1 ms.
+    milliseconds = max(1, round(busy_timeout_of(engine) * 1000))
+    return f"BEGIN; SET LOCAL lock_timeout = {milliseconds}"
+
+
+class driver_transaction:  # noqa: N801 - used like a function: `with driver_transaction(...)`
+    """Run the block in one transaction on a driver connection (see the module
+    docstring for which one).
+
+    `mode` is `"IMMEDIATE"` (every write: on SQLite the write lock first, on PostgreSQL
+    a `lock_timeout` of `busy_timeout`), `"DEFERRED"` (a read snapshot over several
+    statements) or None (a single statement, which runs as its own transaction). The
+    block's driver and SQL errors become `SessionStoreError`s naming `action`; any
+    exception rolls everything back.
+    """
+
+    __slots__ = ("_action", "_conn", "_engine", "_lease", "_mode", "_server", "_shared")
+
+    def __init__(self, engine: Engine, action: str, mode: Mode | None) -> None:
+        self._engine = engine
+        self._action = action
+        self._mode = mode
+        self._shared: PoolProxiedConnection | None = None
+        self._lease: _Lease | None = None
+        self._server = False
+        self._conn: Any = None  # the driver's connection: sqlite3's or psycopg's
+
+    def __enter__(self) -> Any:
+        try:
+            return self._begin()
+        except BaseException as exc:
+            self._end(exc, commit=False)
+            translated = translate(exc, self._action)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def _begin(self) -> Any:
+        engine, mode = self._engine, self._mode
+        bound = _BOUND.get()
+        if bound is not None:
+            # An asyncio call (`run_bound`): its connection was checked out for it.
+            self._conn = bound
+            if isinstance(bound, AwaitedConnection):
+                self._server = True
+                if mode is not None:
+                    bound.execute(server_begin(engine, mode))
+            elif mode is not None:
+                bound.execute(_BEGIN[mode])
+            return bound
+        if engine.dialect.is_async:
+            raise SessionStoreError(
+                "this engine is an asyncio one (from open_async_database): use "
+                "AsyncSessionRepository, not SessionRepository, with it"
+            )
+        if engine.dialect.name != "sqlite":
+            self._shared = engine.raw_connection()
+            conn: Any = self._shared.driver_connection
+            self._conn = conn
+            self._server = True
+            conn.autocommit = True  # no implicit BEGIN: a single read is one round trip
+            if mode is not None:
+                conn.execute(server_begin(engine, mode), prepare=False)
+            return conn
+        if isinstance(engine.pool, StaticPool | SingletonThreadPool):
+            # The pool's one connection is the database (`:memory:`): borrow it per call.
+            self._shared = engine.raw_connection()
+            conn = self._shared.driver_connection
+            assert isinstance(conn, sqlite3.Connection)
+        else:
+            self._lease = _check_out(engine)
+            conn = self._lease.driver
+        self._conn = conn
+        if mode is not None:
+            conn.execute(_BEGIN[mode])
+        return conn
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        error = self._end(error, commit=True)
+        if isinstance(error, DRIVER_ERRORS):
+            raise translate(error, self._action) from error
+
+    def _end(self, error: BaseException | None, *, commit: bool) -> BaseException | None:
+        """Commit (if asked and all went well) or roll back, release the connection, and
+        return the error that ends the call, if any."""
+        conn = self._conn
+        broken = False
+        try:
+            if conn is not None:
+                if error is None and commit and self._mode is not None:
+                    try:
+                        conn.execute("COMMIT")
+                    except DRIVER_ERRORS as exc:
+                        error = exc
+                if error is not None and _in_transaction(conn, self._server):
+                    try:
+                        conn.execute("ROLLBACK")
+                    except DRIVER_ERRORS:
+                        # Not reused: SQLite has rolled back already if it lost the
+                        # transaction (closing rolls back otherwise); a PostgreSQL
+                        # connection that cannot roll back has lost its server.
+                        broken = True
+        finally:
+            self._release(broken=broken)
+        return error
+
+    def _release(self, *, broken: bool) -> None:
+        held, self._lease = self._lease, None
+        if held is not None:
+            _check_in(held, discard=broken)
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return
+        if self._server:
+            conn = self._conn
+            if conn is not None and not (broken or conn.closed or conn.broken):
+                try:
+                    conn.autocommit = False  # as SQLAlchemy's own use of the pool expects
+                except DRIVER_ERRORS:
+                    broken = True
+            else:
+                broken = True
+            if broken:
+                shared.invalidate()  # closed and replaced, not reset: no traceback logged
+                return
+        shared.close()
+
+
+def _in_transaction(conn: Any, server: bool) -> bool:
+    if server:
+        return bool(conn.info.transaction_status != _PG_IDLE)
+    return bool(conn.in_transaction)
+
+
+# --- the asyncio repository's connections (see asyncbridge.py) ----------------------------
+
+
+def bound(conn: Any) -> Any:
+    """Make `conn` the connection of every `driver_transaction` in this context (until
+    `unbind(token)`)."""
+    return _BOUND.set(conn)
+
+
+def unbind(token: Any) -> None:
+    """Undo `bound`."""
+    _BOUND.reset(token)
+
+
+class AwaitedConnection:
+    """psycopg's asyncio connection behind the synchronous calls the repository makes
+    (`execute(...).fetchone()`, ...), each awaited through SQLAlchemy's greenlet bridge.
+    Rows are read when the statement runs (psycopg has them already)."""
+
+    __slots__ = ("_await", "_driver")
+
+    def __init__(self, driver: Any, awaiter: Callable[[Any], Any]) -> None:
+        self._driver = driver
+        self._await = awaiter
+
+    def execute(self, sql: str, params: Any = None) -> _Rows:
+        # Without parameters psycopg sends the simple protocol, which takes several
+        # statements (`BEGIN; SET LOCAL …`); such text is never prepared.
+        prepare = False if params is None else None
+        cursor = self._await(self._driver.execute(sql, params, prepare=prepare))
+        rows = self._await(cursor.fetchall()) if cursor.description is not None else []
+        return _Rows(rows, cursor.rowcount)
+
+    @property
+    def info(self) -> Any:
+        """psycopg's connection information (the transaction status, without a trip)."""
+        return self._driver.info
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._driver.closed)
+
+    @property
+    def broken(self) -> bool:
+        return bool(self._driver.broken)
+
+
+class _Rows:
+    """A statement's result as the repository reads it from a DBAPI cursor."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self._rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
