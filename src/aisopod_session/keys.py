@@ -7,11 +7,17 @@ import unicodedata
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from aisopod_session.enums import PeerKind
 
 MAX_KEY_PART_LENGTH = 255
+
+MAX_KEY_BYTES = 2560
+"""The most UTF-8 bytes the five parts of a key may take together. PostgreSQL refuses a
+row of its unique index on the key that takes more than 2 704 bytes (with the index's
+own overhead); this bound fits it on every backend, so a key is accepted or refused
+alike everywhere."""
 
 _ESCAPE = {"%": "%25", ":": "%3A"}
 _UNESCAPE = re.compile(r"%(25|3[Aa])")
@@ -122,6 +128,16 @@ class SessionKey(BaseModel):
     @classmethod
     def _peer_kind(cls, value: Any) -> PeerKind:
         return parse_enum(PeerKind, normalize_key_part(value, lower=True))
+
+    @model_validator(mode="after")
+    def _fits_every_index(self) -> SessionKey:
+        size = sum(len(part.encode("utf-8")) for part in self.parts())
+        if size > MAX_KEY_BYTES:
+            raise ValueError(
+                f"key: its five parts take {size} bytes of UTF-8 together; at most "
+                f"{MAX_KEY_BYTES} fit every database's index on the key"
+            )
+        return self
 
     def parts(self) -> tuple[str, str, str, str, str]:
         """The five parts in key order, `peer_kind` as its plain string value."""

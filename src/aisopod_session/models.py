@@ -22,6 +22,12 @@ from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
 MAX_JSON_DEPTH = 64
 """How deep metadata and tool calls may nest; deeper values are refused as input."""
 
+MAX_TEXT_BYTES = 256 * 1024 * 1024
+"""The most UTF-8 bytes one stored text value may take: a message's content, a compaction
+summary, the JSON text of tool calls or of metadata. Larger values are refused as input
+(`ValueError` naming the field). Well inside SQLite's own limit (10⁹ bytes per row) and
+PostgreSQL's (1 GiB per value and per message), with room for a message's other columns."""
+
 
 # --- column types -------------------------------------------------------------------
 
@@ -379,7 +385,29 @@ def check_content(value: Any) -> str:
         raise ValueError(f"must be a string, not {type(value).__name__}")
     if not value.isascii():
         _check_encodable("content", value, "content")
+    if len(value) > MAX_TEXT_BYTES // 4:
+        size = _utf8_size(value)
+        if size > MAX_TEXT_BYTES:
+            raise ValueError(_too_large(size))
     return value
+
+
+def check_text_size(field: str, text: str) -> str:
+    """`text` (already known to encode) if it fits `MAX_TEXT_BYTES`, else `ValueError`
+    naming `field`."""
+    if len(text) > MAX_TEXT_BYTES // 4:
+        size = _utf8_size(text)
+        if size > MAX_TEXT_BYTES:
+            raise ValueError(f"{field}: {_too_large(size)}")
+    return text
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _too_large(size: int) -> str:
+    return f"takes {size:,} bytes of UTF-8; the store keeps at most {MAX_TEXT_BYTES:,} per value"
 
 
 def check_tool_calls(value: Any) -> list[Any] | None:
