@@ -19,7 +19,8 @@ with the store.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
@@ -30,7 +31,7 @@ from sqlmodel import SQLModel
 
 from aisopod_session.copying import high_water, set_high_water
 from aisopod_session.enums import PeerKind, Role, SessionStatus
-from aisopod_session.errors import translated_errors
+from aisopod_session.errors import DamagedRowError, translated_errors
 from aisopod_session.keys import SessionKey
 from aisopod_session.migrations import SCHEMA_VERSION
 from aisopod_session.models import (
@@ -43,7 +44,14 @@ from aisopod_session.models import (
     utc_text,
 )
 from aisopod_session.repository import filter_params
-from aisopod_session.statements import KEY_COLUMNS, SESSION, export_sessions, filter_clauses
+from aisopod_session.statements import (
+    KEY_COLUMNS,
+    MESSAGE,
+    SESSION,
+    export_messages,
+    export_sessions,
+    filter_clauses,
+)
 from aisopod_session.transactions import BEGIN_MODE_OPTION, read_transaction, write_transaction
 
 FORMAT = 1
@@ -58,16 +66,22 @@ Progress = Callable[[int], object]
 
 _MAX_INTEGER = 2**63 - 1
 
+logger = logging.getLogger("aisopod_session")
+
 
 # --- export -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ExportResult:
-    """How many sessions and messages `export_jsonl` wrote."""
+    """How many sessions and messages `export_jsonl` wrote, and the stored rows it could
+    not read and left out (`damaged`, each naming table, row id and column; the messages
+    of a session left out are left out with it and counted in `skipped_messages`)."""
 
     sessions: int
     messages: int
+    damaged: list[DamagedRowError] = field(default_factory=list)
+    skipped_messages: int = 0
 
 
 def count_export(
@@ -100,11 +114,15 @@ def export_jsonl(
 
     One consistent snapshot (a read transaction; repeatable read on PostgreSQL), read
     with streaming cursors and written line by line, in constant memory; writers are not
-    blocked. `ValueError` for a bad filter, `SessionStoreError` if the database fails.
+    blocked. A stored row this code cannot read (written by plain SQL or another
+    program) does not stop the export: it is left out and reported in the result's
+    `damaged` (and logged). `ValueError` for a bad filter, `SessionStoreError` if the
+    database fails.
     """
     fields, params = filter_params(filter)
-    clauses = filter_clauses(fields)
-    sessions = messages = 0
+    sessions = messages = skipped = 0
+    damaged: list[DamagedRowError] = []
+    left_out: set[Any] = set()  # ids of the sessions that could not be read
     out.write(
         json.dumps(
             {
@@ -129,27 +147,41 @@ def export_jsonl(
             sql = export_sessions(fields).on(conn.dialect)
             rows = streaming.exec_driver_sql(sql.text, sql.bind(params))
             for row in rows:
-                line = {"type": "session", **session_json(SESSION.read(row))}
+                try:
+                    line = {"type": "session", **session_json(SESSION.read(row))}
+                except DamagedRowError as exc:
+                    _report(damaged, exc)
+                    left_out.add(row[0])
+                    continue
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
                 sessions += 1
                 if progress is not None and sessions % 1000 == 0:
                     progress(sessions)
-            key_columns = [SESSIONS.c[name] for name in KEY_COLUMNS]
-            rows = streaming.execute(
-                select(MESSAGES, *key_columns)
-                .select_from(MESSAGES.join(SESSIONS))
-                .where(*clauses)
-                .order_by(MESSAGES.c.id),
-                params,
-            )
+            sql = export_messages(fields).on(conn.dialect)
+            rows = streaming.exec_driver_sql(sql.text, sql.bind(params))
             for row in rows:
-                out.write(json.dumps(_message_line(row), ensure_ascii=False) + "\n")
+                if row[1] in left_out:
+                    skipped += 1
+                    continue
+                try:
+                    line = _message_line(row)
+                except DamagedRowError as exc:
+                    _report(damaged, exc)
+                    continue
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
                 messages += 1
                 if progress is not None and messages % 1000 == 0:
                     progress(sessions + messages)
     if progress is not None:
         progress(sessions + messages)
-    return ExportResult(sessions=sessions, messages=messages)
+    return ExportResult(
+        sessions=sessions, messages=messages, damaged=damaged, skipped_messages=skipped
+    )
+
+
+def _report(damaged: list[DamagedRowError], error: DamagedRowError) -> None:
+    logger.warning("export left out a damaged row: %s", error)
+    damaged.append(error)
 
 
 def session_json(session: Session) -> dict[str, Any]:
@@ -176,16 +208,24 @@ def session_json(session: Session) -> dict[str, Any]:
 
 
 def _message_line(row: Any) -> dict[str, Any]:
-    values = row._mapping
-    key = SessionKey(*(values[SESSIONS.c[name]] for name in KEY_COLUMNS))
+    """A message's export line from an `export_messages` row: the message's columns,
+    then its session's key parts."""
+    message = MESSAGE.read(row)
+    parts = row[len(MESSAGE.columns) :]
+    try:
+        key = SessionKey(*parts)
+    except ValueError as exc:
+        raise DamagedRowError(
+            "sessions", message.session_id, "key", f"not a valid key {tuple(parts)!r}: {exc}"
+        ) from None
     return {
         "type": "message",
-        "id": values[MESSAGES.c.id],
+        "id": message.id,
         "session": str(key),
-        "role": _plain(values[MESSAGES.c.role]),
-        "content": values[MESSAGES.c.content],
-        "tool_calls": values[MESSAGES.c.tool_calls],
-        "created_at": _plain(values[MESSAGES.c.created_at]),
+        "role": message.role.value,
+        "content": message.content,
+        "tool_calls": message.tool_calls,
+        "created_at": utc_text(message.created_at),
     }
 
 
@@ -343,12 +383,21 @@ def parse_line(text: str) -> Record:
         raise ValueError(f"{where}: {message}") from None
 
 
+MAX_LINE_LENGTH = 64 * 1024 * 1024
+"""The longest line `import_jsonl` reads, in characters (a message of up to
+`MAX_TEXT_BYTES` of ASCII text, escaped as JSON, fits); a longer line is refused by
+number without being read into memory."""
+
+_BATCH_CHARACTERS = 32 * 1024 * 1024  # a batch also ends when its lines hold this much
+
+
 def import_jsonl(
     engine: Engine,
     lines: Iterable[str],
     *,
     batch_size: int = 1000,
     progress: Progress | None = None,
+    max_line_length: int = MAX_LINE_LENGTH,
 ) -> ImportResult:
     """Import an export (see the module docstring) into the store, streaming.
 
@@ -363,13 +412,29 @@ def import_jsonl(
     the same file twice changes nothing. A message whose id is taken by a different
     message, or whose session is neither in the store nor earlier in the file, is
     refused. Id sequences are moved past the imported ids.
+
+    Memory stays bounded whatever the file holds: a line longer than `max_line_length`
+    characters is refused by number (from a text stream, without being read whole), and
+    a batch also ends once its lines hold 32 Mi characters. On PostgreSQL a line holding
+    text that PostgreSQL cannot store (a NUL character) is refused by number too.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
+    if (
+        isinstance(max_line_length, bool)
+        or not isinstance(max_line_length, int)
+        or max_line_length < 1
+    ):
+        raise ValueError(f"max_line_length: must be an integer >= 1, got {max_line_length!r}")
     result = ImportResult()
     batch: list[tuple[int, SessionLine | MessageLine]] = []
-    handled = 0
-    for number, text in enumerate(lines, start=1):
+    held = handled = 0
+    for number, text in enumerate(_bounded_lines(lines, max_line_length), start=1):
+        if text is None:
+            result.errors.append(
+                LineError(number, f"longer than {max_line_length:,} characters; not read")
+            )
+            continue
         if not text.strip():
             continue
         try:
@@ -386,10 +451,11 @@ def import_jsonl(
             result.errors.append(LineError(number, str(exc)))
             continue
         batch.append((number, record))
-        if len(batch) >= batch_size:
+        held += len(text)
+        if len(batch) >= batch_size or held >= _BATCH_CHARACTERS:
             _import_batch(engine, batch, result)
             handled += len(batch)
-            batch = []
+            batch, held = [], 0
             if progress is not None:
                 progress(handled)
     if batch:
@@ -401,9 +467,60 @@ def import_jsonl(
     return result
 
 
+def _bounded_lines(lines: Iterable[str], limit: int) -> Iterator[str | None]:
+    """Each line of `lines`, or None for one longer than `limit` characters. From a text
+    stream (anything with `readline`) a line is read at most `limit` characters at a time,
+    so a longer one is skipped without being held in memory."""
+    readline = getattr(lines, "readline", None)
+    if readline is None:
+        for text in lines:
+            yield None if len(text.rstrip("\r\n")) > limit else text
+        return
+    while True:
+        text = readline(limit + 2)  # the line, its "\r\n", and one more to tell
+        if not text:
+            return
+        if text.endswith("\n") or len(text) <= limit:
+            if len(text.rstrip("\r\n")) > limit:
+                yield None
+            else:
+                yield text
+            continue
+        while text and not text.endswith("\n"):  # the rest of the long line, unread
+            text = readline(limit)
+        yield None
+
+
+def _storable(record: SessionLine | MessageLine, no_nul: bool) -> None:
+    """`ValueError` naming the field if PostgreSQL (`no_nul`) cannot store a value."""
+    if not no_nul:
+        return
+    texts = (
+        [("content", record.content)]
+        if isinstance(record, MessageLine)
+        else [("last_compaction_summary", record.last_compaction_summary)]
+    )
+    for name, value in texts:
+        if value is not None and "\x00" in value:
+            raise ValueError(
+                f"{name}: holds a NUL character at {value.index(chr(0))}, which PostgreSQL "
+                "cannot store"
+            )
+
+
 def _import_batch(
     engine: Engine, batch: list[tuple[int, SessionLine | MessageLine]], result: ImportResult
 ) -> None:
+    no_nul = engine.dialect.name == "postgresql"
+    storable: list[tuple[int, SessionLine | MessageLine]] = []
+    for number, record in batch:
+        try:
+            _storable(record, no_nul)
+        except ValueError as exc:
+            result.errors.append(LineError(number, str(exc)))
+            continue
+        storable.append((number, record))
+    batch = storable
     with translated_errors("import"), write_transaction(engine) as conn:
         sessions: dict[str, int] = {}  # key text to the store's id, for this batch
         touched: set[int] = set()
@@ -460,6 +577,9 @@ def _import_batch(
         without = [row for row in new_messages if "id" not in row]
         if with_ids:
             conn.execute(insert(MESSAGES), with_ids)
+            # PostgreSQL's sequence does not see ids given explicitly: move it past them
+            # before rows without an id take ids from it.
+            set_high_water(conn, MESSAGES, max(row["id"] for row in with_ids))
         if without:
             conn.execute(insert(MESSAGES), without)
         result.messages_imported += len(new_messages)
@@ -539,6 +659,8 @@ def _import_session(
     # missing from the file still has a true count).
     values["message_count"] = 0
     new_id = conn.execute(insert(SESSIONS).values(values).returning(SESSIONS.c.id)).scalar_one()
+    if "id" in values:
+        set_high_water(conn, SESSIONS, int(new_id))  # see the messages' ids in _import_batch
     known[key_text] = int(new_id)
     result.sessions_created += 1
     return int(new_id)
