@@ -1,0 +1,161 @@
+"""Rows written by plain SQL or other programs that this code cannot read: one such row
+never stops listing, export or the summary for everything else, and every refusal names
+the table, the row's id and the column (`DamagedRowError`, a `SessionStoreError`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from aisopod_session import (
+    DamagedRowError,
+    Role,
+    SessionKey,
+    SessionRepository,
+    SessionStoreError,
+    export_jsonl,
+    import_jsonl,
+    open_database,
+)
+from tests.dbtools import run_sql, snapshot
+
+GOOD = SessionKey("agent-1", "telegram", "bot", "dm", "good")
+BAD = SessionKey("agent-1", "telegram", "bot", "dm", "bad")
+
+# (column, stored value) pairs a hand-written UPDATE may leave in a session row
+SESSION_DAMAGE = [
+    ("metadata", "{not json"),
+    ("created_at", "yesterday"),
+    ("updated_at", "2026-13-45T99:00:00"),
+    ("peer_kind", "carrier-pigeon"),
+    ("token_usage", 9.223372036854776e18),
+    ("message_count", "three"),
+]
+
+
+def damaged_store(store: Engine, column: str, value: object) -> tuple[SessionRepository, int]:
+    """Two sessions with a message each; then plain SQL damages one column of `BAD`."""
+    repo = SessionRepository(store)
+    for key in (GOOD, BAD):
+        repo.get_or_create(key)
+        repo.append_message(key, Role.USER, f"hello from {key.peer_id}")
+    bad = repo.get(BAD)
+    assert bad is not None
+    assert bad.id is not None
+    run_sql(store, f"UPDATE sessions SET {column} = ? WHERE id = ?", (value, bad.id))
+    return repo, bad.id
+
+
+@pytest.mark.parametrize(("column", "value"), SESSION_DAMAGE)
+def test_a_damaged_session_is_named_and_everything_else_keeps_working(
+    store: Engine, column: str, value: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    if store.dialect.name == "postgresql" and column in ("token_usage", "message_count"):
+        pytest.skip("PostgreSQL's integer columns cannot hold such values")
+    repo, bad_id = damaged_store(store, column, value)
+    before = snapshot(store)
+
+    # A single read of it is refused precisely.
+    with pytest.raises(DamagedRowError) as refused:
+        repo.get_by_id(bad_id)
+    assert (refused.value.table, refused.value.row_id, refused.value.column) == (
+        "sessions",
+        bad_id,
+        column,
+    )
+    assert f"sessions row {bad_id}, column {column}" in str(refused.value)
+    assert isinstance(refused.value, SessionStoreError)
+
+    # Listing goes on past it and logs it.
+    with caplog.at_level(logging.WARNING, logger="aisopod_session"):
+        listed = repo.list_sessions()
+    assert [s.key for s in listed] == [GOOD]
+    assert f"sessions row {bad_id}, column {column}" in caplog.text
+
+    # The export goes on past it, reports it, and leaves its messages out with it.
+    out = io.StringIO()
+    result = export_jsonl(store, out)
+    assert (result.sessions, result.messages, result.skipped_messages) == (1, 1, 1)
+    assert [(d.table, d.row_id, d.column) for d in result.damaged] == [("sessions", bad_id, column)]
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line.get("key") or line.get("session") for line in lines[1:]] == [str(GOOD)] * 2
+
+    # That export imports cleanly elsewhere.
+    target = open_database(":memory:")
+    try:
+        imported = import_jsonl(target, io.StringIO(out.getvalue()))
+        assert imported.errors == []
+        assert (imported.sessions_created, imported.messages_imported) == (1, 1)
+    finally:
+        target.dispose()
+
+    # The summary counts every session, the damaged one among `damaged`.
+    summary = repo.summary()
+    assert summary.total.sessions == 2
+    assert summary.by_agent["agent-1"].sessions == 2
+    if column in ("token_usage", "message_count"):
+        assert summary.damaged.sessions == 1
+        assert sum(t.sessions for t in summary.by_status.values()) == 1
+    assert snapshot(store) == before  # nothing of this changed the store
+
+
+def test_a_status_outside_the_vocabulary_is_counted_as_damaged(store: Engine) -> None:
+    repo, bad_id = damaged_store(store, "status", "deleted-ish")
+    summary = repo.summary()
+    assert summary.total.sessions == 2
+    assert summary.damaged.sessions == 1
+    assert summary.damaged.messages == 1
+    assert [status.value for status in summary.by_status] == ["active"]
+    with pytest.raises(DamagedRowError, match=f"sessions row {bad_id}, column status"):
+        repo.get(BAD)
+    assert [s.key for s in repo.list_sessions()] == [GOOD]
+
+
+def test_a_damaged_message_is_named_and_left_out_of_an_export(store: Engine) -> None:
+    repo = SessionRepository(store)
+    repo.get_or_create(GOOD)
+    kept = repo.append_message(GOOD, Role.USER, "kept")
+    broken = repo.append_message(GOOD, Role.USER, "broken")
+    run_sql(store, "UPDATE messages SET created_at = 'last tuesday' WHERE id = ?", (broken.id,))
+    with pytest.raises(DamagedRowError, match=f"messages row {broken.id}, column created_at"):
+        repo.get_history(GOOD)
+    out = io.StringIO()
+    result = export_jsonl(store, out)
+    assert (result.sessions, result.messages) == (1, 1)
+    assert [(d.table, d.row_id, d.column) for d in result.damaged] == [
+        ("messages", broken.id, "created_at")
+    ]
+    messages = [json.loads(x) for x in out.getvalue().splitlines() if '"message"' in x]
+    assert [m["id"] for m in messages] == [kept.id]
+
+
+def test_merging_into_metadata_that_is_not_json_names_the_row_and_replacing_repairs_it(
+    store: Engine,
+) -> None:
+    repo, bad_id = damaged_store(store, "metadata", "{not json")
+    before = snapshot(store)
+    with pytest.raises(DamagedRowError, match=f"sessions row {bad_id}, column metadata"):
+        repo.update_metadata(BAD, {"lang": "pt"})
+    assert snapshot(store) == before
+    repaired = repo.update_metadata(BAD, {"lang": "pt"}, replace=True)
+    assert repaired.meta == {"lang": "pt"}
+    assert repo.get(BAD) == repaired
+
+
+def test_an_overflowed_counter_from_an_older_version_is_read_as_damaged(
+    db_path: Path,
+) -> None:
+    """A SQLite store whose token_usage an older version let overflow into a float."""
+    engine = open_database(db_path)
+    try:
+        repo, _ = damaged_store(engine, "token_usage", 2.0**63)
+        with pytest.raises(DamagedRowError, match=r"column token_usage: .*not an integer"):
+            repo.get(BAD)
+        assert repo.summary().damaged.sessions == 1
+    finally:
+        engine.dispose()
