@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import resource
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -164,3 +166,86 @@ def test_an_import_into_postgresql_refuses_the_line_with_a_nul_and_imports_the_r
     assert a is not None
     assert a.message_count == 1
     assert count_rows(pg_store, "messages") == 3
+
+
+# --- memory: a huge line or a batch of big lines ------------------------------------------
+
+
+def _peak_growth_of_import(path: Path, db: Path, **options: Any) -> tuple[int, str]:
+    """Import `path` into `db` in a forked child; the growth of the child's peak resident
+    memory during the import, in MiB, and what it reported."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - reports through the pipe
+        try:
+            engine = open_database(db)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            with path.open(encoding="utf-8") as stream:
+                result = import_jsonl(engine, stream, **options)
+            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            engine.dispose()
+            report = json.dumps(
+                {
+                    "growth": (after - before) // 1024,
+                    "imported": result.messages_imported,
+                    "errors": [(e.line, e.reason) for e in result.errors],
+                }
+            )
+        except BaseException as exc:
+            report = json.dumps({"growth": -1, "error": repr(exc)})
+        os.write(write_end, report.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        report = reader.read().decode()
+    os.waitpid(pid, 0)
+    return json.loads(report)["growth"], report
+
+
+def test_a_200_mb_line_is_refused_by_number_without_being_read_into_memory(
+    tmp_path: Path,
+) -> None:
+    """One 200 MB line used to take the import's process to a 1 GiB peak."""
+    path = tmp_path / "huge.jsonl"
+    with path.open("w", encoding="utf-8") as out:
+        out.write(json.dumps(session_line("p1", None)) + "\n")
+        out.write(json.dumps(message_line("p1", "before", None)) + "\n")
+        out.write('{"type": "message", "session": "agent-1:telegram:bot:dm:p1", "content": "')
+        chunk = "x" * (1 << 20)
+        for _ in range(200):
+            out.write(chunk)
+        out.write('", "role": "user", "created_at": "' + AT + '"}\n')
+        out.write(json.dumps(message_line("p1", "after", None)) + "\n")
+    growth, report = _peak_growth_of_import(path, tmp_path / "s.db")
+    assert json.loads(report)["errors"] == [[3, "longer than 67,108,864 characters; not read"]]
+    assert json.loads(report)["imported"] == 2
+    # The longest line read is 64 Mi characters: a bounded peak, not one growing with it.
+    assert 0 <= growth < 300, report
+
+
+def test_a_batch_of_big_lines_is_cut_short_by_its_size(tmp_path: Path) -> None:
+    """200 lines of 1 MB each in one batch of 1 000 used to be held all at once."""
+    path = tmp_path / "big.jsonl"
+    content = "y" * (1 << 20)
+    with path.open("w", encoding="utf-8") as out:
+        out.write(json.dumps(session_line("p1", None)) + "\n")
+        for i in range(200):
+            out.write(json.dumps(message_line("p1", f"{i}{content}", None)) + "\n")
+    growth, report = _peak_growth_of_import(path, tmp_path / "s.db")
+    assert json.loads(report)["imported"] == 200, report
+    assert 0 <= growth < 150, report
+
+
+def test_a_line_over_a_smaller_limit_from_a_list_is_refused_too(store: Engine) -> None:
+    lines = [
+        json.dumps(session_line("p1", None)),
+        json.dumps(message_line("p1", "z" * 600, None)),
+        json.dumps(message_line("p1", "short", None)),
+    ]
+    result = import_jsonl(store, lines, max_line_length=400)
+    assert [(e.line, e.reason) for e in result.errors] == [
+        (2, "longer than 400 characters; not read")
+    ]
+    assert result.messages_imported == 1
+    with pytest.raises(ValueError, match="max_line_length"):
+        import_jsonl(store, lines, max_line_length=0)

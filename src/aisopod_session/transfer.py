@@ -474,21 +474,25 @@ def _bounded_lines(lines: Iterable[str], limit: int) -> Iterator[str | None]:
     readline = getattr(lines, "readline", None)
     if readline is None:
         for text in lines:
-            yield None if len(text.rstrip("\r\n")) > limit else text
+            yield None if _length(text) > limit else text
         return
     while True:
         text = readline(limit + 2)  # the line, its "\r\n", and one more to tell
         if not text:
             return
         if text.endswith("\n") or len(text) <= limit:
-            if len(text.rstrip("\r\n")) > limit:
-                yield None
-            else:
-                yield text
+            yield None if _length(text) > limit else text
             continue
         while text and not text.endswith("\n"):  # the rest of the long line, unread
             text = readline(limit)
         yield None
+
+
+def _length(line: str) -> int:
+    """A line's length without its line break (no copy of a long line)."""
+    if line.endswith("\r\n"):
+        return len(line) - 2
+    return len(line) - 1 if line.endswith("\n") else len(line)
 
 
 def _storable(record: SessionLine | MessageLine, no_nul: bool) -> None:
