@@ -5,6 +5,7 @@ stored, so `created_at` follows id order whatever the host's clock does; a clock
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -195,3 +196,17 @@ def test_text_that_is_not_a_time_does_not_pin_the_clock(engine: Engine, db_path:
     with freeze_time(T + timedelta(seconds=5)):
         appended = repo.append_message(KEY, Role.USER, "next")
     assert appended.created_at == T + timedelta(seconds=5)
+
+
+def test_the_commands_prune_asks_the_store_what_is_old(pg_store: Engine, pg_url: str) -> None:
+    """`prune --older-than 1h` from a host 2 h fast must not delete a live session."""
+    from tests.test_cli import cli
+
+    repo = SessionRepository(pg_store)
+    repo.get_or_create(KEY)
+    repo.append_message(KEY, Role.USER, "just now")
+    with freeze_time(datetime.now(UTC) + timedelta(hours=2), tick=True):
+        outcome = cli("--db", pg_url, "prune", "--older-than", "1h", "--yes", "--json")
+    assert outcome.returncode == 0, outcome.stderr
+    assert json.loads(outcome.stdout)["sessions"] == 0
+    assert repo.get(KEY) is not None

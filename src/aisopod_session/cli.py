@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import sys
@@ -167,6 +168,25 @@ def integer_option(minimum: int, help_text: str, *names: str) -> Any:
 def settings(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = False) -> None:
     """Inspect, export, import and maintain an aisopod session store."""
     ctx.obj = Settings(db=db, json=json_output)
+    show_warnings()
+
+
+class _Warnings(logging.Handler):
+    """The store's warnings (a damaged row left out of a listing or an export, say) as
+    one line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"warning: {without_passwords(record.getMessage())}", style="yellow")
+
+
+_WARNINGS = _Warnings(logging.WARNING)
+
+
+def show_warnings() -> None:
+    """Print the library's warnings on stderr (once, however many commands run)."""
+    library = logging.getLogger("aisopod_session")
+    if _WARNINGS not in library.handlers:
+        library.addHandler(_WARNINGS)
 
 
 class UserError(Exception):
@@ -525,6 +545,7 @@ def status(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = Fa
         "sessions_by_status": {
             state.value: totals.sessions for state, totals in summary.by_status.items()
         },
+        "damaged_sessions": summary.damaged.sessions,
         "agents": {
             agent: {
                 "sessions": totals.sessions,
@@ -551,6 +572,11 @@ def status(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = Fa
         out.print(
             "by status:      "
             + ", ".join(f"{s.value} {t.sessions:,}" for s, t in summary.by_status.items())
+        )
+    if summary.damaged.sessions:
+        out.print(
+            f"damaged:        {summary.damaged.sessions:,} session(s) whose status or counters "
+            "this version cannot read (left out of listings and exports, each named there)"
         )
     if summary.by_agent:
         table = Table("agent", "sessions", "messages", "tokens", title="by agent")
@@ -891,8 +917,10 @@ def prune(
     json_output: JsonOption = False,
 ) -> None:
     """Delete sessions not updated for a while, with their messages, in short batches."""
-    before = datetime.now(UTC) - parse_duration("--older-than", older_than)
+    age = parse_duration("--older-than", older_than)
     with repository(target_of(ctx, db)) as repo:
+        # The store's clock (the server's on PostgreSQL), not this host's, says what is old.
+        before = ago("--older-than", repo.now(), age)
         scoped = repo if agent_id is None else repo.for_agent(agent_id)
         count = scoped.prune(updated_before=before, status=status, dry_run=True)
         if not dry_run and count:
@@ -991,6 +1019,14 @@ def export(
     err.print(
         f"Exported {result.sessions:,} session(s) and {result.messages:,} message(s) to {where}."
     )
+    if result.damaged:
+        # Each was named in a warning above; the export is not whole, so the status says so.
+        err.print(
+            f"Left out {len(result.damaged):,} damaged row(s) and the "
+            f"{result.skipped_messages:,} message(s) of the sessions among them.",
+            style="red",
+        )
+        raise typer.Exit(1)
 
 
 @contextmanager
@@ -1094,6 +1130,14 @@ def copy(
         f"Copied {result.sessions:,} session(s) and {result.messages:,} message(s) "
         f"to {shown_target(to)}."
     )
+
+
+def ago(option: str, now: datetime, age: timedelta) -> datetime:
+    """`now - age`, or a `UserError` naming `option` when that is before the year 1."""
+    try:
+        return now - age
+    except OverflowError:
+        raise UserError(f"{option}: reaches back before the year 1") from None
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ transaction mode, and the migrations, all set up in one call."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sqlite3
 import time
@@ -298,6 +299,9 @@ def _set_up(
             run_migrations(engine)
 
 
+_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
+
+
 def database_url(target: str | os.PathLike[str] | URL) -> URL:
     """The SQLAlchemy URL for a path, `":memory:"` or URL (string or object)."""
     if isinstance(target, URL):
@@ -312,7 +316,10 @@ def database_url(target: str | os.PathLike[str] | URL) -> URL:
         try:
             return make_url(target)
         except Exception as exc:
-            raise ValueError(f"target: {target!r} is not a valid database URL: {exc}") from exc
+            # Neither the URL nor SQLAlchemy's message about it is quoted: both may hold
+            # the password.
+            shown = _PASSWORD.sub(r"\1***@", target)
+            raise ValueError(f"target: {shown!r} is not a valid database URL") from exc
     return URL.create("sqlite", database=target)
 
 
