@@ -140,7 +140,9 @@ def test_merging_into_metadata_that_is_not_json_names_the_row_and_replacing_repa
     assert repo.get(BAD) == repaired
 
 
-@pytest.mark.parametrize(("column", "value"), [("token_usage", 2.0**63), ("message_count", "three")])
+@pytest.mark.parametrize(
+    ("column", "value"), [("token_usage", 2.0**63), ("message_count", "three")]
+)
 def test_a_counter_that_is_not_an_integer_is_read_as_damaged(
     db_path: Path, column: str, value: object
 ) -> None:

@@ -38,3 +38,20 @@ def test_readme_asyncio_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     history = SessionRepository(engine).get_history("support:telegram:bot-1:dm:67890")
     assert [(m.role, m.content) for m in history] == [("user", "Hello from asyncio")]
     engine.dispose()
+
+
+def test_api_md_read_then_write_example_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/api.md's example of the application's own ORM work on the store's engine."""
+    api = README.with_name("docs") / "api.md"
+    blocks = re.findall(r"```python\n(.*?)```", api.read_text(), flags=re.DOTALL)
+    (example,) = [block for block in blocks if "write_engine" in block]
+    monkeypatch.chdir(tmp_path)
+    for _ in range(3):
+        exec(compile(example, str(api), "exec"), {"__name__": "api_example"})
+    engine = open_database(tmp_path / "aisopod-sessions.db")
+    session = SessionRepository(engine).get("support:telegram:bot-1:dm:12345")
+    engine.dispose()
+    assert session is not None
+    assert session.meta == {"visits": 3}
