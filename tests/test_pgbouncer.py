@@ -181,6 +181,10 @@ def _collide(database: PooledDatabase, seconds: float) -> list[str]:
         )[0][0]
         if orphans:
             problems.append(f"{orphans} messages without a session")
+        print(
+            f"\nbehind PgBouncer for {seconds:.0f} s: {sum(rounds)} churn rounds, "
+            f"{seen['get']} victim reads, {sum(errors.values())} errors"
+        )
         # Proof that the run crossed psycopg's threshold (else it would prove nothing).
         if not problems:
             if min(rounds) <= PREPARE_THRESHOLD:
