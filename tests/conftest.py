@@ -76,6 +76,22 @@ def store(store_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
+@pytest.fixture
+def pg_url(tmp_path: Path) -> Iterator[str]:
+    """A new PostgreSQL schema of its own, for tests that are about PostgreSQL alone
+    (skipped, or failed under AISOPOD_REQUIRE_POSTGRES, without a server)."""
+    with store_location("postgresql", tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def pg_store(pg_url: str) -> Iterator[Engine]:
+    """A store opened on `pg_url`, on the server's own clock."""
+    engine = open_database(pg_url)
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture(params=["sync", "async"])
 def store_repo(
     request: pytest.FixtureRequest, store: Engine, store_url: str

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,25 +17,11 @@ from freezegun import freeze_time
 from sqlalchemy import Engine
 
 from aisopod_session import Role, SessionKey, SessionRepository, open_database
-from tests.dbtools import run_sql, store_location
+from tests.dbtools import run_sql
 
 KEY = SessionKey("agent-1", "telegram", "bot", "dm", "u1")
 OTHER = SessionKey("agent-1", "telegram", "bot", "dm", "u2")
 T = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def pg_url(tmp_path: Path) -> Iterator[str]:
-    """A fresh PostgreSQL schema (the server's own clock: no clock hook)."""
-    with store_location("postgresql", tmp_path) as url:
-        yield url
-
-
-@pytest.fixture
-def pg_store(pg_url: str) -> Iterator[Engine]:
-    engine = open_database(pg_url)
-    yield engine
-    engine.dispose()
 
 
 def server_now(engine: Engine) -> datetime:

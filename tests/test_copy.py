@@ -111,15 +111,6 @@ def test_a_bad_batch_size_is_refused(source: Engine, store: Engine, batch_size: 
 # --- atomicity: a failed copy leaves the target as it was ---------------------------------
 
 
-@pytest.fixture
-def pg_target(tmp_path: Path) -> Iterator[Engine]:
-    """A fresh PostgreSQL store to copy into (skipped without a server)."""
-    with store_location("postgresql", tmp_path) as url:
-        engine = open_database(url)
-        yield engine
-        engine.dispose()
-
-
 def store_with_a_nul_message(path: Path, good: int) -> tuple[Engine, int]:
     """A SQLite store of 5 sessions holding `good` messages between them, then one
     message with a NUL character (SQLite keeps it; PostgreSQL's text cannot); the engine
@@ -138,55 +129,55 @@ def store_with_a_nul_message(path: Path, good: int) -> tuple[Engine, int]:
 
 
 def test_a_message_postgresql_cannot_hold_fails_the_copy_naming_table_row_and_column(
-    tmp_path: Path, pg_target: Engine
+    tmp_path: Path, pg_store: Engine
 ) -> None:
     """One NUL in one message's content: `SessionStoreError` naming the table
     `messages`, the message's id and the column `content`; the PostgreSQL target is left
     as it was, empty (it used to keep the sessions, without their messages)."""
     source, bad_id = store_with_a_nul_message(tmp_path / "nul.db", good=3)
     try:
-        before = snapshot(pg_target)
+        before = snapshot(pg_store)
         with pytest.raises(SessionStoreError) as raised:
-            copy_database(source, pg_target)
+            copy_database(source, pg_store)
         message = str(raised.value)
         assert "messages" in message
         assert re.search(rf"\b{bad_id}\b", message), message
         assert "content" in message
-        assert snapshot(pg_target) == before
-        assert count_rows(pg_target, "sessions") == 0
+        assert snapshot(pg_store) == before
+        assert count_rows(pg_store, "sessions") == 0
     finally:
         source.dispose()
 
 
 def test_a_copy_failing_in_a_later_batch_leaves_the_target_unchanged(
-    tmp_path: Path, pg_target: Engine
+    tmp_path: Path, pg_store: Engine
 ) -> None:
     """With batch_size=10, the NUL message comes after 50 good ones: five batches of
     messages were written before the failure, and none of them stays."""
     source, _ = store_with_a_nul_message(tmp_path / "nul.db", good=50)
     try:
-        before = snapshot(pg_target)
+        before = snapshot(pg_store)
         with pytest.raises(SessionStoreError):
-            copy_database(source, pg_target, batch_size=10)
-        assert snapshot(pg_target) == before
+            copy_database(source, pg_store, batch_size=10)
+        assert snapshot(pg_store) == before
     finally:
         source.dispose()
 
 
 def test_a_failed_copy_with_overwrite_keeps_what_the_target_held(
-    tmp_path: Path, pg_target: Engine
+    tmp_path: Path, pg_store: Engine
 ) -> None:
     """`overwrite=True` deletes the target's contents only as part of a copy that
     succeeds: when the copy fails, the old contents are all still there."""
     old = SessionKey("old", "slack", "T", "dm", "kept")
-    SessionRepository(pg_target).get_or_create(old)
-    SessionRepository(pg_target).append_message(old, Role.USER, "still here")
+    SessionRepository(pg_store).get_or_create(old)
+    SessionRepository(pg_store).append_message(old, Role.USER, "still here")
     source, _ = store_with_a_nul_message(tmp_path / "nul.db", good=50)
     try:
-        before = snapshot(pg_target)
+        before = snapshot(pg_store)
         with pytest.raises(SessionStoreError):
-            copy_database(source, pg_target, batch_size=10, overwrite=True)
-        assert snapshot(pg_target) == before
+            copy_database(source, pg_store, batch_size=10, overwrite=True)
+        assert snapshot(pg_store) == before
     finally:
         source.dispose()
 

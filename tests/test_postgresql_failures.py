@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -29,18 +28,11 @@ from aisopod_session import (
     SessionStoreError,
     open_database,
 )
-from tests.dbtools import snapshot, store_location, stress
+from tests.dbtools import snapshot, stress
 
 DEADLINE = 30.0
 """Seconds a call may take before the test calls it hung (far past any busy timeout used
 here, so only a call that waits forever reaches it)."""
-
-
-@pytest.fixture
-def pg_url(tmp_path: Path) -> Iterator[str]:
-    """A schema of its own on the test server (skipped without one)."""
-    with store_location("postgresql", tmp_path) as url:
-        yield url
 
 
 def plain_connect(url: str) -> psycopg.Connection[Any]:

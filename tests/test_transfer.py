@@ -8,7 +8,6 @@ import io
 import json
 import os
 import resource
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from aisopod_session import (
     import_jsonl,
     open_database,
 )
-from tests.dbtools import count_rows, store_location
+from tests.dbtools import count_rows
 
 AT = "2026-11-26T03:59:48.123456+00:00"
 
@@ -121,15 +120,6 @@ def test_lines_with_and_without_ids_mixed_in_a_batch_are_all_imported(store: Eng
     message = repo.append_message(key_of("fresh"), Role.USER, "after the import")
     assert message.id is not None
     assert message.id > max(i for i in messages.values() if i is not None)
-
-
-@pytest.fixture
-def pg_store(tmp_path: Path) -> Iterator[Engine]:
-    """A fresh PostgreSQL store (skipped without a server)."""
-    with store_location("postgresql", tmp_path) as url:
-        engine = open_database(url)
-        yield engine
-        engine.dispose()
 
 
 def test_an_import_into_postgresql_refuses_the_line_with_a_nul_and_imports_the_rest(
