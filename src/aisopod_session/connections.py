@@ -67,41 +67,38 @@ _FORK_WAIT = 60.0
 
 
 class _Gate:
-    """Calls in progress on leased connections, and the thread that is forking (if any).
-    One per process; the child of a fork makes a new one (its lock may have been held
-    by a thread that does not exist there)."""
+    """The thread that is forking (if any), and how many leases are being opened. Its
+    lock guards every lease's `busy` and `retired` flags too. One per process; the
+    child of a fork makes a new one (its lock may have been held by a thread that does
+    not exist there)."""
 
-    __slots__ = ("active", "cond", "forking")
+    __slots__ = ("cond", "forking", "lock", "opening", "pid")
 
-    def __init__(self, active: int = 0) -> None:
-        self.cond = threading.Condition(threading.Lock())
-        self.active = active
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.forking: int | None = None
+        self.opening = 0
+        self.pid = os.getpid()
 
 
 _gate = _Gate()
-
-
-class _Mine(threading.local):
-    active = 0  # this thread's calls in progress (a forking thread does not wait for them)
-
-
-_mine = _Mine()
 
 
 # --- leases -------------------------------------------------------------------------------
 
 
 class _Lease:
-    """A driver connection kept by one thread between calls. `busy` while a call runs on
-    it; `retired` when it must be closed as soon as that call ends. Closed when its
-    thread ends (the thread's reference to it goes)."""
+    """A driver connection kept by one thread (`owner`) between calls. `busy` while a
+    call runs on it; `retired` when it must be closed as soon as that call ends. Closed
+    when its thread ends (the thread's reference to it goes)."""
 
-    __slots__ = ("__weakref__", "busy", "closed", "driver", "held", "pid", "retired")
+    __slots__ = ("__weakref__", "busy", "closed", "driver", "held", "owner", "pid", "retired")
 
     def __init__(self, driver: sqlite3.Connection, held: weakref.WeakSet[_Lease]) -> None:
         self.driver = driver
         self.held = held
+        self.owner = threading.get_ident()
         self.pid = os.getpid()
         self.busy = False
         self.retired = False
@@ -113,17 +110,18 @@ class _Lease:
 
 class _Leases:
     """One engine's leases: the calling thread's (`local.lease`) and every open one
-    (`held`). Holds no reference to the engine, so the engine can be collected."""
+    (`held`). Holds only a weak reference to the engine, so the engine can be collected."""
 
-    __slots__ = ("__weakref__", "held", "local")
+    __slots__ = ("__weakref__", "engine", "held", "local")
 
-    def __init__(self) -> None:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = weakref.ref(engine)
         self.local = threading.local()
         self.held: weakref.WeakSet[_Lease] = weakref.WeakSet()
 
     def retire(self) -> None:
         """Close every lease not in a call; each one in a call closes when the call ends."""
-        with _gate.cond:
+        with _gate.lock:
             idle = _retire(list(self.held))
         for held in idle:
             _close(held)
@@ -158,7 +156,9 @@ def _close(lease: _Lease) -> None:
         _INHERITED.append(lease.driver)
 
 
-_LEASES: weakref.WeakKeyDictionary[Engine, _Leases] = weakref.WeakKeyDictionary()
+# Keyed by id(engine) (checked against the engine's weak reference): a plain dictionary
+# lookup, where a WeakKeyDictionary would make a weak reference on every call.
+_LEASES: dict[int, _Leases] = {}
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 _REGISTERING = threading.Lock()
 
@@ -173,24 +173,29 @@ def register(engine: Engine) -> None:
         if engine in _ENGINES:
             return
         if engine.dialect.name == "sqlite":
-            leases = _Leases()
-            _LEASES[engine] = leases
+            leases = _Leases(engine)
+            _LEASES[id(engine)] = leases
             event.listen(engine, "engine_disposed", _on_dispose)
-            weakref.finalize(engine, leases.retire)
+            weakref.finalize(engine, _forget, id(engine), leases)
         _ENGINES.add(engine)
 
 
+def _forget(key: int, leases: _Leases) -> None:
+    """An engine was collected: close its leases and drop its entry."""
+    if _LEASES.get(key) is leases:
+        del _LEASES[key]
+    leases.retire()
+
+
 def _on_dispose(engine: Engine) -> None:
-    leases = _LEASES.get(engine)
-    if leases is not None:
-        leases.retire()
+    _leases_of(engine).retire()
 
 
 def _leases_of(engine: Engine) -> _Leases:
-    leases = _LEASES.get(engine)
-    if leases is None:
+    leases = _LEASES.get(id(engine))
+    if leases is None or leases.engine() is not engine:
         register(engine)
-        leases = _LEASES[engine]
+        leases = _LEASES[id(engine)]
     return leases
 
 
@@ -213,25 +218,25 @@ def _check_out(engine: Engine) -> _Lease:
     leases = _leases_of(engine)
     lease: _Lease | None = getattr(leases.local, "lease", None)
     gate = _gate
-    with gate.cond:
+    with gate.lock:
         if gate.forking is not None and gate.forking != threading.get_ident():
             while gate.forking is not None:
                 gate.cond.wait()
-        gate.active += 1
-        usable = lease is not None and not lease.retired and lease.pid == os.getpid()
-        if usable:
-            lease.busy = True  # type: ignore[union-attr]
-    _mine.active += 1
-    if usable:
-        return lease  # type: ignore[return-value]
+        if lease is not None and not lease.retired and lease.pid == gate.pid:
+            lease.busy = True
+            return lease
+        gate.opening += 1  # a fork waits for the connection being opened too
+    lease = None
     try:
         lease = _open_lease(engine, leases)
-    except BaseException:
-        _check_in_failed()
-        raise
-    with gate.cond:
-        lease.busy = True
-        leases.held.add(lease)
+    finally:
+        with gate.lock:
+            gate.opening -= 1
+            if lease is not None:
+                lease.busy = True
+                leases.held.add(lease)
+            if gate.forking is not None:
+                gate.cond.notify_all()
     leases.local.lease = lease
     return lease
 
@@ -239,27 +244,16 @@ def _check_out(engine: Engine) -> _Lease:
 def _check_in(lease: _Lease, *, discard: bool = False) -> None:
     """End a call on `lease`; close it if it was retired meanwhile or cannot be reused."""
     gate = _gate
-    with gate.cond:
+    with gate.lock:
         lease.busy = False
         close = lease.retired or discard
         if close:
             lease.retired = True
             lease.held.discard(lease)
-        gate.active -= 1
         if gate.forking is not None:
             gate.cond.notify_all()
-    _mine.active -= 1
     if close:
         _close(lease)
-
-
-def _check_in_failed() -> None:
-    gate = _gate
-    with gate.cond:
-        gate.active -= 1
-        if gate.forking is not None:
-            gate.cond.notify_all()
-    _mine.active -= 1
 
 
 def lease(engine: Engine) -> sqlite3.Connection:
@@ -273,18 +267,31 @@ def lease(engine: Engine) -> sqlite3.Connection:
 # --- fork ---------------------------------------------------------------------------------
 
 
+def _calls_elsewhere(me: int) -> int:
+    """Calls running, or connections being opened, in threads other than `me` (under the
+    gate's lock)."""
+    busy = sum(
+        1
+        for leases in list(_LEASES.values())
+        for held in list(leases.held)
+        if held.busy and held.owner != me
+    )
+    return busy + _gate.opening
+
+
 def _before_fork() -> None:
     gate = _gate
-    with gate.cond:
-        gate.forking = threading.get_ident()
+    me = threading.get_ident()
+    with gate.lock:
+        gate.forking = me
         deadline = time.monotonic() + _FORK_WAIT
-        while gate.active > _mine.active:
+        while (waiting := _calls_elsewhere(me)) > 0:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 logger.warning(
                     "fork: %d call(s) in other threads did not end within %.0f s; their "
                     "SQLite connections cross the fork",
-                    gate.active - _mine.active,
+                    waiting,
                     _FORK_WAIT,
                 )
                 break
@@ -312,14 +319,14 @@ def _closes_before_fork(engine: Engine) -> bool:
 
 def _after_fork_in_parent() -> None:
     gate = _gate
-    with gate.cond:
+    with gate.lock:
         gate.forking = None
         gate.cond.notify_all()
 
 
 def _after_fork_in_child() -> None:
     global _gate
-    _gate = _Gate(active=_mine.active)
+    _gate = _Gate()
     for engine in list(_ENGINES):
         # A new pool; the parent's connections (SQLite's or PostgreSQL's sockets) are
         # kept unused, so that nothing in this process closes them.
