@@ -494,3 +494,31 @@ def test_pgbouncer_really_pools_in_transaction_mode(pooled_db: PooledDatabase) -
         row = conn.execute("SHOW search_path").fetchone()
         assert row is not None
         assert "somewhere_else" not in row[0]
+
+
+def _prepare_threshold(url: str) -> int | None:
+    """The prepare threshold psycopg was left with on a new connection of `url`."""
+    engine = open_database(url)
+    try:
+        pooled = engine.raw_connection()
+        try:
+            threshold: int | None = pooled.driver_connection.prepare_threshold  # type: ignore[union-attr]
+        finally:
+            pooled.close()
+        return threshold
+    finally:
+        engine.dispose()
+
+
+def test_statements_are_prepared_only_on_a_connection_straight_to_the_server(
+    pooled_db: PooledDatabase,
+) -> None:
+    """The store asks each new connection whether it reaches the server directly (its
+    address and port are the server's own): there psycopg prepares hot statements (a
+    parse and a plan saved per call), through PgBouncer never. A URL can decide."""
+    assert _prepare_threshold(pooled_db.direct) == 5
+    assert _prepare_threshold(pooled_db.pooled) is None
+    assert _prepare_threshold(f"{pooled_db.direct}?prepare_threshold=none") is None
+    assert _prepare_threshold(f"{pooled_db.pooled}?prepare_threshold=2") == 2
+    with pytest.raises(ValueError, match="prepare_threshold"):
+        open_database(f"{pooled_db.direct}?prepare_threshold=soon")

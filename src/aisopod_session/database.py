@@ -3,6 +3,7 @@ transaction mode, and the migrations, all set up in one call."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shlex
@@ -58,8 +59,9 @@ def open_database(
     server's on PostgreSQL, this host's (never going backwards) on SQLite, or `clock`, a
     callable returning an aware `datetime`, if given.
 
-    On PostgreSQL psycopg prepares no statement (safe behind PgBouncer's transaction
-    pooling) unless the URL says `?prepare_threshold=5` (or another count); a URL's
+    On PostgreSQL psycopg prepares hot statements only on a connection that reaches the
+    server directly, never through a pooler (safe behind PgBouncer's transaction
+    pooling), unless the URL decides (`?prepare_threshold=N` or `none`); a URL's
     `?options=-csearch_path=…` is checked to have taken effect on every new connection.
 
     Raises `SchemaVersionError` for a database newer than this code and
@@ -70,9 +72,9 @@ def open_database(
     url = _checked_target(target, busy_timeout, synchronous, clock)
     if url.get_backend_name() == "postgresql":
         # pool_pre_ping: a gateway's pool outlives server restarts and idle-connection reaping.
-        url, connect_args = _psycopg_url(url)
+        url, connect_args, choose_prepare = _psycopg_url(url)
         engine = create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
-        _check_search_path(engine)
+        _on_connect(engine, choose_prepare=choose_prepare)
     else:
         engine = create_engine(url, **_sqlite_engine_args(url, busy_timeout, echo))
     set_store_options(engine, busy_timeout=busy_timeout, clock=clock)
@@ -109,7 +111,7 @@ async def open_async_database(
     # thread or to the server) is turned off; SQLAlchemy's `Connection` still rolls back
     # what it began itself when it closes.
     if url.get_backend_name() == "postgresql":
-        url, connect_args = _psycopg_url(url)
+        url, connect_args, choose_prepare = _psycopg_url(url)
         engine = create_async_engine(
             url,
             echo=echo,
@@ -117,7 +119,7 @@ async def open_async_database(
             pool_reset_on_return=None,
             connect_args=connect_args,
         )
-        _check_search_path(engine.sync_engine)
+        _on_connect(engine.sync_engine, choose_prepare=choose_prepare)
     else:
         url = url.set(drivername="sqlite+aiosqlite")
         engine = create_async_engine(
@@ -177,10 +179,16 @@ def _in_memory(url: URL) -> bool:
     return url.database in (None, "", ":memory:")
 
 
-def _psycopg_url(url: URL) -> tuple[URL, dict[str, Any]]:
-    """A PostgreSQL URL on psycopg 3, which must be installed, and psycopg's connect
-    arguments: `prepare_threshold` from the URL's query (an int, or none), which psycopg
-    would otherwise be given as text."""
+AUTO_PREPARE_THRESHOLD = 5
+"""psycopg's own default: a statement run this many times on a direct connection is
+prepared (see `_on_connect`)."""
+
+
+def _psycopg_url(url: URL) -> tuple[URL, dict[str, Any], bool]:
+    """A PostgreSQL URL on psycopg 3, which must be installed; psycopg's connect
+    arguments; and whether each connection is to decide on prepared statements itself
+    (the URL's `prepare_threshold` is absent). `?prepare_threshold=N` sets it (psycopg
+    would be given the text), `?prepare_threshold=none` turns preparing off."""
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")
     if url.drivername != "postgresql+psycopg":
@@ -193,42 +201,54 @@ def _psycopg_url(url: URL) -> tuple[URL, dict[str, Any]]:
         raise SessionStoreError(
             "PostgreSQL needs psycopg 3: pip install 'aisopod-session[postgresql]'"
         ) from None
-    # psycopg prepares a statement after 5 runs, under a name of its connection's own;
-    # behind PgBouncer's transaction pooling those names meet other clients' statements
-    # on shared server connections (another client's DELETE ran for a SELECT). None
-    # prepares nothing; a URL for a direct connection may ask for a threshold.
-    threshold: int | None = None
     given = url.query.get("prepare_threshold")
-    if given is not None:
-        text = given if isinstance(given, str) else given[-1]
-        if not (text.isascii() and text.isdigit()) or int(text) > 2**31 - 1:
-            raise ValueError(
-                f"target: prepare_threshold must be a count of runs (0 or more), got {text!r}"
-            )
+    if given is None:
+        # Nothing is prepared until the connection has shown it is not behind a pooler.
+        return url, {"prepare_threshold": None}, True
+    text = (given if isinstance(given, str) else given[-1]).strip().lower()
+    threshold: int | None
+    if text in ("none", "off"):
+        threshold = None
+    elif text.isascii() and text.isdigit() and int(text) <= 2**31 - 1:
         threshold = int(text)
-        url = url.difference_update_query(["prepare_threshold"])
-    return url, {"prepare_threshold": threshold}
+    else:
+        raise ValueError(
+            "target: prepare_threshold must be a count of runs (0 or more) or none, "
+            f"got {text!r}"
+        )
+    url = url.difference_update_query(["prepare_threshold"])
+    return url, {"prepare_threshold": threshold}, False
 
 
-def _check_search_path(engine: Engine) -> None:
-    """Refuse every new connection on which the URL's `search_path` did not take effect.
+def _on_connect(engine: Engine, *, choose_prepare: bool) -> None:
+    """Check every new PostgreSQL connection, in one query, before it is used:
 
-    A pooler may drop the URL's `options` (PgBouncer with `ignore_startup_parameters =
-    options`): the connection then runs on the default search path and would read and
-    write another schema's tables, another tenant's sessions."""
+    - its search path: a pooler may drop the URL's `options` (PgBouncer with
+      `ignore_startup_parameters = options`), and the connection would then read and
+      write the default schema's tables, another tenant's sessions: refused, naming the
+      schema;
+    - whether it reaches the server directly (the address and port it connected to are
+      the server's own): only then, unless the URL decided, does psycopg prepare hot
+      statements. Through a pooler (PgBouncer's transaction pooling, a proxy, a NAT, a
+      Unix socket) statements prepared under a connection's own names would meet other
+      clients' statements on shared server connections.
+    """
     wanted = _first_schema(engine.url)
-    if wanted is None:
+    if wanted is None and not choose_prepare:
         return
 
-    def check(dbapi_connection: Any, _record: Any) -> None:
+    def check(dbapi_connection: Any, record: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("SELECT current_schema(), current_setting('search_path')")
-            schema, setting = cursor.fetchone()
+            cursor.execute(
+                "SELECT current_schema(), current_setting('search_path'), "
+                "host(inet_server_addr()), inet_server_port()"
+            )
+            schema, setting, server_address, server_port = cursor.fetchone()
         finally:
             cursor.close()
         dbapi_connection.rollback()
-        if schema != wanted:
+        if wanted is not None and schema != wanted:
             dbapi_connection.close()
             raise SessionStoreError(
                 f"the URL's search_path names schema {wanted!r}, but the connection's "
@@ -237,8 +257,25 @@ def _check_search_path(engine: Engine) -> None:
                 "(ignore_startup_parameters); refusing it, so that no other schema's "
                 "sessions are read or written (docs/postgresql.md: PgBouncer)"
             )
+        if choose_prepare:
+            driver = record.driver_connection
+            if _direct(driver.info, server_address, server_port):
+                driver.prepare_threshold = AUTO_PREPARE_THRESHOLD
 
     event.listen(engine, "connect", check)
+
+
+def _direct(info: Any, server_address: str | None, server_port: int | None) -> bool:
+    """Whether the client's end of a connection is the server's own: the same address
+    and port (no pooler, proxy or translation in between)."""
+    if server_address is None or server_port is None:
+        return False  # a Unix socket at the server's end: it may be a pooler's
+    try:
+        client = ipaddress.ip_address(info.hostaddr)
+        server = ipaddress.ip_address(server_address)
+    except ValueError:
+        return False
+    return bool(client == server and int(info.port) == int(server_port))
 
 
 def _first_schema(url: URL) -> str | None:
