@@ -21,6 +21,7 @@ killing pytest. `AISOPOD_STRESS=10` (or `make stress`) writes ten times as long.
 from __future__ import annotations
 
 import gc
+import io
 import json
 import multiprocessing
 import os
@@ -42,6 +43,7 @@ from aisopod_session import (
     Role,
     SessionRepository,
     SessionStoreError,
+    export_jsonl,
     open_database,
 )
 from tests.dbtools import stress
@@ -400,3 +402,71 @@ def test_an_engine_dropped_without_dispose_is_collected_with_its_connections(
     )
     assert counts["alive"] == 0, summary
     assert leaked <= FD_SLACK, summary
+
+
+# --- 1b. connections held in other ways when the process forks ----------------------------
+
+
+class _SlowStream(io.StringIO):
+    """An export's output that takes its time (a slow disk or pipe)."""
+
+    def write(self, text: str) -> int:
+        time.sleep(0.01)
+        return super().write(text)
+
+
+def test_a_fork_waits_for_an_export_in_another_thread(db_path: Path, tmp_path: Path) -> None:
+    """An export holds a pooled connection for as long as it runs: the fork waits for it
+    to end (it would otherwise cross the fork), and the child's writes then survive the
+    parent's dispose."""
+    engine = open_database(db_path)
+    log = tmp_path / "child.jsonl"
+    with holding_connections(engine) as repo:
+        for i in range(40):
+            repo.append_message(KEYS[2], Role.USER, f"to export {i}", tokens=1)
+        export = threading.Thread(target=lambda: export_jsonl(engine, _SlowStream()))
+        export.start()
+        time.sleep(0.2)  # the export is under way
+        pid = fork(lambda: append_for(repo, SECONDS, "child", log))
+        forked_after_export = not export.is_alive()
+        export.join()
+        time.sleep(DISPOSE_AFTER)
+        engine.dispose()
+        status = wait(pid, TIMEOUT)
+    assert forked_after_export, "the fork went ahead while the export held its connection"
+    assert_exited(status, "the child")
+    assert_all_kept(db_path, Acks().read(log), writers=1)
+
+
+def _refusals(path: Path, repo: SessionRepository, report: Path) -> None:
+    """In a child: every way of using the store's file, each expected to be refused."""
+    outcomes = []
+    for attempt in (
+        lambda: repo.append_message(KEYS[0], Role.USER, "from the child"),
+        lambda: repo.get(KEYS[0]),
+        lambda: open_database(path),
+    ):
+        try:
+            attempt()
+            outcomes.append("went ahead")
+        except SessionStoreError as exc:
+            outcomes.append("refused: forked" if "forked" in str(exc) else f"other: {exc}")
+    report.write_text(json.dumps(outcomes))
+
+
+def test_a_child_forked_while_its_parent_held_the_file_open_refuses_to_use_it(
+    db_path: Path, tmp_path: Path
+) -> None:
+    """A connection the fork cannot close (held open by the forking code itself) carries
+    SQLite's lock bookkeeping into the child: the child refuses the file, saying why,
+    instead of writing what the parent's last close would delete. The parent goes on."""
+    engine = open_database(db_path)
+    report = tmp_path / "report.json"
+    with holding_connections(engine) as repo, engine.connect() as held:
+        held.exec_driver_sql("SELECT count(*) FROM sessions").scalar_one()
+        pid = fork(lambda: _refusals(db_path, repo, report))
+        status = wait(pid, TIMEOUT)
+    assert_exited(status, "the child")
+    assert json.loads(report.read_text()) == ["refused: forked"] * 3
+    assert repo.append_message(KEYS[0], Role.USER, "the parent goes on").id is not None
+    engine.dispose()

@@ -29,11 +29,14 @@ every connection of the process to that file. A child forked while the parent ha
 connection open inherits that bookkeeping but not the POSIX locks behind it, so its own
 connections to the file believe they hold locks they do not; the parent's last close
 then checkpoints and deletes the WAL under the child's writes. So before a fork (an
-`os.register_at_fork` hook) calls in other threads are waited for, new calls wait, and
-every leased and pooled SQLite connection of every registered engine is closed; the
-parent reopens lazily afterwards. In the child every registered engine gets a new pool
-(`dispose(close=False)`: the parent's connections, SQLite or PostgreSQL, are neither used
-nor closed there).
+`os.register_at_fork` hook) calls and checked-out pooled connections of other threads
+are waited for (up to `_FORK_WAIT`), new calls wait, and every leased and pooled SQLite
+connection of every registered engine is closed; the parent reopens lazily afterwards.
+In the child every registered engine gets a new pool (`dispose(close=False)`: the
+parent's connections, SQLite or PostgreSQL, are neither used nor closed there). A file
+with a connection still open at the fork (the forking thread's own, one held past the
+wait, an asyncio engine's) is refused in the child (`_TAINTED`), rather than written to
+unsafely.
 """
 
 from __future__ import annotations
@@ -109,15 +112,34 @@ class _Lease:
 
 
 class _Leases:
-    """One engine's leases: the calling thread's (`local.lease`) and every open one
-    (`held`). Holds only a weak reference to the engine, so the engine can be collected."""
+    """One SQLite engine's leases: the calling thread's (`local.lease`) and every open one
+    (`held`); the pooled connections checked out of it, by the thread holding each
+    (`pooled`: the migrator's, an export's, the application's own); and the identity of
+    its file (`file`, None in memory). Holds only a weak reference to the engine, so the
+    engine can be collected."""
 
-    __slots__ = ("__weakref__", "engine", "held", "local")
+    __slots__ = ("__weakref__", "_file", "database", "engine", "held", "local", "pooled")
 
     def __init__(self, engine: Engine) -> None:
         self.engine = weakref.ref(engine)
         self.local = threading.local()
         self.held: weakref.WeakSet[_Lease] = weakref.WeakSet()
+        self.pooled: dict[int, int] = {}
+        self.database = engine.url.database
+        self._file: tuple[int, int] | None = None
+
+    @property
+    def file(self) -> tuple[int, int] | None:
+        """The (device, inode) of the engine's file, once it exists."""
+        if self._file is None:
+            self._file = file_identity(self.database)
+        return self._file
+
+    def refuse_if_forked_open(self) -> None:
+        """`SessionStoreError` if this process was forked while its parent held this
+        store's file open in a way the fork could not close (see `_before_fork`)."""
+        if _TAINTED and self.file in _TAINTED:
+            raise forked_open_error(str(self.database))
 
     def retire(self) -> None:
         """Close every lease not in a call; each one in a call closes when the call ends."""
@@ -156,6 +178,42 @@ def _close(lease: _Lease) -> None:
         _INHERITED.append(lease.driver)
 
 
+_TAINTED: set[tuple[int, int]] = set()
+"""Files (device, inode) that were open in the parent when this process was forked and
+could not be closed first: SQLite's lock bookkeeping for them came along, so this process
+never opens them (its writes could be lost when the parent closes its connections)."""
+_CROSSING: set[tuple[int, int]] = set()
+"""The files `_before_fork` could not close, for the child's `_TAINTED`."""
+
+
+def file_identity(database: str | None) -> tuple[int, int] | None:
+    """The (device, inode) of a SQLite database file that exists, or None."""
+    if database in (None, "", ":memory:") or str(database).startswith("file:"):
+        return None
+    try:
+        found = os.stat(str(database))
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def forked_open_error(name: str) -> SessionStoreError:
+    """The refusal of a store whose file crossed a fork (see `_TAINTED`)."""
+    return SessionStoreError(
+        f"{name}: this process was forked while its parent held the store's file open "
+        "in another thread (a call that outlasted the fork's wait, an export, a "
+        "connection of the application's own) or through an asyncio engine: SQLite's "
+        "locks on that file cannot be trusted in this process, so it does not open it; "
+        "fork when no call is running, and open asyncio engines after the fork"
+    )
+
+
+def tainted(database: str | None) -> bool:
+    """Whether this process must not open the SQLite file `database` (see `_TAINTED`)."""
+    identity = file_identity(database)
+    return identity is not None and identity in _TAINTED
+
+
 # Keyed by id(engine) (checked against the engine's weak reference): a plain dictionary
 # lookup, where a WeakKeyDictionary would make a weak reference on every call.
 _LEASES: dict[int, _Leases] = {}
@@ -176,8 +234,30 @@ def register(engine: Engine) -> None:
             leases = _Leases(engine)
             _LEASES[id(engine)] = leases
             event.listen(engine, "engine_disposed", _on_dispose)
+            _track_pooled(engine, leases)
             weakref.finalize(engine, _forget, id(engine), leases)
         _ENGINES.add(engine)
+
+
+def _track_pooled(engine: Engine, leases: _Leases) -> None:
+    """Keep `leases.pooled` (the pool's connections checked out, by thread) up to date,
+    so that a fork waits for them too; refuse a check-out in a process that must not
+    open the file."""
+
+    def checkout(_dbapi: Any, record: Any, _proxy: Any) -> None:
+        leases.refuse_if_forked_open()
+        with _gate.lock:
+            leases.pooled[id(record)] = threading.get_ident()
+
+    def checkin(_dbapi: Any, record: Any) -> None:
+        with _gate.lock:
+            leases.pooled.pop(id(record), None)
+            if _gate.forking is not None:
+                _gate.cond.notify_all()
+
+    event.listen(engine, "checkout", checkout)
+    event.listen(engine, "checkin", checkin)
+    event.listen(engine, "detach", checkin)  # a lease: tracked as one from then on
 
 
 def _forget(key: int, leases: _Leases) -> None:
@@ -225,6 +305,7 @@ def _check_out(engine: Engine) -> _Lease:
         if lease is not None and not lease.retired and lease.pid == gate.pid:
             lease.busy = True
             return lease
+        leases.refuse_if_forked_open()
         gate.opening += 1  # a fork waits for the connection being opened too
     lease = None
     try:
@@ -268,15 +349,40 @@ def lease(engine: Engine) -> sqlite3.Connection:
 
 
 def _calls_elsewhere(me: int) -> int:
-    """Calls running, or connections being opened, in threads other than `me` (under the
-    gate's lock)."""
-    busy = sum(
-        1
-        for leases in list(_LEASES.values())
-        for held in list(leases.held)
-        if held.busy and held.owner != me
-    )
+    """Calls running, connections being opened, and pooled connections checked out, in
+    threads other than `me` (under the gate's lock)."""
+    busy = 0
+    for leases in list(_LEASES.values()):
+        busy += sum(1 for held in list(leases.held) if held.busy and held.owner != me)
+        busy += sum(1 for owner in leases.pooled.values() if owner != me)
     return busy + _gate.opening
+
+
+def _still_open() -> set[tuple[int, int]]:
+    """The files of which a connection is still open, with the fork about to happen:
+    a call in flight or a pooled connection checked out (by any thread, the forking one
+    included), or an asyncio engine's connections (under the gate's lock)."""
+    files: set[tuple[int, int]] = set()
+    for leases in list(_LEASES.values()):
+        if leases.file is None:
+            continue
+        engine = leases.engine()
+        if (
+            any(held.busy for held in list(leases.held))
+            or leases.pooled
+            or (engine is not None and engine.dialect.is_async and _pool_holds(engine))
+        ):
+            files.add(leases.file)
+    return files
+
+
+def _pool_holds(engine: Engine) -> bool:
+    """Whether an asyncio engine's pool holds open connections."""
+    pool: Any = engine.pool
+    try:
+        return bool(pool.checkedin() + pool.checkedout())
+    except AttributeError:  # a pool that does not count (NullPool)
+        return False
 
 
 def _before_fork() -> None:
@@ -299,6 +405,8 @@ def _before_fork() -> None:
         idle: list[_Lease] = []
         for leases in list(_LEASES.values()):
             idle += _retire(list(leases.held))
+        _CROSSING.clear()
+        _CROSSING.update(_still_open())
     for held in idle:
         _close(held)
     for engine in list(_ENGINES):
@@ -321,12 +429,17 @@ def _after_fork_in_parent() -> None:
     gate = _gate
     with gate.lock:
         gate.forking = None
+        _CROSSING.clear()
         gate.cond.notify_all()
 
 
 def _after_fork_in_child() -> None:
     global _gate
     _gate = _Gate()
+    _TAINTED.update(_CROSSING)
+    _CROSSING.clear()
+    for leases in list(_LEASES.values()):
+        leases.pooled.clear()  # held by the parent's threads, which are not here
     for engine in list(_ENGINES):
         # A new pool; the parent's connections (SQLite's or PostgreSQL's sockets) are
         # kept unused, so that nothing in this process closes them.

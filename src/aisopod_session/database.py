@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.util import greenlet_spawn
 
-from aisopod_session.connections import register
+from aisopod_session.connections import forked_open_error, register, tainted
 from aisopod_session.errors import (
     DatabaseBusyError,
     SessionStoreError,
@@ -367,6 +367,8 @@ def _check_file(path: Path) -> None:
     write, and report a missing folder as "unable to open database file"; here each case
     gets its own message and nothing is created, changed or deleted.
     """
+    if tainted(str(path)):
+        raise forked_open_error(str(path))
     if path.is_dir():
         raise SessionStoreError(f"cannot open {path}: it is a folder, not a database file")
     folder = path.parent
