@@ -213,8 +213,7 @@ def _psycopg_url(url: URL) -> tuple[URL, dict[str, Any], bool]:
         threshold = int(text)
     else:
         raise ValueError(
-            "target: prepare_threshold must be a count of runs (0 or more) or none, "
-            f"got {text!r}"
+            f"target: prepare_threshold must be a count of runs (0 or more) or none, got {text!r}"
         )
     url = url.difference_update_query(["prepare_threshold"])
     return url, {"prepare_threshold": threshold}, False
