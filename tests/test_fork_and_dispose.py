@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import queue
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -470,3 +471,78 @@ def test_a_child_forked_while_its_parent_held_the_file_open_refuses_to_use_it(
     assert json.loads(report.read_text()) == ["refused: forked"] * 3
     assert repo.append_message(KEYS[0], Role.USER, "the parent goes on").id is not None
     engine.dispose()
+
+
+def _forks_beside_ending_threads(path: Path, report: Path, children: int) -> None:
+    """In a child of pytest: two threads keep starting threads that make one append and
+    end (each thread's connection is closed as it ends), while the main thread forks
+    `children` writers on the inherited repository; then the verdict, as JSON."""
+    engine = open_database(path)
+    repo = SessionRepository(engine)
+    for key in KEYS:
+        repo.get_or_create(key)
+    stop = threading.Event()
+    acked: list[int] = []
+    errors: list[str] = []
+
+    def one_call() -> None:
+        try:
+            message = repo.append_message(KEYS[0], Role.USER, "from a short thread", tokens=1)
+            assert message.id is not None
+            acked.append(message.id)
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    def spawner() -> None:
+        while not stop.is_set():
+            threads = [threading.Thread(target=one_call) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+    spawners = [threading.Thread(target=spawner) for _ in range(2)]
+    for thread in spawners:
+        thread.start()
+    log = path.with_name("children.jsonl")
+    pids = []
+    for number in range(children):
+        pids.append(fork(partial(append_for, repo, 0.05, f"child-{number}", log)))
+        time.sleep(0.005)
+    statuses = [describe(wait(pid, TIMEOUT)) for pid in pids]
+    stop.set()
+    for thread in spawners:
+        thread.join()
+    engine.dispose()
+    problems = check_store(path, Acks().read(log))
+    with sqlite3.connect(path) as check:
+        stored = {row[0] for row in check.execute("SELECT id FROM messages")}
+    check.close()
+    lost = [message_id for message_id in acked if message_id not in stored]
+    report.write_text(
+        json.dumps(
+            {
+                "statuses": statuses,
+                "errors": errors[:3],
+                "problems": problems[:3],
+                "lost": len(lost),
+                "acked": len(acked),
+            }
+        )
+    )
+
+
+def test_threads_ending_while_the_process_forks_leave_no_damage(tmp_path: Path) -> None:
+    """A thread's connection is closed as the thread ends, from that thread or the
+    garbage collector: such a close must not overlap a fork either (it left SQLite's lock
+    bookkeeping half-updated in the child: children hung, the file was damaged and the
+    parent's own acknowledged writes were lost)."""
+    path = tmp_path / "sessions.db"
+    report = tmp_path / "report.json"
+    children = 15 * stress()
+    status = wait(fork(lambda: _forks_beside_ending_threads(path, report, children)), TIMEOUT)
+    assert_exited(status, "the forking process")
+    verdict = json.loads(report.read_text())
+    assert verdict["statuses"] == ["exit 0"] * children, verdict
+    assert (verdict["errors"], verdict["problems"], verdict["lost"]) == ([], [], 0), verdict
+    assert verdict["acked"] > 0, verdict

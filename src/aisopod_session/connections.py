@@ -47,6 +47,7 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from types import TracebackType
@@ -75,13 +76,14 @@ class _Gate:
     child of a fork makes a new one (its lock may have been held by a thread that does
     not exist there)."""
 
-    __slots__ = ("cond", "forking", "lock", "opening", "pid")
+    __slots__ = ("closing", "cond", "forking", "lock", "opening", "pid")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.forking: int | None = None
         self.opening = 0
+        self.closing = 0
         self.pid = os.getpid()
 
 
@@ -147,6 +149,15 @@ class _Leases:
             idle = _retire(list(self.held))
         for held in idle:
             _close(held)
+        _drain()
+
+    def abandon(self) -> None:
+        """`retire` for an engine that was garbage-collected (so no call runs on it): from
+        a finaliser, which may run in any thread at any moment, even one holding the
+        gate's lock, so it takes no lock and closes nothing itself (see `_close`)."""
+        for held in list(self.held):
+            held.retired = True
+            _close(held)
 
 
 def _retire(leases: list[_Lease]) -> list[_Lease]:
@@ -164,18 +175,70 @@ _INHERITED: list[Any] = []
 """Connections inherited through fork: kept, never used or closed, in the child (closing
 one there could let SQLite delete the parent's WAL)."""
 
+_PENDING: deque[sqlite3.Connection] = deque()
+"""Connections of leases that ended while another thread was forking, closed by
+`_drain` (the forking thread's, or the next check-out's or check-in's)."""
+
+_CLOSING: list[int] = []
+"""One entry per `_close` closing a connection outside the gate's lock (list append and
+pop are atomic), so that a fork waits for it."""
+
 
 def _close(lease: _Lease) -> None:
+    """Close `lease`'s connection, without taking the gate's lock: this runs from
+    `__del__` and finalisers too (any thread, any moment, perhaps one holding that lock).
+    A close must not overlap a fork (a close in flight in another thread would carry
+    SQLite's half-updated lock bookkeeping into the child): it announces itself in
+    `_CLOSING` before it looks whether a fork is under way, and the forking thread
+    announces itself in `forking` before it counts `_CLOSING`, so one of the two always
+    sees the other; a close that sees a fork queues its connection for the forking
+    thread to close instead."""
     if lease.closed:
         return
     lease.closed = True
     if lease.pid != os.getpid():
         _INHERITED.append(lease.driver)
         return
+    _CLOSING.append(1)
     try:
-        lease.driver.close()
-    except sqlite3.Error:  # a connection of another thread (an engine made elsewhere)
-        _INHERITED.append(lease.driver)
+        forking = _gate.forking
+        if forking is not None and forking != threading.get_ident():
+            _PENDING.append(lease.driver)
+            return
+        try:
+            lease.driver.close()
+        except sqlite3.Error:  # a connection of another thread (an engine made elsewhere)
+            _INHERITED.append(lease.driver)
+    finally:
+        _CLOSING.pop()
+
+
+def _drain() -> None:
+    """Close the queued connections, never while another thread forks (a fork waits for
+    the closing to end). Takes the gate's lock: not for `__del__` or finalisers."""
+    if not _PENDING:
+        return
+    gate = _gate
+    me = threading.get_ident()
+    with gate.lock:
+        while gate.forking is not None and gate.forking != me:
+            gate.cond.wait()
+        gate.closing += 1
+    try:
+        while _PENDING:
+            try:
+                driver = _PENDING.popleft()
+            except IndexError:
+                break
+            try:
+                driver.close()
+            except sqlite3.Error:  # a connection of another thread (an engine made elsewhere)
+                _INHERITED.append(driver)
+    finally:
+        with gate.lock:
+            gate.closing -= 1
+            if gate.forking is not None:
+                gate.cond.notify_all()
 
 
 _TAINTED: set[tuple[int, int]] = set()
@@ -261,10 +324,10 @@ def _track_pooled(engine: Engine, leases: _Leases) -> None:
 
 
 def _forget(key: int, leases: _Leases) -> None:
-    """An engine was collected: close its leases and drop its entry."""
+    """An engine was collected: close its leases and drop its entry (a finaliser)."""
     if _LEASES.get(key) is leases:
         del _LEASES[key]
-    leases.retire()
+    leases.abandon()
 
 
 def _on_dispose(engine: Engine) -> None:
@@ -295,6 +358,8 @@ def _open_lease(engine: Engine, leases: _Leases) -> _Lease:
 
 def _check_out(engine: Engine) -> _Lease:
     """This thread's lease on `engine`, marked busy (waiting while a fork is under way)."""
+    if _PENDING:
+        _drain()
     leases = _leases_of(engine)
     lease: _Lease | None = getattr(leases.local, "lease", None)
     gate = _gate
@@ -335,6 +400,8 @@ def _check_in(lease: _Lease, *, discard: bool = False) -> None:
             gate.cond.notify_all()
     if close:
         _close(lease)
+    if _PENDING:
+        _drain()
 
 
 def lease(engine: Engine) -> sqlite3.Connection:
@@ -355,7 +422,7 @@ def _calls_elsewhere(me: int) -> int:
     for leases in list(_LEASES.values()):
         busy += sum(1 for held in list(leases.held) if held.busy and held.owner != me)
         busy += sum(1 for owner in leases.pooled.values() if owner != me)
-    return busy + _gate.opening
+    return busy + _gate.opening + _gate.closing + len(_CLOSING)
 
 
 def _still_open() -> set[tuple[int, int]]:
@@ -401,7 +468,8 @@ def _before_fork() -> None:
                     _FORK_WAIT,
                 )
                 break
-            gate.cond.wait(remaining)
+            # Closes outside the lock do not notify: look again soon.
+            gate.cond.wait(min(remaining, 0.005) if _CLOSING else remaining)
         idle: list[_Lease] = []
         for leases in list(_LEASES.values()):
             idle += _retire(list(leases.held))
@@ -409,6 +477,7 @@ def _before_fork() -> None:
         _CROSSING.update(_still_open())
     for held in idle:
         _close(held)
+    _drain()  # this thread is the forking one: no other thread closes meanwhile
     for engine in list(_ENGINES):
         if _closes_before_fork(engine):
             engine.dispose()  # its idle pooled connections; the pool is replaced
@@ -438,6 +507,9 @@ def _after_fork_in_child() -> None:
     _gate = _Gate()
     _TAINTED.update(_CROSSING)
     _CROSSING.clear()
+    # Queued by the parent's threads after the fork's drain: the parent's to close.
+    _INHERITED.extend(_PENDING)
+    _PENDING.clear()
     for leases in list(_LEASES.values()):
         leases.pooled.clear()  # held by the parent's threads, which are not here
     for engine in list(_ENGINES):
