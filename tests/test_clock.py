@@ -195,3 +195,33 @@ def test_the_commands_prune_asks_the_store_what_is_old(pg_store: Engine, pg_url:
     assert outcome.returncode == 0, outcome.stderr
     assert json.loads(outcome.stdout)["sessions"] == 0
     assert repo.get(KEY) is not None
+
+
+def test_one_moment_of_a_clock_far_ahead_does_not_pin_the_store(engine: Engine) -> None:
+    """A write made while the host's clock read 2030 for a moment: the next writes, the
+    clock right again, are stamped with the right time (not 2030), and a prune measured
+    on the store's clock does not take live sessions for years old."""
+    repo = SessionRepository(engine)
+    repo.get_or_create(KEY)
+    with freeze_time(datetime(2030, 1, 1, tzinfo=UTC)):
+        repo.get_or_create(OTHER)
+        repo.append_message(OTHER, Role.USER, "written while the clock was wrong")
+    with freeze_time(T):
+        appended = repo.append_message(KEY, Role.USER, "the clock is right again")
+        assert appended.created_at == T
+        assert repo.now() == T
+        assert repo.prune(updated_before=repo.now() - timedelta(days=30), dry_run=True) == 0
+
+
+def test_the_clock_is_held_back_for_up_to_a_day(engine: Engine) -> None:
+    from aisopod_session.clock import MAX_HOLD
+
+    repo = SessionRepository(engine)
+    repo.get_or_create(KEY)
+    with freeze_time(T):
+        repo.append_message(KEY, Role.USER, "at T")
+    with freeze_time(T - MAX_HOLD):
+        assert repo.append_message(KEY, Role.USER, "a day back").created_at == T
+    with freeze_time(T - MAX_HOLD - timedelta(seconds=1)):
+        later = repo.append_message(KEY, Role.USER, "more than a day back")
+    assert later.created_at == T - MAX_HOLD - timedelta(seconds=1)

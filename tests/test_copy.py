@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 
 from aisopod_session import (
     NewMessage,
@@ -298,3 +299,25 @@ def test_two_schemas_of_one_postgresql_database_are_different_stores(
         finally:
             first.dispose()
             second.dispose()
+
+
+def test_a_postgresql_database_reached_through_its_unix_socket_is_the_same_store(
+    pg_url: str,
+) -> None:
+    """The same server and schema, once over TCP and once over the server's Unix socket
+    (no port, another address): still the same store."""
+    socket_folder = "/var/run/postgresql"
+    if not Path(socket_folder).is_dir():
+        pytest.fail(f"the local PostgreSQL's socket folder {socket_folder} is missing")
+    url = make_url(pg_url)
+    by_socket = url.set(host=None, port=None).update_query_dict({"host": socket_folder})
+    first = open_database(pg_url)
+    second = open_database(by_socket)
+    try:
+        SessionRepository(first).get_or_create("agent-1:telegram:bot:dm:u1")
+        with pytest.raises(SessionStoreError, match="same store"):
+            copy_database(first, second, overwrite=True)
+        assert count_rows(first, "sessions") == 1
+    finally:
+        first.dispose()
+        second.dispose()

@@ -6,9 +6,12 @@
   order.
 - **SQLite**: this host's clock, but never earlier than the newest message's
   `created_at` (the message with the highest id: one seek), read under the write lock;
-  so messages' `created_at` never goes backwards in id order even when the clock is set
-  back, and a write never stamps a session earlier than the last message stored. Every
-  writer of a SQLite file is on one host.
+  so messages' `created_at` never goes backwards in id order when the clock is set back
+  (by up to `MAX_HOLD`), and a write never stamps a session earlier than the last message
+  stored. A newest stamp further ahead than that is taken for a mistake (a moment of a
+  wrong clock, a row written by another program) and not followed: otherwise one glitch
+  to the year 2030 would stamp every later write 2030, and make live sessions look years
+  old to a prune. Every writer of a SQLite file is on one host.
 - `open_database(..., clock=...)` replaces the host's or the server's clock with any
   callable returning an aware `datetime` (tests under freezegun pass
   `lambda: datetime.now(UTC)`); on SQLite the never-backwards rule still holds.
@@ -18,7 +21,7 @@ See docs/reliability.md ("Clocks").
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine
@@ -32,6 +35,10 @@ SERVER_NOW = (
 """PostgreSQL's time now, as the store's fixed-width ISO-8601 UTC text."""
 
 _SELECT_SERVER_NOW = f"SELECT {SERVER_NOW}"
+MAX_HOLD = timedelta(days=1)
+"""How far ahead of this host's clock the newest stored stamp may be and still hold the
+clock back (SQLite)."""
+
 SELECT_LATEST = "SELECT created_at FROM messages ORDER BY id DESC LIMIT 1"
 """SQLite: the newest message's `created_at`, which no new stamp may precede."""
 
@@ -71,7 +78,7 @@ class StoreClock:
                     later = parse_utc_text(latest)
                 except ValueError:
                     later = None
-                if later is not None and later > now:
+                if later is not None and now < later <= now + MAX_HOLD:
                     return later, utc_text(later)
         return now, text
 

@@ -241,10 +241,14 @@ def _sqlite_file(engine: Engine) -> str | None:
 
 
 def _server_identity(engine: Engine) -> tuple[Any, ...]:
+    """What tells one server's schema from every other's, asked of the server: its start
+    time and configured port name the server instance (the client's address, port or
+    socket, which a pooler or a Unix socket changes, do not), then the database and the
+    schema."""
     with engine.connect() as conn:
         row = conn.exec_driver_sql(
-            "SELECT current_database(), current_schema(), pg_postmaster_start_time(), "
-            "inet_server_port()"
+            "SELECT pg_postmaster_start_time(), current_setting('port'), "
+            "current_database(), current_schema()"
         ).one()
     return tuple(row)
 
