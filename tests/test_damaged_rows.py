@@ -196,3 +196,26 @@ def test_the_command_names_damaged_rows_and_keeps_working(db_path: Path, tmp_pat
     assert "Left out 1 damaged row(s) and the 1 message(s)" in exported.stderr
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert len(lines) == 3  # the header, the good session and its message
+
+
+@pytest.mark.parametrize(
+    ("stored", "reads_as"),
+    [("null", {}), ("[1, 2]", None), ('{"a": 1e999}', None), ('{"a": NaN}', None)],
+)
+def test_metadata_that_is_no_json_object_is_read_leniently_or_refused(
+    store: Engine, stored: str, reads_as: dict[str, object] | None
+) -> None:
+    """JSON null reads as no metadata; a list, or numbers no JSON writer could read back
+    (an overflow to infinity, NaN), make the row damaged rather than come back as values
+    the store could not write or export again. Merging starts afresh from any JSON that
+    is not an object."""
+    repo, bad_id = damaged_store(store, "metadata", stored)
+    if reads_as is not None:
+        found = repo.get(BAD)
+        assert found is not None
+        assert found.meta == reads_as
+    else:
+        with pytest.raises(DamagedRowError, match=f"sessions row {bad_id}, column metadata"):
+            repo.get(BAD)
+    if stored in ("null", "[1, 2]"):
+        assert repo.update_metadata(BAD, {"lang": "pt"}).meta == {"lang": "pt"}

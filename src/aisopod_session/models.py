@@ -103,8 +103,10 @@ def dump_json(value: Any) -> str:
 class JSONText(StoredText):
     """A JSON value stored as text (the seed's `TEXT` columns), decoded on the way out.
 
-    In-place changes to a loaded value are not tracked: change metadata through
-    `SessionRepository.update_metadata`.
+    Text that is not JSON, or holds NaN, Infinity or a number too large for a float
+    (which other writers may have stored), is refused when read (`ValueError`): such a
+    value could not be written back or exported. In-place changes to a loaded value are
+    not tracked: change metadata through `SessionRepository.update_metadata`.
     """
 
     cache_ok = True
@@ -113,7 +115,34 @@ class JSONText(StoredText):
         return dump_json(value)
 
     def read(self, value: str) -> Any:
-        return json.loads(value)
+        return json.loads(value, parse_constant=_not_a_number, parse_float=_finite_float)
+
+
+class JSONObjectText(JSONText):
+    """A JSON object stored as text (`sessions.metadata`). JSON `null` (which plain SQL
+    may have stored) reads as an empty object; any other value is refused when read
+    (`ValueError`)."""
+
+    cache_ok = True
+
+    def read(self, value: str) -> Any:
+        found = super().read(value)
+        if found is None:
+            return {}
+        if not isinstance(found, dict):
+            raise ValueError(f"not a JSON object but {type(found).__name__}")
+        return found
+
+
+def _not_a_number(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is too large for a JSON number")
+    return number
 
 
 class EnumText(StoredText):
@@ -271,7 +300,9 @@ class Session(SQLModel, table=True):
     )
     meta: dict[str, Any] = Field(
         default_factory=dict,
-        sa_column=Column("metadata", JSONText, nullable=False, server_default=text("'{}'")),
+        sa_column=Column(
+            "metadata", JSONObjectText, nullable=False, server_default=text("'{}'")
+        ),
     )
     status: SessionStatus = Field(
         default=SessionStatus.ACTIVE,

@@ -879,7 +879,8 @@ def _not_found(key: SessionKey) -> SessionNotFoundError:
 
 
 def _read_json_object(stored: str, session_id: int) -> dict[str, Any]:
-    # Plain SQL may have stored JSON that is not an object; merging starts afresh then.
+    """Stored metadata to merge into: JSON that is not an object (plain SQL may have
+    stored one) starts afresh; text that is not JSON is refused, naming the row."""
     try:
         value = JSONText().read(stored)
     except ValueError as exc:
