@@ -6,11 +6,14 @@ working afterwards."""
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -26,6 +29,9 @@ from aisopod_session import (
     SessionKey,
     SessionRepository,
     SessionStoreError,
+    copy_database,
+    export_jsonl,
+    import_jsonl,
     open_database,
 )
 from tests.dbtools import snapshot, stress
@@ -295,3 +301,40 @@ def test_get_or_create_racing_delete_of_the_same_key_always_returns_that_session
         assert all(session.key == key for session in got)
     finally:
         engine.dispose()
+
+
+def test_copy_and_import_into_a_locked_store_give_up_after_busy_timeout(
+    pg_url: str, key: SessionKey, tmp_path: Path
+) -> None:
+    """copy_database (overwrite=True) and import_jsonl write through SQLAlchemy, not the
+    repository's calls: their waits for a row lock are bounded by busy_timeout too."""
+    engine = open_database(pg_url, busy_timeout=0.5)
+    source = open_database(tmp_path / "source.db")
+    holder = plain_connect(pg_url)
+    try:
+        SessionRepository(source).get_or_create(key)
+        SessionRepository(source).append_message(key, Role.USER, "to copy")
+        export = io.StringIO()
+        export_jsonl(source, export)
+        # Without ids, the message is new to the target: importing it recounts the
+        # session's messages, an UPDATE of the locked row.
+        lines = [json.loads(line) for line in export.getvalue().splitlines()]
+        for line in lines:
+            if line["type"] == "message":
+                del line["id"]
+        to_import = [json.dumps(line) for line in lines]
+        session_id = session_with_history(engine, key)
+        lock_row(holder, session_id)
+        for name, function in (
+            ("copy_database", lambda: copy_database(source, engine, overwrite=True)),
+            ("import_jsonl", lambda: import_jsonl(engine, to_import)),
+        ):
+            call = Call(function)
+            hung = not call.finished()
+            assert not hung, f"{name} waited more than {DEADLINE} s for the row lock"
+            assert isinstance(call.error, DatabaseBusyError), (name, call.error)
+    finally:
+        holder.rollback()
+        holder.close()
+        engine.dispose()
+        source.dispose()

@@ -57,7 +57,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.pool import PoolProxiedConnection, SingletonThreadPool, StaticPool
 
 from aisopod_session.errors import DRIVER_ERRORS, SessionStoreError, translate
-from aisopod_session.settings import busy_timeout_of
+from aisopod_session.settings import lock_timeout_ms
 
 logger = logging.getLogger("aisopod_session")
 
@@ -540,9 +540,7 @@ def server_begin(engine: Engine, mode: Mode) -> str:
     """What a PostgreSQL transaction of `mode` begins with (one round trip)."""
     if mode == "DEFERRED":
         return _SERVER_READ
-    # lock_timeout 0 would mean "wait forever": the shortest real wait is 1 ms.
-    milliseconds = max(1, round(busy_timeout_of(engine) * 1000))
-    return f"BEGIN; SET LOCAL lock_timeout = {milliseconds}"
+    return f"BEGIN; SET LOCAL lock_timeout = {lock_timeout_ms(engine)}"
 
 
 class driver_transaction:  # noqa: N801 - used like a function: `with driver_transaction(...)`

@@ -210,7 +210,8 @@ def run_migrations(engine: Engine, migrations: Sequence[Migration] | None = None
     for migration in pending:
         with (
             translated_errors(f"apply migration {migration.version}"),
-            write_transaction(engine) as conn,
+            # Unbounded: on PostgreSQL this waits for another host's migration to end.
+            write_transaction(engine, bounded=False) as conn,
         ):
             _lock(conn)
             # Re-read under the write lock: another process may have migrated meanwhile.

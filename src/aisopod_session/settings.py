@@ -41,3 +41,9 @@ def clock_of(engine: Engine) -> Clock | None:
     """The clock `open_database` was given for this store, or None (the store's own)."""
     clock: Clock | None = engine.get_execution_options().get(CLOCK_OPTION)
     return clock
+
+
+def lock_timeout_ms(engine: Engine) -> int:
+    """PostgreSQL's `lock_timeout` for the store's writes: `busy_timeout` in milliseconds
+    (at least 1: 0 would mean no limit at all)."""
+    return max(1, round(busy_timeout_of(engine) * 1000))

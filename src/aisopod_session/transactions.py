@@ -27,7 +27,7 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from aisopod_session import connections
-from aisopod_session.settings import DEFAULT_BUSY_TIMEOUT
+from aisopod_session.settings import DEFAULT_BUSY_TIMEOUT, lock_timeout_ms
 
 MAX_BUSY_TIMEOUT = 2_147_483.0
 """The longest `busy_timeout` in seconds: SQLite counts it in milliseconds in a signed
@@ -118,10 +118,14 @@ def write_engine(engine: Engine) -> Engine:
 
 
 @contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
+def write_transaction(engine: Engine, *, bounded: bool = True) -> Iterator[Connection]:
     """A transaction that holds the write lock from its first statement; it commits when
-    the block ends and rolls back everything if the block raises."""
+    the block ends and rolls back everything if the block raises. On PostgreSQL a wait
+    for a row lock lasts at most the store's `busy_timeout` (`DatabaseBusyError`), unless
+    `bounded` is False (the migrator, which waits for another host's migration)."""
     with _transaction(engine, "IMMEDIATE") as conn:
+        if bounded and conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {lock_timeout_ms(engine)}")
         yield conn
 
 
