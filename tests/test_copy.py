@@ -321,3 +321,26 @@ def test_a_postgresql_database_reached_through_its_unix_socket_is_the_same_store
     finally:
         first.dispose()
         second.dispose()
+
+
+def test_a_counter_postgresql_cannot_hold_fails_the_copy_naming_table_row_and_column(
+    tmp_path: Path, pg_store: Engine
+) -> None:
+    """SQLite's message_count takes 64 bits, PostgreSQL's INTEGER 32: a copy of a session
+    with 3 000 000 000 messages counted is refused naming it, before anything is copied
+    (it used to fail with a bare "integer out of range")."""
+    source = open_database(tmp_path / "big-count.db")
+    try:
+        repo = SessionRepository(source)
+        session = repo.get_or_create("agent-1:telegram:bot:dm:u1")
+        with source.begin() as conn:
+            conn.exec_driver_sql(
+                "UPDATE sessions SET message_count = 3000000000 WHERE id = ?", (session.id,)
+            )
+        with pytest.raises(
+            SessionStoreError, match=rf"sessions row {session.id}, column message_count"
+        ):
+            copy_database(source, pg_store)
+        assert count_rows(pg_store, "sessions") == 0
+    finally:
+        source.dispose()

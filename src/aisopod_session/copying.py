@@ -79,7 +79,7 @@ def copy_database(
                 f"the {name} is at schema version {version}, not {SCHEMA_VERSION}: open it "
                 "with open_database (which migrates it) before copying"
             )
-    no_nul = target.dialect.name == "postgresql"
+    no_nul = target.dialect.name == "postgresql"  # nor counters past 32 bits
     with (
         translated_errors("copy_database"),
         _snapshot(source) as read,
@@ -146,7 +146,7 @@ def _copy_table(
         if not rows:
             return copied
         if no_nul:
-            _refuse_nul(plain.name, rows)
+            _refuse_unstorable(plain.name, rows)
         write.execute(plain.insert(), rows)
         copied += len(rows)
         last = rows[-1]["id"]
@@ -154,15 +154,25 @@ def _copy_table(
             progress(plain.name, copied, total)
 
 
-def _refuse_nul(table_name: str, rows: list[dict[str, Any]]) -> None:
+# PostgreSQL's INTEGER columns (the seed's, kept as they are); SQLite's hold 64 bits.
+_POSTGRESQL_INTEGERS = {"message_count", "compaction_count"}
+_MAX_INTEGER = 2**31 - 1
+
+
+def _refuse_unstorable(table_name: str, rows: list[dict[str, Any]]) -> None:
+    """`SessionStoreError` naming the first value of `rows` PostgreSQL cannot store."""
     for row in rows:
         for name, value in row.items():
             if isinstance(value, str) and "\x00" in value:
-                raise SessionStoreError(
-                    f"copy_database: {table_name} row {row['id']}, column {name} holds a NUL "
-                    "character, which PostgreSQL cannot store (SQLite can); nothing was "
-                    "copied: change or delete that row in the source first"
-                )
+                reason = "holds a NUL character, which PostgreSQL cannot store (SQLite can)"
+            elif name in _POSTGRESQL_INTEGERS and isinstance(value, int) and value > _MAX_INTEGER:
+                reason = f"holds {value}, more than PostgreSQL's INTEGER column takes"
+            else:
+                continue
+            raise SessionStoreError(
+                f"copy_database: {table_name} row {row['id']}, column {name} {reason}; "
+                "nothing was copied: change or delete that row in the source first"
+            )
 
 
 def high_water(conn: Connection, plain: TableClause) -> int:
