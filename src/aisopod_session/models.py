@@ -300,9 +300,7 @@ class Session(SQLModel, table=True):
     )
     meta: dict[str, Any] = Field(
         default_factory=dict,
-        sa_column=Column(
-            "metadata", JSONObjectText, nullable=False, server_default=text("'{}'")
-        ),
+        sa_column=Column("metadata", JSONObjectText, nullable=False, server_default=text("'{}'")),
     )
     status: SessionStatus = Field(
         default=SessionStatus.ACTIVE,
