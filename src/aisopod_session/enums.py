@@ -18,6 +18,8 @@ class Role(StrEnum):
     """Who wrote a message."""
 
     SYSTEM = "system"
+    DEVELOPER = "developer"
+    """Instructions from the application's developer (OpenAI's APIs' name for them)."""
     USER = "user"
     ASSISTANT = "assistant"
     TOOL = "tool"

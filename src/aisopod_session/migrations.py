@@ -64,6 +64,11 @@ _SEED_INDEXES = (
     "CREATE INDEX IF NOT EXISTS idx_messages_created_at ON messages(session_id, created_at)",
 )
 
+# Whether this library migrated the store (it records a checksum with every migration it
+# applies; the crate's and hand-written version rows have none). By migration 3's
+# statements the bookkeeping columns exist (`_apply` adds them first).
+_OURS = "EXISTS (SELECT 1 FROM schema_version WHERE checksum IS NOT NULL)"
+
 # Migration 1 is the seed spec's DDL as written. `IF NOT EXISTS` lets a file whose tables
 # were created by plain SQL from that spec (and has no schema_version yet) be adopted.
 MIGRATIONS: list[Migration] = [
@@ -135,6 +140,38 @@ MIGRATIONS: list[Migration] = [
             "ALTER TABLE sessions ADD COLUMN last_compaction_summary TEXT",
         ),
     ),
+    # Migration 3: content as JSON (as the crate stores it), message metadata, and the
+    # input/output split of token_usage. See docs/migrations.md ("Migration 3").
+    # Which store wrote the content decides how it is converted: one whose schema_version
+    # records a checksum was migrated by this library, which stored content as plain
+    # text, so every cell becomes the JSON string of its text (each message reads back as
+    # before, "123" and '{"a": 1}' included); any other (the crate's, plain SQL's) keeps
+    # every cell that is valid JSON and quotes the rest. One set-based UPDATE each.
+    Migration(
+        version=3,
+        name="JSON content, message metadata, input and output tokens",
+        statements=(
+            f"UPDATE messages SET content = json_quote(CAST(content AS TEXT)) WHERE {_OURS} "
+            "OR NOT json_valid(content)",
+            "ALTER TABLE messages ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}'",
+            "ALTER TABLE sessions ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE sessions ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0",
+        ),
+        postgresql=(
+            f"UPDATE messages SET content = to_json(content)::text WHERE {_OURS}",
+            # PostgreSQL 15 has no `IS JSON`: a cast that fails is the test. The function
+            # lives in this session's temporary schema and is dropped before the commit.
+            "CREATE FUNCTION pg_temp.aisopod_is_json(value text) RETURNS boolean "
+            "LANGUAGE plpgsql AS $$ BEGIN PERFORM value::json; RETURN true; "
+            "EXCEPTION WHEN others THEN RETURN false; END $$",
+            f"UPDATE messages SET content = to_json(content)::text WHERE NOT {_OURS} "
+            "AND NOT pg_temp.aisopod_is_json(content)",
+            "DROP FUNCTION pg_temp.aisopod_is_json(text)",
+            "ALTER TABLE messages ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}'",
+            "ALTER TABLE sessions ADD COLUMN input_tokens BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE sessions ADD COLUMN output_tokens BIGINT NOT NULL DEFAULT 0",
+        ),
+    ),
 ]
 
 SCHEMA_VERSION: int = MIGRATIONS[-1].version
@@ -151,12 +188,16 @@ _BOOKKEEPING_COLUMNS = ("name", "checksum", "applied_at")
 
 @dataclass(frozen=True)
 class AppliedMigration:
-    """One row of `schema_version`; bookkeeping is None where it was not recorded."""
+    """One applied migration: a row of `schema_version`, or (`recorded` False) a version
+    below the highest one that has no row of its own, as in the Rust crate's table,
+    which keeps only its latest version. Bookkeeping is None where it was not recorded;
+    an unrecorded version is named from the code when the code knows it."""
 
     version: int
     name: str | None
     checksum: str | None
     applied_at: datetime | None
+    recorded: bool = True
 
 
 def applied_migrations(engine: Engine) -> list[AppliedMigration]:
@@ -292,14 +333,22 @@ def _read_applied(conn: Connection) -> list[AppliedMigration]:
         column if column in present else "NULL" for column in ("version", *_BOOKKEEPING_COLUMNS)
     )
     rows = conn.exec_driver_sql(f"SELECT {selected} FROM schema_version ORDER BY version")
-    return [
-        AppliedMigration(
+    recorded = {
+        int(version): AppliedMigration(
             version=int(version),
             name=name,
             checksum=checksum,
             applied_at=None if applied_at is None else parse_utc_text(applied_at),
         )
         for version, name, checksum, applied_at in rows
+    }
+    # The version is the highest row: every version below it counts as applied, recorded
+    # or not (the crate's table holds one row, its latest version).
+    names = {migration.version: migration.name for migration in MIGRATIONS}
+    return [
+        recorded.get(version)
+        or AppliedMigration(version, names.get(version), None, None, recorded=False)
+        for version in range(1, max(recorded, default=0) + 1)
     ]
 
 

@@ -6,9 +6,10 @@ The tables mirror migration 1 (`migrations.py`) column for column; a test compar
 
 import json
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar, TypeAlias
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, field_validator
 from sqlalchemy import Column, Dialect, Index, Integer, Text, UniqueConstraint, text
@@ -18,6 +19,10 @@ from sqlmodel import Field, Relationship, SQLModel
 from aisopod_session.enums import PeerKind, Role, SessionStatus
 from aisopod_session.errors import SessionStoreError
 from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
+
+JSONValue: TypeAlias = str | int | float | bool | list[Any] | dict[str, Any] | None
+"""What a message's `content` and `tool_calls` may be: any JSON value (a `tuple` is
+taken as a list)."""
 
 MAX_JSON_DEPTH = 64
 """How deep metadata and tool calls may nest; deeper values are refused as input."""
@@ -45,11 +50,20 @@ def utc_text(value: datetime) -> str:
 def parse_utc_text(value: str) -> datetime:
     """Read a stored timestamp back as an aware UTC datetime.
 
-    Besides our own form this accepts what plain SQL tends to write (`datetime('now')`
-    gives `2026-11-26 03:59:48`, `strftime(... 'Z')` a trailing `Z`); text without an
-    offset is UTC, which is what SQLite's date functions produce.
+    Besides our own form this accepts RFC 3339 as other writers store it (the Rust
+    crate's chrono `to_rfc3339()`: 0 to 9 fraction digits, kept to the microsecond by
+    truncation; `Z`, `z` or a `±hh:mm` offset; `T`, `t` or a space between date and time)
+    and what plain SQL tends to write (`datetime('now')` gives `2026-11-26 03:59:48`);
+    text without an offset is UTC, which is what SQLite's date functions produce.
+    `ValueError` for anything else.
     """
-    parsed = datetime.fromisoformat(value)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        # RFC 3339 allows lower-case `t` and `z`, which Python 3.11 does not read.
+        if not isinstance(value, str) or value.isupper() or not value.isascii():
+            raise
+        parsed = datetime.fromisoformat(value.upper())
     if parsed.tzinfo is UTC:  # our own form: nothing to convert
         return parsed
     if parsed.tzinfo is None:
@@ -118,6 +132,45 @@ class JSONText(StoredText):
         return json.loads(value, parse_constant=_not_a_number, parse_float=_finite_float)
 
 
+class LenientJSONText(JSONText):
+    """A JSON value stored as text that other programs write too (`messages.content`,
+    `messages.tool_calls`): a cell that is not valid JSON, or holds a value JSON cannot
+    carry back (NaN, Infinity, a number too large for a float), reads as its raw text,
+    so one cell written by plain SQL never makes a history unreadable."""
+
+    cache_ok = True
+
+    def read(self, value: Any) -> Any:
+        if type(value) is not str:
+            # Plain SQL may have stored a number or a blob in the TEXT column (SQLite).
+            if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+                return value
+            if not isinstance(value, bytes):
+                return str(value)
+            value = value.decode("utf-8", "replace")
+        try:
+            return json.loads(value, parse_constant=_not_a_number, parse_float=_finite_float)
+        except (ValueError, RecursionError):
+            return value
+
+
+class LenientJSONObjectText(JSONText):
+    """A JSON object stored as text that other programs write too (`messages.metadata`):
+    a cell that is not a JSON object (or not JSON at all) reads as an empty object, so one
+    cell never makes a history unreadable."""
+
+    cache_ok = True
+
+    def read(self, value: Any) -> Any:
+        if value == "{}":
+            return {}
+        try:
+            found = super().read(value)
+        except (TypeError, ValueError, RecursionError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+
 class JSONObjectText(JSONText):
     """A JSON object stored as text (`sessions.metadata`). JSON `null` (which plain SQL
     may have stored) reads as an empty object; any other value is refused when read
@@ -143,6 +196,25 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(number):
         raise ValueError(f"{text} is too large for a JSON number")
     return number
+
+
+class RoleText(StoredText):
+    """A message's role: a `Role` when the stored text names one (in any case), else the
+    stored text itself as a plain `str`, so a role written by another program (the
+    crate's future roles, plain SQL) never makes a history unreadable."""
+
+    cache_ok = True
+    _members: ClassVar[dict[str, Role]] = {member.value: member for member in Role}
+
+    def write(self, value: Any) -> str:
+        return parse_enum(Role, value).value
+
+    def read(self, value: Any) -> Role | str:
+        member = self._members.get(value)
+        if member is not None:
+            return member
+        text = value if isinstance(value, str) else str(value)
+        return self._members.get(text.strip().lower(), text)
 
 
 class EnumText(StoredText):
@@ -314,6 +386,13 @@ class Session(SQLModel, table=True):
         default=None, sa_column=Column(UTCDateTime, nullable=True)
     )
     last_compaction_summary: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # Migration 3: the input/output split of `token_usage`, where callers report it.
+    input_tokens: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
+    )
+    output_tokens: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
+    )
 
     messages: list["Message"] = Relationship(
         back_populates="session",
@@ -331,7 +410,12 @@ class Session(SQLModel, table=True):
 
 
 class Message(SQLModel, table=True):
-    """One turn of a conversation; history order is `id` order."""
+    """One turn of a conversation; history order is `id` order.
+
+    `content` and `tool_calls` are JSON values (a `str` stays a `str`); a cell another
+    program stored that is not JSON reads as its raw text. `role` is a `Role`, or the
+    stored text as a plain `str` when it names no `Role`. `meta` is the message's
+    metadata object (`{}` when the cell holds no JSON object)."""
 
     __tablename__ = "messages"
     __table_args__ = (
@@ -342,10 +426,17 @@ class Message(SQLModel, table=True):
 
     id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
     session_id: int = Field(foreign_key="sessions.id", ondelete="CASCADE", sa_type=Integer)
-    role: Role = Field(sa_column=Column(EnumText(Role), nullable=False))
-    content: str = Field(sa_column=Column(Text, nullable=False))
-    tool_calls: list[Any] | None = Field(default=None, sa_column=Column(JSONText, nullable=True))
+    role: Role | str = Field(sa_column=Column(RoleText, nullable=False))
+    content: JSONValue = Field(sa_column=Column(LenientJSONText, nullable=False))
+    tool_calls: JSONValue = Field(default=None, sa_column=Column(LenientJSONText, nullable=True))
     created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    # Migration 3: per-message metadata (model, usage, ids of the framework's items).
+    meta: dict[str, Any] = Field(
+        default_factory=dict,
+        sa_column=Column(
+            "metadata", LenientJSONObjectText, nullable=False, server_default=text("'{}'")
+        ),
+    )
 
     session: Session | None = Relationship(
         back_populates="messages", sa_relationship_kwargs={"lazy": "raise"}
@@ -358,18 +449,28 @@ class Message(SQLModel, table=True):
 class NewMessage(BaseModel):
     """A message to append: validated before anything is written.
 
-    `role` takes a `Role` or its name in any case; `content` must be text that can be
-    stored (no lone surrogates; NUL bytes and any length are kept as given); `tool_calls`
-    is a JSON array or None.
+    `role` takes a `Role` or its name in any case; `content` is any JSON value (a `str`
+    stays a `str`: text, or content blocks as a list, an object, a number, a boolean or
+    None); `tool_calls` is any JSON value or None; `meta` a JSON object or None (stored as
+    `{}`). Values must store and read back unchanged: no sets or bytes, no NaN or
+    infinity, integers within 64 bits, strings without lone surrogates, nesting at most
+    `MAX_JSON_DEPTH` deep, at most `MAX_TEXT_BYTES` of JSON text each.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     role: Role
-    content: str
-    tool_calls: list[Any] | None = None
+    content: JSONValue
+    tool_calls: JSONValue = None
+    meta: dict[str, Any] | None = None
 
-    def __init__(self, role: Role | str, content: str, tool_calls: list[Any] | None = None) -> None:
+    def __init__(
+        self,
+        role: Role | str,
+        content: JSONValue,
+        tool_calls: JSONValue = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
         """Build a message positionally or by name; pydantic's `ValidationError` (a
         `ValueError`) naming the field if a value is invalid.
 
@@ -383,9 +484,10 @@ class NewMessage(BaseModel):
                 "role": parse_enum(Role, role),
                 "content": check_content(content),
                 "tool_calls": check_tool_calls(tool_calls),
+                "meta": check_message_meta(meta),
             }
         except ValueError:
-            super().__init__(role=role, content=content, tool_calls=tool_calls)
+            super().__init__(role=role, content=content, tool_calls=tool_calls, meta=meta)
             raise  # pragma: no cover - pydantic raised above, with the same checks
         object.__setattr__(self, "__dict__", values)
         object.__setattr__(self, "__pydantic_fields_set__", set(values))
@@ -397,27 +499,69 @@ class NewMessage(BaseModel):
     def _role(cls, value: Any) -> Role:
         return parse_enum(Role, value)
 
-    @field_validator("content", mode="before")
+    @field_validator("content", mode="plain")
     @classmethod
-    def _content(cls, value: Any) -> str:
+    def _content(cls, value: Any) -> JSONValue:
         return check_content(value)
 
-    @field_validator("tool_calls", mode="before")
+    @field_validator("tool_calls", mode="plain")
     @classmethod
-    def _tool_calls(cls, value: Any) -> list[Any] | None:
+    def _tool_calls(cls, value: Any) -> JSONValue:
         return check_tool_calls(value)
 
+    @field_validator("meta", mode="plain")
+    @classmethod
+    def _meta(cls, value: Any) -> dict[str, Any] | None:
+        return check_message_meta(value)
 
-def check_content(value: Any) -> str:
-    """`value` if it is text that can be stored, else `ValueError`."""
-    if not isinstance(value, str):
-        raise ValueError(f"must be a string, not {type(value).__name__}")
-    if not value.isascii():
-        _check_encodable("content", value, "content")
-    if len(value) > MAX_TEXT_BYTES // 4:
-        size = _utf8_size(value)
-        if size > MAX_TEXT_BYTES:
-            raise ValueError(_too_large(size))
+
+def check_content(value: Any, field: str = "content") -> JSONValue:
+    """`value` if it is a JSON value that can be stored, else `ValueError` naming
+    `field`. A `str` is returned as it is; a tuple anywhere becomes a list."""
+    if type(value) is str:
+        if not value.isascii():
+            _check_encodable(field, value, field)
+        if len(value) > MAX_TEXT_BYTES // 8:
+            # Escaping may double a character's size in JSON text: measure that text.
+            check_text_size(field, dump_json(value))
+        return value
+    found: JSONValue = _normalised(check_json(field, value))
+    return found
+
+
+def check_tool_calls(value: Any, field: str = "tool_calls") -> JSONValue:
+    """`value` if it is None or a JSON value that can be stored, else `ValueError`."""
+    if value is None:
+        return None
+    found: JSONValue = _normalised(check_json(field, value))
+    return found
+
+
+def check_message_meta(value: Any, field: str = "meta") -> dict[str, Any] | None:
+    """`value` as a dict if it is None or a JSON object that can be stored, else
+    `ValueError` naming `field`."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"{field}: must be a JSON object (dict) or None, not {type(value).__name__}"
+        )
+    found = _normalised(check_json(field, dict(value)))
+    assert isinstance(found, dict)
+    return found
+
+
+def _normalised(value: Any) -> Any:
+    """`value` as JSON reads it back: tuples become lists (only values that hold one are
+    copied)."""
+    if isinstance(value, tuple):
+        return [_normalised(item) for item in value]
+    if isinstance(value, list):
+        items = [_normalised(item) for item in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    if isinstance(value, dict):
+        pairs = {name: _normalised(item) for name, item in value.items()}
+        return value if all(pairs[n] is v for n, v in value.items()) else pairs
     return value
 
 
@@ -439,14 +583,30 @@ def _too_large(size: int) -> str:
     return f"takes {size:,} bytes of UTF-8; the store keeps at most {MAX_TEXT_BYTES:,} per value"
 
 
-def check_tool_calls(value: Any) -> list[Any] | None:
-    """`value` as a list if it is None or a JSON array that can be stored, else
-    `ValueError`."""
-    if value is None:
-        return None
-    if not isinstance(value, list | tuple):
-        raise ValueError(f"must be a JSON array (list) or None, not {type(value).__name__}")
-    return list(check_json("tool_calls", value))
+def stored_json(field: str, value: Any) -> str:
+    """The stored JSON text of a value already checked (`check_content` and friends),
+    `ValueError` naming `field` if it is larger than `MAX_TEXT_BYTES`."""
+    return check_text_size(field, dump_json(value))
+
+
+def first_nul(value: Any) -> str | None:
+    """The path of the first string holding a NUL character inside a JSON value (keys
+    too), or None: PostgreSQL's `jsonb` cannot hold `\\u0000`, so `content::jsonb`
+    would fail on such a cell."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return path
+        elif isinstance(item, dict):
+            for name, child in item.items():
+                if "\x00" in name:
+                    return path
+                stack.append((child, f"{path}.{name}"))
+        elif isinstance(item, list | tuple):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+    return None
 
 
 class SessionFilter(BaseModel):

@@ -31,6 +31,7 @@ from aisopod_session.errors import (
 from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
 from aisopod_session.models import (
     JSONText,
+    JSONValue,
     Message,
     NewMessage,
     Session,
@@ -39,6 +40,8 @@ from aisopod_session.models import (
     check_json,
     check_text_size,
     dump_json,
+    first_nul,
+    stored_json,
     utc_text,
 )
 from aisopod_session.statements import (
@@ -397,61 +400,79 @@ class SessionRepository:
         messages: Sequence[NewMessage | Mapping[str, Any]],
         *,
         tokens: int = 0,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
     ) -> list[Message]:
         """Append `messages` in order and return them with their ids and timestamps.
 
         In one write transaction: the rows are inserted, `message_count` grows by their
-        number, `token_usage` by `tokens`, `updated_at` becomes now and the status
+        number, `input_tokens` and `output_tokens` by those arguments, `token_usage` (the
+        total) by `tokens + input_tokens + output_tokens` (so it stays the total whether
+        or not the caller knows the split), `updated_at` becomes now and the status
         `active`. `messages` must hold at least one `NewMessage` (or a mapping with its
-        fields); `tokens` is an int >= 0. `SessionNotFoundError` if there is no session.
+        fields); each token count is an int >= 0 (`ValueError` naming it, and naming
+        `tokens` when a counter has no room left). `SessionNotFoundError` if there is no
+        session.
         """
         key = self._key(key)
         new = _as_new_messages(messages)
-        _check_int("tokens", tokens, minimum=0)
+        counts = _token_counts(tokens, input_tokens, output_tokens)
+        many = len(new) > 1
         rows = [
-            (
-                message.role,
-                message.content,
-                message.tool_calls,
-                _stored_calls(
-                    f"messages[{index}].tool_calls" if len(new) > 1 else "tool_calls",
-                    message.tool_calls,
-                ),
-            )
+            self._row(message, f"messages[{index}]." if many else "")
             for index, message in enumerate(new)
         ]
-        return self._append(key, rows, tokens)
+        return self._append(key, rows, counts)
 
     def append_message(
         self,
         key: SessionKey | str,
         role: Role | str,
-        content: str,
+        content: JSONValue,
         *,
-        tool_calls: list[Any] | None = None,
+        tool_calls: JSONValue = None,
+        meta: Mapping[str, Any] | None = None,
         tokens: int = 0,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
     ) -> Message:
         """Append one message; the same guarantees as `append_messages`."""
         key = self._key(key)
-        message = NewMessage(role, content, tool_calls)
-        _check_int("tokens", tokens, minimum=0)
-        calls = message.tool_calls
-        stored_calls = _stored_calls("tool_calls", calls)
-        return self._append(key, [(message.role, message.content, calls, stored_calls)], tokens)[0]
+        message = NewMessage(role, content, tool_calls, meta)
+        counts = _token_counts(tokens, input_tokens, output_tokens)
+        return self._append(key, [self._row(message, "")], counts)[0]
 
-    def _append(
-        self,
-        key: SessionKey,
-        rows: list[tuple[Role, str, list[Any] | None, str | None]],
-        tokens: int,
-    ) -> list[Message]:
+    def _row(self, message: NewMessage, prefix: str) -> _Row:
+        """A message with its stored JSON texts; `ValueError` naming the field (after
+        `prefix`) for a value too large, or one PostgreSQL cannot hold."""
+        content, calls, meta = message.content, message.tool_calls, message.meta
         if self._no_nul:
-            for index, (_, content, _, _) in enumerate(rows):
-                self._refuse_nul(
-                    f"messages[{index}].content" if len(rows) > 1 else "content", content
-                )
+            for field, value in (("content", content), ("tool_calls", calls), ("meta", meta)):
+                self._refuse_nul(prefix + field, value)
+        return (
+            message.role,
+            content,
+            calls,
+            meta or {},
+            stored_json(prefix + "content", content),
+            None if calls is None else stored_json(prefix + "tool_calls", calls),
+            "{}" if not meta else stored_json(prefix + "meta", meta),
+        )
+
+    def _append(self, key: SessionKey, rows: list[_Row], counts: _Tokens) -> list[Message]:
         added = len(rows)
-        counters = (added, tokens, *key.parts(), self._max_count - added, _MAX_BIGINT - tokens)
+        total, given_in, given_out = counts
+        counters = (
+            added,
+            total,
+            given_in,
+            given_out,
+            *key.parts(),
+            self._max_count - added,
+            _MAX_BIGINT - total,
+            _MAX_BIGINT - given_in,
+            _MAX_BIGINT - given_out,
+        )
         with driver_transaction(self.engine, "append_messages", "IMMEDIATE") as conn:
             server_now = self._lock_session(conn, key)[1] if self._lock_rows else None
             # Under the lock, so created_at follows id order (see clock.py).
@@ -460,21 +481,21 @@ class SessionRepository:
                 COUNT_APPEND.on(self._dialect).text, (now_text, *counters)
             ).fetchone()
             if found is None:
-                raise self._refused_append(conn, key, added, tokens)
+                raise self._refused_append(conn, key, added, counts)
             session_id = found[0]
             ids: list[int] = []
             for chunk in _chunks(rows):
                 values: list[Any] = []
-                for role, content, _, stored_calls in chunk:
-                    values += (session_id, role.value, content, stored_calls, now_text)
+                for role, _, _, _, content, calls, meta in chunk:
+                    values += (session_id, role.value, content, calls, now_text, meta)
                 inserted = conn.execute(
                     insert_messages(len(chunk)).on(self._dialect).text, values
                 ).fetchall()
                 ids.extend(sorted(row[0] for row in inserted))
         build = MESSAGE.build
         return [
-            build((message_id, session_id, role, content, tool_calls, now))
-            for message_id, (role, content, tool_calls, _) in zip(ids, rows, strict=True)
+            build((message_id, session_id, role, content, calls, now, meta))
+            for message_id, (role, content, calls, meta, *_) in zip(ids, rows, strict=True)
         ]
 
     def get_history(
@@ -559,10 +580,9 @@ class SessionRepository:
         key = self._key(key)
         _check_int("keep_last", keep_last, minimum=0)
         if summary is not None:
-            try:
-                summary = check_content(summary)
-            except ValueError as exc:
-                raise ValueError(f"summary: {exc}") from None
+            if not isinstance(summary, str):
+                raise ValueError(f"summary: must be text, not {type(summary).__name__}")
+            check_content(summary, "summary")
             if not summary.strip():
                 raise ValueError("summary: must not be empty or only whitespace")
             if self._no_nul:
@@ -584,7 +604,8 @@ class SessionRepository:
             ).rowcount
             summary_message = None
             if summary is not None:
-                values = (last, session_id, Role.SYSTEM.value, summary, None, last_created)
+                stored = stored_json("summary", summary)
+                values = (last, session_id, Role.SYSTEM.value, stored, None, last_created, "{}")
                 conn.execute(INSERT_MESSAGE_WITH_ID.on(self._dialect).text, values)
                 summary_message = HISTORY_MESSAGE.read((session_id, *values))
             _, now = self._clock.stamp(conn, server_now)
@@ -728,11 +749,22 @@ class SessionRepository:
     # --- helpers ----------------------------------------------------------------------
 
     @staticmethod
-    def _refuse_nul(field: str, text: str) -> None:
-        if "\x00" in text:
+    def _refuse_nul(field: str, value: Any) -> None:
+        """`ValueError` naming `field` (and the place inside a JSON value) if a string in
+        `value` holds NUL: PostgreSQL's text cannot hold it, nor its `jsonb` the escape
+        `\\u0000` that JSON text would carry, so `content::jsonb` would fail."""
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise ValueError(
+                    f"{field}: holds a NUL character at {value.index(chr(0))}, which "
+                    "PostgreSQL cannot store (SQLite can)"
+                )
+            return
+        path = first_nul(value)
+        if path is not None:
             raise ValueError(
-                f"{field}: holds a NUL character at {text.index(chr(0))}, which PostgreSQL "
-                "cannot store (SQLite can)"
+                f"{field}: the string at {field}{path} holds a NUL character, which "
+                "PostgreSQL cannot store (SQLite can)"
             )
 
     def _lock_session(self, conn: Any, key: SessionKey) -> tuple[int, str | None]:
@@ -745,18 +777,22 @@ class SessionRepository:
         return int(found[0]), found[1]
 
     def _refused_append(
-        self, conn: Any, key: SessionKey, added: int, tokens: int
+        self, conn: Any, key: SessionKey, added: int, counts: _Tokens
     ) -> SessionStoreError | ValueError:
         """Why `COUNT_APPEND` matched no row: no session, or counters without room."""
         found = conn.execute(SESSION_COUNTERS.on(self._dialect).text, key.parts()).fetchone()
         if found is None:
             return _not_found(key)
-        messages, used = found
-        if used > _MAX_BIGINT - tokens:
-            return ValueError(
-                f"tokens: adding {tokens} to the session's token_usage ({used}) would pass "
-                f"{_MAX_BIGINT}, the largest count the store keeps; nothing was written"
-            )
+        messages, *used = found
+        for column, stored, adding in zip(
+            ("token_usage", "input_tokens", "output_tokens"), used, counts, strict=True
+        ):
+            if stored > _MAX_BIGINT - adding:
+                return ValueError(
+                    f"tokens: adding {adding} to the session's {column} ({stored}) would "
+                    f"pass {_MAX_BIGINT}, the largest count the store keeps; nothing was "
+                    "written"
+                )
         return ValueError(
             f"messages: adding {added} to the session's message_count ({messages}) would "
             f"pass {self._max_count}, the largest count this database keeps; nothing was "
@@ -820,10 +856,25 @@ def _known_status(stored: Any) -> SessionStatus | None:
         return None
 
 
-def _stored_calls(field: str, calls: list[Any] | None) -> str | None:
-    if calls is None:
-        return None
-    return check_text_size(field, dump_json(calls))
+_Row = tuple[Role, Any, Any, dict[str, Any], str, str | None, str]
+"""A message to insert: role, content, tool calls, metadata, then the stored texts of
+the last three."""
+_Tokens = tuple[int, int, int]
+"""What an append adds to `token_usage`, `input_tokens` and `output_tokens`."""
+
+
+def _token_counts(tokens: int, input_tokens: int, output_tokens: int) -> _Tokens:
+    """The additions to the three token counters; `ValueError` naming the argument."""
+    _check_int("tokens", tokens, minimum=0)
+    _check_int("input_tokens", input_tokens, minimum=0)
+    _check_int("output_tokens", output_tokens, minimum=0)
+    total = tokens + input_tokens + output_tokens
+    if total > _MAX_BIGINT:
+        raise ValueError(
+            f"tokens: tokens + input_tokens + output_tokens is {total}, more than "
+            f"{_MAX_BIGINT}, the largest count the store keeps"
+        )
+    return total, input_tokens, output_tokens
 
 
 # Rows per INSERT when appending a batch: SQLite allows 32 766 parameters per statement,
@@ -833,14 +884,12 @@ _INSERT_CHUNK = 500
 _CHUNK_BYTES = 64 * 1024 * 1024
 
 
-def _chunks(
-    rows: list[tuple[Role, str, Any, str | None]],
-) -> Iterator[list[tuple[Role, str, Any, str | None]]]:
-    chunk: list[tuple[Role, str, Any, str | None]] = []
+def _chunks(rows: list[_Row]) -> Iterator[list[_Row]]:
+    chunk: list[_Row] = []
     size = 0
     for row in rows:
         # Characters, not bytes: a bound that costs nothing to keep.
-        weight = len(row[1]) + len(row[3] or "")
+        weight = len(row[4]) + len(row[5] or "") + len(row[6])
         if chunk and (len(chunk) == _INSERT_CHUNK or size + weight > _CHUNK_BYTES // 4):
             yield chunk
             chunk, size = [], 0
@@ -1059,23 +1108,45 @@ class AsyncSessionRepository:
         messages: Sequence[NewMessage | Mapping[str, Any]],
         *,
         tokens: int = 0,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
     ) -> list[Message]:
         """`SessionRepository.append_messages`, awaited."""
-        return await self._write(partial(self._sync.append_messages, key, messages, tokens=tokens))
+        return await self._write(
+            partial(
+                self._sync.append_messages,
+                key,
+                messages,
+                tokens=tokens,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+            )
+        )
 
     async def append_message(
         self,
         key: SessionKey | str,
         role: Role | str,
-        content: str,
+        content: JSONValue,
         *,
-        tool_calls: list[Any] | None = None,
+        tool_calls: JSONValue = None,
+        meta: Mapping[str, Any] | None = None,
         tokens: int = 0,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
     ) -> Message:
         """`SessionRepository.append_message`, awaited."""
         return await self._write(
             partial(
-                self._sync.append_message, key, role, content, tool_calls=tool_calls, tokens=tokens
+                self._sync.append_message,
+                key,
+                role,
+                content,
+                tool_calls=tool_calls,
+                meta=meta,
+                tokens=tokens,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
             )
         )
 

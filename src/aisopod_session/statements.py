@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Generic, TypeVar
 
@@ -51,6 +53,8 @@ from aisopod_session.errors import DamagedRowError
 from aisopod_session.models import Message, Session, StoredText
 
 Model = TypeVar("Model", bound=SQLModel)
+
+logger = logging.getLogger("aisopod_session")
 
 SQLITE: Dialect = sqlite.dialect()  # pysqlite's own paramstyle: `?`, bound from a tuple
 
@@ -133,11 +137,17 @@ def query(statement: ClauseElement, order: Sequence[str] | None = None) -> Query
 class Loader(Generic[Model]):
     """A model's columns in mapper order, and the one way their values become objects."""
 
-    def __init__(self, model: type[Model], *, skip: int = 0) -> None:
+    def __init__(
+        self, model: type[Model], *, skip: int = 0, fallbacks: Mapping[str, Any] | None = None
+    ) -> None:
         """`skip`: how many leading columns of a row come before the model's (a history
-        row starts with the session's id)."""
+        row starts with the session's id). `fallbacks`: values by column name for cells
+        that cannot be read; with them a row is never refused but read with those values
+        in place (and a warning logged naming table, row and column); without, a row that
+        cannot be read raises `DamagedRowError`."""
         mapper = inspect(model)
         self.model = model
+        self._fallbacks = dict(fallbacks or {})
         # Attribute names, not column names: `meta` maps the `metadata` column.
         self.names = tuple(prop.key for prop in mapper.column_attrs)
         self.columns = [prop.columns[0] for prop in mapper.column_attrs]
@@ -171,6 +181,7 @@ class Loader(Generic[Model]):
             "model": self.model,
             "names": self.names,
             "damaged": partial(self._damaged, skip),
+            "lenient": partial(self._lenient, skip) if self._fallbacks and stored else None,
             "bad_int": _bad_int,
         }
         items = []
@@ -193,6 +204,8 @@ class Loader(Generic[Model]):
             "    try:\n"
             f"        values = {{{', '.join(items)}}}\n"
             "    except Exception:\n"
+            "        if lenient is not None:\n"
+            "            return lenient(row)\n"
             "        damaged(row)\n"
             "        raise\n"
             "    set_slot(obj, '__dict__', values)\n"
@@ -204,6 +217,29 @@ class Loader(Generic[Model]):
         exec(compile(source, f"<row reader of {self.model.__name__}>", "exec"), env)
         reader: Callable[[Sequence[Any]], Model] = env["read_row"]
         return reader
+
+    def _lenient(self, skip: int, row: Sequence[Any]) -> Model:
+        """The object of a row some cells of which cannot be read: those take their
+        fallback value, each logged as a damaged cell."""
+        table = str(self.model.__tablename__)
+        row_id = row[skip]
+        values = list(row[skip:])
+        for index, column in enumerate(self.columns):
+            value = values[index]
+            if value is None and column.nullable:
+                continue
+            try:
+                if isinstance(column.type, StoredText):
+                    values[index] = column.type.read(value)
+                elif column.name in _COUNTERS and type(value) is not int:
+                    _bad_int(value)
+            except Exception as exc:
+                if column.name not in self._fallbacks:
+                    raise DamagedRowError(table, row_id, column.name, _reason(value, exc)) from exc
+                error = DamagedRowError(table, row_id, column.name, _reason(value, exc))
+                logger.warning("read a damaged cell as %r: %s", self._fallbacks[column.name], error)
+                values[index] = self._fallbacks[column.name]
+        return self.build(values)
 
     def _damaged(self, skip: int, row: Sequence[Any]) -> None:
         """Raise `DamagedRowError` naming the first column of `row` that cannot be read
@@ -223,7 +259,9 @@ class Loader(Generic[Model]):
                 raise DamagedRowError(table, row_id, column.name, _reason(value, exc)) from exc
 
 
-_COUNTERS = frozenset({"message_count", "token_usage", "compaction_count"})
+_COUNTERS = frozenset(
+    {"message_count", "token_usage", "input_tokens", "output_tokens", "compaction_count"}
+)
 
 
 def _bad_int(value: Any) -> int:
@@ -278,7 +316,11 @@ _set_slot = object.__setattr__
 
 SESSION = Loader(Session)
 MESSAGE = Loader(Message)
-HISTORY_MESSAGE = Loader(Message, skip=1)
+UNREADABLE_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+"""What a message's `created_at` reads as when another program stored text that is no
+timestamp (logged as a damaged cell): history never fails because of one cell."""
+
+HISTORY_MESSAGE = Loader(Message, skip=1, fallbacks={"created_at": UNREADABLE_TIME})
 """Messages from `history` rows, which start with the session's id."""
 
 
@@ -325,7 +367,13 @@ LOCK_SESSION = Query(lambda dialect: _locked_with_now(dialect, col(Session.id)),
 """The session's id and (PostgreSQL) the server's time, its row locked until the
 transaction ends."""
 SESSION_COUNTERS = query(
-    select(col(Session.message_count), col(Session.token_usage)).where(_BY_KEY), KEY
+    select(
+        col(Session.message_count),
+        col(Session.token_usage),
+        col(Session.input_tokens),
+        col(Session.output_tokens),
+    ).where(_BY_KEY),
+    KEY,
 )
 INSERT_SESSION = Query(
     lambda dialect: (
@@ -450,20 +498,35 @@ COUNT_APPEND = query(
         # range would become a float on SQLite and fail on PostgreSQL.
         col(Session.message_count) <= bindparam("count_room", type_=BigInteger),
         col(Session.token_usage) <= bindparam("token_room", type_=BigInteger),
+        col(Session.input_tokens) <= bindparam("input_room", type_=BigInteger),
+        col(Session.output_tokens) <= bindparam("output_room", type_=BigInteger),
     )
     .values(
         message_count=col(Session.message_count) + bindparam("added", type_=BigInteger),
         token_usage=col(Session.token_usage) + bindparam("tokens", type_=BigInteger),
+        input_tokens=col(Session.input_tokens) + bindparam("input", type_=BigInteger),
+        output_tokens=col(Session.output_tokens) + bindparam("output", type_=BigInteger),
         updated_at=bindparam("now"),
         status=literal_column(f"'{SessionStatus.ACTIVE.value}'"),
     )
     .returning(col(Session.id)),
-    ("now", "added", "tokens", *KEY, "count_room", "token_room"),
+    (
+        "now",
+        "added",
+        "tokens",
+        "input",
+        "output",
+        *KEY,
+        "count_room",
+        "token_room",
+        "input_room",
+        "output_room",
+    ),
 )
 """Add to a session's counters, if they have room, and make it active; its id, or no
 row when there is no such session or no room."""
 
-MESSAGE_VALUES = ("session_id", "role", "content", "tool_calls", "created_at")
+MESSAGE_VALUES = ("session_id", "role", "content", "tool_calls", "created_at", "metadata")
 """The columns an append writes, in the order of the parameters of `insert_messages`."""
 
 
@@ -535,8 +598,9 @@ INSERT_MESSAGE_WITH_ID = query(
         content=bindparam("content"),
         tool_calls=bindparam("tool_calls"),
         created_at=bindparam("created_at"),
+        metadata=bindparam("metadata"),
     ),
-    ("id", "session_id", "role", "content", "tool_calls", "created_at"),
+    ("id", "session_id", "role", "content", "tool_calls", "created_at", "metadata"),
 )
 _ROWS_OF_SESSION = (
     select(func.count())
@@ -567,6 +631,8 @@ RESET_SESSION = query(
     .values(
         message_count=literal_column("0"),
         token_usage=literal_column("0"),
+        input_tokens=literal_column("0"),
+        output_tokens=literal_column("0"),
         compaction_count=literal_column("0"),
         last_compacted_at=literal_column("NULL"),
         last_compaction_summary=literal_column("NULL"),
