@@ -127,17 +127,23 @@ class _PrunePlan:
 
 @dataclass(frozen=True)
 class Totals:
-    """Sessions, and the messages and tokens their counters hold."""
+    """Sessions, and the messages and tokens their counters hold (`tokens` is the sum
+    of `token_usage`, the total; `input_tokens` and `output_tokens` the part of it that
+    callers reported split)."""
 
     sessions: int = 0
     messages: int = 0
     tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
 
     def __add__(self, other: Totals) -> Totals:
         return Totals(
             self.sessions + other.sessions,
             self.messages + other.messages,
             self.tokens + other.tokens,
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
         )
 
 
@@ -368,16 +374,22 @@ class SessionRepository:
 
     def summary(self) -> StoreSummary:
         """How many sessions there are (of this repository's agent, if confined), per
-        status and per agent, with the sums of their `message_count` and `token_usage`.
-        Read-only, one statement."""
+        status and per agent, with the sums of their `message_count`, `token_usage`,
+        `input_tokens` and `output_tokens`. Read-only, one statement."""
         sql = summary(scoped=self._agent is not None).on(self._dialect)
         with driver_transaction(self.engine, "summary", None) as conn:
             rows = conn.execute(sql.text, sql.bind({"agent_scope": self._agent})).fetchall()
         total = damaged = Totals()
         by_status: dict[SessionStatus, Totals] = {}
         by_agent: dict[str, Totals] = {}
-        for agent, status, integral, sessions, messages, tokens in rows:
-            totals = Totals(int(sessions), _lenient_int(messages), _lenient_int(tokens))
+        for agent, status, integral, sessions, messages, tokens, given_in, given_out in rows:
+            totals = Totals(
+                int(sessions),
+                _lenient_int(messages),
+                _lenient_int(tokens),
+                _lenient_int(given_in),
+                _lenient_int(given_out),
+            )
             total = total + totals
             by_agent[agent] = by_agent.get(agent, Totals()) + totals
             state = _known_status(status)

@@ -440,14 +440,15 @@ def list_sessions(fields: tuple[str, ...], *, count: bool) -> Query:
 
 @functools.cache
 def summary(*, scoped: bool) -> Query:
-    """Per agent, status and whether both counters are stored as integers: how many
-    sessions, and the sum of their message and token counters (every session, or with
+    """Per agent, status and whether every counter is stored as an integer: how many
+    sessions, and the sums of their message and token counters (every session, or with
     `scoped` those of `:agent_scope`)."""
 
     def build(dialect: str) -> ClauseElement:
         # SQLite keeps whatever plain SQL stored; PostgreSQL's columns are integers.
         integral: ColumnElement[Any] = literal_column(
-            "(typeof(message_count) = 'integer' AND typeof(token_usage) = 'integer')"
+            "(typeof(message_count) = 'integer' AND typeof(token_usage) = 'integer' "
+            "AND typeof(input_tokens) = 'integer' AND typeof(output_tokens) = 'integer')"
             if dialect == "sqlite"
             else "TRUE"
         )
@@ -461,6 +462,8 @@ def summary(*, scoped: bool) -> Query:
             func.count(),
             func.sum(col(Session.message_count)),
             func.sum(col(Session.token_usage)),
+            func.sum(col(Session.input_tokens)),
+            func.sum(col(Session.output_tokens)),
         ).group_by(*groups)
         if scoped:
             statement = statement.where(col(Session.agent_id) == bindparam("agent_scope"))
