@@ -239,3 +239,130 @@ def test_a_line_over_a_smaller_limit_from_a_list_is_refused_too(store: Engine) -
     assert result.messages_imported == 1
     with pytest.raises(ValueError, match="max_line_length"):
         import_jsonl(store, lines, max_line_length=0)
+
+
+# --- format 2: JSON content, message metadata, input/output tokens ------------------------
+
+VALUES: list[Any] = [
+    "plain text",
+    "123",
+    "null",
+    '{"a": 1}',
+    [{"type": "text", "text": "hi"}, {"type": "image", "url": "https://x/y.png"}],
+    {"type": "reasoning", "summary": ["é", "🦀"]},
+    0,
+    -7,
+    2.5,
+    True,
+    False,
+    None,
+]
+
+
+def test_json_content_metadata_and_token_split_survive_export_and_import(
+    store: Engine, tmp_path: Path
+) -> None:
+    """Every kind of content (a string stays a string), tool calls of any shape, message
+    metadata and the input/output token counters come back exactly from an export
+    imported into an empty store; the raw cells are the same JSON text; importing again
+    changes nothing (content `1` and `true` are different messages)."""
+    repo = SessionRepository(store)
+    key = key_of("json")
+    repo.get_or_create(key)
+    for index, value in enumerate(VALUES):
+        repo.append_message(
+            key,
+            Role.ASSISTANT if index % 2 else Role.DEVELOPER,
+            value,
+            tool_calls={"tool": "t", "args": {"n": index}} if index % 3 == 0 else None,
+            meta={"model": "m", "index": index} if index % 2 else None,
+            input_tokens=index,
+            output_tokens=2 * index,
+            tokens=1,
+        )
+    repo.append_message(key, Role.USER, 1)
+    repo.append_message(key, Role.USER, True)
+    out = io.StringIO()
+    result = export_jsonl(store, out)
+    assert (result.sessions, result.messages) == (1, len(VALUES) + 2)
+    lines = out.getvalue().splitlines()
+    assert json.loads(lines[0])["format"] == 2
+    target = open_database(f"sqlite:///{tmp_path / 'copy.db'}")
+    try:
+        imported = import_jsonl(target, lines)
+        assert imported.errors == []
+        assert imported.messages_imported == len(VALUES) + 2
+        theirs = SessionRepository(target)
+        assert theirs.get_history(key) == repo.get_history(key)
+        ours, copied = repo.get(key), theirs.get(key)
+        assert ours is not None
+        assert copied is not None
+        assert (copied.input_tokens, copied.output_tokens, copied.token_usage) == (
+            ours.input_tokens,
+            ours.output_tokens,
+            ours.token_usage,
+        )
+        assert copied.input_tokens == sum(range(len(VALUES)))
+        again = import_jsonl(target, lines)
+        assert again.errors == []
+        assert (again.messages_imported, again.messages_existing) == (0, len(VALUES) + 2)
+        without_ids = [
+            json.dumps({k: v for k, v in json.loads(line).items() if k != "id"})
+            for line in lines[2:]
+        ]
+        by_content = import_jsonl(target, without_ids)
+        assert by_content.errors == []
+        assert (by_content.messages_imported, by_content.messages_existing) == (
+            0,
+            len(VALUES) + 2,
+        )
+    finally:
+        target.dispose()
+
+
+def test_a_format_1_export_still_imports_as_the_same_text_messages(store: Engine) -> None:
+    """A file written before format 2 (content always text, no metadata or token split)
+    imports into this version: every content comes back as the same string, even text
+    that looks like JSON."""
+    header = {
+        "type": "aisopod-session-export",
+        "format": 1,
+        "schema_version": 2,
+        "exported_at": AT,
+    }
+    texts = ["hello", "123", "null", '{"a": 1}', "[1, 2]", "true"]
+    lines = [
+        json.dumps(header),
+        json.dumps({**session_line("v1", 1), "message_count": 6, "token_usage": 9}),
+        *(json.dumps(message_line("v1", text, index + 1)) for index, text in enumerate(texts)),
+    ]
+    result = import_jsonl(store, lines)
+    assert result.errors == []
+    repo = SessionRepository(store)
+    history = repo.get_history(key_of("v1"))
+    assert [m.content for m in history] == texts
+    assert all(m.meta == {} and m.tool_calls is None for m in history)
+    session = repo.get(key_of("v1"))
+    assert session is not None
+    assert (session.token_usage, session.input_tokens, session.output_tokens) == (9, 0, 0)
+
+
+def test_an_import_refuses_a_future_format_and_bad_json_values_by_line(store: Engine) -> None:
+    """A header of an unknown format, and messages whose content, tool calls or metadata
+    this store cannot keep, are refused by line number naming the field."""
+    lines = [
+        json.dumps({"type": "aisopod-session-export", "format": 3, "schema_version": 9}),
+        json.dumps(session_line("bad", None)),
+        json.dumps({**message_line("bad", "x", None), "metadata": [1, 2]}),
+        json.dumps({**message_line("bad", "x", None), "content": 2**64}),
+        json.dumps({**message_line("bad", "ok", None), "tool_calls": {"deep": 1}}),
+    ]
+    result = import_jsonl(store, lines)
+    reasons = {error.line: error.reason for error in result.errors}
+    assert set(reasons) == {1, 3, 4}
+    assert "format" in reasons[1]
+    assert reasons[3].startswith("metadata")
+    assert reasons[4].startswith("content")
+    assert result.messages_imported == 1
+    (message,) = SessionRepository(store).get_history(key_of("bad"))
+    assert message.tool_calls == {"deep": 1}

@@ -14,7 +14,7 @@ from sqlmodel import SQLModel
 
 from aisopod_session.errors import SessionStoreError, translated_errors
 from aisopod_session.migrations import SCHEMA_VERSION, current_version
-from aisopod_session.models import Message, Session
+from aisopod_session.models import Message, Session, escaped_nul
 from aisopod_session.transactions import BEGIN_MODE_OPTION, write_transaction
 
 Progress = Callable[[str, int, int], object]
@@ -154,6 +154,10 @@ def _copy_table(
             progress(plain.name, copied, total)
 
 
+# The messages' JSON columns, in which the store keeps no NUL on PostgreSQL (the same rule
+# as `SessionRepository`'s: `content::jsonb` must work there).
+_JSON_COLUMNS = {"messages": ("content", "tool_calls", "metadata")}
+
 # PostgreSQL's INTEGER columns (the seed's, kept as they are); SQLite's hold 64 bits.
 _POSTGRESQL_INTEGERS = {"message_count", "compaction_count"}
 _MAX_INTEGER = 2**31 - 1
@@ -165,6 +169,11 @@ def _refuse_unstorable(table_name: str, rows: list[dict[str, Any]]) -> None:
         for name, value in row.items():
             if isinstance(value, str) and "\x00" in value:
                 reason = "holds a NUL character, which PostgreSQL cannot store (SQLite can)"
+            elif name in _JSON_COLUMNS.get(table_name, ()) and escaped_nul(str(value)):
+                reason = (
+                    "holds a NUL character inside its JSON (\\u0000), which the store "
+                    "refuses on PostgreSQL (its jsonb cannot hold it)"
+                )
             elif name in _POSTGRESQL_INTEGERS and isinstance(value, int) and value > _MAX_INTEGER:
                 reason = f"holds {value}, more than PostgreSQL's INTEGER column takes"
             else:

@@ -154,6 +154,16 @@ class LenientJSONText(JSONText):
             return value
 
 
+class JSONContentText(LenientJSONText):
+    """A message's `content`: any JSON value, JSON `null` included, which is stored as the
+    text `null` (the column is NOT NULL: None is content here, not a missing value)."""
+
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str:
+        return self.write(value)
+
+
 class LenientJSONObjectText(JSONText):
     """A JSON object stored as text that other programs write too (`messages.metadata`):
     a cell that is not a JSON object (or not JSON at all) reads as an empty object, so one
@@ -427,7 +437,7 @@ class Message(SQLModel, table=True):
     id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
     session_id: int = Field(foreign_key="sessions.id", ondelete="CASCADE", sa_type=Integer)
     role: Role | str = Field(sa_column=Column(RoleText, nullable=False))
-    content: JSONValue = Field(sa_column=Column(LenientJSONText, nullable=False))
+    content: JSONValue = Field(sa_column=Column(JSONContentText, nullable=False))
     tool_calls: JSONValue = Field(default=None, sa_column=Column(LenientJSONText, nullable=True))
     created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
     # Migration 3: per-message metadata (model, usage, ids of the framework's items).
@@ -587,6 +597,18 @@ def stored_json(field: str, value: Any) -> str:
     """The stored JSON text of a value already checked (`check_content` and friends),
     `ValueError` naming `field` if it is larger than `MAX_TEXT_BYTES`."""
     return check_text_size(field, dump_json(value))
+
+
+def escaped_nul(text: str) -> bool:
+    """Whether JSON text holds the escape `\\u0000` (a NUL inside a string), which
+    PostgreSQL's `jsonb` refuses (an escaped backslash before `u0000` is not one)."""
+    start = text.find("\\u0000")
+    while start != -1:
+        backslashes = len(text[:start]) - len(text[:start].rstrip("\\"))
+        if backslashes % 2 == 0:
+            return True
+        start = text.find("\\u0000", start + 1)
+    return False
 
 
 def first_nul(value: Any) -> str | None:

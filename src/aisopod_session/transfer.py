@@ -3,16 +3,20 @@ the `aisopod-session export` / `import` commands.
 
 The format, one JSON object per line:
 
-- first a header, `{"type": "aisopod-session-export", "format": 1, "schema_version": 2,
+- first a header, `{"type": "aisopod-session-export", "format": 2, "schema_version": 3,
   "exported_at": "…"}` (optional on import);
 - then one line per session, `{"type": "session", "id": 7, "key": "agent:channel:…",
   "agent_id": …, "created_at": "…", "message_count": 3, "metadata": {…}, …}` with every
   column of the `sessions` table (`metadata` under its column name);
 - then one line per message in id order, `{"type": "message", "id": 41, "session":
-  "agent:channel:…", "role": "user", "content": "…", "tool_calls": null, "created_at":
-  "…"}`, naming its session by key.
+  "agent:channel:…", "role": "user", "content": …, "tool_calls": null, "metadata": {},
+  "created_at": "…"}`, naming its session by key; `content` and `tool_calls` are JSON
+  values as the message holds them (a string for text).
 
-Timestamps are the stored ISO-8601 UTC text. Both directions stream: memory does not grow
+Timestamps are the stored ISO-8601 UTC text. Format 2 (schema 3) added message content
+of any JSON type, message `metadata` and the sessions' `input_tokens` and
+`output_tokens`; files of format 1 (text content, no such fields) still import, as the
+same messages. Both directions stream: memory does not grow
 with the store.
 """
 
@@ -25,7 +29,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import Connection, Engine, func, insert, select
 from sqlmodel import SQLModel
 
@@ -35,12 +47,16 @@ from aisopod_session.errors import DamagedRowError, translated_errors
 from aisopod_session.keys import SessionKey
 from aisopod_session.migrations import SCHEMA_VERSION
 from aisopod_session.models import (
+    JSONValue,
     Message,
     Session,
     SessionFilter,
     check_content,
     check_json,
+    check_message_meta,
     check_tool_calls,
+    dump_json,
+    first_nul,
     utc_text,
 )
 from aisopod_session.repository import filter_params
@@ -54,8 +70,10 @@ from aisopod_session.statements import (
 )
 from aisopod_session.transactions import BEGIN_MODE_OPTION, read_transaction, write_transaction
 
-FORMAT = 1
-"""The version of the line format this code writes and reads."""
+FORMAT = 2
+"""The version of the line format this code writes."""
+READS = (1, 2)
+"""The line formats this code reads (format 1 is a subset of format 2)."""
 HEADER_TYPE = "aisopod-session-export"
 
 SESSIONS = SQLModel.metadata.tables[Session.__tablename__]
@@ -199,6 +217,8 @@ def session_json(session: Session) -> dict[str, Any]:
         "updated_at": utc_text(session.updated_at),
         "message_count": session.message_count,
         "token_usage": session.token_usage,
+        "input_tokens": session.input_tokens,
+        "output_tokens": session.output_tokens,
         "metadata": session.meta,
         "status": session.status.value,
         "compaction_count": session.compaction_count,
@@ -222,9 +242,10 @@ def _message_line(row: Any) -> dict[str, Any]:
         "type": "message",
         "id": message.id,
         "session": str(key),
-        "role": message.role.value,
+        "role": _plain(message.role),
         "content": message.content,
         "tool_calls": message.tool_calls,
+        "metadata": message.meta,
         "created_at": utc_text(message.created_at),
     }
 
@@ -266,6 +287,8 @@ class SessionLine(_Line):
     updated_at: AwareDatetime
     message_count: int = Field(default=0, ge=0, le=_MAX_INTEGER)
     token_usage: int = Field(default=0, ge=0, le=_MAX_INTEGER)
+    input_tokens: int = Field(default=0, ge=0, le=_MAX_INTEGER)
+    output_tokens: int = Field(default=0, ge=0, le=_MAX_INTEGER)
     metadata: dict[str, Any] = Field(default_factory=dict)
     status: SessionStatus = SessionStatus.ACTIVE
     compaction_count: int = Field(default=0, ge=0, le=_MAX_INTEGER)
@@ -279,7 +302,7 @@ class SessionLine(_Line):
             raise ValueError(f"key: {self.key!r} does not match the key parts ({key})")
         check_json("metadata", self.metadata)
         if self.last_compaction_summary is not None:
-            check_content(self.last_compaction_summary)
+            check_content(self.last_compaction_summary, "last_compaction_summary")
         return self
 
     def session_key(self) -> SessionKey:
@@ -299,6 +322,8 @@ class SessionLine(_Line):
             "updated_at": self.updated_at,
             "message_count": self.message_count,
             "token_usage": self.token_usage,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
             "metadata": self.metadata,
             "status": self.status,
             "compaction_count": self.compaction_count,
@@ -314,20 +339,35 @@ class MessageLine(_Line):
     id: int | None = Field(default=None, ge=1, le=_MAX_INTEGER)
     session: str
     role: Role
-    content: str
-    tool_calls: list[Any] | None = None
+    content: JSONValue
+    tool_calls: JSONValue = None
+    metadata: dict[str, Any] | None = None
     created_at: AwareDatetime
+
+    @field_validator("content", mode="plain")
+    @classmethod
+    def _content(cls, value: Any) -> JSONValue:
+        return check_content(value)
+
+    @field_validator("tool_calls", mode="plain")
+    @classmethod
+    def _tool_calls(cls, value: Any) -> JSONValue:
+        return check_tool_calls(value)
+
+    @field_validator("metadata", mode="plain")
+    @classmethod
+    def _metadata(cls, value: Any) -> dict[str, Any] | None:
+        return check_message_meta(value, "metadata")
 
     @model_validator(mode="after")
     def _check(self) -> MessageLine:
         SessionKey.parse(self.session)
-        check_content(self.content)
-        check_tool_calls(self.tool_calls)
         return self
 
-    def fields(self) -> tuple[Role, str, Any, datetime]:
-        """What makes two messages of one session the same message."""
-        return (self.role, self.content, self.tool_calls, self.created_at)
+    def fields(self) -> tuple[str, ...]:
+        """What makes two messages of one session the same message: role, content, tool
+        calls, metadata and time, in stored form (so `1` and `true` differ)."""
+        return _identity(self.role, self.content, self.tool_calls, self.metadata, self.created_at)
 
 
 @dataclass(frozen=True)
@@ -442,9 +482,10 @@ def import_jsonl(
             if isinstance(record, HeaderLine):
                 if number != 1:
                     raise ValueError("the header may only be the first line")
-                if record.format != FORMAT:
+                if record.format not in READS:
                     raise ValueError(
-                        f"format: this code reads format {FORMAT}, not {record.format}"
+                        f"format: this code reads formats {', '.join(map(str, READS))}, "
+                        f"not {record.format}"
                     )
                 continue
         except ValueError as exc:
@@ -499,16 +540,20 @@ def _storable(record: SessionLine | MessageLine, no_nul: bool) -> None:
     """`ValueError` naming the field if PostgreSQL (`no_nul`) cannot store a value."""
     if not no_nul:
         return
-    texts = (
-        [("content", record.content)]
+    values: list[tuple[str, Any]] = (
+        [
+            ("content", record.content),
+            ("tool_calls", record.tool_calls),
+            ("metadata", record.metadata),
+        ]
         if isinstance(record, MessageLine)
         else [("last_compaction_summary", record.last_compaction_summary)]
     )
-    for name, value in texts:
-        if value is not None and "\x00" in value:
+    for name, value in values:
+        path = first_nul(value)
+        if path is not None:
             raise ValueError(
-                f"{name}: holds a NUL character at {value.index(chr(0))}, which PostgreSQL "
-                "cannot store"
+                f"{name}{path}: holds a NUL character, which the store refuses on PostgreSQL"
             )
 
 
@@ -563,7 +608,7 @@ def _import_batch(
                         )
                     continue
                 pending[record.id] = (session_id, fields)
-            elif _same_message_exists(conn, session_id, fields):
+            elif _same_message_exists(conn, session_id, fields, record.created_at):
                 result.messages_existing += 1
                 continue
             new_messages.append(
@@ -573,6 +618,7 @@ def _import_batch(
                     "role": record.role,
                     "content": record.content,
                     "tool_calls": record.tool_calls,
+                    "metadata": record.metadata or {},
                     "created_at": record.created_at,
                 }
             )
@@ -598,33 +644,51 @@ def _import_batch(
             set_high_water(conn, table, high_water(conn, table))
 
 
+def _identity(
+    role: Any, content: Any, tool_calls: Any, meta: Any, created_at: datetime
+) -> tuple[str, ...]:
+    """A message's fields in stored form, to tell whether two are the same message."""
+    return (
+        str(_plain(role)),
+        dump_json(content),
+        "" if tool_calls is None else dump_json(tool_calls),
+        dump_json(meta or {}),
+        utc_text(created_at),
+    )
+
+
+_IDENTITY_COLUMNS = (
+    MESSAGES.c.role,
+    MESSAGES.c.content,
+    MESSAGES.c.tool_calls,
+    MESSAGES.c.metadata,
+    MESSAGES.c.created_at,
+)
+
+
 def _messages_by_id(conn: Connection, ids: list[int]) -> dict[int, tuple[int, tuple[Any, ...]]]:
     if not ids:
         return {}
     rows = conn.execute(
-        select(
-            MESSAGES.c.id,
-            MESSAGES.c.session_id,
-            MESSAGES.c.role,
-            MESSAGES.c.content,
-            MESSAGES.c.tool_calls,
-            MESSAGES.c.created_at,
-        ).where(MESSAGES.c.id.in_(ids))
-    )
-    return {row[0]: (row[1], tuple(row[2:])) for row in rows}
-
-
-def _same_message_exists(conn: Connection, session_id: int, fields: tuple[Any, ...]) -> bool:
-    role, content, tool_calls, created_at = fields
-    rows = conn.execute(
-        select(MESSAGES.c.tool_calls).where(
-            MESSAGES.c.session_id == session_id,
-            MESSAGES.c.created_at == created_at,
-            MESSAGES.c.role == role,
-            MESSAGES.c.content == content,
+        select(MESSAGES.c.id, MESSAGES.c.session_id, *_IDENTITY_COLUMNS).where(
+            MESSAGES.c.id.in_(ids)
         )
     )
-    return any(stored == tool_calls for (stored,) in rows)
+    return {row[0]: (row[1], _identity(*row[2:])) for row in rows}
+
+
+def _same_message_exists(
+    conn: Connection, session_id: int, fields: tuple[str, ...], created_at: datetime
+) -> bool:
+    # Compared in Python, in stored form: the same value may be stored as different
+    # JSON text (a cell converted by migration 3, or written by another program).
+    rows = conn.execute(
+        select(*_IDENTITY_COLUMNS).where(
+            MESSAGES.c.session_id == session_id,
+            MESSAGES.c.created_at == created_at,
+        )
+    )
+    return any(_identity(*row) == fields for row in rows)
 
 
 def _session_id(conn: Connection, key_text: str, known: dict[str, int]) -> int | None:
