@@ -64,10 +64,12 @@ _SEED_INDEXES = (
     "CREATE INDEX IF NOT EXISTS idx_messages_created_at ON messages(session_id, created_at)",
 )
 
-# Whether this library migrated the store (it records a checksum with every migration it
-# applies; the crate's and hand-written version rows have none). By migration 3's
-# statements the bookkeeping columns exist (`_apply` adds them first).
-_OURS = "EXISTS (SELECT 1 FROM schema_version WHERE checksum IS NOT NULL)"
+# Whether this library had migrated the store before this run (it records a checksum with
+# every migration it applies; the crate's and hand-written version rows have none; a seed
+# file adopted in this very run is not yet ours). `before` is the version the store was
+# at when the run began (see `_apply`). By migration 3's statements the bookkeeping
+# columns exist (`_apply` adds them first).
+_OURS = "EXISTS (SELECT 1 FROM schema_version WHERE checksum IS NOT NULL AND version <= {})"
 
 # Migration 1 is the seed spec's DDL as written. `IF NOT EXISTS` lets a file whose tables
 # were created by plain SQL from that spec (and has no schema_version yet) be adopted.
@@ -151,21 +153,22 @@ MIGRATIONS: list[Migration] = [
         version=3,
         name="JSON content, message metadata, input and output tokens",
         statements=(
-            f"UPDATE messages SET content = json_quote(CAST(content AS TEXT)) WHERE {_OURS} "
-            "OR NOT json_valid(content)",
+            "UPDATE messages SET content = json_quote(CAST(content AS TEXT)) WHERE "
+            f"{_OURS.format(':before')} OR NOT json_valid(content)",
             "ALTER TABLE messages ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}'",
             "ALTER TABLE sessions ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0",
             "ALTER TABLE sessions ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0",
         ),
         postgresql=(
-            f"UPDATE messages SET content = to_json(content)::text WHERE {_OURS}",
+            "UPDATE messages SET content = to_json(content)::text WHERE "
+            f"{_OURS.format('%(before)s')}",
             # PostgreSQL 15 has no `IS JSON`: a cast that fails is the test. The function
             # lives in this session's temporary schema and is dropped before the commit.
             "CREATE FUNCTION pg_temp.aisopod_is_json(value text) RETURNS boolean "
             "LANGUAGE plpgsql AS $$ BEGIN PERFORM value::json; RETURN true; "
             "EXCEPTION WHEN others THEN RETURN false; END $$",
-            f"UPDATE messages SET content = to_json(content)::text WHERE NOT {_OURS} "
-            "AND NOT pg_temp.aisopod_is_json(content)",
+            "UPDATE messages SET content = to_json(content)::text WHERE NOT "
+            f"{_OURS.format('%(before)s')} AND NOT pg_temp.aisopod_is_json(content)",
             "DROP FUNCTION pg_temp.aisopod_is_json(text)",
             "ALTER TABLE messages ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}'",
             "ALTER TABLE sessions ADD COLUMN input_tokens BIGINT NOT NULL DEFAULT 0",
@@ -247,6 +250,7 @@ def run_migrations(engine: Engine, migrations: Sequence[Migration] | None = None
     pending = _pending(applied, migrations)
     if not pending:
         return _version(applied)
+    before = _version(applied)
 
     for migration in pending:
         with (
@@ -260,7 +264,7 @@ def run_migrations(engine: Engine, migrations: Sequence[Migration] | None = None
             _check_applied(applied, migrations, conn.dialect.name)
             if migration not in _pending(applied, migrations):
                 continue
-            _apply(conn, migration)
+            _apply(conn, migration, before)
     return migrations[-1].version if migrations else 0
 
 
@@ -275,7 +279,14 @@ def _version(applied: Sequence[AppliedMigration]) -> int:
     return max((row.version for row in applied), default=0)
 
 
-def _apply(conn: Connection, migration: Migration) -> None:
+# The one parameter a migration's statements may use, `:before` (SQLite) or
+# `%(before)s` (PostgreSQL): the version the store was at when this run of the migrator
+# began, so a statement can tell a store this library had migrated before from one it
+# adopts now.
+_PARAMETERS = (":before", "%(before)s")
+
+
+def _apply(conn: Connection, migration: Migration, before: int) -> None:
     conn.exec_driver_sql(_CREATE_VERSION_TABLE)
     present = _version_columns(conn)
     for column in _BOOKKEEPING_COLUMNS:
@@ -284,7 +295,10 @@ def _apply(conn: Connection, migration: Migration) -> None:
     dialect = conn.dialect.name
     try:
         for statement in migration.statements_for(dialect):
-            conn.exec_driver_sql(statement)
+            if any(name in statement for name in _PARAMETERS):
+                conn.exec_driver_sql(statement, {"before": before})
+            else:
+                conn.exec_driver_sql(statement)
     except Exception as exc:
         raise MigrationError(
             f"migration {migration.version} ({migration.name!r}) failed and was rolled back: {exc}"
