@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 from aisopod_session import SessionRepository, open_database
 
@@ -19,11 +20,19 @@ def test_readme_usage_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     namespace: dict[str, object] = {"__name__": "readme_example"}
     exec(compile(blocks[0], str(README), "exec"), namespace)
     engine = open_database(tmp_path / "aisopod-sessions.db")
-    history = SessionRepository(engine).get_history("support:telegram:bot-1:dm:12345")
-    assert [(m.role, m.content) for m in history] == [
-        ("user", "Hi!"),
-        ("assistant", "(0 earlier messages) you said: Hi!"),
+    repo = SessionRepository(engine)
+    history = repo.get_history("support:telegram:bot-1:dm:12345")
+    assert [(m.role, m.content, m.meta) for m in history] == [
+        ("user", "Hi!", {}),
+        (
+            "assistant",
+            [{"type": "text", "text": "(0 earlier messages) you said: Hi!"}],
+            {"model": "echo-1"},
+        ),
     ]
+    session = repo.get("support:telegram:bot-1:dm:12345")
+    assert session is not None
+    assert (session.input_tokens, session.output_tokens, session.token_usage) == (9, 3, 12)
     engine.dispose()
 
 
@@ -55,3 +64,41 @@ def test_api_md_read_then_write_example_runs(
     engine.dispose()
     assert session is not None
     assert session.meta == {"visits": 3}
+
+
+def test_schema_md_plain_sql_reads_content_as_documented(store: Engine) -> None:
+    """docs/schema.md's plain-SQL reading of JSON content, on the backend at hand: a
+    string's text, the text blocks of block content, a metadata field, the text test."""
+    doc = (README.with_name("docs") / "schema.md").read_text()
+    backend = 0 if store.dialect.name == "sqlite" else 1
+    rows = {
+        line.split("|")[1].strip(): re.findall(r"`([^`]*)`", line.split("|")[2 + backend])
+        for line in doc.splitlines()
+        if line.startswith("| ") and line.count("`") >= 4
+    }
+    repo = SessionRepository(store)
+    key = "agent:telegram:bot:dm:sql"
+    repo.get_or_create(key)
+    repo.append_message(key, "user", "héllo 🦀", meta={"model": "m-1"})
+    repo.append_message(
+        key,
+        "assistant",
+        [{"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"}],
+    )
+    repo.append_message(key, "assistant", 42)
+    with store.connect() as conn:
+
+        def run(sql: str) -> list[object]:
+            return [row[0] for row in conn.exec_driver_sql(sql)]
+
+        for as_text in rows["content as text (a string's text; other values as JSON text)"]:
+            texts = run(f"SELECT {as_text} FROM messages ORDER BY id")
+            assert texts[0] == "héllo 🦀"
+            assert str(texts[2]) == "42"
+        (blocks,) = rows["the text of every text block"]
+        assert run(blocks + " ORDER BY 1") == ["a", "b"]
+        (field,) = rows["a metadata field"]
+        assert run(f"SELECT {field} FROM messages ORDER BY id") == ["m-1", None, None]
+        (is_text,) = rows["is it text?"]
+        kinds = run(f"SELECT {is_text} FROM messages ORDER BY id")
+        assert [bool(kind) for kind in kinds] == [True, False, False]

@@ -582,7 +582,7 @@ class SessionRepository:
         Then `message_count` is recounted from the rows, `compaction_count` grows by one,
         `last_compacted_at` and `updated_at` become now, `last_compaction_summary` is the
         summary (or NULL) and the status `compacted`. `token_usage` (what the
-        conversation has cost) is kept.
+        conversation has cost), `input_tokens` and `output_tokens` are kept.
 
         When there is nothing to remove (`keep_last` >= the number of messages) nothing
         changes, the summary included, and the result says `removed == 0`.
@@ -631,7 +631,8 @@ class SessionRepository:
     def reset(self, key: SessionKey | str) -> Session:
         """Start the conversation afresh under the same key, in one write transaction:
         every message is deleted and the session returns to its newly created state
-        (`message_count`, `token_usage` and `compaction_count` 0, no last compaction,
+        (`message_count`, the three token counters and `compaction_count` 0, no last
+        compaction,
         status `active`, `updated_at` now), keeping only its `id`, `created_at` and
         metadata. `SessionNotFoundError` if there is no session."""
         key = self._key(key)
