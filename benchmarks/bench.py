@@ -258,7 +258,7 @@ def fill_messages(path: Path, sessions: int, per_session: int) -> None:
                 "INSERT INTO messages (session_id, role, content, tool_calls, created_at) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (
-                    (session_id, role, content, floor._json(calls), stamp)
+                    (session_id, role, floor._dumps(content), floor._json(calls), stamp)
                     for role, content, calls in map(spec, range(per_session))
                 ),
             )
@@ -589,7 +589,7 @@ def check_counter(repository: SessionRepository, expected: int) -> None:
 
 def check_same_history(rows: list[tuple[Any, ...]], repository: SessionRepository) -> None:
     ours = [
-        (m.id, m.session_id, m.role.value, m.content, m.tool_calls, m.created_at)
+        (m.id, m.session_id, str(m.role), m.content, m.tool_calls, m.created_at, m.meta)
         for m in repository.get_history(KEY, limit=LIMIT)
     ]
     if len(rows) != LIMIT or rows != ours:

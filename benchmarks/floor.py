@@ -5,9 +5,9 @@ so the two cannot drift apart), with the same pragmas (`foreign_keys=ON`,
 `busy_timeout=5000`, `synchronous=NORMAL`, WAL) and the same transaction mode
 (`BEGIN IMMEDIATE` around every write, reads as single statements; an append also reads
 the newest message's time, as the store's clock does), on one connection kept open. It
-decodes rows into the same kinds of Python values our API returns (aware `datetime`s,
-decoded JSON) but as plain tuples, and skips validation, key handling and model objects:
-about the least a Python store on `sqlite3` can spend on the same work.
+encodes and decodes the same values our API takes and returns (content, tool calls and
+metadata as JSON text, aware `datetime`s) but as plain tuples, and skips validation, key
+handling and model objects: about the least a Python store on `sqlite3` can spend on the same work.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from aisopod_session.statements import (
 _MAX = 2**63 - 1  # the counters' room is checked in COUNT_APPEND
 
 # (role, content, tool_calls) of one message to append
-MessageSpec = tuple[str, str, list[Any] | None]
+MessageSpec = tuple[str, Any, Any]
 
 NEWEST = history(newest_first=True, limit=True, after=False, before=False).sqlite
 LIST_FOR_AGENT = list_sessions(("agent_id",), count=False).sqlite
@@ -57,10 +57,12 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _json(value: list[Any] | None) -> str | None:
-    if value is None:
-        return None
+def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else _dumps(value)
 
 
 def append(
@@ -78,21 +80,32 @@ def append(
             now_text = latest[0]
         found = conn.execute(
             COUNT_APPEND.sqlite.text,
-            (now_text, len(batch), tokens, *key, _MAX - len(batch), _MAX - tokens),
+            (
+                now_text,
+                len(batch),
+                tokens,
+                0,
+                0,
+                *key,
+                _MAX - len(batch),
+                _MAX - tokens,
+                _MAX,
+                _MAX,
+            ),
         ).fetchone()
         if found is None:
             raise LookupError("no session")
         session_id = found[0]
         values: list[Any] = []
         for role, content, tool_calls in batch:
-            values += (session_id, role, content, _json(tool_calls), now_text)
+            values += (session_id, role, _dumps(content), _json(tool_calls), now_text, "{}")
         ids = sorted(r[0] for r in conn.execute(insert_messages(len(batch)).sqlite.text, values))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     return [
-        (message_id, session_id, role, content, tool_calls, now)
+        (message_id, session_id, role, content, tool_calls, now, {})
         for message_id, (role, content, tool_calls) in zip(ids, batch, strict=True)
     ]
 
@@ -109,11 +122,12 @@ def read_newest(
             message_id,
             session_id,
             role,
-            content,
+            json.loads(content),
             None if tool_calls is None else json.loads(tool_calls),
             datetime.fromisoformat(created_at),
+            json.loads(metadata),
         )
-        for _, message_id, session_id, role, content, tool_calls, created_at in rows
+        for _, message_id, session_id, role, content, tool_calls, created_at, metadata in rows
         if message_id is not None
     ]
     messages.reverse()
