@@ -27,7 +27,7 @@ from aisopod_session import (
     open_database,
 )
 from aisopod_session.cli import app
-from tests.dbtools import make_seed_file, run_sql, snapshot, stress
+from tests.dbtools import SEED_SCHEMA, make_seed_file, run_sql, snapshot, stress
 
 SCRIPT = Path(sys.executable).parent / "aisopod-session"
 
@@ -92,7 +92,8 @@ OTHER = SessionKey("sales", "discord", "guild", "thread", "t-1")
 
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
-    """Three sessions of two agents, one of them idle, with a tool call and metadata."""
+    """Three sessions of two agents, one of them idle, with a tool call and metadata; the
+    first one's 30 tokens reported as 20 input and 10 output."""
     db_path = tmp_path / "cli-store.db"
     engine = open_database(db_path)
     repo = SessionRepository(engine)
@@ -106,7 +107,8 @@ def store(tmp_path: Path) -> Path:
             NewMessage(Role.TOOL, '{"temp_c": 4}'),
             NewMessage(Role.ASSISTANT, "4 °C in Oslo."),
         ],
-        tokens=30,
+        input_tokens=20,
+        output_tokens=10,
     )
     repo.append_message(SLACK, Role.USER, "standup?", tokens=2)
     repo.append_message(OTHER, Role.USER, "price list", tokens=5)
@@ -124,36 +126,129 @@ def test_init_creates_the_store_once(db_path: Path) -> None:
     assert db_path.exists()
     assert "nothing to do" in ok("init", "--db", str(db_path))
     migrations = as_json("--db", str(db_path), "migrate", "--status")
-    assert [m["status"] for m in migrations["migrations"]] == ["applied", "applied"]
-    assert all(m["applied_at"] for m in migrations["migrations"])
-    assert migrations["schema_version"] == migrations["code_version"] == 2
+    assert [(m["version"], m["status"]) for m in migrations["migrations"]] == [
+        (1, "applied"),
+        (2, "applied"),
+        (3, "applied"),
+    ]
+    assert all(m["applied_at"] and m["recorded"] for m in migrations["migrations"])
+    assert migrations["schema_version"] == migrations["code_version"] == 3
 
 
 def test_migrate_upgrades_an_old_store_and_status_waits_for_it(db_path: Path) -> None:
-    make_seed_file(db_path)  # the Rust crate's version-1 schema, made by plain SQL
+    make_seed_file(db_path)  # the seed spec's schema, made by plain SQL: no schema_version
     assert "run `aisopod-session migrate`" in failed("--db", str(db_path), "status")
     before = as_json("--db", str(db_path), "migrate", "--status")
-    assert [m["status"] for m in before["migrations"]][-1] == "pending"
-    assert "applied 2" in ok("--db", str(db_path), "migrate")
+    assert [m["status"] for m in before["migrations"]] == ["pending"] * 3
+    assert before["schema_version"] == 0
+    migrated = ok("--db", str(db_path), "migrate")
+    assert ("applied 1" in migrated, "applied 2" in migrated, "applied 3" in migrated) == (
+        True,
+        True,
+        True,
+    )
     after = as_json("--db", str(db_path), "migrate", "--status")
-    assert [m["status"] for m in after["migrations"]] == ["applied", "applied"]
-    assert as_json("--db", str(db_path), "status")["schema_version"] == 2
+    assert [m["status"] for m in after["migrations"]] == ["applied"] * 3
+    assert as_json("--db", str(db_path), "status")["schema_version"] == 3
+
+
+def make_crate_store(path: Path) -> None:
+    """A store as the Rust crate makes it, in plain sqlite3: the seed's DDL, its version-2
+    compaction columns and a bare one-row `schema_version` (2), with two messages whose
+    content the crate stored as JSON (a string, and a list of content blocks)."""
+    conn = sqlite3.connect(path)
+    conn.executescript(SEED_SCHEMA.read_text())
+    conn.executescript(
+        """
+        ALTER TABLE sessions ADD COLUMN compaction_count INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE sessions ADD COLUMN last_compacted_at TEXT;
+        ALTER TABLE sessions ADD COLUMN last_compaction_summary TEXT;
+        CREATE TABLE schema_version (version INTEGER PRIMARY KEY);
+        INSERT INTO schema_version VALUES (2);
+        INSERT INTO sessions (agent_id, channel, account_id, peer_kind, peer_id, created_at,
+            updated_at, message_count)
+        VALUES ('crab', 'telegram', 'bot', 'dm', '7', '2026-01-01T00:00:00+00:00',
+            '2026-01-01T00:00:01.5Z', 2);
+        INSERT INTO messages (session_id, role, content, tool_calls, created_at) VALUES
+            (1, 'user', '"hi crab"', NULL, '2026-01-01T00:00:00+00:00'),
+            (1, 'assistant', '[{"type":"text","text":"hello from Rust"}]',
+             '[{"id":"c1","name":"look"}]', '2026-01-01T00:00:01.5Z');
+        """
+    )
+    conn.commit()
+    conn.close()
+
+
+def test_migrate_status_counts_a_crate_stores_unrecorded_versions_as_applied(
+    db_path: Path,
+) -> None:
+    make_crate_store(db_path)
+    before = as_json("--db", str(db_path), "migrate", "--status")
+    assert (before["schema_version"], before["code_version"]) == (2, 3)
+    assert [(m["version"], m["status"], m["recorded"]) for m in before["migrations"]] == [
+        (1, "applied", False),  # no row of its own: below the crate's one row, 2
+        (2, "applied", True),
+        (3, "pending", False),
+    ]
+    assert [m["applied_at"] for m in before["migrations"]] == [None, None, None]
+    text = ok("--db", str(db_path), "migrate", "--status")
+    assert "not recorded" in text
+    assert "schema version 2; 1 pending: run `aisopod-session migrate`" in text
+    assert "run `aisopod-session migrate`" in failed("--db", str(db_path), "status")
+
+    migrated = ok("--db", str(db_path), "migrate", real=True)
+    assert "applied 3: JSON content" in migrated
+    assert "applied 1" not in migrated
+    assert "applied 2" not in migrated
+    assert "is at schema version 3" in migrated
+
+    after = as_json("--db", str(db_path), "migrate", "--status")
+    assert after["schema_version"] == after["code_version"] == 3
+    assert [(m["status"], m["recorded"]) for m in after["migrations"]] == [
+        ("applied", False),
+        ("applied", True),
+        ("applied", True),
+    ]
+    assert after["migrations"][2]["applied_at"] is not None
+    text = ok("--db", str(db_path), "migrate", "--status")
+    assert "schema version 3; up to date" in text
+    assert "pending" not in text
+    assert "nothing to do" in ok("--db", str(db_path), "init")
+    # The crate's JSON content reads back as the values it wrote.
+    shown = as_json("--db", str(db_path), "sessions", "show", "1")
+    assert [m["content"] for m in shown["messages"]] == [
+        "hi crab",
+        [{"type": "text", "text": "hello from Rust"}],
+    ]
+    assert shown["messages"][1]["tool_calls"] == [{"id": "c1", "name": "look"}]
+    text = ok("--db", str(db_path), "sessions", "show", "1")
+    assert "user: hi crab\n" in text
+    assert "assistant: hello from Rust\n" in text
 
 
 def test_status_counts_sessions_messages_and_sizes(store: Path) -> None:
     report = as_json("--db", str(store), "status", real=True)
-    assert report["schema_version"] == 2
+    assert report["schema_version"] == 3
     assert (report["sessions"], report["messages"], report["tokens"]) == (3, 6, 37)
+    assert (report["input_tokens"], report["output_tokens"]) == (20, 10)
     assert report["sessions_by_status"] == {"active": 2, "idle": 1}
     assert report["agents"] == {
-        "concierge": {"sessions": 2, "messages": 5, "tokens": 32},
-        "sales": {"sessions": 1, "messages": 1, "tokens": 5},
+        "concierge": {
+            "sessions": 2,
+            "messages": 5,
+            "tokens": 32,
+            "input_tokens": 20,
+            "output_tokens": 10,
+        },
+        "sales": {"sessions": 1, "messages": 1, "tokens": 5, "input_tokens": 0, "output_tokens": 0},
     }
     assert report["file_bytes"] > 0
     assert report["wal_bytes"] >= 0
     text = ok("--db", str(store), "status")
     assert "sessions:       3" in text
-    assert "concierge" in text
+    assert "tokens:         37 (20 input, 10 output)" in text
+    assert "32 (20 input, 10 output)" in text  # concierge's row
+    assert "5 (0 input, 0 output)" in text  # sales's
 
 
 def test_the_store_comes_from_the_environment_when_no_db_is_given(store: Path) -> None:
@@ -191,16 +286,180 @@ def test_sessions_list_takes_every_filter_field_and_pages(store: Path) -> None:
     assert "3 session(s) match" in listed.stdout
 
 
+def test_sessions_list_shows_input_and_output_tokens(store: Path) -> None:
+    listed = {s["key"]: s for s in as_json("--db", str(store), "sessions", "list")}
+    assert {
+        key: (s["token_usage"], s["input_tokens"], s["output_tokens"]) for key, s in listed.items()
+    } == {str(TELEGRAM): (30, 20, 10), str(SLACK): (2, 0, 0), str(OTHER): (5, 0, 0)}
+    text = ok("--db", str(store), "sessions", "list")
+    header = next(line for line in text.splitlines() if "tokens" in line)
+    assert header.split("┃")[5:8] == [" tokens ", " input ", " output "]
+    row = next(line for line in text.splitlines() if str(TELEGRAM) in line)
+    assert [cell.strip() for cell in row.split("│")[5:8]] == ["30", "20", "10"]
+
+
 def test_sessions_show_prints_the_transcript(store: Path) -> None:
     text = ok("--db", str(store), "sessions", "show", str(TELEGRAM), real=True)
+    assert "4 messages, 30 tokens (20 input, 10 output)" in text
     assert "What's the weather in Oslo?" in text
     assert '"name": "weather"' in text  # the tool call, spelled out
     assert "↳ tool call" in text
+    assert '      tool: {"temp_c": 4}\n' in text  # text content as text, no quotes
     by_id = as_json("--db", str(store), "sessions", "show", "1", "--last", "2")
     assert by_id["session"]["key"] == str(TELEGRAM)
     assert by_id["session"]["metadata"] == {"language": "en"}
+    assert (by_id["session"]["input_tokens"], by_id["session"]["output_tokens"]) == (20, 10)
     assert [m["content"] for m in by_id["messages"]] == ['{"temp_c": 4}', "4 °C in Oslo."]
     assert [m["role"] for m in by_id["messages"]] == ["tool", "assistant"]
+    assert [m["metadata"] for m in by_id["messages"]] == [{}, {}]
+
+
+# Content blocks of the common chat APIs, and what a transcript shows for each.
+BLOCKS: list[tuple[Any, str]] = [
+    ({"type": "text", "text": "Look at this:\nthe second line"}, "Look at this:\nthe second line"),
+    (
+        {"type": "image", "source": {"type": "url", "url": "https://x.example/cat.png"}},
+        "[image: https://x.example/cat.png]",
+    ),
+    (
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}},
+        "[image: image/png]",
+    ),
+    (
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + "A" * 5000}},
+        "[image: image/jpeg data]",
+    ),
+    ({"type": "input_file", "filename": "report.pdf", "file_data": "JVBE"}, "[file: report.pdf]"),
+    ({"type": "input_audio", "input_audio": {"data": "UklG", "format": "wav"}}, "[audio: wav]"),
+    (
+        {"type": "tool_result", "tool_use_id": "c1", "content": [{"type": "text", "text": "4 °C"}]},
+        "[tool_result c1: 4 °C]",
+    ),
+    (
+        {"type": "tool_result", "tool_use_id": "c2", "content": "no city", "is_error": True},
+        "[tool_result c2, error: no city]",
+    ),
+    (
+        {"type": "tool_use", "id": "c3", "name": "weather", "input": {"city": "Oslo"}},
+        '[tool_use weather c3: {"city": "Oslo"}]',
+    ),
+    (
+        {"type": "thinking", "thinking": "The user wants\nthe weather. " * 20, "signature": "s"},
+        "[reasoning: The user wants the weather. The user wants the weather.",
+    ),
+    ({"type": "redacted_thinking", "data": "xyz"}, "[reasoning: redacted]"),
+    (
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Looked it up."}]},
+        "[reasoning: Looked it up.]",
+    ),
+    ({"type": "output_text", "text": "OpenAI's output text", "annotations": []}, "OpenAI's"),
+    ({"type": "sticker", "id": 9}, '{"type": "sticker", "id": 9}'),
+    ({"no": "type"}, '{"no": "type"}'),
+    ([1, [2]], "[1, [2]]"),
+    (7, "7"),
+    (None, "null"),
+    ("a plain string", "a plain string"),
+]
+
+
+@pytest.fixture
+def json_store(tmp_path: Path) -> Path:
+    """A session whose messages hold content and tool calls of every JSON shape, message
+    metadata, and two rows plain SQL wrote: an unknown role and content that is not JSON."""
+    path = tmp_path / "json.db"
+    engine = open_database(path)
+    repo = SessionRepository(engine)
+    repo.get_or_create(TELEGRAM)
+    repo.append_messages(
+        TELEGRAM,
+        [
+            NewMessage(Role.USER, [block for block, _ in BLOCKS]),
+            NewMessage(
+                Role.ASSISTANT,
+                "",
+                {"id": "c1", "name": "weather", "arguments": {"city": "Oslo"}},
+                {"model": "gpt-5", "usage": {"input_tokens": 12}},
+            ),
+            NewMessage(Role.ASSISTANT, "two calls", [{"id": "c2"}, {"id": "c3"}]),
+            NewMessage(Role.ASSISTANT, "a scalar call", "call-me"),
+            NewMessage(Role.DEVELOPER, {"temp_c": 4, "sky": ["clear"]}),
+            NewMessage(Role.TOOL, 42, 0),
+            NewMessage(Role.TOOL, 2.5),
+            NewMessage(Role.TOOL, False),
+            NewMessage(Role.TOOL, None),
+            NewMessage(Role.TOOL, []),
+        ],
+        input_tokens=7,
+        output_tokens=3,
+    )
+    engine.dispose()
+    run_sql(
+        path,
+        "INSERT INTO messages (session_id, role, content, tool_calls, created_at) "
+        "VALUES (1, 'Critic [bold]', 'not {JSON', NULL, '2099-01-01T00:00:00+00:00')",
+    )
+    return path
+
+
+def test_sessions_show_spells_out_content_of_any_json_shape(json_store: Path) -> None:
+    text = ok("--db", str(json_store), "sessions", "show", "1", real=True)
+    lines = text.splitlines()
+    # The first block follows the role; each further block has a line of its own.
+    first = lines.index(next(line for line in lines if "user: Look at this:" in line))
+    assert lines[first + 1] == "the second line"  # a newline in text stays a line break
+    blocks = lines[first + 2 : first + len(BLOCKS) + 1]
+    for line, (_, shown) in zip(blocks, BLOCKS[1:], strict=True):
+        assert line.startswith(" " * 13 + shown), (line, shown)
+    assert all(len(line) < 160 for line in blocks)  # labels are short: no 5 000 A's
+    assert "[reasoning: The user wants the weather. The user" in text
+    assert "…]" in text  # the long reasoning, cut
+    # An object of tool calls is one call, shown as indented JSON, not one per key.
+    assert text.count("↳ tool call") == 1 + 2 + 1 + 1
+    call = text.index('↳ tool call {\n               "id": "c1",')
+    assert text.index('"city": "Oslo"', call) < text.index("↳ tool call", call + 1)
+    assert '↳ meta {"model": "gpt-5", "usage": {"input_tokens": 12}}' in text
+    assert '↳ tool call {\n               "id": "c2"\n             }' in text
+    assert '↳ tool call "call-me"' in text  # a scalar, as JSON
+    assert "↳ tool call 0" in text
+    assert "developer: {\n" in text
+    assert '               "temp_c": 4,' in text  # an object as indented JSON
+    for shown in ("tool: 42\n", "tool: 2.5\n", "tool: false\n", "tool: null\n", "tool: []\n"):
+        assert shown in text
+    # An unknown role is shown as it is (markup and all), uncoloured; raw text as text.
+    assert "Critic [bold]: not {JSON" in text
+
+
+def test_sessions_show_json_carries_json_values(json_store: Path) -> None:
+    shown = as_json("--db", str(json_store), "sessions", "show", "1")
+    messages = shown["messages"]
+    assert messages[0]["content"] == [block for block, _ in BLOCKS]
+    assert messages[1]["tool_calls"] == {
+        "id": "c1",
+        "name": "weather",
+        "arguments": {"city": "Oslo"},
+    }
+    assert messages[1]["metadata"] == {"model": "gpt-5", "usage": {"input_tokens": 12}}
+    assert [m["tool_calls"] for m in messages[2:4]] == [[{"id": "c2"}, {"id": "c3"}], "call-me"]
+    assert [m["content"] for m in messages[4:10]] == [
+        {"temp_c": 4, "sky": ["clear"]},
+        42,
+        2.5,
+        False,
+        None,
+        [],
+    ]
+    assert messages[5]["tool_calls"] == 0
+    assert [m["role"] for m in messages] == [
+        "user",
+        "assistant",
+        "assistant",
+        "assistant",
+        "developer",
+        *["tool"] * 5,
+        "Critic [bold]",
+    ]
+    assert (messages[-1]["content"], messages[-1]["metadata"]) == ("not {JSON", {})
+    assert (shown["session"]["input_tokens"], shown["session"]["output_tokens"]) == (7, 3)
 
 
 def test_delete_compact_and_reset(store: Path) -> None:

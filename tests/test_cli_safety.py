@@ -13,6 +13,7 @@ import json
 import os
 import pty
 import re
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,6 +228,79 @@ def test_json_output_carries_no_raw_c1_or_bidi_character_and_loses_nothing(
     assert shown["messages"][0]["content"] == f"summary {EVERY_SEQUENCE}"
     assert shown["messages"][-1]["content"] == "line one\nline two\tafter a tab — 4 °C"
     assert shown["session"]["agent_id"] == HOSTILE_KEY.agent_id
+
+
+@pytest.fixture
+def hostile_json_store(tmp_path: Path) -> Path:
+    """Escape sequences in every place a JSON message holds text: text, image, tool
+    result, reasoning and unknown blocks, object content (keys too), tool calls of each
+    shape, message metadata; and, written by plain SQL, a role and content that is not
+    JSON."""
+    path = tmp_path / "hostile-json.db"
+    engine = open_database(path)
+    repo = SessionRepository(engine)
+    repo.get_or_create(KEY)
+    every = EVERY_SEQUENCE
+    repo.append_messages(
+        KEY,
+        [
+            NewMessage(
+                Role.USER,
+                [
+                    {"type": "text", "text": f"text {every}"},
+                    {"type": "image", "source": {"type": "url", "url": f"https://x/{every}"}},
+                    {"type": "tool_result", "tool_use_id": every, "content": every},
+                    {"type": "thinking", "thinking": every},
+                    {"type": every, "x": every},
+                ],
+            ),
+            NewMessage(Role.ASSISTANT, {every: every}, {"arguments": every}, {"note": every}),
+            NewMessage(Role.ASSISTANT, every, every),
+            NewMessage(Role.TOOL, [every], [every, {every: [every]}]),
+        ],
+    )
+    engine.dispose()
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute(
+            "INSERT INTO messages (session_id, role, content, created_at) "
+            "VALUES (1, ?, ?, '2099-01-01T00:00:00+00:00')",
+            (f"role {every}", f"not JSON {every}"),
+        )
+    conn.close()
+    return path
+
+
+def test_sessions_show_escapes_json_content_tool_calls_roles_and_metadata(
+    hostile_json_store: Path,
+) -> None:
+    text = ok("--db", str(hostile_json_store), "sessions", "show", "1")
+    assert_escaped(text)
+    # Text is shown as text, escaped; JSON text too (json.dumps writes C0 as \u001b,
+    # and DEL, C1 and the bidirectional characters reach the terminal escaped).
+    assert "text \\x1b[2J" in text
+    assert "[image: https://x/\\x1b[2J" in text
+    assert '↳ meta {"note": "\\u001b[2J' in text
+    assert "\\x9b31m" in text
+    assert "role \\x1b[2J" in text  # the unknown role
+    assert "not JSON \\x1b[2J" in text
+
+
+def test_sessions_show_json_keeps_json_values_without_raw_c1_or_bidi(
+    hostile_json_store: Path,
+) -> None:
+    text = ok("--db", str(hostile_json_store), "sessions", "show", "1", "--json")
+    for raw in (*RAW, *RAW_IN_JSON):
+        assert raw not in text
+    messages = json.loads(text)["messages"]
+    every = EVERY_SEQUENCE
+    assert messages[0]["content"][0] == {"type": "text", "text": f"text {every}"}
+    assert messages[1]["content"] == {every: every}
+    assert messages[1]["tool_calls"] == {"arguments": every}
+    assert messages[1]["metadata"] == {"note": every}
+    assert (messages[2]["content"], messages[2]["tool_calls"]) == (every, every)
+    assert messages[3]["tool_calls"] == [every, {every: [every]}]
+    assert (messages[4]["role"], messages[4]["content"]) == (f"role {every}", f"not JSON {every}")
 
 
 def test_an_export_to_stdout_carries_no_raw_c1_or_bidi_character(hostile_store: Path) -> None:

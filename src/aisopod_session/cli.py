@@ -46,7 +46,7 @@ from aisopod_session.migrations import (
     current_version,
 )
 from aisopod_session.models import Message, Session, utc_text
-from aisopod_session.repository import SessionRepository
+from aisopod_session.repository import SessionRepository, Totals
 from aisopod_session.transfer import count_export, export_jsonl, import_jsonl, session_json
 
 DATABASE_ENV = "AISOPOD_SESSION_DB"
@@ -492,6 +492,9 @@ def migrate(
                 "applied_at": None
                 if done is None or done.applied_at is None
                 else done.applied_at.isoformat(),
+                # False for a version applied without a row of its own (the Rust crate's
+                # schema_version keeps only its latest version) and for a pending one.
+                "recorded": done is not None and done.recorded,
             }
         )
     if wants_json(ctx, json_output):
@@ -505,7 +508,7 @@ def migrate(
             str(row["version"]),
             str(row["name"]),
             str(row["status"]),
-            when(None if row["applied_at"] is None else datetime.fromisoformat(row["applied_at"])),
+            applied_text(row),
         )
     out.print(table)
     pending = sum(row["status"] == "pending" for row in rows)
@@ -513,6 +516,14 @@ def migrate(
         f"schema version {version}; "
         + (f"{pending} pending: run `aisopod-session migrate`" if pending else "up to date")
     )
+
+
+def applied_text(row: dict[str, Any]) -> str:
+    """The `applied at` cell of `migrate --status`: the time, `not recorded` for a
+    version applied without a row of its own (or without its time), `-` if pending."""
+    if row["applied_at"] is not None:
+        return when(datetime.fromisoformat(row["applied_at"]))
+    return "-" if row["status"] == "pending" else "not recorded"
 
 
 # --- status ---------------------------------------------------------------------------
@@ -542,6 +553,8 @@ def status(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = Fa
         "sessions": summary.total.sessions,
         "messages": summary.total.messages,
         "tokens": summary.total.tokens,
+        "input_tokens": summary.total.input_tokens,
+        "output_tokens": summary.total.output_tokens,
         "sessions_by_status": {
             state.value: totals.sessions for state, totals in summary.by_status.items()
         },
@@ -551,6 +564,8 @@ def status(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = Fa
                 "sessions": totals.sessions,
                 "messages": totals.messages,
                 "tokens": totals.tokens,
+                "input_tokens": totals.input_tokens,
+                "output_tokens": totals.output_tokens,
             }
             for agent, totals in summary.by_agent.items()
         },
@@ -567,7 +582,7 @@ def status(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = Fa
         )
     out.print(f"sessions:       {summary.total.sessions:,}")
     out.print(f"messages:       {summary.total.messages:,}")
-    out.print(f"tokens:         {summary.total.tokens:,}")
+    out.print(f"tokens:         {summary.total.tokens:,}{split_text(summary.total)}")
     if summary.by_status:
         out.print(
             "by status:      "
@@ -582,9 +597,17 @@ def status(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = Fa
         table = Table("agent", "sessions", "messages", "tokens", title="by agent")
         for agent, totals in summary.by_agent.items():
             table.add_row(
-                agent, f"{totals.sessions:,}", f"{totals.messages:,}", f"{totals.tokens:,}"
+                agent,
+                f"{totals.sessions:,}",
+                f"{totals.messages:,}",
+                f"{totals.tokens:,}{split_text(totals)}",
             )
         out.print(table)
+
+
+def split_text(totals: Totals) -> str:
+    """` (12 input, 30 output)`: the part of the tokens callers reported split."""
+    return f" ({totals.input_tokens:,} input, {totals.output_tokens:,} output)"
 
 
 def size_text(size: int | None) -> str:
@@ -744,7 +767,7 @@ def list_sessions(
     if wants_json(ctx, json_output):
         print_json([session_json(session) for session in found])
         return
-    table = Table("id", "key", "status", "messages", "tokens", "updated (UTC)")
+    table = Table("id", "key", "status", "messages", "tokens", "input", "output", "updated (UTC)")
     for session in found:
         table.add_row(
             str(session.id),
@@ -752,6 +775,8 @@ def list_sessions(
             session.status.value,
             f"{session.message_count:,}",
             f"{session.token_usage:,}",
+            f"{session.input_tokens:,}",
+            f"{session.output_tokens:,}",
             when(session.updated_at),
         )
     out.print(table)
@@ -763,6 +788,7 @@ ROLE_STYLES = {
     Role.USER: "bold cyan",
     Role.ASSISTANT: "bold green",
     Role.SYSTEM: "bold yellow",
+    Role.DEVELOPER: "bold blue",
     Role.TOOL: "bold magenta",
 }
 
@@ -776,8 +802,8 @@ def show(
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """A session's transcript: every message (or the newest N), roles coloured, tool
-    calls spelled out."""
+    """A session's transcript: every message (or the newest N), roles coloured, content
+    blocks and tool calls spelled out."""
     with repository(target_of(ctx, db)) as repo:
         found = find_session(repo, session)
         messages = repo.get_history(found.key, limit=last)
@@ -788,32 +814,221 @@ def show(
         return
     out.print(
         f"Session #{found.id} {found.key} ({found.status.value}): "
-        f"{found.message_count:,} messages, {found.token_usage:,} tokens; "
+        f"{found.message_count:,} messages, {found.token_usage:,} tokens "
+        f"({found.input_tokens:,} input, {found.output_tokens:,} output); "
         f"created {when(found.created_at)}, updated {when(found.updated_at)}"
     )
     if found.meta:
-        out.print(f"metadata: {json.dumps(found.meta, ensure_ascii=False)}")
+        out.print(f"metadata: {one_line_json(found.meta)}")
     if last is not None and found.message_count > len(messages):
         out.print(f"(the newest {len(messages)} of {found.message_count:,})")
     for message in messages:
-        style = ROLE_STYLES.get(message.role, "bold")
-        out.print(
-            f"[dim]\\[{message.id}] {message.created_at:%H:%M:%S}[/dim] "
-            f"[{style}]{message.role.value:>9}[/{style}]: {escape(message.content)}",
-            markup=True,
+        print_message(message)
+
+
+# Under a message's first line: its further content blocks, its metadata, its tool calls.
+_BLOCK_INDENT = " " * 13
+_NOTE_INDENT = " " * 11
+
+
+def print_message(message: Message) -> None:
+    """One message of a transcript: `[id] time role: content`, then one line per further
+    content block, `↳ meta` and one `↳ tool call` per call. Every piece is a plain string,
+    so `_Console.render_str` escapes it (`terminal_safe`); stored text is also escaped
+    for Rich's markup, which only the first line uses."""
+    role = message.role
+    if isinstance(role, Role):
+        style = ROLE_STYLES.get(role, "bold")
+        shown_role = f"[{style}]{role.value:>9}[/{style}]"
+    else:  # a role another program wrote: shown as it is, uncoloured
+        shown_role = escape(f"{role:>9}")
+    first, *rest = content_pieces(message.content)
+    out.print(
+        f"[dim]\\[{message.id}] {message.created_at:%H:%M:%S}[/dim] {shown_role}: {escape(first)}",
+        markup=True,
+    )
+    for piece in rest:
+        out.print(_BLOCK_INDENT + piece)
+    if message.meta:
+        out.print(f"{_NOTE_INDENT}↳ meta {one_line_json(message.meta)}")
+    for call in tool_call_list(message.tool_calls):
+        out.print(f"{_NOTE_INDENT}↳ tool call {indented_json(call)}")
+
+
+def content_pieces(content: Any) -> list[str]:
+    """How a message's content reads in a transcript, one piece per content block (at
+    least one): text as it is (its newlines kept), a list of content blocks block by
+    block (`block_text`), any other JSON value (an object, a number, true, null) as
+    JSON."""
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list) and content:
+        return [block_text(block) for block in content]
+    return [indented_json(content)]
+
+
+def tool_call_list(calls: Any) -> list[Any]:
+    """A message's tool calls one by one: the items of a list; one object (or any other
+    value but null) is one call."""
+    if calls is None:
+        return []
+    if isinstance(calls, list):
+        return calls
+    return [calls]
+
+
+# The content block types of the common chat APIs (Anthropic's, OpenAI's Chat Completions
+# and Responses), by what they hold.
+_TEXT_BLOCKS = frozenset({"text", "input_text", "output_text", "summary_text", "reasoning_text"})
+_LABELS = {
+    "image": "image",
+    "image_url": "image",
+    "input_image": "image",
+    "file": "file",
+    "input_file": "file",
+    "document": "file",
+    "audio": "audio",
+    "input_audio": "audio",
+    "tool_result": "tool_result",
+    "function_call_output": "tool_result",
+    "tool_use": "tool_use",
+    "function_call": "tool_use",
+    "reasoning": "reasoning",
+    "thinking": "reasoning",
+    "redacted_thinking": "reasoning",
+    "refusal": "refusal",
+}
+_SHORT = 120
+"""The most characters of a labelled block's detail shown."""
+
+
+def block_text(block: Any) -> str:
+    """One content block as a transcript shows it: a text block (or a plain string) as
+    its text; an image, file, audio, tool result, tool use, reasoning or refusal block
+    as one short labelled line (`[image: https://…]`); anything else as one-line JSON."""
+    if isinstance(block, str):
+        return block
+    if isinstance(block, dict):
+        kind = block.get("type")
+        if kind in _TEXT_BLOCKS and isinstance(block.get("text"), str):
+            return str(block["text"])
+        label = _LABELS.get(kind) if isinstance(kind, str) else None
+        if label is not None:
+            return labelled(label, block)
+    return one_line_json(block)
+
+
+def labelled(label: str, block: dict[str, Any]) -> str:
+    """`[label name: detail]` for a block `block_text` knows, name and detail cut short."""
+    name: str | None
+    if label == "tool_result":
+        name = _first_text(block, "tool_use_id", "call_id", "id")
+        inner = block.get("content", block.get("output"))
+        detail = inner if isinstance(inner, str) else _joined(inner)
+        if block.get("is_error") is True:
+            label += f" {short(name)}, error" if name else " error"
+            name = None
+    elif label == "tool_use":
+        name = " ".join(filter(None, (_first_text(block, "name"), _first_text(block, "id"))))
+        arguments = block.get("input", block.get("arguments"))
+        detail = arguments if isinstance(arguments, str) else _json_or_none(arguments)
+    elif label == "reasoning":
+        name = None
+        detail = (
+            "redacted"
+            if block.get("type") == "redacted_thinking"
+            else _first_text(block, "thinking", "text") or _joined(block.get("summary"))
         )
-        for call in message.tool_calls or []:
-            text = json.dumps(call, ensure_ascii=False, indent=2)
-            out.print("           ↳ tool call " + text.replace("\n", "\n             "))
+    elif label == "refusal":
+        name, detail = None, _first_text(block, "refusal", "text")
+    else:  # image, file, audio: where it is, or what it is
+        name, detail = None, _source_of(block)
+    head = f"{label} {short(name)}" if name else label
+    return f"[{head}: {short(detail)}]" if detail else f"[{head}]"
+
+
+def _source_of(block: dict[str, Any]) -> str | None:
+    """Where an image, file or audio block's data is (a file name, a URL, a file id) or
+    else its media type: in the block or in the object under its type or `source`."""
+    places = [block]
+    for name in (str(block.get("type")), "source", "file", "image_url", "input_audio"):
+        inner = block.get(name)
+        if isinstance(inner, dict):
+            places.append(inner)
+        elif isinstance(inner, str) and name in ("image_url", "file"):
+            places.append({"url": inner})
+    for key in (
+        "filename",
+        "url",
+        "file_url",
+        "image_url",
+        "file_id",
+        "media_type",
+        "mime_type",
+        "format",
+    ):
+        for place in places:
+            value = place.get(key)
+            if isinstance(value, str) and value:
+                if value.startswith("data:"):  # inline data: only its media type
+                    media = value[5:].split(",", 1)[0].split(";", 1)[0]
+                    return f"{media or 'inline'} data"
+                return value
+    return None
+
+
+def _first_text(block: dict[str, Any], *keys: str) -> str | None:
+    for key in keys:
+        value = block.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _joined(value: Any) -> str | None:
+    """Nested content (a list of blocks, say) as one text; None for nothing."""
+    if value is None or value == []:
+        return None
+    if isinstance(value, list):
+        return " ".join(block_text(item) for item in value)
+    return block_text(value)
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else one_line_json(value)
+
+
+def short(text: str) -> str:
+    """`text` on one line (runs of spaces, tabs and newlines as one space), at most `_SHORT`
+    characters (cut with `…`)."""
+    # Only these: `str.split()` would also take C1's NEL and the C0 separators for
+    # white space, and drop them instead of showing them escaped.
+    flat = re.sub(r"[ \t\n]+", " ", text).strip(" ")
+    return flat if len(flat) <= _SHORT else flat[: _SHORT - 1] + "…"
+
+
+def one_line_json(value: Any) -> str:
+    """`value` as JSON on one line, non-ASCII text readable."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def indented_json(value: Any) -> str:
+    """`value` as indented JSON whose lines after the first line up under a transcript's
+    notes (JSON text holds no raw newline of its own: its strings escape them)."""
+    text = json.dumps(value, ensure_ascii=False, indent=2)
+    return text.replace("\n", "\n" + _BLOCK_INDENT)
 
 
 def message_json(message: Message) -> dict[str, Any]:
+    """A message as `sessions show --json` prints it: `content` and `tool_calls` as the
+    JSON values they are, `metadata` the message's metadata object."""
     return {
         "id": message.id,
         "session_id": message.session_id,
-        "role": message.role.value,
+        "role": str(message.role),
         "content": message.content,
         "tool_calls": message.tool_calls,
+        "metadata": message.meta,
         "created_at": utc_text(message.created_at),
     }
 
