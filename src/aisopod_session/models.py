@@ -110,8 +110,13 @@ class UTCDateTime(StoredText):
 
 
 def dump_json(value: Any) -> str:
-    """Compact JSON text; NaN and Infinity are refused because JSON has no such values."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    """Compact JSON text, as the Rust crate writes it (`serde_json::to_string`): no spaces,
+    non-ASCII as UTF-8; NaN and Infinity are refused because JSON has no such values."""
+    return _encode(value)
+
+
+# One encoder for every write: `json.dumps` with options builds a new one per call.
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
 class JSONText(StoredText):
@@ -129,7 +134,7 @@ class JSONText(StoredText):
         return dump_json(value)
 
     def read(self, value: str) -> Any:
-        return json.loads(value, parse_constant=_not_a_number, parse_float=_finite_float)
+        return _strict_json(value)
 
 
 class LenientJSONText(JSONText):
@@ -149,7 +154,7 @@ class LenientJSONText(JSONText):
                 return str(value)
             value = value.decode("utf-8", "replace")
         try:
-            return json.loads(value, parse_constant=_not_a_number, parse_float=_finite_float)
+            return _strict_json(value)
         except (ValueError, RecursionError):
             return value
 
@@ -206,6 +211,11 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(number):
         raise ValueError(f"{text} is too large for a JSON number")
     return number
+
+
+# One decoder for every read: `json.loads` with options builds a new one per call, which
+# costs more than decoding a short message.
+_strict_json = json.JSONDecoder(parse_constant=_not_a_number, parse_float=_finite_float).decode
 
 
 class RoleText(StoredText):
