@@ -32,6 +32,7 @@ from aisopod_session import (
     AccessDeniedError,
     AsyncSessionRepository,
     DatabaseBusyError,
+    JSONValue,
     Message,
     PeerKind,
     Role,
@@ -82,9 +83,12 @@ class Inbound(BaseModel):
     peer_kind: PeerKind
     peer_id: str
     role: Role = Role.USER
-    content: str
-    tool_calls: list[Any] | None = None
+    content: JSONValue  # text, or content blocks as the model API gives them
+    tool_calls: JSONValue = None
+    meta: dict[str, Any] | None = None
     tokens: int = Field(default=0, ge=0)
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
 
 
 class Recorded(BaseModel):
@@ -104,7 +108,14 @@ async def receive(agent_id: str, inbound: Inbound, repository: AgentStore) -> Re
     )
     await repository.get_or_create(key)
     message = await repository.append_message(
-        key, inbound.role, inbound.content, tool_calls=inbound.tool_calls, tokens=inbound.tokens
+        key,
+        inbound.role,
+        inbound.content,
+        tool_calls=inbound.tool_calls,
+        meta=inbound.meta,
+        tokens=inbound.tokens,
+        input_tokens=inbound.input_tokens,
+        output_tokens=inbound.output_tokens,
     )
     session = await repository.get(key)
     assert session is not None

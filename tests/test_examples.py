@@ -130,3 +130,30 @@ def test_concurrent_requests_are_all_recorded(gateway: ModuleType) -> None:
     assert len(messages) == 100
     assert sorted(m["content"] for m in messages) == sorted(f"m{n}" for n in range(100))
     assert len({m["id"] for m in messages}) == 100
+
+
+def test_content_blocks_metadata_and_the_token_split_go_through_the_api(
+    client: TestClient,
+) -> None:
+    """Content blocks, tool calls of any shape and message metadata are stored and
+    served back as the JSON the adapter sent; input and output tokens add up."""
+    blocks = [{"type": "text", "text": "look"}, {"type": "image", "url": "https://x/y.png"}]
+    body = {
+        **inbound("44", "ignored"),
+        "content": blocks,
+        "tool_calls": {"tool": "search", "args": {"q": "é"}},
+        "meta": {"model": "m-1"},
+        "input_tokens": 7,
+        "output_tokens": 5,
+    }
+    answer = client.post("/agents/support/messages", json=body)
+    assert answer.status_code == 201, answer.text
+    recorded = answer.json()
+    assert recorded["token_usage"] == 12
+    assert recorded["message"]["content"] == blocks
+    served = client.get(f"/agents/support/sessions/{recorded['session_id']}/messages").json()
+    assert [(m["content"], m["tool_calls"], m["meta"]) for m in served] == [
+        (blocks, {"tool": "search", "args": {"q": "é"}}, {"model": "m-1"})
+    ]
+    text = client.post("/agents/support/messages", json=inbound("44", "123")).json()
+    assert text["message"]["content"] == "123"

@@ -27,7 +27,7 @@ from aisopod_session.migrations import (
     current_version,
     run_migrations,
 )
-from aisopod_session.models import Message, NewMessage, Session, SessionFilter
+from aisopod_session.models import JSONValue, Message, NewMessage, Session, SessionFilter
 from aisopod_session.repository import (
     AsyncSessionRepository,
     CompactionResult,
@@ -58,6 +58,7 @@ __all__ = [
     "DatabaseBusyError",
     "ExportResult",
     "ImportResult",
+    "JSONValue",
     "LineError",
     "Message",
     "Migration",
