@@ -36,6 +36,15 @@ so the checkpoints: a tight loop checkpoints so often that the writes a lost `-w
 takes with it may happen to be none."""
 
 
+def stored_text(cell: str) -> str:
+    """The text of a message as its content cell holds it: compact JSON, a JSON string
+    for every message these writers append."""
+    text = json.loads(cell)
+    if not isinstance(text, str):
+        raise ValueError(f"content cell {cell!r} is not a JSON string")
+    return text
+
+
 # --- processes --------------------------------------------------------------------------
 
 
@@ -216,12 +225,13 @@ class Reader:
             acks.read(log, running=True)
         conn = sqlite3.connect(self.path)
         try:
-            stored = {content for (content,) in conn.execute("SELECT content FROM messages")}
+            cells = [cell for (cell,) in conn.execute("SELECT content FROM messages")]
         except sqlite3.DatabaseError as exc:
             self.worst = self.worst or f"a reader could not read the file while it ran: {exc}"
             return
         finally:
             conn.close()
+        stored = {stored_text(cell) for cell in cells}
         self.looks += 1
         missing = [content for content in acks.acked if content not in stored]
         if len(missing) > self._worst_missing:
@@ -264,8 +274,8 @@ def check_store(path: Path, acks: Acks) -> list[str]:
     try:
         integrity = conn.execute("PRAGMA integrity_check").fetchall()
         stored: dict[str, list[int]] = {}
-        for message_id, content in conn.execute("SELECT id, content FROM messages"):
-            stored.setdefault(content, []).append(message_id)
+        for message_id, cell in conn.execute("SELECT id, content FROM messages"):
+            stored.setdefault(stored_text(cell), []).append(message_id)
         counters = conn.execute(
             "SELECT s.id, s.message_count, s.token_usage,"
             " (SELECT count(*) FROM messages AS m WHERE m.session_id = s.id)"

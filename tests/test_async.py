@@ -410,7 +410,10 @@ def test_200_tasks_append_at_once_without_blocking_the_loop(
         everyone = repo.get_or_create(shared)
         assert everyone.message_count == TASKS * ROUNDS
         assert everyone.token_usage == TASKS * ROUNDS
-        said = [m.content for m in repo.get_history(shared)]
+        said: list[str] = []
+        for message in repo.get_history(shared):
+            assert isinstance(message.content, str)
+            said.append(message.content)
         assert sorted(said) == sorted(f"{n}:{r}" for n in range(TASKS) for r in range(ROUNDS))
         for n in range(TASKS):
             # Each task's own appends land in its order.
@@ -465,6 +468,7 @@ def test_cancelled_calls_leave_no_half_written_batch(store_url: str) -> None:
             assert session.message_count == len(history)
             batches: dict[str, list[str]] = {}
             for message in history:
+                assert isinstance(message.content, str)
                 if message.content != "still working":
                     batch, _, part = message.content.rpartition("-")
                     batches.setdefault(batch, []).append(part)

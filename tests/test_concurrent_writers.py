@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import text
 
 from aisopod_session import NewMessage, Role, SessionKey, SessionRepository, open_database
+from aisopod_session.models import dump_json
 from aisopod_session.transactions import read_transaction
 from tests.dbtools import raw_connect, stress
 
@@ -170,7 +171,7 @@ def test_many_writer_processes_lose_nothing_and_keep_counters_exact(
     engine = open_database(path)
     try:
         with read_transaction(engine) as conn:
-            stored = conn.execute(
+            message_rows = conn.execute(
                 text(
                     "SELECT m.id, s.peer_id, m.content, m.tool_calls, m.created_at "
                     "FROM messages m JOIN sessions s ON s.id = m.session_id ORDER BY m.id"
@@ -186,6 +187,14 @@ def test_many_writer_processes_lose_nothing_and_keep_counters_exact(
             race_rows = conn.execute(
                 text("SELECT count(*) FROM sessions WHERE agent_id = 'agent-race'")
             ).scalar_one()
+        # Content is stored as compact JSON text: each cell is the JSON string of its text.
+        assert [cell for _, _, cell, _, _ in message_rows] == [
+            dump_json(json.loads(cell)) for _, _, cell, _, _ in message_rows
+        ]
+        stored = [
+            (mid, peer, json.loads(cell), calls, at) for mid, peer, cell, calls, at in message_rows
+        ]
+        assert all(isinstance(content, str) for _, _, content, _, _ in stored)
         # Every acknowledged message is there exactly once, with its id, in its session.
         by_content = Counter(content for _, _, content, _, _ in stored)
         assert [c for c, n in by_content.items() if n > 1] == []

@@ -28,6 +28,7 @@ from aisopod_session import (
     current_version,
     open_database,
 )
+from aisopod_session.models import dump_json
 from aisopod_session.transactions import read_transaction
 from tests.dbtools import raw_connect, stress
 
@@ -141,8 +142,13 @@ def check_after_kill(path: str, acknowledged: dict[str, list[int]]) -> None:
 
     # Group the stored rows by batch: each batch is there whole, exactly as sent, or not
     # at all (a batch committed but killed before it was reported is there whole too).
+    # Content is stored as compact JSON text: each cell is exactly the JSON string of
+    # what was sent.
     stored: dict[str, list[tuple[int, int, str]]] = {}
-    for message_id, session_id, content in rows:
+    for message_id, session_id, cell in rows:
+        content = json.loads(cell)
+        assert isinstance(content, str), cell
+        assert cell == dump_json(content)
         stored.setdefault(content.split("/")[0], []).append((message_id, session_id, content))
     rows_per_session = dict.fromkeys(counters, 0)
     tokens_per_session = dict.fromkeys(counters, 0)

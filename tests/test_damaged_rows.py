@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -109,14 +110,24 @@ def test_a_status_outside_the_vocabulary_is_counted_as_damaged(store: Engine) ->
     assert [s.key for s in repo.list_sessions()] == [GOOD]
 
 
-def test_a_damaged_message_is_named_and_left_out_of_an_export(store: Engine) -> None:
+def test_a_damaged_message_is_named_and_left_out_of_an_export(
+    store: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
     repo = SessionRepository(store)
     repo.get_or_create(GOOD)
     kept = repo.append_message(GOOD, Role.USER, "kept")
     broken = repo.append_message(GOOD, Role.USER, "broken")
     run_sql(store, "UPDATE messages SET created_at = 'last tuesday' WHERE id = ?", (broken.id,))
-    with pytest.raises(DamagedRowError, match=f"messages row {broken.id}, column created_at"):
-        repo.get_history(GOOD)
+    before = snapshot(store)
+    # History reads it leniently: the unreadable time as the epoch, logged, naming the row.
+    with caplog.at_level(logging.WARNING, logger="aisopod_session"):
+        history = repo.get_history(GOOD)
+    assert [(m.id, m.content, m.created_at) for m in history] == [
+        (kept.id, "kept", kept.created_at),
+        (broken.id, "broken", datetime(1970, 1, 1, tzinfo=UTC)),
+    ]
+    assert f"messages row {broken.id}, column created_at" in caplog.text
+    assert snapshot(store) == before  # reading repaired nothing
     out = io.StringIO()
     result = export_jsonl(store, out)
     assert (result.sessions, result.messages) == (1, 1)

@@ -33,7 +33,11 @@ def filled(repo: SessionRepository, key: SessionKey, other_key: SessionKey) -> l
 
 
 def contents(messages: list[Message]) -> list[str]:
-    return [m.content for m in messages]
+    texts: list[str] = []
+    for message in messages:
+        assert isinstance(message.content, str), message
+        texts.append(message.content)
+    return texts
 
 
 def id_of(message: Message) -> int:

@@ -4,10 +4,12 @@ naming the field, with the database left exactly as it was. The rejection catalo
 `test_validation.py` is not repeated here.
 
 Every test that touches a store runs on SQLite and on PostgreSQL (see conftest). One
-difference is by design: PostgreSQL's text type cannot hold NUL (U+0000), so there content
-holding one is refused with a `ValueError` naming it, nothing written (NUL inside JSON is
-stored JSON-escaped, and key parts never allow it); every other value is stored exactly as
-on SQLite.
+difference is by design: PostgreSQL cannot hold NUL (U+0000) in text, nor its `jsonb` the
+escape `\u0000`, so there a message whose content or tool calls hold one in any string
+(keys too) is refused with a `ValueError` naming the field, nothing written (session
+metadata stores it JSON-escaped, and key parts never allow it); every other value is
+stored exactly as on SQLite. A message's content is stored as compact JSON text (a
+string as its JSON string), so its raw cell is compared with that text.
 
 The property tests (Hypothesis) run a quick number of examples by default; set
 `AISOPOD_STRESS=<n>` to run n times as many.
@@ -44,7 +46,7 @@ from aisopod_session import (
     open_database,
 )
 from aisopod_session.keys import MAX_KEY_PART_LENGTH
-from aisopod_session.models import MAX_JSON_DEPTH
+from aisopod_session.models import MAX_JSON_DEPTH, dump_json
 from tests.dbtools import raw_connect, snapshot, store_location, stress
 
 PARTS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
@@ -79,6 +81,28 @@ def deep_mixed(levels: int) -> Any:
     value: Any = "🦀"
     for level in range(levels):
         value = [value] if level % 2 else {"k\x00🔑": value}
+    return value
+
+
+def holds_nul(value: Any) -> bool:
+    """Whether a string anywhere in a JSON value (keys too) holds NUL."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(holds_nul(name) or holds_nul(item) for name, item in value.items())
+    if isinstance(value, list | tuple):
+        return any(holds_nul(item) for item in value)
+    return False
+
+
+def without_nul(value: Any) -> Any:
+    """A JSON value with every NUL taken out of its strings and keys."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {without_nul(name): without_nul(item) for name, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_nul(item) for item in value]
     return value
 
 
@@ -250,10 +274,13 @@ def assert_raw_key(store: Engine, session_id: int, key: SessionKey) -> None:
 
 
 def assert_nul_refused(store: Engine, call: Callable[[], object], field: str) -> None:
-    """PostgreSQL's text cannot hold NUL: `call` raises a `ValueError` naming `field` and
-    saying so, and writes nothing."""
+    """PostgreSQL cannot hold NUL: `call` raises a `ValueError` naming `field` (and, for a
+    string inside a JSON value, its place) and saying so, and writes nothing."""
     before = snap(store)
-    with pytest.raises(ValueError, match=rf"^{re.escape(field)}: holds a NUL character"):
+    name = re.escape(field)
+    with pytest.raises(
+        ValueError, match=rf"^{name}: (the string at {name}.* )?holds a NUL character"
+    ):
         call()
     assert snap(store) == before
 
@@ -319,7 +346,8 @@ def test_accepted_content_is_read_back_byte_for_byte(
         assert_same_text(message.content, content, f"message {message.id}")
     for message in history:
         assert message.id is not None
-        assert_raw_text(store, "messages", "content", message.id, content)
+        assert_raw_text(store, "messages", "content", message.id, dump_json(content))
+        assert_raw_json(store, "messages", "content", message.id, content)
     session = repo.get(key)
     assert session is not None
     assert session.message_count == 3
@@ -442,6 +470,13 @@ def test_accepted_json_is_read_back_exactly_as_metadata_and_tool_calls(
     merged = repo.update_metadata(key, {"w": value})
     assert_same_json(merged.meta, {"v": value, "w": value})
 
+    if not on_sqlite(store) and holds_nul(value):
+        assert_nul_refused(
+            store,
+            lambda: repo.append_message(key, Role.ASSISTANT, "", tool_calls=[value]),
+            "tool_calls",
+        )
+        value = without_nul(value)  # the rest of it is still stored exactly
     message = repo.append_message(key, Role.ASSISTANT, "", tool_calls=[value])
     assert message.id is not None
     assert_same_json(message.tool_calls, [value])
@@ -710,9 +745,9 @@ MORE_BAD_CALLS: dict[str, tuple[str, Call]] = {
         "tool_calls",
         lambda r, k: r.append_message(k, "tool", "", tool_calls=[deep_lists(MAX_JSON_DEPTH - 1)]),
     ),
-    "tool_calls JSON text": (
+    "tool_calls JSON text as bytes": (
         "tool_calls",
-        lambda r, k: r.append_message(k, "tool", "", tool_calls="[]"),  # type: ignore[arg-type]
+        lambda r, k: r.append_message(k, "tool", "", tool_calls=b"[]"),  # type: ignore[arg-type]
     ),
     "tool_calls a set": (
         "tool_calls",
@@ -738,6 +773,21 @@ def test_more_bad_input_is_rejected_naming_the_field_and_nothing_is_written(
     with pytest.raises(ValueError, match=re.escape(field)):
         call(stocked, KEY)
     assert snap(stocked_db) == before
+
+
+def test_tool_calls_given_as_json_text_are_stored_as_a_json_string(
+    repo: SessionRepository, key: SessionKey, store: Engine
+) -> None:
+    """Tool calls are any JSON value: text that looks like JSON is a string, kept as one
+    (not parsed), so it reads back as the same text."""
+    repo.get_or_create(key)
+    message = repo.append_message(key, Role.TOOL, "", tool_calls="[]")
+    assert message.id is not None
+    (read,) = repo.get_history(key)
+    for got in (message, read):
+        assert_same_json(got.tool_calls, "[]")
+    assert_raw_text(store, "messages", "tool_calls", message.id, dump_json("[]"))
+    assert_raw_json(store, "messages", "tool_calls", message.id, "[]")
 
 
 # --- properties ------------------------------------------------------------------------------
@@ -910,7 +960,8 @@ def test_any_text_content_is_read_back_byte_for_byte(
     assert read.role is role
     assert_same_text(message.content, content, "returned content")
     assert_same_text(read.content, content, "history content")
-    assert_raw_text(store, "messages", "content", message.id, content)
+    assert_raw_text(store, "messages", "content", message.id, dump_json(content))
+    assert_raw_json(store, "messages", "content", message.id, content)
 
 
 @examples(30)
@@ -954,7 +1005,8 @@ def json_containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
 JSON_VALUE: st.SearchStrategy[Any] = st.recursive(JSON_SCALAR, json_containers, max_leaves=25)
 METADATA = st.dictionaries(st.text(HOSTILE_CHAR, max_size=12), JSON_VALUE, max_size=6)
-TOOL_CALLS = st.one_of(st.none(), st.lists(JSON_VALUE, max_size=4))
+TOOL_CALLS = st.one_of(st.none(), st.lists(JSON_VALUE, max_size=4), JSON_VALUE)
+"""Tool calls: a list, as models write them, or any other JSON value."""
 
 
 @examples(60)
@@ -998,17 +1050,18 @@ def test_any_tool_calls_are_read_back_exactly(
     repo: SessionRepository,
     key: SessionKey,
     store: Engine,
-    tool_calls: list[Any] | None,
+    tool_calls: Any,
     content: str,
 ) -> None:
     repo.get_or_create(key)
-    if not on_sqlite(store) and "\x00" in content:
+    if not on_sqlite(store) and (holds_nul(content) or holds_nul(tool_calls)):
         assert_nul_refused(
             store,
             lambda: repo.append_message(key, Role.ASSISTANT, content, tool_calls=tool_calls),
-            "content",
+            "content" if holds_nul(content) else "tool_calls",
         )
-        content = content.replace("\x00", "")  # the rest of it is still stored exactly
+        # the rest of it is still stored exactly
+        content, tool_calls = without_nul(content), without_nul(tool_calls)
     message = repo.append_message(key, Role.ASSISTANT, content, tool_calls=tool_calls)
     assert message.id is not None
     (read,) = repo.get_history(key, after_id=message.id - 1)
@@ -1033,7 +1086,7 @@ def test_any_batch_of_messages_is_read_back_in_order_and_counted(
     repo: SessionRepository,
     key: SessionKey,
     store: Engine,
-    batch: list[tuple[Role, str, list[Any] | None]],
+    batch: list[tuple[Role, str, Any]],
     tokens: int,
     as_mappings: bool,
 ) -> None:
@@ -1048,12 +1101,18 @@ def test_any_batch_of_messages_is_read_back_in_order_and_counted(
         ]
         return repo.append_messages(key.canonical(), messages, tokens=tokens)
 
-    with_nul = [index for index, (_, content, _) in enumerate(batch) if "\x00" in content]
+    # The first field holding NUL, message by message, content before tool calls.
+    with_nul = [
+        (index, field)
+        for index, (_, content, calls) in enumerate(batch)
+        for field, value in (("content", content), ("tool_calls", calls))
+        if holds_nul(value)
+    ]
     if not on_sqlite(store) and with_nul:
-        field = f"messages[{with_nul[0]}].content" if len(batch) > 1 else "content"
-        assert_nul_refused(store, append, field)
+        index, field = with_nul[0]
+        assert_nul_refused(store, append, f"messages[{index}].{field}" if len(batch) > 1 else field)
         # the rest of it is still stored exactly
-        batch = [(role, content.replace("\x00", ""), calls) for role, content, calls in batch]
+        batch = [(role, without_nul(content), without_nul(calls)) for role, content, calls in batch]
     stored = append()
     first = stored[0].id
     assert first is not None

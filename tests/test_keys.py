@@ -130,7 +130,7 @@ def test_unknown_peer_kind_is_rejected_listing_the_allowed_ones() -> None:
 
 def test_enums_are_str_enums_with_upper_case_members() -> None:
     assert [m.value for m in PeerKind] == ["dm", "group", "channel", "thread"]
-    assert [m.value for m in Role] == ["system", "user", "assistant", "tool"]
+    assert [m.value for m in Role] == ["system", "developer", "user", "assistant", "tool"]
     assert [m.value for m in SessionStatus] == ["active", "idle", "compacted", "archived"]
     assert str(Role.USER) == "user"
     assert isinstance(Role.USER, str)

@@ -4,6 +4,7 @@ upgrading a version-1 file full of data."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,7 @@ from aisopod_session import (
     open_database,
     run_migrations,
 )
+from aisopod_session.models import dump_json, utc_text
 from tests.dbtools import snapshot
 
 T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
@@ -372,24 +374,75 @@ def test_compact_and_reset_need_a_session(repo: SessionRepository, key: SessionK
 # --- migration 2 --------------------------------------------------------------------------
 
 
+# Contents a version-1 store held as plain text, which must read back as the same text
+# after migration 3 turns content into JSON, however much of it looks like JSON.
+OLD_CONTENTS = ["123", '{"a": 1}', "null", "true", '"quoted"', "[1, 2]", "", "{not json", " 7 "]
+
+
 def test_a_version_1_store_full_of_data_upgrades_with_nothing_lost(store_url: str) -> None:
     engine = open_database(store_url, migrate=False)
     assert run_migrations(engine, MIGRATIONS[:1]) == 1
     fill_old_sessions(engine, 100, 100)  # 10 000 messages, as version 1 stores them
+    with engine.begin() as conn:  # and some text that looks like JSON, as version 1 kept it
+        conn.execute(
+            text(
+                "INSERT INTO messages (session_id, role, content, tool_calls, created_at) "
+                "SELECT id, 'assistant', :content, :tool_calls, created_at FROM sessions "
+                "WHERE peer_id = 'p0'"
+            ),
+            [{"content": c, "tool_calls": '[{"id": "t1"}]'} for c in OLD_CONTENTS],
+        )
+        conn.execute(
+            text("UPDATE sessions SET message_count = :count WHERE peer_id = 'p0'"),
+            {"count": 100 + len(OLD_CONTENTS)},
+        )
     before = snapshot(engine)
     engine.dispose()
 
     engine = open_database(store_url)
     after = snapshot(engine)
-    assert after["messages"] == before["messages"]
+    # Migration 3: every content cell becomes the JSON string of its text; metadata '{}'.
+    assert after["messages"] == [
+        (*row[:3], dump_json(row[3]), *row[4:], "{}") for row in before["messages"]
+    ]
     old_columns = len(before["sessions"][0])
     assert [row[:old_columns] for row in after["sessions"]] == before["sessions"]
-    assert {row[old_columns:] for row in after["sessions"]} == {(0, None, None)}
+    assert {row[old_columns:] for row in after["sessions"]} == {(0, None, None, 0, 0)}
     assert [row[0] for row in after["schema_version"]] == list(range(1, SCHEMA_VERSION + 1))
     counters_match_rows(engine)
     repo = SessionRepository(engine)
     session = repo.get(SessionKey("bulk", "telegram", "bot", "dm", "p7"))
     assert session is not None
     assert (session.message_count, session.compaction_count) == (100, 0)
-    assert len(repo.get_history(session.key)) == 100
+    assert (session.input_tokens, session.output_tokens) == (0, 0)
+    # Every message reads back exactly as version 1 stored it.
+    read_back = sorted(
+        (
+            (
+                m.id or 0,
+                m.session_id,
+                m.role,
+                m.content,
+                m.tool_calls,
+                utc_text(m.created_at),
+                m.meta,
+            )
+            for listed in repo.list_sessions(limit=1000)
+            for m in repo.get_history(listed.key)
+        ),
+        key=lambda row: row[0],
+    )
+    assert read_back == [
+        (
+            id_,
+            session_id,
+            role,
+            content,
+            None if tool_calls is None else json.loads(tool_calls),
+            created_at,
+            {},
+        )
+        for id_, session_id, role, content, tool_calls, created_at in before["messages"]
+    ]
+    assert [row[3] for row in read_back if row[2] == "assistant"] == OLD_CONTENTS
     engine.dispose()

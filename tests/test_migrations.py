@@ -262,29 +262,47 @@ def test_a_bare_version_row_counts_and_a_newer_one_is_refused(db_path: Path) -> 
     assert file_digest(db_path) == digest
 
 
-def test_a_rust_crate_version_2_file_is_read_as_up_to_date(db_path: Path) -> None:
+def test_a_rust_crate_version_2_file_gets_only_the_later_migrations(db_path: Path) -> None:
     make_seed_file(db_path, version=2)
     run_sql(db_path, "CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
     run_sql(db_path, "INSERT INTO schema_version (version) VALUES (1), (2)")
-    state = snapshot(db_path)
 
-    engine = open_database(db_path)  # up to date: read, not written
-    assert snapshot(db_path) == state
-    assert [(r.version, r.name, r.checksum, r.applied_at) for r in applied_migrations(engine)] == [
-        (1, None, None, None),
-        (2, None, None, None),
+    # Versions 1 and 2 count as applied (migration 2 re-run would fail on its existing
+    # columns): migration 3 alone is applied, and recorded.
+    with freeze_time("2026-11-26T03:59:48.123456+00:00"):
+        engine = open_database(db_path)
+    assert [
+        (r.version, r.name, r.checksum, r.applied_at, r.recorded)
+        for r in applied_migrations(engine)
+    ] == [
+        (1, None, None, None, True),
+        (2, None, None, None, True),
+        (
+            3,
+            MIGRATIONS[2].name,
+            MIGRATIONS[2].checksum,
+            datetime(2026, 11, 26, 3, 59, 48, 123456, tzinfo=UTC),
+            True,
+        ),
     ]
+    assert SCHEMA_VERSION == 3
+    engine.dispose()
+
+    state = snapshot(db_path)
+    engine = open_database(db_path)  # up to date now: read, not written
+    assert snapshot(db_path) == state
     assert run_migrations(engine, [*MIGRATIONS, FIXED]) == FIXED.version
     rows = applied_migrations(engine)
     assert [(r.version, r.name, r.checksum) for r in rows] == [
         (1, None, None),
         (2, None, None),
+        (3, MIGRATIONS[2].name, MIGRATIONS[2].checksum),
         (FIXED.version, FIXED.name, FIXED.checksum),
     ]
     engine.dispose()
 
 
-def test_a_rust_crate_version_1_file_is_upgraded_to_version_2(
+def test_a_rust_crate_version_1_file_is_upgraded_to_the_latest_version(
     db_path: Path, key: SessionKey
 ) -> None:
     make_seed_file(db_path)
@@ -298,12 +316,17 @@ def test_a_rust_crate_version_1_file_is_upgraded_to_version_2(
     )
     engine = open_database(db_path)
     rows = applied_migrations(engine)
-    assert [(r.version, r.name) for r in rows] == [(1, None), (2, MIGRATIONS[1].name)]
-    assert rows[1].checksum == MIGRATIONS[1].checksum
+    assert [(r.version, r.name) for r in rows] == [
+        (1, None),
+        (2, MIGRATIONS[1].name),
+        (3, MIGRATIONS[2].name),
+    ]
+    assert [r.checksum for r in rows[1:]] == [MIGRATIONS[1].checksum, MIGRATIONS[2].checksum]
     session = SessionRepository(engine).get(key)
     assert session is not None
     assert (session.compaction_count, session.last_compacted_at) == (0, None)
     assert session.last_compaction_summary is None
+    assert (session.input_tokens, session.output_tokens) == (0, 0)
     engine.dispose()
 
 

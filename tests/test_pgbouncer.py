@@ -14,13 +14,14 @@ the end it reads directly on the server, never through the pooler under test.
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import queue
 import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import psycopg
@@ -30,6 +31,7 @@ from sqlalchemy import Engine
 from aisopod_session import (
     SCHEMA_VERSION,
     AsyncSessionRepository,
+    Message,
     NewMessage,
     Role,
     SessionKey,
@@ -40,6 +42,7 @@ from aisopod_session import (
     open_async_database,
     open_database,
 )
+from aisopod_session.models import dump_json
 from tests.dbtools import AwaitingRepository, event_loop_thread, run_on, run_threads, stress
 from tests.pgbouncer import (
     TENANT_ROLES,
@@ -268,11 +271,20 @@ def _seed_tenant(database: PooledDatabase, schema: str) -> None:
         engine.dispose()
 
 
+def _texts(messages: Iterable[Message]) -> list[str]:
+    """The contents of messages that hold text (every message these tests write)."""
+    texts: list[str] = []
+    for message in messages:
+        assert isinstance(message.content, str), message
+        texts.append(message.content)
+    return texts
+
+
 def _visible(repo: SessionRepository) -> list[str]:
     """Every message content a repository can list, session by session."""
     contents: list[str] = []
     for session in repo.list_sessions(limit=1000):
-        contents += [message.content for message in repo.get_history(session.key)]
+        contents += _texts(repo.get_history(session.key))
     return contents
 
 
@@ -347,7 +359,7 @@ def test_a_per_role_search_path_keeps_tenants_apart_behind_pgbouncer(
                 repo.get_or_create(SHARED)
                 mine.append(f"{schema} worker {index} message {number}")
                 repo.append_message(SHARED, Role.USER, mine[-1])
-                history = [message.content for message in repo.get_history(SHARED)]
+                history = _texts(repo.get_history(SHARED))
                 foreign = [text for text in history if not text.startswith(schema)]
                 assert not foreign, f"{schema} READ another tenant's rows: {foreign}"
                 assert [text for text in history if f" worker {index} " in text] == mine
@@ -357,7 +369,10 @@ def test_a_per_role_search_path_keeps_tenants_apart_behind_pgbouncer(
     finally:
         _disposing(engines)
     for schema in roles:
-        stored = [row[0] for row in pooled_db.sql(f"SELECT content FROM {schema}.messages")]
+        # Content is stored as JSON text: the cell of a string is its JSON string.
+        cells = [row[0] for row in pooled_db.sql(f"SELECT content FROM {schema}.messages")]
+        stored = [json.loads(cell) for cell in cells]
+        assert cells == [dump_json(text) for text in stored]
         assert len(stored) == 2 * rounds
         assert all(text.startswith(f"{schema} worker ") for text in stored), stored
     assert tables_in(pooled_db, "public") == []

@@ -199,12 +199,13 @@ def test_append_is_all_or_nothing_when_the_database_refuses_a_row(
 ) -> None:
     repo.get_or_create(key)
     repo.append_message(key, Role.USER, "kept")
-    # A plain-SQL trigger makes the database itself fail on the third row of the batch.
+    # A plain-SQL trigger makes the database itself fail on the third row of the batch
+    # (content is stored as JSON text: the string boom is the cell "boom").
     if engine.dialect.name == "postgresql":
         run_sql(
             engine,
             "CREATE FUNCTION refuse_boom() RETURNS trigger AS $$ BEGIN "
-            "IF NEW.content = 'boom' THEN RAISE EXCEPTION 'boom refused'; END IF; "
+            "IF NEW.content = '\"boom\"' THEN RAISE EXCEPTION 'boom refused'; END IF; "
             "RETURN NEW; END $$ LANGUAGE plpgsql",
         )
         run_sql(
@@ -215,7 +216,8 @@ def test_append_is_all_or_nothing_when_the_database_refuses_a_row(
     else:
         run_sql(
             engine,
-            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages WHEN NEW.content = 'boom' "
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages "
+            "WHEN NEW.content = '\"boom\"' "
             "BEGIN SELECT RAISE(ABORT, 'boom refused'); END",
         )
     before = snapshot(engine)
@@ -250,7 +252,10 @@ def test_counters_equal_rows_after_many_appends_from_threads(
     assert session is not None
     assert session.message_count == count_rows(engine, "messages") == 4 * 20 * 2
     assert session.token_usage == 4 * 20 * 3
-    contents = [m.content for m in repo.get_history(key)]
+    contents: list[str] = []
+    for message in repo.get_history(key):
+        assert isinstance(message.content, str)
+        contents.append(message.content)
     for n in range(4):
         mine = [c for c in contents if c.startswith(f"{n}-")]
         assert mine == [f"{n}-{i}" for i in range(20) for _ in range(2)]
@@ -486,14 +491,20 @@ def test_rows_written_by_plain_sql_in_other_cases_read_back(
     assert repo.update_metadata(key, {"a": 1}).meta == {"a": 1}
 
 
-def test_an_unknown_value_in_the_database_is_a_store_error(
+def test_an_unknown_role_reads_as_its_text_and_an_unknown_session_value_is_a_store_error(
     repo: SessionRepository, key: SessionKey, engine: Engine
 ) -> None:
     repo.get_or_create(key)
     repo.append_message(key, Role.USER, "hi")
+    # A role another program wrote is read leniently: the stored text, as a plain str.
     run_sql(engine, "UPDATE messages SET role = 'function'")
-    with pytest.raises(SessionStoreError, match=r"'function'.*not a Role"):
-        repo.get_history(key)
+    (message,) = repo.get_history(key)
+    assert (message.role, message.content) == ("function", "hi")
+    assert type(message.role) is str
+    # A session's columns are still read strictly.
+    run_sql(engine, "UPDATE sessions SET status = 'deleted'")
+    with pytest.raises(SessionStoreError, match=r"'deleted'.*not a SessionStatus"):
+        repo.get(key)
 
 
 def test_summary_counts_per_status_and_agent(

@@ -45,6 +45,9 @@ SESSIONS_COLUMNS = [
     ("compaction_count", "INTEGER", 1, "0", 0),
     ("last_compacted_at", "TEXT", 0, None, 0),
     ("last_compaction_summary", "TEXT", 0, None, 0),
+    # added by migration 3 (BIGINT on PostgreSQL)
+    ("input_tokens", "INTEGER", 1, "0", 0),
+    ("output_tokens", "INTEGER", 1, "0", 0),
 ]
 MESSAGES_COLUMNS = [
     ("id", "INTEGER", 0, None, 1),
@@ -53,7 +56,16 @@ MESSAGES_COLUMNS = [
     ("content", "TEXT", 1, None, 0),
     ("tool_calls", "TEXT", 0, None, 0),
     ("created_at", "TEXT", 1, None, 0),
+    # added by migration 3
+    ("metadata", "TEXT", 1, "'{}'", 0),
 ]
+MIGRATION_3_COLUMNS = """
+ALTER TABLE messages ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE sessions ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sessions ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0;
+"""
+"""The columns migration 3 adds to the seed's tables (with the Rust crate's version 2),
+typed independently of `migrations.py`."""
 SEED_INDEXES = {
     "idx_sessions_agent_id": ("sessions", ["agent_id"]),
     "idx_sessions_channel": ("sessions", ["channel", "account_id"]),
@@ -143,11 +155,14 @@ def test_ids_are_autoincrement_and_never_reused(
     assert second_message.id > first_message.id
 
 
-def test_migrated_schema_equals_the_seed_ddl_and_the_rust_version_2(
+def test_migrated_schema_equals_the_seed_ddl_the_rust_version_2_and_migration_3(
     engine: Engine, db_path: Path, tmp_path: Path
 ) -> None:
     seed = tmp_path / "seed.db"
     make_seed_file(seed, version=2)
+    conn = sqlite3.connect(seed)
+    conn.executescript(MIGRATION_3_COLUMNS)
+    conn.close()
     assert schema_facts(db_path) == schema_facts(seed)
 
 

@@ -20,7 +20,7 @@ from aisopod_session import (
     SessionRepository,
     SessionStatus,
 )
-from aisopod_session.models import MAX_JSON_DEPTH
+from aisopod_session.models import MAX_JSON_DEPTH, dump_json
 from tests.dbtools import snapshot
 
 
@@ -58,11 +58,15 @@ BAD_CALLS: dict[str, tuple[str, Call]] = {
     "role not text": ("role", lambda r, k: r.append_message(k, 3, "x")),  # type: ignore[arg-type]
     "role unhashable": ("role", lambda r, k: r.append_message(k, ["user"], "x")),  # type: ignore[arg-type]
     "content not text": ("content", lambda r, k: r.append_message(k, "user", b"x")),  # type: ignore[arg-type]
-    "content None": ("content", lambda r, k: r.append_message(k, "user", None)),  # type: ignore[arg-type]
+    "content NaN": ("content", lambda r, k: r.append_message(k, "user", float("nan"))),
+    "content too deep": (
+        "content",
+        lambda r, k: r.append_message(k, "user", nested(MAX_JSON_DEPTH)),
+    ),
     "lone surrogate": ("content", lambda r, k: r.append_message(k, "user", "a\udc80b")),
-    "tool_calls object": (
+    "tool_calls object, integer beyond 64 bits": (
         "tool_calls",
-        lambda r, k: r.append_message(k, "assistant", "", tool_calls={"id": 1}),  # type: ignore[arg-type]
+        lambda r, k: r.append_message(k, "assistant", "", tool_calls={"id": 2**64}),
     ),
     "tool_calls NaN": (
         "tool_calls",
@@ -153,6 +157,32 @@ def test_bad_input_is_rejected_naming_the_field_and_nothing_is_written(
     with pytest.raises(ValueError, match=re.escape(field)):
         call(populated, key)
     assert snapshot(store) == before
+
+
+def test_none_content_and_tool_calls_that_are_an_object_are_accepted(
+    populated: SessionRepository, key: SessionKey, store: Engine
+) -> None:
+    """Content and tool calls are any JSON value: None content and an object of tool
+    calls, refused by earlier versions, are stored as JSON text and read back."""
+    first = populated.append_message(key, "user", None)
+    second = populated.append_message(key, "assistant", "", tool_calls={"id": 1})
+    assert (first.content, first.tool_calls) == (None, None)
+    assert (second.content, second.tool_calls) == ("", {"id": 1})
+    history = populated.get_history(key)
+    assert [(m.content, m.tool_calls) for m in history] == [
+        ("before", None),
+        (None, None),
+        ("", {"id": 1}),
+    ]
+    with store.connect() as connection:
+        cells = connection.exec_driver_sql(
+            "SELECT content, tool_calls FROM messages ORDER BY id"
+        ).all()
+    assert [tuple(row) for row in cells] == [
+        (dump_json("before"), None),
+        ("null", None),
+        ('""', '{"id":1}'),
+    ]
 
 
 def test_filter_rejects_unknown_fields() -> None:
