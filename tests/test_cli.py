@@ -781,3 +781,24 @@ def test_a_closed_pipe_ends_quietly(store: Path) -> None:
     process.stderr.close()
     assert process.wait() == 141
     assert errors == b""
+
+
+def test_version_is_the_installed_distributions(tmp_path: Path) -> None:
+    """`--version` prints the package metadata's version, as `__version__` holds it, and
+    touches no store (none is created where it runs)."""
+    from importlib.metadata import version
+
+    import aisopod_session
+
+    expected = version("aisopod-session")
+    assert aisopod_session.__version__ == expected
+    done = subprocess.run(
+        [sys.executable, "-m", "aisopod_session.cli", "--version"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"aisopod-session {expected}\n"
+    assert list(tmp_path.iterdir()) == []

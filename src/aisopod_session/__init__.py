@@ -4,6 +4,14 @@ Open a store with `open_database`, inject a `SessionRepository` into your servic
 address conversations by `SessionKey`.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("aisopod-session")
+    """The installed distribution's version (from its metadata)."""
+except PackageNotFoundError:  # pragma: no cover - run from a source tree not installed
+    __version__ = "0+unknown"
+
 from aisopod_session.copying import CopyResult, copy_database
 from aisopod_session.database import database_url, open_async_database, open_database
 from aisopod_session.enums import PeerKind, Role, SessionStatus
@@ -76,6 +84,7 @@ __all__ = [
     "SessionStoreError",
     "StoreSummary",
     "Totals",
+    "__version__",
     "applied_migrations",
     "check_schema",
     "copy_database",

@@ -164,8 +164,30 @@ def integer_option(minimum: int, help_text: str, *names: str) -> Any:
     return typer.Option(*names, min=minimum, max=MAX_INTEGER, help=help_text)
 
 
+def print_version(value: bool) -> None:
+    """`--version`: print the installed version and stop."""
+    if value:
+        from importlib.metadata import version
+
+        print(f"aisopod-session {version('aisopod-session')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def settings(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = False) -> None:
+def settings(
+    ctx: typer.Context,
+    db: DbOption = None,
+    json_output: JsonOption = False,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the version and exit.",
+            callback=print_version,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
     """Inspect, export, import and maintain an aisopod session store."""
     ctx.obj = Settings(db=db, json=json_output)
     show_warnings()
