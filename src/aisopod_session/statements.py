@@ -531,6 +531,7 @@ row when there is no such session or no room."""
 
 MESSAGE_VALUES = ("session_id", "role", "content", "tool_calls", "created_at", "metadata")
 """The columns an append writes, in the order of the parameters of `insert_messages`."""
+_ATTRIBUTES = {"metadata": "meta"}
 
 
 @functools.cache
@@ -538,8 +539,11 @@ def insert_messages(count: int) -> Query:
     """`INSERT` of `count` messages in one statement, returning their ids; bound from the
     rows' `MESSAGE_VALUES` one row after the other. Ids come back in no promised order,
     but rows get increasing ids in VALUES order, so sorted ids match rows in order."""
+    # Keyed by attribute (`meta` maps the `metadata` column: on SQLAlchemy 2.0 the key
+    # `metadata` would name the model's `MetaData`).
     rows: list[dict[str, Any]] = [
-        {name: bindparam(f"{name}_{i}") for name in MESSAGE_VALUES} for i in range(count)
+        {_ATTRIBUTES.get(name, name): bindparam(f"{name}_{i}") for name in MESSAGE_VALUES}
+        for i in range(count)
     ]
     order = [f"{name}_{i}" for i in range(count) for name in MESSAGE_VALUES]
     return query(insert(Message).values(rows).returning(col(Message.id)), order)
@@ -601,7 +605,7 @@ INSERT_MESSAGE_WITH_ID = query(
         content=bindparam("content"),
         tool_calls=bindparam("tool_calls"),
         created_at=bindparam("created_at"),
-        metadata=bindparam("metadata"),
+        meta=bindparam("metadata"),
     ),
     ("id", "session_id", "role", "content", "tool_calls", "created_at", "metadata"),
 )
