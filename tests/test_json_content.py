@@ -6,9 +6,12 @@ refused naming the field, nothing written; cells other programs wrote are read l
 input/output token split adds up exactly, also under concurrent writers.
 
 Every test that touches a store runs on SQLite and on PostgreSQL, and where it goes
-through `store_repo` through the sync and the async API (see conftest). The property test
-runs a quick number of examples by default; `AISOPOD_STRESS=<n>` runs n times as many, and
-the concurrent writers write n times as much.
+through `store_repo` through the sync and the async API (see conftest). A test of many
+values runs them all on the one store it is given, each value on a session key of its own
+(`check_each`), and names every value that failed (a fresh store per value cost ~0.1 s
+each on PostgreSQL). The property test runs a quick number of examples by default, all on
+one store; `AISOPOD_STRESS=<n>` runs n times as many, and the concurrent writers write n
+times as much.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import json
 import math
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from freezegun import freeze_time
@@ -58,6 +62,8 @@ FIXED_WIDTH = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00")
 """The form this library writes every timestamp in."""
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 GOOD_STAMP = "2024-01-01T00:00:00.000000+00:00"
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -209,12 +215,74 @@ def without_nul(value: Any) -> Any:
     return value
 
 
+FAILED = (Exception, pytest.fail.Exception)
+"""What a failing check raises: an assertion, `pytest.raises`' "DID NOT RAISE" (a
+BaseException), or whatever the code under test raised."""
+
+
+def case_key(index: int) -> SessionKey:
+    """The session key of a test's case `index` (`check_each`)."""
+    return SessionKey("agent-1", "telegram", "bot-A", "dm", f"case-{index}")
+
+
+def check_each(cases: Mapping[str, T], check: Callable[[SessionKey, T], None]) -> None:
+    """Run `check(key, value)` for every case on the test's one store, each case on a
+    session key of its own (`case_key`), and fail at the end naming every case that failed
+    and how: a broken value neither hides the others nor goes unnamed."""
+    assert cases, "no cases to check"
+    failures: list[str] = []
+    for index, (case, value) in enumerate(cases.items()):
+        try:
+            check(case_key(index), value)
+        except FAILED as exc:
+            failures.append(f"case {case!r}: {type(exc).__name__}: {exc}")
+    if failures:
+        pytest.fail(f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures))
+
+
+@contextmanager
+def labelled(label: str) -> Iterator[None]:
+    """A failure inside the block, re-raised as an AssertionError starting with `label`."""
+    try:
+        yield
+    except FAILED as exc:
+        raise AssertionError(f"{label}: {type(exc).__name__}: {exc}") from exc
+
+
+TABLES = {
+    # Every relation made in a schema depends on it: pg_depend finds the schema's tables by
+    # an index, where pg_class (a seq scan, and the suite bloats it) takes a millisecond.
+    "postgresql": "SELECT c.relname FROM pg_depend d JOIN pg_class c ON c.oid = d.objid"
+    " WHERE d.refclassid = 'pg_namespace'::regclass"
+    " AND d.refobjid = current_schema()::regnamespace"
+    " AND d.classid = 'pg_class'::regclass AND c.relkind IN ('r', 'p') ORDER BY 1",
+    "sqlite": "SELECT name FROM sqlite_master"
+    " WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY 1",
+}
+"""The tables `dbtools.snapshot` reads (SQLAlchemy's `get_table_names`), by one query."""
+
+
+def everything(store: Engine) -> dict[str, list[tuple[Any, ...]]]:
+    """What `dbtools.snapshot(store)` gives, every row of every table (the tables looked up
+    afresh each time), in a fraction of its time on PostgreSQL, where its reflection takes
+    ~5 ms and `refused` takes two per call. The bad-JSON test checks that the two agree."""
+    with store.connect() as connection:
+        names = [name for (name,) in connection.exec_driver_sql(TABLES[store.dialect.name])]
+        return {
+            name: [
+                tuple(row)
+                for row in connection.exec_driver_sql(f'SELECT * FROM "{name}" ORDER BY 1')
+            ]
+            for name in names
+        }
+
+
 def refused(
     store: Engine, call: Callable[[], object], field: str, *, exact_start: bool = False
 ) -> str:
     """`call` raises a `ValueError` naming `field` (as `field:`; at the very start of the
     message with `exact_start`), and writes nothing. The message."""
-    before = snapshot(store)
+    before = everything(store)
     with pytest.raises(ValueError, match=re.escape(field)) as raised:
         call()
     message = str(raised.value)
@@ -222,7 +290,7 @@ def refused(
         assert message.startswith(f"{field}:"), message
     else:
         assert f"{field}:" in message, message
-    assert snapshot(store) == before
+    assert everything(store) == before, f"written although refused: {message}"
     return message
 
 
@@ -268,46 +336,49 @@ CONTENT_VALUES: dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("case", list(CONTENT_VALUES))
 def test_any_json_content_round_trips_and_is_stored_as_compact_json(
-    repo: SessionRepository, key: SessionKey, store: Engine, case: str
+    repo: SessionRepository, store: Engine
 ) -> None:
-    content = CONTENT_VALUES[case]
-    repo.get_or_create(key)
-    one = repo.append_message(key, Role.USER, content)
-    batch = repo.append_messages(
-        key, [NewMessage(Role.ASSISTANT, content), {"role": "tool", "content": content}]
-    )
-    history = repo.get_history(key)
-    assert [m.id for m in history] == [one.id, *(m.id for m in batch)]
-    for message in [one, *batch, *history]:
-        same_json(message.content, content, f"message {message.id}")
-        assert message.tool_calls is None
-        assert message.meta == {}
-    for message in history:
-        stored_content, stored_calls, stored_meta, _, _ = raw_message(store, message.id)
-        assert stored_content == dump(content)
-        assert stored_calls is None  # SQL NULL, not the text 'null'
-        assert stored_meta == "{}"
+    def check(key: SessionKey, content: Any) -> None:
+        repo.get_or_create(key)
+        one = repo.append_message(key, Role.USER, content)
+        batch = repo.append_messages(
+            key, [NewMessage(Role.ASSISTANT, content), {"role": "tool", "content": content}]
+        )
+        history = repo.get_history(key)
+        assert [m.id for m in history] == [one.id, *(m.id for m in batch)]
+        for message in [one, *batch, *history]:
+            same_json(message.content, content, f"message {message.id}")
+            assert message.tool_calls is None
+            assert message.meta == {}
+        for message in history:
+            stored_content, stored_calls, stored_meta, _, _ = raw_message(store, message.id)
+            assert stored_content == dump(content)
+            assert stored_calls is None  # SQL NULL, not the text 'null'
+            assert stored_meta == "{}"
+
+    check_each(CONTENT_VALUES, check)
 
 
-@pytest.mark.parametrize("text", STRINGS_THAT_LOOK_LIKE_JSON)
 def test_a_str_stays_a_str_in_content_and_tool_calls(
-    repo: SessionRepository, key: SessionKey, store: Engine, text: str
+    repo: SessionRepository, store: Engine
 ) -> None:
-    repo.get_or_create(key)
-    message = repo.append_message(key, Role.ASSISTANT, text, tool_calls=text, meta={"m": text})
-    (read,) = repo.get_history(key)
-    for found in (message, read):
-        assert type(found.content) is str
-        assert found.content == text
-        assert type(found.tool_calls) is str
-        assert found.tool_calls == text
-        assert found.meta == {"m": text}
-    content, calls, meta, _, _ = raw_message(store, read.id)
-    assert content == json.dumps(text, ensure_ascii=False)
-    assert calls == json.dumps(text, ensure_ascii=False)
-    assert meta == dump({"m": text})
+    def check(key: SessionKey, text: str) -> None:
+        repo.get_or_create(key)
+        message = repo.append_message(key, Role.ASSISTANT, text, tool_calls=text, meta={"m": text})
+        (read,) = repo.get_history(key)
+        for found in (message, read):
+            assert type(found.content) is str
+            assert found.content == text
+            assert type(found.tool_calls) is str
+            assert found.tool_calls == text
+            assert found.meta == {"m": text}
+        content, calls, meta, _, _ = raw_message(store, read.id)
+        assert content == json.dumps(text, ensure_ascii=False)
+        assert calls == json.dumps(text, ensure_ascii=False)
+        assert meta == dump({"m": text})
+
+    check_each({repr(text): text for text in STRINGS_THAT_LOOK_LIKE_JSON}, check)
 
 
 def test_non_ascii_is_stored_as_utf8_not_escaped(
@@ -359,19 +430,23 @@ TOOL_CALLS_VALUES: dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("case", list(TOOL_CALLS_VALUES))
 def test_tool_calls_are_any_json_value_stored_as_compact_json(
-    repo: SessionRepository, key: SessionKey, store: Engine, case: str
+    repo: SessionRepository, store: Engine
 ) -> None:
-    calls = TOOL_CALLS_VALUES[case]
-    repo.get_or_create(key)
-    one = repo.append_message(key, Role.ASSISTANT, "", tool_calls=calls)
-    (two,) = repo.append_messages(key, [{"role": "assistant", "content": "", "tool_calls": calls}])
-    history = repo.get_history(key)
-    for message in [one, two, *history]:
-        same_json(message.tool_calls, calls)
-    for message in history:
-        assert raw_message(store, message.id)[1] == dump(calls)
+    def check(key: SessionKey, calls: Any) -> None:
+        repo.get_or_create(key)
+        one = repo.append_message(key, Role.ASSISTANT, "", tool_calls=calls)
+        (two,) = repo.append_messages(
+            key, [{"role": "assistant", "content": "", "tool_calls": calls}]
+        )
+        history = repo.get_history(key)
+        assert [m.id for m in history] == [one.id, two.id]
+        for message in [one, two, *history]:
+            same_json(message.tool_calls, calls)
+        for message in history:
+            assert raw_message(store, message.id)[1] == dump(calls)
+
+    check_each(TOOL_CALLS_VALUES, check)
 
 
 def test_no_tool_calls_are_sql_null_and_read_as_none(
@@ -494,24 +569,30 @@ def bad_calls(field: str, value: Any) -> dict[str, Callable[[SessionRepository, 
     }
 
 
-BAD_INPUT = [
-    pytest.param(field, value, id=f"{field}-{case}")
+BAD_INPUT: dict[str, tuple[str, Any]] = {
+    f"{field}-{case}": (field, value)
     for field, table in (("content", BAD_JSON), ("tool_calls", BAD_JSON), ("meta", BAD_META))
     for case, value in table.items()
-]
+}
 
 
-@pytest.mark.parametrize(("field", "value"), BAD_INPUT)
 def test_bad_json_is_refused_naming_the_field_and_nothing_is_written(
-    repo: SessionRepository, key: SessionKey, store: Engine, field: str, value: Any
+    repo: SessionRepository, store: Engine
 ) -> None:
-    repo.get_or_create(key)
-    repo.append_message(key, Role.USER, "before", tokens=1, input_tokens=2, output_tokens=3)
-    before = repo.get(key)
-    for how, call in bad_calls(field, value).items():
-        refused(store, partial(call, repo, key), field)
-        assert repo.get(key) == before, how
-        assert [m.content for m in repo.get_history(key)] == ["before"], how
+    def check(key: SessionKey, case: tuple[str, Any]) -> None:
+        field, value = case
+        repo.get_or_create(key)
+        repo.append_message(key, Role.USER, "before", tokens=1, input_tokens=2, output_tokens=3)
+        before = repo.get(key)
+        for how, call in bad_calls(field, value).items():
+            with labelled(how):
+                refused(store, partial(call, repo, key), field)
+                assert repo.get(key) == before
+                assert [m.content for m in repo.get_history(key)] == ["before"]
+
+    check_each(BAD_INPUT, check)
+    # `refused` sees every row of every table, as `dbtools.snapshot` does.
+    assert everything(store) == snapshot(store)
 
 
 def test_nesting_up_to_the_limit_is_accepted(
@@ -554,31 +635,40 @@ def nul_call(
     return lambda r, k: [r.append_message(k, Role.USER, **fields)]
 
 
-@pytest.mark.parametrize("field", ["content", "tool_calls", "meta"])
-@pytest.mark.parametrize("case", list(NUL_VALUES))
+NUL_INPUT: dict[str, tuple[str, Any]] = {
+    f"{field}-{case}": (field, value)
+    for case, value in NUL_VALUES.items()
+    for field in ("content", "tool_calls", "meta")
+}
+
+
 def test_nul_is_refused_on_postgresql_naming_the_field_and_stored_on_sqlite(
-    repo: SessionRepository, key: SessionKey, store: Engine, case: str, field: str
+    repo: SessionRepository, store: Engine
 ) -> None:
-    value = NUL_VALUES[case]
-    expected = {"m": value} if field == "meta" and not isinstance(value, dict) else value
-    column = {"content": 0, "tool_calls": 1, "meta": 2}[field]
-    repo.get_or_create(key)
-    for batched in (False, True):
-        call = nul_call(field, value, batched)
-        if on_postgresql(store):
-            name = f"messages[1].{field}" if batched else field
-            message = refused(store, partial(call, repo, key), name, exact_start=True)
-            assert "NUL" in message
-            continue
-        stored = call(repo, key)[-1]
-        (read,) = repo.get_history(key, after_id=(stored.id or 0) - 1)
-        for found in (stored, read):
-            same_json(getattr(found, field), expected)
-        assert raw_message(store, stored.id)[column] == dump(expected)
-    session = repo.get(key)
-    assert session is not None
-    written = 0 if on_postgresql(store) else 3
-    assert session.message_count == len(repo.get_history(key)) == written
+    def check(key: SessionKey, case: tuple[str, Any]) -> None:
+        field, value = case
+        expected = {"m": value} if field == "meta" and not isinstance(value, dict) else value
+        column = {"content": 0, "tool_calls": 1, "meta": 2}[field]
+        repo.get_or_create(key)
+        for batched in (False, True):
+            with labelled("append_messages" if batched else "append_message"):
+                call = nul_call(field, value, batched)
+                if on_postgresql(store):
+                    name = f"messages[1].{field}" if batched else field
+                    message = refused(store, partial(call, repo, key), name, exact_start=True)
+                    assert "NUL" in message
+                    continue
+                stored = call(repo, key)[-1]
+                (read,) = repo.get_history(key, after_id=(stored.id or 0) - 1)
+                for found in (stored, read):
+                    same_json(getattr(found, field), expected)
+                assert raw_message(store, stored.id)[column] == dump(expected)
+        session = repo.get(key)
+        assert session is not None
+        written = 0 if on_postgresql(store) else 3
+        assert session.message_count == len(repo.get_history(key)) == written
+
+    check_each(NUL_INPUT, check)
 
 
 # --- 3. lenient reading -------------------------------------------------------------------
@@ -705,27 +795,30 @@ def test_rfc3339_timestamps_written_by_others_read_as_utc_to_the_microsecond(
         assert message.created_at.microsecond == expected.microsecond, stamp
 
 
-@pytest.mark.parametrize(
-    "now",
-    [
-        datetime(2024, 1, 1, tzinfo=UTC),
-        datetime(2024, 1, 1, 0, 0, 0, 5, tzinfo=UTC),
-        datetime(2024, 6, 30, 23, 59, 59, 999999, tzinfo=UTC),
-    ],
-)
-def test_we_write_the_fixed_width_form(store: Engine, key: SessionKey, now: datetime) -> None:
+NOWS = [
+    datetime(2024, 1, 1, tzinfo=UTC),
+    datetime(2024, 1, 1, 0, 0, 0, 5, tzinfo=UTC),
+    datetime(2024, 6, 30, 23, 59, 59, 999999, tzinfo=UTC),
+]
+
+
+def test_we_write_the_fixed_width_form(store: Engine) -> None:
     repo = SessionRepository(store)
-    repo.get_or_create(key)
-    with freeze_time(now):
-        one = repo.append_message(key, Role.USER, {"a": 1})
-        (two,) = repo.append_messages(key, [NewMessage(Role.USER, "b")])
-    expected = now.strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
-    for message in (one, two):
-        assert message.created_at == now
-        stamp = raw_message(store, message.id)[4]
-        assert stamp == expected
-        assert FIXED_WIDTH.fullmatch(stamp)
-    assert [m.created_at for m in repo.get_history(key)] == [now, now]
+
+    def check(key: SessionKey, now: datetime) -> None:
+        repo.get_or_create(key)
+        with freeze_time(now):
+            one = repo.append_message(key, Role.USER, {"a": 1})
+            (two,) = repo.append_messages(key, [NewMessage(Role.USER, "b")])
+        expected = now.strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+        for message in (one, two):
+            assert message.created_at == now
+            stamp = raw_message(store, message.id)[4]
+            assert stamp == expected
+            assert FIXED_WIDTH.fullmatch(stamp)
+        assert [m.created_at for m in repo.get_history(key)] == [now, now]
+
+    check_each({now.isoformat(): now for now in NOWS}, check)
 
 
 # --- 5. tokens ----------------------------------------------------------------------------
@@ -770,26 +863,37 @@ BAD_TOKENS: dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("name", ["tokens", "input_tokens", "output_tokens"])
-@pytest.mark.parametrize("case", list(BAD_TOKENS))
+BAD_TOKEN_INPUT: dict[str, tuple[str, Any]] = {
+    f"{case}-{name}": (name, value)
+    for case, value in BAD_TOKENS.items()
+    for name in ("tokens", "input_tokens", "output_tokens")
+}
+
+
 def test_bad_token_counts_are_refused_naming_the_argument(
-    repo: SessionRepository, key: SessionKey, store: Engine, case: str, name: str
+    repo: SessionRepository, store: Engine
 ) -> None:
-    repo.get_or_create(key)
-    repo.append_message(key, Role.USER, "before", tokens=1, input_tokens=1, output_tokens=1)
-    counts: dict[str, Any] = {name: BAD_TOKENS[case]}
-    refused(
-        store,
-        lambda: repo.append_message(key, Role.USER, "x", **counts),
-        name,
-        exact_start=True,
-    )
-    refused(
-        store,
-        lambda: repo.append_messages(key, [NewMessage(Role.USER, "x")], **counts),
-        name,
-        exact_start=True,
-    )
+    def check(key: SessionKey, case: tuple[str, Any]) -> None:
+        name, value = case
+        repo.get_or_create(key)
+        repo.append_message(key, Role.USER, "before", tokens=1, input_tokens=1, output_tokens=1)
+        counts: dict[str, Any] = {name: value}
+        with labelled("append_message"):
+            refused(
+                store,
+                lambda: repo.append_message(key, Role.USER, "x", **counts),
+                name,
+                exact_start=True,
+            )
+        with labelled("append_messages"):
+            refused(
+                store,
+                lambda: repo.append_messages(key, [NewMessage(Role.USER, "x")], **counts),
+                name,
+                exact_start=True,
+            )
+
+    check_each(BAD_TOKEN_INPUT, check)
 
 
 OVERFLOWS: dict[str, tuple[dict[str, int], dict[str, Any]]] = {
@@ -813,33 +917,37 @@ OVERFLOWS: dict[str, tuple[dict[str, int], dict[str, Any]]] = {
 }
 
 
-@pytest.mark.parametrize("case", list(OVERFLOWS))
 def test_a_counter_overflow_is_refused_naming_tokens_and_nothing_is_written(
-    repo: SessionRepository, key: SessionKey, store: Engine, case: str
+    repo: SessionRepository, store: Engine
 ) -> None:
-    stored, adding = OVERFLOWS[case]
-    session = repo.get_or_create(key)
-    repo.append_message(key, Role.USER, "before")
-    for column, value in stored.items():
-        run_sql(store, f"UPDATE sessions SET {column} = ? WHERE id = ?", (value, session.id))
-    counters = raw_counters(store, session.id)
+    def check(key: SessionKey, case: tuple[dict[str, int], dict[str, Any]]) -> None:
+        stored, adding = case
+        session = repo.get_or_create(key)
+        repo.append_message(key, Role.USER, "before")
+        for column, value in stored.items():
+            run_sql(store, f"UPDATE sessions SET {column} = ? WHERE id = ?", (value, session.id))
+        counters = raw_counters(store, session.id)
 
-    refused(
-        store,
-        lambda: repo.append_message(key, Role.USER, "x", **adding),
-        "tokens",
-        exact_start=True,
-    )
-    refused(
-        store,
-        lambda: repo.append_messages(
-            key, [NewMessage(Role.USER, "x"), NewMessage(Role.USER, "y")], **adding
-        ),
-        "tokens",
-        exact_start=True,
-    )
-    assert raw_counters(store, session.id) == counters
-    assert [m.content for m in repo.get_history(key)] == ["before"]
+        with labelled("append_message"):
+            refused(
+                store,
+                lambda: repo.append_message(key, Role.USER, "x", **adding),
+                "tokens",
+                exact_start=True,
+            )
+        with labelled("append_messages"):
+            refused(
+                store,
+                lambda: repo.append_messages(
+                    key, [NewMessage(Role.USER, "x"), NewMessage(Role.USER, "y")], **adding
+                ),
+                "tokens",
+                exact_start=True,
+            )
+        assert raw_counters(store, session.id) == counters
+        assert [m.content for m in repo.get_history(key)] == ["before"]
+
+    check_each(OVERFLOWS, check)
 
 
 def test_counters_fill_exactly_to_the_limit(
@@ -993,32 +1101,37 @@ def test_concurrent_processes_keep_the_token_counters_exact(
 # --- 6. Role.DEVELOPER --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("role", [Role.DEVELOPER, "developer", "DEVELOPER", " Developer "])
-def test_the_developer_role_appends_and_reads_back(
-    repo: SessionRepository, key: SessionKey, store: Engine, role: Role | str
-) -> None:
+DEVELOPER_ROLES: list[Role | str] = [Role.DEVELOPER, "developer", "DEVELOPER", " Developer "]
+
+
+def test_the_developer_role_appends_and_reads_back(repo: SessionRepository, store: Engine) -> None:
     developer: str = Role.DEVELOPER
     assert developer == "developer"
     assert Role("developer") is Role.DEVELOPER
-    repo.get_or_create(key)
-    one = repo.append_message(key, role, "be terse")
-    (two,) = repo.append_messages(key, [{"role": role, "content": ["be", "terse"]}])
-    (three,) = repo.append_messages(key, [NewMessage(role, {"rule": "terse"})])
-    history = repo.get_history(key)
-    assert [m.id for m in history] == [one.id, two.id, three.id]
-    for message in [one, two, three, *history]:
-        assert message.role is Role.DEVELOPER
-    for message in history:
-        assert raw_message(store, message.id)[3] == "developer"
+
+    def check(key: SessionKey, role: Role | str) -> None:
+        repo.get_or_create(key)
+        one = repo.append_message(key, role, "be terse")
+        (two,) = repo.append_messages(key, [{"role": role, "content": ["be", "terse"]}])
+        (three,) = repo.append_messages(key, [NewMessage(role, {"rule": "terse"})])
+        history = repo.get_history(key)
+        assert [m.id for m in history] == [one.id, two.id, three.id]
+        for message in [one, two, three, *history]:
+            assert message.role is Role.DEVELOPER
+        for message in history:
+            assert raw_message(store, message.id)[3] == "developer"
+
+    check_each({repr(role): role for role in DEVELOPER_ROLES}, check)
 
 
 # --- 7. property: any JSON value round-trips --------------------------------------------
 
 
 def examples(count: int) -> settings:
-    """`count` examples, times AISOPOD_STRESS. The store fixtures are function-scoped, so
-    every example of a test shares one store; each checks only the messages it wrote (so
-    the shared-fixture health check is off on purpose). No example database."""
+    """`count` examples, times AISOPOD_STRESS. The store fixtures are function-scoped, and
+    hypothesis runs every example inside the one test call, so all examples of a test share
+    one store (made once, not per example); each checks only the messages it wrote (so the
+    shared-fixture health check is off on purpose). No example database."""
     return settings(
         max_examples=count * STRESS,
         deadline=None,
@@ -1105,31 +1218,36 @@ def test_any_json_value_round_trips_exactly_and_is_stored_as_its_compact_json(
 # --- 8. compaction ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("summary", ["The user asked about X.", "123", '{"a": 1}', "résumé 🦀"])
+SUMMARIES = ["The user asked about X.", "123", '{"a": 1}', "résumé 🦀"]
+
+
 def test_a_compaction_summary_is_a_system_message_holding_the_str(
-    repo: SessionRepository, key: SessionKey, store: Engine, summary: str
+    repo: SessionRepository, store: Engine
 ) -> None:
-    repo.get_or_create(key)
-    for n in range(3):
-        repo.append_message(key, Role.USER, {"n": n}, meta={"n": n})
-    result = repo.compact(key, keep_last=1, summary=summary)
-    assert result.summary is not None
-    first, kept = repo.get_history(key)
-    assert first.id == result.summary.id
-    for message in (result.summary, first):
-        assert message.role is Role.SYSTEM
-        assert type(message.content) is str
-        assert message.content == summary
-        assert message.tool_calls is None
-        assert message.meta == {}
-    content, calls, meta, role, _ = raw_message(store, first.id)
-    assert content == dump(summary)
-    assert calls is None
-    assert meta == "{}"
-    assert role == "system"
-    same_json(kept.content, {"n": 2})
-    same_json(kept.meta, {"n": 2})
-    assert result.session.last_compaction_summary == summary
+    def check(key: SessionKey, summary: str) -> None:
+        repo.get_or_create(key)
+        for n in range(3):
+            repo.append_message(key, Role.USER, {"n": n}, meta={"n": n})
+        result = repo.compact(key, keep_last=1, summary=summary)
+        assert result.summary is not None
+        first, kept = repo.get_history(key)
+        assert first.id == result.summary.id
+        for message in (result.summary, first):
+            assert message.role is Role.SYSTEM
+            assert type(message.content) is str
+            assert message.content == summary
+            assert message.tool_calls is None
+            assert message.meta == {}
+        content, calls, meta, role, _ = raw_message(store, first.id)
+        assert content == dump(summary)
+        assert calls is None
+        assert meta == "{}"
+        assert role == "system"
+        same_json(kept.content, {"n": 2})
+        same_json(kept.meta, {"n": 2})
+        assert result.session.last_compaction_summary == summary
+
+    check_each({repr(summary): summary for summary in SUMMARIES}, check)
 
 
 # --- the API mirrors one another ------------------------------------------------------------
