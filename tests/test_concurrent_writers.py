@@ -63,8 +63,11 @@ def write_for(path: str, process: int, deadline: float, out: Path) -> None:
                 contents = [f"p{process}-t{number}-n{sent + j}" for j in range(size)]
                 tool_calls = [{"id": contents[0], "args": {"n": sent}}] if sent % 7 == 0 else None
                 tokens = rng.randrange(0, 100)
+                given_in, given_out = rng.randrange(0, 50), rng.randrange(0, 50)
                 batch = [NewMessage(Role.USER, text, tool_calls) for text in contents]
-                stored = repo.append_messages(key, batch, tokens=tokens)
+                stored = repo.append_messages(
+                    key, batch, tokens=tokens, input_tokens=given_in, output_tokens=given_out
+                )
                 sent += size
                 with lock:
                     acked.append(
@@ -73,6 +76,8 @@ def write_for(path: str, process: int, deadline: float, out: Path) -> None:
                             "contents": contents,
                             "ids": [m.id for m in stored],
                             "tokens": tokens,
+                            "input_tokens": given_in,
+                            "output_tokens": given_out,
                             "tool_calls": tool_calls,
                         }
                     )
@@ -179,7 +184,8 @@ def test_many_writer_processes_lose_nothing_and_keep_counters_exact(
             ).all()
             counted = conn.execute(
                 text(
-                    "SELECT s.peer_id, s.message_count, s.token_usage, "
+                    "SELECT s.peer_id, s.message_count, s.token_usage, s.input_tokens, "
+                    "s.output_tokens, "
                     "(SELECT count(*) FROM messages m WHERE m.session_id = s.id) "
                     "FROM sessions s WHERE s.agent_id != 'agent-race'"
                 )
@@ -200,9 +206,16 @@ def test_many_writer_processes_lose_nothing_and_keep_counters_exact(
         assert [c for c, n in by_content.items() if n > 1] == []
         where = {content: (mid, peer, calls) for mid, peer, content, calls, _ in stored}
         sent_tokens: dict[int, int] = defaultdict(int)
+        sent_in: dict[int, int] = defaultdict(int)
+        sent_out: dict[int, int] = defaultdict(int)
         sent_messages: dict[int, int] = defaultdict(int)
         for append in acked:
-            sent_tokens[append["session"]] += append["tokens"]
+            # token_usage is the total: the unsplit tokens plus the input and output ones.
+            sent_tokens[append["session"]] += (
+                append["tokens"] + append["input_tokens"] + append["output_tokens"]
+            )
+            sent_in[append["session"]] += append["input_tokens"]
+            sent_out[append["session"]] += append["output_tokens"]
             sent_messages[append["session"]] += len(append["contents"])
             for content, mid in zip(append["contents"], append["ids"], strict=True):
                 stored_id, peer, calls = where[content]
@@ -220,9 +233,15 @@ def test_many_writer_processes_lose_nothing_and_keep_counters_exact(
             times = [created for *_, created in stored]
             assert times == sorted(times)
 
-        counters = {peer: (count, tokens, rows) for peer, count, tokens, rows in counted}
+        counters = {peer: tuple(values) for peer, *values in counted}
         assert counters == {
-            f"peer-{i}": (sent_messages[i], sent_tokens[i], sent_messages[i])
+            f"peer-{i}": (
+                sent_messages[i],
+                sent_tokens[i],
+                sent_in[i],
+                sent_out[i],
+                sent_messages[i],
+            )
             for i in range(SESSIONS)
             if sent_messages[i]
         }
