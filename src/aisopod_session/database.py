@@ -403,9 +403,9 @@ def _enable_wal(engine: Engine, *, busy_timeout: float) -> None:
         assert driver is not None
         while True:
             try:
-                (mode,) = driver.execute("PRAGMA journal_mode").fetchone()
+                mode = _pragma(driver, "PRAGMA journal_mode")
                 if str(mode).lower() != "wal":
-                    (mode,) = driver.execute("PRAGMA journal_mode = WAL").fetchone()
+                    mode = _pragma(driver, "PRAGMA journal_mode = WAL")
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise
@@ -422,3 +422,15 @@ def _enable_wal(engine: Engine, *, busy_timeout: float) -> None:
                     f"could not put the database in WAL mode (journal_mode stays {mode!r})"
                 )
             return
+
+
+def _pragma(driver: Any, sql: str) -> Any:
+    """The one value a PRAGMA returns, through a DB-API cursor: the one interface both
+    sqlite3 and SQLAlchemy's aiosqlite adapter (2.0's as 2.1's) give alike."""
+    cursor = driver.cursor()
+    try:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    return None if row is None else row[0]
