@@ -10,7 +10,9 @@ Scenarios (file databases, one process unless said):
 5. `list_sessions` for one agent, page of 50, in a store of 100 000 sessions;
 6. growth: scenarios 3 and 4 in stores of 10^3, 10^5 and 10^6 messages;
 7. 4 processes appending to different sessions of one file at once;
-8. memory: peak RSS while appending 10^6 messages, one per transaction.
+8. memory: peak RSS while appending 10^6 messages, one per transaction;
+start-up: `aisopod-session --help`, `--version` and `status` (on a small SQLite file), and
+`python -c "import sqlmodel"` for reference, each run as a new process 5 times (medians).
 
 Scenarios 1 and 3 also time our `AsyncSessionRepository` (each await timed inside one
 event loop). Every operation is timed on its own (`perf_counter_ns`) after a warm-up;
@@ -32,6 +34,7 @@ import multiprocessing
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +56,16 @@ from aisopod_session import (
 from aisopod_session.statements import KEY as KEY_NAMES
 from aisopod_session.statements import SELECT_SESSION, history, list_sessions
 from benchmarks import floor
-from benchmarks.report import ASYNC, Report, write_docs
+from benchmarks.report import (
+    ASYNC,
+    STARTUP_HELP,
+    STARTUP_INTERPRETER,
+    STARTUP_SQLMODEL,
+    STARTUP_STATUS,
+    STARTUP_VERSION,
+    Report,
+    write_docs,
+)
 
 SCALE_ENV = "AISOPOD_BENCH_SCALE"
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +78,7 @@ TOKENS = 12
 BATCH = 50
 LIMIT = 50
 PROCESSES = 4
+STARTUP_RUNS = 5
 
 # A realistic mix, so every contender encodes and decodes JSON tool calls as well as text.
 CONVERSATION: tuple[floor.MessageSpec, ...] = (
@@ -559,6 +572,29 @@ class Bench:
             scenario.stats[contender] = parallel_appends(path, contender, per_process)
         return scenario
 
+    def startup(self) -> Scenario:
+        """How long the command takes from start to exit, each timing a new process."""
+        scenario = Scenario(0, "start-up of the aisopod-session command (new process each run)")
+        with store(self.folder, "startup") as (path, _):
+            fill_messages(path, 10, 10)
+        script = Path(sys.executable).parent / "aisopod-session"
+        command = (
+            [str(script)] if script.exists() else [sys.executable, "-m", "aisopod_session.cli"]
+        )
+        scenario.stats.update(
+            startup_times(
+                {
+                    STARTUP_HELP: [*command, "--help"],
+                    STARTUP_VERSION: [*command, "--version"],
+                    STARTUP_STATUS: [*command, "--db", str(path), "status"],
+                    STARTUP_SQLMODEL: [sys.executable, "-c", "import sqlmodel"],
+                    STARTUP_INTERPRETER: [sys.executable, "-c", "pass"],
+                },
+                self.folder,
+            )
+        )
+        return scenario
+
     def memory(self) -> dict[str, Any]:
         """Scenario 8 in a child process, so that its peak RSS is its own."""
         count = max(10_000, round(1_000_000 * self.scale))
@@ -567,6 +603,40 @@ class Bench:
         with os.popen(f"cd {ROOT} && {command}") as child:
             output = child.read()
         return dict(json.loads(output.strip().splitlines()[-1]))
+
+
+def startup_times(commands: dict[str, list[str]], folder: Path) -> dict[str, Stats]:
+    """Each command run `STARTUP_RUNS` times in turns (so that the machine's drift weighs
+    on all alike), after one untimed run each, timed from start to exit. The children
+    keep a bytecode cache, as an installed package has one, under `folder` (so nothing is
+    written beside the sources, and PYTHONDONTWRITEBYTECODE does not make every run
+    compile every module)."""
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("AISOPOD_SESSION_DB", "PYTHONDONTWRITEBYTECODE")
+    }
+    environment["PYTHONPYCACHEPREFIX"] = str(folder / "pycache")
+    samples: dict[str, list[int]] = {name: [] for name in commands}
+
+    def run_once(command: list[str]) -> int:
+        start = time.perf_counter_ns()
+        subprocess.run(
+            command,
+            cwd=folder,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )
+        return time.perf_counter_ns() - start
+
+    for command in commands.values():
+        run_once(command)
+    for _ in range(STARTUP_RUNS):
+        for name, command in commands.items():
+            samples[name].append(run_once(command))
+    return {name: _stats(timings) for name, timings in samples.items()}
 
 
 def fill_peer(peer: Any, size: int) -> None:
@@ -752,12 +822,17 @@ def main() -> None:
             ("6", bench.growth),
             ("7", bench.processes),
             ("8", bench.memory),
+            ("startup", bench.startup),
         ]
         outcomes: dict[str, Any] = {}
         for number, step in steps:
             if args.only and number not in args.only.split(","):
                 continue
-            print(f"scenario {number} ...", file=sys.stderr, flush=True)
+            print(
+                f"scenario {number} ..." if number.isdigit() else f"{number} ...",
+                file=sys.stderr,
+                flush=True,
+            )
             outcomes[number] = step()
         if args.only:
             for number, outcome in outcomes.items():
@@ -770,6 +845,7 @@ def main() -> None:
         growth=outcomes["6"],
         processes=outcomes["7"],
         memory=outcomes["8"],
+        startup=outcomes["startup"],
         plans=plans,
         journal_modes=bench.journal_modes,
         seconds=time.perf_counter() - began,

@@ -802,3 +802,46 @@ def test_version_is_the_installed_distributions(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"aisopod-session {expected}\n"
     assert list(tmp_path.iterdir()) == []
+
+
+# --- start-up: what the command imports ----------------------------------------------------
+
+# The libraries a command that opens no store must not import: the store's (SQLAlchemy,
+# SQLModel, pydantic, psycopg) and Rich, which only printing commands need. Their time is
+# in `make bench`'s start-up table; here only which modules are imported is checked.
+STORE_LIBRARIES = frozenset({"sqlalchemy", "sqlmodel", "pydantic", "pydantic_core", "psycopg"})
+
+
+def imported_packages(*args: str, cwd: Path) -> set[str]:
+    """The top-level packages `python -X importtime -m aisopod_session.cli *args` imports,
+    read from the interpreter's import-time report (on stderr)."""
+    environment = {k: v for k, v in os.environ.items() if k != "AISOPOD_SESSION_DB"}
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "aisopod_session.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = [line for line in done.stderr.splitlines() if line.startswith("import time:")]
+    modules = {line.rsplit("|", 1)[1].strip() for line in report[1:]}  # after the header
+    assert {"aisopod_session", "aisopod_session.enums"} <= modules  # (cli runs as __main__)
+    return {module.split(".")[0] for module in modules}
+
+
+@pytest.mark.parametrize("option", ["--help", "--version"])
+def test_help_and_version_import_neither_the_store_nor_rich(option: str, tmp_path: Path) -> None:
+    packages = imported_packages(option, cwd=tmp_path)
+    assert "typer" in packages
+    assert packages & {*STORE_LIBRARIES, "rich"} == set()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_status_on_a_sqlite_file_does_not_import_psycopg(store: Path) -> None:
+    """psycopg is imported for a PostgreSQL URL only (the driver errors are looked up
+    among the modules already imported, the PostgreSQL dialect compiled on first use)."""
+    packages = imported_packages("--db", str(store), "status", cwd=store.parent)
+    assert {"sqlalchemy", "sqlmodel", "rich"} <= packages  # the report is read right
+    assert "psycopg" not in packages

@@ -2,9 +2,18 @@
 
 Open a store with `open_database`, inject a `SessionRepository` into your services, and
 address conversations by `SessionKey`.
+
+Every public name is imported from its module on first use (PEP 562), so that importing
+the package, or a light module of it such as `aisopod_session.enums` (which the
+`aisopod-session` command's `--help` needs), does not import SQLAlchemy, SQLModel or
+pydantic.
 """
 
+from __future__ import annotations
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("aisopod-session")
@@ -12,46 +21,105 @@ try:
 except PackageNotFoundError:  # pragma: no cover - run from a source tree not installed
     __version__ = "0+unknown"
 
-from aisopod_session.copying import CopyResult, copy_database
-from aisopod_session.database import database_url, open_async_database, open_database
-from aisopod_session.enums import PeerKind, Role, SessionStatus
-from aisopod_session.errors import (
-    AccessDeniedError,
-    DamagedRowError,
-    DatabaseBusyError,
-    MigrationError,
-    SchemaVersionError,
-    SessionNotFoundError,
-    SessionStoreError,
-)
-from aisopod_session.keys import SessionKey
-from aisopod_session.migrations import (
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    AppliedMigration,
-    Migration,
-    applied_migrations,
-    check_schema,
-    current_version,
-    run_migrations,
-)
-from aisopod_session.models import JSONValue, Message, NewMessage, Session, SessionFilter
-from aisopod_session.repository import (
-    AsyncSessionRepository,
-    CompactionResult,
-    SessionRepository,
-    StoreSummary,
-    Totals,
-)
-from aisopod_session.settings import DEFAULT_BUSY_TIMEOUT
-from aisopod_session.transactions import prepare_engine, write_engine
-from aisopod_session.transfer import (
-    ExportResult,
-    ImportResult,
-    LineError,
-    export_jsonl,
-    import_jsonl,
-)
+if TYPE_CHECKING:
+    from aisopod_session.copying import CopyResult, copy_database
+    from aisopod_session.database import database_url, open_async_database, open_database
+    from aisopod_session.enums import PeerKind, Role, SessionStatus
+    from aisopod_session.errors import (
+        AccessDeniedError,
+        DamagedRowError,
+        DatabaseBusyError,
+        MigrationError,
+        SchemaVersionError,
+        SessionNotFoundError,
+        SessionStoreError,
+    )
+    from aisopod_session.keys import SessionKey
+    from aisopod_session.migrations import (
+        MIGRATIONS,
+        SCHEMA_VERSION,
+        AppliedMigration,
+        Migration,
+        applied_migrations,
+        check_schema,
+        current_version,
+        run_migrations,
+    )
+    from aisopod_session.models import JSONValue, Message, NewMessage, Session, SessionFilter
+    from aisopod_session.repository import (
+        AsyncSessionRepository,
+        CompactionResult,
+        SessionRepository,
+        StoreSummary,
+        Totals,
+    )
+    from aisopod_session.settings import DEFAULT_BUSY_TIMEOUT
+    from aisopod_session.transactions import prepare_engine, write_engine
+    from aisopod_session.transfer import (
+        ExportResult,
+        ImportResult,
+        LineError,
+        export_jsonl,
+        import_jsonl,
+    )
+
+_MODULES: dict[str, tuple[str, ...]] = {
+    "copying": ("CopyResult", "copy_database"),
+    "database": ("database_url", "open_async_database", "open_database"),
+    "enums": ("PeerKind", "Role", "SessionStatus"),
+    "errors": (
+        "AccessDeniedError",
+        "DamagedRowError",
+        "DatabaseBusyError",
+        "MigrationError",
+        "SchemaVersionError",
+        "SessionNotFoundError",
+        "SessionStoreError",
+    ),
+    "keys": ("SessionKey",),
+    "migrations": (
+        "MIGRATIONS",
+        "SCHEMA_VERSION",
+        "AppliedMigration",
+        "Migration",
+        "applied_migrations",
+        "check_schema",
+        "current_version",
+        "run_migrations",
+    ),
+    "models": ("JSONValue", "Message", "NewMessage", "Session", "SessionFilter"),
+    "repository": (
+        "AsyncSessionRepository",
+        "CompactionResult",
+        "SessionRepository",
+        "StoreSummary",
+        "Totals",
+    ),
+    "settings": ("DEFAULT_BUSY_TIMEOUT",),
+    "transactions": ("prepare_engine", "write_engine"),
+    "transfer": ("ExportResult", "ImportResult", "LineError", "export_jsonl", "import_jsonl"),
+}
+_WHERE = {name: module for module, names in _MODULES.items() for name in names}
+"""Each public name to the module (of this package) that defines it."""
+
+
+# Hidden from type checkers, which see the imports above instead (a visible module
+# `__getattr__` would make every misspelt name of this package pass as `Any`).
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        """A public name, imported from its module on first use and kept here after."""
+        module = _WHERE.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(import_module(f"{__name__}.{module}"), name)
+        globals()[name] = value
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT",

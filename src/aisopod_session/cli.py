@@ -5,6 +5,11 @@ Every command takes `--db` (a path or a URL; also `AISOPOD_SESSION_DB`; default
 `--json` for machine-readable output. User errors (a missing store, a bad key, an unknown
 session, a newer schema...) print one line on stderr and exit with status 1; usage
 errors exit with 2.
+
+Only Typer and the light `aisopod_session.enums` are imported here: `--help` and
+`--version` start at once. Rich, SQLAlchemy, pydantic and the store's modules are
+imported by the commands that use them (annotations are strings, their types imported
+for type checkers only).
 """
 
 from __future__ import annotations
@@ -20,34 +25,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, TextIO, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar, cast
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
-from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
-from aisopod_session.copying import copy_database
-from aisopod_session.database import database_url, open_database
 from aisopod_session.enums import PeerKind, Role, SessionStatus
-from aisopod_session.errors import SessionNotFoundError, SessionStoreError
-from aisopod_session.keys import SessionKey
-from aisopod_session.migrations import (
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    AppliedMigration,
-    applied_migrations,
-    current_version,
-)
-from aisopod_session.models import Message, Session, utc_text
-from aisopod_session.repository import SessionRepository, Totals
-from aisopod_session.transfer import count_export, export_jsonl, import_jsonl, session_json
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from sqlalchemy import Engine
+
+    from aisopod_session.migrations import AppliedMigration
+    from aisopod_session.models import Message, Session
+    from aisopod_session.repository import SessionRepository, Totals
 
 DATABASE_ENV = "AISOPOD_SESSION_DB"
 DEFAULT_DATABASE = "aisopod-sessions.db"
@@ -111,29 +101,66 @@ class _JsonSafeWriter:
         self._stream.flush()
 
 
+@functools.cache
+def _console_class() -> type[Console]:
+    """Rich's `Console` as the command prints through it (Rich imported on first use)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # Rich would exit with status 1 and no word; `friendly` ends quietly with 141.
+            raise BrokenPipeError
+
+        def render_str(self, text: str, **options: Any) -> Text:
+            """Every string printed, table cells and markup included, becomes Rich text
+            here: escaping it here keeps any stored text from driving the terminal (markup
+            tags hold no control character, so they are read as before)."""
+            return super().render_str(terminal_safe(text), **options)
+
+    return _Console
+
+
+class _LazyConsole:
+    """A `_Console` made with `options` when first used: `--help` and `--version` never
+    import Rich. Every attribute is the console's."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._made: Console | None = None
+
+    def console(self) -> Console:
+        if self._made is None:
+            self._made = _console_class()(**self._options)
+        return self._made
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console(), name)
+
+
+def real_console(console: Console) -> Console:
+    """The console itself behind `out` or `err` (for Rich's own objects, such as a
+    progress bar, which may set its attributes)."""
+    return console.console() if isinstance(console, _LazyConsole) else console
+
+
 # Piped or captured output gets wide lines, so that tables are not wrapped at 80 columns.
-class _Console(Console):
-    def on_broken_pipe(self) -> None:
-        # Rich would exit with status 1 and no word; `friendly` ends quietly with 141.
-        raise BrokenPipeError
-
-    def render_str(self, text: str, **options: Any) -> Text:
-        """Every string printed, table cells and markup included, becomes Rich text here:
-        escaping it here keeps any stored text from driving the terminal (markup tags
-        hold no control character, so they are read as before)."""
-        return super().render_str(terminal_safe(text), **options)
-
-
 # No markup or emoji codes in what is printed (a key like `a:b:c:thread:d` holds one):
 # only the transcript's lines ask for markup, with their text escaped.
-out = _Console(
-    highlight=False,
-    soft_wrap=True,
-    markup=False,
-    emoji=False,
-    width=None if sys.stdout.isatty() else 200,
+out = cast(
+    "Console",
+    _LazyConsole(
+        highlight=False,
+        soft_wrap=True,
+        markup=False,
+        emoji=False,
+        width=None if sys.stdout.isatty() else 200,
+    ),
 )
-err = _Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+err = cast(
+    "Console",
+    _LazyConsole(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False),
+)
 
 
 @dataclass
@@ -244,6 +271,10 @@ def friendly(command: F) -> F:
 
 def one_line(exc: Exception) -> str:
     """What went wrong, in one line."""
+    from pydantic import ValidationError
+
+    from aisopod_session.errors import SessionStoreError
+
     if isinstance(exc, ValidationError):
         return "; ".join(
             f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
@@ -271,6 +302,9 @@ def shown_target(target: str) -> str:
     that does not parse is masked by `without_passwords`."""
     if "://" not in target:
         return target
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         rendered = make_url(target).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
@@ -299,6 +333,8 @@ def wants_json(ctx: typer.Context, flag: bool) -> bool:
 
 def file_of(target: str) -> Path | None:
     """The SQLite file a target names, or None for a server or `:memory:`."""
+    from aisopod_session.database import database_url
+
     url = database_url(target)
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return None
@@ -346,6 +382,8 @@ def refuse_store_file(label: str, file: Path, target: str, why: str) -> None:
 def server_of(target: str) -> str | None:
     """The PostgreSQL database and user a target names, as one comparable text without
     a password, or None for SQLite."""
+    from aisopod_session.database import database_url
+
     url = database_url(target)
     if url.get_backend_name() != "postgresql":
         return None
@@ -377,6 +415,8 @@ def opened(target: str, *, create: bool = False, migrate: bool = False) -> Itera
     """The store's engine for the block. A missing file is an error unless `create`; a
     store behind this code's schema is an error unless `migrate` (reading commands never
     change the schema)."""
+    from aisopod_session.database import open_database
+
     path = file_of(target)
     if path is not None and not create and not path.exists():
         raise UserError(
@@ -393,6 +433,9 @@ def opened(target: str, *, create: bool = False, migrate: bool = False) -> Itera
 @contextmanager
 def repository(target: str) -> Iterator[SessionRepository]:
     """A repository on an existing store at this code's schema version."""
+    from aisopod_session.migrations import SCHEMA_VERSION, current_version
+    from aisopod_session.repository import SessionRepository
+
     with opened(target) as engine:
         version = current_version(engine)
         if version < SCHEMA_VERSION:
@@ -411,6 +454,8 @@ _SESSION_ID = re.compile(r"[0-9]+")
 def find_session(repo: SessionRepository, key_or_id: str) -> Session:
     """The session named by its id (ASCII digits) or its key; `UserError` if there is
     none."""
+    from aisopod_session.keys import SessionKey
+
     text = key_or_id.strip()
     if _SESSION_ID.fullmatch(text):
         return session_by_id(repo, text)
@@ -469,6 +514,8 @@ def init(ctx: typer.Context, db: DbOption = None) -> None:
 def upgrade(target: str) -> tuple[bool, list[AppliedMigration], int]:
     """Create or migrate the store: whether it was created, the migrations applied now,
     and the schema version."""
+    from aisopod_session.migrations import applied_migrations, current_version
+
     path = file_of(target)
     created = path is not None and not path.exists()
     with opened(target, create=True) as engine:
@@ -490,6 +537,15 @@ def migrate(
 ) -> None:
     """Apply pending migrations (creating the store if needed), or with --status list
     them."""
+    from rich.table import Table
+
+    from aisopod_session.migrations import (
+        MIGRATIONS,
+        SCHEMA_VERSION,
+        applied_migrations,
+        current_version,
+    )
+
     target = target_of(ctx, db)
     if not status:
         _, applied, version = upgrade(target)
@@ -555,6 +611,10 @@ def applied_text(row: dict[str, Any]) -> str:
 @friendly
 def status(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = False) -> None:
     """Schema version, sessions by status and by agent, messages, tokens, file sizes."""
+    from rich.table import Table
+
+    from aisopod_session.migrations import current_version
+
     target = target_of(ctx, db)
     with repository(target) as repo:
         summary = repo.summary()
@@ -771,6 +831,10 @@ def list_sessions(
 ) -> None:
     """Sessions matching the filters, most recently updated first. TIME is an ISO-8601
     time (UTC when it has no offset) or a duration ago, such as 30d."""
+    from rich.table import Table
+
+    from aisopod_session.transfer import session_json
+
     wanted = session_filter(
         agent_id,
         channel,
@@ -826,6 +890,8 @@ def show(
 ) -> None:
     """A session's transcript: every message (or the newest N), roles coloured, content
     blocks and tool calls spelled out."""
+    from aisopod_session.transfer import session_json
+
     with repository(target_of(ctx, db)) as repo:
         found = find_session(repo, session)
         messages = repo.get_history(found.key, limit=last)
@@ -858,6 +924,8 @@ def print_message(message: Message) -> None:
     content block, `↳ meta` and one `↳ tool call` per call. Every piece is a plain string,
     so `_Console.render_str` escapes it (`terminal_safe`); stored text is also escaped
     for Rich's markup, which only the first line uses."""
+    from rich.markup import escape
+
     role = message.role
     if isinstance(role, Role):
         style = ROLE_STYLES.get(role, "bold")
@@ -1044,6 +1112,8 @@ def indented_json(value: Any) -> str:
 def message_json(message: Message) -> dict[str, Any]:
     """A message as `sessions show --json` prints it: `content` and `tool_calls` as the
     JSON values they are, `metadata` the message's metadata object."""
+    from aisopod_session.models import utc_text
+
     return {
         "id": message.id,
         "session_id": message.session_id,
@@ -1081,6 +1151,8 @@ def delete(
     db: DbOption = None,
 ) -> None:
     """Delete a session and its messages."""
+    from aisopod_session.errors import SessionNotFoundError
+
     with repository(target_of(ctx, db)) as repo:
         found = find_session(repo, session)
         confirm(
@@ -1200,8 +1272,10 @@ def progress_bar(label: str, total: int | None) -> Iterator[Callable[[int], obje
     if not err.is_terminal:
         yield lambda _: None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
+    with Progress(*columns, console=real_console(err), transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda done: bar.update(task, completed=done)
 
@@ -1227,6 +1301,8 @@ def export(
 ) -> None:
     """Write sessions and their messages as JSON Lines, one object per line, streaming.
     The filters are those of `sessions list`."""
+    from aisopod_session.transfer import count_export, export_jsonl
+
     wanted = session_filter(
         agent_id,
         channel,
@@ -1290,6 +1366,8 @@ def import_(
 ) -> None:
     """Import an export: every line validated, written in batches, idempotent. Bad lines
     are reported (number and reason) and skipped; the exit status is then 1."""
+    from aisopod_session.transfer import import_jsonl
+
     target = target_of(ctx, db)
     if file != "-":
         refuse_store_file(
@@ -1350,6 +1428,8 @@ def copy(
 ) -> None:
     """Copy the whole store into another one (a SQLite file into PostgreSQL, say), ids
     included."""
+    from aisopod_session.copying import copy_database
+
     source = target_of(ctx, db)
     refuse_copy_into_itself(source, to)
     with (

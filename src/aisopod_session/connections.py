@@ -56,7 +56,7 @@ from typing import Any, Literal
 from sqlalchemy import Engine, event
 from sqlalchemy.pool import PoolProxiedConnection, SingletonThreadPool, StaticPool
 
-from aisopod_session.errors import DRIVER_ERRORS, SessionStoreError, translate
+from aisopod_session.errors import SessionStoreError, driver_errors, translate
 from aisopod_session.settings import lock_timeout_ms
 
 logger = logging.getLogger("aisopod_session")
@@ -622,7 +622,7 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
         traceback: TracebackType | None,
     ) -> None:
         error = self._end(error, commit=True)
-        if isinstance(error, DRIVER_ERRORS):
+        if error is not None and isinstance(error, driver_errors()):
             raise translate(error, self._action) from error
 
     def _end(self, error: BaseException | None, *, commit: bool) -> BaseException | None:
@@ -635,12 +635,12 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
                 if error is None and commit and self._mode is not None:
                     try:
                         conn.execute("COMMIT")
-                    except DRIVER_ERRORS as exc:
+                    except driver_errors() as exc:
                         error = exc
                 if error is not None and _in_transaction(conn, self._server):
                     try:
                         conn.execute("ROLLBACK")
-                    except DRIVER_ERRORS:
+                    except driver_errors():
                         # Not reused: SQLite has rolled back already if it lost the
                         # transaction (closing rolls back otherwise); a PostgreSQL
                         # connection that cannot roll back has lost its server.
@@ -661,7 +661,7 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
             if conn is not None and not (broken or conn.closed or conn.broken):
                 try:
                     conn.autocommit = False  # as SQLAlchemy's own use of the pool expects
-                except DRIVER_ERRORS:
+                except driver_errors():
                     broken = True
             else:
                 broken = True

@@ -8,6 +8,7 @@ tell "you passed something wrong" from "the store could not do it".
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -52,20 +53,23 @@ class DamagedRowError(SessionStoreError):
         super().__init__(f"{table} row {row_id}, column {column}: {reason}")
 
 
-def _driver_errors() -> tuple[type[Exception], ...]:
-    errors: list[type[Exception]] = [sqlite3.Error]
-    try:
-        import psycopg
-    except ImportError:  # the postgresql extra is not installed
-        pass
-    else:
-        errors.append(psycopg.Error)
-    return tuple(errors)
+_SQLITE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,)
 
 
-DRIVER_ERRORS = _driver_errors()
-"""The base errors of the drivers the store runs on (sqlite3, and psycopg if installed)."""
-_TRANSLATED: tuple[type[Exception], ...] = (sa_exc.StatementError, *DRIVER_ERRORS)
+def driver_errors() -> tuple[type[Exception], ...]:
+    """The base errors of the drivers the store runs on: sqlite3's, and psycopg's once
+    psycopg is imported. A psycopg error can only exist once it is, and the store imports
+    it only for a PostgreSQL URL: looking it up here, instead of importing it, keeps a
+    SQLite store's process (and the `aisopod-session` command) from paying for it."""
+    error = getattr(sys.modules.get("psycopg"), "Error", None)
+    if isinstance(error, type) and issubclass(error, Exception):
+        return (sqlite3.Error, error)
+    return _SQLITE_ERRORS
+
+
+def _translated() -> tuple[type[Exception], ...]:
+    """The errors `translate` turns into `SessionStoreError`s."""
+    return (sa_exc.StatementError, *driver_errors())
 
 
 def is_busy(error: BaseException) -> bool:
@@ -85,7 +89,7 @@ def translated_errors(action: str) -> Iterator[None]:
         yield
     except SessionStoreError:
         raise
-    except _TRANSLATED as exc:
+    except _translated() as exc:
         raise translate(exc, action) from exc
 
 
@@ -93,7 +97,7 @@ def translate(error: BaseException, action: str) -> BaseException:
     """The `SessionStoreError` for a driver or SQLAlchemy error (other exceptions are
     returned as they are). `action` says what was being done ("append_messages"), so the
     message names the operation as well as the reason."""
-    if isinstance(error, SessionStoreError) or not isinstance(error, _TRANSLATED):
+    if isinstance(error, SessionStoreError) or not isinstance(error, _translated()):
         return error
     # SQLAlchemy wraps driver errors (and errors binding parameters); the driver's own
     # are not wrapped.

@@ -39,7 +39,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm.state import InstanceState as _InstanceState
@@ -325,7 +324,13 @@ HISTORY_MESSAGE = Loader(Message, skip=1, fallbacks={"created_at": UNREADABLE_TI
 
 
 def _insert_for(dialect: str) -> Any:
-    return postgresql_insert if dialect == "postgresql" else sqlite_insert
+    if dialect == "postgresql":
+        # Imported here: SQLAlchemy's PostgreSQL dialect (every driver's) is not needed
+        # until a statement is compiled for PostgreSQL.
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert
+    return sqlite_insert
 
 
 KEY_COLUMNS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
