@@ -72,7 +72,22 @@ def _run_checked_out(engine: Engine, call: Callable[[], _T]) -> _T:
         if usable[0]:
             pooled.close()
         else:
-            pooled.invalidate()  # closed, and replaced by a new one at the next check-out
+            _discard(pooled)
+
+
+def _discard(pooled: Any) -> None:
+    """Invalidate a connection that cannot go back to the pool (closed, and replaced by a
+    new one at the next check-out). When the call was cancelled, SQLAlchemy 2.0's close
+    of psycopg's asyncio connection awaits and is cancelled too, leaving the connection
+    open for the garbage collector: psycopg's `pgconn.finish()` then closes it at once,
+    without awaiting."""
+    driver: Any = pooled.driver_connection
+    try:
+        pooled.invalidate()
+    finally:
+        pgconn = getattr(driver, "pgconn", None)
+        if pgconn is not None and not driver.closed:
+            pgconn.finish()
 
 
 def _call_on(conn: Any, call: Callable[[], _T], usable: list[bool]) -> _T:
