@@ -51,8 +51,13 @@ class ChatService:
             tool_calls = [{"id": "call_1", "name": "get_weather", "arguments": {"city": "Oslo"}}]
         stored = self.repository.append_messages(
             key,
-            [NewMessage(Role.USER, inbound.text), NewMessage(Role.ASSISTANT, reply, tool_calls)],
-            tokens=len(inbound.text.split()) + len(reply.split()),
+            [
+                NewMessage(Role.USER, inbound.text),
+                NewMessage(Role.ASSISTANT, reply, tool_calls, meta={"model": "echo-1"}),
+            ],
+            # Words stand in for tokens: what the model read and what it wrote.
+            input_tokens=len(inbound.text.split()),
+            output_tokens=len(reply.split()),
         )
         return stored[-1]
 
