@@ -22,6 +22,7 @@ except PackageNotFoundError:  # pragma: no cover - run from a source tree not in
     __version__ = "0+unknown"
 
 if TYPE_CHECKING:
+    from aisopod_session.asyncrepository import AsyncSessionRepository
     from aisopod_session.copying import CopyResult, copy_database
     from aisopod_session.database import database_url, open_async_database, open_database
     from aisopod_session.enums import PeerKind, Role, SessionStatus
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
     )
     from aisopod_session.models import JSONValue, Message, NewMessage, Session, SessionFilter
     from aisopod_session.repository import (
-        AsyncSessionRepository,
         CompactionResult,
         SessionRepository,
         StoreSummary,
@@ -88,8 +88,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "run_migrations",
     ),
     "models": ("JSONValue", "Message", "NewMessage", "Session", "SessionFilter"),
+    "asyncrepository": ("AsyncSessionRepository",),
     "repository": (
-        "AsyncSessionRepository",
         "CompactionResult",
         "SessionRepository",
         "StoreSummary",

@@ -1,140 +1,146 @@
-"""How `AsyncSessionRepository` runs the synchronous repository's code for asyncio
-callers, and the write gate its SQLite writers take turns on.
+"""How `AsyncSessionRepository` runs the synchronous repository's calls for asyncio
+callers: on a bounded pool of worker threads, over a synchronous *companion* engine.
 
-It relies on two internals, each named here and guarded by tests/test_async.py:
-- SQLAlchemy's greenlet bridge (`greenlet_spawn`, and `await_`, spelled `await_only`
-  before SQLAlchemy 2.1), which lets synchronous code await the asyncio driver;
-- aiosqlite's `Connection._execute` and `Connection._conn` (the queue of the
-  connection's own thread, and the sqlite3 connection that thread owns), hence the pin
-  of aiosqlite below 0.23.
+An `AsyncEngine` (from `open_async_database`, or made elsewhere) is the application's
+handle; the repository's calls do not use its asyncio driver. Each `AsyncEngine` gets
+one `Bridge`: a synchronous engine on the same database, set up like `open_database`'s
+(pysqlite or psycopg, the same pragmas, begin modes, connection checks and store
+settings), and a `ThreadPoolExecutor` of `workers` threads. Every call runs the very
+code of `SessionRepository` on one of those threads, which keep their per-thread SQLite
+connections between calls (see `connections.py`), and the event loop awaits the result
+(`loop.run_in_executor`). Only public APIs are used: asyncio's and `concurrent.futures`'.
+
+Cancellation: a call not yet started on its thread never runs; one already running runs
+to its end there, but if the cancellation reaches it before its COMMIT, it rolls back
+(`connections.cancelled`), so the caller who cancelled finds either all of its write or
+none of it. The event loop is free at once either way.
+
+The companion engine is disposed of when the `AsyncEngine` is (SQLAlchemy's
+`engine_disposed` event), and a fork gives the child new worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
-from aisopod_session.connections import AwaitedConnection, bound, unbind
-
-try:
-    from sqlalchemy.util import await_  # SQLAlchemy 2.1
-except ImportError:  # pragma: no cover - SQLAlchemy 2.0
-    from sqlalchemy.util import await_only as await_
+from aisopod_session.connections import Cancel, run_cancellable
 
 _T = TypeVar("_T")
-_PG_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE
+
+SQLITE_WORKERS = 4
+"""Worker threads per SQLite store: its writers take turns anyway (on the write gate,
+below), and more threads would only compete with the event loop for the GIL."""
+POSTGRESQL_WORKERS = 8
+"""Worker threads per PostgreSQL store: each waits on a server round trip most of the
+time; SQLAlchemy's default pool (5 + 10 overflow) has a connection for each."""
 
 
-async def run_bound(engine: AsyncEngine, call: Callable[[], _T]) -> _T:
-    """Run `call`, synchronous repository code, for an asyncio caller: its transactions
-    use one connection checked out of `engine`'s pool for the call.
+class Bridge:
+    """One `AsyncEngine`'s companion engine and worker threads (made per process)."""
 
-    On SQLite (aiosqlite) the whole call runs on the connection's own thread, which
-    aiosqlite keeps to run that connection's blocking sqlite3 calls: one trip there and
-    back per call, and the write lock is taken and released inside that trip, never held
-    while the event loop runs other tasks. On PostgreSQL (psycopg's asyncio connection)
-    the call runs on the event loop under SQLAlchemy's greenlet bridge, in autocommit
-    mode like the synchronous calls, and each statement awaits the server
-    (`AwaitedConnection`). Either way the connection goes back to the pool with no
-    transaction open, or is invalidated if it cannot be brought back to that state.
-    """
-    return await greenlet_spawn(_run_checked_out, engine.sync_engine, call)
+    __slots__ = ("__weakref__", "_executor", "_lock", "_pid", "engine", "workers")
 
-
-def _run_checked_out(engine: Engine, call: Callable[[], _T]) -> _T:
-    pooled = engine.raw_connection()
-    usable = [False]
-    try:
-        driver: Any = pooled.driver_connection
-        if engine.dialect.name == "sqlite":
-            # aiosqlite queues functions for its thread with `_execute`, as its own
-            # cursors do; `_conn` is the sqlite3 connection that thread owns. If the
-            # caller is cancelled, the call still runs to its end there, and whoever
-            # checks the connection out next queues behind it.
-            sqlite = driver._conn
-            return cast(_T, await_(driver._execute(lambda: _call_on(sqlite, call, usable))))
-        await_(driver.set_autocommit(True))
-        try:
-            return _call_on(AwaitedConnection(driver, await_), call, usable)
-        finally:
-            if usable[0]:
-                try:
-                    await_(driver.set_autocommit(False))  # as SQLAlchemy's pool expects
-                except Exception:
-                    usable[0] = False
-    finally:
-        if usable[0]:
-            pooled.close()
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        if isinstance(engine.pool, StaticPool | SingletonThreadPool):
+            self.workers = 1  # one connection is the database (`:memory:`): one at a time
+        elif engine.dialect.name == "sqlite":
+            self.workers = SQLITE_WORKERS
         else:
-            _discard(pooled)
+            self.workers = POSTGRESQL_WORKERS
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pid = 0
+
+    def executor(self) -> ThreadPoolExecutor:
+        """This process's worker threads (a fork's child makes its own: the parent's
+        threads are not there)."""
+        executor = self._executor
+        if executor is not None and self._pid == os.getpid():
+            return executor
+        with self._lock:
+            if self._executor is None or self._pid != os.getpid():
+                self._executor = ThreadPoolExecutor(
+                    self.workers, thread_name_prefix="aisopod-session"
+                )
+                self._pid = os.getpid()
+            return self._executor
+
+    def close(self) -> None:
+        """Dispose of the companion engine and let the worker threads end (a call still
+        running finishes first; a later call starts new ones)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None and self._pid == os.getpid():
+            executor.shutdown(wait=False)
+        self.engine.dispose()
+
+    async def run(self, call: Callable[[], _T]) -> _T:
+        """Run `call`, synchronous repository code, on a worker thread and await its
+        result; cancelled, see the module docstring."""
+        cancel = Cancel()
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.executor(), run_cancellable, cancel, call)
+        except asyncio.CancelledError:
+            cancel.requested = True
+            raise
 
 
-def _discard(pooled: Any) -> None:
-    """Invalidate a connection that cannot go back to the pool (closed, and replaced by a
-    new one at the next check-out). When the call was cancelled, SQLAlchemy 2.0's close
-    of psycopg's asyncio connection awaits and is cancelled too, leaving the connection
-    open for the garbage collector: psycopg's `pgconn.finish()` then closes it at once,
-    without awaiting."""
-    driver: Any = pooled.driver_connection
-    try:
-        pooled.invalidate()
-    finally:
-        pgconn = getattr(driver, "pgconn", None)
-        if pgconn is not None and not driver.closed:
-            pgconn.finish()
+_BRIDGES: weakref.WeakKeyDictionary[Engine, Bridge] = weakref.WeakKeyDictionary()
+_BRIDGING = threading.Lock()
 
 
-def _call_on(conn: Any, call: Callable[[], _T], usable: list[bool]) -> _T:
-    """Run `call` with its transactions on `conn`, then record in `usable` whether `conn`
-    can go back to the pool."""
-    token = bound(conn)
-    try:
-        return call()
-    finally:
-        unbind(token)
-        usable[0] = _settled(conn)
+def attach(engine: AsyncEngine, companion: Engine) -> Bridge:
+    """Make `companion` the engine `engine`'s repository calls run on."""
+    return bridge_of(engine, lambda _engine: companion)
 
 
-def _settled(conn: Any) -> bool:
-    """Whether `conn` is left with no transaction open. One the call could not end (its
-    COMMIT and ROLLBACK both failed, or it was cancelled in between) is rolled back here,
-    so the pool needs no reset of its own (open_async_database turns that round trip
-    off); a connection that cannot even do that is not reused."""
-    try:
-        if isinstance(conn, AwaitedConnection):
-            if conn.closed or conn.broken:
-                return False
-            if conn.info.transaction_status != _PG_IDLE:
-                conn.execute("ROLLBACK")
-            return bool(conn.info.transaction_status == _PG_IDLE)
-        if conn.in_transaction:
-            conn.rollback()
-        return True
-    except Exception:
-        return False
+def bridge_of(engine: AsyncEngine, make: Callable[[AsyncEngine], Engine]) -> Bridge:
+    """`engine`'s bridge, made with the companion engine `make(engine)` returns the first
+    time (an engine that `open_async_database` did not make)."""
+    bridge = _BRIDGES.get(engine.sync_engine)
+    if bridge is not None:
+        return bridge
+    with _BRIDGING:
+        bridge = _BRIDGES.get(engine.sync_engine)
+        if bridge is None:
+            bridge = _BRIDGES[engine.sync_engine] = Bridge(make(engine))
+            event.listen(engine.sync_engine, "engine_disposed", _on_dispose)
+    return bridge
+
+
+def _on_dispose(sync_engine: Engine) -> None:
+    bridge = _BRIDGES.get(sync_engine)
+    if bridge is not None:
+        bridge.close()
 
 
 _GATES: weakref.WeakKeyDictionary[
-    Engine, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]
+    Bridge, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]
 ] = weakref.WeakKeyDictionary()
 
 
-def write_gate(engine: AsyncEngine) -> asyncio.Lock | None:
-    """The lock this event loop's writers to a SQLite `engine` take turns on (None for
-    PostgreSQL, whose writers lock only the rows they change). One per engine and event
-    loop, shared by every repository on the engine."""
-    if engine.dialect.name != "sqlite":
+def write_gate(bridge: Bridge) -> asyncio.Lock | None:
+    """The lock this event loop's writers to a SQLite store take turns on (None for
+    PostgreSQL, whose writers lock only the rows they change). One per store and event
+    loop, shared by every repository on the store."""
+    if bridge.engine.dialect.name != "sqlite":
         return None
     loop = asyncio.get_running_loop()
-    gates = _GATES.get(engine.sync_engine)
+    gates = _GATES.get(bridge)
     if gates is None:
-        gates = _GATES.setdefault(engine.sync_engine, weakref.WeakKeyDictionary())
+        gates = _GATES.setdefault(bridge, weakref.WeakKeyDictionary())
     gate = gates.get(loop)
     if gate is None:
         gate = gates.setdefault(loop, asyncio.Lock())

@@ -16,8 +16,8 @@ as much per call.
   PgBouncer's transaction pooling, where a session-level `SET` would not stick), then
   its statements, then `COMMIT`. A connection whose transaction cannot be ended (the
   server went away) is invalidated, never returned to the pool.
-- **asyncio** (`run_bound`): the call's connection is checked out for it and bound in a
-  context variable that `driver_transaction` uses.
+- **asyncio**: the calls run on worker threads, like any thread's (`asyncbridge.py`);
+  a cancelled one rolls back instead of committing (`run_cancellable`).
 
 **Dispose.** `engine.dispose()` closes the leases that are not in a call; a lease in a
 call is closed by its thread when the call ends (closing a sqlite3 connection another
@@ -41,6 +41,7 @@ unsafely.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
@@ -48,10 +49,10 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Engine, event
 from sqlalchemy.pool import PoolProxiedConnection, SingletonThreadPool, StaticPool
@@ -62,6 +63,7 @@ from aisopod_session.settings import lock_timeout_ms
 logger = logging.getLogger("aisopod_session")
 
 Mode = Literal["IMMEDIATE", "DEFERRED"]
+_T = TypeVar("_T")
 
 _FORK_WAIT = 60.0
 """Seconds a fork waits for calls in other threads to end before it goes ahead anyway."""
@@ -528,8 +530,32 @@ os.register_at_fork(
 
 # --- one call's transaction ---------------------------------------------------------------
 
-_BOUND: ContextVar[Any] = ContextVar("aisopod_bound_connection", default=None)
-"""The connection every `driver_transaction` uses while `run_bound` runs a call."""
+_CANCEL: ContextVar[Cancel | None] = ContextVar("aisopod_cancel", default=None)
+"""The cancellation of the asyncio call this thread is running (`run_cancellable`)."""
+
+
+class Cancel:
+    """Whether the asyncio caller of a call running on a worker thread has been cancelled
+    (`asyncbridge.Bridge.run` sets `requested`; the call's transaction reads it before
+    its COMMIT)."""
+
+    __slots__ = ("requested",)
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+def run_cancellable(cancel: Cancel, call: Callable[[], _T]) -> _T:
+    """Run `call` on this (worker) thread; its transactions roll back instead of
+    committing once `cancel` is requested (`asyncio.CancelledError`)."""
+    if cancel.requested:
+        raise asyncio.CancelledError
+    token = _CANCEL.set(cancel)
+    try:
+        return call()
+    finally:
+        _CANCEL.reset(token)
+
 
 _BEGIN: dict[Mode, str] = {"IMMEDIATE": "BEGIN IMMEDIATE", "DEFERRED": "BEGIN"}
 _SERVER_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
@@ -577,17 +603,6 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
 
     def _begin(self) -> Any:
         engine, mode = self._engine, self._mode
-        bound = _BOUND.get()
-        if bound is not None:
-            # An asyncio call (`run_bound`): its connection was checked out for it.
-            self._conn = bound
-            if isinstance(bound, AwaitedConnection):
-                self._server = True
-                if mode is not None:
-                    bound.execute(server_begin(engine, mode))
-            elif mode is not None:
-                bound.execute(_BEGIN[mode])
-            return bound
         if engine.dialect.is_async:
             raise SessionStoreError(
                 "this engine is an asyncio one (from open_async_database): use "
@@ -621,9 +636,12 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        error = self._end(error, commit=True)
-        if error is not None and isinstance(error, driver_errors()):
-            raise translate(error, self._action) from error
+        ended = self._end(error, commit=True)
+        if ended is None or (ended is error and not isinstance(error, driver_errors())):
+            return  # committed, or the block's own error goes on as it is
+        if isinstance(ended, driver_errors()):
+            raise translate(ended, self._action) from ended
+        raise ended  # the caller was cancelled before COMMIT: rolled back
 
     def _end(self, error: BaseException | None, *, commit: bool) -> BaseException | None:
         """Commit (if asked and all went well) or roll back, release the connection, and
@@ -632,6 +650,10 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
         broken = False
         try:
             if conn is not None:
+                if error is None and commit and self._mode is not None:
+                    cancel = _CANCEL.get()
+                    if cancel is not None and cancel.requested:
+                        error = asyncio.CancelledError()
                 if error is None and commit and self._mode is not None:
                     try:
                         conn.execute("COMMIT")
@@ -675,69 +697,3 @@ def _in_transaction(conn: Any, server: bool) -> bool:
     if server:
         return bool(conn.info.transaction_status != _PG_IDLE)
     return bool(conn.in_transaction)
-
-
-# --- the asyncio repository's connections (see asyncbridge.py) ----------------------------
-
-
-def bound(conn: Any) -> Any:
-    """Make `conn` the connection of every `driver_transaction` in this context (until
-    `unbind(token)`)."""
-    return _BOUND.set(conn)
-
-
-def unbind(token: Any) -> None:
-    """Undo `bound`."""
-    _BOUND.reset(token)
-
-
-class AwaitedConnection:
-    """psycopg's asyncio connection behind the synchronous calls the repository makes
-    (`execute(...).fetchone()`, ...), each awaited through SQLAlchemy's greenlet bridge.
-    Rows are read when the statement runs (psycopg has them already)."""
-
-    __slots__ = ("_await", "_driver")
-
-    def __init__(self, driver: Any, awaiter: Callable[[Any], Any]) -> None:
-        self._driver = driver
-        self._await = awaiter
-
-    def execute(self, sql: str, params: Any = None) -> _Rows:
-        # Without parameters psycopg sends the simple protocol, which takes several
-        # statements (`BEGIN; SET LOCAL …`); such text is never prepared.
-        prepare = False if params is None else None
-        cursor = self._await(self._driver.execute(sql, params, prepare=prepare))
-        rows = self._await(cursor.fetchall()) if cursor.description is not None else []
-        return _Rows(rows, cursor.rowcount)
-
-    @property
-    def info(self) -> Any:
-        """psycopg's connection information (the transaction status, without a trip)."""
-        return self._driver.info
-
-    @property
-    def closed(self) -> bool:
-        return bool(self._driver.closed)
-
-    @property
-    def broken(self) -> bool:
-        return bool(self._driver.broken)
-
-
-class _Rows:
-    """A statement's result as the repository reads it from a DBAPI cursor."""
-
-    __slots__ = ("_rows", "rowcount")
-
-    def __init__(self, rows: list[Any], rowcount: int) -> None:
-        self._rows = rows
-        self.rowcount = rowcount
-
-    def fetchone(self) -> Any:
-        return self._rows[0] if self._rows else None
-
-    def fetchall(self) -> list[Any]:
-        return self._rows
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._rows)

@@ -9,6 +9,7 @@ import re
 import shlex
 import sqlite3
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.util import greenlet_spawn
 
+from aisopod_session.asyncbridge import attach
 from aisopod_session.connections import forked_open_error, register, tainted
 from aisopod_session.errors import (
     DatabaseBusyError,
@@ -26,7 +27,13 @@ from aisopod_session.errors import (
     translated_errors,
 )
 from aisopod_session.migrations import check_schema, run_migrations
-from aisopod_session.settings import DEFAULT_BUSY_TIMEOUT, Clock, set_store_options
+from aisopod_session.settings import (
+    DEFAULT_BUSY_TIMEOUT,
+    Clock,
+    busy_timeout_of,
+    clock_of,
+    set_store_options,
+)
 from aisopod_session.transactions import (
     Synchronous,
     check_busy_timeout,
@@ -70,15 +77,7 @@ def open_database(
     from one thread at a time.
     """
     url = _checked_target(target, busy_timeout, synchronous, clock)
-    if url.get_backend_name() == "postgresql":
-        # pool_pre_ping: a gateway's pool outlives server restarts and idle-connection reaping.
-        url, connect_args, choose_prepare = _psycopg_url(url)
-        engine = create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
-        _on_connect(engine, choose_prepare=choose_prepare)
-    else:
-        engine = create_engine(url, **_sqlite_engine_args(url, busy_timeout, echo))
-    set_store_options(engine, busy_timeout=busy_timeout, clock=clock)
-    register(engine)
+    engine = _new_engine(url, busy_timeout=busy_timeout, echo=echo, clock=clock)
     try:
         _set_up(engine, busy_timeout=busy_timeout, synchronous=synchronous, migrate=migrate)
     except BaseException:
@@ -100,46 +99,87 @@ async def open_async_database(
     transaction modes and migrations, returning an `AsyncEngine` for
     `AsyncSessionRepository`. Await it: `engine = await open_async_database(path)`.
 
-    SQLite runs on aiosqlite (`sqlite+aiosqlite://`), PostgreSQL on psycopg's asyncio
-    connection (`postgresql+psycopg://`, chosen by SQLAlchemy for an async engine). The
-    same errors are raised, and the engine is disposed of then. An in-memory database
-    lives in one connection that every task shares; its calls run one after another.
+    The `AsyncEngine` is the application's own (SQLite on aiosqlite, PostgreSQL on
+    psycopg's asyncio connection), its connections set up like `open_database`'s. The
+    repository's calls run on worker threads over a synchronous engine on the same
+    database that comes with it (`asyncbridge.py`), made and migrated here by
+    `open_database`'s own code, off the event loop, and disposed of with it. The same
+    errors are raised, and both engines are disposed of then. `":memory:"` is the
+    repository's database: the `AsyncEngine`'s own connections reach a separate one.
     """
     url = _checked_target(target, busy_timeout, synchronous, clock)
-    # The repository's calls return their connections with no transaction open
-    # (`run_bound`), so the pool's own rollback on every return (a trip to aiosqlite's
-    # thread or to the server) is turned off; SQLAlchemy's `Connection` still rolls back
-    # what it began itself when it closes.
-    if url.get_backend_name() == "postgresql":
-        url, connect_args, choose_prepare = _psycopg_url(url)
-        engine = create_async_engine(
-            url,
-            echo=echo,
-            pool_pre_ping=True,
-            pool_reset_on_return=None,
-            connect_args=connect_args,
-        )
-        _on_connect(engine.sync_engine, choose_prepare=choose_prepare)
-    else:
-        url = url.set(drivername="sqlite+aiosqlite")
-        engine = create_async_engine(
-            url, pool_reset_on_return=None, **_sqlite_engine_args(url, busy_timeout, echo)
-        )
-    set_store_options(engine.sync_engine, busy_timeout=busy_timeout, clock=clock)
-    register(engine.sync_engine)
+    companion = _new_engine(url, busy_timeout=busy_timeout, echo=echo, clock=clock)
     try:
-        # The same set-up code as open_database's, its statements awaited on the engine's
-        # asyncio driver through SQLAlchemy's greenlet bridge.
-        await greenlet_spawn(
-            _set_up,
-            engine.sync_engine,
-            busy_timeout=busy_timeout,
-            synchronous=synchronous,
-            migrate=migrate,
+        engine = _async_twin(url, companion, echo=echo, synchronous=synchronous)
+    except BaseException:
+        companion.dispose()
+        raise
+    bridge = attach(engine, companion)
+    try:
+        await bridge.run(
+            partial(
+                _set_up,
+                companion,
+                busy_timeout=busy_timeout,
+                synchronous=synchronous,
+                migrate=migrate,
+            )
         )
     except BaseException:
-        await engine.dispose()
+        await engine.dispose()  # the companion with it
         raise
+    return engine
+
+
+def companion_engine(engine: AsyncEngine) -> Engine:
+    """A synchronous engine on `engine`'s database for its repository's calls, with the
+    store settings `engine` carries: for an `AsyncEngine` that `open_async_database` did
+    not make (its schema must already be migrated)."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite":
+        url = url.set(drivername="sqlite")
+    else:
+        url = url.set(drivername="postgresql+psycopg")
+    return _new_engine(
+        url,
+        busy_timeout=busy_timeout_of(engine.sync_engine),
+        echo=False,
+        clock=clock_of(engine.sync_engine),
+    )
+
+
+def _new_engine(url: URL, *, busy_timeout: float, echo: bool, clock: Clock | None) -> Engine:
+    """The store's synchronous engine for `url` (nothing connected yet)."""
+    if url.get_backend_name() == "postgresql":
+        # pool_pre_ping: a gateway's pool outlives server restarts and idle-connection reaping.
+        url, connect_args, choose_prepare = _psycopg_url(url)
+        engine = create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+        _on_connect(engine, choose_prepare=choose_prepare)
+    else:
+        engine = create_engine(url, **_sqlite_engine_args(url, busy_timeout, echo))
+    set_store_options(engine, busy_timeout=busy_timeout, clock=clock)
+    register(engine)
+    return engine
+
+
+def _async_twin(
+    url: URL, companion: Engine, *, echo: bool, synchronous: Synchronous
+) -> AsyncEngine:
+    """The application's `AsyncEngine` on `url`, `companion`'s database, its connections
+    set up the same way (nothing connected yet)."""
+    busy_timeout = busy_timeout_of(companion)
+    if url.get_backend_name() == "postgresql":
+        url, connect_args, choose_prepare = _psycopg_url(url)
+        engine = create_async_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+        _on_connect(engine.sync_engine, choose_prepare=choose_prepare)
+    else:
+        engine = create_async_engine(
+            url.set(drivername="sqlite+aiosqlite"),
+            **_sqlite_engine_args(url, busy_timeout, echo),
+        )
+    set_store_options(engine.sync_engine, busy_timeout=busy_timeout, clock=clock_of(companion))
+    register(engine.sync_engine)
+    prepare_engine(engine.sync_engine, busy_timeout=busy_timeout, synchronous=synchronous)
     return engine
 
 
@@ -311,8 +351,7 @@ def _set_up(
     engine: Engine, *, busy_timeout: float, synchronous: Synchronous, migrate: bool
 ) -> None:
     """Check a new engine's database and bring it up to date: SQLite's pragmas and WAL,
-    the schema's version, the migrations. (An asyncio engine's `sync_engine` runs this
-    under the greenlet bridge.)"""
+    the schema's version, the migrations."""
     url = engine.url
     if url.get_backend_name() == "postgresql":
         # The migrator serialises hosts with an advisory lock (see `run_migrations`).
@@ -398,7 +437,6 @@ def _enable_wal(engine: Engine, *, busy_timeout: float) -> None:
     deadline = time.monotonic() + busy_timeout
     pause = 0.001
     with engine.connect() as conn:
-        # The DBAPI connection: sqlite3's, or SQLAlchemy's adapter of aiosqlite's.
         driver = conn.connection.dbapi_connection
         assert driver is not None
         while True:

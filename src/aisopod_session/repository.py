@@ -1,24 +1,19 @@
-"""`SessionRepository`: every query the gateway's services need, each one atomic; and
-`AsyncSessionRepository`, the same calls for asyncio."""
+"""`SessionRepository`: every query the gateway's services need, each one atomic (its
+asyncio twin is `asyncrepository.py`)."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import inspect
 import logging
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from aisopod_session.asyncbridge import run_bound, write_gate
 from aisopod_session.clock import StoreClock
 from aisopod_session.connections import driver_transaction
 from aisopod_session.enums import Role, SessionStatus
@@ -75,7 +70,6 @@ from aisopod_session.statements import (
     prune_count,
     prune_delete,
     summary,
-    warm,
 )
 from aisopod_session.transactions import prepare_engine
 
@@ -998,230 +992,3 @@ def _check_int(field: str, value: Any, *, minimum: int | None) -> None:
         raise ValueError(f"{field}: must be >= {minimum}, got {value}")
     if not -_MAX_INTEGER - 1 <= value <= _MAX_INTEGER:
         raise ValueError(f"{field}: must fit in a 64-bit signed integer, got {value}")
-
-
-class AsyncSessionRepository:
-    """`SessionRepository` for asyncio: the same methods with the same names, arguments,
-    results, errors and guarantees, as coroutines. Wrap an engine from
-    `open_async_database` and share the repository between tasks.
-
-    Every method runs the very code of its `SessionRepository` twin (no query, rule or
-    error mapping is written twice) on one connection checked out of the engine's pool
-    for the call. On SQLite the call runs whole on that connection's aiosqlite thread, so
-    the event loop is never blocked by SQLite and the write lock is never held across
-    event-loop turns; on PostgreSQL it runs on the loop and awaits psycopg at every
-    statement (see `transactions.run_bound`).
-
-    Cancelling a call: on PostgreSQL its transaction rolls back; on SQLite a call already
-    handed to its thread finishes (all or nothing, as always) and only its result is
-    dropped, and `prune` stops after the batch in progress.
-    """
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        """Wrap an engine from `open_async_database` (another `AsyncEngine` is prepared
-        like `SessionRepository` prepares one, but its schema must be migrated)."""
-        if not isinstance(engine, AsyncEngine):
-            raise TypeError(
-                f"engine: AsyncSessionRepository needs an AsyncEngine (from "
-                f"open_async_database), not {type(engine).__name__}; a synchronous engine "
-                "goes with SessionRepository"
-            )
-        self.engine = engine
-        self._sync = SessionRepository(engine.sync_engine)
-        warm(engine.dialect)
-
-    def __await__(self) -> Generator[Any, None, AsyncSessionRepository]:
-        """Awaiting a repository gives it back, so `await repo.for_agent(...)` works as
-        well as the plain call (for code that awaits every call of the async API)."""
-        return self._itself().__await__()
-
-    async def _itself(self) -> AsyncSessionRepository:
-        return self
-
-    async def _run(self, call: Callable[[], _T]) -> _T:
-        return await run_bound(self.engine, call)
-
-    async def _write(self, call: Callable[[], _T]) -> _T:
-        """Run a call that writes. On SQLite, this process's writers take turns on the
-        engine's write gate first: SQLite lets one writer in at a time anyway, and a
-        writer that waits here costs nothing, while one that waits in SQLite's busy
-        handler holds a pooled connection and its thread, polling."""
-        gate = write_gate(self.engine)
-        if gate is None:
-            return await run_bound(self.engine, call)
-        async with gate:
-            return await run_bound(self.engine, call)
-
-    @property
-    def agent_id(self) -> str | None:
-        """The agent this repository is confined to, or None for the admin view."""
-        return self._sync.agent_id
-
-    def for_agent(self, agent_id: str) -> AsyncSessionRepository:
-        """`SessionRepository.for_agent`: a repository on the same engine confined to
-        `agent_id`'s sessions. It does no I/O, so it is a plain method (awaiting its
-        result works too)."""
-        scoped = copy.copy(self)
-        scoped._sync = self._sync.for_agent(agent_id)
-        return scoped
-
-    async def get_or_create(self, key: SessionKey | str) -> Session:
-        """`SessionRepository.get_or_create`, awaited. An existing session is read
-        without waiting for the write gate (see `_write`)."""
-        found = await self._run(partial(self._sync.get, key))
-        if found is not None:
-            return found
-        return await self._write(partial(self._sync.get_or_create, key))
-
-    async def get(self, key: SessionKey | str) -> Session | None:
-        """`SessionRepository.get`, awaited."""
-        return await self._run(partial(self._sync.get, key))
-
-    async def get_by_id(self, id: int) -> Session | None:
-        """`SessionRepository.get_by_id`, awaited."""
-        return await self._run(partial(self._sync.get_by_id, id))
-
-    async def list_sessions(
-        self,
-        filter: SessionFilter | Mapping[str, Any] | None = None,
-        *,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[Session]:
-        """`SessionRepository.list_sessions`, awaited."""
-        return await self._run(
-            partial(self._sync.list_sessions, filter, limit=limit, offset=offset)
-        )
-
-    async def count_sessions(self, filter: SessionFilter | Mapping[str, Any] | None = None) -> int:
-        """`SessionRepository.count_sessions`, awaited."""
-        return await self._run(partial(self._sync.count_sessions, filter))
-
-    async def summary(self) -> StoreSummary:
-        """`SessionRepository.summary`, awaited."""
-        return await self._run(self._sync.summary)
-
-    async def update_metadata(
-        self, key: SessionKey | str, changes: Mapping[str, Any], *, replace: bool = False
-    ) -> Session:
-        """`SessionRepository.update_metadata`, awaited."""
-        return await self._write(partial(self._sync.update_metadata, key, changes, replace=replace))
-
-    async def set_status(self, key: SessionKey | str, status: SessionStatus | str) -> Session:
-        """`SessionRepository.set_status`, awaited."""
-        return await self._write(partial(self._sync.set_status, key, status))
-
-    async def delete(self, key: SessionKey | str) -> bool:
-        """`SessionRepository.delete`, awaited."""
-        return await self._write(partial(self._sync.delete, key))
-
-    async def append_messages(
-        self,
-        key: SessionKey | str,
-        messages: Sequence[NewMessage | Mapping[str, Any]],
-        *,
-        tokens: int = 0,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-    ) -> list[Message]:
-        """`SessionRepository.append_messages`, awaited."""
-        return await self._write(
-            partial(
-                self._sync.append_messages,
-                key,
-                messages,
-                tokens=tokens,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-            )
-        )
-
-    async def append_message(
-        self,
-        key: SessionKey | str,
-        role: Role | str,
-        content: JSONValue,
-        *,
-        tool_calls: JSONValue = None,
-        meta: Mapping[str, Any] | None = None,
-        tokens: int = 0,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-    ) -> Message:
-        """`SessionRepository.append_message`, awaited."""
-        return await self._write(
-            partial(
-                self._sync.append_message,
-                key,
-                role,
-                content,
-                tool_calls=tool_calls,
-                meta=meta,
-                tokens=tokens,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-            )
-        )
-
-    async def get_history(
-        self,
-        key: SessionKey | str,
-        *,
-        limit: int | None = None,
-        before_id: int | None = None,
-        after_id: int | None = None,
-    ) -> list[Message]:
-        """`SessionRepository.get_history`, awaited."""
-        return await self._run(
-            partial(
-                self._sync.get_history, key, limit=limit, before_id=before_id, after_id=after_id
-            )
-        )
-
-    async def compact(
-        self, key: SessionKey | str, *, keep_last: int, summary: str | None = None
-    ) -> CompactionResult:
-        """`SessionRepository.compact`, awaited."""
-        return await self._write(
-            partial(self._sync.compact, key, keep_last=keep_last, summary=summary)
-        )
-
-    async def reset(self, key: SessionKey | str) -> Session:
-        """`SessionRepository.reset`, awaited."""
-        return await self._write(partial(self._sync.reset, key))
-
-    async def mark_idle(self, *, idle_for: timedelta) -> int:
-        """`SessionRepository.mark_idle`, awaited."""
-        return await self._write(partial(self._sync.mark_idle, idle_for=idle_for))
-
-    async def now(self) -> datetime:
-        """`SessionRepository.now`, awaited."""
-        return await self._run(self._sync.now)
-
-    async def prune(
-        self,
-        *,
-        updated_before: datetime,
-        status: SessionStatus | str | None = None,
-        dry_run: bool = False,
-        on_batch: Callable[[int], object] | None = None,
-    ) -> int:
-        """`SessionRepository.prune`, awaited: the same checks and batches, each batch
-        one call through the write gate. `on_batch` is called between batches in the
-        caller's task, and may be a coroutine function (it is awaited before the next
-        batch). Cancelled, it stops after the batch in progress."""
-        plan = self._sync._prune_plan(updated_before, status)
-        if dry_run:
-            return await self._run(partial(self._sync._prune_count, plan))
-        deleted = 0
-        while True:
-            batch = await self._write(partial(self._sync._prune_batch, plan))
-            if not batch:
-                return deleted
-            deleted += batch
-            if on_batch is not None:
-                result = on_batch(deleted)
-                if inspect.isawaitable(result):
-                    await result
-            # Let this loop's other writers, waiting on the gate, go before the next batch.
-            await asyncio.sleep(0)

@@ -1,0 +1,174 @@
+"""`AsyncSessionRepository`: `SessionRepository`'s calls as coroutines, derived from it
+method by method (`_reads` and `_writes` below), so the two cannot drift apart: each
+coroutine runs its twin's very code on a worker thread (see `asyncbridge.py`) and has
+its twin's signature and docstring."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import inspect
+from collections.abc import Callable, Coroutine, Generator
+from datetime import datetime
+from functools import partial
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from aisopod_session.asyncbridge import bridge_of, write_gate
+from aisopod_session.database import companion_engine
+from aisopod_session.enums import SessionStatus
+from aisopod_session.keys import SessionKey
+from aisopod_session.models import Session
+from aisopod_session.repository import SessionRepository
+from aisopod_session.transactions import prepare_engine
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+_AsyncMethod = Callable[Concatenate["AsyncSessionRepository", _P], Coroutine[Any, Any, _T]]
+
+
+def _reads(method: Callable[Concatenate[SessionRepository, _P], _T]) -> _AsyncMethod[_P, _T]:
+    """The coroutine twin of a `SessionRepository` method that only reads."""
+
+    async def twin(self: AsyncSessionRepository, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return await self._bridge.run(partial(method, self._sync, *args, **kwargs))
+
+    return _named_after(twin, method)
+
+
+def _writes(method: Callable[Concatenate[SessionRepository, _P], _T]) -> _AsyncMethod[_P, _T]:
+    """The coroutine twin of a `SessionRepository` method that writes: through the write
+    gate (`AsyncSessionRepository._write`)."""
+
+    async def twin(self: AsyncSessionRepository, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return await self._write(partial(method, self._sync, *args, **kwargs))
+
+    return _named_after(twin, method)
+
+
+def _named_after(twin: _F, method: Callable[..., Any]) -> _F:
+    """`twin` with `method`'s name, signature (`__wrapped__`) and docstring."""
+    functools.update_wrapper(twin, method)
+    twin.__qualname__ = f"AsyncSessionRepository.{method.__name__}"
+    twin.__module__ = __name__
+    twin.__doc__ = f"`SessionRepository.{method.__name__}`, awaited.\n\n{method.__doc__ or ''}"
+    return twin
+
+
+class AsyncSessionRepository:
+    """`SessionRepository` for asyncio: the same methods with the same names, arguments,
+    results, errors and guarantees, as coroutines. Wrap an engine from
+    `open_async_database` and share the repository between tasks.
+
+    Every method runs the very code of its `SessionRepository` twin (no query, rule or
+    error mapping is written twice) on one of a few worker threads, over a synchronous
+    engine on the same database (`asyncbridge.py`): the event loop never waits for the
+    database, and the SQLite write lock is never held across event-loop turns. On SQLite
+    this event loop's writers take turns on a write gate first.
+
+    Cancelling a call: one not yet started never runs; one running finishes on its
+    thread, rolling back if the cancellation reached it before its COMMIT (all or
+    nothing, as always); `prune` stops after the batch in progress.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        """Wrap an engine from `open_async_database` (another `AsyncEngine` is prepared
+        like `SessionRepository` prepares one, but its schema must be migrated)."""
+        if not isinstance(engine, AsyncEngine):
+            raise TypeError(
+                f"engine: AsyncSessionRepository needs an AsyncEngine (from "
+                f"open_async_database), not {type(engine).__name__}; a synchronous engine "
+                "goes with SessionRepository"
+            )
+        prepare_engine(engine.sync_engine)  # the application's own connections
+        self.engine = engine
+        self._bridge = bridge_of(engine, companion_engine)
+        self._sync = SessionRepository(self._bridge.engine)
+
+    def __await__(self) -> Generator[Any, None, AsyncSessionRepository]:
+        """Awaiting a repository gives it back, so `await repo.for_agent(...)` works as
+        well as the plain call (for code that awaits every call of the async API)."""
+        return self._itself().__await__()
+
+    async def _itself(self) -> AsyncSessionRepository:
+        return self
+
+    async def _write(self, call: Callable[[], _T]) -> _T:
+        """Run a call that writes. On SQLite, this event loop's writers take turns on the
+        store's write gate first: SQLite lets one writer in at a time anyway, and a
+        writer that waits here costs nothing, while one that waits in SQLite's busy
+        handler holds a worker thread, polling."""
+        gate = write_gate(self._bridge)
+        if gate is None:
+            return await self._bridge.run(call)
+        async with gate:
+            return await self._bridge.run(call)
+
+    @property
+    def agent_id(self) -> str | None:
+        """The agent this repository is confined to, or None for the admin view."""
+        return self._sync.agent_id
+
+    def for_agent(self, agent_id: str) -> AsyncSessionRepository:
+        """`SessionRepository.for_agent`: a repository on the same engine confined to
+        `agent_id`'s sessions. It does no I/O, so it is a plain method (awaiting its
+        result works too)."""
+        scoped = copy.copy(self)
+        scoped._sync = self._sync.for_agent(agent_id)
+        return scoped
+
+    async def get_or_create(self, key: SessionKey | str) -> Session:
+        """`SessionRepository.get_or_create`, awaited. An existing session is read
+        without waiting for the write gate (see `_write`)."""
+        found = await self._bridge.run(partial(self._sync.get, key))
+        if found is not None:
+            return found
+        return await self._write(partial(self._sync.get_or_create, key))
+
+    get = _reads(SessionRepository.get)
+    get_by_id = _reads(SessionRepository.get_by_id)
+    list_sessions = _reads(SessionRepository.list_sessions)
+    count_sessions = _reads(SessionRepository.count_sessions)
+    summary = _reads(SessionRepository.summary)
+    get_history = _reads(SessionRepository.get_history)
+    now = _reads(SessionRepository.now)
+    update_metadata = _writes(SessionRepository.update_metadata)
+    set_status = _writes(SessionRepository.set_status)
+    delete = _writes(SessionRepository.delete)
+    append_messages = _writes(SessionRepository.append_messages)
+    append_message = _writes(SessionRepository.append_message)
+    compact = _writes(SessionRepository.compact)
+    reset = _writes(SessionRepository.reset)
+    mark_idle = _writes(SessionRepository.mark_idle)
+
+    async def prune(
+        self,
+        *,
+        updated_before: datetime,
+        status: SessionStatus | str | None = None,
+        dry_run: bool = False,
+        on_batch: Callable[[int], object] | None = None,
+    ) -> int:
+        """`SessionRepository.prune`, awaited: the same checks and batches, each batch
+        one call through the write gate. `on_batch` is called between batches in the
+        caller's task, and may be a coroutine function (it is awaited before the next
+        batch). Cancelled, it stops after the batch in progress."""
+        plan = self._sync._prune_plan(updated_before, status)
+        if dry_run:
+            return await self._bridge.run(partial(self._sync._prune_count, plan))
+        deleted = 0
+        while True:
+            batch = await self._write(partial(self._sync._prune_batch, plan))
+            if not batch:
+                return deleted
+            deleted += batch
+            if on_batch is not None:
+                result = on_batch(deleted)
+                if inspect.isawaitable(result):
+                    await result
+            # Let this loop's other writers, waiting on the gate, go before the next batch.
+            await asyncio.sleep(0)
