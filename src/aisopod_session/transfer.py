@@ -22,6 +22,7 @@ with the store.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -577,6 +578,7 @@ def _import_batch(
         ids = [r.id for _, r in batch if isinstance(r, MessageLine) and r.id is not None]
         taken = _messages_by_id(conn, ids)
         new_messages: list[dict[str, Any]] = []
+        stored: dict[tuple[int, str], set[bytes]] = {}  # see _same_message_exists
         for number, record in batch:
             if isinstance(record, SessionLine):
                 created = _import_session(conn, record, sessions, result)
@@ -608,7 +610,7 @@ def _import_batch(
                         )
                     continue
                 pending[record.id] = (session_id, fields)
-            elif _same_message_exists(conn, session_id, fields, record.created_at):
+            elif _same_message_exists(conn, session_id, fields, record.created_at, stored):
                 result.messages_existing += 1
                 continue
             new_messages.append(
@@ -678,17 +680,40 @@ def _messages_by_id(conn: Connection, ids: list[int]) -> dict[int, tuple[int, tu
 
 
 def _same_message_exists(
-    conn: Connection, session_id: int, fields: tuple[str, ...], created_at: datetime
+    conn: Connection,
+    session_id: int,
+    fields: tuple[str, ...],
+    created_at: datetime,
+    stored: dict[tuple[int, str], set[bytes]],
 ) -> bool:
-    # Compared in Python, in stored form: the same value may be stored as different
-    # JSON text (a cell converted by migration 3, or written by another program).
-    rows = conn.execute(
-        select(*_IDENTITY_COLUMNS).where(
-            MESSAGES.c.session_id == session_id,
-            MESSAGES.c.created_at == created_at,
+    """Whether the session already holds a message with these fields (and no id in the
+    file). `stored` keeps, for the batch, a digest of each message of each (session,
+    time) read so far: a file of many messages with one time reads them once per batch,
+    not once per line (which grew with the square of their number)."""
+    group = (session_id, fields[-1])
+    known = stored.get(group)
+    if known is None:
+        # Compared in Python, in stored form: the same value may be stored as different
+        # JSON text (a cell converted by migration 3, or written by another program).
+        rows = conn.execute(
+            select(*_IDENTITY_COLUMNS).where(
+                MESSAGES.c.session_id == session_id,
+                MESSAGES.c.created_at == created_at,
+            )
         )
-    )
-    return any(_identity(*row) == fields for row in rows)
+        known = stored[group] = {_digest(_identity(*row)) for row in rows}
+    return _digest(fields) in known
+
+
+def _digest(fields: tuple[str, ...]) -> bytes:
+    """A 32-byte digest of a message's identity (its fields' lengths included, so no two
+    different tuples join into the same text)."""
+    hashed = hashlib.blake2b(digest_size=32)
+    for field in fields:
+        data = field.encode("utf-8", "surrogatepass")
+        hashed.update(len(data).to_bytes(8, "big"))
+        hashed.update(data)
+    return hashed.digest()
 
 
 def _session_id(conn: Connection, key_text: str, known: dict[str, int]) -> int | None:
