@@ -415,10 +415,9 @@ What is measured, in one run:
 - **ours**: the public `SessionRepository` API, returning validated, detached `Session` and
   `Message` objects;
 - **ours, async** (scenarios 1 and 3): the same calls through `AsyncSessionRepository` on
-  `open_async_database`'s aiosqlite engine, each `await` timed inside one event loop. A
-  call checks a connection out of the engine's pool and makes one trip to that
-  connection's aiosqlite thread, where the whole call runs; the difference from **ours**
-  is that round trip (two thread wake-ups) and the pool check-out;
+  `open_async_database`'s engine, each `await` timed inside one event loop. A call runs
+  whole on one of the store's worker threads; the difference from **ours** is that trip
+  there and back (a queue put, two thread wake-ups, `call_soon_threadsafe`);
 - **peers**: the session stores of the OpenAI Agents SDK (`SQLiteSession`,
   `SQLAlchemySession`), Google ADK (`DatabaseSessionService`) and LangChain
   (`SQLChatMessageHistory`), each through its own public API on a fresh file

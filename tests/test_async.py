@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aisopod_session import (
@@ -39,6 +39,7 @@ from aisopod_session import (
     open_async_database,
     open_database,
 )
+from aisopod_session.transactions import write_transaction
 from tests.dbtools import count_rows, make_seed_file, run_sql, snapshot, stress
 
 T = TypeVar("T")
@@ -476,6 +477,80 @@ def test_cancelled_calls_leave_no_half_written_batch(store_url: str) -> None:
             assert session.token_usage == 5 * len(batches)
     finally:
         engine.dispose()
+
+
+def test_a_cancelled_write_still_waiting_for_its_lock_rolls_back(
+    store_url: str, key: SessionKey
+) -> None:
+    """A write cancelled while its worker thread waits for the lock goes on waiting
+    there, but when it gets the lock it rolls back instead of committing: the caller who
+    cancelled finds none of it. The store goes on working."""
+    holder = open_database(store_url)
+    SessionRepository(holder).get_or_create(key)
+    lock_held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        # SQLite: the database's write lock; PostgreSQL: the session's row lock.
+        with write_transaction(holder) as conn:
+            conn.execute(text("UPDATE sessions SET status = status"))
+            lock_held.set()
+            release.wait(10)
+
+    holding = threading.Thread(target=hold_the_lock)
+    holding.start()
+    lock_held.wait(10)
+
+    async def main() -> tuple[int, int]:
+        engine = await open_async_database(store_url, busy_timeout=10)
+        repo = AsyncSessionRepository(engine)
+        try:
+            task = asyncio.create_task(repo.append_message(key, Role.USER, "never mind"))
+            await asyncio.sleep(0.3)  # the worker is waiting for the lock
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            release.set()
+            holding.join(10)
+            # The worker's call ends (rolled back) before the next call on its thread.
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+            await repo.append_message(key, Role.USER, "still working")
+            session = await repo.get(key)
+            assert session is not None
+            return session.message_count, len(await repo.get_history(key))
+        finally:
+            await engine.dispose()
+
+    try:
+        assert run(main()) == (1, 1)
+    finally:
+        release.set()
+        holding.join(10)
+        holder.dispose()
+
+
+def test_dispose_stops_the_worker_threads(db_path: Path, key: SessionKey) -> None:
+    def workers() -> int:
+        return sum(t.name == "aisopod-session-worker" for t in threading.enumerate())
+
+    before = workers()
+
+    async def main() -> int:
+        engine = await open_async_database(db_path)
+        repo = AsyncSessionRepository(engine)
+        await repo.get_or_create(key)
+        running = workers()
+        await engine.dispose()
+        # A later call on the disposed engine starts new threads, as a new pool opens.
+        assert (await repo.get_or_create(key)).key == key
+        await engine.dispose()
+        return running
+
+    assert run(main()) > before
+    deadline = time.monotonic() + 5
+    while workers() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert workers() == before
 
 
 REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")

@@ -5,10 +5,10 @@ An `AsyncEngine` (from `open_async_database`, or made elsewhere) is the applicat
 handle; the repository's calls do not use its asyncio driver. Each `AsyncEngine` gets
 one `Bridge`: a synchronous engine on the same database, set up like `open_database`'s
 (pysqlite or psycopg, the same pragmas, begin modes, connection checks and store
-settings), and a `ThreadPoolExecutor` of `workers` threads. Every call runs the very
-code of `SessionRepository` on one of those threads, which keep their per-thread SQLite
-connections between calls (see `connections.py`), and the event loop awaits the result
-(`loop.run_in_executor`). Only public APIs are used: asyncio's and `concurrent.futures`'.
+settings), and `workers` threads. Every call runs the very code of `SessionRepository`
+on one of those threads, which keep their per-thread SQLite connections between calls
+(see `connections.py`), and the event loop awaits the result: one queue put, one thread
+wake-up there and one `call_soon_threadsafe` back. Only public APIs are used.
 
 Cancellation: a call not yet started on its thread never runs; one already running runs
 to its end there, but if the cancellation reaches it before its COMMIT, it rolls back
@@ -22,12 +22,13 @@ The companion engine is disposed of when the `AsyncEngine` is (SQLAlchemy's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import queue
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -46,9 +47,10 @@ time; SQLAlchemy's default pool (5 + 10 overflow) has a connection for each."""
 
 
 class Bridge:
-    """One `AsyncEngine`'s companion engine and worker threads (made per process)."""
+    """One `AsyncEngine`'s companion engine and worker threads (started on first use in
+    each process, stopped when the engine is disposed of or the bridge is collected)."""
 
-    __slots__ = ("__weakref__", "_executor", "_lock", "_pid", "engine", "workers")
+    __slots__ = ("__weakref__", "_jobs", "_lock", "_pid", "engine", "workers")
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -59,42 +61,86 @@ class Bridge:
         else:
             self.workers = POSTGRESQL_WORKERS
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
+        self._jobs: queue.SimpleQueue[_Job | None] | None = None
         self._pid = 0
 
-    def executor(self) -> ThreadPoolExecutor:
-        """This process's worker threads (a fork's child makes its own: the parent's
-        threads are not there)."""
-        executor = self._executor
-        if executor is not None and self._pid == os.getpid():
-            return executor
+    def _queue(self) -> queue.SimpleQueue[_Job | None]:
+        """The queue this process's worker threads take calls from (a fork's child starts
+        its own threads: the parent's are not there)."""
+        jobs = self._jobs
+        if jobs is not None and self._pid == os.getpid():
+            return jobs
         with self._lock:
-            if self._executor is None or self._pid != os.getpid():
-                self._executor = ThreadPoolExecutor(
-                    self.workers, thread_name_prefix="aisopod-session"
-                )
+            if self._jobs is None or self._pid != os.getpid():
+                self._jobs = _start_workers(self.workers)
                 self._pid = os.getpid()
-            return self._executor
+                weakref.finalize(self, _stop_workers, self._jobs, self.workers)
+            return self._jobs
 
     def close(self) -> None:
-        """Dispose of the companion engine and let the worker threads end (a call still
-        running finishes first; a later call starts new ones)."""
+        """Stop the worker threads (each after the call it is running, if any; a later
+        call starts new ones) and dispose of the companion engine."""
         with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None and self._pid == os.getpid():
-            executor.shutdown(wait=False)
+            jobs, self._jobs = self._jobs, None
+        if jobs is not None and self._pid == os.getpid():
+            _stop_workers(jobs, self.workers)
         self.engine.dispose()
 
     async def run(self, call: Callable[[], _T]) -> _T:
         """Run `call`, synchronous repository code, on a worker thread and await its
         result; cancelled, see the module docstring."""
-        cancel = Cancel()
         loop = asyncio.get_running_loop()
+        done: asyncio.Future[_T] = loop.create_future()
+        cancel = Cancel()
+        self._queue().put((loop, done, cancel, call))
         try:
-            return await loop.run_in_executor(self.executor(), run_cancellable, cancel, call)
+            return await done
         except asyncio.CancelledError:
             cancel.requested = True
             raise
+
+
+_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Cancel, Callable[[], Any]]
+
+
+def _start_workers(count: int) -> queue.SimpleQueue[_Job | None]:
+    """`count` daemon threads taking calls from a new queue until each takes a None. (A
+    daemon thread does not hold up the interpreter's exit; one stopped there mid-call
+    leaves its transaction uncommitted, which the database rolls back.)"""
+    jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+    for _ in range(count):
+        threading.Thread(
+            target=_work, args=(jobs,), name="aisopod-session-worker", daemon=True
+        ).start()
+    return jobs
+
+
+def _stop_workers(jobs: queue.SimpleQueue[_Job | None], count: int) -> None:
+    for _ in range(count):
+        jobs.put(None)
+
+
+def _work(jobs: queue.SimpleQueue[_Job | None]) -> None:
+    """A worker thread: run each call and hand its outcome to its event loop."""
+    while (job := jobs.get()) is not None:
+        loop, done, cancel, call = job
+        try:
+            outcome: tuple[bool, Any] = (True, run_cancellable(cancel, call))
+        except BaseException as exc:  # every outcome goes to the caller, as its own
+            outcome = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
+            loop.call_soon_threadsafe(_deliver, done, outcome)
+        del job, loop, done, cancel, call, outcome
+
+
+def _deliver(done: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+    if done.cancelled():
+        return
+    succeeded, value = outcome
+    if succeeded:
+        done.set_result(value)
+    else:
+        done.set_exception(value)
 
 
 _BRIDGES: weakref.WeakKeyDictionary[Engine, Bridge] = weakref.WeakKeyDictionary()

@@ -580,7 +580,7 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
     exception rolls everything back.
     """
 
-    __slots__ = ("_action", "_conn", "_engine", "_lease", "_mode", "_server", "_shared")
+    __slots__ = ("_action", "_conn", "_engine", "_lease", "_mode", "_pool", "_server", "_shared")
 
     def __init__(self, engine: Engine, action: str, mode: Mode | None) -> None:
         self._engine = engine
@@ -589,6 +589,7 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
         self._shared: PoolProxiedConnection | None = None
         self._lease: _Lease | None = None
         self._server = False
+        self._pool: Any = None
         self._conn: Any = None  # the driver's connection: sqlite3's or psycopg's
 
     def __enter__(self) -> Any:
@@ -609,6 +610,7 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
                 "AsyncSessionRepository, not SessionRepository, with it"
             )
         if engine.dialect.name != "sqlite":
+            self._pool = engine.pool
             self._shared = engine.raw_connection()
             conn: Any = self._shared.driver_connection
             self._conn = conn
@@ -680,6 +682,10 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
             return
         if self._server:
             conn = self._conn
+            if self._engine.pool is not self._pool:
+                # The engine was disposed of during the call: its old pool would keep the
+                # connection open, unused, until the garbage collector found it.
+                broken = True
             if conn is not None and not (broken or conn.closed or conn.broken):
                 try:
                     conn.autocommit = False  # as SQLAlchemy's own use of the pool expects
