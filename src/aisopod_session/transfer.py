@@ -709,8 +709,8 @@ def _digest(fields: tuple[str, ...]) -> bytes:
     """A 32-byte digest of a message's identity (its fields' lengths included, so no two
     different tuples join into the same text)."""
     hashed = hashlib.blake2b(digest_size=32)
-    for field in fields:
-        data = field.encode("utf-8", "surrogatepass")
+    for text in fields:
+        data = text.encode("utf-8", "surrogatepass")
         hashed.update(len(data).to_bytes(8, "big"))
         hashed.update(data)
     return hashed.digest()
