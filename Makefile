@@ -37,8 +37,10 @@ $(VENV)/.synced-bench: pyproject.toml uv.lock | $(UV)
 
 venv: $(VENV)/.synced ## Create or update the locked environment in .venv
 
+# The suite runs on every core (pytest-xdist); WORKERS=0 runs it in one process.
+WORKERS ?= auto
 test: venv ## Run the whole test suite
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(WORKERS)
 
 STRESS ?= 10
 stress: venv ## The suite with load, crash and property tests 10x larger (STRESS=n to change)

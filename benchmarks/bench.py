@@ -591,6 +591,8 @@ class Bench:
                     STARTUP_INTERPRETER: [sys.executable, "-c", "pass"],
                 },
                 self.folder,
+                # A smoke run (tests/test_bench.py) times each command twice.
+                runs=STARTUP_RUNS if self.scale >= 0.01 else 2,
             )
         )
         return scenario
@@ -605,9 +607,11 @@ class Bench:
         return dict(json.loads(output.strip().splitlines()[-1]))
 
 
-def startup_times(commands: dict[str, list[str]], folder: Path) -> dict[str, Stats]:
-    """Each command run `STARTUP_RUNS` times in turns (so that the machine's drift weighs
-    on all alike), after one untimed run each, timed from start to exit. The children
+def startup_times(
+    commands: dict[str, list[str]], folder: Path, runs: int = STARTUP_RUNS
+) -> dict[str, Stats]:
+    """Each command run `runs` times in turns (so that the machine's drift weighs on all
+    alike), after one untimed run each (none for a smoke run of 2), timed from start to exit. The children
     keep a bytecode cache, as an installed package has one, under `folder` (so nothing is
     written beside the sources, and PYTHONDONTWRITEBYTECODE does not make every run
     compile every module)."""
@@ -631,9 +635,10 @@ def startup_times(commands: dict[str, list[str]], folder: Path) -> dict[str, Sta
         )
         return time.perf_counter_ns() - start
 
-    for command in commands.values():
-        run_once(command)
-    for _ in range(STARTUP_RUNS):
+    if runs > 2:
+        for command in commands.values():
+            run_once(command)
+    for _ in range(runs):
         for name, command in commands.items():
             samples[name].append(run_once(command))
     return {name: _stats(timings) for name, timings in samples.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,9 +31,20 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "sessions.db"
 
 
+@pytest.fixture(scope="session")
+def migrated_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store file made and migrated by `open_database` once per test process: each
+    test's store starts as a copy of it (a copy costs a fraction of migrating a new file;
+    tests/test_migrations.py and test_database.py open new files themselves)."""
+    path = tmp_path_factory.mktemp("template") / "migrated.db"
+    open_database(path).dispose()  # closed: the WAL is checkpointed into the file
+    return path
+
+
 @pytest.fixture
-def engine(db_path: Path) -> Iterator[Engine]:
+def engine(db_path: Path, migrated_file: Path) -> Iterator[Engine]:
     """A freshly opened and migrated store on a real file."""
+    shutil.copyfile(migrated_file, db_path)
     engine = open_database(db_path)
     yield engine
     engine.dispose()
@@ -61,26 +73,31 @@ def other_key() -> SessionKey:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Where a backend-neutral test's store lives (see `dbtools.store_location`)."""
-    with store_location(request.param, tmp_path) as location:
+    """Where a backend-neutral test's store lives (see `dbtools.store_location`): for a
+    test that takes `store` too, a PostgreSQL schema comes migrated already."""
+    migrated = "store" in request.fixturenames
+    with store_location(request.param, tmp_path, migrated=migrated) as location:
         yield location
 
 
 @pytest.fixture
-def store(store_url: str) -> Iterator[Engine]:
+def store(store_url: str, migrated_file: Path) -> Iterator[Engine]:
     """A freshly opened and migrated store on either backend. Its clock is Python's
     (`python_clock`), so freezegun sets the time on PostgreSQL too (whose own clock is
     the server's: tests/test_clock.py tests that one)."""
+    if "://" not in store_url:
+        shutil.copyfile(migrated_file, store_url)
     engine = open_database(store_url, clock=python_clock)
     yield engine
     engine.dispose()
 
 
 @pytest.fixture
-def pg_url(tmp_path: Path) -> Iterator[str]:
+def pg_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A new PostgreSQL schema of its own, for tests that are about PostgreSQL alone
     (skipped, or failed under AISOPOD_REQUIRE_POSTGRES, without a server)."""
-    with store_location("postgresql", tmp_path) as url:
+    migrated = "pg_store" in request.fixturenames
+    with store_location("postgresql", tmp_path, migrated=migrated) as url:
         yield url
 
 

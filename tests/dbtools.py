@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import sqlite3
 import threading
@@ -152,11 +153,15 @@ POSTGRES_ENV = "AISOPOD_TEST_POSTGRES_URL"
 
 
 @contextmanager
-def store_location(backend: str, folder: Path) -> Iterator[str]:
+def store_location(backend: str, folder: Path, *, migrated: bool = False) -> Iterator[str]:
     """Where a test's store lives: a new SQLite file in `folder`, or a new schema of the
     PostgreSQL server named by AISOPOD_TEST_POSTGRES_URL, dropped afterwards. Without that
     variable the PostgreSQL case is skipped, saying so (or fails, under
-    AISOPOD_REQUIRE_POSTGRES, as `.ci/run` sets it)."""
+    AISOPOD_REQUIRE_POSTGRES, as `.ci/run` sets it).
+
+    With `migrated`, a PostgreSQL schema comes already migrated by `open_database` from a
+    pool of this process (`_MigratedSchemas`): migrating a new schema costs the server
+    about 80 ms, emptying a used one a few."""
     if backend == "sqlite":
         yield str(folder / "sessions.db")
         return
@@ -166,16 +171,113 @@ def store_location(backend: str, folder: Path) -> Iterator[str]:
         if os.environ.get("AISOPOD_REQUIRE_POSTGRES"):
             pytest.fail(reason)
         pytest.skip(reason)
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
+    if migrated:
+        schema = _POOL.take(server)
+    else:
+        schema = f"test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield schema_url(server, schema)
+    finally:
+        if not (migrated and _POOL.give_back(server, schema)):
+            with psycopg.connect(server, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def schema_url(server: str, schema: str) -> str:
+    """The store URL of `schema` on `server` (its search path set by the URL)."""
     url = make_url(server).set(drivername="postgresql+psycopg")
     url = url.update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
+    return url.render_as_string(hide_password=False)
+
+
+_SHAPE = """
+SELECT 'c ' || table_name || '.' || column_name || ' ' || data_type || ' '
+       || coalesce(column_default, '') || ' ' || is_nullable || ' ' || ordinal_position
+  FROM information_schema.columns WHERE table_schema = %(schema)s
+UNION ALL
+SELECT 'r ' || c.relkind::text || ' ' || c.relname FROM pg_class c
+  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %(schema)s
+UNION ALL
+SELECT 'i ' || indexdef FROM pg_indexes WHERE schemaname = %(schema)s
+UNION ALL
+SELECT 'k ' || conname || ' ' || pg_get_constraintdef(c.oid) FROM pg_constraint c
+  JOIN pg_namespace n ON n.oid = c.connamespace WHERE n.nspname = %(schema)s
+UNION ALL
+SELECT 't ' || tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE n.nspname = %(schema)s AND NOT t.tgisinternal
+UNION ALL
+SELECT 'f ' || p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+  WHERE n.nspname = %(schema)s
+"""
+
+
+class _MigratedSchemas:
+    """Migrated PostgreSQL schemas for reuse by the tests of this process. One goes back
+    to the pool only if its shape (tables, columns, defaults, indexes, constraints,
+    triggers, functions and the migration records, schema name aside) is exactly what
+    `open_database` made; it is then emptied (TRUNCATE … RESTART IDENTITY, so ids start
+    at 1 again). Any other is dropped. The pool's schemas are dropped at exit."""
+
+    def __init__(self) -> None:
+        self.idle: list[str] = []
+        self.shape: str | None = None
+        self.made: list[tuple[str, str]] = []
+
+    def take(self, server: str) -> str:
+        if self.idle:
+            return self.idle.pop()
+        from aisopod_session import open_database
+
+        schema = f"test_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+        if not self.made:
+            atexit.register(self._drop_all)
+        self.made.append((server, schema))
+        open_database(schema_url(server, schema)).dispose()
+        if self.shape is None:
+            with psycopg.connect(server, autocommit=True) as conn:
+                self.shape = self._shape(conn, schema)
+        return schema
+
+    def give_back(self, server: str, schema: str) -> bool:
+        """Whether `schema` was emptied and kept for the next test."""
+        try:
+            with psycopg.connect(server, autocommit=True) as conn:
+                if self._shape(conn, schema) != self.shape:
+                    return False
+                conn.execute(
+                    f'TRUNCATE "{schema}".messages, "{schema}".sessions RESTART IDENTITY CASCADE'
+                )
+        except psycopg.Error:
+            return False
+        self.idle.append(schema)
+        return True
+
+    @staticmethod
+    def _shape(conn: psycopg.Connection[Any], schema: str) -> str:
+        rows = [row[0] for row in conn.execute(_SHAPE, {"schema": schema})]
+        rows += [
+            f"v {row}"
+            for row in conn.execute(
+                f'SELECT version, name, checksum FROM "{schema}".schema_version ORDER BY version'
+            )
+        ]
+        return "\n".join(sorted(row.replace(schema, "<schema>") for row in rows))
+
+    def _drop_all(self) -> None:
+        for server, schema in self.made:
+            try:
+                with psycopg.connect(server, autocommit=True) as conn:
+                    conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            except psycopg.Error:
+                pass
+
+
+_POOL = _MigratedSchemas()
 
 
 @contextmanager
