@@ -611,8 +611,8 @@ def startup_times(
     commands: dict[str, list[str]], folder: Path, runs: int = STARTUP_RUNS
 ) -> dict[str, Stats]:
     """Each command run `runs` times in turns (so that the machine's drift weighs on all
-    alike), after one untimed run each (none for a smoke run of 2), timed from start to exit. The children
-    keep a bytecode cache, as an installed package has one, under `folder` (so nothing is
+    alike), after one untimed run each (none for a smoke run of 2), timed from start to
+    exit. The children keep a bytecode cache, as an installed package has one, under `folder` (so nothing is
     written beside the sources, and PYTHONDONTWRITEBYTECODE does not make every run
     compile every module)."""
     environment = {
