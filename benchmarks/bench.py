@@ -612,9 +612,9 @@ def startup_times(
 ) -> dict[str, Stats]:
     """Each command run `runs` times in turns (so that the machine's drift weighs on all
     alike), after one untimed run each (none for a smoke run of 2), timed from start to
-    exit. The children keep a bytecode cache, as an installed package has one, under `folder` (so nothing is
-    written beside the sources, and PYTHONDONTWRITEBYTECODE does not make every run
-    compile every module)."""
+    exit. The children keep a bytecode cache, as an installed package has one, under
+    `folder` (so nothing is written beside the sources, and PYTHONDONTWRITEBYTECODE does
+    not make every run compile every module)."""
     environment = {
         name: value
         for name, value in os.environ.items()
