@@ -12,7 +12,7 @@ VENV := .venv
 DB ?= aisopod-sessions.db
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test stress lint format run bench clean
+.PHONY: help venv test test-lowest stress lint format run bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -42,6 +42,22 @@ WORKERS ?= auto
 test: venv ## Run the whole test suite
 	$(VENV)/bin/pytest -n $(WORKERS)
 
+# The lower bounds in pyproject.toml, tested: a second environment with every direct
+# dependency at the lowest version pyproject.toml allows (SQLAlchemy 2.0.40, SQLModel
+# 0.0.50, pydantic 2.11, psycopg 3.2, aiosqlite 0.20, greenlet 3.0, Typer 0.26),
+# resolved by uv without touching uv.lock.
+LOWEST := .venv-lowest
+$(LOWEST)/.synced: pyproject.toml | $(UV)
+	rm -rf $(LOWEST)
+	$(UV) venv -q $(LOWEST)
+	$(UV) pip install -q --python $(LOWEST) --resolution lowest-direct -e ".[postgresql]" --group dev
+	@touch $@
+
+# All but two files: test_examples.py (the lowest FastAPI, a dev tool, predates the
+# httpx2 its TestClient is given) and test_bench.py (the peers are not installed here).
+test-lowest: $(LOWEST)/.synced ## The suite at the lowest versions pyproject.toml allows
+	$(LOWEST)/bin/pytest -n $(WORKERS) --ignore=tests/test_examples.py --ignore=tests/test_bench.py
+
 STRESS ?= 10
 stress: venv ## The suite with load, crash and property tests 10x larger (STRESS=n to change)
 	AISOPOD_STRESS=$(STRESS) $(VENV)/bin/pytest -s
@@ -65,5 +81,5 @@ bench: $(VENV)/.synced-bench ## Benchmark our store against plain sqlite3 and pe
 	$(VENV)/bin/python -m benchmarks.bench
 
 clean: ## Remove the environment, caches and the demo database
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) .tools .pytest_cache .mypy_cache .ruff_cache
 	rm -f $(DB) $(DB)-wal $(DB)-shm

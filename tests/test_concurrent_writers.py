@@ -21,8 +21,8 @@ from typing import Any
 from sqlalchemy import text
 
 from aisopod_session import NewMessage, Role, SessionKey, SessionRepository, open_database
-from aisopod_session.models import dump_json
 from aisopod_session.transactions import read_transaction
+from aisopod_session.validation import dump_json
 from tests.dbtools import raw_connect, stress
 
 PROCESSES = 8

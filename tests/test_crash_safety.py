@@ -28,8 +28,8 @@ from aisopod_session import (
     current_version,
     open_database,
 )
-from aisopod_session.models import dump_json
 from aisopod_session.transactions import read_transaction
+from aisopod_session.validation import dump_json
 from tests.dbtools import raw_connect, stress
 
 KILLS = 15 * stress()

@@ -46,7 +46,7 @@ from aisopod_session import (
     open_database,
 )
 from aisopod_session.keys import MAX_KEY_PART_LENGTH
-from aisopod_session.models import MAX_JSON_DEPTH, dump_json
+from aisopod_session.validation import MAX_JSON_DEPTH, dump_json
 from tests.dbtools import raw_connect, snapshot, store_location, stress
 
 PARTS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")

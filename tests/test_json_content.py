@@ -43,7 +43,7 @@ from aisopod_session import (
     open_async_database,
     open_database,
 )
-from aisopod_session.models import MAX_JSON_DEPTH
+from aisopod_session.validation import MAX_JSON_DEPTH
 from tests.dbtools import (
     AwaitingRepository,
     event_loop_thread,

@@ -26,7 +26,8 @@ from aisopod_session import (
     open_database,
     run_migrations,
 )
-from aisopod_session.models import dump_json, utc_text
+from aisopod_session.models import utc_text
+from aisopod_session.validation import dump_json
 from tests.dbtools import snapshot
 
 T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)

@@ -311,7 +311,7 @@ def test_an_idle_for_reaching_before_year_one_is_refused_naming_it(
 
 def test_the_text_byte_limit_is_announced_as_256_mib() -> None:
     """The constant the rule uses is public."""
-    from aisopod_session.models import MAX_TEXT_BYTES
+    from aisopod_session.validation import MAX_TEXT_BYTES
 
     assert MAX_TEXT_BYTES == TEXT_BYTES
 

@@ -42,7 +42,7 @@ from aisopod_session import (
     open_async_database,
     open_database,
 )
-from aisopod_session.models import dump_json
+from aisopod_session.validation import dump_json
 from tests.dbtools import AwaitingRepository, event_loop_thread, run_on, run_threads, stress
 from tests.pgbouncer import (
     TENANT_ROLES,

@@ -20,7 +20,7 @@ from aisopod_session import (
     SessionRepository,
     SessionStatus,
 )
-from aisopod_session.models import MAX_JSON_DEPTH, dump_json
+from aisopod_session.validation import MAX_JSON_DEPTH, dump_json
 from tests.dbtools import snapshot
 
 

@@ -46,13 +46,9 @@ if TYPE_CHECKING:
         current_version,
         run_migrations,
     )
-    from aisopod_session.models import JSONValue, Message, NewMessage, Session, SessionFilter
-    from aisopod_session.repository import (
-        CompactionResult,
-        SessionRepository,
-        StoreSummary,
-        Totals,
-    )
+    from aisopod_session.models import Message, NewMessage, Session, SessionFilter
+    from aisopod_session.repository import SessionRepository
+    from aisopod_session.results import CompactionResult, StoreSummary, Totals
     from aisopod_session.settings import DEFAULT_BUSY_TIMEOUT
     from aisopod_session.transactions import prepare_engine, write_engine
     from aisopod_session.transfer import (
@@ -62,6 +58,7 @@ if TYPE_CHECKING:
         export_jsonl,
         import_jsonl,
     )
+    from aisopod_session.validation import JSONValue
 
 _MODULES: dict[str, tuple[str, ...]] = {
     "copying": ("CopyResult", "copy_database"),
@@ -87,17 +84,14 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "current_version",
         "run_migrations",
     ),
-    "models": ("JSONValue", "Message", "NewMessage", "Session", "SessionFilter"),
+    "models": ("Message", "NewMessage", "Session", "SessionFilter"),
     "asyncrepository": ("AsyncSessionRepository",),
-    "repository": (
-        "CompactionResult",
-        "SessionRepository",
-        "StoreSummary",
-        "Totals",
-    ),
+    "repository": ("SessionRepository",),
+    "results": ("CompactionResult", "StoreSummary", "Totals"),
     "settings": ("DEFAULT_BUSY_TIMEOUT",),
     "transactions": ("prepare_engine", "write_engine"),
     "transfer": ("ExportResult", "ImportResult", "LineError", "export_jsonl", "import_jsonl"),
+    "validation": ("JSONValue",),
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}
 """Each public name to the module (of this package) that defines it."""

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
     from aisopod_session.migrations import AppliedMigration
     from aisopod_session.models import Message, Session
-    from aisopod_session.repository import SessionRepository, Totals
+    from aisopod_session.repository import SessionRepository
+    from aisopod_session.results import Totals
 
 DATABASE_ENV = "AISOPOD_SESSION_DB"
 DEFAULT_DATABASE = "aisopod-sessions.db"

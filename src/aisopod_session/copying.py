@@ -14,8 +14,9 @@ from sqlmodel import SQLModel
 
 from aisopod_session.errors import SessionStoreError, translated_errors
 from aisopod_session.migrations import SCHEMA_VERSION, current_version
-from aisopod_session.models import Message, Session, escaped_nul
+from aisopod_session.models import Message, Session
 from aisopod_session.transactions import BEGIN_MODE_OPTION, write_transaction
+from aisopod_session.validation import escaped_nul
 
 Progress = Callable[[str, int, int], object]
 """`progress(table, copied, total)`, called after each batch written."""

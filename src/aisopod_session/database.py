@@ -11,14 +11,12 @@ import sqlite3
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from aisopod_session.asyncbridge import attach
 from aisopod_session.connections import forked_open_error, register, tainted
 from aisopod_session.errors import (
     DatabaseBusyError,
@@ -34,6 +32,10 @@ from aisopod_session.settings import (
     clock_of,
     set_store_options,
 )
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
 from aisopod_session.transactions import (
     Synchronous,
     check_busy_timeout,
@@ -114,6 +116,8 @@ async def open_async_database(
     except BaseException:
         companion.dispose()
         raise
+    from aisopod_session.asyncbridge import attach  # asyncio's modules: only when used
+
     bridge = attach(engine, companion)
     try:
         await bridge.run(
@@ -167,6 +171,8 @@ def _async_twin(
 ) -> AsyncEngine:
     """The application's `AsyncEngine` on `url`, `companion`'s database, its connections
     set up the same way (nothing connected yet)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
     busy_timeout = busy_timeout_of(companion)
     if url.get_backend_name() == "postgresql":
         url, connect_args, choose_prepare = _psycopg_url(url)

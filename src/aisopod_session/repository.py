@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -24,32 +24,18 @@ from aisopod_session.errors import (
     SessionStoreError,
 )
 from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
-from aisopod_session.models import (
-    JSONText,
-    JSONValue,
-    Message,
-    NewMessage,
-    Session,
-    SessionFilter,
-    check_content,
-    check_json,
-    check_text_size,
-    dump_json,
-    first_nul,
-    stored_json,
-    utc_text,
-)
+from aisopod_session.loading import HISTORY_MESSAGE, MESSAGE, SESSION
+from aisopod_session.models import JSONText, Message, NewMessage, Session, SessionFilter, utc_text
+from aisopod_session.results import CompactionResult, StoreSummary, Totals
 from aisopod_session.statements import (
     COUNT_APPEND,
     DELETE_MESSAGES_UP_TO,
     DELETE_SESSION,
     DELETE_SESSION_MESSAGES,
-    HISTORY_MESSAGE,
     INSERT_MESSAGE_WITH_ID,
     INSERT_SESSION,
     KEY,
     LOCK_SESSION,
-    MESSAGE,
     NEWEST_REMOVED,
     RECORD_COMPACTION,
     RESET_SESSION,
@@ -58,10 +44,11 @@ from aisopod_session.statements import (
     SELECT_SESSION,
     SELECT_SESSION_BY_ID,
     SELECT_SESSION_ID,
-    SESSION,
     SESSION_COUNTERS,
     UPDATE_META,
     UPDATE_STATUS,
+    Query,
+    Sql,
     history,
     insert_messages,
     list_sessions,
@@ -72,6 +59,17 @@ from aisopod_session.statements import (
     summary,
 )
 from aisopod_session.transactions import prepare_engine
+from aisopod_session.validation import (
+    JSONValue,
+    check_age,
+    check_content,
+    check_int,
+    check_json,
+    check_text_size,
+    dump_json,
+    first_nul,
+    stored_json,
+)
 
 _T = TypeVar("_T")
 
@@ -90,68 +88,12 @@ PRUNE_BATCH_MESSAGES = 5000
 
 
 @dataclass(frozen=True)
-class CompactionResult:
-    """What `compact` did: how many messages it removed, the summary message it
-    inserted (or None), and the session as it is now (with its recounted
-    `message_count` and new `compaction_count`)."""
-
-    removed: int
-    summary: Message | None
-    session: Session
-
-    @property
-    def message_count(self) -> int:
-        """The session's messages after compaction (the summary included)."""
-        return self.session.message_count
-
-    @property
-    def compaction_count(self) -> int:
-        """How many compactions the session has had."""
-        return self.session.compaction_count
-
-
-@dataclass(frozen=True)
 class _PrunePlan:
     """A prune's condition: which statement shape, and its parameters."""
 
     status: bool
     scoped: bool
     values: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Totals:
-    """Sessions, and the messages and tokens their counters hold (`tokens` is the sum
-    of `token_usage`, the total; `input_tokens` and `output_tokens` the part of it that
-    callers reported split)."""
-
-    sessions: int = 0
-    messages: int = 0
-    tokens: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-    def __add__(self, other: Totals) -> Totals:
-        return Totals(
-            self.sessions + other.sessions,
-            self.messages + other.messages,
-            self.tokens + other.tokens,
-            self.input_tokens + other.input_tokens,
-            self.output_tokens + other.output_tokens,
-        )
-
-
-@dataclass(frozen=True)
-class StoreSummary:
-    """What `summary` counted: totals over the repository's sessions, per status and per
-    agent (both in name order). `damaged` counts the sessions whose stored status is not
-    a `SessionStatus` or whose counters are not integers (written by plain SQL or other
-    programs); they are in `total` and `by_agent` but in no `by_status` entry."""
-
-    total: Totals
-    by_status: dict[SessionStatus, Totals]
-    by_agent: dict[str, Totals]
-    damaged: Totals = Totals()
 
 
 class SessionRepository:
@@ -190,6 +132,14 @@ class SessionRepository:
     def agent_id(self) -> str | None:
         """The agent this repository is confined to, or None for the admin view."""
         return self._agent
+
+    def _sql(self, query: Query) -> Sql:
+        """`query` compiled for this repository's database."""
+        return query.on(self._dialect)
+
+    def _text(self, query: Query) -> str:
+        """The SQL text of `query` for this repository's database."""
+        return query.on(self._dialect).text
 
     def for_agent(self, agent_id: str) -> SessionRepository:
         """A repository on the same engine confined to `agent_id`'s sessions.
@@ -237,17 +187,15 @@ class SessionRepository:
         key = self._key(key)
         parts = key.parts()
         with driver_transaction(self.engine, "get_or_create", None) as conn:
-            row = conn.execute(SELECT_SESSION.on(self._dialect).text, parts).fetchone()
+            row = conn.execute(self._text(SELECT_SESSION), parts).fetchone()
         if row is not None:
             return SESSION.read(row)
         for _ in range(_GET_OR_CREATE_TRIES):
             with driver_transaction(self.engine, "get_or_create", "IMMEDIATE") as conn:
                 _, now = self._clock.stamp(conn)
-                row = conn.execute(
-                    INSERT_SESSION.on(self._dialect).text, (*parts, now, now)
-                ).fetchone()
+                row = conn.execute(self._text(INSERT_SESSION), (*parts, now, now)).fetchone()
                 if row is None:  # created by another writer since the read
-                    row = conn.execute(SELECT_SESSION.on(self._dialect).text, parts).fetchone()
+                    row = conn.execute(self._text(SELECT_SESSION), parts).fetchone()
             # On PostgreSQL the conflicting row may have been deleted between the insert
             # and the read (SQLite's write lock rules that out): insert again.
             if row is not None:
@@ -261,15 +209,15 @@ class SessionRepository:
         """The session for `key`, or None. Read-only, one statement."""
         parts = self._key(key).parts()
         with driver_transaction(self.engine, "get", None) as conn:
-            row = conn.execute(SELECT_SESSION.on(self._dialect).text, parts).fetchone()
+            row = conn.execute(self._text(SELECT_SESSION), parts).fetchone()
         return None if row is None else SESSION.read(row)
 
     def get_by_id(self, id: int) -> Session | None:
         """The session with this id, or None (also when it belongs to an agent this
         repository is not confined to). Read-only, one statement."""
-        _check_int("id", id, minimum=None)
+        check_int("id", id, minimum=None)
         with driver_transaction(self.engine, "get_by_id", None) as conn:
-            row = conn.execute(SELECT_SESSION_BY_ID.on(self._dialect).text, (id,)).fetchone()
+            row = conn.execute(self._text(SELECT_SESSION_BY_ID), (id,)).fetchone()
         if row is None:
             return None
         session = SESSION.read(row)
@@ -289,11 +237,11 @@ class SessionRepository:
         and logged as a warning (logger `aisopod_session`) naming its table, id and
         column; `get` and `get_by_id` raise `DamagedRowError` for it."""
         fields, params = self._filter_params(filter)
-        _check_int("limit", limit, minimum=0)
-        _check_int("offset", offset, minimum=0)
+        check_int("limit", limit, minimum=0)
+        check_int("offset", offset, minimum=0)
         params["limit"] = limit
         params["offset"] = offset
-        sql = list_sessions(fields, count=False).on(self._dialect)
+        sql = self._sql(list_sessions(fields, count=False))
         with driver_transaction(self.engine, "list_sessions", None) as conn:
             rows = conn.execute(sql.text, sql.bind(params)).fetchall()
         return list(readable(SESSION.read, rows))
@@ -305,7 +253,7 @@ class SessionRepository:
         """How many sessions match `filter` (and the repository's agent, if confined).
         Read-only, one statement."""
         fields, params = self._filter_params(filter)
-        sql = list_sessions(fields, count=True).on(self._dialect)
+        sql = self._sql(list_sessions(fields, count=True))
         with driver_transaction(self.engine, "count_sessions", None) as conn:
             (count,) = conn.execute(sql.text, sql.bind(params)).fetchone()
         return int(count)
@@ -327,7 +275,7 @@ class SessionRepository:
             check_text_size("changes", dump_json(changes))
         parts = key.parts()
         with driver_transaction(self.engine, "update_metadata", "IMMEDIATE") as conn:
-            found = conn.execute(SELECT_META.on(self._dialect).text, parts).fetchone()
+            found = conn.execute(self._text(SELECT_META), parts).fetchone()
             if found is None:
                 raise _not_found(key)
             session_id, stored, server_now = found
@@ -337,7 +285,7 @@ class SessionRepository:
                 meta = dump_json({**_read_json_object(stored, session_id), **changes})
                 check_text_size("changes", meta)
             _, now = self._clock.stamp(conn, server_now)
-            row = conn.execute(UPDATE_META.on(self._dialect).text, (now, meta, *parts)).fetchone()
+            row = conn.execute(self._text(UPDATE_META), (now, meta, *parts)).fetchone()
         return SESSION.read(row)
 
     def set_status(self, key: SessionKey | str, status: SessionStatus | str) -> Session:
@@ -352,7 +300,7 @@ class SessionRepository:
         with driver_transaction(self.engine, "set_status", "IMMEDIATE") as conn:
             server_now = self._lock_session(conn, key)[1] if self._lock_rows else None
             _, now = self._clock.stamp(conn, server_now)
-            row = conn.execute(UPDATE_STATUS.on(self._dialect).text, (now, *params)).fetchone()
+            row = conn.execute(self._text(UPDATE_STATUS), (now, *params)).fetchone()
             if row is None:
                 raise _not_found(key)
         return SESSION.read(row)
@@ -363,14 +311,14 @@ class SessionRepository:
         False if there was none."""
         key = self._key(key)
         with driver_transaction(self.engine, "delete", "IMMEDIATE") as conn:
-            deleted = conn.execute(DELETE_SESSION.on(self._dialect).text, key.parts()).fetchall()
+            deleted = conn.execute(self._text(DELETE_SESSION), key.parts()).fetchall()
         return bool(deleted)
 
     def summary(self) -> StoreSummary:
         """How many sessions there are (of this repository's agent, if confined), per
         status and per agent, with the sums of their `message_count`, `token_usage`,
         `input_tokens` and `output_tokens`. Read-only, one statement."""
-        sql = summary(scoped=self._agent is not None).on(self._dialect)
+        sql = self._sql(summary(scoped=self._agent is not None))
         with driver_transaction(self.engine, "summary", None) as conn:
             rows = conn.execute(sql.text, sql.bind({"agent_scope": self._agent})).fetchall()
         total = damaged = Totals()
@@ -483,9 +431,7 @@ class SessionRepository:
             server_now = self._lock_session(conn, key)[1] if self._lock_rows else None
             # Under the lock, so created_at follows id order (see clock.py).
             now, now_text = self._clock.stamp(conn, server_now)
-            found = conn.execute(
-                COUNT_APPEND.on(self._dialect).text, (now_text, *counters)
-            ).fetchone()
+            found = conn.execute(self._text(COUNT_APPEND), (now_text, *counters)).fetchone()
             if found is None:
                 raise self._refused_append(conn, key, added, counts)
             session_id = found[0]
@@ -494,9 +440,7 @@ class SessionRepository:
                 values: list[Any] = []
                 for role, _, _, _, content, calls, meta in chunk:
                     values += (session_id, role.value, content, calls, now_text, meta)
-                inserted = conn.execute(
-                    insert_messages(len(chunk)).on(self._dialect).text, values
-                ).fetchall()
+                inserted = conn.execute(self._text(insert_messages(len(chunk))), values).fetchall()
                 ids.extend(sorted(row[0] for row in inserted))
         build = MESSAGE.build
         return [
@@ -523,27 +467,26 @@ class SessionRepository:
         """
         key = self._key(key)
         if limit is not None:
-            _check_int("limit", limit, minimum=0)
+            check_int("limit", limit, minimum=0)
         if before_id is not None:
-            _check_int("before_id", before_id, minimum=None)
+            check_int("before_id", before_id, minimum=None)
         if after_id is not None:
-            _check_int("after_id", after_id, minimum=None)
+            check_int("after_id", after_id, minimum=None)
         if limit == 0:
             # The joined query returns no row at all for LIMIT 0; only existence matters.
             with driver_transaction(self.engine, "get_history", None) as conn:
-                if (
-                    conn.execute(SELECT_SESSION_ID.on(self._dialect).text, key.parts()).fetchone()
-                    is None
-                ):
+                if conn.execute(self._text(SELECT_SESSION_ID), key.parts()).fetchone() is None:
                     raise _not_found(key)
             return []
         newest_first = limit is not None and after_id is None
-        sql = history(
-            newest_first=newest_first,
-            limit=limit is not None,
-            after=after_id is not None,
-            before=before_id is not None,
-        ).on(self._dialect)
+        sql = self._sql(
+            history(
+                newest_first=newest_first,
+                limit=limit is not None,
+                after=after_id is not None,
+                before=before_id is not None,
+            )
+        )
         params = {
             **dict(zip(KEY, key.parts(), strict=True)),
             "limit": limit,
@@ -584,7 +527,7 @@ class SessionRepository:
         whitespace (`ValueError` naming the argument, before anything is written).
         """
         key = self._key(key)
-        _check_int("keep_last", keep_last, minimum=0)
+        check_int("keep_last", keep_last, minimum=0)
         if summary is not None:
             if not isinstance(summary, str):
                 raise ValueError(f"summary: must be text, not {type(summary).__name__}")
@@ -596,27 +539,23 @@ class SessionRepository:
         with driver_transaction(self.engine, "compact", "IMMEDIATE") as conn:
             session_id, server_now = self._lock_session(conn, key)
             newest_removed = conn.execute(
-                NEWEST_REMOVED.on(self._dialect).text, (session_id, keep_last)
+                self._text(NEWEST_REMOVED), (session_id, keep_last)
             ).fetchone()
             if newest_removed is None:
-                row = conn.execute(SELECT_SESSION.on(self._dialect).text, key.parts()).fetchone()
+                row = conn.execute(self._text(SELECT_SESSION), key.parts()).fetchone()
                 return CompactionResult(removed=0, summary=None, session=SESSION.read(row))
             last = newest_removed[0]
-            (last_created,) = conn.execute(
-                SELECT_CREATED_AT.on(self._dialect).text, (last,)
-            ).fetchone()
-            removed = conn.execute(
-                DELETE_MESSAGES_UP_TO.on(self._dialect).text, (session_id, last)
-            ).rowcount
+            (last_created,) = conn.execute(self._text(SELECT_CREATED_AT), (last,)).fetchone()
+            removed = conn.execute(self._text(DELETE_MESSAGES_UP_TO), (session_id, last)).rowcount
             summary_message = None
             if summary is not None:
                 stored = stored_json("summary", summary)
                 values = (last, session_id, Role.SYSTEM.value, stored, None, last_created, "{}")
-                conn.execute(INSERT_MESSAGE_WITH_ID.on(self._dialect).text, values)
+                conn.execute(self._text(INSERT_MESSAGE_WITH_ID), values)
                 summary_message = HISTORY_MESSAGE.read((session_id, *values))
             _, now = self._clock.stamp(conn, server_now)
             row = conn.execute(
-                RECORD_COMPACTION.on(self._dialect).text, (now, now, summary, session_id)
+                self._text(RECORD_COMPACTION), (now, now, summary, session_id)
             ).fetchone()
         return CompactionResult(
             removed=int(removed), summary=summary_message, session=SESSION.read(row)
@@ -632,9 +571,9 @@ class SessionRepository:
         key = self._key(key)
         with driver_transaction(self.engine, "reset", "IMMEDIATE") as conn:
             session_id, server_now = self._lock_session(conn, key)
-            conn.execute(DELETE_SESSION_MESSAGES.on(self._dialect).text, (session_id,))
+            conn.execute(self._text(DELETE_SESSION_MESSAGES), (session_id,))
             _, now = self._clock.stamp(conn, server_now)
-            row = conn.execute(RESET_SESSION.on(self._dialect).text, (now, session_id)).fetchone()
+            row = conn.execute(self._text(RESET_SESSION), (now, session_id)).fetchone()
         return SESSION.read(row)
 
     def mark_idle(self, *, idle_for: timedelta) -> int:
@@ -645,8 +584,8 @@ class SessionRepository:
         `timedelta`."""
         if not isinstance(idle_for, timedelta) or idle_for <= timedelta(0):
             raise ValueError(f"idle_for: must be a positive timedelta, got {idle_for!r}")
-        _check_age("idle_for", idle_for)
-        sql = mark_idle(scoped=self._agent is not None).on(self._dialect)
+        check_age("idle_for", idle_for)
+        sql = self._sql(mark_idle(scoped=self._agent is not None))
         with driver_transaction(self.engine, "mark_idle", "IMMEDIATE") as conn:
             now, _ = self._clock.stamp(conn)
             values = {
@@ -731,15 +670,15 @@ class SessionRepository:
         )
 
     def _prune_count(self, plan: _PrunePlan) -> int:
-        sql = prune_count(status=plan.status, scoped=plan.scoped).on(self._dialect)
+        sql = self._sql(prune_count(status=plan.status, scoped=plan.scoped))
         with driver_transaction(self.engine, "prune", None) as conn:
             return int(conn.execute(sql.text, sql.bind(plan.values)).fetchone()[0])
 
     def _prune_batch(self, plan: _PrunePlan) -> int:
         """Delete one batch of `prune` in one write transaction; how many sessions (0 when
         none is left)."""
-        candidates = prune_candidates(status=plan.status, scoped=plan.scoped).on(self._dialect)
-        delete_batch = prune_delete(status=plan.status, scoped=plan.scoped).on(self._dialect)
+        candidates = self._sql(prune_candidates(status=plan.status, scoped=plan.scoped))
+        delete_batch = self._sql(prune_delete(status=plan.status, scoped=plan.scoped))
         with driver_transaction(self.engine, "prune", "IMMEDIATE") as conn:
             batch: list[int] = []
             messages = 0
@@ -778,7 +717,7 @@ class SessionRepository:
         """Lock the session's row until the transaction ends (PostgreSQL; SQLite's write
         lock is the database's); its id and, on PostgreSQL, the server's time after the
         lock. `SessionNotFoundError` if there is no session."""
-        found = conn.execute(LOCK_SESSION.on(self._dialect).text, key.parts()).fetchone()
+        found = conn.execute(self._text(LOCK_SESSION), key.parts()).fetchone()
         if found is None:
             raise _not_found(key)
         return int(found[0]), found[1]
@@ -787,7 +726,7 @@ class SessionRepository:
         self, conn: Any, key: SessionKey, added: int, counts: _Tokens
     ) -> SessionStoreError | ValueError:
         """Why `COUNT_APPEND` matched no row: no session, or counters without room."""
-        found = conn.execute(SESSION_COUNTERS.on(self._dialect).text, key.parts()).fetchone()
+        found = conn.execute(self._text(SESSION_COUNTERS), key.parts()).fetchone()
         if found is None:
             return _not_found(key)
         messages, *used = found
@@ -872,9 +811,9 @@ _Tokens = tuple[int, int, int]
 
 def _token_counts(tokens: int, input_tokens: int, output_tokens: int) -> _Tokens:
     """The additions to the three token counters; `ValueError` naming the argument."""
-    _check_int("tokens", tokens, minimum=0)
-    _check_int("input_tokens", input_tokens, minimum=0)
-    _check_int("output_tokens", output_tokens, minimum=0)
+    check_int("tokens", tokens, minimum=0)
+    check_int("input_tokens", input_tokens, minimum=0)
+    check_int("output_tokens", output_tokens, minimum=0)
     total = tokens + input_tokens + output_tokens
     if total > _MAX_BIGINT:
         raise ValueError(
@@ -904,15 +843,6 @@ def _chunks(rows: list[_Row]) -> Iterator[list[_Row]]:
         size += weight
     if chunk:
         yield chunk
-
-
-_EPOCH = datetime(1, 1, 2, tzinfo=UTC)
-
-
-def _check_age(field: str, age: timedelta) -> None:
-    """Refuse an age reaching back before the year 1, which no datetime can hold."""
-    if age >= datetime.now(UTC) - _EPOCH:
-        raise ValueError(f"{field}: {age!r} reaches back before the year 1")
 
 
 def _ago(field: str, now: datetime, age: timedelta) -> datetime:
@@ -980,15 +910,3 @@ def _as_new_messages(messages: Any) -> list[NewMessage]:
                 f"not {type(message).__name__}"
             )
     return result
-
-
-_MAX_INTEGER = 2**63 - 1  # SQLite's INTEGER is a signed 64-bit value
-
-
-def _check_int(field: str, value: Any, *, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{field}: must be an integer, not {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{field}: must be >= {minimum}, got {value}")
-    if not -_MAX_INTEGER - 1 <= value <= _MAX_INTEGER:
-        raise ValueError(f"{field}: must fit in a 64-bit signed integer, got {value}")

@@ -46,30 +46,26 @@ from aisopod_session.copying import high_water, set_high_water
 from aisopod_session.enums import PeerKind, Role, SessionStatus
 from aisopod_session.errors import DamagedRowError, translated_errors
 from aisopod_session.keys import SessionKey
+from aisopod_session.loading import MESSAGE, SESSION
 from aisopod_session.migrations import SCHEMA_VERSION
-from aisopod_session.models import (
+from aisopod_session.models import Message, Session, SessionFilter, utc_text
+from aisopod_session.repository import filter_params
+from aisopod_session.statements import (
+    KEY_COLUMNS,
+    export_messages,
+    export_sessions,
+    filter_clauses,
+)
+from aisopod_session.transactions import BEGIN_MODE_OPTION, read_transaction, write_transaction
+from aisopod_session.validation import (
     JSONValue,
-    Message,
-    Session,
-    SessionFilter,
     check_content,
     check_json,
     check_message_meta,
     check_tool_calls,
     dump_json,
     first_nul,
-    utc_text,
 )
-from aisopod_session.repository import filter_params
-from aisopod_session.statements import (
-    KEY_COLUMNS,
-    MESSAGE,
-    SESSION,
-    export_messages,
-    export_sessions,
-    filter_clauses,
-)
-from aisopod_session.transactions import BEGIN_MODE_OPTION, read_transaction, write_transaction
 
 FORMAT = 2
 """The version of the line format this code writes."""

@@ -1,0 +1,256 @@
+"""The one owner of "`ValueError` naming the field": every check that input is
+storable, raised before anything is written, and the stored JSON text those checks
+measure (`dump_json`). Key parts are checked by `keys.py` (the key's own rules) and
+arguments that need the models (`SessionFilter`, `NewMessage`) by their validators,
+which call the checks here."""
+
+import json
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeAlias
+
+JSONValue: TypeAlias = str | int | float | bool | list[Any] | dict[str, Any] | None
+"""What a message's `content` and `tool_calls` may be: any JSON value (a `tuple` is
+taken as a list)."""
+
+MAX_JSON_DEPTH = 64
+"""How deep metadata and tool calls may nest; deeper values are refused as input."""
+
+MAX_TEXT_BYTES = 256 * 1024 * 1024
+"""The most UTF-8 bytes one stored text value may take: a message's content, a compaction
+summary, the JSON text of tool calls or of metadata. Larger values are refused as input
+(`ValueError` naming the field). Well inside SQLite's own limit (10⁹ bytes per row) and
+PostgreSQL's (1 GiB per value and per message), with room for a message's other columns."""
+
+
+def dump_json(value: Any) -> str:
+    """Compact JSON text, as the Rust crate writes it (`serde_json::to_string`): no spaces,
+    non-ASCII as UTF-8; NaN and Infinity are refused because JSON has no such values."""
+    return _encode(value)
+
+
+# One encoder for every write: `json.dumps` with options builds a new one per call.
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+_MAX_JSON_INT = 2**63 - 1
+_MIN_JSON_INT = -(2**63)
+
+
+def check_json(field: str, value: Any) -> Any:
+    """Return `value` if it stores and reads back unchanged as JSON, else `ValueError`.
+
+    Allowed: dicts with string keys, lists and tuples (read back as lists), strings
+    without lone surrogates, integers that fit in 64 signed bits, finite floats, booleans
+    and None, nested at most `MAX_JSON_DEPTH` deep.
+    """
+    if _plainly_valid(value, 1):
+        return value
+    # Something is wrong, or of a subclass the quick walk does not judge: walk again,
+    # keeping the path of every value, to accept it or to say exactly where it fails.
+    stack: list[tuple[Any, int, str]] = [(value, 1, field)]
+    while stack:
+        item, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{field}: nested deeper than {MAX_JSON_DEPTH} levels at {path}")
+        if item is None or isinstance(item, bool):
+            continue
+        if isinstance(item, int):
+            # SQLite's JSON functions (and most JSON readers) turn wider integers into
+            # floats, and Python cannot even print ones of over 4300 digits.
+            if not _MIN_JSON_INT <= item <= _MAX_JSON_INT:
+                raise ValueError(f"{field}: the integer at {path} does not fit in 64 bits")
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError(f"{field}: {item} at {path} is not a JSON number")
+        elif isinstance(item, str):
+            _check_encodable(field, item, path)
+        elif isinstance(item, dict):
+            for name, child in item.items():
+                if not isinstance(name, str):
+                    raise ValueError(f"{field}: key {name!r} at {path} is not a string")
+                _check_encodable(field, name, path)
+                stack.append((child, depth + 1, f"{path}.{name}"))
+        elif isinstance(item, list | tuple):
+            stack.extend((child, depth + 1, f"{path}[{i}]") for i, child in enumerate(item))
+        else:
+            raise ValueError(f"{field}: {type(item).__name__} at {path} is not JSON-serialisable")
+    return value
+
+
+def _plainly_valid(item: Any, depth: int) -> bool:
+    """True if `item` passes `check_json`, judged quickly: exact built-in types only,
+    no paths kept. False means "walk again" (it may still be valid: an `IntEnum`, a
+    `dict` subclass). Recursion stops at the depth limit, so hostile nesting cannot
+    exhaust the stack."""
+    if depth > MAX_JSON_DEPTH:
+        return False
+    kind = type(item)
+    if kind is str:
+        return item.isascii() or _encodable(item)
+    if item is None or kind is bool:
+        return True
+    if kind is int:
+        return bool(_MIN_JSON_INT <= item <= _MAX_JSON_INT)
+    if kind is float:
+        return math.isfinite(item)
+    if kind is dict:
+        for name, child in item.items():
+            if type(name) is not str or not (name.isascii() or _encodable(name)):
+                return False
+            if not _plainly_valid(child, depth + 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        return all(_plainly_valid(child, depth + 1) for child in item)
+    return False
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_encodable(field: str, value: str, path: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{field}: text at {path} holds a lone surrogate {value[exc.start]!r} "
+            f"at position {exc.start}, which cannot be stored"
+        ) from None
+
+
+def check_content(value: Any, field: str = "content") -> JSONValue:
+    """`value` if it is a JSON value that can be stored, else `ValueError` naming
+    `field`. A `str` is returned as it is; a tuple anywhere becomes a list."""
+    if type(value) is str:
+        if not value.isascii():
+            _check_encodable(field, value, field)
+        if len(value) > MAX_TEXT_BYTES // 8:
+            # Escaping may double a character's size in JSON text: measure that text.
+            check_text_size(field, dump_json(value))
+        return value
+    found: JSONValue = _normalised(check_json(field, value))
+    return found
+
+
+def check_tool_calls(value: Any, field: str = "tool_calls") -> JSONValue:
+    """`value` if it is None or a JSON value that can be stored, else `ValueError`."""
+    if value is None:
+        return None
+    found: JSONValue = _normalised(check_json(field, value))
+    return found
+
+
+def check_message_meta(value: Any, field: str = "meta") -> dict[str, Any] | None:
+    """`value` as a dict if it is None or a JSON object that can be stored, else
+    `ValueError` naming `field`."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"{field}: must be a JSON object (dict) or None, not {type(value).__name__}"
+        )
+    found = _normalised(check_json(field, dict(value)))
+    assert isinstance(found, dict)
+    return found
+
+
+def _normalised(value: Any) -> Any:
+    """`value` as JSON reads it back: tuples become lists (only values that hold one are
+    copied)."""
+    if isinstance(value, tuple):
+        return [_normalised(item) for item in value]
+    if isinstance(value, list):
+        items = [_normalised(item) for item in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    if isinstance(value, dict):
+        pairs = {name: _normalised(item) for name, item in value.items()}
+        return value if all(pairs[n] is v for n, v in value.items()) else pairs
+    return value
+
+
+def check_text_size(field: str, text: str) -> str:
+    """`text` (already known to encode) if it fits `MAX_TEXT_BYTES`, else `ValueError`
+    naming `field`."""
+    if len(text) > MAX_TEXT_BYTES // 4:
+        size = _utf8_size(text)
+        if size > MAX_TEXT_BYTES:
+            raise ValueError(f"{field}: {_too_large(size)}")
+    return text
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _too_large(size: int) -> str:
+    return f"takes {size:,} bytes of UTF-8; the store keeps at most {MAX_TEXT_BYTES:,} per value"
+
+
+def stored_json(field: str, value: Any) -> str:
+    """The stored JSON text of a value already checked (`check_content` and friends),
+    `ValueError` naming `field` if it is larger than `MAX_TEXT_BYTES`."""
+    return check_text_size(field, dump_json(value))
+
+
+def escaped_nul(text: str) -> bool:
+    """Whether JSON text holds the escape `\\u0000` (a NUL inside a string), which
+    PostgreSQL's `jsonb` refuses (an escaped backslash before `u0000` is not one)."""
+    start = text.find("\\u0000")
+    while start != -1:
+        backslashes = len(text[:start]) - len(text[:start].rstrip("\\"))
+        if backslashes % 2 == 0:
+            return True
+        start = text.find("\\u0000", start + 1)
+    return False
+
+
+def first_nul(value: Any) -> str | None:
+    """The path of the first string holding a NUL character inside a JSON value (keys
+    too), or None: PostgreSQL's `jsonb` cannot hold `\\u0000`, so `content::jsonb`
+    would fail on such a cell."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return path
+        elif isinstance(item, dict):
+            for name, child in item.items():
+                if "\x00" in name:
+                    return path
+                stack.append((child, f"{path}.{name}"))
+        elif isinstance(item, list | tuple):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+    return None
+
+
+_MAX_INTEGER = 2**63 - 1  # SQLite's INTEGER is a signed 64-bit value
+
+
+def check_int(field: str, value: Any, *, minimum: int | None) -> None:
+    """`ValueError` naming `field` unless `value` is an `int` (not a `bool`) of at least
+    `minimum` that fits in 64 signed bits."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field}: must be an integer, not {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{field}: must be >= {minimum}, got {value}")
+    if not -_MAX_INTEGER - 1 <= value <= _MAX_INTEGER:
+        raise ValueError(f"{field}: must fit in a 64-bit signed integer, got {value}")
+
+
+_EPOCH = datetime(1, 1, 2, tzinfo=UTC)
+
+
+def check_age(field: str, age: timedelta) -> None:
+    """`ValueError` naming `field` for an age reaching back before the year 1, which no
+    datetime can hold."""
+    if age >= datetime.now(UTC) - _EPOCH:
+        raise ValueError(f"{field}: {age!r} reaches back before the year 1")
