@@ -529,6 +529,40 @@ def test_a_cancelled_write_still_waiting_for_its_lock_rolls_back(
         holder.dispose()
 
 
+def test_short_calls_in_a_row_do_not_hold_the_loop(
+    db_path: Path, key: SessionKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Short calls on a SQLite file run on the event loop itself (`asyncbridge`: inline
+    calls), but a task making them one after another never holds the loop for long: past
+    the loop's inline budget its calls go to the worker threads until the loop turns."""
+    monitor = LoopMonitor(monkeypatch)
+
+    async def main() -> int:
+        engine = await open_async_database(db_path)
+        repo = AsyncSessionRepository(engine)
+        await repo.get_or_create(key)
+
+        async def chatter() -> None:
+            for n in range(300):
+                await repo.append_message(key, Role.USER, f"m{n}")
+                await repo.get_history(key, limit=20)
+
+        try:
+            await monitor.watch(chatter())
+            session = await repo.get(key)
+            assert session is not None
+            return session.message_count
+        finally:
+            await engine.dispose()
+
+    assert run(main()) == 300
+    print(monitor.report("300 appends and reads in a row"))
+    lags = sorted(monitor.lags)
+    assert len(lags) > 10  # the ticking task ran all along
+    assert monitor.longest_step < 0.01
+    assert lags[int(len(lags) * 0.99)] < 0.02
+
+
 def test_dispose_stops_the_worker_threads(db_path: Path, key: SessionKey) -> None:
     def workers() -> int:
         return sum(t.name == "aisopod-session-worker" for t in threading.enumerate())

@@ -15,6 +15,15 @@ to its end there, but if the cancellation reaches it before its COMMIT, it rolls
 (`connections.cancelled`), so the caller who cancelled finds either all of its write or
 none of it. The event loop is free at once either way.
 
+Inline calls (SQLite files only): a short call (a key's session, an append of a few
+messages, a page of history: `asyncrepository.py` says which) costs SQLite less than a
+hand-off to a thread and back, so it runs on the event loop itself, over a second
+engine on the same file whose connections never wait for a lock (`busy_timeout` 0):
+if the lock is taken, it rolls back at once and the call goes to a worker thread,
+which waits for it. Inline calls may hold a loop for `INLINE_BUDGET` seconds between
+two of its turns; past that, calls go to the workers until the loop has turned, so a
+burst of tasks cannot hold it longer.
+
 The companion engine is disposed of when the `AsyncEngine` is (SQLAlchemy's
 `engine_disposed` event), and a fork gives the child new worker threads.
 """
@@ -26,6 +35,7 @@ import contextlib
 import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -35,6 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from aisopod_session.connections import Cancel, run_cancellable
+from aisopod_session.errors import DatabaseBusyError
 
 _T = TypeVar("_T")
 
@@ -46,14 +57,21 @@ POSTGRESQL_WORKERS = 8
 time; SQLAlchemy's default pool (5 + 10 overflow) has a connection for each."""
 
 
+INLINE_BUDGET = 0.001
+"""Seconds of inline calls (below) an event loop may run between two of its turns; past
+that, calls go to the worker threads until the loop has turned."""
+
+
 class Bridge:
     """One `AsyncEngine`'s companion engine and worker threads (started on first use in
-    each process, stopped when the engine is disposed of or the bridge is collected)."""
+    each process, stopped when the engine is disposed of or the bridge is collected),
+    and for a SQLite file the engine of its inline calls."""
 
-    __slots__ = ("__weakref__", "_jobs", "_lock", "_pid", "engine", "workers")
+    __slots__ = ("__weakref__", "_jobs", "_lock", "_pid", "engine", "inline", "workers")
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, inline: Engine | None = None) -> None:
         self.engine = engine
+        self.inline = inline
         if isinstance(engine.pool, StaticPool | SingletonThreadPool):
             self.workers = 1  # one connection is the database (`:memory:`): one at a time
         elif engine.dialect.name == "sqlite":
@@ -85,11 +103,26 @@ class Bridge:
         if jobs is not None and self._pid == os.getpid():
             _stop_workers(jobs, self.workers)
         self.engine.dispose()
+        if self.inline is not None:
+            self.inline.dispose()
 
-    async def run(self, call: Callable[[], _T]) -> _T:
+    async def run(self, call: Callable[[], _T], inline: Callable[[], _T] | None = None) -> _T:
         """Run `call`, synchronous repository code, on a worker thread and await its
-        result; cancelled, see the module docstring."""
+        result; cancelled, see the module docstring. `inline`, the same call on the
+        inline engine, runs on the event loop itself instead when the store has one and
+        the loop's budget allows (module docstring); if it finds the lock taken, `call`
+        goes to a worker thread after all, to wait for it there."""
         loop = asyncio.get_running_loop()
+        if inline is not None and self.inline is not None:
+            budget = _budget(loop)
+            if budget.spent < INLINE_BUDGET:
+                start = time.perf_counter()
+                try:
+                    return inline()
+                except DatabaseBusyError:
+                    pass  # rolled back, nothing written: wait for the lock on a worker
+                finally:
+                    budget.spend(time.perf_counter() - start, loop)
         done: asyncio.Future[_T] = loop.create_future()
         cancel = Cancel()
         self._queue().put((loop, done, cancel, call))
@@ -98,6 +131,39 @@ class Bridge:
         except asyncio.CancelledError:
             cancel.requested = True
             raise
+
+
+class _Budget:
+    """How long inline calls have held one event loop since it last turned."""
+
+    __slots__ = ("resetting", "spent")
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+        self.resetting = False
+
+    def spend(self, seconds: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.spent += seconds
+        if not self.resetting:
+            # Runs at the loop's next turn: the callbacks ready now run first.
+            self.resetting = True
+            loop.call_soon(self._reset)
+
+    def _reset(self) -> None:
+        self.spent = 0.0
+        self.resetting = False
+
+
+_BUDGETS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Budget] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _budget(loop: asyncio.AbstractEventLoop) -> _Budget:
+    budget = _BUDGETS.get(loop)
+    if budget is None:
+        budget = _BUDGETS.setdefault(loop, _Budget())
+    return budget
 
 
 _Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Cancel, Callable[[], Any]]
@@ -147,21 +213,24 @@ _BRIDGES: weakref.WeakKeyDictionary[Engine, Bridge] = weakref.WeakKeyDictionary(
 _BRIDGING = threading.Lock()
 
 
-def attach(engine: AsyncEngine, companion: Engine) -> Bridge:
-    """Make `companion` the engine `engine`'s repository calls run on."""
-    return bridge_of(engine, lambda _engine: companion)
+def attach(engine: AsyncEngine, companion: Engine, inline: Engine | None) -> Bridge:
+    """Make `companion` the engine `engine`'s repository calls run on (and `inline` that
+    of its inline calls)."""
+    return bridge_of(engine, lambda _engine: (companion, inline))
 
 
-def bridge_of(engine: AsyncEngine, make: Callable[[AsyncEngine], Engine]) -> Bridge:
-    """`engine`'s bridge, made with the companion engine `make(engine)` returns the first
-    time (an engine that `open_async_database` did not make)."""
+def bridge_of(
+    engine: AsyncEngine, make: Callable[[AsyncEngine], tuple[Engine, Engine | None]]
+) -> Bridge:
+    """`engine`'s bridge, made with the companion and inline engines `make(engine)`
+    returns the first time (an engine that `open_async_database` did not make)."""
     bridge = _BRIDGES.get(engine.sync_engine)
     if bridge is not None:
         return bridge
     with _BRIDGING:
         bridge = _BRIDGES.get(engine.sync_engine)
         if bridge is None:
-            bridge = _BRIDGES[engine.sync_engine] = Bridge(make(engine))
+            bridge = _BRIDGES[engine.sync_engine] = Bridge(*make(engine))
             event.listen(engine.sync_engine, "engine_disposed", _on_dispose)
     return bridge
 

@@ -17,10 +17,10 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aisopod_session.asyncbridge import bridge_of, write_gate
-from aisopod_session.database import companion_engine
+from aisopod_session.database import companion_engines
 from aisopod_session.enums import SessionStatus
 from aisopod_session.keys import SessionKey
-from aisopod_session.models import Session
+from aisopod_session.models import NewMessage, Session
 from aisopod_session.repository import SessionRepository
 from aisopod_session.transactions import prepare_engine
 
@@ -31,21 +31,98 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _AsyncMethod = Callable[Concatenate["AsyncSessionRepository", _P], Coroutine[Any, Any, _T]]
 
 
-def _reads(method: Callable[Concatenate[SessionRepository, _P], _T]) -> _AsyncMethod[_P, _T]:
-    """The coroutine twin of a `SessionRepository` method that only reads."""
+_Inline = Callable[..., bool]
+"""Whether a call with these arguments is short enough to run inline (`asyncbridge`)."""
+
+
+def _never(*args: Any, **kwargs: Any) -> bool:
+    return False
+
+
+def _always(*args: Any, **kwargs: Any) -> bool:
+    return True
+
+
+INLINE_MESSAGES = 64
+"""The most messages an inline `append_messages` writes, or an inline `get_history` reads."""
+INLINE_TEXT = 64 * 1024
+"""The most characters of text (content, tool calls, metadata) an inline write carries."""
+_INLINE_NODES = 4096
+
+
+def _small(*values: Any) -> bool:
+    """Whether `values` (JSON values, messages) hold at most `INLINE_TEXT` characters of
+    text and `_INLINE_NODES` values in all; stops looking as soon as they do not."""
+    room = [INLINE_TEXT, _INLINE_NODES]
+    stack = list(values)
+    while stack:
+        item = stack.pop()
+        room[1] -= 1
+        if room[1] < 0:
+            return False
+        if isinstance(item, str):
+            room[0] -= len(item)
+            if room[0] < 0:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, NewMessage):
+            stack.extend((item.content, item.tool_calls, item.meta))
+    return True
+
+
+def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -> Any:
+    """An argument given by position (`index`, after the key) or by `name`."""
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
+def _small_message(*args: Any, **kwargs: Any) -> bool:
+    return _small(
+        _argument(args, kwargs, 2, "content"), kwargs.get("tool_calls"), kwargs.get("meta")
+    )
+
+
+def _few_messages(*args: Any, **kwargs: Any) -> bool:
+    given = _argument(args, kwargs, 1, "messages")
+    return isinstance(given, list | tuple) and len(given) <= INLINE_MESSAGES and _small(given)
+
+
+def _small_changes(*args: Any, **kwargs: Any) -> bool:
+    return _small(_argument(args, kwargs, 1, "changes"))
+
+
+def _a_page(*args: Any, **kwargs: Any) -> bool:
+    limit = kwargs.get("limit")
+    return type(limit) is int and 0 <= limit <= INLINE_MESSAGES
+
+
+def _reads(
+    method: Callable[Concatenate[SessionRepository, _P], _T], inline: _Inline = _never
+) -> _AsyncMethod[_P, _T]:
+    """The coroutine twin of a `SessionRepository` method that only reads; `inline` says
+    which calls may run on the event loop itself."""
 
     async def twin(self: AsyncSessionRepository, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return await self._bridge.run(partial(method, self._sync, *args, **kwargs))
+        return await self._bridge.run(
+            partial(method, self._sync, *args, **kwargs), self._inline(method, inline, args, kwargs)
+        )
 
     return _named_after(twin, method)
 
 
-def _writes(method: Callable[Concatenate[SessionRepository, _P], _T]) -> _AsyncMethod[_P, _T]:
+def _writes(
+    method: Callable[Concatenate[SessionRepository, _P], _T], inline: _Inline = _never
+) -> _AsyncMethod[_P, _T]:
     """The coroutine twin of a `SessionRepository` method that writes: through the write
     gate (`AsyncSessionRepository._write`)."""
 
     async def twin(self: AsyncSessionRepository, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return await self._write(partial(method, self._sync, *args, **kwargs))
+        return await self._write(
+            partial(method, self._sync, *args, **kwargs), self._inline(method, inline, args, kwargs)
+        )
 
     return _named_after(twin, method)
 
@@ -67,8 +144,10 @@ class AsyncSessionRepository:
     Every method runs the very code of its `SessionRepository` twin (no query, rule or
     error mapping is written twice) on one of a few worker threads, over a synchronous
     engine on the same database (`asyncbridge.py`): the event loop never waits for the
-    database, and the SQLite write lock is never held across event-loop turns. On SQLite
-    this event loop's writers take turns on a write gate first.
+    database, and the SQLite write lock is never held across event-loop turns. On a
+    SQLite file, short calls run on the loop itself instead, never waiting for a lock and
+    within a budget per turn of the loop (inline calls); this event loop's writers take
+    turns on a write gate first.
 
     Cancelling a call: one not yet started never runs; one running finishes on its
     thread, rolling back if the cancellation reached it before its COMMIT (all or
@@ -86,8 +165,10 @@ class AsyncSessionRepository:
             )
         prepare_engine(engine.sync_engine)  # the application's own connections
         self.engine = engine
-        self._bridge = bridge_of(engine, companion_engine)
+        self._bridge = bridge_of(engine, companion_engines)
         self._sync = SessionRepository(self._bridge.engine)
+        inline = self._bridge.inline
+        self._inline_sync = None if inline is None else SessionRepository(inline)
 
     def __await__(self) -> Generator[Any, None, AsyncSessionRepository]:
         """Awaiting a repository gives it back, so `await repo.for_agent(...)` works as
@@ -97,16 +178,24 @@ class AsyncSessionRepository:
     async def _itself(self) -> AsyncSessionRepository:
         return self
 
-    async def _write(self, call: Callable[[], _T]) -> _T:
+    def _inline(
+        self, method: Callable[..., _T], inline: _Inline, args: Any, kwargs: Any
+    ) -> Callable[[], _T] | None:
+        """The call on the inline engine, if the store has one and `inline` allows it."""
+        if self._inline_sync is None or not inline(*args, **kwargs):
+            return None
+        return partial(method, self._inline_sync, *args, **kwargs)
+
+    async def _write(self, call: Callable[[], _T], inline: Callable[[], _T] | None = None) -> _T:
         """Run a call that writes. On SQLite, this event loop's writers take turns on the
         store's write gate first: SQLite lets one writer in at a time anyway, and a
         writer that waits here costs nothing, while one that waits in SQLite's busy
         handler holds a worker thread, polling."""
         gate = write_gate(self._bridge)
         if gate is None:
-            return await self._bridge.run(call)
+            return await self._bridge.run(call, inline)
         async with gate:
-            return await self._bridge.run(call)
+            return await self._bridge.run(call, inline)
 
     @property
     def agent_id(self) -> str | None:
@@ -119,28 +208,37 @@ class AsyncSessionRepository:
         result works too)."""
         scoped = copy.copy(self)
         scoped._sync = self._sync.for_agent(agent_id)
+        if self._inline_sync is not None:
+            scoped._inline_sync = self._inline_sync.for_agent(agent_id)
         return scoped
 
     async def get_or_create(self, key: SessionKey | str) -> Session:
         """`SessionRepository.get_or_create`, awaited. An existing session is read
         without waiting for the write gate (see `_write`)."""
-        found = await self._bridge.run(partial(self._sync.get, key))
+        found = await self._bridge.run(
+            partial(self._sync.get, key), self._inline(SessionRepository.get, _always, (key,), {})
+        )
         if found is not None:
             return found
-        return await self._write(partial(self._sync.get_or_create, key))
+        return await self._write(
+            partial(self._sync.get_or_create, key),
+            self._inline(SessionRepository.get_or_create, _always, (key,), {}),
+        )
 
-    get = _reads(SessionRepository.get)
-    get_by_id = _reads(SessionRepository.get_by_id)
+    # Each method of SessionRepository, and which of its calls may run inline (on a
+    # SQLite file: see asyncbridge.py); the rest always go to a worker thread.
+    get = _reads(SessionRepository.get, _always)
+    get_by_id = _reads(SessionRepository.get_by_id, _always)
     list_sessions = _reads(SessionRepository.list_sessions)
     count_sessions = _reads(SessionRepository.count_sessions)
     summary = _reads(SessionRepository.summary)
-    get_history = _reads(SessionRepository.get_history)
-    now = _reads(SessionRepository.now)
-    update_metadata = _writes(SessionRepository.update_metadata)
-    set_status = _writes(SessionRepository.set_status)
+    get_history = _reads(SessionRepository.get_history, _a_page)
+    now = _reads(SessionRepository.now, _always)
+    update_metadata = _writes(SessionRepository.update_metadata, _small_changes)
+    set_status = _writes(SessionRepository.set_status, _always)
     delete = _writes(SessionRepository.delete)
-    append_messages = _writes(SessionRepository.append_messages)
-    append_message = _writes(SessionRepository.append_message)
+    append_messages = _writes(SessionRepository.append_messages, _few_messages)
+    append_message = _writes(SessionRepository.append_message, _small_message)
     compact = _writes(SessionRepository.compact)
     reset = _writes(SessionRepository.reset)
     mark_idle = _writes(SessionRepository.mark_idle)

@@ -118,7 +118,7 @@ async def open_async_database(
         raise
     from aisopod_session.asyncbridge import attach  # asyncio's modules: only when used
 
-    bridge = attach(engine, companion)
+    bridge = attach(engine, companion, _inline_twin(companion, synchronous))
     try:
         await bridge.run(
             partial(
@@ -135,21 +135,35 @@ async def open_async_database(
     return engine
 
 
-def companion_engine(engine: AsyncEngine) -> Engine:
-    """A synchronous engine on `engine`'s database for its repository's calls, with the
-    store settings `engine` carries: for an `AsyncEngine` that `open_async_database` did
-    not make (its schema must already be migrated)."""
+def companion_engines(engine: AsyncEngine) -> tuple[Engine, Engine | None]:
+    """The synchronous engines on `engine`'s database for its repository's calls (the
+    companion, and the inline one of a SQLite file), with the store settings `engine`
+    carries: for an `AsyncEngine` that `open_async_database` did not make (its schema
+    must already be migrated)."""
     url = engine.url
     if url.get_backend_name() == "sqlite":
         url = url.set(drivername="sqlite")
     else:
         url = url.set(drivername="postgresql+psycopg")
-    return _new_engine(
+    companion = _new_engine(
         url,
         busy_timeout=busy_timeout_of(engine.sync_engine),
         echo=False,
         clock=clock_of(engine.sync_engine),
     )
+    prepare_engine(companion, busy_timeout=busy_timeout_of(companion))
+    return companion, _inline_twin(companion, "NORMAL")
+
+
+def _inline_twin(companion: Engine, synchronous: Synchronous) -> Engine | None:
+    """For a SQLite file, an engine on it like `companion` whose connections never wait
+    for a lock (`busy_timeout` 0), for the inline calls of `asyncbridge.py`; else None."""
+    url = companion.url
+    if url.get_backend_name() != "sqlite" or _in_memory(url):
+        return None
+    inline = _new_engine(url, busy_timeout=0, echo=False, clock=clock_of(companion))
+    prepare_engine(inline, busy_timeout=0, synchronous=synchronous)
+    return inline
 
 
 def _new_engine(url: URL, *, busy_timeout: float, echo: bool, clock: Clock | None) -> Engine:
