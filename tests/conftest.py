@@ -31,6 +31,48 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "sessions.db"
 
 
+# --- markers: `pytest -m "not slow and not processes and not postgres"` for a quick run --
+
+PROCESS_MODULES = {
+    "test_bench",
+    "test_concurrent_writers",
+    "test_crash_safety",
+    "test_demo",
+    "test_fork_and_dispose",
+    "test_pgbouncer",
+}
+"""Modules whose tests start processes (forks, children, the installed command)."""
+
+SLOW_TESTS = {
+    "test_a_batch_of_big_lines_is_cut_short_by_its_size",
+    "test_a_big_export_runs_in_flat_memory",
+    "test_a_large_prune_lets_another_writer_go_on",
+    "test_a_text_value_over_256_mib_is_refused_naming_the_field_before_writing",
+    "test_the_text_limit_counts_utf8_bytes_not_characters",
+    "test_200_tasks_append_at_once_without_blocking_the_loop",
+    "test_export_then_import_round_trips_10000_messages_exactly",
+}
+"""Tests that take seconds each (hundreds of MiB of text, 10⁴–10⁵ rows, 200 tasks)."""
+
+PG_FIXTURES = {"pg_url", "pg_store", "pgbouncer_url"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test `postgres` (it needs the server), `processes` or `slow`."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        params = getattr(item, "callspec", None)
+        values = [] if params is None else [v for v in params.params.values() if isinstance(v, str)]
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "postgresql" in values or fixtures & PG_FIXTURES or module == "test_pgbouncer":
+            item.add_marker(pytest.mark.postgres)
+        if module in PROCESS_MODULES:
+            item.add_marker(pytest.mark.processes)
+        if item.name.partition("[")[0] in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def migrated_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store file made and migrated by `open_database` once per test process: each
