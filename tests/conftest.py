@@ -61,7 +61,7 @@ PG_FIXTURES = {"pg_url", "pg_store", "pgbouncer_url"}
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test `postgres` (it needs the server), `processes` or `slow`."""
     for item in items:
-        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        module = item.path.stem
         params = getattr(item, "callspec", None)
         values = [] if params is None else [v for v in params.params.values() if isinstance(v, str)]
         fixtures = set(getattr(item, "fixturenames", ()))
