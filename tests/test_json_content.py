@@ -43,7 +43,7 @@ from aisopod_session import (
     open_async_database,
     open_database,
 )
-from aisopod_session.validation import MAX_JSON_DEPTH
+from aisopod_session.validation import MAX_JSON_DEPTH, check_json, first_nul
 from tests.dbtools import (
     AwaitingRepository,
     event_loop_thread,
@@ -669,6 +669,22 @@ def test_nul_is_refused_on_postgresql_naming_the_field_and_stored_on_sqlite(
         assert session.message_count == len(repo.get_history(key)) == written
 
     check_each(NUL_INPUT, check)
+
+
+def test_places_in_error_messages_keep_the_message_on_one_line() -> None:
+    """A key that would not print (a newline, a control character, nothing at all) or
+    that holds `.` or `[` is named as a JSON string in brackets, so the message stays
+    one line and says exactly where."""
+    nul_at = first_nul({"plain": [{"two\nlines": ["ok", "\x00"]}]})
+    assert nul_at == '.plain[0]["two\\nlines"][1]'
+    with pytest.raises(ValueError, match="does not fit in 64 bits") as refused_int:
+        check_json("meta", {"": {"a.b": {"\x1b[31m": 2**70}}})
+    message = str(refused_int.value)
+    assert message == (
+        'meta: the integer at meta[""]["a.b"]["\\u001b[31m"] does not fit in 64 bits'
+    )
+    assert "\n" not in message
+    assert "\x1b" not in message
 
 
 # --- 3. lenient reading -------------------------------------------------------------------

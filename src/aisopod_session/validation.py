@@ -72,12 +72,21 @@ def check_json(field: str, value: Any) -> Any:
                 if not isinstance(name, str):
                     raise ValueError(f"{field}: key {name!r} at {path} is not a string")
                 _check_encodable(field, name, path)
-                stack.append((child, depth + 1, f"{path}.{name}"))
+                stack.append((child, depth + 1, _member(path, name)))
         elif isinstance(item, list | tuple):
             stack.extend((child, depth + 1, f"{path}[{i}]") for i, child in enumerate(item))
         else:
             raise ValueError(f"{field}: {type(item).__name__} at {path} is not JSON-serialisable")
     return value
+
+
+def _member(path: str, name: str) -> str:
+    """The path of `name` inside the object at `path`, for an error message: `.name`,
+    or `["…"]` with JSON escapes when the key is empty or holds characters that would
+    not print (a newline would break the message's one line)."""
+    if name.isprintable() and name and "." not in name and "[" not in name:
+        return f"{path}.{name}"
+    return f"{path}[{json.dumps(name)}]"
 
 
 def _plainly_valid(item: Any, depth: int) -> bool:
@@ -226,7 +235,7 @@ def first_nul(value: Any) -> str | None:
             for name, child in item.items():
                 if "\x00" in name:
                     return path
-                stack.append((child, f"{path}.{name}"))
+                stack.append((child, _member(path, name)))
         elif isinstance(item, list | tuple):
             stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
     return None
