@@ -12,7 +12,7 @@ wake-up there and one `call_soon_threadsafe` back. Only public APIs are used.
 
 Cancellation: a call not yet started on its thread never runs; one already running runs
 to its end there, but if the cancellation reaches it before its COMMIT, it rolls back
-(`connections.cancelled`), so the caller who cancelled finds either all of its write or
+(`connections.run_cancellable`), so the caller who cancelled finds either all of its write or
 none of it. The event loop is free at once either way.
 
 Inline calls (SQLite files only): a short call (a key's session, an append of a few
@@ -67,7 +67,16 @@ class Bridge:
     each process, stopped when the engine is disposed of or the bridge is collected),
     and for a SQLite file the engine of its inline calls."""
 
-    __slots__ = ("__weakref__", "_jobs", "_lock", "_pid", "engine", "inline", "workers")
+    __slots__ = (
+        "__weakref__",
+        "_jobs",
+        "_lock",
+        "_pid",
+        "_stop",
+        "engine",
+        "inline",
+        "workers",
+    )
 
     def __init__(self, engine: Engine, inline: Engine | None = None) -> None:
         self.engine = engine
@@ -80,6 +89,7 @@ class Bridge:
             self.workers = POSTGRESQL_WORKERS
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | None] | None = None
+        self._stop: weakref.finalize[Any, Any] | None = None
         self._pid = 0
 
     def _queue(self) -> queue.SimpleQueue[_Job | None]:
@@ -92,16 +102,17 @@ class Bridge:
             if self._jobs is None or self._pid != os.getpid():
                 self._jobs = _start_workers(self.workers)
                 self._pid = os.getpid()
-                weakref.finalize(self, _stop_workers, self._jobs, self.workers)
+                # Stops them when the bridge is collected, or at `close` (run once).
+                self._stop = weakref.finalize(self, _stop_workers, self._jobs, self.workers)
             return self._jobs
 
     def close(self) -> None:
         """Stop the worker threads (each after the call it is running, if any; a later
         call starts new ones) and dispose of the companion engine."""
         with self._lock:
-            jobs, self._jobs = self._jobs, None
-        if jobs is not None and self._pid == os.getpid():
-            _stop_workers(jobs, self.workers)
+            stop, self._stop, self._jobs = self._stop, None, None
+        if stop is not None and self._pid == os.getpid():
+            stop()
         self.engine.dispose()
         if self.inline is not None:
             self.inline.dispose()

@@ -258,15 +258,15 @@ class AsyncSessionRepository:
         plan = self._sync._prune_plan(updated_before, status)
         if dry_run:
             return await self._bridge.run(partial(self._sync._prune_count, plan))
+        batches = self._sync._prune_batches(plan)
         deleted = 0
-        while True:
-            batch = await self._write(partial(self._sync._prune_batch, plan))
-            if not batch:
-                return deleted
-            deleted += batch
+        # Each batch runs on a worker thread, through the write gate, advancing `batches`.
+        while (done := await self._write(partial(next, batches, None))) is not None:
+            deleted = done
             if on_batch is not None:
                 result = on_batch(deleted)
                 if inspect.isawaitable(result):
                     await result
             # Let this loop's other writers, waiting on the gate, go before the next batch.
             await asyncio.sleep(0)
+        return deleted

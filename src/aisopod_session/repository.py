@@ -628,11 +628,7 @@ class SessionRepository:
         if dry_run:
             return self._prune_count(plan)
         deleted = 0
-        while True:
-            batch = self._prune_batch(plan)
-            if not batch:
-                return deleted
-            deleted += batch
+        for deleted in self._prune_batches(plan):
             if on_batch is not None:
                 on_batch(deleted)
             if not self._lock_rows:
@@ -640,6 +636,16 @@ class SessionRepository:
                 # take it before the next batch does. (PostgreSQL's writers of other
                 # sessions never wait for a batch, which locks only its own rows.)
                 time.sleep(0.001)
+        return deleted
+
+    def _prune_batches(self, plan: _PrunePlan) -> Iterator[int]:
+        """`prune`'s batches, one per step (each its own write transaction, run by the
+        thread that advances the iterator): after each, how many sessions it has deleted
+        so far; the iteration ends when none is left."""
+        deleted = 0
+        while batch := self._prune_batch(plan):
+            deleted += batch
+            yield deleted
 
     def _prune_plan(
         self, updated_before: datetime, status: SessionStatus | str | None

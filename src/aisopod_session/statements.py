@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import functools
 import itertools
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -40,16 +39,12 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlmodel import SQLModel, col
+from sqlmodel import col
 
 from aisopod_session.clock import SERVER_NOW
 from aisopod_session.enums import SessionStatus
 from aisopod_session.loading import MESSAGE, SESSION
 from aisopod_session.models import Message, Session
-
-Model = TypeVar("Model", bound=SQLModel)
-
-logger = logging.getLogger("aisopod_session")
 
 SQLITE: Dialect = sqlite.dialect()  # pysqlite's own paramstyle: `?`, bound from a tuple
 
