@@ -118,7 +118,8 @@ async def open_async_database(
         raise
     from aisopod_session.asyncbridge import attach  # asyncio's modules: only when used
 
-    bridge = attach(engine, companion, _inline_twin(companion, synchronous))
+    inline = _inline_twin(companion, synchronous)
+    bridge = attach(engine, companion, inline)
     try:
         await bridge.run(
             partial(
@@ -129,6 +130,10 @@ async def open_async_database(
                 migrate=migrate,
             )
         )
+        if inline is not None:
+            # The engine's first connection initialises its dialect (a few queries, some
+            # milliseconds): done here, off the loop, not by the first inline call.
+            await bridge.run(partial(_first_connect, inline))
     except BaseException:
         await engine.dispose()  # the companion with it
         raise
@@ -153,6 +158,11 @@ def companion_engines(engine: AsyncEngine) -> tuple[Engine, Engine | None]:
     )
     prepare_engine(companion, busy_timeout=busy_timeout_of(companion))
     return companion, _inline_twin(companion, "NORMAL")
+
+
+def _first_connect(engine: Engine) -> None:
+    with engine.connect():
+        pass
 
 
 def _inline_twin(companion: Engine, synchronous: Synchronous) -> Engine | None:
