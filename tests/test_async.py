@@ -560,7 +560,10 @@ def test_short_calls_in_a_row_do_not_hold_the_loop(
     lags = sorted(monitor.lags)
     assert len(lags) > 10  # the ticking task ran all along
     assert monitor.longest_step < 0.01
-    assert lags[int(len(lags) * 0.99)] < 0.02
+    # About 100 ticks: their p99 is their maximum, which the OS's scheduling of the other
+    # test workers and the server on two cores decides; the median is the store's.
+    assert lags[len(lags) // 2] < 0.005
+    assert lags[-1] < 0.1
 
 
 def test_dispose_stops_the_worker_threads(db_path: Path, key: SessionKey) -> None:
