@@ -24,7 +24,7 @@ from aisopod_session.errors import (
     is_busy,
     translated_errors,
 )
-from aisopod_session.migrations import check_schema, run_migrations
+from aisopod_session.migrations import MIGRATIONS, check_schema, migrate_from
 from aisopod_session.settings import (
     DEFAULT_BUSY_TIMEOUT,
     Clock,
@@ -386,9 +386,9 @@ def _set_up(
     if url.get_backend_name() == "postgresql":
         # The migrator serialises hosts with an advisory lock (see `run_migrations`).
         with translated_errors(f"open {url.render_as_string(hide_password=True)}"):
-            check_schema(engine)
+            applied = check_schema(engine)
             if migrate:
-                run_migrations(engine)
+                migrate_from(engine, applied, MIGRATIONS)
         return
     prepare_engine(engine, busy_timeout=busy_timeout, synchronous=synchronous)
     with translated_errors(f"open {url.database}"):
@@ -397,11 +397,11 @@ def _set_up(
         with read_transaction(engine) as conn:
             conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar_one()
         # Refuse a newer or edited schema before anything, WAL included, touches the file.
-        check_schema(engine)
+        applied = check_schema(engine)
         if not _in_memory(url):
             _enable_wal(engine, busy_timeout=busy_timeout)
         if migrate:
-            run_migrations(engine)
+            migrate_from(engine, applied, MIGRATIONS)
 
 
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")

@@ -246,7 +246,14 @@ def run_migrations(engine: Engine, migrations: Sequence[Migration] | None = None
     works: one not made by `open_database` is prepared first (see `prepare_engine`).
     """
     migrations = MIGRATIONS if migrations is None else migrations
-    applied = check_schema(engine, migrations)
+    return migrate_from(engine, check_schema(engine, migrations), migrations)
+
+
+def migrate_from(
+    engine: Engine, applied: Sequence[AppliedMigration], migrations: Sequence[Migration]
+) -> int:
+    """`run_migrations` for a caller that has just read `applied` with `check_schema`
+    (`open_database`): the same transactions, re-reading the version under the lock."""
     pending = _pending(applied, migrations)
     if not pending:
         return _version(applied)
@@ -319,9 +326,13 @@ def _apply(conn: Connection, migration: Migration, before: int) -> None:
 
 def _version_columns(conn: Connection) -> set[str]:
     if conn.dialect.name == "postgresql":
+        # The catalogue itself: information_schema's view costs several milliseconds of
+        # privilege checks on every open. The table is looked up in current_schema() only,
+        # as the migrator creates it there (none at all, NULL, finds no columns).
         rows = conn.exec_driver_sql(
-            "SELECT column_name FROM information_schema.columns "
-            "WHERE table_schema = current_schema() AND table_name = 'schema_version'"
+            "SELECT attname FROM pg_attribute WHERE attrelid = "
+            "to_regclass(quote_ident(current_schema()) || '.schema_version') "
+            "AND attnum > 0 AND NOT attisdropped"
         )
         return {row[0] for row in rows}
     return {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(schema_version)")}

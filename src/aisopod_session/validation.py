@@ -34,6 +34,10 @@ def dump_json(value: Any) -> str:
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
+_LONG_TEXT = MAX_TEXT_BYTES // 8
+"""Strings up to this many characters fit the limit whatever they hold (six bytes a
+character at most as JSON); longer ones are measured."""
+
 _MAX_JSON_INT = 2**63 - 1
 _MIN_JSON_INT = -(2**63)
 
@@ -67,6 +71,9 @@ def check_json(field: str, value: Any) -> Any:
                 raise ValueError(f"{field}: {item} at {path} is not a JSON number")
         elif isinstance(item, str):
             _check_encodable(field, item, path)
+            if len(item) > _LONG_TEXT and 2 + _utf8_size(item) > MAX_TEXT_BYTES:
+                size = 2 + _utf8_size(item)
+                raise ValueError(f"{field}: the text at {path} {_too_large(size, at_least=True)}")
         elif isinstance(item, dict):
             for name, child in item.items():
                 if not isinstance(name, str):
@@ -98,7 +105,8 @@ def _plainly_valid(item: Any, depth: int) -> bool:
         return False
     kind = type(item)
     if kind is str:
-        return item.isascii() or _encodable(item)
+        # A huge string goes through the walk, which refuses one that alone is too large.
+        return len(item) <= _LONG_TEXT and (item.isascii() or _encodable(item))
     if item is None or kind is bool:
         return True
     if kind is int:
@@ -141,9 +149,8 @@ def check_content(value: Any, field: str = "content") -> JSONValue:
     if type(value) is str:
         if not value.isascii():
             _check_encodable(field, value, field)
-        if len(value) > MAX_TEXT_BYTES // 8:
-            # Escaping may double a character's size in JSON text: measure that text.
-            check_text_size(field, dump_json(value))
+        if len(value) > _LONG_TEXT:
+            _check_string_size(field, value)
         return value
     found: JSONValue = _normalised(check_json(field, value))
     return found
@@ -195,12 +202,25 @@ def check_text_size(field: str, text: str) -> str:
     return text
 
 
+def _check_string_size(field: str, text: str) -> None:
+    """`ValueError` naming `field` if `text`'s JSON text is larger than `MAX_TEXT_BYTES`.
+    That text takes at least the string's UTF-8 bytes and two quotes, and at most six
+    bytes a character (`\\u001f`): only between those bounds is it built to be measured,
+    so a string far over the limit is refused without copying it."""
+    floor = 2 + _utf8_size(text)
+    if floor > MAX_TEXT_BYTES:
+        raise ValueError(f"{field}: {_too_large(floor, at_least=True)}")
+    if 2 + 6 * len(text) > MAX_TEXT_BYTES:
+        check_text_size(field, dump_json(text))
+
+
 def _utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
-def _too_large(size: int) -> str:
-    return f"takes {size:,} bytes of UTF-8; the store keeps at most {MAX_TEXT_BYTES:,} per value"
+def _too_large(size: int, *, at_least: bool = False) -> str:
+    takes = "takes at least" if at_least else "takes"
+    return f"{takes} {size:,} bytes of UTF-8; the store keeps at most {MAX_TEXT_BYTES:,} per value"
 
 
 def stored_json(field: str, value: Any) -> str:
