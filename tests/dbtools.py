@@ -17,8 +17,9 @@ from typing import Any, TypeVar, cast
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, event, inspect
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import Pool
 
 from aisopod_session import AsyncSessionRepository, SessionRepository
 
@@ -345,3 +346,49 @@ class AwaitingRepository:
             return run_on(self._loop, found(*args, **kwargs))
 
         return call
+
+
+_WATCHED: list[list[str]] = []
+"""The statement lists of the `no_statements` blocks now open (at most one, in practice)."""
+
+
+def _trace(statement: str) -> None:
+    for ran in _WATCHED:
+        ran.append(statement)
+
+
+@event.listens_for(Pool, "connect")
+def _traced(dbapi_connection: Any, _record: Any) -> None:
+    # Every SQLite connection any pool of this process opens reports its statements to
+    # `no_statements`; the repository's calls run on the driver connection, under
+    # SQLAlchemy's execution events, so those would not see them.
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        dbapi_connection.set_trace_callback(_trace)
+
+
+@contextmanager
+def no_statements() -> Iterator[None]:
+    """Fail if, inside the block, any SQLite connection from a pool of this process runs
+    a statement, or a PostgreSQL connection is taken from a pool (each call of the
+    repository takes one there), from any thread: what a call refuses inside the block it
+    refused before any I/O, so the backend cannot change the outcome, and a check of it on
+    SQLite stands for PostgreSQL too."""
+    ran: list[str] = []
+
+    def checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if not isinstance(dbapi_connection, sqlite3.Connection):
+            ran.append("a connection to the server, taken from its pool")
+
+    _WATCHED.append(ran)
+    event.listen(Pool, "checkout", checkout)
+    try:
+        yield
+    finally:
+        event.remove(Pool, "checkout", checkout)
+        _WATCHED.remove(ran)
+    assert not ran, f"statements ran before the refusal: {ran}"
+
+
+before_io = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+"""For a test of refusals that each run inside `no_statements`: on SQLite alone (still
+through both APIs), as nothing it checks reaches the backend."""

@@ -12,11 +12,13 @@ from aisopod_session import (
     SessionNotFoundError,
     SessionRepository,
 )
+from tests.dbtools import before_io, no_statements
 
 
 @pytest.fixture
 def repo(store_repo: SessionRepository) -> SessionRepository:
-    """Every test of this module runs on SQLite and on PostgreSQL (see conftest)."""
+    """Every test of this module runs on SQLite and on PostgreSQL (see conftest), but
+    refusals made before any I/O, on SQLite alone (`dbtools.before_io`)."""
     return store_repo
 
 
@@ -118,6 +120,7 @@ def test_missing_session_is_an_error_not_an_empty_history(
         repo.get_history(key, limit=5)
 
 
+@before_io
 @pytest.mark.parametrize(
     ("argument", "value"),
     [
@@ -132,5 +135,5 @@ def test_missing_session_is_an_error_not_an_empty_history(
 def test_bad_window_arguments_name_the_argument(
     repo: SessionRepository, key: SessionKey, filled: list[Message], argument: str, value: object
 ) -> None:
-    with pytest.raises(ValueError, match=argument):
+    with pytest.raises(ValueError, match=argument), no_statements():
         repo.get_history(key, **{argument: value})  # type: ignore[arg-type]

@@ -47,7 +47,14 @@ from aisopod_session import (
 )
 from aisopod_session.keys import MAX_KEY_PART_LENGTH
 from aisopod_session.validation import MAX_JSON_DEPTH, dump_json
-from tests.dbtools import raw_connect, snapshot, store_location, stress
+from tests.dbtools import (
+    before_io,
+    no_statements,
+    raw_connect,
+    snapshot,
+    store_location,
+    stress,
+)
 
 PARTS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
 LOWERED = frozenset({"agent_id", "channel", "peer_kind"})
@@ -287,7 +294,8 @@ def assert_nul_refused(store: Engine, call: Callable[[], object], field: str) ->
 
 @pytest.fixture
 def repo(store_repo: SessionRepository) -> SessionRepository:
-    """Every test of this module runs on SQLite and on PostgreSQL (see conftest)."""
+    """Every test of this module runs on SQLite and on PostgreSQL (see conftest), but
+    refusals made before any I/O, on SQLite alone (`dbtools.before_io`)."""
     return store_repo
 
 
@@ -491,6 +499,7 @@ WIDE_INTEGERS = [2**63, -(2**63) - 1, 2**64, 10**100, 10**4300]  # 10**4300: pas
 # int/str limit, so json.dumps could not even write it.
 
 
+@before_io
 @pytest.mark.parametrize(
     "value", WIDE_INTEGERS, ids=["2**63", "-2**63-1", "2**64", "1e100", "1e4300"]
 )
@@ -507,7 +516,10 @@ def test_integers_wider_than_64_bits_are_rejected_naming_the_field(
         if field == "changes"
         else (lambda: repo.append_message(key, Role.TOOL, "", tool_calls=nested))
     )
-    with pytest.raises(ValueError, match=rf"{field}: the integer at .* does not fit in 64 bits"):
+    with (
+        pytest.raises(ValueError, match=rf"{field}: the integer at .* does not fit in 64 bits"),
+        no_statements(),
+    ):
         call()
     assert snap(store) == before
 

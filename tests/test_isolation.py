@@ -18,12 +18,13 @@ from aisopod_session import (
     SessionStatus,
     SessionStoreError,
 )
-from tests.dbtools import snapshot
+from tests.dbtools import before_io, no_statements, snapshot
 
 
 @pytest.fixture
 def repo(store_repo: SessionRepository) -> SessionRepository:
-    """Every test of this module runs on SQLite and on PostgreSQL (see conftest)."""
+    """Every test of this module runs on SQLite and on PostgreSQL (see conftest), but
+    refusals made before any I/O, on SQLite alone (`dbtools.before_io`)."""
     return store_repo
 
 
@@ -159,9 +160,10 @@ def test_agent_id_is_normalised_like_a_key_part(admin: SessionRepository) -> Non
     assert scoped.get(MINE) is not None
 
 
+@before_io
 @pytest.mark.parametrize("bad", ["", "  ", "a\x00", "x" * 256, 7, None])
 def test_a_bad_agent_id_is_refused_naming_it(admin: SessionRepository, bad: object) -> None:
-    with pytest.raises(ValueError, match="agent_id"):
+    with pytest.raises(ValueError, match="agent_id"), no_statements():
         admin.for_agent(bad)  # type: ignore[arg-type]
 
 

@@ -46,7 +46,9 @@ from aisopod_session import (
 from aisopod_session.validation import MAX_JSON_DEPTH, check_json, first_nul
 from tests.dbtools import (
     AwaitingRepository,
+    before_io,
     event_loop_thread,
+    no_statements,
     python_clock,
     run_on,
     run_sql,
@@ -283,7 +285,7 @@ def refused(
     """`call` raises a `ValueError` naming `field` (as `field:`; at the very start of the
     message with `exact_start`), and writes nothing. The message."""
     before = everything(store)
-    with pytest.raises(ValueError, match=re.escape(field)) as raised:
+    with pytest.raises(ValueError, match=re.escape(field)) as raised, no_statements():
         call()
     message = str(raised.value)
     if exact_start:
@@ -576,6 +578,7 @@ BAD_INPUT: dict[str, tuple[str, Any]] = {
 }
 
 
+@before_io
 def test_bad_json_is_refused_naming_the_field_and_nothing_is_written(
     repo: SessionRepository, store: Engine
 ) -> None:
@@ -886,6 +889,7 @@ BAD_TOKEN_INPUT: dict[str, tuple[str, Any]] = {
 }
 
 
+@before_io
 def test_bad_token_counts_are_refused_naming_the_argument(
     repo: SessionRepository, store: Engine
 ) -> None:

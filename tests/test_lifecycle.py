@@ -28,7 +28,7 @@ from aisopod_session import (
 )
 from aisopod_session.models import utc_text
 from aisopod_session.validation import dump_json
-from tests.dbtools import snapshot
+from tests.dbtools import before_io, no_statements, snapshot
 
 T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 
@@ -46,7 +46,8 @@ def counters_match_rows(engine: Engine) -> None:
 
 @pytest.fixture
 def repo(store_repo: SessionRepository) -> SessionRepository:
-    """Every test of this module runs on SQLite and on PostgreSQL (see conftest)."""
+    """Every test of this module runs on SQLite and on PostgreSQL (see conftest), but
+    refusals made before any I/O, on SQLite alone (`dbtools.before_io`)."""
     return store_repo
 
 
@@ -354,13 +355,14 @@ BAD_CALLS: dict[str, tuple[str, Callable[[SessionRepository, SessionKey], Any]]]
 }
 
 
+@before_io
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_lifecycle_arguments_are_refused_and_change_nothing(
     talked: SessionRepository, key: SessionKey, store: Engine, case: str
 ) -> None:
     field, call = BAD_CALLS[case]
     before = snapshot(store)
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field), no_statements():
         call(talked, key)
     assert snapshot(store) == before
 

@@ -21,12 +21,13 @@ from aisopod_session import (
     SessionStatus,
 )
 from aisopod_session.validation import MAX_JSON_DEPTH, dump_json
-from tests.dbtools import snapshot
+from tests.dbtools import before_io, no_statements, snapshot
 
 
 @pytest.fixture
 def repo(store_repo: SessionRepository) -> SessionRepository:
-    """Every test of this module runs on SQLite and on PostgreSQL (see conftest)."""
+    """Every test of this module runs on SQLite and on PostgreSQL (see conftest), but
+    refusals made before any I/O, on SQLite alone (`dbtools.before_io`)."""
     return store_repo
 
 
@@ -140,6 +141,17 @@ BAD_CALLS: dict[str, tuple[str, Call]] = {
 }
 
 
+def test_no_statements_sees_the_statements_of_both_apis(
+    populated: SessionRepository, key: SessionKey
+) -> None:
+    """The guard of the refusals below (`dbtools.no_statements`) fails on a call that
+    reaches the database, whichever thread of either API runs it."""
+    with pytest.raises(AssertionError, match="statements ran"), no_statements():
+        populated.get(key)
+    with pytest.raises(AssertionError, match="statements ran"), no_statements():
+        populated.append_messages(key, [NewMessage(Role.USER, "x" * 100_000)] * 100)
+
+
 @pytest.fixture
 def populated(repo: SessionRepository, key: SessionKey) -> SessionRepository:
     repo.get_or_create(key)
@@ -148,13 +160,14 @@ def populated(repo: SessionRepository, key: SessionKey) -> SessionRepository:
     return repo
 
 
+@before_io
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_input_is_rejected_naming_the_field_and_nothing_is_written(
     populated: SessionRepository, key: SessionKey, store: Engine, case: str
 ) -> None:
     field, call = BAD_CALLS[case]
     before = snapshot(store)
-    with pytest.raises(ValueError, match=re.escape(field)):
+    with pytest.raises(ValueError, match=re.escape(field)), no_statements():
         call(populated, key)
     assert snapshot(store) == before
 
@@ -226,6 +239,7 @@ def test_sql_meta_characters_are_plain_data_in_every_text_field(
     assert {"sessions", "messages"} <= set(snapshot(store))
 
 
+@before_io
 @pytest.mark.parametrize(
     ("field", "call"),
     [
@@ -240,6 +254,6 @@ def test_integers_beyond_64_bits_are_rejected(
     populated: SessionRepository, key: SessionKey, store: Engine, field: str, call: Call
 ) -> None:
     before = snapshot(store)
-    with pytest.raises(ValueError, match=rf"{field}: must fit in a 64-bit"):
+    with pytest.raises(ValueError, match=rf"{field}: must fit in a 64-bit"), no_statements():
         call(populated, key)
     assert snapshot(store) == before
