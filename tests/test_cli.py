@@ -9,10 +9,11 @@ import os
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from typer.testing import CliRunner
@@ -26,8 +27,9 @@ from aisopod_session import (
     export_jsonl,
     open_database,
 )
-from aisopod_session.cli import app
+from aisopod_session.cli import app, main
 from tests.dbtools import SEED_SCHEMA, make_seed_file, run_sql, snapshot, stress
+from tests.forking import wait
 
 SCRIPT = Path(sys.executable).parent / "aisopod-session"
 
@@ -42,10 +44,15 @@ class Outcome:
 RUNNER = CliRunner()
 
 
-def cli(*args: str, env: dict[str, str] | None = None, real: bool = False) -> Outcome:
+def cli(
+    *args: str, env: dict[str, str] | None = None, real: bool | Literal["fork"] = False
+) -> Outcome:
     """Run the command: with `real`, the installed script in a subprocess (the real entry
-    point, about 2 s of start-up each); otherwise in this process through Typer's test
-    runner. AISOPOD_SESSION_DB is unset unless `env` sets it."""
+    point, about 2 s of start-up each); with `real="fork"`, the script's entry point in a
+    forked child of this process (`forked`); otherwise in this process through Typer's
+    test runner. AISOPOD_SESSION_DB is unset unless `env` sets it."""
+    if real == "fork":
+        return forked(*args, env=env)
     if not real:
         result = RUNNER.invoke(app, list(args), env={"AISOPOD_SESSION_DB": None, **(env or {})})
         if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -64,6 +71,55 @@ def cli(*args: str, env: dict[str, str] | None = None, real: bool = False) -> Ou
     return Outcome(done.returncode, done.stdout, done.stderr)
 
 
+def forked(*args: str, env: dict[str, str] | None = None, stdin: int | None = None) -> Outcome:
+    """Run the console script's entry point (`cli.main`, as the installed script does) in
+    a child forked from this process, with its own stdout and stderr (files) and `stdin`
+    (a file descriptor) if given: a process of its own, so a crash (SIGBUS, say) ends the
+    child and not the tests, without an interpreter's start-up."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 70
+            try:
+                if stdin is not None:
+                    os.dup2(stdin, 0)
+                    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the child's own
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+                sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+                os.environ.pop("AISOPOD_SESSION_DB", None)
+                os.environ.update(env or {})
+                sys.argv = ["aisopod-session", *args]
+                try:
+                    main()
+                    code = 0
+                except SystemExit as exc:
+                    code = exit_status(exc.code)
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    stream.flush()
+                os._exit(code)
+        status = wait(pid, 120)
+        out.seek(0)
+        err.seek(0)
+        return Outcome(
+            os.waitstatus_to_exitcode(status),
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+        )
+
+
+def exit_status(code: object) -> int:
+    """The exit status of `sys.exit(code)`, as the interpreter sets it."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
 def ok(*args: str, real: bool = False) -> str:
     done = cli(*args, real=real)
     assert done.returncode == 0, done.stderr
@@ -74,7 +130,7 @@ def as_json(*args: str, real: bool = False) -> Any:
     return json.loads(ok(*args, "--json", real=real))
 
 
-def failed(*args: str, real: bool = False) -> str:
+def failed(*args: str, real: bool | Literal["fork"] = False) -> str:
     """The one line a user error prints; the exit status is 1 and there is no traceback."""
     done = cli(*args, real=real)
     assert done.returncode == 1, (done.stdout, done.stderr)

@@ -4,8 +4,8 @@ terminal, never writes an export over its own store (or imports or copies the st
 itself), and answers out-of-range numbers, durations and times with a clear error.
 
 Every test runs the command on real files (and on PostgreSQL where said), in this process
-through Typer's test runner or, where a terminal is needed, the installed script in a
-subprocess with a pseudo-terminal as its stdin."""
+through Typer's test runner or, where a terminal is needed or a crash must not end the
+tests, in a forked child running the console script's entry point."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ import os
 import pty
 import re
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from sqlalchemy.engine import make_url
 
 from aisopod_session import NewMessage, Role, SessionKey, SessionRepository, open_database
 from tests.dbtools import snapshot, store_location
-from tests.test_cli import SCRIPT, Outcome, cli, failed, ok
+from tests.test_cli import Outcome, cli, failed, forked, ok
 
 KEY = SessionKey("concierge", "telegram", "bot-1", "dm", "1001")
 
@@ -331,25 +331,16 @@ def test_errors_escape_the_text_they_quote(store: Path, tmp_path: Path) -> None:
 
 
 def on_a_terminal(*args: str, typed: str) -> Outcome:
-    """Run the installed script with a pseudo-terminal as its stdin and `typed` already
-    typed on it (stdout and stderr are pipes, as when an operator pipes the output)."""
+    """Run the command's entry point in a process of its own (`forked`) with a
+    pseudo-terminal as its stdin and `typed` already typed on it (stdout and stderr are
+    files, as when an operator redirects the output)."""
     controller, terminal = pty.openpty()
-    environment = {k: v for k, v in os.environ.items() if k != "AISOPOD_SESSION_DB"}
     try:
         os.write(controller, typed.encode())
-        done = subprocess.run(
-            [str(SCRIPT), *args],
-            stdin=terminal,
-            capture_output=True,
-            text=True,
-            env=environment,
-            timeout=120,
-            check=False,
-        )
+        return forked(*args, stdin=terminal)
     finally:
         os.close(terminal)
         os.close(controller)
-    return Outcome(done.returncode, done.stdout, done.stderr)
 
 
 def test_compact_on_a_terminal_asks_and_no_keeps_every_message(store: Path) -> None:
@@ -435,7 +426,9 @@ def here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def assert_refused(here: Path, *args: str, naming: str, real: bool = False) -> None:
+def assert_refused(
+    here: Path, *args: str, naming: str, real: bool | Literal["fork"] = False
+) -> None:
     before = folder_state(here)
     line = failed(*args, real=real)
     assert naming in line
@@ -447,8 +440,8 @@ def assert_refused(here: Path, *args: str, naming: str, real: bool = False) -> N
 def test_export_refuses_to_write_over_its_own_store(here: Path, db: str, out: str) -> None:
     db_arg, out_arg = db_forms(here)[db], out_forms(here)[out]
     # Truncating the -shm file the export has mapped would kill the process with SIGBUS,
-    # so should that ever happen again it happens in a process of its own.
-    real = out == "its shared memory"
+    # so should that ever happen again it happens in a process of its own (forked).
+    real: bool | Literal["fork"] = "fork" if out == "its shared memory" else False
     assert_refused(here, "--db", db_arg, "export", "--out", out_arg, naming=out_arg, real=real)
 
 
