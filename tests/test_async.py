@@ -363,7 +363,7 @@ def test_engines_go_with_their_own_repository(engine: Engine, key: SessionKey) -
 # --- many tasks on one loop -----------------------------------------------------------
 
 TASKS = 200
-ROUNDS = 10 * stress()
+ROUNDS = 4 * stress()
 
 
 def test_200_tasks_append_at_once_without_blocking_the_loop(
