@@ -8,6 +8,10 @@ UV := $(if $(SYSTEM_UV),$(SYSTEM_UV),.tools/bin/uv)
 # Never let uv fetch its own interpreter: use the machine's python3.
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
+# Installed packages get their bytecode at install time: without it, every new Python
+# process (the CLI, the tests' child processes, each test worker) compiles SQLAlchemy and
+# the rest from source again wherever PYTHONDONTWRITEBYTECODE is set, ~1 s a process.
+export UV_COMPILE_BYTECODE := 1
 VENV := .venv
 DB ?= aisopod-sessions.db
 
