@@ -283,6 +283,26 @@ def test_on_either_backend_it_migrates_like_open_database(store_url: str) -> Non
         engine.dispose()
 
 
+def test_the_sync_repository_on_an_asyncio_engine_names_the_async_one(store_url: str) -> None:
+    """`SessionRepository` over an `open_async_database` engine's sync facade (a slip
+    that type checkers do not catch) refuses each call, naming `AsyncSessionRepository`,
+    and touches nothing."""
+
+    async def main() -> None:
+        engine = await open_async_database(store_url)
+        try:
+            repo = SessionRepository(engine.sync_engine)
+            key = SessionKey("agent-1", "telegram", "bot", "dm", "u")
+            for _ in range(2):  # the path is chosen once; every call is refused
+                with pytest.raises(SessionStoreError, match="use AsyncSessionRepository"):
+                    repo.get_or_create(key)
+            assert await AsyncSessionRepository(engine).count_sessions() == 0
+        finally:
+            await engine.dispose()
+
+    run(main())
+
+
 # --- the repository's surface ---------------------------------------------------------
 
 

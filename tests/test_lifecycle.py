@@ -280,6 +280,7 @@ def test_a_large_prune_lets_another_writer_go_on(
     repo.get_or_create(key)
     events: list[str] = []
     done = threading.Event()
+    writing = threading.Event()
     errors: list[BaseException] = []
 
     def write() -> None:
@@ -287,11 +288,16 @@ def test_a_large_prune_lets_another_writer_go_on(
             while not done.is_set():
                 repo.append_message(key, Role.USER, "still here")
                 events.append("write")
+                writing.set()
         except BaseException as exc:
             errors.append(exc)
+            writing.set()
 
     writer = threading.Thread(target=write)
     writer.start()
+    # The prune starts once the writer is writing, not while its thread may still be
+    # starting: what is tested is that it goes on between batches.
+    writing.wait(timeout=60)
     try:
         deleted = repo.prune(
             updated_before=T0 - timedelta(days=30), on_batch=lambda _: events.append("batch")

@@ -3,7 +3,8 @@ and why no SQLite connection of ours ever crosses a `fork`.
 
 The repository's calls do not go through SQLAlchemy's execution layer: they run
 precompiled SQL on the driver connection (`driver_transaction`), which costs a fraction
-as much per call.
+as much per call. Which connection that is, is chosen once per repository (`DriverPath`),
+from the engine's dialect and pool class:
 
 - **SQLite.** Each thread keeps one connection per engine between calls (a *lease*),
   because checking one out of the pool and back costs as much as a whole indexed read.
@@ -569,9 +570,37 @@ def server_begin(engine: Engine, mode: Mode) -> str:
     return f"BEGIN; SET LOCAL lock_timeout = {lock_timeout_ms(engine)}"
 
 
+_SERVER, _SHARED, _LEASED, _ASYNC = range(4)
+
+
+class DriverPath:
+    """Which driver connection the calls on `engine` run on (see the module docstring),
+    chosen once from its dialect and pool class, when a repository is made: a PostgreSQL
+    connection from the pool per call, the one connection of a `:memory:` database's pool,
+    or this thread's lease on a SQLite file. An asyncio engine's calls are refused, at
+    each call, naming the API to use instead."""
+
+    __slots__ = ("engine", "kind")
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        if engine.dialect.is_async:
+            self.kind = _ASYNC
+        elif engine.dialect.name != "sqlite":
+            self.kind = _SERVER
+        elif isinstance(engine.pool, StaticPool | SingletonThreadPool):
+            # Disposing of the engine makes a new pool of the same class: still right.
+            self.kind = _SHARED
+        else:
+            self.kind = _LEASED
+
+    def transaction(self, action: str, mode: Mode | None) -> driver_transaction:
+        """`driver_transaction` on this path."""
+        return driver_transaction(self, action, mode)
+
+
 class driver_transaction:  # noqa: N801 - used like a function: `with driver_transaction(...)`
-    """Run the block in one transaction on a driver connection (see the module
-    docstring for which one).
+    """Run the block in one transaction on `path`'s driver connection.
 
     `mode` is `"IMMEDIATE"` (every write: on SQLite the write lock first, on PostgreSQL
     a `lock_timeout` of `busy_timeout`), `"DEFERRED"` (a read snapshot over several
@@ -580,10 +609,21 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
     exception rolls everything back.
     """
 
-    __slots__ = ("_action", "_conn", "_engine", "_lease", "_mode", "_pool", "_server", "_shared")
+    __slots__ = (
+        "_action",
+        "_conn",
+        "_engine",
+        "_lease",
+        "_mode",
+        "_path",
+        "_pool",
+        "_server",
+        "_shared",
+    )
 
-    def __init__(self, engine: Engine, action: str, mode: Mode | None) -> None:
-        self._engine = engine
+    def __init__(self, path: DriverPath, action: str, mode: Mode | None) -> None:
+        self._path = path
+        self._engine = path.engine
         self._action = action
         self._mode = mode
         self._shared: PoolProxiedConnection | None = None
@@ -603,13 +643,8 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
             raise translated from exc
 
     def _begin(self) -> Any:
-        engine, mode = self._engine, self._mode
-        if engine.dialect.is_async:
-            raise SessionStoreError(
-                "this engine is an asyncio one (from open_async_database): use "
-                "AsyncSessionRepository, not SessionRepository, with it"
-            )
-        if engine.dialect.name != "sqlite":
+        engine, mode, kind = self._engine, self._mode, self._path.kind
+        if kind == _SERVER:
             self._pool = engine.pool
             self._shared = engine.raw_connection()
             conn: Any = self._shared.driver_connection
@@ -619,14 +654,19 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
             if mode is not None:
                 conn.execute(server_begin(engine, mode), prepare=False)
             return conn
-        if isinstance(engine.pool, StaticPool | SingletonThreadPool):
+        if kind == _LEASED:
+            self._lease = _check_out(engine)
+            conn = self._lease.driver
+        elif kind == _SHARED:
             # The pool's one connection is the database (`:memory:`): borrow it per call.
             self._shared = engine.raw_connection()
             conn = self._shared.driver_connection
             assert isinstance(conn, sqlite3.Connection)
         else:
-            self._lease = _check_out(engine)
-            conn = self._lease.driver
+            raise SessionStoreError(
+                "this engine is an asyncio one (from open_async_database): use "
+                "AsyncSessionRepository, not SessionRepository, with it"
+            )
         self._conn = conn
         if mode is not None:
             conn.execute(_BEGIN[mode])

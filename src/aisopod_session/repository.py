@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 
 from aisopod_session.clock import StoreClock
-from aisopod_session.connections import driver_transaction
+from aisopod_session.connections import DriverPath
 from aisopod_session.enums import Role, SessionStatus
 from aisopod_session.errors import (
     AccessDeniedError,
@@ -117,6 +117,7 @@ class SessionRepository:
         way on first use (`prepare_engine`), but its schema must already be migrated."""
         prepare_engine(engine)
         self.engine = engine
+        self._path = DriverPath(engine)
         self._dialect = engine.dialect
         self._clock = StoreClock(engine)
         self._max_count = _MAX_MESSAGE_COUNT.get(engine.dialect.name, _MAX_BIGINT)
@@ -186,12 +187,12 @@ class SessionRepository:
         """
         key = self._key(key)
         parts = key.parts()
-        with driver_transaction(self.engine, "get_or_create", None) as conn:
+        with self._path.transaction("get_or_create", None) as conn:
             row = conn.execute(self._text(SELECT_SESSION), parts).fetchone()
         if row is not None:
             return SESSION.read(row)
         for _ in range(_GET_OR_CREATE_TRIES):
-            with driver_transaction(self.engine, "get_or_create", "IMMEDIATE") as conn:
+            with self._path.transaction("get_or_create", "IMMEDIATE") as conn:
                 _, now = self._clock.stamp(conn)
                 row = conn.execute(self._text(INSERT_SESSION), (*parts, now, now)).fetchone()
                 if row is None:  # created by another writer since the read
@@ -208,7 +209,7 @@ class SessionRepository:
     def get(self, key: SessionKey | str) -> Session | None:
         """The session for `key`, or None. Read-only, one statement."""
         parts = self._key(key).parts()
-        with driver_transaction(self.engine, "get", None) as conn:
+        with self._path.transaction("get", None) as conn:
             row = conn.execute(self._text(SELECT_SESSION), parts).fetchone()
         return None if row is None else SESSION.read(row)
 
@@ -216,7 +217,7 @@ class SessionRepository:
         """The session with this id, or None (also when it belongs to an agent this
         repository is not confined to). Read-only, one statement."""
         check_int("id", id, minimum=None)
-        with driver_transaction(self.engine, "get_by_id", None) as conn:
+        with self._path.transaction("get_by_id", None) as conn:
             row = conn.execute(self._text(SELECT_SESSION_BY_ID), (id,)).fetchone()
         if row is None:
             return None
@@ -242,7 +243,7 @@ class SessionRepository:
         params["limit"] = limit
         params["offset"] = offset
         sql = self._sql(list_sessions(fields, count=False))
-        with driver_transaction(self.engine, "list_sessions", None) as conn:
+        with self._path.transaction("list_sessions", None) as conn:
             rows = conn.execute(sql.text, sql.bind(params)).fetchall()
         return list(readable(SESSION.read, rows))
 
@@ -254,7 +255,7 @@ class SessionRepository:
         Read-only, one statement."""
         fields, params = self._filter_params(filter)
         sql = self._sql(list_sessions(fields, count=True))
-        with driver_transaction(self.engine, "count_sessions", None) as conn:
+        with self._path.transaction("count_sessions", None) as conn:
             (count,) = conn.execute(sql.text, sql.bind(params)).fetchone()
         return int(count)
 
@@ -274,7 +275,7 @@ class SessionRepository:
         if replace:
             check_text_size("changes", dump_json(changes))
         parts = key.parts()
-        with driver_transaction(self.engine, "update_metadata", "IMMEDIATE") as conn:
+        with self._path.transaction("update_metadata", "IMMEDIATE") as conn:
             found = conn.execute(self._text(SELECT_META), parts).fetchone()
             if found is None:
                 raise _not_found(key)
@@ -297,7 +298,7 @@ class SessionRepository:
         except ValueError as exc:
             raise ValueError(f"status: {exc}") from None
         params = (new_status.value, *key.parts())
-        with driver_transaction(self.engine, "set_status", "IMMEDIATE") as conn:
+        with self._path.transaction("set_status", "IMMEDIATE") as conn:
             server_now = self._lock_session(conn, key)[1] if self._lock_rows else None
             _, now = self._clock.stamp(conn, server_now)
             row = conn.execute(self._text(UPDATE_STATUS), (now, *params)).fetchone()
@@ -310,7 +311,7 @@ class SessionRepository:
         `ON DELETE CASCADE`, in one write transaction. True if a session was deleted,
         False if there was none."""
         key = self._key(key)
-        with driver_transaction(self.engine, "delete", "IMMEDIATE") as conn:
+        with self._path.transaction("delete", "IMMEDIATE") as conn:
             deleted = conn.execute(self._text(DELETE_SESSION), key.parts()).fetchall()
         return bool(deleted)
 
@@ -319,7 +320,7 @@ class SessionRepository:
         status and per agent, with the sums of their `message_count`, `token_usage`,
         `input_tokens` and `output_tokens`. Read-only, one statement."""
         sql = self._sql(summary(scoped=self._agent is not None))
-        with driver_transaction(self.engine, "summary", None) as conn:
+        with self._path.transaction("summary", None) as conn:
             rows = conn.execute(sql.text, sql.bind({"agent_scope": self._agent})).fetchall()
         total = damaged = Totals()
         by_status: dict[SessionStatus, Totals] = {}
@@ -427,7 +428,7 @@ class SessionRepository:
             _MAX_BIGINT - given_in,
             _MAX_BIGINT - given_out,
         )
-        with driver_transaction(self.engine, "append_messages", "IMMEDIATE") as conn:
+        with self._path.transaction("append_messages", "IMMEDIATE") as conn:
             server_now = self._lock_session(conn, key)[1] if self._lock_rows else None
             # Under the lock, so created_at follows id order (see clock.py).
             now, now_text = self._clock.stamp(conn, server_now)
@@ -474,7 +475,7 @@ class SessionRepository:
             check_int("after_id", after_id, minimum=None)
         if limit == 0:
             # The joined query returns no row at all for LIMIT 0; only existence matters.
-            with driver_transaction(self.engine, "get_history", None) as conn:
+            with self._path.transaction("get_history", None) as conn:
                 if conn.execute(self._text(SELECT_SESSION_ID), key.parts()).fetchone() is None:
                     raise _not_found(key)
             return []
@@ -494,7 +495,7 @@ class SessionRepository:
             "after_id": after_id,
             "before_id": before_id,
         }
-        with driver_transaction(self.engine, "get_history", None) as conn:
+        with self._path.transaction("get_history", None) as conn:
             rows = conn.execute(sql.text, sql.bind(params)).fetchall()
         if not rows:
             raise _not_found(key)
@@ -536,7 +537,7 @@ class SessionRepository:
                 raise ValueError("summary: must not be empty or only whitespace")
             if self._no_nul:
                 self._refuse_nul("summary", summary)
-        with driver_transaction(self.engine, "compact", "IMMEDIATE") as conn:
+        with self._path.transaction("compact", "IMMEDIATE") as conn:
             session_id, server_now = self._lock_session(conn, key)
             newest_removed = conn.execute(
                 self._text(NEWEST_REMOVED), (session_id, keep_last)
@@ -569,7 +570,7 @@ class SessionRepository:
         status `active`, `updated_at` now), keeping only its `id`, `created_at` and
         metadata. `SessionNotFoundError` if there is no session."""
         key = self._key(key)
-        with driver_transaction(self.engine, "reset", "IMMEDIATE") as conn:
+        with self._path.transaction("reset", "IMMEDIATE") as conn:
             session_id, server_now = self._lock_session(conn, key)
             conn.execute(self._text(DELETE_SESSION_MESSAGES), (session_id,))
             _, now = self._clock.stamp(conn, server_now)
@@ -586,7 +587,7 @@ class SessionRepository:
             raise ValueError(f"idle_for: must be a positive timedelta, got {idle_for!r}")
         check_age("idle_for", idle_for)
         sql = self._sql(mark_idle(scoped=self._agent is not None))
-        with driver_transaction(self.engine, "mark_idle", "IMMEDIATE") as conn:
+        with self._path.transaction("mark_idle", "IMMEDIATE") as conn:
             now, _ = self._clock.stamp(conn)
             values = {
                 "before": utc_text(_ago("idle_for", now, idle_for)),
@@ -601,7 +602,7 @@ class SessionRepository:
         but never earlier than the newest timestamp stored. Compute cutoffs such as
         `prune(updated_before=repo.now() - age)` from it, so a host with a skewed clock
         prunes what the store's clock says is old. Read-only, one statement."""
-        with driver_transaction(self.engine, "now", None) as conn:
+        with self._path.transaction("now", None) as conn:
             return self._clock.stamp(conn)[0]
 
     def prune(
@@ -677,7 +678,7 @@ class SessionRepository:
 
     def _prune_count(self, plan: _PrunePlan) -> int:
         sql = self._sql(prune_count(status=plan.status, scoped=plan.scoped))
-        with driver_transaction(self.engine, "prune", None) as conn:
+        with self._path.transaction("prune", None) as conn:
             return int(conn.execute(sql.text, sql.bind(plan.values)).fetchone()[0])
 
     def _prune_batch(self, plan: _PrunePlan) -> int:
@@ -685,7 +686,7 @@ class SessionRepository:
         none is left)."""
         candidates = self._sql(prune_candidates(status=plan.status, scoped=plan.scoped))
         delete_batch = self._sql(prune_delete(status=plan.status, scoped=plan.scoped))
-        with driver_transaction(self.engine, "prune", "IMMEDIATE") as conn:
+        with self._path.transaction("prune", "IMMEDIATE") as conn:
             batch: list[int] = []
             messages = 0
             for session_id, count in conn.execute(candidates.text, candidates.bind(plan.values)):
