@@ -57,10 +57,12 @@ $(LOWEST)/.synced: pyproject.toml | $(UV)
 	$(UV) pip install -q --python $(LOWEST) --resolution lowest-direct -e ".[postgresql]" --group dev
 	@touch $@
 
-# All but two files: test_examples.py (the lowest FastAPI, a dev tool, predates the
-# httpx2 its TestClient is given) and test_bench.py (the peers are not installed here).
+# All but two files and the `slow` tests: test_examples.py (the lowest FastAPI, a dev tool,
+# predates the httpx2 its TestClient is given), test_bench.py (the peers are not installed
+# here), and the seven `slow` tests (tests/conftest.py: hundreds of MiB of text, 10⁴ rows,
+# 200 tasks), which test sizes and load rather than the dependencies' APIs, at seconds each.
 test-lowest: $(LOWEST)/.synced ## The suite at the lowest versions pyproject.toml allows
-	$(LOWEST)/bin/pytest -n $(WORKERS) --ignore=tests/test_examples.py --ignore=tests/test_bench.py
+	$(LOWEST)/bin/pytest -n $(WORKERS) -m "not slow" --ignore=tests/test_examples.py --ignore=tests/test_bench.py
 
 STRESS ?= 10
 stress: venv ## The suite with load, crash and property tests 10x larger (STRESS=n to change)
