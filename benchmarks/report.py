@@ -542,7 +542,7 @@ most of the time outside SQLite. The hot paths were reshaped, keeping every guar
 nothing half-written, validation before anything is written):
 
 - **No SQLAlchemy execution on the hot paths.** Every statement is written once with Core
-  against the models' tables and compiled at import to SQL text with positional
+  against the models' tables and compiled once, at first use, to SQL text with positional
   parameters (`src/aisopod_session/statements.py`); the repository runs that text on the
   driver connection. The floor imports the same text.
 - **One connection per thread, kept.** A pool check-out and check-in costs about as much
@@ -620,8 +620,8 @@ WHY = {
         "enums only; what remains is the interpreter's start and Typer's (see the table)."
     ),
     "startup status": (
-        "Beyond SQLModel itself, `status` builds the models' classes, compiles the hot "
-        "statements for SQLite at import, imports Typer and Rich, and opens the store: "
+        "Beyond SQLModel itself, `status` builds the models' classes, compiles the "
+        "statements it runs, imports Typer and Rich, and opens the store: "
         "some tens of milliseconds each, and runs on this shared machine scatter by as "
         "much."
     ),

@@ -345,3 +345,26 @@ def test_the_schema_is_the_same_on_every_backend(store: Engine) -> None:
     assert {name: value for name, value in indexes.items() if name in SEED_INDEXES} == {
         name: (table, cols) for name, (table, cols) in SEED_INDEXES.items()
     }
+
+
+def test_every_statement_compiles_for_both_databases_with_its_parameter_order() -> None:
+    """Statements compile on first use (`statements.Query`); compiled here, every one for
+    SQLite and for PostgreSQL, each checks its declared parameter order (`compile_sql`),
+    so a wrong one fails here rather than in a call that happens to need it."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    from aisopod_session import statements
+
+    queries = {name: q for name, q in vars(statements).items() if isinstance(q, statements.Query)}
+    assert {"SELECT_SESSION", "INSERT_SESSION", "COUNT_APPEND", "DELETE_SESSION"} <= set(queries)
+    built = {
+        "list_sessions": statements.list_sessions(("agent_id", "status"), count=False),
+        "insert_messages": statements.insert_messages(3),
+        "history": statements.history(newest_first=True, limit=True, after=True, before=True),
+        "summary": statements.summary(scoped=True),
+    }
+    dialects = ((sqlite.dialect(), "?"), (postgresql.dialect(), "%s"))  # type: ignore[no-untyped-call]
+    for name, query in {**queries, **built}.items():
+        for dialect, marker in dialects:
+            compiled = query.on(dialect)  # TypeError on a parameter order not declared
+            assert compiled.text.count(marker) == len(compiled.names), (name, dialect.name)

@@ -1,8 +1,8 @@
 """Every statement the repository runs (rows become objects in `loading.py`).
 
 Statements are written once with SQLAlchemy Core against the models' tables (so a column
-renamed in `models.py` cannot drift from the SQL) and compiled once per database
-(`Query.on(dialect)`: SQLite at import, PostgreSQL at first use), to SQL text with
+renamed in `models.py` cannot drift from the SQL) and compiled once per database, at first
+use (`Query.on(dialect)`: a process compiles only what it runs), to SQL text with
 positional parameters (`?` for sqlite3, `%s` for psycopg), whose names and order `Sql`
 keeps. The repository hands that text to the driver: building, caching and executing a
 Core statement per call costs several times more than SQLite takes to run it, and
@@ -95,8 +95,9 @@ def compile_sql(
 
 
 class Query:
-    """A statement written once with Core and compiled once per database (SQLite at
-    import, so a wrong parameter order fails at once; others on first use).
+    """A statement written once with Core and compiled once per database, on first use
+    (tests/test_schema.py compiles every one for both databases, so a wrong parameter
+    order fails there at once).
 
     `build` makes the statement for a dialect name; most ignore it, and the few that
     differ (an `INSERT … ON CONFLICT` is a dialect's own construct) choose by it."""
@@ -107,7 +108,11 @@ class Query:
         self._build = build
         self._order = order
         self._compiled: dict[str, Sql] = {}
-        self.sqlite = self.on(SQLITE)
+
+    @property
+    def sqlite(self) -> Sql:
+        """This statement compiled for SQLite (cached)."""
+        return self.on(SQLITE)
 
     def on(self, dialect: Dialect) -> Sql:
         """This statement compiled for `dialect` (cached)."""
