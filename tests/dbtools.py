@@ -8,7 +8,7 @@ import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from inspect import iscoroutinefunction
@@ -340,12 +340,36 @@ class AwaitingRepository:
     def __getattr__(self, name: str) -> Any:
         found = getattr(self.repo, name)
         if not iscoroutinefunction(found):
-            return found
+            if not callable(found):
+                return found
+
+            def plain(*args: Any, **kwargs: Any) -> Any:
+                result = found(*args, **kwargs)
+                if isinstance(result, AsyncIterator):  # `prune_batches`: each step on the loop
+                    return self._steps(result)
+                return result
+
+            return plain
 
         def call(*args: Any, **kwargs: Any) -> Any:
             return run_on(self._loop, found(*args, **kwargs))
 
         return call
+
+    def _steps(self, steps: AsyncIterator[T]) -> Iterator[T]:
+        """An async iterator's steps, each awaited on the loop."""
+
+        async def step() -> tuple[bool, T | None]:
+            try:
+                return True, await anext(steps)
+            except StopAsyncIteration:
+                return False, None
+
+        while True:
+            more, value = run_on(self._loop, step())
+            if not more:
+                return
+            yield cast(T, value)
 
 
 _WATCHED: list[list[str]] = []

@@ -250,6 +250,25 @@ def test_prune_can_be_limited_to_a_status(repo: SessionRepository) -> None:
     assert [s.peer_id for s in repo.list_sessions()] == ["a-1"]
 
 
+def test_prune_batches_step_by_step_and_stopped_early_keeps_the_rest(
+    repo: SessionRepository, store: Engine
+) -> None:
+    """`prune_batches` (an iterator; `async for` on the async API): each step deletes one
+    whole batch; stopping after the first keeps every other session and its messages."""
+    fill_old_sessions(store, 1_200, 1)  # three batches of at most 500 sessions
+    with pytest.raises(ValueError, match="updated_before"):
+        repo.prune_batches(updated_before=datetime(2026, 1, 1))  # checked before any batch
+    steps = repo.prune_batches(updated_before=T0)
+    assert repo.count_sessions() == 1_200  # nothing deleted before the first step
+    first = next(iter(steps))
+    assert first == 500
+    assert repo.count_sessions() == 700
+    counters_match_rows(store)
+    assert list(repo.prune_batches(updated_before=T0)) == [500, 700]
+    assert repo.count_sessions() == 0
+    assert list(repo.prune_batches(updated_before=T0)) == []
+
+
 def fill_old_sessions(engine: Engine, sessions: int, messages_each: int) -> None:
     """Plain-SQL set-up: `sessions` sessions of agent `bulk`, last updated a year ago."""
     stamp = (T0 - timedelta(days=365)).isoformat(timespec="microseconds")

@@ -9,7 +9,7 @@ import asyncio
 import copy
 import functools
 import inspect
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from datetime import datetime
 from functools import partial
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -255,18 +255,30 @@ class AsyncSessionRepository:
         one call through the write gate. `on_batch` is called between batches in the
         caller's task, and may be a coroutine function (it is awaited before the next
         batch). Cancelled, it stops after the batch in progress."""
-        plan = self._sync._prune_plan(updated_before, status)
         if dry_run:
-            return await self._bridge.run(partial(self._sync._prune_count, plan))
-        batches = self._sync._prune_batches(plan)
+            count = partial(
+                self._sync.prune, updated_before=updated_before, status=status, dry_run=True
+            )
+            return await self._bridge.run(count)
         deleted = 0
-        # Each batch runs on a worker thread, through the write gate, advancing `batches`.
-        while (done := await self._write(partial(next, batches, None))) is not None:
-            deleted = done
+        async for deleted in self.prune_batches(updated_before=updated_before, status=status):
             if on_batch is not None:
                 result = on_batch(deleted)
                 if inspect.isawaitable(result):
                     await result
+        return deleted
+
+    def prune_batches(
+        self, *, updated_before: datetime, status: SessionStatus | str | None = None
+    ) -> AsyncIterator[int]:
+        """`SessionRepository.prune_batches` for `async for`: the arguments are checked
+        when this is called, and each step runs one batch on a worker thread, through the
+        write gate. Cancelled, it stops after the batch in progress."""
+        return self._batches(self._sync.prune_batches(updated_before=updated_before, status=status))
+
+    async def _batches(self, batches: Iterator[int]) -> AsyncIterator[int]:
+        # Each batch runs on a worker thread, through the write gate, advancing `batches`.
+        while (done := await self._write(partial(next, batches, None))) is not None:
+            yield done
             # Let this loop's other writers, waiting on the gate, go before the next batch.
             await asyncio.sleep(0)
-        return deleted

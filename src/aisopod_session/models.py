@@ -6,7 +6,7 @@ The tables mirror migration 1 (`migrations.py`) column for column; a test compar
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -465,3 +465,40 @@ class SessionFilter(BaseModel):
     @classmethod
     def _status(cls, value: Any) -> SessionStatus | None:
         return None if value is None else parse_enum(SessionStatus, value)
+
+
+def as_filter(value: Any) -> SessionFilter:
+    """A filter argument as a `SessionFilter`: None (no filter), one already, or a mapping
+    of its fields (validated: errors name the field); else `ValueError` naming `filter`."""
+    if value is None:
+        return SessionFilter()
+    if isinstance(value, SessionFilter):
+        return value
+    if isinstance(value, Mapping):
+        return SessionFilter.model_validate(dict(value))
+    raise ValueError(f"filter: must be a SessionFilter or a mapping, not {type(value).__name__}")
+
+
+def as_new_messages(messages: Any) -> list[NewMessage]:
+    """A batch argument as `NewMessage`s: a non-empty sequence of them or of mappings of
+    their fields; else `ValueError` naming `messages` (or `messages[i]`)."""
+    if isinstance(messages, NewMessage | str | bytes | Mapping) or not isinstance(
+        messages, Sequence
+    ):
+        raise ValueError(
+            f"messages: must be a sequence of NewMessage, not {type(messages).__name__}"
+        )
+    if not messages:
+        raise ValueError("messages: must hold at least one message")
+    result: list[NewMessage] = []
+    for index, message in enumerate(messages):
+        if isinstance(message, NewMessage):
+            result.append(message)
+        elif isinstance(message, Mapping):
+            result.append(NewMessage.model_validate(dict(message)))
+        else:
+            raise ValueError(
+                f"messages[{index}]: must be a NewMessage or a mapping, "
+                f"not {type(message).__name__}"
+            )
+    return result

@@ -23,9 +23,18 @@ from aisopod_session.errors import (
     SessionNotFoundError,
     SessionStoreError,
 )
-from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
+from aisopod_session.keys import SessionKey, parse_enum
 from aisopod_session.loading import HISTORY_MESSAGE, MESSAGE, SESSION
-from aisopod_session.models import JSONText, Message, NewMessage, Session, SessionFilter, utc_text
+from aisopod_session.models import (
+    JSONText,
+    Message,
+    NewMessage,
+    Session,
+    SessionFilter,
+    as_filter,
+    as_new_messages,
+    utc_text,
+)
 from aisopod_session.results import CompactionResult, StoreSummary, Totals
 from aisopod_session.statements import (
     COUNT_APPEND,
@@ -61,13 +70,19 @@ from aisopod_session.statements import (
 from aisopod_session.transactions import prepare_engine
 from aisopod_session.validation import (
     JSONValue,
-    check_age,
-    check_content,
+    ago,
+    as_key,
+    check_agent_id,
+    check_aware,
+    check_changes,
+    check_idle_for,
     check_int,
-    check_json,
+    check_status,
+    check_summary,
     check_text_size,
+    check_token_counts,
     dump_json,
-    first_nul,
+    refuse_nul,
     stored_json,
 )
 
@@ -153,10 +168,7 @@ class SessionRepository:
         `agent_id` if invalid). A confined repository cannot widen itself:
         `for_agent` with another agent raises `AccessDeniedError`.
         """
-        try:
-            agent = normalize_key_part(agent_id, lower=True)
-        except ValueError as exc:
-            raise ValueError(f"agent_id: {exc}") from None
+        agent = check_agent_id(agent_id)
         if self._agent is not None and agent != self._agent:
             raise AccessDeniedError(
                 f"this repository is confined to agent {self._agent!r}; "
@@ -168,7 +180,7 @@ class SessionRepository:
 
     def _key(self, key: SessionKey | str) -> SessionKey:
         """`key` as a `SessionKey`, refused if it belongs to an agent out of scope."""
-        key = _as_key(key)
+        key = as_key(key)
         if self._agent is not None and key.agent_id != self._agent:
             raise AccessDeniedError(
                 f"key {key} belongs to agent {key.agent_id!r}; this repository is confined "
@@ -269,9 +281,7 @@ class SessionRepository:
         transaction; `SessionNotFoundError` if there is no session.
         """
         key = self._key(key)
-        if not isinstance(changes, Mapping):
-            raise ValueError(f"changes: must be a mapping, not {type(changes).__name__}")
-        changes = dict(check_json("changes", dict(changes)))
+        changes = check_changes(changes)
         if replace:
             check_text_size("changes", dump_json(changes))
         parts = key.parts()
@@ -293,10 +303,7 @@ class SessionRepository:
         """Set the session's status and bump `updated_at`; one write transaction.
         `SessionNotFoundError` if there is no session."""
         key = self._key(key)
-        try:
-            new_status = parse_enum(SessionStatus, status)
-        except ValueError as exc:
-            raise ValueError(f"status: {exc}") from None
+        new_status = check_status(status)
         params = (new_status.value, *key.parts())
         with self._path.transaction("set_status", "IMMEDIATE") as conn:
             server_now = self._lock_session(conn, key)[1] if self._lock_rows else None
@@ -370,8 +377,8 @@ class SessionRepository:
         session.
         """
         key = self._key(key)
-        new = _as_new_messages(messages)
-        counts = _token_counts(tokens, input_tokens, output_tokens)
+        new = as_new_messages(messages)
+        counts = check_token_counts(tokens, input_tokens, output_tokens)
         many = len(new) > 1
         rows = [
             self._row(message, f"messages[{index}]." if many else "")
@@ -394,7 +401,7 @@ class SessionRepository:
         """Append one message; the same guarantees as `append_messages`."""
         key = self._key(key)
         message = NewMessage(role, content, tool_calls, meta)
-        counts = _token_counts(tokens, input_tokens, output_tokens)
+        counts = check_token_counts(tokens, input_tokens, output_tokens)
         return self._append(key, [self._row(message, "")], counts)[0]
 
     def _row(self, message: NewMessage, prefix: str) -> _Row:
@@ -403,7 +410,7 @@ class SessionRepository:
         content, calls, meta = message.content, message.tool_calls, message.meta
         if self._no_nul:
             for field, value in (("content", content), ("tool_calls", calls), ("meta", meta)):
-                self._refuse_nul(prefix + field, value)
+                refuse_nul(prefix + field, value)
         return (
             message.role,
             content,
@@ -530,13 +537,9 @@ class SessionRepository:
         key = self._key(key)
         check_int("keep_last", keep_last, minimum=0)
         if summary is not None:
-            if not isinstance(summary, str):
-                raise ValueError(f"summary: must be text, not {type(summary).__name__}")
-            check_content(summary, "summary")
-            if not summary.strip():
-                raise ValueError("summary: must not be empty or only whitespace")
+            check_summary(summary)
             if self._no_nul:
-                self._refuse_nul("summary", summary)
+                refuse_nul("summary", summary)
         with self._path.transaction("compact", "IMMEDIATE") as conn:
             session_id, server_now = self._lock_session(conn, key)
             newest_removed = conn.execute(
@@ -583,14 +586,12 @@ class SessionRepository:
         many. `updated_at` is kept, so the time since the last activity stays true; the
         next append makes a session `active` again. `idle_for` must be a positive
         `timedelta`."""
-        if not isinstance(idle_for, timedelta) or idle_for <= timedelta(0):
-            raise ValueError(f"idle_for: must be a positive timedelta, got {idle_for!r}")
-        check_age("idle_for", idle_for)
+        check_idle_for(idle_for)
         sql = self._sql(mark_idle(scoped=self._agent is not None))
         with self._path.transaction("mark_idle", "IMMEDIATE") as conn:
             now, _ = self._clock.stamp(conn)
             values = {
-                "before": utc_text(_ago("idle_for", now, idle_for)),
+                "before": utc_text(ago("idle_for", now, idle_for)),
                 "status": SessionStatus.ACTIVE.value,
                 "agent_scope": self._agent,
             }
@@ -625,11 +626,10 @@ class SessionRepository:
         with the number deleted so far (for progress reports). `updated_before` must be
         timezone-aware.
         """
-        plan = self._prune_plan(updated_before, status)
         if dry_run:
-            return self._prune_count(plan)
+            return self._prune_count(self._prune_plan(updated_before, status))
         deleted = 0
-        for deleted in self._prune_batches(plan):
+        for deleted in self.prune_batches(updated_before=updated_before, status=status):
             if on_batch is not None:
                 on_batch(deleted)
             if not self._lock_rows:
@@ -639,10 +639,20 @@ class SessionRepository:
                 time.sleep(0.001)
         return deleted
 
+    def prune_batches(
+        self, *, updated_before: datetime, status: SessionStatus | str | None = None
+    ) -> Iterator[int]:
+        """`prune`, one batch per step of the iterator returned: each step runs one write
+        transaction (on the thread that takes the step) and gives the number of sessions
+        deleted so far; the iteration ends when none is left. For progress reports and
+        for stopping between batches: a prune stopped early keeps every session its
+        later batches would have deleted, and each batch is whole. The arguments are
+        checked when this is called (`ValueError` naming the argument), before any batch.
+        """
+        plan = self._prune_plan(updated_before, status)
+        return self._prune_batches(plan)
+
     def _prune_batches(self, plan: _PrunePlan) -> Iterator[int]:
-        """`prune`'s batches, one per step (each its own write transaction, run by the
-        thread that advances the iterator): after each, how many sessions it has deleted
-        so far; the iteration ends when none is left."""
         deleted = 0
         while batch := self._prune_batch(plan):
             deleted += batch
@@ -653,18 +663,8 @@ class SessionRepository:
     ) -> _PrunePlan:
         """`prune`'s arguments checked (`ValueError` naming the argument) and in stored
         form."""
-        if not isinstance(updated_before, datetime):
-            raise ValueError(
-                f"updated_before: must be a datetime, not {type(updated_before).__name__}"
-            )
-        if updated_before.tzinfo is None or updated_before.utcoffset() is None:
-            raise ValueError("updated_before: must be timezone-aware")
-        wanted: SessionStatus | None = None
-        if status is not None:
-            try:
-                wanted = parse_enum(SessionStatus, status)
-            except ValueError as exc:
-                raise ValueError(f"status: {exc}") from None
+        check_aware("updated_before", updated_before)
+        wanted = None if status is None else check_status(status)
         return _PrunePlan(
             status=wanted is not None,
             scoped=self._agent is not None,
@@ -700,25 +700,6 @@ class SessionRepository:
         return len(batch)
 
     # --- helpers ----------------------------------------------------------------------
-
-    @staticmethod
-    def _refuse_nul(field: str, value: Any) -> None:
-        """`ValueError` naming `field` (and the place inside a JSON value) if a string in
-        `value` holds NUL: PostgreSQL's text cannot hold it, nor its `jsonb` the escape
-        `\\u0000` that JSON text would carry, so `content::jsonb` would fail."""
-        if isinstance(value, str):
-            if "\x00" in value:
-                raise ValueError(
-                    f"{field}: holds a NUL character at {value.index(chr(0))}, which "
-                    "PostgreSQL cannot store (SQLite can)"
-                )
-            return
-        path = first_nul(value)
-        if path is not None:
-            raise ValueError(
-                f"{field}: the string at {field}{path} holds a NUL character, which "
-                "PostgreSQL cannot store (SQLite can)"
-            )
 
     def _lock_session(self, conn: Any, key: SessionKey) -> tuple[int, str | None]:
         """Lock the session's row until the transaction ends (PostgreSQL; SQLite's write
@@ -767,7 +748,7 @@ def filter_params(
     """The fields a filter sets (plus `agent_scope` when `agent` confines it) and their
     values in stored form, for `statements.filter_clauses`; `ValueError` for a bad
     filter."""
-    spec = _as_filter(filter)
+    spec = as_filter(filter)
     params: dict[str, Any] = {}
     for name, value in spec:
         if value is None:
@@ -816,20 +797,6 @@ _Tokens = tuple[int, int, int]
 """What an append adds to `token_usage`, `input_tokens` and `output_tokens`."""
 
 
-def _token_counts(tokens: int, input_tokens: int, output_tokens: int) -> _Tokens:
-    """The additions to the three token counters; `ValueError` naming the argument."""
-    check_int("tokens", tokens, minimum=0)
-    check_int("input_tokens", input_tokens, minimum=0)
-    check_int("output_tokens", output_tokens, minimum=0)
-    total = tokens + input_tokens + output_tokens
-    if total > _MAX_BIGINT:
-        raise ValueError(
-            f"tokens: tokens + input_tokens + output_tokens is {total}, more than "
-            f"{_MAX_BIGINT}, the largest count the store keeps"
-        )
-    return total, input_tokens, output_tokens
-
-
 # Rows per INSERT when appending a batch: SQLite allows 32 766 parameters per statement,
 # and a statement's values are kept under _CHUNK_BYTES (PostgreSQL refuses messages of
 # 1 GiB or more).
@@ -852,21 +819,6 @@ def _chunks(rows: list[_Row]) -> Iterator[list[_Row]]:
         yield chunk
 
 
-def _ago(field: str, now: datetime, age: timedelta) -> datetime:
-    try:
-        return now - age
-    except OverflowError:
-        raise ValueError(f"{field}: {age!r} reaches back before the year 1") from None
-
-
-def _as_key(key: Any) -> SessionKey:
-    if isinstance(key, SessionKey):
-        return key
-    if isinstance(key, str):
-        return SessionKey.parse(key)
-    raise ValueError(f"key: must be a SessionKey or its text form, not {type(key).__name__}")
-
-
 def _not_found(key: SessionKey) -> SessionNotFoundError:
     return SessionNotFoundError(f"no session for key {key}")
 
@@ -884,36 +836,3 @@ def _read_json_object(stored: str, session_id: int) -> dict[str, Any]:
             f"not JSON ({exc}); replace it with update_metadata(..., replace=True)",
         ) from exc
     return value if isinstance(value, dict) else {}
-
-
-def _as_filter(value: Any) -> SessionFilter:
-    if value is None:
-        return SessionFilter()
-    if isinstance(value, SessionFilter):
-        return value
-    if isinstance(value, Mapping):
-        return SessionFilter.model_validate(dict(value))
-    raise ValueError(f"filter: must be a SessionFilter or a mapping, not {type(value).__name__}")
-
-
-def _as_new_messages(messages: Any) -> list[NewMessage]:
-    if isinstance(messages, NewMessage | str | bytes | Mapping) or not isinstance(
-        messages, Sequence
-    ):
-        raise ValueError(
-            f"messages: must be a sequence of NewMessage, not {type(messages).__name__}"
-        )
-    if not messages:
-        raise ValueError("messages: must hold at least one message")
-    result: list[NewMessage] = []
-    for index, message in enumerate(messages):
-        if isinstance(message, NewMessage):
-            result.append(message)
-        elif isinstance(message, Mapping):
-            result.append(NewMessage.model_validate(dict(message)))
-        else:
-            raise ValueError(
-                f"messages[{index}]: must be a NewMessage or a mapping, "
-                f"not {type(message).__name__}"
-            )
-    return result

@@ -1,14 +1,18 @@
 """The one owner of "`ValueError` naming the field": every check that input is
 storable, raised before anything is written, and the stored JSON text those checks
-measure (`dump_json`). Key parts are checked by `keys.py` (the key's own rules) and
-arguments that need the models (`SessionFilter`, `NewMessage`) by their validators,
-which call the checks here."""
+measure (`dump_json`), and the repository's arguments (keys, statuses, summaries, ages,
+token counts). Key parts are checked by `keys.py` (the key's own rules), and arguments
+that are models (`SessionFilter`, `NewMessage`) by their validators, which call the
+checks here, and by `models.as_filter` / `models.as_new_messages`, which make them."""
 
 import json
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
+
+from aisopod_session.enums import SessionStatus
+from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
 
 JSONValue: TypeAlias = str | int | float | bool | list[Any] | dict[str, Any] | None
 """What a message's `content` and `tool_calls` may be: any JSON value (a `tuple` is
@@ -283,3 +287,112 @@ def check_age(field: str, age: timedelta) -> None:
     datetime can hold."""
     if age >= datetime.now(UTC) - _EPOCH:
         raise ValueError(f"{field}: {age!r} reaches back before the year 1")
+
+
+# --- the repository's arguments -----------------------------------------------------------
+
+
+def as_key(key: Any) -> SessionKey:
+    """`key` as a `SessionKey`: one already, or its text form (`SessionKey.parse`, whose
+    errors name the part); else `ValueError` naming `key`."""
+    if isinstance(key, SessionKey):
+        return key
+    if isinstance(key, str):
+        return SessionKey.parse(key)
+    raise ValueError(f"key: must be a SessionKey or its text form, not {type(key).__name__}")
+
+
+def check_agent_id(agent_id: Any) -> str:
+    """`agent_id` normalised as `SessionKey.agent_id` is, else `ValueError` naming it."""
+    try:
+        return normalize_key_part(agent_id, lower=True)
+    except ValueError as exc:
+        raise ValueError(f"agent_id: {exc}") from None
+
+
+def check_status(status: Any) -> SessionStatus:
+    """`status` as a `SessionStatus` (its value in any case), else `ValueError` naming
+    `status`."""
+    try:
+        return parse_enum(SessionStatus, status)
+    except ValueError as exc:
+        raise ValueError(f"status: {exc}") from None
+
+
+def check_changes(changes: Any) -> dict[str, Any]:
+    """Metadata changes: a mapping with string keys holding JSON values, as a `dict`; else
+    `ValueError` naming `changes` (and the place inside it)."""
+    if not isinstance(changes, Mapping):
+        raise ValueError(f"changes: must be a mapping, not {type(changes).__name__}")
+    return dict(check_json("changes", dict(changes)))
+
+
+def check_summary(summary: Any) -> str:
+    """A compaction summary: text that can be stored and is not empty or only
+    whitespace; else `ValueError` naming `summary`."""
+    if not isinstance(summary, str):
+        raise ValueError(f"summary: must be text, not {type(summary).__name__}")
+    check_content(summary, "summary")
+    if not summary.strip():
+        raise ValueError("summary: must not be empty or only whitespace")
+    return summary
+
+
+def check_idle_for(idle_for: Any) -> timedelta:
+    """A positive `timedelta` that reaches back no further than the year 1; else
+    `ValueError` naming `idle_for`."""
+    if not isinstance(idle_for, timedelta) or idle_for <= timedelta(0):
+        raise ValueError(f"idle_for: must be a positive timedelta, got {idle_for!r}")
+    check_age("idle_for", idle_for)
+    return idle_for
+
+
+def check_aware(field: str, value: Any) -> datetime:
+    """A timezone-aware `datetime`, else `ValueError` naming `field`."""
+    if not isinstance(value, datetime):
+        raise ValueError(f"{field}: must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{field}: must be timezone-aware")
+    return value
+
+
+def ago(field: str, now: datetime, age: timedelta) -> datetime:
+    """`now - age`, or `ValueError` naming `field` if that is before the year 1."""
+    try:
+        return now - age
+    except OverflowError:
+        raise ValueError(f"{field}: {age!r} reaches back before the year 1") from None
+
+
+def check_token_counts(tokens: Any, input_tokens: Any, output_tokens: Any) -> tuple[int, int, int]:
+    """What an append adds to `token_usage`, `input_tokens` and `output_tokens`: each an
+    int >= 0, their sum within 64 bits; else `ValueError` naming the argument."""
+    check_int("tokens", tokens, minimum=0)
+    check_int("input_tokens", input_tokens, minimum=0)
+    check_int("output_tokens", output_tokens, minimum=0)
+    total = tokens + input_tokens + output_tokens
+    if total > _MAX_INTEGER:
+        raise ValueError(
+            f"tokens: tokens + input_tokens + output_tokens is {total}, more than "
+            f"{_MAX_INTEGER}, the largest count the store keeps"
+        )
+    return total, input_tokens, output_tokens
+
+
+def refuse_nul(field: str, value: Any) -> None:
+    """`ValueError` naming `field` (and the place inside a JSON value) if a string in
+    `value` holds NUL, for PostgreSQL: its text cannot hold it, nor its `jsonb` the
+    escape `\\u0000` that JSON text would carry, so `content::jsonb` would fail."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(
+                f"{field}: holds a NUL character at {value.index(chr(0))}, which "
+                "PostgreSQL cannot store (SQLite can)"
+            )
+        return
+    path = first_nul(value)
+    if path is not None:
+        raise ValueError(
+            f"{field}: the string at {field}{path} holds a NUL character, which "
+            "PostgreSQL cannot store (SQLite can)"
+        )
