@@ -55,8 +55,10 @@ def repo(store_repo: SessionRepository) -> SessionRepository:
 def talked(repo: SessionRepository, key: SessionKey) -> SessionRepository:
     """`key` with ten messages m0 … m9 (3 tokens each), appended at T0 + i minutes."""
     repo.get_or_create(key)
-    for i in range(10):
-        with freeze_time(T0 + timedelta(minutes=i)):
+    # One frozen clock moved along: starting freezegun costs ~10 ms (it scans every module).
+    with freeze_time(T0) as clock:
+        for i in range(10):
+            clock.move_to(T0 + timedelta(minutes=i))
             repo.append_message(key, Role.USER if i % 2 else Role.ASSISTANT, f"m{i}", tokens=3)
     return repo
 
@@ -172,12 +174,13 @@ def test_reset_returns_the_session_to_its_fresh_state_keeping_id_created_and_met
 def make_sessions(repo: SessionRepository, ages: dict[str, timedelta]) -> dict[str, SessionKey]:
     """A session per name, each last appended to `age` before T0 + 1 day."""
     keys = {}
-    for name, age in ages.items():
-        key = SessionKey(f"agent-{name[0]}", "telegram", "bot", "dm", name)
-        with freeze_time(T0 + timedelta(days=1) - age):
+    with freeze_time(T0) as clock:
+        for name, age in ages.items():
+            key = SessionKey(f"agent-{name[0]}", "telegram", "bot", "dm", name)
+            clock.move_to(T0 + timedelta(days=1) - age)
             repo.get_or_create(key)
             repo.append_message(key, Role.USER, f"hello from {name}")
-        keys[name] = key
+            keys[name] = key
     return keys
 
 

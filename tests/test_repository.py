@@ -274,8 +274,9 @@ def make_sessions(repo: SessionRepository) -> list[Session]:
         SessionKey("agent-2", "discord", "guild", "thread", "t1"),
     ]
     sessions = []
-    for index, key in enumerate(keys):
-        with freeze_time(T0 + timedelta(minutes=index)):
+    with freeze_time(T0) as clock:
+        for index, key in enumerate(keys):
+            clock.move_to(T0 + timedelta(minutes=index))
             sessions.append(repo.get_or_create(key))
     return sessions
 
