@@ -56,7 +56,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Engine, event
-from sqlalchemy.pool import PoolProxiedConnection, SingletonThreadPool, StaticPool
+from sqlalchemy.pool import PoolProxiedConnection, QueuePool, SingletonThreadPool, StaticPool
 
 from aisopod_session.errors import SessionStoreError, driver_errors, translate
 from aisopod_session.settings import lock_timeout_ms
@@ -482,8 +482,21 @@ def _before_fork() -> None:
         _close(held)
     _drain()  # this thread is the forking one: no other thread closes meanwhile
     for engine in list(_ENGINES):
-        if _closes_before_fork(engine):
+        if _closes_before_fork(engine) and _pool_holds_idle(engine):
             engine.dispose()  # its idle pooled connections; the pool is replaced
+
+
+def _pool_holds_idle(engine: Engine) -> bool:
+    """Whether `engine`'s pool may hold a checked-in connection: a process with many
+    engines (one per tenant, or a test suite's) forks without remaking every pool."""
+    pool = engine.pool
+    return not isinstance(pool, QueuePool) or pool.checkedin() > 0
+
+
+def _pool_is_empty(engine: Engine) -> bool:
+    """Whether `engine`'s pool holds no connection at all, in or out."""
+    pool = engine.pool
+    return isinstance(pool, QueuePool) and pool.checkedin() == 0 and pool.checkedout() == 0
 
 
 def _closes_before_fork(engine: Engine) -> bool:
@@ -516,6 +529,8 @@ def _after_fork_in_child() -> None:
     for leases in list(_LEASES.values()):
         leases.pooled.clear()  # held by the parent's threads, which are not here
     for engine in list(_ENGINES):
+        if _pool_is_empty(engine):
+            continue  # no connection of the parent's to keep away from
         # A new pool; the parent's connections (SQLite's or PostgreSQL's sockets) are
         # kept unused, so that nothing in this process closes them.
         _INHERITED.append(engine.pool)
