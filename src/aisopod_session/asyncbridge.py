@@ -22,7 +22,12 @@ engine on the same file whose connections never wait for a lock (`busy_timeout` 
 if the lock is taken, it rolls back at once and the call goes to a worker thread,
 which waits for it. Inline calls may hold a loop for `INLINE_BUDGET` seconds between
 two of its turns; past that, calls go to the workers until the loop has turned, so a
-burst of tasks cannot hold it longer.
+burst of tasks cannot hold it longer. The inline engine's connections never checkpoint
+the WAL (SQLite does it in the commit that takes the WAL past 1 000 pages: milliseconds
+of copying, which would be spent on the loop); after every `CHECKPOINT_EVERY` inline
+writes a worker thread runs a passive checkpoint instead, the writer that made it due
+awaiting it with the write gate held (so it reaches the WAL's end), and the WAL stays
+small.
 
 The companion engine is disposed of when the `AsyncEngine` is (SQLAlchemy's
 `engine_disposed` event), and a fork gives the child new worker threads.
@@ -44,8 +49,8 @@ from sqlalchemy import Engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
-from aisopod_session.connections import Cancel, run_cancellable
-from aisopod_session.errors import DatabaseBusyError
+from aisopod_session.connections import Cancel, DriverPath, run_cancellable
+from aisopod_session.errors import DatabaseBusyError, SessionStoreError
 
 _T = TypeVar("_T")
 
@@ -56,6 +61,11 @@ POSTGRESQL_WORKERS = 8
 """Worker threads per PostgreSQL store: each waits on a server round trip most of the
 time; SQLAlchemy's default pool (5 + 10 overflow) has a connection for each."""
 
+
+CHECKPOINT_EVERY = 50
+"""Inline writes between two passive WAL checkpoints on a worker thread: an append adds
+about seven pages to the WAL (the rows and their indexes), so the WAL stays near 350
+pages, where SQLite's own threshold is 1 000."""
 
 INLINE_BUDGET = 0.001
 """Seconds of inline calls (below) an event loop may run between two of its turns; past
@@ -69,8 +79,10 @@ class Bridge:
 
     __slots__ = (
         "__weakref__",
+        "_inline_writes",
         "_jobs",
         "_lock",
+        "_path",
         "_pid",
         "_stop",
         "engine",
@@ -87,6 +99,8 @@ class Bridge:
             self.workers = SQLITE_WORKERS
         else:
             self.workers = POSTGRESQL_WORKERS
+        self._path = DriverPath(engine)
+        self._inline_writes = 0
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | None] | None = None
         self._stop: weakref.finalize[Any, Any] | None = None
@@ -117,23 +131,40 @@ class Bridge:
         if self.inline is not None:
             self.inline.dispose()
 
-    async def run(self, call: Callable[[], _T], inline: Callable[[], _T] | None = None) -> _T:
+    async def run(
+        self,
+        call: Callable[[], _T],
+        inline: Callable[[], _T] | None = None,
+        *,
+        writes: bool = False,
+    ) -> _T:
         """Run `call`, synchronous repository code, on a worker thread and await its
         result; cancelled, see the module docstring. `inline`, the same call on the
         inline engine, runs on the event loop itself instead when the store has one and
         the loop's budget allows (module docstring); if it finds the lock taken, `call`
-        goes to a worker thread after all, to wait for it there."""
+        goes to a worker thread after all, to wait for it there. `writes`: the call
+        writes (an inline write counts towards the next checkpoint)."""
         loop = asyncio.get_running_loop()
         if inline is not None and self.inline is not None:
             budget = _budget(loop)
             if budget.spent < INLINE_BUDGET:
                 start = time.perf_counter()
                 try:
-                    return inline()
+                    result = inline()
                 except DatabaseBusyError:
                     pass  # rolled back, nothing written: wait for the lock on a worker
+                else:
+                    if writes and self._checkpoint_due():
+                        # Its writer waits for it, still holding this loop's write gate,
+                        # so that no inline write comes in between: the WAL is copied
+                        # up to its end, and the next write starts it again from the top.
+                        await self._on_worker(loop, self._checkpoint)
+                    return result
                 finally:
                     budget.spend(time.perf_counter() - start, loop)
+        return await self._on_worker(loop, call)
+
+    async def _on_worker(self, loop: asyncio.AbstractEventLoop, call: Callable[[], _T]) -> _T:
         done: asyncio.Future[_T] = loop.create_future()
         cancel = Cancel()
         self._queue().put((loop, done, cancel, call))
@@ -142,6 +173,23 @@ class Bridge:
         except asyncio.CancelledError:
             cancel.requested = True
             raise
+
+    def _checkpoint_due(self) -> bool:
+        self._inline_writes += 1
+        if self._inline_writes < CHECKPOINT_EVERY:
+            return False
+        self._inline_writes = 0
+        return True
+
+    def _checkpoint(self) -> None:
+        """A passive checkpoint of the WAL on this worker's connection: it copies into the
+        database file what no reader still needs, waiting for nobody; a busy or failed
+        one is left to the next."""
+        with (
+            contextlib.suppress(SessionStoreError),
+            self._path.transaction("checkpoint", None) as conn,
+        ):
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 class _Budget:

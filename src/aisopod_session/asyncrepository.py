@@ -193,9 +193,9 @@ class AsyncSessionRepository:
         handler holds a worker thread, polling."""
         gate = write_gate(self._bridge)
         if gate is None:
-            return await self._bridge.run(call, inline)
+            return await self._bridge.run(call, inline, writes=True)
         async with gate:
-            return await self._bridge.run(call, inline)
+            return await self._bridge.run(call, inline, writes=True)
 
     @property
     def agent_id(self) -> str | None:

@@ -167,13 +167,21 @@ def _first_connect(engine: Engine) -> None:
 
 def _inline_twin(companion: Engine, synchronous: Synchronous) -> Engine | None:
     """For a SQLite file, an engine on it like `companion` whose connections never wait
-    for a lock (`busy_timeout` 0), for the inline calls of `asyncbridge.py`; else None."""
+    for a lock (`busy_timeout` 0) and never checkpoint the WAL, for the inline calls of
+    `asyncbridge.py` (which has a worker checkpoint instead); else None."""
     url = companion.url
     if url.get_backend_name() != "sqlite" or _in_memory(url):
         return None
     inline = _new_engine(url, busy_timeout=0, echo=False, clock=clock_of(companion))
     prepare_engine(inline, busy_timeout=0, synchronous=synchronous)
+    event.listen(inline, "connect", _no_autocheckpoint)
     return inline
+
+
+def _no_autocheckpoint(dbapi_connection: Any, _record: Any) -> None:
+    # A commit that takes the WAL past 1 000 pages copies them into the database file
+    # there and then (milliseconds): not on an event loop.
+    dbapi_connection.execute("PRAGMA wal_autocheckpoint = 0")
 
 
 def _new_engine(url: URL, *, busy_timeout: float, echo: bool, clock: Clock | None) -> Engine:
