@@ -132,7 +132,8 @@ async def open_async_database(
         )
         if inline is not None:
             # The engine's first connection initialises its dialect (a few queries, some
-            # milliseconds): done here, off the loop, not by the first inline call.
+            # milliseconds), and statements compile on first use: done here, off the
+            # loop, not by the first inline calls.
             await bridge.run(partial(_first_connect, inline))
     except BaseException:
         await engine.dispose()  # the companion with it
@@ -161,8 +162,11 @@ def companion_engines(engine: AsyncEngine) -> tuple[Engine, Engine | None]:
 
 
 def _first_connect(engine: Engine) -> None:
+    from aisopod_session.statements import compile_all
+
     with engine.connect():
         pass
+    compile_all(engine.dialect)
 
 
 def _inline_twin(companion: Engine, synchronous: Synchronous) -> Engine | None:

@@ -538,3 +538,12 @@ def warm(dialect: Dialect) -> None:
         mark_idle(scoped=scoped).on(dialect)
     for rows in (1, 2):
         insert_messages(rows).on(dialect)
+
+
+def compile_all(dialect: Dialect) -> None:
+    """Compile every fixed statement of this module for `dialect` now (the few built per
+    shape, such as `history`'s, still compile on first use): what `open_async_database`
+    does on a worker thread, so that the first inline calls do not compile on the loop."""
+    for value in list(globals().values()):
+        if isinstance(value, Query):
+            value.on(dialect)
