@@ -494,9 +494,8 @@ def _pool_holds_idle(engine: Engine) -> bool:
 
 
 def _pool_is_empty(engine: Engine) -> bool:
-    """Whether `engine`'s pool holds no connection at all, in or out."""
-    pool = engine.pool
-    return isinstance(pool, QueuePool) and pool.checkedin() == 0 and pool.checkedout() == 0
+    """Whether `engine`'s pool is a queue that holds no connection at all, in or out."""
+    return isinstance(engine.pool, QueuePool) and not _pool_holds(engine)
 
 
 def _closes_before_fork(engine: Engine) -> bool:
