@@ -626,23 +626,19 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
     __slots__ = (
         "_action",
         "_conn",
-        "_engine",
         "_lease",
         "_mode",
         "_path",
         "_pool",
-        "_server",
         "_shared",
     )
 
     def __init__(self, path: DriverPath, action: str, mode: Mode | None) -> None:
         self._path = path
-        self._engine = path.engine
         self._action = action
         self._mode = mode
         self._shared: PoolProxiedConnection | None = None
         self._lease: _Lease | None = None
-        self._server = False
         self._pool: Any = None
         self._conn: Any = None  # the driver's connection: sqlite3's or psycopg's
 
@@ -657,13 +653,12 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
             raise translated from exc
 
     def _begin(self) -> Any:
-        engine, mode, kind = self._engine, self._mode, self._path.kind
+        engine, mode, kind = self._path.engine, self._mode, self._path.kind
         if kind == _SERVER:
             self._pool = engine.pool
             self._shared = engine.raw_connection()
             conn: Any = self._shared.driver_connection
             self._conn = conn
-            self._server = True
             conn.autocommit = True  # no implicit BEGIN: a single read is one round trip
             if mode is not None:
                 conn.execute(server_begin(engine, mode), prepare=False)
@@ -715,7 +710,7 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
                         conn.execute("COMMIT")
                     except driver_errors() as exc:
                         error = exc
-                if error is not None and _in_transaction(conn, self._server):
+                if error is not None and _in_transaction(conn, self._path.kind == _SERVER):
                     try:
                         conn.execute("ROLLBACK")
                     except driver_errors():
@@ -734,9 +729,9 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
         shared, self._shared = self._shared, None
         if shared is None:
             return
-        if self._server:
+        if self._path.kind == _SERVER:
             conn = self._conn
-            if self._engine.pool is not self._pool:
+            if self._path.engine.pool is not self._pool:
                 # The engine was disposed of during the call: its old pool would keep the
                 # connection open, unused, until the garbage collector found it.
                 broken = True

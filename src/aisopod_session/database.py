@@ -134,7 +134,7 @@ async def open_async_database(
             # The engine's first connection initialises its dialect (a few queries, some
             # milliseconds), and statements compile on first use: done here, off the
             # loop, not by the first inline calls.
-            await bridge.run(partial(_first_connect, inline))
+            await bridge.run(partial(_warm_up, inline))
     except BaseException:
         await engine.dispose()  # the companion with it
         raise
@@ -161,7 +161,9 @@ def companion_engines(engine: AsyncEngine) -> tuple[Engine, Engine | None]:
     return companion, _inline_twin(companion, "NORMAL")
 
 
-def _first_connect(engine: Engine) -> None:
+def _warm_up(engine: Engine) -> None:
+    """Make `engine`'s first connection (its dialect's initialisation) and compile the
+    fixed statements for it."""
     from aisopod_session.statements import compile_all
 
     with engine.connect():

@@ -155,7 +155,7 @@ class SessionRepository:
 
     def _text(self, query: Query) -> str:
         """The SQL text of `query` for this repository's database."""
-        return query.on(self._dialect).text
+        return self._sql(query).text
 
     def for_agent(self, agent_id: str) -> SessionRepository:
         """A repository on the same engine confined to `agent_id`'s sessions.

@@ -541,9 +541,18 @@ def warm(dialect: Dialect) -> None:
 
 
 def compile_all(dialect: Dialect) -> None:
-    """Compile every fixed statement of this module for `dialect` now (the few built per
-    shape, such as `history`'s, still compile on first use): what `open_async_database`
-    does on a worker thread, so that the first inline calls do not compile on the loop."""
+    """Compile for `dialect` now every fixed statement of this module, every shape of
+    `history` and `insert_messages` for batches of up to `WARM_BATCH` messages (larger
+    ones compile on first use, about a millisecond each): what `open_async_database` does
+    on a worker thread, so that the first inline calls do not compile on the loop."""
     for value in list(globals().values()):
         if isinstance(value, Query):
             value.on(dialect)
+    for newest_first, limit, after, before in itertools.product((False, True), repeat=4):
+        history(newest_first=newest_first, limit=limit, after=after, before=before).on(dialect)
+    for count in range(1, WARM_BATCH + 1):
+        insert_messages(count).on(dialect)
+
+
+WARM_BATCH = 8
+"""The largest batch whose INSERT `compile_all` compiles ahead of use."""

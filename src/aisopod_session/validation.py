@@ -42,8 +42,9 @@ _LONG_TEXT = MAX_TEXT_BYTES // 8
 """Strings up to this many characters fit the limit whatever they hold (six bytes a
 character at most as JSON); longer ones are measured."""
 
-_MAX_JSON_INT = 2**63 - 1
-_MIN_JSON_INT = -(2**63)
+_MAX_INTEGER = 2**63 - 1
+"""The largest integer stored: SQLite's INTEGER (and JSON integers read back exactly by
+its JSON functions) are signed 64-bit values."""
 
 
 def check_json(field: str, value: Any) -> Any:
@@ -67,7 +68,7 @@ def check_json(field: str, value: Any) -> Any:
         if isinstance(item, int):
             # SQLite's JSON functions (and most JSON readers) turn wider integers into
             # floats, and Python cannot even print ones of over 4300 digits.
-            if not _MIN_JSON_INT <= item <= _MAX_JSON_INT:
+            if not -_MAX_INTEGER - 1 <= item <= _MAX_INTEGER:
                 raise ValueError(f"{field}: the integer at {path} does not fit in 64 bits")
             continue
         if isinstance(item, float):
@@ -75,8 +76,7 @@ def check_json(field: str, value: Any) -> Any:
                 raise ValueError(f"{field}: {item} at {path} is not a JSON number")
         elif isinstance(item, str):
             _check_encodable(field, item, path)
-            if len(item) > _LONG_TEXT and 2 + _utf8_size(item) > MAX_TEXT_BYTES:
-                size = 2 + _utf8_size(item)
+            if len(item) > _LONG_TEXT and (size := 2 + _utf8_size(item)) > MAX_TEXT_BYTES:
                 raise ValueError(f"{field}: the text at {path} {_too_large(size, at_least=True)}")
         elif isinstance(item, dict):
             for name, child in item.items():
@@ -114,7 +114,7 @@ def _plainly_valid(item: Any, depth: int) -> bool:
     if item is None or kind is bool:
         return True
     if kind is int:
-        return bool(_MIN_JSON_INT <= item <= _MAX_JSON_INT)
+        return bool(-_MAX_INTEGER - 1 <= item <= _MAX_INTEGER)
     if kind is float:
         return math.isfinite(item)
     if kind is dict:
@@ -263,9 +263,6 @@ def first_nul(value: Any) -> str | None:
         elif isinstance(item, list | tuple):
             stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
     return None
-
-
-_MAX_INTEGER = 2**63 - 1  # SQLite's INTEGER is a signed 64-bit value
 
 
 def check_int(field: str, value: Any, *, minimum: int | None) -> None:
