@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from aisopod_session import (
+    SCHEMA_VERSION,
     NewMessage,
     Role,
     SessionKey,
@@ -186,26 +187,23 @@ def test_init_creates_the_store_once(db_path: Path) -> None:
         (1, "applied"),
         (2, "applied"),
         (3, "applied"),
+        (4, "applied"),
     ]
     assert all(m["applied_at"] and m["recorded"] for m in migrations["migrations"])
-    assert migrations["schema_version"] == migrations["code_version"] == 3
+    assert migrations["schema_version"] == migrations["code_version"] == SCHEMA_VERSION
 
 
 def test_migrate_upgrades_an_old_store_and_status_waits_for_it(db_path: Path) -> None:
     make_seed_file(db_path)  # the seed spec's schema, made by plain SQL: no schema_version
     assert "run `aisopod-session migrate`" in failed("--db", str(db_path), "status")
     before = as_json("--db", str(db_path), "migrate", "--status")
-    assert [m["status"] for m in before["migrations"]] == ["pending"] * 3
+    assert [m["status"] for m in before["migrations"]] == ["pending"] * SCHEMA_VERSION
     assert before["schema_version"] == 0
     migrated = ok("--db", str(db_path), "migrate")
-    assert ("applied 1" in migrated, "applied 2" in migrated, "applied 3" in migrated) == (
-        True,
-        True,
-        True,
-    )
+    assert all(f"applied {n}" in migrated for n in range(1, SCHEMA_VERSION + 1)), migrated
     after = as_json("--db", str(db_path), "migrate", "--status")
-    assert [m["status"] for m in after["migrations"]] == ["applied"] * 3
-    assert as_json("--db", str(db_path), "status")["schema_version"] == 3
+    assert [m["status"] for m in after["migrations"]] == ["applied"] * SCHEMA_VERSION
+    assert as_json("--db", str(db_path), "status")["schema_version"] == SCHEMA_VERSION
 
 
 def make_crate_store(path: Path) -> None:
@@ -240,34 +238,37 @@ def test_migrate_status_counts_a_crate_stores_unrecorded_versions_as_applied(
 ) -> None:
     make_crate_store(db_path)
     before = as_json("--db", str(db_path), "migrate", "--status")
-    assert (before["schema_version"], before["code_version"]) == (2, 3)
+    assert (before["schema_version"], before["code_version"]) == (2, SCHEMA_VERSION)
     assert [(m["version"], m["status"], m["recorded"]) for m in before["migrations"]] == [
         (1, "applied", False),  # no row of its own: below the crate's one row, 2
         (2, "applied", True),
         (3, "pending", False),
+        (4, "pending", False),
     ]
-    assert [m["applied_at"] for m in before["migrations"]] == [None, None, None]
+    assert [m["applied_at"] for m in before["migrations"]] == [None] * 4
     text = ok("--db", str(db_path), "migrate", "--status")
     assert "not recorded" in text
-    assert "schema version 2; 1 pending: run `aisopod-session migrate`" in text
+    assert "schema version 2; 2 pending: run `aisopod-session migrate`" in text
     assert "run `aisopod-session migrate`" in failed("--db", str(db_path), "status")
 
     migrated = ok("--db", str(db_path), "migrate", real=True)
     assert "applied 3: JSON content" in migrated
     assert "applied 1" not in migrated
     assert "applied 2" not in migrated
-    assert "is at schema version 3" in migrated
+    assert "applied 4: fork lineage" in migrated
+    assert f"is at schema version {SCHEMA_VERSION}" in migrated
 
     after = as_json("--db", str(db_path), "migrate", "--status")
-    assert after["schema_version"] == after["code_version"] == 3
+    assert after["schema_version"] == after["code_version"] == SCHEMA_VERSION
     assert [(m["status"], m["recorded"]) for m in after["migrations"]] == [
         ("applied", False),
+        ("applied", True),
         ("applied", True),
         ("applied", True),
     ]
     assert after["migrations"][2]["applied_at"] is not None
     text = ok("--db", str(db_path), "migrate", "--status")
-    assert "schema version 3; up to date" in text
+    assert f"schema version {SCHEMA_VERSION}; up to date" in text
     assert "pending" not in text
     assert "nothing to do" in ok("--db", str(db_path), "init")
     # The crate's JSON content reads back as the values it wrote.
@@ -284,7 +285,7 @@ def test_migrate_status_counts_a_crate_stores_unrecorded_versions_as_applied(
 
 def test_status_counts_sessions_messages_and_sizes(store: Path) -> None:
     report = as_json("--db", str(store), "status")
-    assert report["schema_version"] == 3
+    assert report["schema_version"] == SCHEMA_VERSION
     assert (report["sessions"], report["messages"], report["tokens"]) == (3, 6, 37)
     assert (report["input_tokens"], report["output_tokens"]) == (20, 10)
     assert report["sessions_by_status"] == {"active": 2, "idle": 1}

@@ -338,6 +338,8 @@ def test_migration_3_changes_no_cell_the_crate_wrote(crate_store: CrateStore) ->
         *SESSION_COLUMNS,
         "input_tokens",
         "output_tokens",
+        "parent_id",
+        "forked_from_message_id",
     }
     assert raw_rows(target, "messages", ["metadata"]) == [("{}",)] * len(CONVERSATION)
     assert raw_rows(target, "sessions", ["input_tokens", "output_tokens"]) == [(0, 0)]

@@ -440,7 +440,8 @@ def test_a_version_1_store_full_of_data_upgrades_with_nothing_lost(store_url: st
     ]
     old_columns = len(before["sessions"][0])
     assert [row[:old_columns] for row in after["sessions"]] == before["sessions"]
-    assert {row[old_columns:] for row in after["sessions"]} == {(0, None, None, 0, 0)}
+    # Migrations 2, 3 and 4: compaction fields, token split, no lineage.
+    assert {row[old_columns:] for row in after["sessions"]} == {(0, None, None, 0, 0, None, None)}
     assert [row[0] for row in after["schema_version"]] == list(range(1, SCHEMA_VERSION + 1))
     counters_match_rows(engine)
     repo = SessionRepository(engine)

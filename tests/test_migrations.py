@@ -277,15 +277,18 @@ def test_a_rust_crate_version_2_file_gets_only_the_later_migrations(db_path: Pat
     ] == [
         (1, None, None, None, True),
         (2, None, None, None, True),
-        (
-            3,
-            MIGRATIONS[2].name,
-            MIGRATIONS[2].checksum,
-            datetime(2026, 11, 26, 3, 59, 48, 123456, tzinfo=UTC),
-            True,
+        *(
+            (
+                migration.version,
+                migration.name,
+                migration.checksum,
+                datetime(2026, 11, 26, 3, 59, 48, 123456, tzinfo=UTC),
+                True,
+            )
+            for migration in MIGRATIONS[2:]
         ),
     ]
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     engine.dispose()
 
     state = snapshot(db_path)
@@ -296,7 +299,7 @@ def test_a_rust_crate_version_2_file_gets_only_the_later_migrations(db_path: Pat
     assert [(r.version, r.name, r.checksum) for r in rows] == [
         (1, None, None),
         (2, None, None),
-        (3, MIGRATIONS[2].name, MIGRATIONS[2].checksum),
+        *((m.version, m.name, m.checksum) for m in MIGRATIONS[2:]),
         (FIXED.version, FIXED.name, FIXED.checksum),
     ]
     engine.dispose()
@@ -320,8 +323,9 @@ def test_a_rust_crate_version_1_file_is_upgraded_to_the_latest_version(
         (1, None),
         (2, MIGRATIONS[1].name),
         (3, MIGRATIONS[2].name),
+        (4, MIGRATIONS[3].name),
     ]
-    assert [r.checksum for r in rows[1:]] == [MIGRATIONS[1].checksum, MIGRATIONS[2].checksum]
+    assert [r.checksum for r in rows[1:]] == [m.checksum for m in MIGRATIONS[1:]]
     session = SessionRepository(engine).get(key)
     assert session is not None
     assert (session.compaction_count, session.last_compacted_at) == (0, None)

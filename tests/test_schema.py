@@ -48,6 +48,9 @@ SESSIONS_COLUMNS = [
     # added by migration 3 (BIGINT on PostgreSQL)
     ("input_tokens", "INTEGER", 1, "0", 0),
     ("output_tokens", "INTEGER", 1, "0", 0),
+    # added by migration 4 (BIGINT on PostgreSQL): a fork's lineage
+    ("parent_id", "INTEGER", 0, None, 0),
+    ("forked_from_message_id", "INTEGER", 0, None, 0),
 ]
 MESSAGES_COLUMNS = [
     ("id", "INTEGER", 0, None, 1),
@@ -66,6 +69,14 @@ ALTER TABLE sessions ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0;
 """
 """The columns migration 3 adds to the seed's tables (with the Rust crate's version 2),
 typed independently of `migrations.py`."""
+MIGRATION_4 = """
+ALTER TABLE sessions ADD COLUMN parent_id INTEGER;
+ALTER TABLE sessions ADD COLUMN forked_from_message_id INTEGER;
+CREATE INDEX idx_sessions_agent_updated ON sessions(agent_id, updated_at, id);
+CREATE INDEX idx_sessions_parent ON sessions(parent_id) WHERE parent_id IS NOT NULL;
+"""
+"""Migration 4's columns and indexes (its search table and triggers are compared in
+tests/test_search.py)."""
 SEED_INDEXES = {
     "idx_sessions_agent_id": ("sessions", ["agent_id"]),
     "idx_sessions_channel": ("sessions", ["channel", "account_id"]),
@@ -161,7 +172,7 @@ def test_migrated_schema_equals_the_seed_ddl_the_rust_version_2_and_migration_3(
     seed = tmp_path / "seed.db"
     make_seed_file(seed, version=2)
     conn = sqlite3.connect(seed)
-    conn.executescript(MIGRATION_3_COLUMNS)
+    conn.executescript(MIGRATION_3_COLUMNS + MIGRATION_4)
     conn.close()
     assert schema_facts(db_path) == schema_facts(seed)
 

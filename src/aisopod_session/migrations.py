@@ -71,6 +71,71 @@ _SEED_INDEXES = (
 # columns exist (`_apply` adds them first).
 _OURS = "EXISTS (SELECT 1 FROM schema_version WHERE checksum IS NOT NULL AND version <= {})"
 
+
+# Migration 4's search text of a message, the same rule on both databases (docs/schema.md,
+# "Search"): a JSON string is its text; a list gives the strings among its elements and
+# the string `text` members of its objects (content blocks), one per line; an object
+# with a string `text` member gives it; other JSON gives nothing; a cell that is not
+# JSON (plain SQL's) is searched as its raw text. Only SQLite's built-in JSON functions,
+# so a program with its own SQLite (the Rust crate's bundled one) keeps writing.
+def _sqlite_search_text(column: str) -> str:
+    return (
+        f"CASE WHEN NOT json_valid({column}) THEN CAST({column} AS TEXT) "
+        f"WHEN json_type({column}) = 'text' THEN json_extract({column}, '$') "
+        f"WHEN json_type({column}) = 'array' THEN (SELECT group_concat(CASE WHEN "
+        "j.type = 'text' THEN j.atom ELSE json_extract(j.value, '$.text') END, char(10)) "
+        f"FROM json_each({column}) AS j WHERE j.type = 'text' OR (j.type = 'object' AND "
+        "json_type(j.value, '$.text') = 'text')) "
+        f"WHEN json_type({column}, '$.text') = 'text' AND json_type({column}) = 'object' "
+        f"THEN json_extract({column}, '$.text') END"
+    )
+
+
+# The same rule on PostgreSQL, as an IMMUTABLE function the search index is built on
+# (a cell that is not JSON cannot fail the cast of a query or a write: it is read as text).
+_PG_SEARCH_TEXT = r"""CREATE OR REPLACE FUNCTION aisopod_message_text(content text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    doc jsonb;
+BEGIN
+    BEGIN
+        doc := content::jsonb;
+    EXCEPTION WHEN others THEN
+        RETURN content;
+    END;
+    CASE jsonb_typeof(doc)
+    WHEN 'string' THEN
+        RETURN doc #>> '{}';
+    WHEN 'array' THEN
+        RETURN (SELECT string_agg(CASE WHEN jsonb_typeof(e) = 'string' THEN e #>> '{}'
+                                  ELSE e ->> 'text' END, E'\n' ORDER BY n)
+                FROM jsonb_array_elements(doc) WITH ORDINALITY AS a(e, n)
+                WHERE jsonb_typeof(e) = 'string' OR jsonb_typeof(e -> 'text') = 'string');
+    WHEN 'object' THEN
+        IF jsonb_typeof(doc -> 'text') = 'string' THEN
+            RETURN doc ->> 'text';
+        END IF;
+        RETURN NULL;
+    ELSE
+        RETURN NULL;
+    END CASE;
+END
+$$"""
+
+# A session's metadata as jsonb for its filters; NULL for a cell that is not JSON (plain
+# SQL's), which then matches no filter instead of failing the query.
+_PG_JSONB = r"""CREATE OR REPLACE FUNCTION aisopod_jsonb(value text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN value::jsonb;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END
+$$"""
+
+PG_SEARCH_VECTOR = "to_tsvector('simple'::regconfig, aisopod_message_text(content))"
+"""The expression PostgreSQL's search index is built on; a query repeats it to use it."""
+
 # Migration 1 is the seed spec's DDL as written. `IF NOT EXISTS` lets a file whose tables
 # were created by plain SQL from that spec (and has no schema_version yet) be adopted.
 MIGRATIONS: list[Migration] = [
@@ -173,6 +238,53 @@ MIGRATIONS: list[Migration] = [
             "ALTER TABLE messages ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}'",
             "ALTER TABLE sessions ADD COLUMN input_tokens BIGINT NOT NULL DEFAULT 0",
             "ALTER TABLE sessions ADD COLUMN output_tokens BIGINT NOT NULL DEFAULT 0",
+        ),
+    ),
+    # Migration 4: lineage, keyset-page indexes and the full-text search index. See
+    # docs/migrations.md ("Migration 4").
+    Migration(
+        version=4,
+        name="fork lineage, page indexes, full-text search",
+        statements=(
+            "ALTER TABLE sessions ADD COLUMN parent_id INTEGER",
+            "ALTER TABLE sessions ADD COLUMN forked_from_message_id INTEGER",
+            # SQLite's index entries end in the rowid (the id): (agent_id, updated_at) is
+            # ordered by (agent_id, updated_at, id), and the seed's idx_sessions_updated_at
+            # by (updated_at, id), which PostgreSQL needs an index of its own for.
+            "CREATE INDEX IF NOT EXISTS idx_sessions_agent_updated "
+            "ON sessions(agent_id, updated_at, id)",
+            "CREATE INDEX IF NOT EXISTS idx_sessions_parent ON sessions(parent_id) "
+            "WHERE parent_id IS NOT NULL",
+            # A copy of each message's search text lives in the FTS5 table (snippets are
+            # cut from it), kept in step with `messages` by triggers, so rows written by
+            # plain SQL or the crate are indexed too and deletions (compaction, reset,
+            # prune, a session's cascade) remove their hits in the same transaction.
+            "CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5("
+            "body, tokenize = 'unicode61 remove_diacritics 2')",
+            "INSERT INTO messages_fts(rowid, body) SELECT id, "
+            f"{_sqlite_search_text('content')} FROM messages",
+            "CREATE TRIGGER IF NOT EXISTS messages_fts_insert AFTER INSERT ON messages BEGIN "
+            "INSERT INTO messages_fts(rowid, body) VALUES "
+            f"(new.id, {_sqlite_search_text('new.content')}); END",
+            "CREATE TRIGGER IF NOT EXISTS messages_fts_delete AFTER DELETE ON messages BEGIN "
+            "DELETE FROM messages_fts WHERE rowid = old.id; END",
+            "CREATE TRIGGER IF NOT EXISTS messages_fts_update AFTER UPDATE OF id, content "
+            "ON messages BEGIN DELETE FROM messages_fts WHERE rowid = old.id; "
+            "INSERT INTO messages_fts(rowid, body) VALUES "
+            f"(new.id, {_sqlite_search_text('new.content')}); END",
+        ),
+        postgresql=(
+            "ALTER TABLE sessions ADD COLUMN parent_id BIGINT",
+            "ALTER TABLE sessions ADD COLUMN forked_from_message_id BIGINT",
+            "CREATE INDEX IF NOT EXISTS idx_sessions_agent_updated "
+            "ON sessions(agent_id, updated_at, id)",
+            "CREATE INDEX IF NOT EXISTS idx_sessions_updated_id ON sessions(updated_at, id)",
+            "CREATE INDEX IF NOT EXISTS idx_sessions_parent ON sessions(parent_id) "
+            "WHERE parent_id IS NOT NULL",
+            _PG_SEARCH_TEXT,
+            _PG_JSONB,
+            f"CREATE INDEX IF NOT EXISTS idx_messages_search ON messages USING gin "
+            f"(({PG_SEARCH_VECTOR}))",
         ),
     ),
 ]

@@ -264,6 +264,14 @@ class Session(SQLModel, table=True):
         Index("idx_sessions_channel", "channel", "account_id"),
         Index("idx_sessions_status", "status"),
         Index("idx_sessions_updated_at", "updated_at"),
+        # Migration 4 (PostgreSQL also gets idx_sessions_updated_id: see migrations.py).
+        Index("idx_sessions_agent_updated", "agent_id", "updated_at", "id"),
+        Index(
+            "idx_sessions_parent",
+            "parent_id",
+            sqlite_where=text("parent_id IS NOT NULL"),
+            postgresql_where=text("parent_id IS NOT NULL"),
+        ),
         {"sqlite_autoincrement": True},
     )
 
@@ -303,6 +311,12 @@ class Session(SQLModel, table=True):
     )
     output_tokens: int = Field(
         default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
+    )
+    # Migration 4: lineage. A fork records the session it was copied from and the last
+    # message it copied (ids kept as history: either may since have been deleted).
+    parent_id: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    forked_from_message_id: int | None = Field(
+        default=None, sa_column=Column(Integer, nullable=True)
     )
 
     messages: list["Message"] = Relationship(
