@@ -9,7 +9,7 @@ import asyncio
 import copy
 import functools
 import inspect
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator, Mapping
 from datetime import datetime
 from functools import partial
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -20,7 +20,7 @@ from aisopod_session.asyncbridge import bridge_of, write_gate
 from aisopod_session.database import companion_engines
 from aisopod_session.enums import SessionStatus
 from aisopod_session.keys import SessionKey
-from aisopod_session.models import NewMessage, Session
+from aisopod_session.models import NewMessage, Session, SessionFilter
 from aisopod_session.repository import SessionRepository
 from aisopod_session.transactions import prepare_engine
 
@@ -96,6 +96,11 @@ def _small_changes(*args: Any, **kwargs: Any) -> bool:
 
 def _a_page(*args: Any, **kwargs: Any) -> bool:
     limit = kwargs.get("limit")
+    return type(limit) is int and 0 <= limit <= INLINE_MESSAGES
+
+
+def _a_sessions_page(*args: Any, **kwargs: Any) -> bool:
+    limit = kwargs.get("limit", 50)
     return type(limit) is int and 0 <= limit <= INLINE_MESSAGES
 
 
@@ -231,12 +236,15 @@ class AsyncSessionRepository:
     get_by_id = _reads(SessionRepository.get_by_id, _always)
     list_sessions = _reads(SessionRepository.list_sessions)
     count_sessions = _reads(SessionRepository.count_sessions)
+    page_sessions = _reads(SessionRepository.page_sessions, _a_sessions_page)
+    search_messages = _reads(SessionRepository.search_messages)
     summary = _reads(SessionRepository.summary)
     get_history = _reads(SessionRepository.get_history, _a_page)
     now = _reads(SessionRepository.now, _always)
     update_metadata = _writes(SessionRepository.update_metadata, _small_changes)
     set_status = _writes(SessionRepository.set_status, _always)
     delete = _writes(SessionRepository.delete)
+    fork = _writes(SessionRepository.fork)
     append_messages = _writes(SessionRepository.append_messages, _few_messages)
     append_message = _writes(SessionRepository.append_message, _small_message)
     compact = _writes(SessionRepository.compact)
@@ -248,6 +256,7 @@ class AsyncSessionRepository:
         *,
         updated_before: datetime,
         status: SessionStatus | str | None = None,
+        filter: SessionFilter | Mapping[str, Any] | None = None,
         dry_run: bool = False,
         on_batch: Callable[[int], object] | None = None,
     ) -> int:
@@ -257,11 +266,16 @@ class AsyncSessionRepository:
         batch). Cancelled, it stops after the batch in progress."""
         if dry_run:
             count = partial(
-                self._sync.prune, updated_before=updated_before, status=status, dry_run=True
+                self._sync.prune,
+                updated_before=updated_before,
+                status=status,
+                filter=filter,
+                dry_run=True,
             )
             return await self._bridge.run(count)
         deleted = 0
-        async for deleted in self.prune_batches(updated_before=updated_before, status=status):
+        batches = self.prune_batches(updated_before=updated_before, status=status, filter=filter)
+        async for deleted in batches:
             if on_batch is not None:
                 result = on_batch(deleted)
                 if inspect.isawaitable(result):
@@ -269,12 +283,18 @@ class AsyncSessionRepository:
         return deleted
 
     def prune_batches(
-        self, *, updated_before: datetime, status: SessionStatus | str | None = None
+        self,
+        *,
+        updated_before: datetime,
+        status: SessionStatus | str | None = None,
+        filter: SessionFilter | Mapping[str, Any] | None = None,
     ) -> AsyncIterator[int]:
         """`SessionRepository.prune_batches` for `async for`: the arguments are checked
         when this is called, and each step runs one batch on a worker thread, through the
         write gate. Cancelled, it stops after the batch in progress."""
-        return self._batches(self._sync.prune_batches(updated_before=updated_before, status=status))
+        return self._batches(
+            self._sync.prune_batches(updated_before=updated_before, status=status, filter=filter)
+        )
 
     async def _batches(self, batches: Iterator[int]) -> AsyncIterator[int]:
         # Each batch runs on a worker thread, through the write gate, advancing `batches`.

@@ -23,6 +23,11 @@ class SessionNotFoundError(SessionStoreError, LookupError):
     """No session exists for the key or id a method needs."""
 
 
+class SessionExistsError(SessionStoreError):
+    """A call that creates a session under a given key (`fork`) found one there already;
+    nothing was written."""
+
+
 class AccessDeniedError(SessionStoreError):
     """A repository confined to one agent (`for_agent`) was given another agent's key."""
 

@@ -133,6 +133,15 @@ EXCEPTION WHEN others THEN
 END
 $$"""
 
+# A search's terms (`validation.search_terms`) as one query: each term a phrase of its
+# words, all of them required; NULL (no match) when no term holds a word.
+_PG_TSQUERY = r"""CREATE OR REPLACE FUNCTION aisopod_tsquery(terms text[]) RETURNS tsquery
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+SELECT string_agg('(' || phrase::text || ')', ' & ')::tsquery
+FROM (SELECT phraseto_tsquery('simple'::regconfig, term) AS phrase FROM unnest(terms) AS term) AS t
+WHERE numnode(phrase) > 0
+$$"""
+
 PG_SEARCH_VECTOR = "to_tsvector('simple'::regconfig, aisopod_message_text(content))"
 """The expression PostgreSQL's search index is built on; a query repeats it to use it."""
 
@@ -282,6 +291,7 @@ MIGRATIONS: list[Migration] = [
             "CREATE INDEX IF NOT EXISTS idx_sessions_parent ON sessions(parent_id) "
             "WHERE parent_id IS NOT NULL",
             _PG_SEARCH_TEXT,
+            _PG_TSQUERY,
             _PG_JSONB,
             f"CREATE INDEX IF NOT EXISTS idx_messages_search ON messages USING gin "
             f"(({PG_SEARCH_VECTOR}))",

@@ -23,6 +23,7 @@ from aisopod_session.validation import (
     JSONValue,
     check_content,
     check_message_meta,
+    check_meta_filter,
     check_tool_calls,
     dump_json,
 )
@@ -441,9 +442,11 @@ class NewMessage(BaseModel):
 
 
 class SessionFilter(BaseModel):
-    """Which sessions `list_sessions` and `count_sessions` see; every field is optional
-    and the given ones must all match. Key parts are normalised as in `SessionKey`;
-    `*_after` and `*_before` bounds are exclusive and must be timezone-aware."""
+    """Which sessions `list_sessions`, `count_sessions`, `page_sessions`,
+    `search_messages`, `prune` and the export see; every field is optional and the given
+    ones must all match. Key parts are normalised as in `SessionKey`; `*_after` and
+    `*_before` bounds are exclusive and must be timezone-aware; `meta` matches sessions
+    whose metadata holds each of its keys with an equal JSON value."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -457,6 +460,9 @@ class SessionFilter(BaseModel):
     created_before: AwareDatetime | None = None
     updated_after: AwareDatetime | None = None
     updated_before: AwareDatetime | None = None
+    meta: dict[str, Any] | None = None
+    """Top-level metadata keys and the JSON values they must hold (each key present with
+    an equal value: see docs/api.md, "Metadata filters")."""
 
     @field_validator("agent_id", "channel", mode="before")
     @classmethod
@@ -479,6 +485,11 @@ class SessionFilter(BaseModel):
     @classmethod
     def _status(cls, value: Any) -> SessionStatus | None:
         return None if value is None else parse_enum(SessionStatus, value)
+
+    @field_validator("meta", mode="plain")
+    @classmethod
+    def _meta(cls, value: Any) -> dict[str, Any] | None:
+        return check_meta_filter(value)
 
 
 def as_filter(value: Any) -> SessionFilter:

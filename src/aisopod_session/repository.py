@@ -16,10 +16,12 @@ from sqlalchemy import Engine
 
 from aisopod_session.clock import StoreClock
 from aisopod_session.connections import DriverPath
+from aisopod_session.cursors import decode_cursor, encode_cursor, fingerprint
 from aisopod_session.enums import Role, SessionStatus
 from aisopod_session.errors import (
     AccessDeniedError,
     DamagedRowError,
+    SessionExistsError,
     SessionNotFoundError,
     SessionStoreError,
 )
@@ -35,16 +37,26 @@ from aisopod_session.models import (
     as_new_messages,
     utc_text,
 )
-from aisopod_session.results import CompactionResult, StoreSummary, Totals
+from aisopod_session.results import (
+    CompactionResult,
+    SearchHit,
+    SessionPage,
+    StoreSummary,
+    Totals,
+)
 from aisopod_session.statements import (
+    COPY_MESSAGES,
     COUNT_APPEND,
     DELETE_MESSAGES_UP_TO,
     DELETE_SESSION,
     DELETE_SESSION_MESSAGES,
+    INSERT_FORK,
     INSERT_MESSAGE_WITH_ID,
     INSERT_SESSION,
     KEY,
+    LAST_MESSAGE_ID,
     LOCK_SESSION,
+    MESSAGE_IN_SESSION,
     NEWEST_REMOVED,
     RECORD_COMPACTION,
     RESET_SESSION,
@@ -54,17 +66,22 @@ from aisopod_session.statements import (
     SELECT_SESSION_BY_ID,
     SELECT_SESSION_ID,
     SESSION_COUNTERS,
+    SET_MESSAGE_COUNT,
     UPDATE_META,
     UPDATE_STATUS,
     Query,
     Sql,
+    fts_query,
     history,
     insert_messages,
     list_sessions,
     mark_idle,
+    meta_params,
+    page_sessions,
     prune_candidates,
     prune_count,
     prune_delete,
+    search,
     summary,
 )
 from aisopod_session.transactions import prepare_engine
@@ -77,12 +94,15 @@ from aisopod_session.validation import (
     check_changes,
     check_idle_for,
     check_int,
+    check_page_limit,
+    check_roles,
     check_status,
     check_summary,
     check_text_size,
     check_token_counts,
     dump_json,
     refuse_nul,
+    search_terms,
     stored_json,
 )
 
@@ -107,7 +127,7 @@ class _PrunePlan:
     """A prune's condition: which statement shape, and its parameters."""
 
     status: bool
-    scoped: bool
+    fields: tuple[str, ...]
     values: dict[str, Any]
 
 
@@ -271,6 +291,37 @@ class SessionRepository:
             (count,) = conn.execute(sql.text, sql.bind(params)).fetchone()
         return int(count)
 
+    def page_sessions(
+        self,
+        filter: SessionFilter | Mapping[str, Any] | None = None,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> SessionPage:
+        """One page of the sessions matching `filter` (and the repository's agent, if
+        confined), in `list_sessions`' order: `limit` (>= 1) of them after the page whose
+        `next_cursor` is `cursor` (None: the first page). `next_cursor` is None on the
+        last page. Keyset pagination on an index, so every page costs the same however
+        deep; a session updated while you page moves to the front and is not seen again
+        (nor seen twice). Read-only, one statement. `ValueError` naming `cursor` for a
+        cursor that is damaged or altered, or came with another filter."""
+        fields, params = self._filter_params(filter)
+        check_page_limit(limit)
+        digest = fingerprint(params)
+        start = None if cursor is None else decode_cursor(cursor, digest)
+        values = {**params, "limit": limit + 1}
+        if start is not None:
+            values["cursor_updated_at"], values["cursor_id"] = start
+        sql = self._sql(page_sessions(fields, after=start is not None))
+        with self._path.transaction("page_sessions", None) as conn:
+            rows = conn.execute(sql.text, sql.bind(values)).fetchall()
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1]
+            next_cursor = encode_cursor(digest, last[_UPDATED_AT], last[0])
+        return SessionPage(list(readable(SESSION.read, rows)), next_cursor)
+
     def update_metadata(
         self, key: SessionKey | str, changes: Mapping[str, Any], *, replace: bool = False
     ) -> Session:
@@ -321,6 +372,55 @@ class SessionRepository:
         with self._path.transaction("delete", "IMMEDIATE") as conn:
             deleted = conn.execute(self._text(DELETE_SESSION), key.parts()).fetchall()
         return bool(deleted)
+
+    def fork(
+        self, key: SessionKey | str, new_key: SessionKey | str, *, up_to_id: int | None = None
+    ) -> Session:
+        """Branch a conversation: a new session under `new_key` with a copy of the
+        messages of `key` up to and including the message `up_to_id` (every message if
+        None), in order, with their roles, content, tool calls, metadata and times (new
+        ids, in the same order). One write transaction; the source is not changed.
+
+        The new session records its lineage: `parent_id` is the source's id and
+        `forked_from_message_id` the last message copied (None for a source without
+        messages). It starts `active` with the source's metadata, `message_count` the
+        number of messages copied, its token counters 0 (it has cost nothing itself),
+        `created_at` and `updated_at` now. `SessionNotFoundError` if there is no
+        session for `key`; `SessionExistsError` if there is one for `new_key`;
+        `ValueError` naming `up_to_id` if that message is not in the source. Both keys
+        must be in a confined repository's scope (`AccessDeniedError`)."""
+        source = self._key(key)
+        target = self._key(new_key)
+        if up_to_id is not None:
+            check_int("up_to_id", up_to_id, minimum=None)
+        with self._path.transaction("fork", "IMMEDIATE") as conn:
+            found = conn.execute(self._text(SELECT_META), source.parts()).fetchone()
+            if found is None:
+                raise _not_found(source)
+            source_id, stored_meta, server_now = found
+            meta = dump_json(_read_json_object(stored_meta, source_id))
+            if up_to_id is None:
+                last = conn.execute(self._text(LAST_MESSAGE_ID), (source_id,)).fetchone()[0]
+            elif conn.execute(self._text(MESSAGE_IN_SESSION), (up_to_id, source_id)).fetchone():
+                last = up_to_id
+            else:
+                raise ValueError(
+                    f"up_to_id: message {up_to_id} is not in session {source}; nothing was written"
+                )
+            _, now = self._clock.stamp(conn, server_now)
+            values = (*target.parts(), now, now, meta, source_id, last)
+            created = conn.execute(self._text(INSERT_FORK), values).fetchone()
+            if created is None:
+                raise SessionExistsError(
+                    f"a session for key {target} exists already; nothing was written"
+                )
+            new_id = created[0]
+            copied = 0
+            if last is not None:
+                cursor = conn.execute(self._text(COPY_MESSAGES), (new_id, source_id, last))
+                copied = cursor.rowcount
+            row = conn.execute(self._text(SET_MESSAGE_COUNT), (copied, new_id)).fetchone()
+        return SESSION.read(row)
 
     def summary(self) -> StoreSummary:
         """How many sessions there are (of this repository's agent, if confined), per
@@ -513,6 +613,46 @@ class SessionRepository:
             messages.reverse()
         return messages
 
+    def search_messages(
+        self,
+        query: str,
+        *,
+        filter: SessionFilter | Mapping[str, Any] | None = None,
+        roles: Role | str | Iterable[Role | str] | None = None,
+        limit: int = 20,
+    ) -> list[SearchHit]:
+        """The messages whose search text matches `query`, best first (ties: newer
+        first), at most `limit`, of the sessions matching `filter` (and the repository's
+        agent, if confined), with one of `roles` if given.
+
+        Every plain word of `query` must appear (in any order, any case, accents
+        ignored on SQLite); `"quoted words"` must appear together in that order; every
+        other character is taken literally, so no text raises a syntax error. A
+        message's search text is its content if that is a string, else the strings of
+        its text blocks (docs/api.md, "Search"); tool calls and metadata are not
+        searched. Read-only, one statement, through the search index. `ValueError`
+        naming `query` for a non-string, blank or over-long query; naming `roles` or
+        `limit` (an int >= 0) for those. Rows that cannot be read are left out and
+        logged, as in `list_sessions`."""
+        terms = search_terms(query)
+        fields, params = self._filter_params(filter)
+        wanted = check_roles(roles) or ()
+        check_int("limit", limit, minimum=0)
+        if not terms or limit == 0:
+            return []
+        values: dict[str, Any] = {
+            **params,
+            "limit": limit,
+            "query": fts_query(terms),
+            "terms": terms,
+        }
+        for index, role in enumerate(wanted):
+            values[f"role_{index}"] = role.value
+        sql = self._sql(search(fields, len(wanted)))
+        with self._path.transaction("search_messages", None) as conn:
+            rows = conn.execute(sql.text, sql.bind(values)).fetchall()
+        return list(readable(_hit, rows))
+
     # --- lifecycle --------------------------------------------------------------------
 
     def compact(
@@ -611,12 +751,14 @@ class SessionRepository:
         *,
         updated_before: datetime,
         status: SessionStatus | str | None = None,
+        filter: SessionFilter | Mapping[str, Any] | None = None,
         dry_run: bool = False,
         on_batch: Callable[[int], object] | None = None,
     ) -> int:
         """Delete every session (of this repository's agent, if confined) last updated
         before `updated_before`, and with `status` if given, with its messages; return
-        how many. With `dry_run`, count them and delete nothing.
+        how many; with `filter`, only those it matches too (its own `updated_*` bounds
+        apply besides `updated_before`). With `dry_run`, count them and delete nothing.
 
         The deletion runs in batches, each its own write transaction of whole sessions
         holding at most about `PRUNE_BATCH_MESSAGES` messages (a larger session goes
@@ -627,9 +769,10 @@ class SessionRepository:
         timezone-aware.
         """
         if dry_run:
-            return self._prune_count(self._prune_plan(updated_before, status))
+            return self._prune_count(self._prune_plan(updated_before, status, filter))
         deleted = 0
-        for deleted in self.prune_batches(updated_before=updated_before, status=status):
+        batches = self.prune_batches(updated_before=updated_before, status=status, filter=filter)
+        for deleted in batches:
             if on_batch is not None:
                 on_batch(deleted)
             if not self._lock_rows:
@@ -640,7 +783,11 @@ class SessionRepository:
         return deleted
 
     def prune_batches(
-        self, *, updated_before: datetime, status: SessionStatus | str | None = None
+        self,
+        *,
+        updated_before: datetime,
+        status: SessionStatus | str | None = None,
+        filter: SessionFilter | Mapping[str, Any] | None = None,
     ) -> Iterator[int]:
         """`prune`, one batch per step of the iterator returned: each step runs one write
         transaction (on the thread that takes the step) and gives the number of sessions
@@ -649,7 +796,7 @@ class SessionRepository:
         later batches would have deleted, and each batch is whole. The arguments are
         checked when this is called (`ValueError` naming the argument), before any batch.
         """
-        plan = self._prune_plan(updated_before, status)
+        plan = self._prune_plan(updated_before, status, filter)
         return self._prune_batches(plan)
 
     def _prune_batches(self, plan: _PrunePlan) -> Iterator[int]:
@@ -659,33 +806,37 @@ class SessionRepository:
             yield deleted
 
     def _prune_plan(
-        self, updated_before: datetime, status: SessionStatus | str | None
+        self,
+        updated_before: datetime,
+        status: SessionStatus | str | None,
+        filter: SessionFilter | Mapping[str, Any] | None,
     ) -> _PrunePlan:
         """`prune`'s arguments checked (`ValueError` naming the argument) and in stored
         form."""
         check_aware("updated_before", updated_before)
         wanted = None if status is None else check_status(status)
+        fields, params = self._filter_params(filter)
         return _PrunePlan(
             status=wanted is not None,
-            scoped=self._agent is not None,
+            fields=fields,
             values={
+                **params,
                 "before": utc_text(updated_before),
                 "status": None if wanted is None else wanted.value,
-                "agent_scope": self._agent,
                 "limit": PRUNE_BATCH_SESSIONS,
             },
         )
 
     def _prune_count(self, plan: _PrunePlan) -> int:
-        sql = self._sql(prune_count(status=plan.status, scoped=plan.scoped))
+        sql = self._sql(prune_count(status=plan.status, fields=plan.fields))
         with self._path.transaction("prune", None) as conn:
             return int(conn.execute(sql.text, sql.bind(plan.values)).fetchone()[0])
 
     def _prune_batch(self, plan: _PrunePlan) -> int:
         """Delete one batch of `prune` in one write transaction; how many sessions (0 when
         none is left)."""
-        candidates = self._sql(prune_candidates(status=plan.status, scoped=plan.scoped))
-        delete_batch = self._sql(prune_delete(status=plan.status, scoped=plan.scoped))
+        candidates = self._sql(prune_candidates(status=plan.status, fields=plan.fields))
+        delete_batch = self._sql(prune_delete(status=plan.status, fields=plan.fields))
         with self._path.transaction("prune", "IMMEDIATE") as conn:
             batch: list[int] = []
             messages = 0
@@ -749,10 +900,17 @@ def filter_params(
     values in stored form, for `statements.filter_clauses`; `ValueError` for a bad
     filter."""
     spec = as_filter(filter)
+    fields: list[str] = []
     params: dict[str, Any] = {}
     for name, value in spec:
         if value is None:
             continue
+        if name == "meta":
+            for index, (meta_key, meta_value) in enumerate(value.items()):
+                fields.append(f"meta_{index}")
+                params.update(meta_params(index, meta_key, meta_value))
+            continue
+        fields.append(name)
         if isinstance(value, datetime):
             params[name] = utc_text(value)
         elif isinstance(value, StrEnum):
@@ -760,8 +918,9 @@ def filter_params(
         else:
             params[name] = value
     if agent is not None:
+        fields.append("agent_scope")
         params["agent_scope"] = agent
-    return tuple(params), params
+    return tuple(fields), params
 
 
 def readable(read: Callable[[Any], _T], rows: Iterable[Any]) -> Iterator[_T]:
@@ -771,6 +930,23 @@ def readable(read: Callable[[Any], _T], rows: Iterable[Any]) -> Iterator[_T]:
             yield read(row)
         except DamagedRowError as exc:
             logger.warning("skipped a damaged row: %s", exc)
+
+
+_UPDATED_AT = SESSION.names.index("updated_at")
+_MESSAGE_COLUMNS = len(MESSAGE.columns)
+
+
+def _hit(row: Sequence[Any]) -> SearchHit:
+    """A `search` row as a `SearchHit`; `DamagedRowError` for a message that cannot be
+    read or a session key that is not one."""
+    message = MESSAGE.read(row)
+    parts = row[_MESSAGE_COLUMNS : _MESSAGE_COLUMNS + 5]
+    try:
+        key = SessionKey(*parts)
+    except (TypeError, ValueError) as exc:
+        raise DamagedRowError("sessions", message.session_id, "key", str(exc)) from None
+    snippet, rank = row[_MESSAGE_COLUMNS + 5], row[_MESSAGE_COLUMNS + 6]
+    return SearchHit(message=message, key=key, snippet=snippet or "", rank=float(rank or 0))
 
 
 def _lenient_int(value: Any) -> int:

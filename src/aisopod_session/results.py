@@ -1,11 +1,13 @@
 """What the repository's calls return besides sessions and messages: `CompactionResult`
-from `compact`, and `StoreSummary` with its `Totals` from `summary`."""
+from `compact`, `StoreSummary` with its `Totals` from `summary`, `SessionPage` from
+`page_sessions` and `SearchHit` from `search_messages`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from aisopod_session.enums import SessionStatus
+from aisopod_session.keys import SessionKey
 from aisopod_session.models import Message, Session
 
 
@@ -63,3 +65,30 @@ class StoreSummary:
     by_status: dict[SessionStatus, Totals]
     by_agent: dict[str, Totals]
     damaged: Totals = Totals()
+
+
+@dataclass(frozen=True)
+class SessionPage:
+    """One page of `page_sessions`: its sessions in list order (newest `updated_at`
+    first, ties by higher id), and `next_cursor`, the opaque string that asks for the
+    next page with the same filter, or None on the last page."""
+
+    sessions: list[Session]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One message `search_messages` found: the message, its session's key, a snippet of
+    its search text with each matched word between `SNIPPET_MARKS` (and `…` where text
+    was cut), and `rank`, its relevance (higher is better; compare ranks of one search
+    only, as each database scores in its own way)."""
+
+    message: Message
+    key: SessionKey
+    snippet: str
+    rank: float
+
+
+SNIPPET_MARKS = ("«", "»")
+"""What a `SearchHit.snippet` puts before and after each matched word."""

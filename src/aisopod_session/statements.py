@@ -25,13 +25,20 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Select,
+    Table,
+    Text,
     and_,
     bindparam,
+    cast,
+    column,
     delete,
     func,
     insert,
     literal_column,
+    or_,
     select,
+    table,
+    text,
     update,
 )
 from sqlalchemy.dialects import sqlite
@@ -39,14 +46,19 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import BindParameter
 from sqlmodel import col
 
 from aisopod_session.clock import SERVER_NOW
 from aisopod_session.enums import SessionStatus
 from aisopod_session.loading import MESSAGE, SESSION
 from aisopod_session.models import Message, Session
+from aisopod_session.results import SNIPPET_MARKS
+from aisopod_session.validation import dump_json
 
-SQLITE: Dialect = sqlite.dialect()  # pysqlite's own paramstyle: `?`, bound from a tuple
+SQLITE: Dialect = sqlite.dialect()
+MESSAGES: Table = Message.__table__  # type: ignore[attr-defined]
+SESSIONS: Table = Session.__table__  # type: ignore[attr-defined]  # pysqlite's own paramstyle: `?`, bound from a tuple
 
 
 def driver_dialect(dialect: Dialect) -> Dialect:
@@ -216,9 +228,11 @@ UPDATE_STATUS = query(
 DELETE_SESSION = query(delete(Session).where(_BY_KEY).returning(col(Session.id)), KEY)
 
 
-def filter_clauses(fields: Sequence[str]) -> list[ColumnElement[bool]]:
-    """The conditions on `sessions` of a filter with `fields` set: every field's value is
-    the parameter of its name; `agent_scope` is a confined repository's agent."""
+def filter_clauses(fields: Sequence[str], dialect: str = "sqlite") -> list[ColumnElement[bool]]:
+    """The conditions on `sessions` of a filter with `fields` set, for a database of the
+    `dialect` name: every field's value is the parameter of its name; `agent_scope` is a
+    confined repository's agent; `meta_<i>` is a metadata condition whose key and value
+    are given by `meta_params`."""
     clauses: list[ColumnElement[bool]] = []
     for name in fields:
         if name.endswith("_after"):
@@ -227,9 +241,57 @@ def filter_clauses(fields: Sequence[str]) -> list[ColumnElement[bool]]:
             clauses.append(getattr(Session, name.removesuffix("_before") + "_at") < bindparam(name))
         elif name == "agent_scope":
             clauses.append(col(Session.agent_id) == bindparam(name))
+        elif name.startswith("meta_"):
+            clauses.append(_meta_clause(name, dialect))
         else:
             clauses.append(getattr(Session, name) == bindparam(name))
     return clauses
+
+
+def _meta_clause(name: str, dialect: str) -> ColumnElement[bool]:
+    """The session's metadata holds the key `:<name>_key` with a value equal to the
+    parameters' (see `meta_params`). A cell that is not JSON (plain SQL's) matches no
+    condition rather than failing the statement."""
+    if dialect == "postgresql":
+        # jsonb equality: objects compare by their members in any order, 1 equals 1.0.
+        condition = text(
+            f"(aisopod_jsonb(sessions.metadata) -> :{name}_key) = CAST(:{name}_json AS jsonb)"
+        )
+    else:
+        # SQLite's JSON functions give containers as compact JSON text in stored key
+        # order, numbers as their SQL values: `meta_params` passes the value so.
+        condition = text(
+            "(CASE WHEN json_valid(sessions.metadata) THEN EXISTS (SELECT 1 FROM "
+            f"json_each(sessions.metadata) AS j WHERE j.key = :{name}_key AND j.type = "
+            f":{name}_type AND (j.type IN ('null', 'true', 'false') OR "
+            f"j.value = :{name}_value)) ELSE 0 END)"
+        )
+    return and_(condition)
+
+
+def meta_params(index: int, key: str, value: Any) -> dict[str, Any]:
+    """The parameters of the `index`th metadata condition: key `key` holds `value` (a
+    checked JSON value)."""
+    name = f"meta_{index}"
+    stored: Any = None
+    if value is None:
+        kind = "null"
+    elif isinstance(value, bool):
+        kind = "true" if value else "false"
+    elif isinstance(value, int):
+        kind, stored = "integer", int(value)
+    elif isinstance(value, float):
+        kind, stored = "real", float(value)
+    elif isinstance(value, str):
+        kind, stored = "text", str(value)
+    else:
+        kind, stored = ("object" if isinstance(value, dict) else "array"), dump_json(value)
+    return {
+        f"{name}_key": key,
+        f"{name}_type": kind,
+        f"{name}_value": stored,
+        f"{name}_json": dump_json(value),
+    }
 
 
 @functools.cache
@@ -237,16 +299,51 @@ def list_sessions(fields: tuple[str, ...], *, count: bool) -> Query:
     """`SELECT` of the sessions matching a filter with `fields` set (see
     `filter_clauses`), newest first, one page (`:limit`, `:offset`); or with `count`
     their number."""
-    clauses = filter_clauses(fields)
-    if count:
-        return query(select(func.count()).select_from(Session).where(*clauses))
-    return query(
-        select(*SESSION.columns)
-        .where(*clauses)
-        .order_by(col(Session.updated_at).desc(), col(Session.id).desc())
-        .limit(bindparam("limit"))
-        .offset(bindparam("offset"))
-    )
+
+    def build(dialect: str) -> ClauseElement:
+        clauses = filter_clauses(fields, dialect)
+        if count:
+            return select(func.count()).select_from(Session).where(*clauses)
+        return (
+            select(*SESSION.columns)
+            .where(*clauses)
+            .order_by(col(Session.updated_at).desc(), col(Session.id).desc())
+            .limit(bindparam("limit"))
+            .offset(bindparam("offset"))
+        )
+
+    return Query(build)
+
+
+@functools.cache
+def page_sessions(fields: tuple[str, ...], *, after: bool) -> Query:
+    """One keyset page of the sessions matching a filter with `fields` set, in
+    `list_sessions`' order: at most `:limit` rows, and with `after` only those after the
+    cursor's row (`:cursor_updated_at`, `:cursor_id`) in that order. The index on
+    `(agent_id, updated_at, id)` (or `(updated_at, id)`) is read from the cursor's place
+    on, so the thousandth page costs what the first does."""
+
+    def build(dialect: str) -> ClauseElement:
+        clauses = filter_clauses(fields, dialect)
+        if after:
+            # The first term bounds the index range; the second breaks ties by id.
+            at: BindParameter[str] = bindparam("cursor_updated_at")
+            clauses.append(col(Session.updated_at) <= at)
+            clauses.append(
+                or_(
+                    col(Session.updated_at) < at,
+                    col(Session.id) < bindparam("cursor_id", type_=BigInteger),
+                )
+            )
+        return (
+            select(*SESSION.columns)
+            .where(*clauses)
+            .order_by(col(Session.updated_at).desc(), col(Session.id).desc())
+            .limit(bindparam("limit"))
+            .offset(literal_column("0"))
+        )
+
+    return Query(build)
 
 
 @functools.cache
@@ -286,19 +383,27 @@ def summary(*, scoped: bool) -> Query:
 @functools.cache
 def export_sessions(fields: tuple[str, ...]) -> Query:
     """Every session matching a filter with `fields` set, in id order (for an export)."""
-    return query(select(*SESSION.columns).where(*filter_clauses(fields)).order_by(col(Session.id)))
+    return Query(
+        lambda dialect: (
+            select(*SESSION.columns)
+            .where(*filter_clauses(fields, dialect))
+            .order_by(col(Session.id))
+        )
+    )
 
 
 @functools.cache
 def export_messages(fields: tuple[str, ...]) -> Query:
     """Every message of the sessions matching a filter with `fields` set, in id order,
     each followed by its session's key parts (for an export)."""
-    return query(
-        select(*MESSAGE.columns, *(getattr(Session, name) for name in KEY_COLUMNS))
-        .select_from(Message)
-        .join(Session, col(Message.session_id) == col(Session.id))
-        .where(*filter_clauses(fields))
-        .order_by(col(Message.id))
+    return Query(
+        lambda dialect: (
+            select(*MESSAGE.columns, *(getattr(Session, name) for name in KEY_COLUMNS))
+            .select_from(Message)
+            .join(Session, col(Message.session_id) == col(Session.id))
+            .where(*filter_clauses(fields, dialect))
+            .order_by(col(Message.id))
+        )
     )
 
 
@@ -481,39 +586,212 @@ def mark_idle(*, scoped: bool) -> Query:
     )
 
 
+def _prune_scope(
+    dialect: str, *, status: bool, fields: tuple[str, ...]
+) -> list[ColumnElement[bool]]:
+    clauses = [col(Session.updated_at) < bindparam("before")]
+    if status:
+        clauses.append(col(Session.status) == bindparam("status"))
+    return clauses + filter_clauses(fields, dialect)
+
+
 @functools.cache
-def prune_candidates(*, status: bool, scoped: bool) -> Query:
-    """Ids and message counts of the next `:limit` sessions to prune, by id."""
-    return query(
-        select(col(Session.id), col(Session.message_count))
-        .where(*_lifecycle_scope(status=status, scoped=scoped))
-        .order_by(col(Session.id))
-        .limit(bindparam("limit"))
-        .offset(literal_column("0"))
+def prune_candidates(*, status: bool, fields: tuple[str, ...]) -> Query:
+    """Ids and message counts of the next `:limit` sessions to prune, by id: updated
+    before `:before`, with `:status` if `status`, matching a filter with `fields` set
+    (`agent_scope` among them for a confined repository)."""
+    return Query(
+        lambda dialect: (
+            select(col(Session.id), col(Session.message_count))
+            .where(*_prune_scope(dialect, status=status, fields=fields))
+            .order_by(col(Session.id))
+            .limit(bindparam("limit"))
+            .offset(literal_column("0"))
+        )
     )
 
 
 @functools.cache
-def prune_count(*, status: bool, scoped: bool) -> Query:
+def prune_count(*, status: bool, fields: tuple[str, ...]) -> Query:
     """How many sessions a prune would delete."""
-    return query(
-        select(func.count())
-        .select_from(Session)
-        .where(*_lifecycle_scope(status=status, scoped=scoped))
+    return Query(
+        lambda dialect: (
+            select(func.count())
+            .select_from(Session)
+            .where(*_prune_scope(dialect, status=status, fields=fields))
+        )
     )
 
 
 @functools.cache
-def prune_delete(*, status: bool, scoped: bool) -> Query:
+def prune_delete(*, status: bool, fields: tuple[str, ...]) -> Query:
     """Delete the sessions matching the prune's condition with ids up to `:last` (the
     last of a batch picked by `prune_candidates` in the same transaction; the condition
     is checked again, so a session written to since is kept). Messages go with them
     through `ON DELETE CASCADE`."""
-    return query(
-        delete(Session).where(
-            *_lifecycle_scope(status=status, scoped=scoped), col(Session.id) <= bindparam("last")
+    return Query(
+        lambda dialect: delete(Session).where(
+            *_prune_scope(dialect, status=status, fields=fields),
+            col(Session.id) <= bindparam("last"),
         )
     )
+
+
+# --- fork -------------------------------------------------------------------------------
+
+MESSAGE_IN_SESSION = query(
+    select(col(Message.id)).where(
+        col(Message.id) == bindparam("id"), col(Message.session_id) == bindparam("session_id")
+    ),
+    ("id", "session_id"),
+)
+LAST_MESSAGE_ID = query(
+    select(func.max(col(Message.id))).where(col(Message.session_id) == bindparam("session_id")),
+    ("session_id",),
+)
+INSERT_FORK = Query(
+    lambda dialect: (
+        _insert_for(dialect)(Session)
+        .values(
+            **{name: bindparam(f"key_{name}") for name in KEY_COLUMNS},
+            created_at=bindparam("now"),
+            updated_at=bindparam("now"),
+            meta=bindparam("meta"),
+            parent_id=bindparam("parent_id"),
+            forked_from_message_id=bindparam("forked_from"),
+        )
+        .on_conflict_do_nothing(index_elements=list(KEY_COLUMNS))
+        .returning(col(Session.id))
+    ),
+    (*KEY, "now", "now", "meta", "parent_id", "forked_from"),
+)
+"""A fork's new session; no row when its key is taken."""
+_COPIED = (
+    col(Message.role),
+    col(Message.content),
+    col(Message.tool_calls),
+    col(Message.created_at),
+    col(Message.meta),
+)
+COPY_MESSAGES = query(
+    insert(Message).from_select(
+        [col(Message.session_id), *_COPIED],
+        select(bindparam("new_id", type_=BigInteger), *_COPIED)
+        .where(
+            col(Message.session_id) == bindparam("session_id"),
+            col(Message.id) <= bindparam("last"),
+        )
+        .order_by(col(Message.id)),
+    ),
+    ("new_id", "session_id", "last"),
+)
+"""Copy a session's messages up to `:last` to `:new_id`, in id order (so in the same
+order under new ids), every column but the two ids as it is."""
+SET_MESSAGE_COUNT = query(
+    update(Session)
+    .where(_BY_SESSION_ID)
+    .values(message_count=bindparam("count", type_=BigInteger))
+    .returning(*SESSION.columns),
+    ("count", "session_id"),
+)
+
+
+# --- search -----------------------------------------------------------------------------
+
+SNIPPET_WORDS = 16
+"""About how many words of a message's search text a snippet shows."""
+
+
+@functools.cache
+def search(fields: tuple[str, ...], roles: int) -> Query:
+    """The messages whose search text holds every term of the query, best first (ties:
+    newer first), at most `:limit`, of the sessions matching a filter with `fields` set
+    and with one of `roles` roles (`:role_<i>`; 0: any role). Each row: the message's
+    columns, its session's key parts, the snippet and the rank (higher is better).
+
+    SQLite: `:query` is an FTS5 query of quoted phrases (`fts_query`), matched against
+    the FTS5 table `messages_fts`; its bm25 is negated. PostgreSQL: `:terms` is the
+    terms' array, made one `tsquery` by `aisopod_tsquery`, matched against the GIN index
+    over `migrations.PG_SEARCH_VECTOR`; ranked by `ts_rank`, and the snippets cut by
+    `ts_headline` for the page's rows alone."""
+
+    def build(dialect: str) -> ClauseElement:
+        clauses = filter_clauses(fields, dialect)
+        if roles:
+            clauses.append(col(Message.role).in_([bindparam(f"role_{i}") for i in range(roles)]))
+        keys = [getattr(Session, name) for name in KEY_COLUMNS]
+        if dialect == "postgresql":
+            return _search_postgresql(clauses, keys)
+        fts = table("messages_fts", column("rowid"), column("rank"))
+        joined = fts.join(MESSAGES, col(Message.id) == fts.c.rowid).join(
+            SESSIONS, col(Message.session_id) == col(Session.id)
+        )
+        marks = "', '".join(SNIPPET_MARKS)
+        return (
+            select(
+                *MESSAGE.columns,
+                *keys,
+                literal_column(f"snippet(messages_fts, 0, '{marks}', '…', {SNIPPET_WORDS})"),
+                literal_column("-bm25(messages_fts)"),
+            )
+            .select_from(joined)
+            .where(text("messages_fts MATCH :query"), *clauses)
+            .order_by(fts.c.rank, col(Message.id).desc())
+            .limit(bindparam("limit"))
+            .offset(literal_column("0"))
+        )
+
+    return Query(build)
+
+
+def _search_postgresql(clauses: list[ColumnElement[bool]], keys: list[Any]) -> ClauseElement:
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    from aisopod_session.migrations import PG_SEARCH_VECTOR
+
+    def tsquery() -> Any:
+        return func.aisopod_tsquery(cast(bindparam("terms"), ARRAY(Text)))
+
+    vector: ColumnElement[Any] = literal_column(
+        PG_SEARCH_VECTOR.replace("(content)", "(messages.content)")
+    )
+    joined = MESSAGES.join(SESSIONS, col(Message.session_id) == col(Session.id))
+    hits = (
+        select(col(Message.id).label("hit_id"), func.ts_rank(vector, tsquery()).label("hit_rank"))
+        .select_from(joined)
+        .where(vector.op("@@")(tsquery()), *clauses)
+        .order_by(literal_column("hit_rank").desc(), col(Message.id).desc())
+        .limit(bindparam("limit"))
+        .offset(literal_column("0"))
+        .subquery("hits")
+    )
+    marks = SNIPPET_MARKS
+    options = (
+        f"'StartSel={marks[0]}, StopSel={marks[1]}, MaxWords={SNIPPET_WORDS}, "
+        f'MinWords={SNIPPET_WORDS // 2}, MaxFragments=2, FragmentDelimiter=" … "\''
+    )
+    headline = func.ts_headline(
+        literal_column("'simple'::regconfig"),
+        func.coalesce(func.aisopod_message_text(col(Message.content)), literal_column("''")),
+        tsquery(),
+        literal_column(options),
+    )
+    return (
+        select(*MESSAGE.columns, *keys, headline, hits.c.hit_rank)
+        .select_from(
+            hits.join(MESSAGES, col(Message.id) == hits.c.hit_id).join(
+                SESSIONS, col(Message.session_id) == col(Session.id)
+            )
+        )
+        .order_by(hits.c.hit_rank.desc(), col(Message.id).desc())
+    )
+
+
+def fts_query(terms: Sequence[str]) -> str:
+    """An FTS5 query requiring every term as a phrase: each term in double quotes (its
+    own quotes doubled), so FTS5's operators and syntax in user text are plain
+    characters (the tokenizer then keeps only the words)."""
+    return " ".join('"' + term.replace('"', '""') + '"' for term in terms)
 
 
 def warm(dialect: Dialect) -> None:
@@ -533,8 +811,9 @@ def warm(dialect: Dialect) -> None:
         for counting in flags:
             list_sessions(fields, count=counting).on(dialect)
     for status, scoped in itertools.product(flags, repeat=2):
+        fields = ("agent_scope",) if scoped else ()
         for build in (prune_candidates, prune_count, prune_delete):
-            build(status=status, scoped=scoped).on(dialect)
+            build(status=status, fields=fields).on(dialect)
         mark_idle(scoped=scoped).on(dialect)
     for rows in (1, 2):
         insert_messages(rows).on(dialect)

@@ -105,7 +105,7 @@ def count_export(
     """How many sessions and messages `export_jsonl` would write with `filter` (for a
     progress bar's total). Read-only."""
     fields, params = filter_params(filter)
-    clauses = filter_clauses(fields)
+    clauses = filter_clauses(fields, engine.dialect.name)
     with read_transaction(engine) as conn:
         sessions = conn.execute(
             select(func.count()).select_from(SESSIONS).where(*clauses), params

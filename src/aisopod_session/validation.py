@@ -7,11 +7,11 @@ checks here, and by `models.as_filter` / `models.as_new_messages`, which make th
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
-from aisopod_session.enums import SessionStatus
+from aisopod_session.enums import Role, SessionStatus
 from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
 
 JSONValue: TypeAlias = str | int | float | bool | list[Any] | dict[str, Any] | None
@@ -393,3 +393,79 @@ def refuse_nul(field: str, value: Any) -> None:
             f"{field}: the string at {field}{path} holds a NUL character, which "
             "PostgreSQL cannot store (SQLite can)"
         )
+
+
+# --- search and filters -------------------------------------------------------------------
+
+MAX_QUERY_CHARS = 100_000
+"""The longest search query `search_messages` takes (`ValueError` naming `query` beyond)."""
+
+
+def search_terms(query: Any) -> list[str]:
+    """The terms of a search query, each to be matched as a phrase: `"quoted text"` is
+    one term, every other run of non-space characters another; a quote left open runs
+    to the end. Every character is taken literally (the databases' query syntax never
+    sees the text: each term is passed as a quoted phrase or a parameter); NUL separates
+    terms like a space. `ValueError` naming `query` for a non-string, an empty or
+    whitespace-only query, or one over `MAX_QUERY_CHARS`."""
+    if not isinstance(query, str):
+        raise ValueError(f"query: must be text, not {type(query).__name__}")
+    if len(query) > MAX_QUERY_CHARS:
+        raise ValueError(f"query: {len(query)} characters, more than {MAX_QUERY_CHARS}")
+    text = query.replace("\x00", " ")
+    if not text.strip():
+        raise ValueError("query: must hold a word to search for")
+    terms: list[str] = []
+    for index, part in enumerate(text.split('"')):
+        if index % 2:  # inside quotes: one phrase
+            if part.strip():
+                terms.append(" ".join(part.split()))
+        else:
+            terms.extend(part.split())
+    return terms
+
+
+def check_roles(roles: Any) -> tuple[Role, ...] | None:
+    """A `roles` argument: None (every role), one `Role` (or its name), or a non-empty
+    collection of them; else `ValueError` naming `roles`."""
+    if roles is None:
+        return None
+    if isinstance(roles, str):
+        roles = (roles,)
+    if isinstance(roles, Mapping) or not isinstance(roles, Iterable):
+        raise ValueError(
+            f"roles: must be a Role or a collection of them, not {type(roles).__name__}"
+        )
+    found: list[Role] = []
+    for role in roles:
+        try:
+            member = parse_enum(Role, role)
+        except ValueError as exc:
+            raise ValueError(f"roles: {exc}") from None
+        if member not in found:
+            found.append(member)
+    if not found:
+        raise ValueError("roles: must name at least one role (None for every role)")
+    return tuple(found)
+
+
+def check_meta_filter(meta: Any) -> dict[str, Any] | None:
+    """`SessionFilter.meta`: a mapping of top-level metadata keys (strings) to the JSON
+    values they must hold; an empty one is no condition (None). Else `ValueError`
+    naming `meta` and the place inside it."""
+    if meta is None:
+        return None
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"meta: must be a mapping, not {type(meta).__name__}")
+    value = dict(check_json("meta", dict(meta)))
+    for name in value:
+        if "\x00" in name:
+            raise ValueError(f"meta: the key {name!r} holds a NUL character")
+    check_text_size("meta", dump_json(value))
+    return value or None
+
+
+def check_page_limit(limit: Any) -> int:
+    """A page size: an int >= 1; else `ValueError` naming `limit`."""
+    check_int("limit", limit, minimum=1)
+    return int(limit)
