@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         DatabaseBusyError,
         MigrationError,
         SchemaVersionError,
+        SessionExistsError,
         SessionNotFoundError,
         SessionStoreError,
     )
@@ -48,7 +49,14 @@ if TYPE_CHECKING:
     )
     from aisopod_session.models import Message, NewMessage, Session, SessionFilter
     from aisopod_session.repository import SessionRepository
-    from aisopod_session.results import CompactionResult, StoreSummary, Totals
+    from aisopod_session.results import (
+        SNIPPET_MARKS,
+        CompactionResult,
+        SearchHit,
+        SessionPage,
+        StoreSummary,
+        Totals,
+    )
     from aisopod_session.settings import DEFAULT_BUSY_TIMEOUT
     from aisopod_session.transactions import prepare_engine, write_engine
     from aisopod_session.transfer import (
@@ -70,6 +78,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "DatabaseBusyError",
         "MigrationError",
         "SchemaVersionError",
+        "SessionExistsError",
         "SessionNotFoundError",
         "SessionStoreError",
     ),
@@ -87,7 +96,14 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "models": ("Message", "NewMessage", "Session", "SessionFilter"),
     "asyncrepository": ("AsyncSessionRepository",),
     "repository": ("SessionRepository",),
-    "results": ("CompactionResult", "StoreSummary", "Totals"),
+    "results": (
+        "SNIPPET_MARKS",
+        "CompactionResult",
+        "SearchHit",
+        "SessionPage",
+        "StoreSummary",
+        "Totals",
+    ),
     "settings": ("DEFAULT_BUSY_TIMEOUT",),
     "transactions": ("prepare_engine", "write_engine"),
     "transfer": ("ExportResult", "ImportResult", "LineError", "export_jsonl", "import_jsonl"),
@@ -119,6 +135,7 @@ __all__ = [
     "DEFAULT_BUSY_TIMEOUT",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "SNIPPET_MARKS",
     "AccessDeniedError",
     "AppliedMigration",
     "AsyncSessionRepository",
@@ -137,10 +154,13 @@ __all__ = [
     "PeerKind",
     "Role",
     "SchemaVersionError",
+    "SearchHit",
     "Session",
+    "SessionExistsError",
     "SessionFilter",
     "SessionKey",
     "SessionNotFoundError",
+    "SessionPage",
     "SessionRepository",
     "SessionStatus",
     "SessionStoreError",

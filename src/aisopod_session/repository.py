@@ -630,10 +630,11 @@ class SessionRepository:
         other character is taken literally, so no text raises a syntax error. A
         message's search text is its content if that is a string, else the strings of
         its text blocks (docs/api.md, "Search"); tool calls and metadata are not
-        searched. Read-only, one statement, through the search index. `ValueError`
-        naming `query` for a non-string, blank or over-long query; naming `roles` or
-        `limit` (an int >= 0) for those. Rows that cannot be read are left out and
-        logged, as in `list_sessions`."""
+        searched. A query without a word (empty, only spaces or punctuation) finds
+        nothing. Read-only, one statement, through the search index. `ValueError`
+        naming `query` for a non-string or one over `MAX_QUERY_CHARS` (100 000)
+        characters; naming `roles` or `limit` (an int >= 0) for those. Rows that
+        cannot be read are left out and logged, as in `list_sessions`."""
         terms = search_terms(query)
         fields, params = self._filter_params(filter)
         wanted = check_roles(roles) or ()

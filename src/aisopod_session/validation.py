@@ -406,15 +406,13 @@ def search_terms(query: Any) -> list[str]:
     one term, every other run of non-space characters another; a quote left open runs
     to the end. Every character is taken literally (the databases' query syntax never
     sees the text: each term is passed as a quoted phrase or a parameter); NUL separates
-    terms like a space. `ValueError` naming `query` for a non-string, an empty or
-    whitespace-only query, or one over `MAX_QUERY_CHARS`."""
+    terms like a space. A query without terms (empty, only spaces) has none. `ValueError`
+    naming `query` for a non-string or a query over `MAX_QUERY_CHARS`."""
     if not isinstance(query, str):
         raise ValueError(f"query: must be text, not {type(query).__name__}")
     if len(query) > MAX_QUERY_CHARS:
         raise ValueError(f"query: {len(query)} characters, more than {MAX_QUERY_CHARS}")
     text = query.replace("\x00", " ")
-    if not text.strip():
-        raise ValueError("query: must hold a word to search for")
     terms: list[str] = []
     for index, part in enumerate(text.split('"')):
         if index % 2:  # inside quotes: one phrase
