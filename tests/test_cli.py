@@ -902,3 +902,77 @@ def test_status_on_a_sqlite_file_does_not_import_psycopg(store: Path) -> None:
     packages = imported_packages("--db", str(store), "status", cwd=store.parent)
     assert {"sqlalchemy", "sqlmodel", "rich"} <= packages  # the report is read right
     assert "psycopg" not in packages
+
+
+# --- search, fork, metadata filters and cursor pages -----------------------------------------
+
+
+def test_search_prints_hits_with_key_id_time_and_marked_snippet(store: Path) -> None:
+    text = ok("--db", str(store), "search", "oslo")
+    assert str(TELEGRAM) in text
+    assert "«Oslo»" in text
+    assert "2 hit(s), best first." in text
+    hits = as_json("--db", str(store), "search", '"4 °C"', "--json")
+    assert [(h["key"], h["role"], h["snippet"]) for h in hits] == [
+        (str(TELEGRAM), "assistant", "«4 °C» in Oslo.")
+    ]
+    assert hits[0]["id"] == 4
+    assert hits[0]["created_at"].endswith("+00:00")
+    assert as_json("--db", str(store), "search", "oslo", "--role", "user", "--json")[0]["id"] == 1
+    assert as_json("--db", str(store), "search", "oslo", "--meta", "language=fr", "--json") == []
+    assert len(as_json("--db", str(store), "search", "oslo", "--limit", "1", "--json")) == 1
+    assert "No message matches." in ok("--db", str(store), "search", 'NEAR(x) OR "')
+
+
+def test_sessions_fork_copies_a_session_under_a_new_key(store: Path) -> None:
+    done = ok("--db", str(store), "sessions", "fork", "1", "concierge:telegram:bot-1:dm:1002")
+    assert "into #4 concierge:telegram:bot-1:dm:1002 (4 messages, up to message #4)" in done
+    forked = as_json(
+        "--db", str(store), "sessions", "fork", str(TELEGRAM), "concierge:web:x:dm:y",
+        "--up-to", "2", "--json",
+    )  # fmt: skip
+    assert (forked["parent_id"], forked["forked_from_message_id"]) == (1, 2)
+    assert forked["message_count"] == 2
+    assert "exists already" in failed("--db", str(store), "sessions", "fork", "1", str(SLACK))
+    assert "up_to_id: message 5" in failed(
+        "--db", str(store), "sessions", "fork", "1", "a:b:c:dm:d", "--up-to", "5"
+    )
+    assert "NEW_KEY" in failed("--db", str(store), "sessions", "fork", "1", "not-a-key")
+
+
+def test_sessions_list_filters_by_metadata_and_pages_by_cursor(store: Path) -> None:
+    def keys(*args: str) -> list[str]:
+        return [s["key"] for s in as_json("--db", str(store), "sessions", "list", *args, "--json")]
+
+    assert keys("--meta", "language=en") == [str(TELEGRAM)]
+    assert keys("--meta", 'language="en"') == [str(TELEGRAM)]
+    assert keys("--meta", "language=en", "--meta", "x=1") == []
+    assert "--meta: 'language' is not KEY=JSON" in failed(
+        "--db", str(store), "sessions", "list", "--meta", "language"
+    )
+    everything = keys()
+    seen: list[str] = []
+    cursor = "first"
+    while cursor:
+        page = as_json("--db", str(store), "sessions", "list", "--limit", "1", "--cursor", cursor)
+        seen += [s["key"] for s in page["sessions"]]
+        cursor = page["next_cursor"]
+    assert seen == everything
+    text = ok("--db", str(store), "sessions", "list", "--limit", "2")
+    assert "Next page: --cursor " in text
+    assert "cursor:" in failed("--db", str(store), "sessions", "list", "--cursor", "nope")
+    assert "--cursor and --offset" in failed(
+        "--db", str(store), "sessions", "list", "--cursor", "first", "--offset", "1"
+    )
+
+
+def test_prune_and_export_take_metadata_filters(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "en.jsonl"
+    ok("--db", str(store), "export", "--meta", "language=en", "--out", str(out))
+    sessions = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {line["peer_id"] for line in sessions if line.get("type") == "session"} == {"1001"}
+    report = as_json(
+        "--db", str(store), "prune", "--older-than", "1s", "--meta", "language=en",
+        "--dry-run", "--json",
+    )  # fmt: skip
+    assert report["sessions"] == 0  # just written: not old

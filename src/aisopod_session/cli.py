@@ -721,6 +721,33 @@ CreatedAfter = Annotated[str | None, typer.Option(metavar="TIME", help="Created 
 CreatedBefore = Annotated[str | None, typer.Option(metavar="TIME", help="Created before TIME.")]
 UpdatedAfter = Annotated[str | None, typer.Option(metavar="TIME", help="Updated after TIME.")]
 UpdatedBefore = Annotated[str | None, typer.Option(metavar="TIME", help="Updated before TIME.")]
+MetaOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--meta",
+        metavar="KEY=JSON",
+        help="Only those whose metadata KEY holds this JSON value (text that is not JSON "
+        "is a string: --meta title=Oslo); repeat for more keys.",
+    ),
+]
+
+
+def parse_meta(items: list[str] | None) -> dict[str, Any] | None:
+    """`--meta KEY=JSON` options as a metadata filter: the value is JSON where it reads as
+    JSON (`n=3`, `tags=["vip"]`, `ok=true`), else the text itself (`title=Oslo trip`);
+    `UserError` for an item without `=` or with an empty key."""
+    if not items:
+        return None
+    meta: dict[str, Any] = {}
+    for item in items:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            raise UserError(f"--meta: {item!r} is not KEY=JSON (such as title=Oslo or n=3)")
+        try:
+            meta[name] = json.loads(value)
+        except ValueError:
+            meta[name] = value
+    return meta
 
 
 def parse_time(field: str, text: str | None) -> datetime | None:
@@ -794,6 +821,7 @@ def session_filter(
     created_before: str | None,
     updated_after: str | None,
     updated_before: str | None,
+    meta: list[str] | None = None,
 ) -> dict[str, Any]:
     """The `SessionFilter` fields the options set."""
     fields: dict[str, Any] = {
@@ -807,8 +835,13 @@ def session_filter(
         "created_before": parse_time("--created-before", created_before),
         "updated_after": parse_time("--updated-after", updated_after),
         "updated_before": parse_time("--updated-before", updated_before),
+        "meta": parse_meta(meta),
     }
     return {name: value for name, value in fields.items() if value is not None}
+
+
+FIRST_PAGE = "first"
+"""The `--cursor` value that asks for the first page (and its cursor)."""
 
 
 @sessions_app.command("list")
@@ -825,13 +858,24 @@ def list_sessions(
     created_before: CreatedBefore = None,
     updated_after: UpdatedAfter = None,
     updated_before: UpdatedBefore = None,
+    meta: MetaOption = None,
     limit: Annotated[int, integer_option(0, "At most this many.")] = 50,
     offset: Annotated[int, integer_option(0, "Skip this many first.")] = 0,
+    cursor: Annotated[
+        str | None,
+        typer.Option(
+            "--cursor",
+            metavar="CURSOR",
+            help="The page after the one that printed this cursor (`first`: the first "
+            "page); every page costs the same however deep.",
+        ),
+    ] = None,
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Sessions matching the filters, most recently updated first. TIME is an ISO-8601
-    time (UTC when it has no offset) or a duration ago, such as 30d."""
+    time (UTC when it has no offset) or a duration ago, such as 30d. When more match,
+    the next page's cursor is printed (with --cursor and --json, as `next_cursor`)."""
     from rich.table import Table
 
     from aisopod_session.transfer import session_json
@@ -847,12 +891,28 @@ def list_sessions(
         created_before,
         updated_after,
         updated_before,
+        meta,
     )
+    if cursor is not None and offset:
+        raise UserError("--cursor and --offset: give one of them (a cursor says where to start)")
+    if cursor is not None and limit == 0:
+        raise UserError("--limit: must be at least 1 with --cursor")
+    next_cursor = None
     with repository(target_of(ctx, db)) as repo:
-        found = repo.list_sessions(wanted, limit=limit, offset=offset)
+        if offset or limit == 0:
+            found = repo.list_sessions(wanted, limit=limit, offset=offset)
+        else:
+            page = repo.page_sessions(
+                wanted, limit=limit, cursor=None if cursor in (None, FIRST_PAGE) else cursor
+            )
+            found, next_cursor = page.sessions, page.next_cursor
         total = repo.count_sessions(wanted)
     if wants_json(ctx, json_output):
-        print_json([session_json(session) for session in found])
+        listed = [session_json(session) for session in found]
+        if cursor is None:
+            print_json(listed)
+        else:
+            print_json({"sessions": listed, "next_cursor": next_cursor})
         return
     table = Table("id", "key", "status", "messages", "tokens", "input", "output", "updated (UTC)")
     for session in found:
@@ -867,8 +927,13 @@ def list_sessions(
             when(session.updated_at),
         )
     out.print(table)
-    shown = f"{offset + 1}–{offset + len(found)}" if found else "none"
-    out.print(f"{total:,} session(s) match; showing {shown}.")
+    if cursor is None or cursor == FIRST_PAGE:
+        shown = f"{offset + 1}–{offset + len(found)}" if found else "none"
+        out.print(f"{total:,} session(s) match; showing {shown}.")
+    else:
+        out.print(f"{total:,} session(s) match; showing {len(found):,} after the cursor.")
+    if next_cursor is not None:
+        out.print(f"Next page: --cursor {next_cursor}")
 
 
 ROLE_STYLES = {
@@ -1164,6 +1229,43 @@ def delete(
     out.print(f"Deleted session #{found.id} {found.key} ({found.message_count:,} messages).")
 
 
+@sessions_app.command("fork")
+@friendly
+def fork(
+    ctx: typer.Context,
+    session: Annotated[str, typer.Argument(metavar="KEY-OR-ID", help="The session to copy.")],
+    new_key: Annotated[str, typer.Argument(metavar="NEW_KEY", help="The new session's key.")],
+    up_to: Annotated[
+        int | None, integer_option(0, "Copy the messages up to this message id.", "--up-to")
+    ] = None,
+    db: DbOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Branch a conversation: a new session NEW_KEY holding a copy of the session's
+    messages (up to and including message ID with --up-to). The source is not changed."""
+    from aisopod_session.keys import SessionKey
+    from aisopod_session.transfer import session_json
+
+    try:
+        target = SessionKey.parse(new_key)
+    except ValueError as exc:
+        raise UserError(
+            f"NEW_KEY: {new_key!r} is not a key (agent:channel:account:kind:peer): {exc}"
+        ) from None
+    with repository(target_of(ctx, db)) as repo:
+        found = find_session(repo, session)
+        forked = repo.fork(found.key, target, up_to_id=up_to)
+    if wants_json(ctx, json_output):
+        print_json(session_json(forked))
+        return
+    last = forked.forked_from_message_id
+    upto = "" if last is None else f", up to message #{last}"
+    out.print(
+        f"Forked session #{found.id} {found.key} into #{forked.id} {forked.key} "
+        f"({forked.message_count:,} messages{upto})."
+    )
+
+
 def compact(
     ctx: typer.Context,
     session: Annotated[str, typer.Argument(metavar="KEY-OR-ID")],
@@ -1221,6 +1323,7 @@ def prune(
     ],
     status: StatusOption = None,
     agent_id: AgentOption = None,
+    meta: MetaOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count them.")] = False,
     yes: YesOption = False,
     db: DbOption = None,
@@ -1232,10 +1335,11 @@ def prune(
         # The store's clock (the server's on PostgreSQL), not this host's, says what is old.
         before = ago("--older-than", repo.now(), age)
         scoped = repo if agent_id is None else repo.for_agent(agent_id)
-        count = scoped.prune(updated_before=before, status=status, dry_run=True)
+        wanted = {"meta": parse_meta(meta)}
+        count = scoped.prune(updated_before=before, status=status, filter=wanted, dry_run=True)
         if not dry_run and count:
             confirm(f"Delete {count} session(s) not updated since {when(before)}?", yes)
-            count = scoped.prune(updated_before=before, status=status)
+            count = scoped.prune(updated_before=before, status=status, filter=wanted)
     if wants_json(ctx, json_output):
         print_json({"dry_run": dry_run, "sessions": count, "updated_before": before.isoformat()})
         return
@@ -1281,6 +1385,86 @@ def progress_bar(label: str, total: int | None) -> Iterator[Callable[[int], obje
         yield lambda done: bar.update(task, completed=done)
 
 
+@app.command("search")
+@friendly
+def search(
+    ctx: typer.Context,
+    words: Annotated[
+        str,
+        typer.Argument(
+            metavar="WORDS",
+            help='What to find: every word must appear; "quoted words" together.',
+        ),
+    ],
+    agent_id: AgentOption = None,
+    channel: ChannelOption = None,
+    account_id: AccountOption = None,
+    peer_kind: PeerKindOption = None,
+    peer_id: PeerOption = None,
+    status: StatusOption = None,
+    created_after: CreatedAfter = None,
+    created_before: CreatedBefore = None,
+    updated_after: UpdatedAfter = None,
+    updated_before: UpdatedBefore = None,
+    meta: MetaOption = None,
+    role: Annotated[
+        list[Role] | None, typer.Option("--role", help="Only messages of this role; repeatable.")
+    ] = None,
+    limit: Annotated[int, integer_option(0, "At most this many hits.")] = 20,
+    db: DbOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Messages whose text holds WORDS, best first, in the sessions matching the filters
+    (those of `sessions list`): each with its session's key, its id, time and a snippet
+    with the words marked «like this»."""
+    from rich.table import Table
+
+    from aisopod_session.models import utc_text
+
+    wanted = session_filter(
+        agent_id,
+        channel,
+        account_id,
+        peer_kind,
+        peer_id,
+        status,
+        created_after,
+        created_before,
+        updated_after,
+        updated_before,
+        meta,
+    )
+    with repository(target_of(ctx, db)) as repo:
+        hits = repo.search_messages(words, filter=wanted, roles=role or None, limit=limit)
+    if wants_json(ctx, json_output):
+        print_json(
+            [
+                {
+                    "key": str(hit.key),
+                    "session_id": hit.message.session_id,
+                    "id": hit.message.id,
+                    "role": str(hit.message.role),
+                    "created_at": utc_text(hit.message.created_at),
+                    "snippet": hit.snippet,
+                    "rank": hit.rank,
+                }
+                for hit in hits
+            ]
+        )
+        return
+    table = Table("key", "id", "time (UTC)", "role", "snippet")
+    for hit in hits:
+        table.add_row(
+            str(hit.key),
+            str(hit.message.id),
+            when(hit.message.created_at),
+            str(hit.message.role),
+            " ".join(hit.snippet.split()),
+        )
+    out.print(table)
+    out.print(f"{len(hits):,} hit(s), best first." if hits else "No message matches.")
+
+
 @app.command("export")
 @friendly
 def export(
@@ -1298,6 +1482,7 @@ def export(
     created_before: CreatedBefore = None,
     updated_after: UpdatedAfter = None,
     updated_before: UpdatedBefore = None,
+    meta: MetaOption = None,
     db: DbOption = None,
 ) -> None:
     """Write sessions and their messages as JSON Lines, one object per line, streaming.
@@ -1315,6 +1500,7 @@ def export(
         created_before,
         updated_after,
         updated_before,
+        meta,
     )
     target = target_of(ctx, db)
     if out_path != "-":

@@ -221,6 +221,8 @@ def session_json(session: Session) -> dict[str, Any]:
         "compaction_count": session.compaction_count,
         "last_compacted_at": _plain(session.last_compacted_at),
         "last_compaction_summary": session.last_compaction_summary,
+        "parent_id": session.parent_id,
+        "forked_from_message_id": session.forked_from_message_id,
     }
 
 
