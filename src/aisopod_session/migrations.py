@@ -93,8 +93,10 @@ def _sqlite_search_text(column: str) -> str:
 
 # The same rule on PostgreSQL, as an IMMUTABLE function the search index is built on
 # (a cell that is not JSON cannot fail the cast of a query or a write: it is read as text).
+# Not PARALLEL SAFE: its EXCEPTION block starts a subtransaction, which a parallel query
+# cannot (nor can aisopod_jsonb's).
 _PG_SEARCH_TEXT = r"""CREATE OR REPLACE FUNCTION aisopod_message_text(content text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     doc jsonb;
 BEGIN
@@ -125,7 +127,7 @@ $$"""
 # A session's metadata as jsonb for its filters; NULL for a cell that is not JSON (plain
 # SQL's), which then matches no filter instead of failing the query.
 _PG_JSONB = r"""CREATE OR REPLACE FUNCTION aisopod_jsonb(value text) RETURNS jsonb
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
     RETURN value::jsonb;
 EXCEPTION WHEN others THEN

@@ -293,6 +293,10 @@ class SessionLine(_Line):
     compaction_count: int = Field(default=0, ge=0, le=_MAX_INTEGER)
     last_compacted_at: AwareDatetime | None = None
     last_compaction_summary: str | None = None
+    # A fork's lineage, as exported: ids in the exporting store, so not imported (an
+    # import gives every session a new id).
+    parent_id: int | None = Field(default=None, ge=1, le=_MAX_INTEGER)
+    forked_from_message_id: int | None = Field(default=None, ge=1, le=_MAX_INTEGER)
 
     @model_validator(mode="after")
     def _check(self) -> SessionLine:
