@@ -11,6 +11,8 @@ Scenarios (file databases, one process unless said):
 6. growth: scenarios 3 and 4 in stores of 10^3, 10^5 and 10^6 messages;
 7. 4 processes appending to different sessions of one file at once;
 8. memory: peak RSS while appending 10^6 messages, one per transaction;
+9. find, branch and page: `page_sessions` at 10^3, 10^5 and 10^6 sessions, `search_messages`
+   in 10^6 messages against a `LIKE` scan, `fork` of 10^4 messages (`find.py`);
 start-up: `aisopod-session --help`, `--version` and `status` (on a small SQLite file), and
 `python -c "import sqlmodel"` for reference, each run as a new process 5 times (medians).
 
@@ -534,6 +536,12 @@ class Bench:
             scenario.title += f" (peers: {peer_sessions:,} sessions)"
         return scenario
 
+    def find(self) -> dict[str, Any]:
+        """Scenario 9: find, branch and page (`benchmarks/find.py`)."""
+        from benchmarks.find import Find
+
+        return Find(self.folder, self.size, self.count).run()
+
     def growth(self) -> list[Scenario]:
         """Scenarios 3 and 4 as the store grows; sessions of 1 000 messages each."""
         sizes = [1000, self.size(100_000), self.size(1_000_000)]
@@ -829,6 +837,7 @@ def main() -> None:
             ("7", bench.processes),
             ("8", bench.memory),
             ("startup", bench.startup),
+            ("9", bench.find),
         ]
         outcomes: dict[str, Any] = {}
         for number, step in steps:
@@ -852,6 +861,7 @@ def main() -> None:
         processes=outcomes["7"],
         memory=outcomes["8"],
         startup=outcomes["startup"],
+        find=outcomes["9"],
         plans=plans,
         journal_modes=bench.journal_modes,
         seconds=time.perf_counter() - began,

@@ -28,7 +28,7 @@ def text_of(engine: Engine) -> str:
     from `n` (the same for every run)."""
     if engine.dialect.name == "postgresql":
         return (
-            "to_json((SELECT string_agg('w' || mod(n * 7919 + k * 104729, 5000), ' ') "
+            "to_json((SELECT string_agg('w' || mod(n::bigint * 7919 + k * 104729, 5000), ' ') "
             "FROM generate_series(1, 20) AS g(k)))::text"
         )
     return (

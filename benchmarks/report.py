@@ -25,6 +25,16 @@ PEER_FACTOR = 2.0
 """How many times faster than the fastest peer ours must be, wherever a peer can do it."""
 GROWTH_LIMIT = 1.5
 """The 10^6-message figure of scenario 6 within this factor of the 10^3 one."""
+PAGE_GROWTH_LIMIT = 1.3
+"""Scenario 9: a page at 10^6 sessions within this factor of the first at 10^3."""
+PAGE_OVER_LIST = 20.0
+"""Scenario 9: `page_sessions` this many times faster than schema 3's `list_sessions`."""
+SEARCH_MS = 20.0
+"""Scenario 9: `search_messages` top 20 of 10^6 messages on SQLite, at most (median ms)."""
+SEARCH_OVER_LIKE = 50.0
+"""Scenario 9: `search_messages` this many times faster than a `LIKE` scan."""
+FORK_OVER_FLOOR = 2.0
+"""Scenario 9: `fork` within this factor of the plain-SQL fork."""
 
 
 ASYNC = "ours, async"
@@ -58,6 +68,8 @@ class Report:
     seconds: float
     startup: Scenario | None = None
     """The command's start-up (median seconds per run, as µs), if measured."""
+    find: dict[str, Any] | None = None
+    """Scenario 9 (`benchmarks/find.py`): `stats` (name to `Stats`), `figures`, `plans`."""
 
     # --- verdicts ------------------------------------------------------------------------
 
@@ -116,6 +128,91 @@ class Report:
             )
         if self.startup is not None:
             lines.extend(self.startup_verdicts(self.startup))
+        if self.find is not None:
+            lines.extend(self.find_verdicts(self.find["stats"]))
+        return lines
+
+    def find_verdicts(self, stats: dict[str, Any]) -> list[tuple[str, bool, str, str]]:
+        """Scenario 9's targets, from the stats `benchmarks/find.py` names."""
+
+        def one(start: str, end: str = "") -> float:
+            (found,) = [
+                value.median_us
+                for name, value in stats.items()
+                if name.startswith(start) and name.endswith(end)
+            ]
+            return float(found)
+
+        lines: list[tuple[str, bool, str, str]] = []
+        small = one("page_sessions, first page, 1,000 sessions")
+        largest = max(
+            (key for key in stats if key.startswith("page_sessions, first page")),
+            key=lambda key: int(key.rsplit(", ", 1)[1].split()[0].replace(",", "")),
+        )
+        deep = [key for key in stats if key.startswith("page_sessions, page ")]
+        for page_name in [largest, *deep]:
+            ratio = stats[page_name].median_us / small
+            lines.append(
+                (
+                    f"scenario 9: {page_name} within {PAGE_GROWTH_LIMIT}× of the first page at "
+                    "1,000 sessions",
+                    ratio <= PAGE_GROWTH_LIMIT,
+                    f"{ratio:.2f}× ({small:.0f} → {stats[page_name].median_us:.0f} µs)",
+                    "page growth",
+                )
+            )
+        baseline = [name for name in stats if name.startswith("schema 3's list_sessions")]
+        if baseline:
+            sessions = baseline[0].rsplit(", ", 1)[1]
+            ours = one("page_sessions, first page, " + sessions)
+            got = stats[baseline[0]].median_us / ours
+            lines.append(
+                (
+                    f"scenario 9: page_sessions ≥ {PAGE_OVER_LIST:g}× faster than schema 3's "
+                    f"list_sessions at {sessions}",
+                    got >= PAGE_OVER_LIST,
+                    f"{got:.1f}× ({stats[baseline[0]].median_us / 1000:.1f} → "
+                    f"{ours / 1000:.2f} ms)",
+                    "page over list",
+                )
+            )
+        for label in ("two words", "one word"):
+            name = next(n for n in stats if n.startswith("SQLite search_messages") and label in n)
+            got = stats[name].median_us / 1000
+            lines.append(
+                (
+                    f"scenario 9: SQLite search_messages top 20, {label}, ≤ {SEARCH_MS:g} ms",
+                    got <= SEARCH_MS,
+                    f"{got:.1f} ms",
+                    f"search {label}",
+                )
+            )
+        like = next(n for n in stats if n.startswith("SQLite LIKE"))
+        searched = next(n for n in stats if n.startswith("SQLite search_messages") and "two" in n)
+        got = stats[like].median_us / stats[searched].median_us
+        lines.append(
+            (
+                f"scenario 9: search_messages (two words) ≥ {SEARCH_OVER_LIKE:g}× faster than "
+                "a LIKE '%word%' scan",
+                got >= SEARCH_OVER_LIKE,
+                f"{got:,.0f}× ({stats[like].median_us / 1000:,.0f} → "
+                f"{stats[searched].median_us / 1000:.1f} ms)",
+                "search over like",
+            )
+        )
+        ours_fork = next(n for n in stats if n.startswith("fork") and n.endswith("ours"))
+        floor_fork = next(n for n in stats if n.startswith("fork") and n.endswith("floor"))
+        got = stats[ours_fork].median_us / stats[floor_fork].median_us
+        lines.append(
+            (
+                f"scenario 9: {ours_fork.removesuffix(', ours')} within {FORK_OVER_FLOOR:g}× "
+                "of the floor",
+                got <= FORK_OVER_FLOOR,
+                f"{got:.2f}× ({stats[floor_fork].median_us / 1000:.1f} → "
+                f"{stats[ours_fork].median_us / 1000:.1f} ms)",
+                "fork",
+            )
+        )
         return lines
 
     def async_verdicts(self, scenario: Scenario) -> list[tuple[str, bool, str, str]]:
@@ -263,6 +360,26 @@ class Report:
                 lines.append(f"- scenario {scenario.number}, {name}: {reason}")
         return "\n".join(lines) or "- none"
 
+    def find_table(self) -> str:
+        if self.find is None:
+            return "(not measured)"
+        rows = [["scenario 9", "median", "p90"], ["---", "---:", "---:"]]
+        for name, stats in self.find["stats"].items():
+            rows.append(
+                [name, f"{stats.median_us / 1000:,.2f} ms", f"{stats.p90_us / 1000:,.2f} ms"]
+            )
+        figures = "\n".join(f"- {name}: {value}" for name, value in self.find["figures"].items())
+        table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
+        return f"{table}\n\n{figures}"
+
+    def find_plans(self) -> str:
+        if self.find is None:
+            return ""
+        return "\n\n".join(
+            f"`{name}`:\n\n```\n" + "\n".join(lines) + "\n```"
+            for name, lines in self.find["plans"].items()
+        )
+
     def text(self) -> str:
         return "\n\n".join(
             [
@@ -272,6 +389,7 @@ class Report:
                 "Scenario 7:\n" + self.process_table(),
                 "Scenario 8:\n" + self.memory_table(),
                 "Start-up:\n" + self.startup_table(),
+                "Scenario 9:\n" + self.find_table(),
                 "Targets:\n" + self.verdict_table(),
             ]
         )
@@ -314,6 +432,20 @@ class Report:
             journal_modes=dict(data["journal_modes"]),
             seconds=float(data["seconds"]),
             startup=scenario(data["startup"]) if data.get("startup") else None,
+            find=None
+            if not data.get("find")
+            else {
+                "stats": {
+                    name: Stats(
+                        count=int(stats["count"]),
+                        median_us=float(stats["median_us"]),
+                        p90_us=float(stats["p90_us"]),
+                    )
+                    for name, stats in data["find"]["stats"].items()
+                },
+                "figures": dict(data["find"]["figures"]),
+                "plans": dict(data["find"]["plans"]),
+            },
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -337,6 +469,13 @@ class Report:
             "memory": self.memory,
             "startup": None if self.startup is None else scenario_json(self.startup),
             "query_plans": self.plans,
+            "find": None
+            if self.find is None
+            else {
+                "stats": {name: stats.as_json() for name, stats in self.find["stats"].items()},
+                "figures": self.find["figures"],
+                "plans": self.find["plans"],
+            },
             "journal_modes": self.journal_modes,
             "targets": [
                 {"target": target, "met": met, "measured": got}
@@ -425,6 +564,8 @@ def write_docs(report: Report, docs: Path) -> None:
         memory_count=f"{memory['count']:,}",
         memory_seconds=memory["seconds"],
         startup=report.startup_table(),
+        find=report.find_table(),
+        find_plans=report.find_plans(),
         plans=plans,
         modes=modes or "- (peers not measured)",
         missing=report.missing_lines(),
@@ -530,6 +671,25 @@ nor Rich; `status` imports them, and psycopg only for a PostgreSQL URL.
 
 {startup}
 
+## Scenario 9: find, branch and page
+
+`benchmarks/find.py`: `page_sessions` for one agent of ten, page of 50, in stores of 10³
+and 10⁶ sessions (first page, and page 1 000 reached by walking the cursors), and at 10⁵
+sessions against schema 3's `list_sessions` (the same store with migration 4's
+`(agent_id, updated_at, id)` index dropped, as every store had it before); `search_messages`
+top 20 in a store of 10⁶ messages (twenty words each from a vocabulary of 5 000, in 1 000
+sessions; about 16 messages hold both words of a two-word query, about 4 000 the word of a
+one-word query), against `SELECT … WHERE content LIKE '%w1%' AND content LIKE '%w2%' ORDER
+BY id DESC LIMIT 20`, the scan a user would write; on PostgreSQL too when
+`AISOPOD_BENCH_POSTGRES_URL` is set; `fork` of a session of 10 000 messages against the
+floor, the same copy in plain SQL (both run the search index's trigger per message).
+
+{find}
+
+The new hot queries and their plans:
+
+{find_plans}
+
 {notes}
 """
 
@@ -576,11 +736,10 @@ that peer in 240–375 µs, so a floor figure well above 83 µs in the table mar
 whose comparisons with the peers lean against ours. When a run falls short, "Missed
 targets" above says by how much and why.
 
-`list_sessions` for one agent (scenario 5) uses the spec's `idx_sessions_agent_id`, then
-sorts that agent's sessions by `updated_at` (see its plan), so its time grows with the
-number of sessions of the agent (10 000 per agent here). An index on
-`(agent_id, updated_at)` would make it a flat index walk; the schema is the spec's, so
-adding one is left to a later migration.
+`list_sessions` for one agent (scenario 5) walks migration 4's index on
+`(agent_id, updated_at, id)` (see its plan): no sort, however many sessions the agent has.
+With an offset it still steps over every skipped row; `page_sessions` (scenario 9) starts
+each page at its cursor instead.
 """
 
 WHY = {
@@ -637,6 +796,30 @@ WHY = {
     "async peer": (
         "The OpenAI Agents SDK's `SQLiteSession` pays the same thread hand-off "
         "(`asyncio.to_thread`) around a smaller call; see the row above."
+    ),
+    "page growth": (
+        "A page is an index range read from the cursor's place; what grows with the store "
+        "is the depth of the B-tree (one or two more pages read) and how much of the file "
+        "the operating system has cached."
+    ),
+    "page over list": (
+        "Schema 3's plan reads the agent's sessions through `idx_sessions_agent_id` and "
+        "sorts them all; the ratio grows with the number of sessions per agent."
+    ),
+    "search two words": (
+        "FTS5 intersects the two words' lists of documents; the rest is reading the hits' "
+        "rows and cutting their snippets."
+    ),
+    "search one word": (
+        "A one-word query matches about 4 000 of the 10⁶ messages here, and FTS5 scores "
+        "every match with bm25 and sorts them before it returns the best 20: the time "
+        "grows with how common the word is, not with the store."
+    ),
+    "search over like": "The LIKE scan reads every row of the table.",
+    "fork": (
+        "Both copy the rows with one `INSERT … SELECT` and run the search index's trigger "
+        "for each; ours also reads the source under the write lock and returns the new "
+        "session."
     ),
     "growth": (
         "The plans above show index searches only; a difference at this size is noise of "

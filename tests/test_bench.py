@@ -39,4 +39,14 @@ def test_the_benchmark_runs_every_scenario_and_reports_every_target(tmp_path: Pa
     targets = [t["target"] for t in report["targets"]]
     assert sum("floor's throughput" in t for t in targets) == 4
     assert sum(t.startswith("scenario 6") for t in targets) == 2
+    # Scenario 9: pages, search against LIKE, fork against the floor, and their plans.
+    find = report["find"]
+    assert all(stats["median_us"] > 0 for stats in find["stats"].values())
+    assert any(name.startswith("SQLite LIKE") for name in find["stats"])
+    assert sum(t.startswith("scenario 9") for t in targets) >= 6
+    plans = find["plans"]
+    assert "idx_sessions_agent_updated" in " ".join(
+        plans["page_sessions(agent_id=..., cursor=...)"]
+    )
+    assert "messages_fts VIRTUAL TABLE" in " ".join(plans["search_messages(query)"])
     assert "| 1. append one message per transaction |" in completed.stdout

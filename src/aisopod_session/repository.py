@@ -621,9 +621,9 @@ class SessionRepository:
         roles: Role | str | Iterable[Role | str] | None = None,
         limit: int = 20,
     ) -> list[SearchHit]:
-        """The messages whose search text matches `query`, best first (ties: newer
-        first), at most `limit`, of the sessions matching `filter` (and the repository's
-        agent, if confined), with one of `roles` if given.
+        """The messages whose search text matches `query`, best first, at most `limit`,
+        of the sessions matching `filter` (and the repository's agent, if confined), with
+        one of `roles` if given.
 
         Every plain word of `query` must appear (in any order, any case, accents
         ignored on SQLite); `"quoted words"` must appear together in that order; every

@@ -704,8 +704,8 @@ SNIPPET_WORDS = 16
 
 @functools.cache
 def search(fields: tuple[str, ...], roles: int) -> Query:
-    """The messages whose search text holds every term of the query, best first (ties:
-    newer first), at most `:limit`, of the sessions matching a filter with `fields` set
+    """The messages whose search text holds every term of the query, best first, at most
+    `:limit`, of the sessions matching a filter with `fields` set
     and with one of `roles` roles (`:role_<i>`; 0: any role). Each row: the message's
     columns, its session's key parts, the snippet and the rank (higher is better).
 
@@ -727,6 +727,10 @@ def search(fields: tuple[str, ...], roles: int) -> Query:
             SESSIONS, col(Message.session_id) == col(Session.id)
         )
         marks = "', '".join(SNIPPET_MARKS)
+        # Ordered by FTS5's `rank` alone, FTS5 sorts the matches itself and the rows come
+        # out in that order: SQLite then reads the rows and cuts snippets for the page
+        # only (with any other ORDER BY term it would sort, cutting a snippet for every
+        # match first, and a common word matches thousands of messages).
         return (
             select(
                 *MESSAGE.columns,
@@ -736,7 +740,7 @@ def search(fields: tuple[str, ...], roles: int) -> Query:
             )
             .select_from(joined)
             .where(text("messages_fts MATCH :query"), *clauses)
-            .order_by(fts.c.rank, col(Message.id).desc())
+            .order_by(fts.c.rank)
             .limit(bindparam("limit"))
             .offset(literal_column("0"))
         )
