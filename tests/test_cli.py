@@ -947,6 +947,7 @@ def test_sessions_list_filters_by_metadata_and_pages_by_cursor(store: Path) -> N
     assert keys("--meta", "language=en") == [str(TELEGRAM)]
     assert keys("--meta", 'language="en"') == [str(TELEGRAM)]
     assert keys("--meta", "language=en", "--meta", "x=1") == []
+    assert keys("--meta", "language=NaN") == []  # the text "NaN", not a number refused
     assert "--meta: 'language' is not KEY=JSON" in failed(
         "--db", str(store), "sessions", "list", "--meta", "language"
     )

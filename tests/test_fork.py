@@ -117,7 +117,7 @@ def test_refusals_write_nothing(repo: SessionRepository, store: Engine) -> None:
         repo.fork(SOURCE, SOURCE)
     assert isinstance(SessionExistsError("x"), SessionStoreError)
     fresh = SessionKey("agent-1", "telegram", "bot-A", "dm", "fresh")
-    for wrong in (other.id, max(ids) + 1000, -1):
+    for wrong in (other.id, max(ids) + 1000, -1, 2**40):
         with pytest.raises(ValueError, match=f"up_to_id: message {wrong} is not in session"):
             repo.fork(SOURCE, fresh, up_to_id=wrong)
     with pytest.raises(SessionNotFoundError):

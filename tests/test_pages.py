@@ -152,6 +152,8 @@ def test_an_altered_cursor_or_one_from_another_filter_is_refused_naming_it(
         ({"filter": {"meta": {1: "x"}}}, "meta"),
         ({"filter": {"meta": {"x": {1, 2}}}}, "meta"),
         ({"filter": {"meta": {"x": 2**70}}}, "meta"),
+        ({"filter": {"meta": {"x": "a\x00"}}}, "meta"),
+        ({"filter": {"meta": {"x\x00": 1}}}, "meta"),
     ],
 )
 def test_bad_page_arguments_are_refused_naming_the_field_before_any_io(
@@ -270,3 +272,54 @@ def test_metadata_that_is_not_json_matches_no_filter_and_fails_nothing(
     assert [s.id for s in repo.list_sessions({"meta": {"title": "Oslo trip"}})] == [ids["oslo"]]
     assert repo.count_sessions({"meta": {"title": "Oslo trip"}}) == 1
     assert repo.count_sessions({"meta": {"oops": None}}) == 0
+
+
+def test_a_filter_s_status_and_prune_s_own_status_both_apply(repo: SessionRepository) -> None:
+    tagged(repo)
+    repo.set_status(key("agent-1", "bergen"), SessionStatus.IDLE)
+    later = repo.now() + timedelta(days=1)
+    assert repo.prune(updated_before=later, status="idle", filter={"status": "active"}) == 0
+    assert repo.prune(updated_before=later, filter={"status": "idle"}, dry_run=True) == 1
+    assert repo.prune(updated_before=later, filter={"status": "idle"}) == 1
+    assert repo.get(key("agent-1", "bergen")) is None
+    assert repo.count_sessions() == 2
+
+
+def test_a_cursor_survives_metadata_keys_given_in_another_order(repo: SessionRepository) -> None:
+    for index in range(5):
+        session = repo.get_or_create(key("agent-1", f"p{index}"))
+        repo.update_metadata(session.key, {"a": 1, "b": [2]})
+    first = repo.page_sessions({"meta": {"a": 1, "b": [2]}}, limit=2)
+    assert first.next_cursor is not None
+    rest = repo.page_sessions({"meta": {"b": [2], "a": 1}}, limit=10, cursor=first.next_cursor)
+    assert len(first.sessions) + len(rest.sessions) == 5
+
+
+def test_metadata_holding_nul_still_matches_its_other_keys(repo: SessionRepository) -> None:
+    session = repo.get_or_create(key("agent-1", "nul"))
+    repo.update_metadata(session.key, {"tag": "vip", "note": "a\x00b"})
+    assert [s.id for s in repo.list_sessions({"meta": {"tag": "vip"}})] == [session.id]
+
+
+def test_page_size_up_to_the_largest_integer_is_taken(repo: SessionRepository) -> None:
+    sessions(repo)
+    page = repo.page_sessions(limit=2**63 - 1)
+    assert (len(page.sessions), page.next_cursor) == (23, None)
+
+
+def test_a_forged_cursor_with_values_out_of_range_is_refused(repo: SessionRepository) -> None:
+    import hashlib
+
+    sessions(repo)
+    cursor = repo.page_sessions(limit=2).next_cursor
+    assert cursor is not None
+    raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    for forged in (
+        [1, json.loads(raw[12:])[1], "2026", 2**70],
+        [1, json.loads(raw[12:])[1], "a\x00", 5],
+    ):
+        body = json.dumps(forged)
+        check = hashlib.sha256(body.encode()).hexdigest()[:12]
+        token = base64.urlsafe_b64encode((check + body).encode()).decode().rstrip("=")
+        with pytest.raises(ValueError, match="cursor"):
+            repo.page_sessions(limit=2, cursor=token)

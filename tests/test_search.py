@@ -356,3 +356,29 @@ def test_the_sqlite_index_is_an_fts5_table_kept_by_triggers(engine: Engine, db_p
         conn.close()
     assert "fts5" in found["messages_fts"]
     assert {"messages_fts_insert", "messages_fts_delete", "messages_fts_update"} <= set(found)
+
+
+def test_a_message_of_megabytes_of_distinct_words_is_stored_and_found(
+    repo: SessionRepository,
+) -> None:
+    """PostgreSQL cannot hold a tsvector over 1 MiB: such a message is indexed by its
+    start instead of failing its INSERT (SQLite indexes it whole)."""
+    repo.get_or_create(ALICE)
+    words = " ".join(f"x{number}" for number in range(300_000))  # ~2.3 MB of 300 000 words
+    message = repo.append_message(ALICE, Role.TOOL, f"logstart {words} logend")
+    assert ids(repo.search_messages("logstart x17")) == [message.id]
+    assert repo.get_history(ALICE)[0].content == message.content
+
+
+def test_ten_thousand_characters_of_distinct_terms_run(repo: SessionRepository) -> None:
+    repo.get_or_create(ALICE)
+    message = repo.append_message(ALICE, Role.USER, "aa ab ac")
+    terms = [
+        f"{chr(97 + a)}{chr(97 + b)}{chr(97 + c)}"
+        for a in range(26)
+        for b in range(26)
+        for c in range(4)
+    ]
+    query = " ".join(terms)[:10_000]
+    assert repo.search_messages(query) == []
+    assert ids(repo.search_messages("aa ab ac " * 1_100)) == [message.id]  # repeats: one term each

@@ -732,6 +732,10 @@ MetaOption = Annotated[
 ]
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")  # NaN, Infinity: taken as text
+
+
 def parse_meta(items: list[str] | None) -> dict[str, Any] | None:
     """`--meta KEY=JSON` options as a metadata filter: the value is JSON where it reads as
     JSON (`n=3`, `tags=["vip"]`, `ok=true`), else the text itself (`title=Oslo trip`);
@@ -744,7 +748,7 @@ def parse_meta(items: list[str] | None) -> dict[str, Any] | None:
         if not equals or not name:
             raise UserError(f"--meta: {item!r} is not KEY=JSON (such as title=Oslo or n=3)")
         try:
-            meta[name] = json.loads(value)
+            meta[name] = json.loads(value, parse_constant=_not_json)
         except ValueError:
             meta[name] = value
     return meta

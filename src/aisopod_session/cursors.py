@@ -63,6 +63,8 @@ def decode_cursor(cursor: Any, filter_digest: str) -> tuple[str, int]:
         raise ValueError("cursor: damaged or altered") from None
     if version != _VERSION or not isinstance(updated_at, str) or type(row_id) is not int:
         raise ValueError("cursor: not a cursor of this version of aisopod-session")
+    if not -(2**63) <= row_id < 2**63 or "\x00" in updated_at or len(updated_at) > 64:
+        raise ValueError("cursor: damaged or altered (its values are out of range)")
     if digest != filter_digest:
         raise ValueError(
             "cursor: it belongs to a page with another filter (or another agent's view); "

@@ -124,12 +124,33 @@ BEGIN
 END
 $$"""
 
+# The words of that text as the search index holds them. PostgreSQL refuses a tsvector
+# over 1 MiB ("string is too long for tsvector"), which a message of a few MB of distinct
+# words reaches: such a message is indexed by its first 100 000 characters (at most
+# ~600 KiB of tsvector) rather than failing its INSERT, or migration 4's CREATE INDEX.
+_PG_MESSAGE_VECTOR = r"""CREATE OR REPLACE FUNCTION aisopod_message_vector(content text)
+RETURNS tsvector LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    words text := aisopod_message_text(content);
+BEGIN
+    RETURN to_tsvector('simple'::regconfig, words);
+EXCEPTION WHEN program_limit_exceeded THEN
+    RETURN to_tsvector('simple'::regconfig, left(words, 100000));
+END
+$$"""
+
 # A session's metadata as jsonb for its filters; NULL for a cell that is not JSON (plain
-# SQL's), which then matches no filter instead of failing the query.
+# SQL's), which then matches no filter instead of failing the query. jsonb cannot hold
+# the escape \u0000 (a NUL, which session metadata may hold): such a cell is read with
+# U+FFFD in its place, so its other keys still match.
 _PG_JSONB = r"""CREATE OR REPLACE FUNCTION aisopod_jsonb(value text) RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
-    RETURN value::jsonb;
+    BEGIN
+        RETURN value::jsonb;
+    EXCEPTION WHEN untranslatable_character THEN
+        RETURN replace(value, '\u0000', '\ufffd')::jsonb;
+    END;
 EXCEPTION WHEN others THEN
     RETURN NULL;
 END
@@ -144,7 +165,7 @@ FROM (SELECT phraseto_tsquery('simple'::regconfig, term) AS phrase FROM unnest(t
 WHERE numnode(phrase) > 0
 $$"""
 
-PG_SEARCH_VECTOR = "to_tsvector('simple'::regconfig, aisopod_message_text(content))"
+PG_SEARCH_VECTOR = "aisopod_message_vector(content)"
 """The expression PostgreSQL's search index is built on; a query repeats it to use it."""
 
 # Migration 1 is the seed spec's DDL as written. `IF NOT EXISTS` lets a file whose tables
@@ -293,6 +314,7 @@ MIGRATIONS: list[Migration] = [
             "CREATE INDEX IF NOT EXISTS idx_sessions_parent ON sessions(parent_id) "
             "WHERE parent_id IS NOT NULL",
             _PG_SEARCH_TEXT,
+            _PG_MESSAGE_VECTOR,
             _PG_TSQUERY,
             _PG_JSONB,
             f"CREATE INDEX IF NOT EXISTS idx_messages_search ON messages USING gin "

@@ -309,7 +309,8 @@ class SessionRepository:
         check_page_limit(limit)
         digest = fingerprint(params)
         start = None if cursor is None else decode_cursor(cursor, digest)
-        values = {**params, "limit": limit + 1}
+        # One row more than the page says whether another follows.
+        values = {**params, "limit": min(limit, _MAX_BIGINT - 1) + 1}
         if start is not None:
             values["cursor_updated_at"], values["cursor_id"] = start
         sql = self._sql(page_sessions(fields, after=start is not None))
@@ -823,7 +824,7 @@ class SessionRepository:
             values={
                 **params,
                 "before": utc_text(updated_before),
-                "status": None if wanted is None else wanted.value,
+                "prune_status": None if wanted is None else wanted.value,
                 "limit": PRUNE_BATCH_SESSIONS,
             },
         )
@@ -907,7 +908,8 @@ def filter_params(
         if value is None:
             continue
         if name == "meta":
-            for index, (meta_key, meta_value) in enumerate(value.items()):
+            # In key order: the same conditions give the same statement and cursors.
+            for index, (meta_key, meta_value) in enumerate(sorted(value.items())):
                 fields.append(f"meta_{index}")
                 params.update(meta_params(index, meta_key, meta_value))
             continue

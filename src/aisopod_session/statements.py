@@ -589,16 +589,17 @@ def mark_idle(*, scoped: bool) -> Query:
 def _prune_scope(
     dialect: str, *, status: bool, fields: tuple[str, ...]
 ) -> list[ColumnElement[bool]]:
+    # `prune_status`: a filter's own `status` field binds `status`.
     clauses = [col(Session.updated_at) < bindparam("before")]
     if status:
-        clauses.append(col(Session.status) == bindparam("status"))
+        clauses.append(col(Session.status) == bindparam("prune_status"))
     return clauses + filter_clauses(fields, dialect)
 
 
 @functools.cache
 def prune_candidates(*, status: bool, fields: tuple[str, ...]) -> Query:
     """Ids and message counts of the next `:limit` sessions to prune, by id: updated
-    before `:before`, with `:status` if `status`, matching a filter with `fields` set
+    before `:before`, with `:prune_status` if `status`, matching a filter with `fields` set
     (`agent_scope` among them for a confined repository)."""
     return Query(
         lambda dialect: (
@@ -639,14 +640,18 @@ def prune_delete(*, status: bool, fields: tuple[str, ...]) -> Query:
 
 # --- fork -------------------------------------------------------------------------------
 
+# Ids are BIGINT on PostgreSQL: typed so, their parameters are not cast to 32 bits.
 MESSAGE_IN_SESSION = query(
     select(col(Message.id)).where(
-        col(Message.id) == bindparam("id"), col(Message.session_id) == bindparam("session_id")
+        col(Message.id) == bindparam("id", type_=BigInteger),
+        col(Message.session_id) == bindparam("session_id", type_=BigInteger),
     ),
     ("id", "session_id"),
 )
 LAST_MESSAGE_ID = query(
-    select(func.max(col(Message.id))).where(col(Message.session_id) == bindparam("session_id")),
+    select(func.max(col(Message.id))).where(
+        col(Message.session_id) == bindparam("session_id", type_=BigInteger)
+    ),
     ("session_id",),
 )
 INSERT_FORK = Query(
@@ -657,8 +662,8 @@ INSERT_FORK = Query(
             created_at=bindparam("now"),
             updated_at=bindparam("now"),
             meta=bindparam("meta"),
-            parent_id=bindparam("parent_id"),
-            forked_from_message_id=bindparam("forked_from"),
+            parent_id=bindparam("parent_id", type_=BigInteger),
+            forked_from_message_id=bindparam("forked_from", type_=BigInteger),
         )
         .on_conflict_do_nothing(index_elements=list(KEY_COLUMNS))
         .returning(col(Session.id))
@@ -678,8 +683,8 @@ COPY_MESSAGES = query(
         [col(Message.session_id), *_COPIED],
         select(bindparam("new_id", type_=BigInteger), *_COPIED)
         .where(
-            col(Message.session_id) == bindparam("session_id"),
-            col(Message.id) <= bindparam("last"),
+            col(Message.session_id) == bindparam("session_id", type_=BigInteger),
+            col(Message.id) <= bindparam("last", type_=BigInteger),
         )
         .order_by(col(Message.id)),
     ),
@@ -689,7 +694,7 @@ COPY_MESSAGES = query(
 order under new ids), every column but the two ids as it is."""
 SET_MESSAGE_COUNT = query(
     update(Session)
-    .where(_BY_SESSION_ID)
+    .where(col(Session.id) == bindparam("session_id", type_=BigInteger))
     .values(message_count=bindparam("count", type_=BigInteger))
     .returning(*SESSION.columns),
     ("count", "session_id"),
