@@ -51,6 +51,7 @@ SLOW_TESTS = {
     "test_the_text_limit_counts_utf8_bytes_not_characters",
     "test_200_tasks_append_at_once_without_blocking_the_loop",
     "test_export_then_import_round_trips_10000_messages_exactly",
+    "test_a_message_of_megabytes_of_distinct_words_is_stored_and_found",
 }
 """Tests that take seconds each (hundreds of MiB of text, 10⁴–10⁵ rows, 200 tasks)."""
 
