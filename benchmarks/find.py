@@ -44,23 +44,6 @@ SESSIONS_OF_MESSAGES = 1000
 DEEP_PAGE = 1000
 
 
-def text_sql(dialect: str) -> str:
-    """SQL of message `n`'s JSON content for the fork's source: `WORDS` words, the same
-    for every run (a linear congruence over `n` and the word's place)."""
-    word = f"'w' || ((n * 7919 + k * 104729) % {VOCABULARY})"
-    return (
-        f"json_quote((SELECT group_concat({word}, ' ') FROM (WITH RECURSIVE g(k) AS "
-        f"(SELECT 1 UNION ALL SELECT k + 1 FROM g WHERE k < {WORDS}) SELECT k FROM g)))"
-    )
-
-
-def series(count: int) -> str:
-    return (
-        f"(WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < {count}) "
-        "SELECT n FROM c)"
-    )
-
-
 def texts(count: int, seed: int = 16) -> Iterator[str]:
     """`count` messages' JSON content: `WORDS` words each, drawn uniformly from the
     vocabulary (so a word is in about 0.4 % of messages, two given words together in
@@ -238,10 +221,10 @@ class Find:
             source = SessionKey("bench", "cli", "local", "dm", "user-1")
             conn = floor.connect(path)
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(
+            conn.executemany(
                 "INSERT INTO messages (session_id, role, content, created_at) "
-                f"SELECT 1, 'user', {text_sql('sqlite')}, '2026-11-30T00:00:00.000000+00:00' "
-                f"FROM {series(messages)}"
+                "VALUES (1, 'user', ?, '2026-11-30T00:00:00.000000+00:00')",
+                ((content,) for content in texts(messages)),
             )
             conn.execute("UPDATE sessions SET message_count = ? WHERE id = 1", (messages,))
             conn.execute("COMMIT")
