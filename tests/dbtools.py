@@ -384,8 +384,9 @@ _WATCHED: list[list[str]] = []
 
 
 def _trace(statement: str) -> None:
+    # Cut short: a statement is traced with its values, which may be megabytes of text.
     for ran in _WATCHED:
-        ran.append(statement)
+        ran.append(statement[:200])
 
 
 @event.listens_for(Pool, "connect")
@@ -417,7 +418,7 @@ def no_statements() -> Iterator[None]:
     finally:
         event.remove(Pool, "checkout", checkout)
         _WATCHED.remove(ran)
-    assert not ran, f"statements ran before the refusal: {ran}"
+    assert not ran, f"statements ran before the refusal: {len(ran)}, first {ran[:3]}"
 
 
 before_io = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)

@@ -20,6 +20,7 @@ from aisopod_session import (
     SessionRepository,
     SessionStatus,
 )
+from aisopod_session.asyncrepository import INLINE_MESSAGES, INLINE_TEXT
 from aisopod_session.validation import MAX_JSON_DEPTH, dump_json
 from tests.dbtools import before_io, no_statements, snapshot
 
@@ -145,11 +146,14 @@ def test_no_statements_sees_the_statements_of_both_apis(
     populated: SessionRepository, key: SessionKey
 ) -> None:
     """The guard of the refusals below (`dbtools.no_statements`) fails on a call that
-    reaches the database, whichever thread of either API runs it."""
+    reaches the database, whichever thread of either API runs it: the async API runs
+    small calls inline and writes of many messages or much text on its worker thread."""
     with pytest.raises(AssertionError, match="statements ran"), no_statements():
         populated.get(key)
     with pytest.raises(AssertionError, match="statements ran"), no_statements():
-        populated.append_messages(key, [NewMessage(Role.USER, "x" * 100_000)] * 100)
+        populated.append_messages(key, [NewMessage(Role.USER, "x")] * (INLINE_MESSAGES + 1))
+    with pytest.raises(AssertionError, match="statements ran"), no_statements():
+        populated.append_message(key, Role.USER, "x" * (INLINE_TEXT + 1))
 
 
 @pytest.fixture
