@@ -247,6 +247,7 @@ class AsyncSessionRepository:
     fork = _writes(SessionRepository.fork)
     append_messages = _writes(SessionRepository.append_messages, _few_messages)
     append_message = _writes(SessionRepository.append_message, _small_message)
+    pop_message = _writes(SessionRepository.pop_message, _always)
     compact = _writes(SessionRepository.compact)
     reset = _writes(SessionRepository.reset)
     mark_idle = _writes(SessionRepository.mark_idle)

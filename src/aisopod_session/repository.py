@@ -48,6 +48,7 @@ from aisopod_session.statements import (
     COPY_MESSAGES,
     COUNT_APPEND,
     DELETE_MESSAGES_UP_TO,
+    DELETE_NEWEST_MESSAGE,
     DELETE_SESSION,
     DELETE_SESSION_MESSAGES,
     INSERT_FORK,
@@ -59,6 +60,7 @@ from aisopod_session.statements import (
     MESSAGE_IN_SESSION,
     NEWEST_REMOVED,
     RECORD_COMPACTION,
+    RECORD_POP,
     RESET_SESSION,
     SELECT_CREATED_AT,
     SELECT_META,
@@ -556,6 +558,28 @@ class SessionRepository:
             build((message_id, session_id, role, content, calls, now, meta))
             for message_id, (role, content, calls, meta, *_) in zip(ids, rows, strict=True)
         ]
+
+    def pop_message(self, key: SessionKey | str) -> Message | None:
+        """Remove the session's newest message (the highest id) and return it, or return
+        None if the session has no message.
+
+        In one write transaction: the row is deleted, `message_count` goes down by one
+        and `updated_at` becomes now; the token counters (what the conversation has
+        cost), the status and the metadata are kept. Concurrent pops of one session each
+        remove and return a different message (the session's row, or SQLite's database,
+        is locked first). Cells written by other programs are read as leniently as
+        `get_history` reads them. `SessionNotFoundError` if there is no session.
+        """
+        key = self._key(key)
+        with self._path.transaction("pop_message", "IMMEDIATE") as conn:
+            session_id, server_now = self._lock_session(conn, key)
+            row = conn.execute(self._text(DELETE_NEWEST_MESSAGE), (session_id,)).fetchone()
+            if row is None:
+                return None
+            message = HISTORY_MESSAGE.read((session_id, *row))
+            _, now = self._clock.stamp(conn, server_now)
+            conn.execute(self._text(RECORD_POP), (now, session_id))
+        return message
 
     def get_history(
         self,

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    case,
     cast,
     column,
     delete,
@@ -563,6 +564,35 @@ RESET_SESSION = query(
         updated_at=bindparam("now"),
     )
     .returning(*SESSION.columns),
+    ("now", "session_id"),
+)
+
+DELETE_NEWEST_MESSAGE = query(
+    delete(Message)
+    .where(
+        col(Message.id)
+        == select(func.max(col(Message.id)))
+        .where(col(Message.session_id) == bindparam("session_id"))
+        .scalar_subquery()
+    )
+    .returning(*MESSAGE.columns),
+    ("session_id",),
+)
+"""The session's newest message (highest id), deleted and returned (no row if none)."""
+RECORD_POP = query(
+    update(Session)
+    .where(_BY_SESSION_ID)
+    .values(
+        # Never below 0, whatever another program left in the counter.
+        message_count=case(
+            (
+                col(Session.message_count) > literal_column("0"),
+                col(Session.message_count) - literal_column("1"),
+            ),
+            else_=literal_column("0"),
+        ),
+        updated_at=bindparam("now"),
+    ),
     ("now", "session_id"),
 )
 
