@@ -37,6 +37,7 @@ from aisopod_session import (
     SessionStoreError,
     applied_migrations,
     open_async_database,
+    open_async_database_sync,
     open_database,
 )
 from aisopod_session.transactions import write_transaction
@@ -649,6 +650,43 @@ def test_dispose_stops_the_worker_threads(db_path: Path, key: SessionKey) -> Non
     while workers() > before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert workers() == before
+
+
+def test_the_synchronous_form_migrates_on_its_caller_and_disposes_from_sync_code(
+    store_url: str, key: SessionKey
+) -> None:
+    """`open_async_database_sync`: the same engine, migrated before it returns, in the
+    calling thread (no loop needed); `sync_engine.dispose(close=False)` stops its worker
+    threads; a refused target is refused as `open_async_database` refuses it."""
+
+    def workers() -> int:
+        return sum(t.name == "aisopod-session-worker" for t in threading.enumerate())
+
+    before = workers()
+    engine = open_async_database_sync(store_url)
+    assert engine.dialect.is_async
+    check = open_database(store_url, migrate=False)
+    try:
+        applied = applied_migrations(check)
+        assert [m.version for m in applied] == list(range(1, SCHEMA_VERSION + 1))
+    finally:
+        check.dispose()
+    repo = AsyncSessionRepository(engine)
+
+    async def main() -> int:
+        await repo.get_or_create(key)
+        await repo.append_messages(key, [NewMessage("user", str(i)) for i in range(100)])
+        return len(await repo.get_history(key))
+
+    assert run(main()) == 100
+    assert workers() > before
+    engine.sync_engine.dispose(close=False)
+    deadline = time.monotonic() + 5
+    while workers() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert workers() == before
+    with pytest.raises(ValueError, match="busy_timeout"):
+        open_async_database_sync(store_url, busy_timeout=-1)
 
 
 REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")

@@ -102,3 +102,26 @@ def test_schema_md_plain_sql_reads_content_as_documented(store: Engine) -> None:
         (is_text,) = rows["is it text?"]
         kinds = run(f"SELECT {is_text} FROM messages ORDER BY id")
         assert [bool(kind) for kind in kinds] == [True, False, False]
+
+
+def test_integrations_md_openai_agents_example_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/integrations.md's OpenAI Agents SDK example, and the key it names."""
+    integrations = README.with_name("docs") / "integrations.md"
+    blocks = re.findall(r"```python\n(.*?)```", integrations.read_text(), flags=re.DOTALL)
+    (example,) = [block for block in blocks if "AisopodSession" in block]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, str(integrations), "exec"), {"__name__": "integrations_example"})
+    assert capsys.readouterr().out == "You said: Hi!\n"
+    engine = open_database(tmp_path / "agents.db")
+    key = "openai-agents:agents-sdk:default:thread:chat-42"
+    assert key in integrations.read_text()
+    history = SessionRepository(engine).get_history(key)
+    assert [(m.role, m.meta["item_type"]) for m in history] == [
+        ("user", "message"),
+        ("assistant", "message"),
+        ("user", "message"),
+        ("assistant", "message"),
+    ]
+    engine.dispose()

@@ -24,7 +24,12 @@ except PackageNotFoundError:  # pragma: no cover - run from a source tree not in
 if TYPE_CHECKING:
     from aisopod_session.asyncrepository import AsyncSessionRepository
     from aisopod_session.copying import CopyResult, copy_database
-    from aisopod_session.database import database_url, open_async_database, open_database
+    from aisopod_session.database import (
+        database_url,
+        open_async_database,
+        open_async_database_sync,
+        open_database,
+    )
     from aisopod_session.enums import PeerKind, Role, SessionStatus
     from aisopod_session.errors import (
         AccessDeniedError,
@@ -70,7 +75,12 @@ if TYPE_CHECKING:
 
 _MODULES: dict[str, tuple[str, ...]] = {
     "copying": ("CopyResult", "copy_database"),
-    "database": ("database_url", "open_async_database", "open_database"),
+    "database": (
+        "database_url",
+        "open_async_database",
+        "open_async_database_sync",
+        "open_database",
+    ),
     "enums": ("PeerKind", "Role", "SessionStatus"),
     "errors": (
         "AccessDeniedError",
@@ -175,6 +185,7 @@ __all__ = [
     "export_jsonl",
     "import_jsonl",
     "open_async_database",
+    "open_async_database_sync",
     "open_database",
     "prepare_engine",
     "run_migrations",

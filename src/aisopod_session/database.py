@@ -1,5 +1,6 @@
-"""`open_database` and `open_async_database`: the engine, its per-connection pragmas, its
-transaction mode, and the migrations, all set up in one call."""
+"""`open_database`, `open_async_database` and `open_async_database_sync`: the engine, its
+per-connection pragmas, its transaction mode, and the migrations, all set up in one
+call."""
 
 from __future__ import annotations
 
@@ -34,7 +35,11 @@ from aisopod_session.settings import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from aisopod_session.asyncbridge import Bridge
 
 from aisopod_session.transactions import (
     Synchronous,
@@ -109,6 +114,53 @@ async def open_async_database(
     errors are raised, and both engines are disposed of then. `":memory:"` is the
     repository's database: the `AsyncEngine`'s own connections reach a separate one.
     """
+    engine, bridge, steps = _async_store(target, busy_timeout, synchronous, migrate, echo, clock)
+    try:
+        for step in steps:
+            await bridge.run(step)
+    except BaseException:
+        await engine.dispose()  # the companion with it
+        raise
+    return engine
+
+
+def open_async_database_sync(
+    target: str | os.PathLike[str] | URL,
+    *,
+    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    synchronous: Synchronous = "NORMAL",
+    migrate: bool = True,
+    echo: bool = False,
+    clock: Clock | None = None,
+) -> AsyncEngine:
+    """`open_async_database` for synchronous code (a constructor, or start-up before
+    the event loop runs): the same `AsyncEngine`, set up and migrated on the calling
+    thread, which waits meanwhile. The same arguments and errors.
+
+    Dispose of it with `await engine.dispose()`, or from synchronous code with
+    `engine.sync_engine.dispose(close=False)` (which also stops the repository's worker
+    threads and closes their connections)."""
+    engine, _, steps = _async_store(target, busy_timeout, synchronous, migrate, echo, clock)
+    try:
+        for step in steps:
+            step()
+    except BaseException:
+        engine.sync_engine.dispose(close=False)  # the companion with it
+        raise
+    return engine
+
+
+def _async_store(
+    target: str | os.PathLike[str] | URL,
+    busy_timeout: float,
+    synchronous: Synchronous,
+    migrate: bool,
+    echo: bool,
+    clock: Clock | None,
+) -> tuple[AsyncEngine, Bridge, list[Callable[[], None]]]:
+    """The `AsyncEngine` on `target`, its bridge, and the set-up steps still to run
+    (nothing connected yet): the migrations, then for a SQLite file the inline engine's
+    warm-up."""
     url = _checked_target(target, busy_timeout, synchronous, clock)
     companion = _new_engine(url, busy_timeout=busy_timeout, echo=echo, clock=clock)
     try:
@@ -120,25 +172,17 @@ async def open_async_database(
 
     inline = _inline_twin(companion, synchronous)
     bridge = attach(engine, companion, inline)
-    try:
-        await bridge.run(
-            partial(
-                _set_up,
-                companion,
-                busy_timeout=busy_timeout,
-                synchronous=synchronous,
-                migrate=migrate,
-            )
+    steps: list[Callable[[], None]] = [
+        partial(
+            _set_up, companion, busy_timeout=busy_timeout, synchronous=synchronous, migrate=migrate
         )
-        if inline is not None:
-            # The engine's first connection initialises its dialect (a few queries, some
-            # milliseconds), and statements compile on first use: done here, off the
-            # loop, not by the first inline calls.
-            await bridge.run(partial(_warm_up, inline))
-    except BaseException:
-        await engine.dispose()  # the companion with it
-        raise
-    return engine
+    ]
+    if inline is not None:
+        # The engine's first connection initialises its dialect (a few queries, some
+        # milliseconds), and statements compile on first use: done in set-up, not by
+        # the first inline calls.
+        steps.append(partial(_warm_up, inline))
+    return engine, bridge, steps
 
 
 def companion_engines(engine: AsyncEngine) -> tuple[Engine, Engine | None]:

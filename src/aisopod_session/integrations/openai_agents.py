@@ -1,0 +1,278 @@
+"""`AisopodSession`: the OpenAI Agents SDK's `Session` protocol on the session store, so
+`Runner.run(agent, input, session=AisopodSession(...))` keeps its history there.
+
+Each item the SDK hands over (a message, a function call, its output, a reasoning
+item, ...) is one message row: its text-bearing field (see `CONTENT_FIELDS`) is the row's
+`content`, so `sessions show` prints it and `search_messages` finds it; the rest of the
+item, its type and that field's name and position are in the row's metadata, from which
+the item is rebuilt exactly (docs/integrations.md has the mapping). Needs the extra
+`aisopod-session[openai-agents]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from agents.memory.session_settings import SessionSettings
+from sqlalchemy import Engine
+from sqlalchemy.engine import URL
+
+from aisopod_session.asyncrepository import AsyncSessionRepository
+from aisopod_session.database import open_async_database_sync
+from aisopod_session.enums import PeerKind, Role
+from aisopod_session.errors import SessionNotFoundError
+from aisopod_session.keys import SessionKey
+from aisopod_session.models import Message, NewMessage
+from aisopod_session.repository import SessionRepository
+
+if TYPE_CHECKING:
+    from agents.items import TResponseInputItem
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+_T = TypeVar("_T")
+
+DEFAULT_AGENT = "openai-agents"
+"""The key's agent for a session id, unless the repository is confined to another."""
+DEFAULT_CHANNEL = "agents-sdk"
+DEFAULT_ACCOUNT = "default"
+DEFAULT_PEER_KIND = PeerKind.THREAD
+"""`default_key(session_id)` is `openai-agents:agents-sdk:default:thread:<session_id>`."""
+
+SOURCE = "openai-agents"
+"""The `source` of the metadata of every message this adapter writes."""
+
+CONTENT_FIELDS = ("content", "output", "summary", "arguments")
+"""The item field stored as the message's `content`: the first of these the item has
+(a message's `content`, a tool call output's `output`, a reasoning item's `summary`, a
+function call's `arguments`); an item with none of them has `None` content."""
+
+_ROLES = {role.value: role for role in (Role.USER, Role.ASSISTANT, Role.SYSTEM, Role.DEVELOPER)}
+
+
+def default_key(session_id: str, agent_id: str = DEFAULT_AGENT) -> SessionKey:
+    """The store key of an SDK session id: agent `agent_id`, channel `agents-sdk`,
+    account `default`, a `thread` whose peer id is `session_id` (`ValueError` naming
+    `session_id` for an id the key cannot hold exactly: empty, with spaces at either
+    end, control characters, over 255 characters)."""
+    if not isinstance(session_id, str) or session_id != session_id.strip():
+        raise ValueError(
+            f"session_id: must be a string without spaces at either end, got {session_id!r}"
+        )
+    try:
+        return SessionKey(agent_id, DEFAULT_CHANNEL, DEFAULT_ACCOUNT, DEFAULT_PEER_KIND, session_id)
+    except ValueError as exc:
+        raise ValueError(f"session_id: {exc}") from None
+
+
+def item_to_message(item: Mapping[str, Any]) -> NewMessage:
+    """The message row of one SDK item (see the module's docstring); `ValueError` naming
+    the field for an item that is not a JSON object or holds a value the store refuses."""
+    if not isinstance(item, Mapping):
+        raise ValueError(f"items: each item must be a dict, not {type(item).__name__}")
+    names = list(item)
+    field = next((name for name in CONTENT_FIELDS if name in item), None)
+    kind = item.get("type", "message")
+    if not isinstance(kind, str):
+        kind = "message"
+    meta: dict[str, Any] = {
+        "source": SOURCE,
+        "item_type": kind,
+        "item": {name: value for name, value in item.items() if name != field},
+    }
+    if field is not None:
+        meta["content_field"] = field
+        meta["content_index"] = names.index(field)
+    role = item.get("role")
+    if isinstance(role, str) and role in _ROLES:
+        stored_role = _ROLES[role]
+    elif kind.endswith("_output"):
+        stored_role = Role.TOOL
+    else:
+        stored_role = Role.ASSISTANT
+    return NewMessage(stored_role, item[field] if field is not None else None, meta=meta)
+
+
+def message_to_item(message: Message) -> dict[str, Any]:
+    """The SDK item a message row holds: rebuilt exactly from what `item_to_message`
+    stored; a message another writer appended under the key (no such metadata) as an
+    easy input message, `{"role": ..., "content": ...}`."""
+    meta = message.meta
+    rest = meta.get("item") if meta.get("source") == SOURCE else None
+    if not isinstance(rest, dict):
+        return {"role": str(message.role), "content": message.content}
+    field = meta.get("content_field")
+    if not isinstance(field, str):
+        return dict(rest)
+    index = meta.get("content_index")
+    pairs = list(rest.items())
+    at = index if isinstance(index, int) and 0 <= index <= len(pairs) else len(pairs)
+    pairs.insert(at, (field, message.content))
+    return dict(pairs)
+
+
+class AisopodSession:
+    """An OpenAI Agents SDK `Session` whose items live in the session store.
+
+    `repository` is a `SessionRepository` (its calls run on a worker thread, off the
+    event loop) or an `AsyncSessionRepository` (faster: short calls run inline); a
+    confined one works, and gives the default key its agent. `key` overrides the default
+    key of `session_id` (`default_key`), so a gateway can keep the SDK's items under its
+    own chat key. Every method is one repository call (`add_items` two when it creates the
+    session), atomic as those are. Share the store between sessions, threads and event
+    loops freely.
+    """
+
+    session_id: str
+    session_settings: SessionSettings | None
+
+    def __init__(
+        self,
+        session_id: str,
+        repository: SessionRepository | AsyncSessionRepository,
+        *,
+        key: SessionKey | str | None = None,
+        session_settings: SessionSettings | Mapping[str, Any] | None = None,
+    ) -> None:
+        """Bind `session_id` to its key in `repository`; `ValueError` naming
+        `session_id`, `key` or `session_settings` if one is invalid, `TypeError` naming
+        `repository` if it is not a repository. No I/O."""
+        if not isinstance(repository, SessionRepository | AsyncSessionRepository):
+            raise TypeError(
+                "repository: must be a SessionRepository or an AsyncSessionRepository, "
+                f"not {type(repository).__name__}"
+            )
+        if key is None:
+            self.key = default_key(session_id, repository.agent_id or DEFAULT_AGENT)
+        else:
+            if not isinstance(session_id, str):
+                raise ValueError(f"session_id: must be a string, got {session_id!r}")
+            try:
+                self.key = key if isinstance(key, SessionKey) else SessionKey.parse(key)
+            except ValueError as exc:
+                raise ValueError(f"key: {exc}") from None
+        self.session_id = session_id
+        self.session_settings = _settings(session_settings)
+        self.repository = repository
+        self._engine: Engine | AsyncEngine | None = None
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        session_id: str,
+        target: str | os.PathLike[str] | URL,
+        *,
+        key: SessionKey | str | None = None,
+        session_settings: SessionSettings | Mapping[str, Any] | None = None,
+    ) -> AisopodSession:
+        """A session on a store of its own at `target` (a SQLite path or a database URL,
+        as `open_database` takes), opened and migrated now, in the calling thread, and
+        closed by `close()`. For many sessions, open the store once and pass its
+        repository instead."""
+        engine = open_async_database_sync(target)
+        try:
+            session = cls(
+                session_id,
+                AsyncSessionRepository(engine),
+                key=key,
+                session_settings=session_settings,
+            )
+        except BaseException:
+            engine.sync_engine.dispose(close=False)
+            raise
+        session._engine = engine
+        return session
+
+    def close(self) -> None:
+        """Close the store `open` opened (a repository passed in is left open: it is its
+        owner's); later calls raise `RuntimeError`. Closing twice is harmless."""
+        self._closed = True
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        if isinstance(engine, Engine):
+            engine.dispose()
+        else:
+            # The AsyncEngine's own pool is never used (the repository's calls run on its
+            # companion engines, which this disposes of): nothing to close on a loop.
+            engine.sync_engine.dispose(close=False)
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise RuntimeError("AisopodSession is closed")
+        method = getattr(self.repository, name)
+        if isinstance(self.repository, AsyncSessionRepository):
+            return await cast(Callable[..., Awaitable[Any]], method)(*args, **kwargs)
+        return await asyncio.to_thread(method, *args, **kwargs)
+
+    async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:
+        """The latest `limit` items (or `session_settings.limit`; all if both are None) in
+        chronological order; none for a session never written. One read."""
+        if limit is None and self.session_settings is not None:
+            limit = self.session_settings.limit
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise ValueError(f"limit: must be an int >= 0 or None, got {limit!r}")
+        try:
+            messages: list[Message] = await self._call("get_history", self.key, limit=limit)
+        except SessionNotFoundError:
+            return []
+        return [cast("TResponseInputItem", message_to_item(m)) for m in messages]
+
+    async def add_items(self, items: list[TResponseInputItem]) -> None:
+        """Append `items` in order, in one write transaction (the session is created
+        first, in its own, if there is none). Every item is checked before anything is
+        written (`ValueError` naming `items[i]` and the field)."""
+        if self._closed:
+            raise RuntimeError("AisopodSession is closed")
+        messages = []
+        for index, item in enumerate(items):
+            try:
+                messages.append(item_to_message(cast(Mapping[str, Any], item)))
+            except ValueError as exc:
+                raise ValueError(f"items[{index}]: {exc}") from None
+        if not messages:
+            return
+        try:
+            await self._call("append_messages", self.key, messages)
+        except SessionNotFoundError:
+            await self._call("get_or_create", self.key)
+            await self._call("append_messages", self.key, messages)
+
+    async def pop_item(self) -> TResponseInputItem | None:
+        """Remove and return the latest item (`SessionRepository.pop_message`), or None if
+        there is none. Concurrent pops never return one item twice."""
+        try:
+            message: Message | None = await self._call("pop_message", self.key)
+        except SessionNotFoundError:
+            return None
+        return None if message is None else cast("TResponseInputItem", message_to_item(message))
+
+    async def clear_session(self) -> None:
+        """Remove every item, in one write transaction (`SessionRepository.reset`: the
+        session row, its metadata and its id stay, its counters return to 0)."""
+        try:
+            await self._call("reset", self.key)
+        except SessionNotFoundError:
+            return
+
+
+def _settings(value: SessionSettings | Mapping[str, Any] | None) -> SessionSettings:
+    """`SessionSettings` from itself, a mapping of its fields, or None (the defaults)."""
+    if value is None:
+        return SessionSettings()
+    if isinstance(value, SessionSettings):
+        return value
+    if isinstance(value, Mapping):
+        known = {field.name for field in dataclasses.fields(SessionSettings)}
+        unknown = sorted(str(name) for name in value if name not in known)
+        if unknown:
+            raise ValueError(f"session_settings: unknown fields {unknown}; known: {sorted(known)}")
+        try:
+            return SessionSettings(**value)
+        except Exception as exc:
+            raise ValueError(f"session_settings: {exc}") from None
+    raise ValueError(f"session_settings: must be SessionSettings, a dict or None, not {value!r}")

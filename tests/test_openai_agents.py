@@ -1,0 +1,388 @@
+"""The OpenAI Agents SDK adapter (`AisopodSession`): the SDK's `Session` contract on
+SQLite and PostgreSQL, over both repositories, under the SDK's own `Runner` with its
+scripted model (no network), from several threads and event loops."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from agents import Agent, Runner, Session, function_tool, set_tracing_disabled
+from agents.memory import SessionSettings
+from agents.testing import ScriptedModel, assistant_message, function_call
+from sqlalchemy import Engine
+from typer.testing import CliRunner
+
+from aisopod_session import (
+    AccessDeniedError,
+    AsyncSessionRepository,
+    Role,
+    SessionKey,
+    SessionRepository,
+    open_async_database_sync,
+)
+from aisopod_session.cli import app
+from aisopod_session.integrations.openai_agents import AisopodSession, default_key
+from tests.dbtools import python_clock, snapshot
+
+set_tracing_disabled(True)
+
+ITEMS: list[dict[str, Any]] = [
+    {"role": "user", "content": "What is the weather in Oslo?"},
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "developer", "content": [{"type": "input_text", "text": "be kind"}]},
+    {
+        "type": "function_call",
+        "call_id": "call_1",
+        "name": "get_weather",
+        "arguments": '{"city": "Oslo"}',
+        "id": "fc_1",
+        "status": "completed",
+    },
+    {"type": "function_call_output", "call_id": "call_1", "output": "Rain in Oslo, 4 °C"},
+    {
+        "type": "reasoning",
+        "id": "rs_1",
+        "summary": [{"type": "summary_text", "text": "the user wants weather"}],
+        "encrypted_content": None,
+    },
+    {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [
+            {"type": "output_text", "text": "It rains in Oslo 🌧", "annotations": [], "logprobs": []}
+        ],
+    },
+    {"type": "item_reference", "id": "msg_0"},
+    {"type": "some_future_item", "payload": {"nested": [1, 2.5, True, None, "é"]}},
+    {"role": "user", "content": ""},
+]
+"""Items of every shape the SDK stores: messages with text or blocks, a function call and
+its output, a reasoning item, items without a text field, an item type from the future."""
+
+
+def stored(session: AisopodSession) -> list[dict[str, Any]]:
+    """Every item of `session`, as plain dicts."""
+    return cast(list[dict[str, Any]], asyncio.run(session.get_items()))
+
+
+@pytest.fixture(params=["sync", "async"])
+def repository(
+    request: pytest.FixtureRequest, store: Engine, store_url: str
+) -> Iterator[SessionRepository | AsyncSessionRepository]:
+    """A `SessionRepository` on `store`, or an `AsyncSessionRepository` on its database."""
+    if request.param == "sync":
+        yield SessionRepository(store)
+        return
+    engine = open_async_database_sync(store_url, clock=python_clock)
+    try:
+        yield AsyncSessionRepository(engine)
+    finally:
+        engine.sync_engine.dispose(close=False)
+
+
+def test_every_kind_of_item_round_trips_exactly_in_order(
+    repository: SessionRepository | AsyncSessionRepository,
+) -> None:
+    session = AisopodSession("chat-1", repository)
+    assert isinstance(session, Session)
+
+    async def run() -> list[Any]:
+        await session.add_items(cast(Any, ITEMS[:4]))
+        await session.add_items(cast(Any, ITEMS[4:]))
+        return await session.get_items()
+
+    items = asyncio.run(run())
+    assert items == ITEMS
+    # Key order too: the items read back dump to the same JSON text.
+    assert [json.dumps(item) for item in items] == [json.dumps(item) for item in ITEMS]
+
+
+def test_each_item_is_one_message_with_a_role_its_text_and_its_type(
+    repository: SessionRepository | AsyncSessionRepository, store: Engine
+) -> None:
+    asyncio.run(AisopodSession("chat-1", repository).add_items(cast(Any, ITEMS)))
+    history = SessionRepository(store).get_history(default_key("chat-1"))
+    assert [(m.role, m.meta["item_type"]) for m in history] == [
+        (Role.USER, "message"),
+        (Role.SYSTEM, "message"),
+        (Role.DEVELOPER, "message"),
+        (Role.ASSISTANT, "function_call"),
+        (Role.TOOL, "function_call_output"),
+        (Role.ASSISTANT, "reasoning"),
+        (Role.ASSISTANT, "message"),
+        (Role.ASSISTANT, "item_reference"),
+        (Role.ASSISTANT, "some_future_item"),
+        (Role.USER, "message"),
+    ]
+    assert [m.content for m in history[3:6]] == [
+        '{"city": "Oslo"}',
+        "Rain in Oslo, 4 °C",
+        [{"type": "summary_text", "text": "the user wants weather"}],
+    ]
+    assert history[7].content is None
+    hits = SessionRepository(store).search_messages("oslo rain")
+    assert [hit.message.id for hit in hits] == [history[4].id]
+    hits = SessionRepository(store).search_messages("rains")
+    assert [hit.message.id for hit in hits] == [history[6].id]
+
+
+def test_the_items_are_readable_with_the_command(
+    repository: SessionRepository | AsyncSessionRepository, store_url: str
+) -> None:
+    asyncio.run(AisopodSession("chat-1", repository).add_items(cast(Any, ITEMS[:5])))
+    shown = CliRunner().invoke(
+        app, ["--db", store_url, "sessions", "show", str(default_key("chat-1"))]
+    )
+    assert shown.exit_code == 0, shown.output
+    for text in ("What is the weather in Oslo?", '"city"', "Rain in Oslo"):
+        assert text in shown.stdout
+
+
+def test_get_items_gives_the_latest_in_chronological_order(
+    repository: SessionRepository | AsyncSessionRepository,
+) -> None:
+    session = AisopodSession("chat-1", repository)
+    limited = AisopodSession("chat-1", repository, session_settings=SessionSettings(limit=3))
+    items = [{"role": "user", "content": f"m{i}"} for i in range(10)]
+
+    async def run() -> None:
+        assert await session.get_items() == []  # never written
+        await session.add_items(cast(Any, items))
+        assert await session.get_items() == items
+        assert await session.get_items(4) == items[-4:]
+        assert await session.get_items(0) == []
+        assert await session.get_items(100) == items
+        assert await limited.get_items() == items[-3:]
+        assert await limited.get_items(5) == items[-5:]  # the argument wins
+        for bad in (-1, 1.5, "3", True):
+            with pytest.raises(ValueError, match="limit"):
+                await session.get_items(cast(Any, bad))
+
+    asyncio.run(run())
+
+
+def test_pop_item_removes_the_latest_and_clear_session_removes_all(
+    repository: SessionRepository | AsyncSessionRepository, store: Engine
+) -> None:
+    session = AisopodSession("chat-1", repository)
+
+    async def run() -> None:
+        assert await session.pop_item() is None  # never written
+        await session.clear_session()  # nothing to clear: no error
+        await session.add_items(cast(Any, ITEMS[:3]))
+        assert await session.pop_item() == ITEMS[2]
+        assert await session.get_items() == ITEMS[:2]
+        await session.clear_session()
+        assert await session.get_items() == []
+        assert await session.pop_item() is None
+        await session.add_items(cast(Any, ITEMS[3:4]))
+        assert await session.get_items() == ITEMS[3:4]
+
+    SessionRepository(store).get_or_create(default_key("chat-1"))
+    SessionRepository(store).update_metadata(default_key("chat-1"), {"title": "kept"})
+    asyncio.run(run())
+    stored = SessionRepository(store).get(default_key("chat-1"))
+    assert stored is not None
+    assert (stored.message_count, stored.meta) == (1, {"title": "kept"})
+
+
+def test_sessions_keep_apart_and_a_key_can_be_the_gateways_own(
+    repository: SessionRepository | AsyncSessionRepository, store: Engine
+) -> None:
+    gateway = SessionKey("agent-1", "telegram", "bot-A", "dm", "alice")
+    sync = SessionRepository(store)
+    sync.get_or_create(gateway)
+    sync.append_message(gateway, "user", "written by the gateway")
+    first = AisopodSession("a", repository)
+    second = AisopodSession("b", repository)
+    own = AisopodSession("whatever", repository, key=str(gateway))
+
+    async def run() -> None:
+        await first.add_items([{"role": "user", "content": "to a"}])
+        await second.add_items([{"role": "user", "content": "to b"}])
+        await own.add_items([{"role": "assistant", "content": "reply"}])
+        assert await first.get_items() == [{"role": "user", "content": "to a"}]
+        assert await second.get_items() == [{"role": "user", "content": "to b"}]
+        # A message the gateway wrote reads as an easy input message.
+        assert await own.get_items() == [
+            {"role": "user", "content": "written by the gateway"},
+            {"role": "assistant", "content": "reply"},
+        ]
+        await first.clear_session()
+        assert await second.get_items() != []
+
+    asyncio.run(run())
+    assert str(default_key("a")) == "openai-agents:agents-sdk:default:thread:a"
+    assert sync.get(default_key("b")) is not None
+
+
+def test_a_confined_repository_gives_the_default_key_its_agent(
+    repository: SessionRepository | AsyncSessionRepository,
+) -> None:
+    confined = repository.for_agent("support-bot")
+    session = AisopodSession("chat-1", confined)
+    assert session.key == SessionKey("support-bot", "agents-sdk", "default", "thread", "chat-1")
+    other = AisopodSession("x", confined, key="billing-bot:agents-sdk:default:thread:x")
+
+    async def run() -> None:
+        await session.add_items([{"role": "user", "content": "hi"}])
+        assert await session.get_items() == [{"role": "user", "content": "hi"}]
+        with pytest.raises(AccessDeniedError):
+            await other.get_items()
+
+    asyncio.run(run())
+
+
+def test_bad_input_is_refused_naming_it_and_nothing_is_written(
+    repository: SessionRepository | AsyncSessionRepository, store: Engine
+) -> None:
+    session = AisopodSession("chat-1", repository)
+    before = snapshot(store)
+    with pytest.raises(ValueError, match=r"items\[1\]: .*dict"):
+        asyncio.run(session.add_items(cast(Any, [{"role": "user", "content": "ok"}, "text"])))
+    with pytest.raises(ValueError, match=r"(?s)items\[0\].*content"):
+        asyncio.run(session.add_items(cast(Any, [{"role": "user", "content": float("nan")}])))
+    assert snapshot(store) == before
+    for bad in ("", " padded", "a\x00b", "x" * 256, 42):
+        with pytest.raises(ValueError, match="session_id"):
+            AisopodSession(cast(Any, bad), repository)
+    with pytest.raises(ValueError, match="key"):
+        AisopodSession("chat-1", repository, key="not a key")
+    with pytest.raises(ValueError, match="session_settings"):
+        AisopodSession("chat-1", repository, session_settings={"limitt": 1})
+    with pytest.raises(TypeError, match="repository"):
+        AisopodSession("chat-1", cast(Any, "sessions.db"))
+
+
+@function_tool
+def get_weather(city: str) -> str:
+    """The weather in a city."""
+    return f"Rain in {city}"
+
+
+def test_runner_keeps_several_turns_with_tool_calls(
+    repository: SessionRepository | AsyncSessionRepository,
+) -> None:
+    model = ScriptedModel()
+    agent = Agent(name="weather", model=model, tools=[get_weather])
+    session = AisopodSession("chat-1", repository)
+    model.enqueue([function_call("get_weather", {"city": "Oslo"}, call_id="call_1")])
+    model.enqueue([assistant_message("It rains in Oslo.")])
+    model.enqueue([assistant_message("You asked about Oslo.")])
+
+    async def run() -> None:
+        result = await Runner.run(agent, "Weather in Oslo?", session=session)
+        assert result.final_output == "It rains in Oslo."
+        result = await Runner.run(agent, "What did I ask?", session=session)
+        assert result.final_output == "You asked about Oslo."
+
+    asyncio.run(run())
+    # The last call saw the whole first turn from the store, then the new question.
+    sent = model.calls[-1].input
+    assert [item.get("type", "message") for item in sent] == [
+        "message",
+        "function_call",
+        "function_call_output",
+        "message",
+        "message",
+    ]
+    assert sent[2]["output"] == "Rain in Oslo"
+    items = stored(session)
+    assert len(items) == 6
+    assert items[-1]["content"][0]["text"] == "You asked about Oslo."
+
+
+def test_run_sync_works_from_plain_threads(
+    repository: SessionRepository | AsyncSessionRepository,
+) -> None:
+    """`Runner.run_sync` starts an event loop per call: several threads, several loops,
+    one store."""
+    errors: list[BaseException] = []
+
+    def converse(number: int) -> None:
+        try:
+            model = ScriptedModel()
+            agent = Agent(name="echo", model=model)
+            session = AisopodSession(f"thread-{number}", repository)
+            for turn in range(3):
+                model.enqueue([assistant_message(f"reply {number}.{turn}")])
+                Runner.run_sync(agent, f"question {number}.{turn}", session=session)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            # run_sync leaves the thread's default loop open for its next call.
+            asyncio.get_event_loop_policy().get_event_loop().close()
+
+    threads = [threading.Thread(target=converse, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for number in range(4):
+        items = stored(AisopodSession(f"thread-{number}", repository))
+        assert [item["content"] for item in items[::2]] == [
+            f"question {number}.{turn}" for turn in range(3)
+        ]
+
+
+def test_loops_in_threads_share_one_session_and_pops_never_repeat(
+    repository: SessionRepository | AsyncSessionRepository,
+) -> None:
+    session = AisopodSession("shared", repository)
+    asyncio.run(session.add_items([{"role": "user", "content": f"m{i}"} for i in range(60)]))
+    popped: list[Any] = []
+    errors: list[BaseException] = []
+
+    def pop_and_add(number: int) -> None:
+        async def run() -> None:
+            for turn in range(10):
+                item = await session.pop_item()
+                assert item is not None
+                popped.append(cast(dict[str, Any], item)["content"])
+                await session.add_items([{"role": "assistant", "content": f"t{number}.{turn}"}])
+
+        try:
+            asyncio.run(run())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=pop_and_add, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(popped) == 30
+    assert len(set(popped)) == 30  # no item popped twice
+    left = [item["content"] for item in stored(session)]
+    assert len(left) == 60
+    assert sorted(set(popped) | set(left)) == sorted(
+        [f"m{i}" for i in range(60)] + [f"t{n}.{t}" for n in range(3) for t in range(10)]
+    )
+
+
+def test_open_makes_its_own_store_and_close_closes_it(tmp_path: Path) -> None:
+    path = tmp_path / "agents.db"
+    session = AisopodSession.open("chat-1", path, session_settings={"limit": 1})
+    asyncio.run(
+        session.add_items([{"role": "user", "content": "hi"}, {"role": "user", "content": "2"}])
+    )
+    assert asyncio.run(session.get_items()) == [{"role": "user", "content": "2"}]
+    session.close()
+    session.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(session.get_items())
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(session.add_items([]))
+    again = AisopodSession.open("chat-1", str(path))
+    assert len(asyncio.run(again.get_items())) == 2
+    again.close()
