@@ -542,6 +542,13 @@ class Bench:
 
         return Find(self.folder, self.size, self.count).run()
 
+    def frameworks(self) -> dict[str, Any]:
+        """Scenario 10: through an agent framework's session interface
+        (`benchmarks/frameworks.py`)."""
+        from benchmarks.frameworks import Frameworks
+
+        return Frameworks(self.folder, self.size, self.count).run()
+
     def growth(self) -> list[Scenario]:
         """Scenarios 3 and 4 as the store grows; sessions of 1 000 messages each."""
         sizes = [1000, self.size(100_000), self.size(1_000_000)]
@@ -838,6 +845,7 @@ def main() -> None:
             ("8", bench.memory),
             ("startup", bench.startup),
             ("9", bench.find),
+            ("10", bench.frameworks),
         ]
         outcomes: dict[str, Any] = {}
         for number, step in steps:
@@ -862,6 +870,7 @@ def main() -> None:
         memory=outcomes["8"],
         startup=outcomes["startup"],
         find=outcomes["9"],
+        frameworks=outcomes["10"],
         plans=plans,
         journal_modes=bench.journal_modes,
         seconds=time.perf_counter() - began,

@@ -34,6 +34,9 @@ SEARCH_MS = 20.0
 SEARCH_OVER_LIKE = 50.0
 """Scenario 9: `search_messages` this many times faster than a `LIKE` scan."""
 FORK_OVER_FLOOR = 2.0
+FRAMEWORK_FACTOR = 3.0
+"""Scenario 10: ours through a framework's session interface against its own store."""
+OURS_ADAPTER = "ours (AisopodSession)"
 """Scenario 9: `fork` within this factor of the plain-SQL fork."""
 
 
@@ -70,6 +73,8 @@ class Report:
     """The command's start-up (median seconds per run, as µs), if measured."""
     find: dict[str, Any] | None = None
     """Scenario 9 (`benchmarks/find.py`): `stats` (name to `Stats`), `figures`, `plans`."""
+    frameworks: dict[str, Any] | None = None
+    """Scenario 10 (`benchmarks/frameworks.py`): `stats` (name to `Stats`), `figures`."""
 
     # --- verdicts ------------------------------------------------------------------------
 
@@ -130,6 +135,30 @@ class Report:
             lines.extend(self.startup_verdicts(self.startup))
         if self.find is not None:
             lines.extend(self.find_verdicts(self.find["stats"]))
+        if self.frameworks is not None:
+            lines.extend(self.framework_verdicts(self.frameworks["stats"]))
+        return lines
+
+    def framework_verdicts(self, stats: dict[str, Any]) -> list[tuple[str, bool, str, str]]:
+        """Scenario 10's targets: each call through the framework's interface
+        `FRAMEWORK_FACTOR`× faster than the framework's own store."""
+        lines: list[tuple[str, bool, str, str]] = []
+        for name, ours in stats.items():
+            if not name.endswith(", " + OURS_ADAPTER):
+                continue
+            call = name.removesuffix(", " + OURS_ADAPTER)
+            theirs = [n for n in stats if n.startswith(call + ", ") and n != name]
+            for other in theirs:
+                factor = stats[other].median_us / ours.median_us
+                lines.append(
+                    (
+                        f"scenario 10: {call}: ours ≥ {FRAMEWORK_FACTOR:g}× faster than "
+                        f"{other.removeprefix(call + ', ')}",
+                        factor >= FRAMEWORK_FACTOR,
+                        f"{factor:.2f}× ({stats[other].median_us:.0f} → {ours.median_us:.0f} µs)",
+                        "framework",
+                    )
+                )
         return lines
 
     def find_verdicts(self, stats: dict[str, Any]) -> list[tuple[str, bool, str, str]]:
@@ -372,6 +401,18 @@ class Report:
         table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
         return f"{table}\n\n{figures}"
 
+    def frameworks_table(self) -> str:
+        if self.frameworks is None:
+            return "(not measured)"
+        rows = [["scenario 10", "median", "p90"], ["---", "---:", "---:"]]
+        for name, stats in self.frameworks["stats"].items():
+            rows.append([name, f"{stats.median_us:,.0f} µs", f"{stats.p90_us:,.0f} µs"])
+        figures = "\n".join(
+            f"- {name}: {value}" for name, value in self.frameworks["figures"].items()
+        )
+        table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
+        return f"{table}\n\n{figures}"
+
     def find_plans(self) -> str:
         if self.find is None:
             return ""
@@ -390,6 +431,7 @@ class Report:
                 "Scenario 8:\n" + self.memory_table(),
                 "Start-up:\n" + self.startup_table(),
                 "Scenario 9:\n" + self.find_table(),
+                "Scenario 10:\n" + self.frameworks_table(),
                 "Targets:\n" + self.verdict_table(),
             ]
         )
@@ -446,6 +488,19 @@ class Report:
                 "figures": dict(data["find"]["figures"]),
                 "plans": dict(data["find"]["plans"]),
             },
+            frameworks=None
+            if not data.get("frameworks")
+            else {
+                "stats": {
+                    name: Stats(
+                        count=int(stats["count"]),
+                        median_us=float(stats["median_us"]),
+                        p90_us=float(stats["p90_us"]),
+                    )
+                    for name, stats in data["frameworks"]["stats"].items()
+                },
+                "figures": dict(data["frameworks"]["figures"]),
+            },
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -475,6 +530,14 @@ class Report:
                 "stats": {name: stats.as_json() for name, stats in self.find["stats"].items()},
                 "figures": self.find["figures"],
                 "plans": self.find["plans"],
+            },
+            "frameworks": None
+            if self.frameworks is None
+            else {
+                "stats": {
+                    name: stats.as_json() for name, stats in self.frameworks["stats"].items()
+                },
+                "figures": self.frameworks["figures"],
             },
             "journal_modes": self.journal_modes,
             "targets": [
@@ -566,6 +629,7 @@ def write_docs(report: Report, docs: Path) -> None:
         startup=report.startup_table(),
         find=report.find_table(),
         find_plans=report.find_plans(),
+        frameworks=report.frameworks_table(),
         plans=plans,
         modes=modes or "- (peers not measured)",
         missing=report.missing_lines(),
@@ -689,6 +753,15 @@ floor, the same copy in plain SQL (both run the search index's trigger per messa
 The new hot queries and their plans:
 
 {find_plans}
+
+## Scenario 10: through the agent frameworks' session interfaces
+
+`benchmarks/frameworks.py`: the OpenAI Agents SDK's `Session` protocol, `AisopodSession`
+(over an `AsyncSessionRepository`) against the SDK's own `SQLiteSession` on SQLite, the
+calls taking turns in one event loop: `add_items` of one item, and `get_items(limit=50)`
+of a session of 10 000 items (both stores written through the same interface first).
+
+{frameworks}
 
 {notes}
 """

@@ -49,4 +49,9 @@ def test_the_benchmark_runs_every_scenario_and_reports_every_target(tmp_path: Pa
         plans["page_sessions(agent_id=..., cursor=...)"]
     )
     assert "messages_fts VIRTUAL TABLE" in " ".join(plans["search_messages(query)"])
+    # Scenario 10: the OpenAI Agents SDK's Session interface, ours against SQLiteSession.
+    frameworks = report["frameworks"]["stats"]
+    assert len(frameworks) == 4
+    assert all(stats["median_us"] > 0 for stats in frameworks.values())
+    assert sum(t.startswith("scenario 10") for t in targets) == 2
     assert "| 1. append one message per transaction |" in completed.stdout
