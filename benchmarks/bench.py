@@ -13,6 +13,8 @@ Scenarios (file databases, one process unless said):
 8. memory: peak RSS while appending 10^6 messages, one per transaction;
 9. find, branch and page: `page_sessions` at 10^3, 10^5 and 10^6 sessions, `search_messages`
    in 10^6 messages against a `LIKE` scan, `fork` of 10^4 messages (`find.py`);
+10. through the OpenAI Agents SDK's `Session` interface: `AisopodSession` against the SDK's
+    `SQLiteSession`, add one item and the latest 50 of 10^4 (`frameworks.py`);
 start-up: `aisopod-session --help`, `--version` and `status` (on a small SQLite file), and
 `python -c "import sqlmodel"` for reference, each run as a new process 5 times (medians).
 

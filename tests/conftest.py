@@ -46,7 +46,6 @@ PROCESS_MODULES = {
 SLOW_TESTS = {
     "test_a_batch_of_big_lines_is_cut_short_by_its_size",
     "test_a_big_export_runs_in_flat_memory",
-    "test_a_large_prune_lets_another_writer_go_on",
     "test_a_text_value_over_256_mib_is_refused_naming_the_field_before_writing",
     "test_the_text_limit_counts_utf8_bytes_not_characters",
     "test_200_tasks_append_at_once_without_blocking_the_loop",
