@@ -256,7 +256,13 @@ def test_bad_input_is_refused_naming_it_and_nothing_is_written(
             AisopodSession(cast(Any, bad), repository)
     with pytest.raises(ValueError, match="key"):
         AisopodSession("chat-1", repository, key="not a key")
-    with pytest.raises(ValueError, match="session_settings"):
+    # Refused items and settings are TypeErrors too, as the SDK's SQLiteSession raises.
+    with pytest.raises(TypeError, match=r"items\[0\]"):
+        asyncio.run(session.add_items(cast(Any, [{"role": "user", "content": object()}])))
+    assert snapshot(store) == before
+    with pytest.raises(ValueError, match="session_settings: Unknown session settings: limitt"):
+        AisopodSession("chat-1", repository, session_settings={"limitt": 1})
+    with pytest.raises(TypeError, match="limitt"):
         AisopodSession("chat-1", repository, session_settings={"limitt": 1})
     with pytest.raises(TypeError, match="repository"):
         AisopodSession("chat-1", cast(Any, "sessions.db"))

@@ -50,6 +50,14 @@ CONTENT_FIELDS = ("content", "output", "summary", "arguments")
 (a message's `content`, a tool call output's `output`, a reasoning item's `summary`, a
 function call's `arguments`); an item with none of them has `None` content."""
 
+
+class SessionInputError(ValueError, TypeError):
+    """Input the adapter refuses (an item, the settings), before anything is written: a
+    `ValueError` naming the field, as every refusal of this library is, and a `TypeError`,
+    as the SDK's own `SQLiteSession` raises for the same input, so code written against
+    either catches it."""
+
+
 _ROLES = {role.value: role for role in (Role.USER, Role.ASSISTANT, Role.SYSTEM, Role.DEVELOPER)}
 
 
@@ -138,8 +146,9 @@ class AisopodSession:
         session_settings: SessionSettings | Mapping[str, Any] | None = None,
     ) -> None:
         """Bind `session_id` to its key in `repository`; `ValueError` naming
-        `session_id`, `key` or `session_settings` if one is invalid, `TypeError` naming
-        `repository` if it is not a repository. No I/O."""
+        `session_id` or `key` if one is invalid, `SessionInputError` naming
+        `session_settings` (an unknown field, as the SDK's `TypeError` says), `TypeError`
+        naming `repository` if it is not a repository. No I/O."""
         if not isinstance(repository, SessionRepository | AsyncSessionRepository):
             raise TypeError(
                 "repository: must be a SessionRepository or an AsyncSessionRepository, "
@@ -225,7 +234,8 @@ class AisopodSession:
     async def add_items(self, items: list[TResponseInputItem]) -> None:
         """Append `items` in order, in one write transaction (the session is created
         first, in its own, if there is none). Every item is checked before anything is
-        written (`ValueError` naming `items[i]` and the field)."""
+        written (`SessionInputError`, a `ValueError` and a `TypeError`, naming `items[i]`
+        and the field)."""
         if self._closed:
             raise RuntimeError("AisopodSession is closed")
         messages = []
@@ -233,7 +243,7 @@ class AisopodSession:
             try:
                 messages.append(item_to_message(cast(Mapping[str, Any], item)))
             except ValueError as exc:
-                raise ValueError(f"items[{index}]: {exc}") from None
+                raise SessionInputError(f"items[{index}]: {exc}") from None
         if not messages:
             return
         try:
@@ -270,9 +280,14 @@ def _settings(value: SessionSettings | Mapping[str, Any] | None) -> SessionSetti
         known = {field.name for field in dataclasses.fields(SessionSettings)}
         unknown = sorted(str(name) for name in value if name not in known)
         if unknown:
-            raise ValueError(f"session_settings: unknown fields {unknown}; known: {sorted(known)}")
+            raise SessionInputError(
+                f"session_settings: Unknown session settings: {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(known))})"
+            )
         try:
             return SessionSettings(**value)
         except Exception as exc:
-            raise ValueError(f"session_settings: {exc}") from None
-    raise ValueError(f"session_settings: must be SessionSettings, a dict or None, not {value!r}")
+            raise SessionInputError(f"session_settings: {exc}") from None
+    raise SessionInputError(
+        f"session_settings: must be SessionSettings, a dict or None, not {value!r}"
+    )
