@@ -91,8 +91,12 @@ def item_to_message(item: Mapping[str, Any]) -> NewMessage:
         "item_type": kind,
         "item": {name: value for name, value in item.items() if name != field},
     }
-    if field is not None:
+    # Left out in the common case (a message's `content`, its last field), so that a
+    # chat's rows stay small: the metadata is decoded with every row read. An item
+    # without any of the fields says so with null.
+    if field != "content":
         meta["content_field"] = field
+    if field is not None and names.index(field) != len(names) - 1:
         meta["content_index"] = names.index(field)
     role = item.get("role")
     if isinstance(role, str) and role in _ROLES:
@@ -112,13 +116,14 @@ def message_to_item(message: Message) -> dict[str, Any]:
     rest = meta.get("item") if meta.get("source") == SOURCE else None
     if not isinstance(rest, dict):
         return {"role": str(message.role), "content": message.content}
-    field = meta.get("content_field")
+    field = meta.get("content_field", "content")
     if not isinstance(field, str):
         return dict(rest)
     index = meta.get("content_index")
+    if not isinstance(index, int) or not 0 <= index <= len(rest):
+        return {**rest, field: message.content}
     pairs = list(rest.items())
-    at = index if isinstance(index, int) and 0 <= index <= len(pairs) else len(pairs)
-    pairs.insert(at, (field, message.content))
+    pairs.insert(index, (field, message.content))
     return dict(pairs)
 
 
