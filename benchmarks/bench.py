@@ -125,7 +125,10 @@ def _stats(samples: Sequence[int]) -> Stats:
     return Stats(
         count=len(micros),
         median_us=statistics.median(micros),
-        p90_us=statistics.quantiles(micros, n=10, method="inclusive")[-1],
+        # One sample (a smoke run's start-up) is its own 90th percentile.
+        p90_us=statistics.quantiles(micros, n=10, method="inclusive")[-1]
+        if len(micros) > 1
+        else micros[0],
     )
 
 
@@ -618,8 +621,8 @@ class Bench:
                     STARTUP_INTERPRETER: [sys.executable, "-c", "pass"],
                 },
                 self.folder,
-                # A smoke run (tests/test_bench.py) times each command twice.
-                runs=STARTUP_RUNS if self.scale >= 0.01 else 2,
+                # A smoke run (tests/test_bench.py) times each command once.
+                runs=STARTUP_RUNS if self.scale >= 0.01 else 1,
             )
         )
         return scenario
@@ -639,7 +642,7 @@ def startup_times(
     commands: dict[str, list[str]], folder: Path, runs: int = STARTUP_RUNS
 ) -> dict[str, Stats]:
     """Each command run `runs` times in turns (so that the machine's drift weighs on all
-    alike), after one untimed run each (none for a smoke run of 2), timed from start to
+    alike), after one untimed run each (none for a smoke run of 1), timed from start to
     exit. The children keep a bytecode cache, as an installed package has one, under
     `folder` (so nothing is written beside the sources, and PYTHONDONTWRITEBYTECODE does
     not make every run compile every module)."""
@@ -663,7 +666,7 @@ def startup_times(
         )
         return time.perf_counter_ns() - start
 
-    if runs > 2:
+    if runs > 1:
         for command in commands.values():
             run_once(command)
     for _ in range(runs):
