@@ -94,6 +94,10 @@ def _small_changes(*args: Any, **kwargs: Any) -> bool:
     return _small(_argument(args, kwargs, 1, "changes"))
 
 
+def _small_meta(*args: Any, **kwargs: Any) -> bool:
+    return _small(kwargs.get("meta"))
+
+
 def _a_page(*args: Any, **kwargs: Any) -> bool:
     limit = kwargs.get("limit")
     return type(limit) is int and 0 <= limit <= INLINE_MESSAGES
@@ -232,6 +236,7 @@ class AsyncSessionRepository:
 
     # Each method of SessionRepository, and which of its calls may run inline (on a
     # SQLite file: see asyncbridge.py); the rest always go to a worker thread.
+    create = _writes(SessionRepository.create, _small_meta)
     get = _reads(SessionRepository.get, _always)
     get_by_id = _reads(SessionRepository.get_by_id, _always)
     list_sessions = _reads(SessionRepository.list_sessions)

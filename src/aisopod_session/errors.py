@@ -24,8 +24,8 @@ class SessionNotFoundError(SessionStoreError, LookupError):
 
 
 class SessionExistsError(SessionStoreError):
-    """A call that creates a session under a given key (`fork`) found one there already;
-    nothing was written."""
+    """A call that creates a session under a given key (`create`, `fork`) found one there
+    already; nothing was written."""
 
 
 class AccessDeniedError(SessionStoreError):

@@ -240,6 +240,27 @@ class SessionRepository:
             f"of {_GET_OR_CREATE_TRIES} times it was created"
         )
 
+    def create(self, key: SessionKey | str, *, meta: Mapping[str, Any] | None = None) -> Session:
+        """Create the session for `key` (`active`, empty, with `meta` as its metadata if
+        given) and return it; `SessionExistsError` if there is one already, with nothing
+        written. One write transaction: of concurrent callers with the same new key,
+        exactly one creates it and every other gets `SessionExistsError`. `meta` must be
+        a mapping with string keys holding JSON values (`ValueError` naming `meta`)."""
+        key = self._key(key)
+        stored = None
+        if meta is not None:
+            stored = dump_json(check_changes(meta, "meta"))
+            check_text_size("meta", stored)
+        parts = key.parts()
+        with self._path.transaction("create", "IMMEDIATE") as conn:
+            _, now = self._clock.stamp(conn)
+            row = conn.execute(self._text(INSERT_SESSION), (*parts, now, now)).fetchone()
+            if row is None:
+                raise SessionExistsError(f"a session with key {key} exists already")
+            if stored is not None:
+                row = conn.execute(self._text(UPDATE_META), (now, stored, *parts)).fetchone()
+        return SESSION.read(row)
+
     def get(self, key: SessionKey | str) -> Session | None:
         """The session for `key`, or None. Read-only, one statement."""
         parts = self._key(key).parts()

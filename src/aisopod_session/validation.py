@@ -316,12 +316,12 @@ def check_status(status: Any) -> SessionStatus:
         raise ValueError(f"status: {exc}") from None
 
 
-def check_changes(changes: Any) -> dict[str, Any]:
-    """Metadata changes: a mapping with string keys holding JSON values, as a `dict`; else
-    `ValueError` naming `changes` (and the place inside it)."""
+def check_changes(changes: Any, field: str = "changes") -> dict[str, Any]:
+    """Metadata (or changes to it): a mapping with string keys holding JSON values, as a
+    `dict`; else `ValueError` naming `field` (and the place inside it)."""
     if not isinstance(changes, Mapping):
-        raise ValueError(f"changes: must be a mapping, not {type(changes).__name__}")
-    return dict(check_json("changes", dict(changes)))
+        raise ValueError(f"{field}: must be a mapping, not {type(changes).__name__}")
+    return dict(check_json(field, dict(changes)))
 
 
 def check_summary(summary: Any) -> str:
