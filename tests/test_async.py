@@ -689,6 +689,42 @@ def test_the_synchronous_form_migrates_on_its_caller_and_disposes_from_sync_code
         open_async_database_sync(store_url, busy_timeout=-1)
 
 
+def test_the_inline_engine_waits_for_a_lock_held_while_the_store_opens(db_path: Path) -> None:
+    """The inline engine's connections never wait for a lock, but its first connection,
+    made while the store opens, waits within `busy_timeout` like the rest of the opening
+    (another thread's store opening a WAL file whose last connection closed holds a lock
+    while it recovers the WAL: opens failed at once with "database is locked"). Here a
+    connection in exclusive locking mode holds the file, then lets go."""
+    from aisopod_session.database import _inline_twin, _warm_up
+
+    companion = open_database(db_path)
+    companion.dispose()  # its connections closed: the holder below can take the file
+    inline = _inline_twin(companion, "NORMAL")
+    assert inline is not None
+    holder = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("COMMIT")  # the lock stays until the connection closes
+
+    def let_go() -> None:
+        time.sleep(0.3)
+        holder.close()
+
+    try:
+        with pytest.raises(DatabaseBusyError):
+            _warm_up(inline, busy_timeout=0.05)
+        releaser = threading.Thread(target=let_go)
+        releaser.start()
+        started = time.monotonic()
+        _warm_up(inline, busy_timeout=5)
+        assert time.monotonic() - started >= 0.2
+        releaser.join()
+    finally:
+        holder.close()
+        inline.dispose()
+        companion.dispose()
+
+
 REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
 
 

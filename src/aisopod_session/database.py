@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import StaticPool
 
 from aisopod_session.connections import forked_open_error, register, tainted
@@ -181,7 +182,7 @@ def _async_store(
         # The engine's first connection initialises its dialect (a few queries, some
         # milliseconds), and statements compile on first use: done in set-up, not by
         # the first inline calls.
-        steps.append(partial(_warm_up, inline))
+        steps.append(partial(_warm_up, inline, busy_timeout=busy_timeout))
     return engine, bridge, steps
 
 
@@ -205,13 +206,29 @@ def companion_engines(engine: AsyncEngine) -> tuple[Engine, Engine | None]:
     return companion, _inline_twin(companion, "NORMAL")
 
 
-def _warm_up(engine: Engine) -> None:
+def _warm_up(engine: Engine, *, busy_timeout: float) -> None:
     """Make `engine`'s first connection (its dialect's initialisation) and compile the
-    fixed statements for it."""
+    fixed statements for it.
+
+    `engine` is the inline engine, whose connections never wait for a lock: while
+    another connection holds one a new connection's first statements fail at once (as
+    when the last connection to a WAL file has closed and the next one to open it
+    recovers the WAL). Here that is retried within `busy_timeout`, as `open_database`
+    would wait, before `DatabaseBusyError`."""
     from aisopod_session.statements import compile_all
 
-    with engine.connect():
-        pass
+    deadline = time.monotonic() + busy_timeout
+    pause = 0.001
+    with translated_errors(f"open {engine.url.database}"):
+        while True:
+            try:
+                with engine.connect():
+                    break
+            except OperationalError as exc:
+                if exc.orig is None or not is_busy(exc.orig) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
     compile_all(engine.dialect)
 
 
