@@ -134,6 +134,32 @@ def test_each_item_is_one_message_with_a_role_its_text_and_its_type(
     assert [hit.message.id for hit in hits] == [history[6].id]
 
 
+def test_a_reasoning_summary_beside_empty_content_is_the_text(
+    repository: SessionRepository | AsyncSessionRepository, store: Engine
+) -> None:
+    """The text is the first of the fields that holds something: a reasoning item may
+    carry `"content": null` or `[]` beside its summary."""
+    empties: list[Any] = [None, []]
+    items: list[dict[str, Any]] = [
+        {
+            "type": "reasoning",
+            "id": f"rs_{n}",
+            "content": empty,
+            "summary": [{"type": "summary_text", "text": f"wombat plan {n}"}],
+        }
+        for n, empty in enumerate(empties)
+    ]
+    session = AisopodSession("chat-1", repository)
+    asyncio.run(session.add_items(cast(Any, items)))
+    assert stored(session) == items
+    assert [json.dumps(item) for item in stored(session)] == [json.dumps(i) for i in items]
+    history = SessionRepository(store).get_history(default_key("chat-1"))
+    assert [m.content for m in history] == [item["summary"] for item in items]
+    hits = SessionRepository(store).search_messages("wombat")
+    assert sorted(hit.message.id or 0 for hit in hits) == [m.id for m in history]
+    assert all("«wombat»" in hit.snippet for hit in hits)
+
+
 def test_the_items_are_readable_with_the_command(
     repository: SessionRepository | AsyncSessionRepository, store_url: str
 ) -> None:
@@ -266,6 +292,38 @@ def test_bad_input_is_refused_naming_it_and_nothing_is_written(
         AisopodSession("chat-1", repository, session_settings={"limitt": 1})
     with pytest.raises(TypeError, match="repository"):
         AisopodSession("chat-1", cast(Any, "sessions.db"))
+    # A limit in the settings is checked as get_items checks its own, and not coerced.
+    for limit in (-1, True, "2", 2.0, 2**70):
+        with pytest.raises(TypeError, match=r"session_settings\.limit"):
+            AisopodSession("chat-1", repository, session_settings={"limit": limit})
+    with pytest.raises(ValueError, match=r"session_settings\.limit"):
+        AisopodSession("chat-1", repository, session_settings=SessionSettings(limit=-1))
+    with pytest.raises(TypeError, match="items: must be a list"):
+        asyncio.run(session.add_items(cast(Any, {"role": "user", "content": "hi"})))
+    with pytest.raises(ValueError, match="session_id: must be a string, not int"):
+        AisopodSession(cast(Any, 5), repository)
+    assert snapshot(store) == before
+
+
+def test_what_only_the_store_refuses_names_the_item_too(
+    repository: SessionRepository | AsyncSessionRepository, store: Engine
+) -> None:
+    """A NUL character, which PostgreSQL's text cannot hold (SQLite stores it)."""
+    session = AisopodSession("chat-1", repository)
+    if store.dialect.name != "postgresql":
+        asyncio.run(session.add_items([{"role": "user", "content": "a\x00b"}]))
+        assert stored(session) == [{"role": "user", "content": "a\x00b"}]
+        return
+    before = snapshot(store)
+    with pytest.raises(TypeError, match=r"items\[1\]\.content"):
+        asyncio.run(
+            session.add_items(
+                [{"role": "user", "content": "ok"}, {"role": "user", "content": "a\x00b"}]
+            )
+        )
+    with pytest.raises(ValueError, match=r"items\[0\]\.content"):
+        asyncio.run(session.add_items([{"role": "user", "content": "a\x00b"}]))
+    assert snapshot(store) == before
 
 
 @function_tool

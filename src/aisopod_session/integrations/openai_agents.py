@@ -47,8 +47,9 @@ SOURCE = "openai-agents"
 
 CONTENT_FIELDS = ("content", "output", "summary", "arguments")
 """The item field stored as the message's `content`: the first of these the item has
-(a message's `content`, a tool call output's `output`, a reasoning item's `summary`, a
-function call's `arguments`); an item with none of them has `None` content."""
+with a value other than null, `[]` or `""` (else the first it has at all): a message's
+`content`, a tool call output's `output`, a reasoning item's `summary`, a function call's
+`arguments`. An item with none of them has `None` content."""
 
 
 class SessionInputError(ValueError, TypeError):
@@ -66,10 +67,10 @@ def default_key(session_id: str, agent_id: str = DEFAULT_AGENT) -> SessionKey:
     account `default`, a `thread` whose peer id is `session_id` (`ValueError` naming
     `session_id` for an id the key cannot hold exactly: empty, with spaces at either
     end, control characters, over 255 characters)."""
-    if not isinstance(session_id, str) or session_id != session_id.strip():
-        raise ValueError(
-            f"session_id: must be a string without spaces at either end, got {session_id!r}"
-        )
+    if not isinstance(session_id, str):
+        raise ValueError(f"session_id: must be a string, not {type(session_id).__name__}")
+    if session_id != session_id.strip():
+        raise ValueError(f"session_id: must not start or end with spaces, got {session_id!r}")
     try:
         return SessionKey(agent_id, DEFAULT_CHANNEL, DEFAULT_ACCOUNT, DEFAULT_PEER_KIND, session_id)
     except ValueError as exc:
@@ -82,7 +83,12 @@ def item_to_message(item: Mapping[str, Any]) -> NewMessage:
     if not isinstance(item, Mapping):
         raise ValueError(f"items: each item must be a dict, not {type(item).__name__}")
     names = list(item)
-    field = next((name for name in CONTENT_FIELDS if name in item), None)
+    present = [name for name in CONTENT_FIELDS if name in item]
+    # A reasoning item may carry `"content": null` (or `[]`) beside its summary: the text
+    # is the first field that holds something.
+    field = next((name for name in present if item[name] not in (None, [], "")), None)
+    if field is None and present:
+        field = present[0]
     kind = item.get("type", "message")
     if not isinstance(kind, str):
         kind = "message"
@@ -228,8 +234,7 @@ class AisopodSession:
         chronological order; none for a session never written. One read."""
         if limit is None and self.session_settings is not None:
             limit = self.session_settings.limit
-        if limit is not None and (type(limit) is not int or limit < 0):
-            raise ValueError(f"limit: must be an int >= 0 or None, got {limit!r}")
+        _check_limit("limit", limit)
         try:
             messages: list[Message] = await self._call("get_history", self.key, limit=limit)
         except SessionNotFoundError:
@@ -243,6 +248,8 @@ class AisopodSession:
         and the field)."""
         if self._closed:
             raise RuntimeError("AisopodSession is closed")
+        if not isinstance(items, list | tuple):
+            raise SessionInputError(f"items: must be a list of items, not {type(items).__name__}")
         messages = []
         for index, item in enumerate(items):
             try:
@@ -252,10 +259,20 @@ class AisopodSession:
         if not messages:
             return
         try:
-            await self._call("append_messages", self.key, messages)
-        except SessionNotFoundError:
-            await self._call("get_or_create", self.key)
-            await self._call("append_messages", self.key, messages)
+            try:
+                await self._call("append_messages", self.key, messages)
+            except SessionNotFoundError:
+                await self._call("get_or_create", self.key)
+                await self._call("append_messages", self.key, messages)
+        except ValueError as exc:
+            # What only the store can refuse (a NUL character on PostgreSQL), before it
+            # writes anything, names `messages[i]` (`items[i]` here), or no index for one.
+            reason = str(exc)
+            if reason.startswith("messages["):
+                reason = "items[" + reason.removeprefix("messages[")
+            elif len(messages) == 1:
+                reason = f"items[0].{reason}"
+            raise SessionInputError(reason) from None
 
     async def pop_item(self) -> TResponseInputItem | None:
         """Remove and return the latest item (`SessionRepository.pop_message`), or None if
@@ -275,8 +292,21 @@ class AisopodSession:
             return
 
 
+def _check_limit(field: str, limit: Any) -> None:
+    """`SessionInputError` naming `field` unless `limit` is None or an int from 0 to
+    2**63 - 1 (what the store's history takes)."""
+    if limit is not None and (type(limit) is not int or not 0 <= limit < 2**63):
+        raise SessionInputError(f"{field}: must be an int >= 0 (64-bit) or None, got {limit!r}")
+
+
 def _settings(value: SessionSettings | Mapping[str, Any] | None) -> SessionSettings:
-    """`SessionSettings` from itself, a mapping of its fields, or None (the defaults)."""
+    """`SessionSettings` from itself, a mapping of its fields, or None (the defaults);
+    its `limit` must be None or an int >= 0, as `get_items`' own (`SessionInputError`
+    naming `session_settings.limit`)."""
+    if isinstance(value, Mapping):
+        _check_limit("session_settings.limit", value.get("limit"))
+    elif isinstance(value, SessionSettings):
+        _check_limit("session_settings.limit", value.limit)
     if value is None:
         return SessionSettings()
     if isinstance(value, SessionSettings):
