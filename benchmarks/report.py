@@ -441,28 +441,30 @@ class Report:
         """The report of a run saved by `as_json` (to rewrite the docs without re-running)."""
         from benchmarks.bench import Scenario, Stats
 
+        def stats_of(raw: dict[str, Any]) -> dict[str, Stats]:
+            return {
+                name: Stats(
+                    count=int(stats["count"]),
+                    median_us=float(stats["median_us"]),
+                    p90_us=float(stats["p90_us"]),
+                )
+                for name, stats in raw.items()
+            }
+
         def scenario(raw: dict[str, Any]) -> Scenario:
             return Scenario(
                 number=raw["number"],
                 title=raw["title"],
-                stats={
-                    name: Stats(
-                        count=int(stats["count"]),
-                        median_us=float(stats["median_us"]),
-                        p90_us=float(stats["p90_us"]),
-                    )
-                    for name, stats in raw["stats"].items()
-                },
+                stats=stats_of(raw["stats"]),
                 missing=dict(raw["not_supported"]),
-                extra={
-                    name: Stats(
-                        count=int(stats["count"]),
-                        median_us=float(stats["median_us"]),
-                        p90_us=float(stats["p90_us"]),
-                    )
-                    for name, stats in raw.get("extra", {}).items()
-                },
+                extra=stats_of(raw.get("extra", {})),
             )
+
+        def section(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+            """Scenario 9's or 10's results: stats, figures, and plans if it has them."""
+            if not raw:
+                return None
+            return {**raw, "stats": stats_of(raw["stats"]), "figures": dict(raw["figures"])}
 
         return cls(
             scale=float(data["scale"]),
@@ -474,33 +476,8 @@ class Report:
             journal_modes=dict(data["journal_modes"]),
             seconds=float(data["seconds"]),
             startup=scenario(data["startup"]) if data.get("startup") else None,
-            find=None
-            if not data.get("find")
-            else {
-                "stats": {
-                    name: Stats(
-                        count=int(stats["count"]),
-                        median_us=float(stats["median_us"]),
-                        p90_us=float(stats["p90_us"]),
-                    )
-                    for name, stats in data["find"]["stats"].items()
-                },
-                "figures": dict(data["find"]["figures"]),
-                "plans": dict(data["find"]["plans"]),
-            },
-            frameworks=None
-            if not data.get("frameworks")
-            else {
-                "stats": {
-                    name: Stats(
-                        count=int(stats["count"]),
-                        median_us=float(stats["median_us"]),
-                        p90_us=float(stats["p90_us"]),
-                    )
-                    for name, stats in data["frameworks"]["stats"].items()
-                },
-                "figures": dict(data["frameworks"]["figures"]),
-            },
+            find=section(data.get("find")),
+            frameworks=section(data.get("frameworks")),
         )
 
     def as_json(self) -> dict[str, Any]:
