@@ -410,3 +410,47 @@ def test_multi_megabyte_values_are_still_stored_exactly(
     assert session is not None
     assert session.meta == {"note": big}
     assert session.last_compaction_summary == big
+
+
+def test_ids_past_32_bits_work_in_every_call_that_takes_one(
+    repo: SessionRepository, store: Engine
+) -> None:
+    """PostgreSQL's ids are BIGINT: a store whose ids have passed 2**31 (SQLite's are
+    64-bit from the start) appends, reads, pages, searches, forks, pops, compacts, resets
+    and prunes, exports and imports like any other (each id parameter was cast to 32 bits
+    there before)."""
+    start = 3_000_000_000
+    if is_sqlite(store):
+        run_sql(store, "INSERT INTO sqlite_sequence (name, seq) VALUES ('sessions', ?)", (start,))
+        run_sql(store, "INSERT INTO sqlite_sequence (name, seq) VALUES ('messages', ?)", (start,))
+    else:
+        run_sql(store, f"ALTER TABLE sessions ALTER COLUMN id RESTART WITH {start}")
+        run_sql(store, f"ALTER TABLE messages ALTER COLUMN id RESTART WITH {start}")
+    key = SessionKey("agent-1", "telegram", "bot-A", "dm", "big")
+    session = repo.create(key)
+    assert session.id is not None
+    assert session.id >= start
+    assert repo.get_by_id(session.id) == session
+    written = repo.append_messages(key, [NewMessage(Role.USER, f"m{i}") for i in range(4)])
+    assert all((m.id or 0) >= start for m in written)
+    ids = [m.id or 0 for m in written]
+    assert repo.get_history(key, limit=2, before_id=ids[3]) == written[1:3]
+    assert repo.get_history(key, limit=2, after_id=ids[0]) == written[1:3]
+    assert [hit.message for hit in repo.search_messages("m1")] == [written[1]]
+    branch = repo.fork(key, key.model_copy(update={"peer_id": "branch"}), up_to_id=ids[1])
+    assert (branch.parent_id, branch.forked_from_message_id) == (session.id, ids[1])
+    first = repo.page_sessions(limit=1)
+    assert first.next_cursor is not None
+    second = repo.page_sessions(limit=1, cursor=first.next_cursor)
+    assert {s.key.peer_id for s in first.sessions + second.sessions} == {"big", "branch"}
+    out = io.StringIO()
+    export_jsonl(store, out)
+    again = import_jsonl(store, out.getvalue().splitlines())  # ids already there: kept
+    assert (again.errors, again.messages_imported) == ([], 0)
+    assert repo.pop_message(key) == written[3]
+    result = repo.compact(key, keep_last=1, summary="earlier turns")
+    assert result.removed == 2
+    assert [m.content for m in repo.get_history(key)] == ["earlier turns", "m2"]
+    assert repo.reset(key).message_count == 0
+    assert repo.get_history(key) == []
+    assert repo.prune(updated_before=repo.now() + timedelta(days=1)) == 2

@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, field_validator
-from sqlalchemy import Column, Dialect, Index, Integer, Text, UniqueConstraint, text
+from sqlalchemy import BigInteger, Column, Dialect, Index, Integer, Text, UniqueConstraint, text
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, Relationship, SQLModel
 
@@ -251,6 +251,13 @@ class EnumText(StoredText):
 # --- tables ---------------------------------------------------------------------------
 
 
+ID = BigInteger().with_variant(Integer(), "sqlite")
+"""The type of the session and message ids and of the columns holding them: 64-bit
+everywhere, spelt `INTEGER` on SQLite (its rowid) and `BIGINT` on PostgreSQL, as the
+migrations make them. Typed so, every statement binds an id as a BIGINT on PostgreSQL;
+as `Integer` it was cast to 32 bits there, and an id past 2**31 was refused."""
+
+
 class Session(SQLModel, table=True):
     """One conversation, unique by its five key parts.
 
@@ -276,7 +283,7 @@ class Session(SQLModel, table=True):
         {"sqlite_autoincrement": True},
     )
 
-    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    id: int | None = Field(default=None, sa_column=Column(ID, primary_key=True))
     agent_id: str = Field(sa_column=Column(Text, nullable=False))
     channel: str = Field(sa_column=Column(Text, nullable=False))
     account_id: str = Field(sa_column=Column(Text, nullable=False))
@@ -315,10 +322,8 @@ class Session(SQLModel, table=True):
     )
     # Migration 4: lineage. A fork records the session it was copied from and the last
     # message it copied (ids kept as history: either may since have been deleted).
-    parent_id: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
-    forked_from_message_id: int | None = Field(
-        default=None, sa_column=Column(Integer, nullable=True)
-    )
+    parent_id: int | None = Field(default=None, sa_column=Column(ID, nullable=True))
+    forked_from_message_id: int | None = Field(default=None, sa_column=Column(ID, nullable=True))
 
     messages: list["Message"] = Relationship(
         back_populates="session",
@@ -350,8 +355,8 @@ class Message(SQLModel, table=True):
         {"sqlite_autoincrement": True},
     )
 
-    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
-    session_id: int = Field(foreign_key="sessions.id", ondelete="CASCADE", sa_type=Integer)
+    id: int | None = Field(default=None, sa_column=Column(ID, primary_key=True))
+    session_id: int = Field(foreign_key="sessions.id", ondelete="CASCADE", sa_type=ID)
     role: Role | str = Field(sa_column=Column(RoleText, nullable=False))
     content: JSONValue = Field(sa_column=Column(JSONContentText, nullable=False))
     tool_calls: JSONValue = Field(default=None, sa_column=Column(LenientJSONText, nullable=True))

@@ -53,7 +53,7 @@ from sqlmodel import col
 from aisopod_session.clock import SERVER_NOW
 from aisopod_session.enums import SessionStatus
 from aisopod_session.loading import MESSAGE, SESSION
-from aisopod_session.models import Message, Session
+from aisopod_session.models import ID, Message, Session
 from aisopod_session.results import SNIPPET_MARKS
 from aisopod_session.validation import dump_json
 
@@ -333,7 +333,7 @@ def page_sessions(fields: tuple[str, ...], *, after: bool) -> Query:
             clauses.append(
                 or_(
                     col(Session.updated_at) < at,
-                    col(Session.id) < bindparam("cursor_id", type_=BigInteger),
+                    col(Session.id) < bindparam("cursor_id"),
                 )
             )
         return (
@@ -567,14 +567,13 @@ RESET_SESSION = query(
     ("now", "session_id"),
 )
 
+_LAST_ID = select(func.max(col(Message.id))).where(
+    col(Message.session_id) == bindparam("session_id")
+)
+"""The id of the session's newest message (NULL if it has none)."""
 DELETE_NEWEST_MESSAGE = query(
     delete(Message)
-    .where(
-        col(Message.id)
-        == select(func.max(col(Message.id)))
-        .where(col(Message.session_id) == bindparam("session_id"))
-        .scalar_subquery()
-    )
+    .where(col(Message.id) == _LAST_ID.scalar_subquery())
     .returning(*MESSAGE.columns),
     ("session_id",),
 )
@@ -670,20 +669,14 @@ def prune_delete(*, status: bool, fields: tuple[str, ...]) -> Query:
 
 # --- fork -------------------------------------------------------------------------------
 
-# Ids are BIGINT on PostgreSQL: typed so, their parameters are not cast to 32 bits.
 MESSAGE_IN_SESSION = query(
     select(col(Message.id)).where(
-        col(Message.id) == bindparam("id", type_=BigInteger),
-        col(Message.session_id) == bindparam("session_id", type_=BigInteger),
+        col(Message.id) == bindparam("id"),
+        col(Message.session_id) == bindparam("session_id"),
     ),
     ("id", "session_id"),
 )
-LAST_MESSAGE_ID = query(
-    select(func.max(col(Message.id))).where(
-        col(Message.session_id) == bindparam("session_id", type_=BigInteger)
-    ),
-    ("session_id",),
-)
+LAST_MESSAGE_ID = query(_LAST_ID, ("session_id",))
 INSERT_FORK = Query(
     lambda dialect: (
         _insert_for(dialect)(Session)
@@ -692,8 +685,8 @@ INSERT_FORK = Query(
             created_at=bindparam("now"),
             updated_at=bindparam("now"),
             meta=bindparam("meta"),
-            parent_id=bindparam("parent_id", type_=BigInteger),
-            forked_from_message_id=bindparam("forked_from", type_=BigInteger),
+            parent_id=bindparam("parent_id"),
+            forked_from_message_id=bindparam("forked_from"),
         )
         .on_conflict_do_nothing(index_elements=list(KEY_COLUMNS))
         .returning(col(Session.id))
@@ -711,10 +704,11 @@ _COPIED = (
 COPY_MESSAGES = query(
     insert(Message).from_select(
         [col(Message.session_id), *_COPIED],
-        select(bindparam("new_id", type_=BigInteger), *_COPIED)
+        # A bare parameter takes no type from a column: the ids' own (`models.ID`).
+        select(bindparam("new_id", type_=ID), *_COPIED)
         .where(
-            col(Message.session_id) == bindparam("session_id", type_=BigInteger),
-            col(Message.id) <= bindparam("last", type_=BigInteger),
+            col(Message.session_id) == bindparam("session_id"),
+            col(Message.id) <= bindparam("last"),
         )
         .order_by(col(Message.id)),
     ),
@@ -724,7 +718,7 @@ COPY_MESSAGES = query(
 order under new ids), every column but the two ids as it is."""
 SET_MESSAGE_COUNT = query(
     update(Session)
-    .where(col(Session.id) == bindparam("session_id", type_=BigInteger))
+    .where(col(Session.id) == bindparam("session_id"))
     .values(message_count=bindparam("count", type_=BigInteger))
     .returning(*SESSION.columns),
     ("count", "session_id"),
