@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from aisopod_session.repository import SessionRepository
     from aisopod_session.results import (
         SNIPPET_MARKS,
+        AppliedChanges,
         CompactionResult,
         SearchHit,
         SessionPage,
@@ -108,6 +109,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "repository": ("SessionRepository",),
     "results": (
         "SNIPPET_MARKS",
+        "AppliedChanges",
         "CompactionResult",
         "SearchHit",
         "SessionPage",
@@ -147,6 +149,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "SNIPPET_MARKS",
     "AccessDeniedError",
+    "AppliedChanges",
     "AppliedMigration",
     "AsyncSessionRepository",
     "CompactionResult",

@@ -98,8 +98,30 @@ def _small_meta(*args: Any, **kwargs: Any) -> bool:
     return _small(kwargs.get("meta"))
 
 
+def _few_keys(*args: Any, **kwargs: Any) -> bool:
+    keys = _argument(args, kwargs, 0, "keys")
+    return isinstance(keys, list | tuple) and len(keys) <= 8
+
+
+def _small_changeset(*args: Any, **kwargs: Any) -> bool:
+    messages = kwargs.get("messages", ())
+    related = kwargs.get("related_meta") or {}
+    return (
+        isinstance(messages, list | tuple)
+        and len(messages) <= INLINE_MESSAGES
+        and isinstance(related, dict)
+        and len(related) <= 8
+        and _small(messages, kwargs.get("meta"), list(related.values()))
+    )
+
+
 def _a_page(*args: Any, **kwargs: Any) -> bool:
     limit = kwargs.get("limit")
+    return type(limit) is int and 0 <= limit <= INLINE_MESSAGES
+
+
+def _few_sessions(*args: Any, **kwargs: Any) -> bool:
+    limit = kwargs.get("limit", 100)
     return type(limit) is int and 0 <= limit <= INLINE_MESSAGES
 
 
@@ -239,7 +261,8 @@ class AsyncSessionRepository:
     create = _writes(SessionRepository.create, _small_meta)
     get = _reads(SessionRepository.get, _always)
     get_by_id = _reads(SessionRepository.get_by_id, _always)
-    list_sessions = _reads(SessionRepository.list_sessions)
+    get_many = _reads(SessionRepository.get_many, _few_keys)
+    list_sessions = _reads(SessionRepository.list_sessions, _few_sessions)
     count_sessions = _reads(SessionRepository.count_sessions)
     page_sessions = _reads(SessionRepository.page_sessions, _a_sessions_page)
     search_messages = _reads(SessionRepository.search_messages)
@@ -253,6 +276,7 @@ class AsyncSessionRepository:
     append_messages = _writes(SessionRepository.append_messages, _few_messages)
     append_message = _writes(SessionRepository.append_message, _small_message)
     pop_message = _writes(SessionRepository.pop_message, _always)
+    apply_changes = _writes(SessionRepository.apply_changes, _small_changeset)
     compact = _writes(SessionRepository.compact)
     reset = _writes(SessionRepository.reset)
     mark_idle = _writes(SessionRepository.mark_idle)

@@ -525,7 +525,10 @@ def as_new_messages(messages: Any) -> list[NewMessage]:
         if isinstance(message, NewMessage):
             result.append(message)
         elif isinstance(message, Mapping):
-            result.append(NewMessage.model_validate(dict(message)))
+            try:
+                result.append(NewMessage.model_validate(dict(message)))
+            except (TypeError, ValueError) as exc:  # a field missing, unknown or invalid
+                raise ValueError(f"messages[{index}]: {exc}") from None
         else:
             raise ValueError(
                 f"messages[{index}]: must be a NewMessage or a mapping, "

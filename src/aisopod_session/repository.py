@@ -38,6 +38,7 @@ from aisopod_session.models import (
     utc_text,
 )
 from aisopod_session.results import (
+    AppliedChanges,
     CompactionResult,
     SearchHit,
     SessionPage,
@@ -84,6 +85,7 @@ from aisopod_session.statements import (
     prune_count,
     prune_delete,
     search,
+    select_sessions,
     summary,
 )
 from aisopod_session.transactions import prepare_engine
@@ -117,6 +119,7 @@ _MAX_BIGINT = 2**63 - 1
 _MAX_MESSAGE_COUNT = {"postgresql": 2**31 - 1}
 
 _GET_OR_CREATE_TRIES = 100
+_MAX_GET_MANY = 100
 
 PRUNE_BATCH_SESSIONS = 500
 """At most this many sessions are deleted per `prune` transaction..."""
@@ -268,6 +271,26 @@ class SessionRepository:
             row = conn.execute(self._text(SELECT_SESSION), parts).fetchone()
         return None if row is None else SESSION.read(row)
 
+    def get_many(self, keys: Sequence[SessionKey | str]) -> list[Session | None]:
+        """The sessions for `keys`, in their order, None where there is none. Read-only,
+        one statement, so one snapshot of them all. At most 100 keys (`ValueError`
+        naming `keys`)."""
+        if isinstance(keys, str | SessionKey) or not isinstance(keys, Sequence):
+            raise ValueError(f"keys: must be a list of keys, not {type(keys).__name__}")
+        if len(keys) > _MAX_GET_MANY:
+            raise ValueError(f"keys: at most {_MAX_GET_MANY} keys, got {len(keys)}")
+        wanted = [self._key(key) for key in keys]
+        if not wanted:
+            return []
+        params = [part for key in wanted for part in key.parts()]
+        with self._path.transaction("get_many", None) as conn:
+            rows = conn.execute(self._text(select_sessions(len(wanted))), params).fetchall()
+        found = {
+            (s.agent_id, s.channel, s.account_id, str(s.peer_kind), s.peer_id): s
+            for s in map(SESSION.read, rows)
+        }
+        return [found.get(key.parts()) for key in wanted]
+
     def get_by_id(self, id: int) -> Session | None:
         """The session with this id, or None (also when it belongs to an agent this
         repository is not confined to). Read-only, one statement."""
@@ -285,19 +308,26 @@ class SessionRepository:
         *,
         limit: int = 100,
         offset: int = 0,
+        order: str = "updated",
     ) -> list[Session]:
         """Sessions matching `filter` (and the repository's agent, if confined), most
-        recently updated first (ties: higher id first), `limit` of them from `offset`.
-        Read-only, one statement. A row that cannot be read (a value written by plain SQL
-        or another program that this code does not understand) is left out of the list
-        and logged as a warning (logger `aisopod_session`) naming its table, id and
-        column; `get` and `get_by_id` raise `DamagedRowError` for it."""
+        recently updated first (ties: higher id first), `limit` of them from `offset`;
+        with `order="key"`, in key order instead (agent, channel, account, peer kind,
+        peer), which the key's unique index gives without sorting: the fast way to read
+        every session of one chat account (a filter fixing agent, channel and account)
+        whatever the store's size. Read-only, one statement. A row that cannot be read (a
+        value written by plain SQL or another program that this code does not understand)
+        is left out of the list and logged as a warning (logger `aisopod_session`) naming
+        its table, id and column; `get` and `get_by_id` raise `DamagedRowError` for it.
+        `ValueError` naming `order` for another order."""
         fields, params = self._filter_params(filter)
         check_int("limit", limit, minimum=0)
         check_int("offset", offset, minimum=0)
+        if order not in ("updated", "key"):
+            raise ValueError(f"order: must be 'updated' or 'key', got {order!r}")
         params["limit"] = limit
         params["offset"] = offset
-        sql = self._sql(list_sessions(fields, count=False))
+        sql = self._sql(list_sessions(fields, count=False, by_key=order == "key"))
         with self._path.transaction("list_sessions", None) as conn:
             rows = conn.execute(sql.text, sql.bind(params)).fetchall()
         return list(readable(SESSION.read, rows))
@@ -503,12 +533,14 @@ class SessionRepository:
         key = self._key(key)
         new = as_new_messages(messages)
         counts = check_token_counts(tokens, input_tokens, output_tokens)
-        many = len(new) > 1
-        rows = [
+        return self._append(key, self._rows(new), counts)
+
+    def _rows(self, messages: Sequence[NewMessage]) -> list[_Row]:
+        many = len(messages) > 1
+        return [
             self._row(message, f"messages[{index}]." if many else "")
-            for index, message in enumerate(new)
+            for index, message in enumerate(messages)
         ]
-        return self._append(key, rows, counts)
 
     def append_message(
         self,
@@ -546,6 +578,23 @@ class SessionRepository:
         )
 
     def _append(self, key: SessionKey, rows: list[_Row], counts: _Tokens) -> list[Message]:
+        with self._path.transaction("append_messages", "IMMEDIATE") as conn:
+            server_now = self._lock_session(conn, key)[1] if self._lock_rows else None
+            # Under the lock, so created_at follows id order (see clock.py).
+            now, now_text = self._clock.stamp(conn, server_now)
+            session_id, ids = self._insert(conn, key, rows, counts, now_text)
+        build = MESSAGE.build
+        return [
+            build((message_id, session_id, role, content, calls, now, meta))
+            for message_id, (role, content, calls, meta, *_) in zip(ids, rows, strict=True)
+        ]
+
+    def _insert(
+        self, conn: Any, key: SessionKey, rows: list[_Row], counts: _Tokens, now: str
+    ) -> tuple[int, list[int]]:
+        """Insert `rows` into the session and add to its counters, stamped `now`; the
+        session's id and the new ids in row order. Refused (no room, no session) before
+        any row is inserted."""
         added = len(rows)
         total, given_in, given_out = counts
         counters = (
@@ -559,26 +608,116 @@ class SessionRepository:
             _MAX_BIGINT - given_in,
             _MAX_BIGINT - given_out,
         )
-        with self._path.transaction("append_messages", "IMMEDIATE") as conn:
-            server_now = self._lock_session(conn, key)[1] if self._lock_rows else None
-            # Under the lock, so created_at follows id order (see clock.py).
-            now, now_text = self._clock.stamp(conn, server_now)
-            found = conn.execute(self._text(COUNT_APPEND), (now_text, *counters)).fetchone()
-            if found is None:
-                raise self._refused_append(conn, key, added, counts)
-            session_id = found[0]
+        found = conn.execute(self._text(COUNT_APPEND), (now, *counters)).fetchone()
+        if found is None:
+            raise self._refused_append(conn, key, added, counts)
+        session_id = found[0]
+        ids: list[int] = []
+        for chunk in _chunks(rows):
+            values: list[Any] = []
+            for role, _, _, _, content, calls, meta in chunk:
+                values += (session_id, role.value, content, calls, now, meta)
+            inserted = conn.execute(self._text(insert_messages(len(chunk))), values).fetchall()
+            ids.extend(sorted(row[0] for row in inserted))
+        return session_id, ids
+
+    def apply_changes(
+        self,
+        key: SessionKey | str,
+        *,
+        messages: Sequence[NewMessage | Mapping[str, Any]] = (),
+        meta: Mapping[str, Any] | None = None,
+        create: bool = False,
+        related_meta: Mapping[SessionKey | str, Mapping[str, Any]] | None = None,
+        check: Callable[[Mapping[str, Any]], object] | None = None,
+    ) -> AppliedChanges:
+        """Several changes to a session, and to the metadata of sessions related to it,
+        in one write transaction: all are made or none.
+
+        In order: the session is created (`create=True`; `SessionExistsError` if it
+        exists) or locked (`SessionNotFoundError` if there is none); `check`, if given,
+        is called with its current metadata and may raise to refuse the whole call (use
+        it for optimistic concurrency: compare a version kept in the metadata; it runs
+        under the write lock, so keep it short and free of I/O); each session in
+        `related_meta` (say, state shared by several conversations) is created if
+        missing and gets its changes merged into its metadata, in key order; `meta` is
+        merged into the session's metadata (top-level keys; given keys win); `messages`
+        are appended as `append_messages` appends them. `updated_at` becomes now on every
+        session written. Every argument is checked first (`ValueError` naming it, with
+        `messages[i]` for a message), before anything is written; `related_meta` must not
+        name `key` itself. Returns the session and the related ones as they are after the
+        call, and the messages with their ids.
+        """
+        key = self._key(key)
+        rows = self._rows(as_new_messages(messages)) if messages else []
+        own = None if meta is None else check_changes(meta, "meta")
+        related: list[tuple[SessionKey, dict[str, Any]]] = []
+        if related_meta is not None:
+            if not isinstance(related_meta, Mapping):
+                raise ValueError(
+                    f"related_meta: must be a mapping of keys to changes, not "
+                    f"{type(related_meta).__name__}"
+                )
+            for other, changes in related_meta.items():
+                other_key = self._key(other)
+                if other_key == key:
+                    raise ValueError(f"related_meta: must not name the session's own key {key}")
+                related.append((other_key, check_changes(changes, f"related_meta[{other_key}]")))
+            related.sort(key=lambda pair: pair[0].parts())
+        if check is not None and not callable(check):
+            raise ValueError(f"check: must be callable, not {type(check).__name__}")
+        with self._path.transaction("apply_changes", "IMMEDIATE") as conn:
+            if create:
+                _, now = self._clock.stamp(conn)
+                found = conn.execute(self._text(INSERT_SESSION), (*key.parts(), now, now))
+                row = found.fetchone()
+                if row is None:
+                    raise SessionExistsError(f"a session with key {key} exists already")
+                session_id, current, server_now = row[0], {}, None
+            else:
+                found = conn.execute(self._text(SELECT_META), key.parts()).fetchone()
+                if found is None:
+                    raise _not_found(key)
+                session_id, stored, server_now = found
+                current = _read_json_object(stored, session_id)
+            if check is not None:
+                check(copy.deepcopy(current))
+            now_at, now = self._clock.stamp(conn, server_now)
+            after: dict[SessionKey, Session] = {}
+            for other_key, changes in related:
+                after[other_key] = self._merge_meta(conn, other_key, changes, now)
+            if own is not None:
+                merged = dump_json({**current, **own})
+                check_text_size("meta", merged)
+                conn.execute(self._text(UPDATE_META), (now, merged, *key.parts()))
             ids: list[int] = []
-            for chunk in _chunks(rows):
-                values: list[Any] = []
-                for role, _, _, _, content, calls, meta in chunk:
-                    values += (session_id, role.value, content, calls, now_text, meta)
-                inserted = conn.execute(self._text(insert_messages(len(chunk))), values).fetchall()
-                ids.extend(sorted(row[0] for row in inserted))
+            if rows:
+                session_id, ids = self._insert(conn, key, rows, (0, 0, 0), now)
+            session = SESSION.read(conn.execute(self._text(SELECT_SESSION), key.parts()).fetchone())
         build = MESSAGE.build
-        return [
-            build((message_id, session_id, role, content, calls, now, meta))
+        added = [
+            build((message_id, session_id, role, content, calls, now_at, meta))
             for message_id, (role, content, calls, meta, *_) in zip(ids, rows, strict=True)
         ]
+        return AppliedChanges(session, added, after)
+
+    def _merge_meta(self, conn: Any, key: SessionKey, changes: dict[str, Any], now: str) -> Session:
+        """Merge `changes` into the metadata of the session for `key`, creating it first if
+        there is none; the session after."""
+        parts = key.parts()
+        for _ in range(_GET_OR_CREATE_TRIES):
+            created = conn.execute(self._text(INSERT_SESSION), (*parts, now, now)).fetchone()
+            found = conn.execute(self._text(SELECT_META), parts).fetchone()
+            if found is not None:
+                break
+            # PostgreSQL: deleted by another writer between the two statements.
+        else:
+            raise SessionStoreError(f"apply_changes: the session for key {key} kept vanishing")
+        session_id, stored = found[0], found[1]
+        current = {} if created is not None else _read_json_object(stored, session_id)
+        merged = dump_json({**current, **changes})
+        check_text_size(f"related_meta[{key}]", merged)
+        return SESSION.read(conn.execute(self._text(UPDATE_META), (now, merged, *parts)).fetchone())
 
     def pop_message(self, key: SessionKey | str) -> Message | None:
         """Remove the session's newest message (the highest id) and return it, or return

@@ -1,6 +1,7 @@
-"""What the repository's calls return besides sessions and messages: `CompactionResult`
-from `compact`, `StoreSummary` with its `Totals` from `summary`, `SessionPage` from
-`page_sessions` and `SearchHit` from `search_messages`."""
+"""What the repository's calls return besides sessions and messages: `AppliedChanges`
+from `apply_changes`, `CompactionResult` from `compact`, `StoreSummary` with its `Totals`
+from `summary`, `SessionPage` from `page_sessions` and `SearchHit` from
+`search_messages`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ from dataclasses import dataclass
 from aisopod_session.enums import SessionStatus
 from aisopod_session.keys import SessionKey
 from aisopod_session.models import Message, Session
+
+
+@dataclass(frozen=True)
+class AppliedChanges:
+    """What `apply_changes` wrote: the session as it is now, the messages it appended
+    (with their ids, in order) and the related sessions as they are now, by key."""
+
+    session: Session
+    messages: list[Message]
+    related: dict[SessionKey, Session]
 
 
 @dataclass(frozen=True)

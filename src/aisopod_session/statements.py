@@ -165,6 +165,25 @@ SELECT_SESSION_BY_ID = query(
     select(*SESSION.columns).where(col(Session.id) == bindparam("id")), ("id",)
 )
 SELECT_SESSION_ID = query(select(col(Session.id)).where(_BY_KEY), KEY)
+
+
+@functools.cache
+def select_sessions(count: int) -> Query:
+    """The sessions with any of `count` keys (in no order), in one statement; bound from
+    the keys' parts one key after the other."""
+    names = [[f"key{i}_{name}" for name in KEY_COLUMNS] for i in range(count)]
+    matches = [
+        and_(
+            *(
+                getattr(Session, column) == bindparam(name)
+                for column, name in zip(KEY_COLUMNS, key, strict=True)
+            )
+        )
+        for key in names
+    ]
+    return query(select(*SESSION.columns).where(or_(*matches)), [n for key in names for n in key])
+
+
 # FOR UPDATE locks the session's row on PostgreSQL for the rest of the transaction (a
 # read-modify-write must not lose a concurrent change); SQLite's write transaction holds
 # the database lock already, and its compiler leaves the clause out.
@@ -296,19 +315,24 @@ def meta_params(index: int, key: str, value: Any) -> dict[str, Any]:
 
 
 @functools.cache
-def list_sessions(fields: tuple[str, ...], *, count: bool) -> Query:
+def list_sessions(fields: tuple[str, ...], *, count: bool, by_key: bool = False) -> Query:
     """`SELECT` of the sessions matching a filter with `fields` set (see
-    `filter_clauses`), newest first, one page (`:limit`, `:offset`); or with `count`
-    their number."""
+    `filter_clauses`), newest first (with `by_key`, in key order, which the key's unique
+    index gives without a sort), one page (`:limit`, `:offset`); or with `count` their
+    number."""
 
     def build(dialect: str) -> ClauseElement:
         clauses = filter_clauses(fields, dialect)
         if count:
             return select(func.count()).select_from(Session).where(*clauses)
+        if by_key:
+            order = [getattr(Session, name) for name in KEY_COLUMNS]
+        else:
+            order = [col(Session.updated_at).desc(), col(Session.id).desc()]
         return (
             select(*SESSION.columns)
             .where(*clauses)
-            .order_by(col(Session.updated_at).desc(), col(Session.id).desc())
+            .order_by(*order)
             .limit(bindparam("limit"))
             .offset(bindparam("offset"))
         )
@@ -843,6 +867,7 @@ def warm(dialect: Dialect) -> None:
     for fields in ((), ("agent_scope",)):
         for counting in flags:
             list_sessions(fields, count=counting).on(dialect)
+        list_sessions(fields, count=False, by_key=True).on(dialect)
     for status, scoped in itertools.product(flags, repeat=2):
         fields = ("agent_scope",) if scoped else ()
         for build in (prune_candidates, prune_count, prune_delete):
