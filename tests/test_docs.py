@@ -110,7 +110,7 @@ def test_integrations_md_openai_agents_example_runs(
     """docs/integrations.md's OpenAI Agents SDK example, and the key it names."""
     integrations = README.with_name("docs") / "integrations.md"
     blocks = re.findall(r"```python\n(.*?)```", integrations.read_text(), flags=re.DOTALL)
-    (example,) = [block for block in blocks if "AisopodSession" in block]
+    (example,) = [block for block in blocks if "integrations.openai_agents import" in block]
     monkeypatch.chdir(tmp_path)
     exec(compile(example, str(integrations), "exec"), {"__name__": "integrations_example"})
     assert capsys.readouterr().out == "You said: Hi!\n"
@@ -123,5 +123,26 @@ def test_integrations_md_openai_agents_example_runs(
         ("assistant", "message"),
         ("user", "message"),
         ("assistant", "message"),
+    ]
+    engine.dispose()
+
+
+def test_integrations_md_adk_example_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/integrations.md's Google ADK example, and the key it names."""
+    integrations = README.with_name("docs") / "integrations.md"
+    blocks = re.findall(r"```python\n(.*?)```", integrations.read_text(), flags=re.DOTALL)
+    (example,) = [block for block in blocks if "integrations.adk import" in block]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, str(integrations), "exec"), {"__name__": "integrations_example"})
+    assert capsys.readouterr().out == "You said: Hi!\nYou said: Hi! 2\n"
+    engine = open_database(tmp_path / "adk.db")
+    key = "google-adk:adk:helpdesk%3Aalice:thread:chat-7"
+    assert key in integrations.read_text()
+    history = SessionRepository(engine).get_history(key)
+    assert [(m.role, m.content) for m in history] == [
+        ("user", [{"text": "Hi!"}]),
+        ("assistant", [{"text": "You said: Hi!"}]),
     ]
     engine.dispose()
