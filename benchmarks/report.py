@@ -34,10 +34,18 @@ SEARCH_MS = 20.0
 SEARCH_OVER_LIKE = 50.0
 """Scenario 9: `search_messages` this many times faster than a `LIKE` scan."""
 FORK_OVER_FLOOR = 2.0
-FRAMEWORK_FACTOR = 3.0
-"""Scenario 10: ours through a framework's session interface against its own store."""
-OURS_ADAPTER = "ours (AisopodSession)"
 """Scenario 9: `fork` within this factor of the plain-SQL fork."""
+FRAMEWORK_TARGETS = {
+    "OpenAI add_items": (3.0, "", "framework add"),
+    "OpenAI get_items": (3.0, "", "framework get"),
+    "ADK get_session": (10.0, "ADK DatabaseSessionService", "adk get"),
+    "ADK list_sessions": (10.0, "ADK DatabaseSessionService", "adk list"),
+}
+"""Scenario 10: a call through a framework's session interface (the start of its name),
+the factor by which ours must be faster than the framework's own store, which store (a
+name; "" for every one measured) and the `WHY` note of a miss. Calls not listed (ADK's
+`append_event`) are reported without a target."""
+OURS_ADAPTERS = ("ours (AisopodSession)", "ours (AisopodSessionService)")
 
 
 ASYNC = "ours, async"
@@ -140,23 +148,28 @@ class Report:
         return lines
 
     def framework_verdicts(self, stats: dict[str, Any]) -> list[tuple[str, bool, str, str]]:
-        """Scenario 10's targets: each call through the framework's interface
-        `FRAMEWORK_FACTOR`× faster than the framework's own store."""
+        """Scenario 10's targets (`FRAMEWORK_TARGETS`): a call through the framework's
+        interface that many times faster than the framework's own store."""
         lines: list[tuple[str, bool, str, str]] = []
         for name, ours in stats.items():
-            if not name.endswith(", " + OURS_ADAPTER):
+            call, _, who = name.rpartition(", ")
+            target = next(
+                (value for start, value in FRAMEWORK_TARGETS.items() if call.startswith(start)),
+                None,
+            )
+            if who not in OURS_ADAPTERS or target is None:
                 continue
-            call = name.removesuffix(", " + OURS_ADAPTER)
-            theirs = [n for n in stats if n.startswith(call + ", ") and n != name]
+            wanted, against, why = target
+            theirs = [n for n in stats if n.startswith(call + ", ") and n != name and against in n]
             for other in theirs:
                 factor = stats[other].median_us / ours.median_us
                 lines.append(
                     (
-                        f"scenario 10: {call}: ours ≥ {FRAMEWORK_FACTOR:g}× faster than "
+                        f"scenario 10: {call}: ours ≥ {wanted:g}× faster than "
                         f"{other.removeprefix(call + ', ')}",
-                        factor >= FRAMEWORK_FACTOR,
+                        factor >= wanted,
                         f"{factor:.2f}× ({stats[other].median_us:.0f} → {ours.median_us:.0f} µs)",
-                        "framework add" if "add_items" in call else "framework get",
+                        why,
                     )
                 )
         return lines
@@ -741,6 +754,12 @@ The new hot queries and their plans:
 (over an `AsyncSessionRepository`) against the SDK's own `SQLiteSession` on SQLite, the
 calls taking turns in one event loop: `add_items` of one item, and `get_items(limit=50)`
 of a session of 10 000 items (both stores written through the same interface first).
+Google ADK's `BaseSessionService`, `AisopodSessionService` (over an
+`AsyncSessionRepository`) against ADK's `DatabaseSessionService` (SQLAlchemy on
+aiosqlite) and `SqliteSessionService` (aiosqlite), on SQLite files: `append_event` of one
+event, `get_session` with the latest 50 of a session's 3 000 events, and `list_sessions`
+of one user's 10 sessions among 10 000 (1 000 users; every store filled through the same
+interface first).
 
 {frameworks}
 
@@ -906,5 +925,19 @@ WHY = {
         "for the adapter: about 215 µs for 50 in a sync test) would make ours faster "
         "than the SDK's, not 3×: even the floor's plain read of 50 is not 3× faster "
         "than it. Not done in this round."
+    ),
+    "adk get": (
+        "Both stores hand ADK 50 `Event` objects, and ADK's pydantic models take about "
+        "25 µs to validate one from its JSON (with google-genai's own checks of each "
+        "part): about 1.3 ms of every `get_session` of 50, whatever the store, which no "
+        "store can skip and still return ADK's objects. Ours spends about 0.3–0.5 ms "
+        "besides (two reads inline: the session with its app and user state, then the "
+        "50 rows); a 10× lead would need all of `get_session` under ADK's own cost of "
+        "building its objects."
+    ),
+    "adk list": (
+        "Ours is two inline reads (the user's sessions in key order on the key's unique "
+        "index, then the app's and the user's state) plus one ADK `Session` object per "
+        "session; the objects are most of what is left."
     ),
 }

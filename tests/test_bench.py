@@ -49,9 +49,12 @@ def test_the_benchmark_runs_every_scenario_and_reports_every_target(tmp_path: Pa
         plans["page_sessions(agent_id=..., cursor=...)"]
     )
     assert "messages_fts VIRTUAL TABLE" in " ".join(plans["search_messages(query)"])
-    # Scenario 10: the OpenAI Agents SDK's Session interface, ours against SQLiteSession.
+    # Scenario 10: the OpenAI Agents SDK's Session interface, ours against SQLiteSession;
+    # ADK's BaseSessionService, ours against DatabaseSessionService and
+    # SqliteSessionService (targets against DatabaseSessionService only).
     frameworks = report["frameworks"]["stats"]
-    assert len(frameworks) == 4
+    assert len(frameworks) == 4 + 3 * 3
     assert all(stats["median_us"] > 0 for stats in frameworks.values())
-    assert sum(t.startswith("scenario 10") for t in targets) == 2
+    assert sum(t.startswith("scenario 10: OpenAI") for t in targets) == 2
+    assert sum(t.startswith("scenario 10: ADK") for t in targets) == 2
     assert "| 1. append one message per transaction |" in completed.stdout
