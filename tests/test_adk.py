@@ -554,7 +554,7 @@ def test_open_close_and_the_cli_sees_adk_sessions(tmp_path: Path) -> None:
 
     run(go())
     service.close()
-    service.close()
+    run(_await(service.close()))  # as ADK's own services' close is awaited
     with pytest.raises(RuntimeError, match="closed"):
         run(service.get_session(app_name=APP, user_id=USER, session_id="s1"))
     key = session_key(APP, USER, "s1")
@@ -564,6 +564,21 @@ def test_open_close_and_the_cli_sees_adk_sessions(tmp_path: Path) -> None:
     shown = CliRunner().invoke(app, ["sessions", "show", "--db", str(path), str(key)])
     assert shown.exit_code == 0, shown.output
     assert "Visible in the CLI" in shown.output
+
+
+async def _await(awaitable: Any) -> None:
+    await awaitable
+
+
+def test_async_with_closes_the_store_it_opened(tmp_path: Path) -> None:
+    async def go() -> AisopodSessionService:
+        async with AisopodSessionService.open(tmp_path / "adk.db") as service:
+            await service.create_session(app_name=APP, user_id=USER, session_id="s1")
+        return service
+
+    service = run(go())
+    with pytest.raises(RuntimeError, match="closed"):
+        run(service.list_sessions(app_name=APP))
 
 
 def test_constructor_refusals(store: Engine) -> None:

@@ -640,13 +640,14 @@ class SessionRepository:
         it for optimistic concurrency: compare a version kept in the metadata; it runs
         under the write lock, so keep it short and free of I/O); each session in
         `related_meta` (say, state shared by several conversations) is created if
-        missing and gets its changes merged into its metadata, in key order; `meta` is
-        merged into the session's metadata (top-level keys; given keys win); `messages`
-        are appended as `append_messages` appends them. `updated_at` becomes now on every
-        session written. Every argument is checked first (`ValueError` naming it, with
-        `messages[i]` for a message), before anything is written; `related_meta` must not
-        name `key` itself. Returns the session and the related ones as they are after the
-        call, and the messages with their ids.
+        missing and gets its changes merged into its metadata, in key order (empty
+        changes only create it if missing, and read it); `meta` is merged into the
+        session's metadata (top-level keys; given keys win); `messages` are appended as
+        `append_messages` appends them. `updated_at` becomes now on every session written.
+        Every argument is checked first (`ValueError` naming it, with `messages[i]` for a
+        message), before anything is written; `related_meta` must not name `key` itself.
+        Returns the session and the related ones as they are after the call, and the
+        messages with their ids.
         """
         key = self._key(key)
         rows = self._rows(as_new_messages(messages)) if messages else []
@@ -703,18 +704,27 @@ class SessionRepository:
 
     def _merge_meta(self, conn: Any, key: SessionKey, changes: dict[str, Any], now: str) -> Session:
         """Merge `changes` into the metadata of the session for `key`, creating it first if
-        there is none; the session after."""
+        there is none; the session after. Empty changes only create it if missing: an
+        existing session is read, neither written nor (PostgreSQL) locked."""
         parts = key.parts()
         for _ in range(_GET_OR_CREATE_TRIES):
             created = conn.execute(self._text(INSERT_SESSION), (*parts, now, now)).fetchone()
+            if created is not None:
+                if not changes:
+                    return SESSION.read(created)
+                current: dict[str, Any] = {}
+                break
+            if not changes:
+                row = conn.execute(self._text(SELECT_SESSION), parts).fetchone()
+                if row is not None:
+                    return SESSION.read(row)
+                continue  # PostgreSQL: deleted by another writer since the insert
             found = conn.execute(self._text(SELECT_META), parts).fetchone()
             if found is not None:
+                current = _read_json_object(found[1], found[0])
                 break
-            # PostgreSQL: deleted by another writer between the two statements.
         else:
             raise SessionStoreError(f"apply_changes: the session for key {key} kept vanishing")
-        session_id, stored = found[0], found[1]
-        current = {} if created is not None else _read_json_object(stored, session_id)
         merged = dump_json({**current, **changes})
         check_text_size(f"related_meta[{key}]", merged)
         return SESSION.read(conn.execute(self._text(UPDATE_META), (now, merged, *parts)).fetchone())

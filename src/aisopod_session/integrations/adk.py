@@ -19,7 +19,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from typing import Any, cast
 
 from google.adk.errors import StaleSessionError
@@ -285,15 +285,26 @@ class AisopodSessionService(BaseSessionService):
         service._engine = engine
         return service
 
-    def close(self) -> None:
+    def close(self) -> _Done:
         """Close the store `open` opened (a repository passed in is left open: it is its
-        owner's); later calls raise `RuntimeError`. Closing twice is harmless."""
+        owner's); later calls raise `RuntimeError`. Closing twice is harmless. Done when
+        it returns, and awaitable too, so code written for ADK's own services (whose
+        `close` is a coroutine) may `await service.close()`."""
         self._closed = True
         engine, self._engine = self._engine, None
         if isinstance(engine, Engine):
             engine.dispose()
         elif engine is not None:
             engine.sync_engine.dispose(close=False)
+        return _Done()
+
+    async def __aenter__(self) -> AisopodSessionService:
+        """`async with AisopodSessionService.open(...) as service:` closes it at the end,
+        as ADK's `DatabaseSessionService` does."""
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
 
     async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         if self._closed:
@@ -529,6 +540,13 @@ class AisopodSessionService(BaseSessionService):
             raise AdkNotFoundError(f"Session {session.id} not found.") from None
         session.last_update_time = event.timestamp
         return await super().append_event(session, event)
+
+
+class _Done:
+    """What `close()` returns: already done, and an awaitable that does nothing more."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        yield from ()
 
 
 def _owner(row: Session) -> str:
