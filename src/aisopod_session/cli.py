@@ -1595,6 +1595,108 @@ def import_(
         raise typer.Exit(1)
 
 
+@app.command("import-openclaw")
+@friendly
+def import_openclaw_command(
+    ctx: typer.Context,
+    path: Annotated[
+        str,
+        typer.Argument(
+            metavar="PATH",
+            help="An OpenClaw state folder (~/.openclaw), one agents/<id> folder, or one "
+            "sessions folder.",
+        ),
+    ],
+    agent: Annotated[
+        list[str] | None,
+        typer.Option("--agent", help="Import this agent only (repeat for several)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Read everything, write nothing, report.")
+    ] = False,
+    archived: Annotated[
+        bool,
+        typer.Option(
+            "--archived",
+            help="Also import archived transcripts (.reset., .deleted., .bak.) as "
+            "archived sessions.",
+        ),
+    ] = False,
+    db: DbOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Import an OpenClaw gateway's sessions and transcripts (docs/openclaw.md). Each
+    session is written whole in one transaction; running it again imports only what is
+    new. Damaged files and lines are reported (path and line) and skipped; the exit
+    status is then 1."""
+    from aisopod_session.openclaw import import_openclaw
+    from aisopod_session.repository import SessionRepository
+
+    target = target_of(ctx, db)
+    if not Path(path).is_dir():
+        raise UserError(f"no folder {path}")
+    with opened(target, create=True, migrate=True) as engine, _counted_bar("importing") as report:
+        try:
+            result = import_openclaw(
+                path,
+                SessionRepository(engine),
+                agents=agent,
+                dry_run=dry_run,
+                progress=report,
+                archived=archived,
+            )
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    for problem in result.problems:
+        err.print(terminal_safe(str(problem)), style="red")
+    if wants_json(ctx, json_output):
+        print_json(
+            {
+                "dry_run": result.dry_run,
+                "sessions_created": result.sessions_created,
+                "sessions_updated": result.sessions_updated,
+                "sessions_unchanged": result.sessions_unchanged,
+                "messages_imported": result.messages_imported,
+                "messages_existing": result.messages_existing,
+                "orphans": result.orphans,
+                "aliases": result.aliases,
+                "other_branches": result.other_branches,
+                "archived_imported": result.archived_imported,
+                "archived_skipped": result.archived_skipped,
+                "problems": [
+                    {"path": p.path, "line": p.line, "reason": p.reason} for p in result.problems
+                ],
+            }
+        )
+    else:
+        would = "Would import" if result.dry_run else "Imported"
+        out.print(
+            f"{would} {result.sessions_created:,} new session(s), updated "
+            f"{result.sessions_updated:,} ({result.sessions_unchanged:,} unchanged); "
+            f"{result.messages_imported:,} message(s) ({result.messages_existing:,} already "
+            f"there); {result.orphans:,} transcript(s) without an entry; "
+            f"{len(result.archived_skipped):,} archived transcript(s) skipped; "
+            f"{result.other_branches:,} entr(ies) off the live branches not imported; "
+            f"problems: {len(result.problems):,}."
+        )
+    if result.problems:
+        raise typer.Exit(1)
+
+
+@contextmanager
+def _counted_bar(label: str) -> Iterator[Callable[[int, int], object]]:
+    """A progress bar on stderr (when it is a terminal) told its total with each step."""
+    if not err.is_terminal:
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=real_console(err), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 @contextmanager
 def open_input(path: str) -> Iterator[Any]:
     if path == "-":

@@ -560,8 +560,27 @@ def _storable(record: SessionLine | MessageLine, no_nul: bool) -> None:
             )
 
 
+def import_records(
+    engine: Engine,
+    records: list[tuple[int, SessionLine | MessageLine]],
+    result: ImportResult,
+    *,
+    refresh: bool = False,
+) -> None:
+    """Write numbered, validated records in one write transaction, by `import_jsonl`'s
+    rules (a record the store cannot hold goes to `result.errors` under its number). With
+    `refresh`, a session already in the store takes the record's metadata, `updated_at`,
+    counters, status and compaction columns (its id, `created_at` and messages stay):
+    for importers that bring a session up to date with its source."""
+    _import_batch(engine, records, result, refresh=refresh)
+
+
 def _import_batch(
-    engine: Engine, batch: list[tuple[int, SessionLine | MessageLine]], result: ImportResult
+    engine: Engine,
+    batch: list[tuple[int, SessionLine | MessageLine]],
+    result: ImportResult,
+    *,
+    refresh: bool = False,
 ) -> None:
     no_nul = engine.dialect.name == "postgresql"
     storable: list[tuple[int, SessionLine | MessageLine]] = []
@@ -583,7 +602,7 @@ def _import_batch(
         stored: dict[tuple[int, str], set[bytes]] = {}  # see _same_message_exists
         for number, record in batch:
             if isinstance(record, SessionLine):
-                created = _import_session(conn, record, sessions, result)
+                created = _import_session(conn, record, sessions, result, refresh=refresh)
                 if created is not None:
                     touched.add(created)
                 continue
@@ -738,12 +757,24 @@ def _session_id(conn: Connection, key_text: str, known: dict[str, int]) -> int |
 
 
 def _import_session(
-    conn: Connection, record: SessionLine, known: dict[str, int], result: ImportResult
+    conn: Connection,
+    record: SessionLine,
+    known: dict[str, int],
+    result: ImportResult,
+    *,
+    refresh: bool = False,
 ) -> int | None:
-    """The id of the session the import creates, or None if its key is in the store."""
+    """The id of the session the import creates, or None if its key is in the store
+    (whose row `refresh` brings up to date with the record, see `import_records`)."""
     key_text = str(record.session_key())
-    if _session_id(conn, key_text, known) is not None:
+    existing = _session_id(conn, key_text, known)
+    if existing is not None:
         result.sessions_existing += 1
+        if refresh:
+            values = record.row()
+            for name in (*KEY_COLUMNS, "created_at", "message_count"):
+                values.pop(name)
+            conn.execute(SESSIONS.update().where(SESSIONS.c.id == existing).values(values))
         return None
     values = record.row()
     if record.id is not None:

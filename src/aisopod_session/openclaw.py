@@ -1,0 +1,695 @@
+"""Import an OpenClaw gateway's sessions (`sessions.json` and its JSONL transcripts,
+OpenClaw 2026.2 with transcript format v3) into the store: `import_openclaw` and the
+`aisopod-session import-openclaw` command. docs/openclaw.md has the mapping.
+
+Each session entry becomes one session (its key mapped by `map_key`), the live branch
+of its transcript one message per entry, written with the session in one write
+transaction. Re-running imports only what is new; a damaged file or line is reported
+by path and line number and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from aisopod_session.enums import PeerKind, Role, SessionStatus
+from aisopod_session.keys import MAX_KEY_PART_LENGTH, SessionKey
+from aisopod_session.repository import SessionRepository
+from aisopod_session.transfer import ImportResult, MessageLine, SessionLine, import_records
+
+BULKY_FIELDS = ("skillsSnapshot", "systemPromptReport")
+"""Entry fields not carried over: prompts and skill lists OpenClaw rebuilds itself."""
+DEFAULT_ACCOUNT = "default"
+_KINDS = {
+    "direct": PeerKind.DM,
+    "dm": PeerKind.DM,
+    "group": PeerKind.GROUP,
+    "channel": PeerKind.CHANNEL,
+}
+_FAMILIES = ("subagent", "cron", "hook", "acp")
+_ARCHIVE = re.compile(
+    r"^(?P<file>.+\.jsonl)\.(?P<reason>deleted|reset|bak)\.(?P<at>\d{4}-\d\d-\d\dT[\d.-]+Z)$"
+)
+_ENTRY_KEYS = ("type", "id", "parentId", "timestamp")
+_CONTENT_OF = {"compaction": "summary", "branch_summary": "summary", "custom_message": "content"}
+_ROLES = {
+    "user": Role.USER,
+    "assistant": Role.ASSISTANT,
+    "toolResult": Role.TOOL,
+    "bashExecution": Role.TOOL,
+    "custom": Role.USER,
+}
+
+Progress = Callable[[int, int], object]
+"""Called with the sessions handled so far and their total, after each one."""
+
+
+@dataclass(frozen=True)
+class OpenClawProblem:
+    """Something the import could not read or write, by file (and line, 1-based)."""
+
+    path: str
+    line: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        return f"{where}: {self.reason}"
+
+
+@dataclass
+class OpenClawImportResult:
+    """What `import_openclaw` did (with `dry_run`, would do)."""
+
+    sessions_created: int = 0
+    sessions_updated: int = 0
+    """Sessions already imported that got new messages, or new metadata."""
+    sessions_unchanged: int = 0
+    messages_imported: int = 0
+    messages_existing: int = 0
+    orphans: int = 0
+    """Transcripts without an entry in `sessions.json`, imported by their session id."""
+    archived_imported: int = 0
+    archived_skipped: list[str] = field(default_factory=list)
+    """Archived transcripts (`.reset.`, `.deleted.`, `.bak.`) left out, by path."""
+    aliases: int = 0
+    """Entries naming a transcript another entry imports (a cron job's key beside its
+    run's): recorded in that session's metadata (`openclaw.aliases`)."""
+    other_branches: int = 0
+    """Entries off the live branch of their transcripts: counted, not imported."""
+    problems: list[OpenClawProblem] = field(default_factory=list)
+    dry_run: bool = False
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+
+def _fit(part: str) -> str:
+    """`part` as a key part: itself when it fits, else a prefix and a digest of it."""
+    part = part.strip() or "unknown"
+    if len(part) <= MAX_KEY_PART_LENGTH:
+        return part
+    digest = hashlib.sha256(part.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{part[:200]}~{digest}"
+
+
+def map_key(key: str, agent_id: str = "main") -> SessionKey:
+    """Our key for an OpenClaw session key (lower-cased, as OpenClaw writes them).
+
+    - `agent:<a>:<channel>[:<account>]:<direct|dm|group|channel>:<peer>`: agent `a`, that
+      channel, the account (or `default`), peer kind `dm`, `group` or `channel`;
+      a `:thread:<t>` or `:topic:<n>` suffix makes it a `thread` whose peer id is
+      `<kind>:<peer>:thread:<t>`.
+    - `agent:<a>:direct:<peer>` (no channel): channel `openclaw-direct`.
+    - `agent:<a>:<main key>` (every DM collapsed, also `global`): channel
+      `openclaw-main`, a `dm` peer named by the main key.
+    - `agent:<a>:subagent|cron|hook|acp:<rest>`: channel `openclaw-<family>`, a `thread`
+      whose peer id is the rest (`<job>:run:<id>` for a cron run).
+    - `hook:<...>` and other keys without `agent:`: the folder's agent `agent_id`.
+    - Anything else: channel `openclaw-other`, the key's rest as a `thread`'s peer id.
+
+    A part longer than a key part can be is shortened with a digest (the original key is
+    always kept in the session's metadata)."""
+    parts = [part for part in key.strip().lower().split(":") if part]
+    if len(parts) >= 3 and parts[0] == "agent":
+        agent_id, rest = parts[1], parts[2:]
+    else:
+        rest = parts or ["main"]
+    if rest[0] in _FAMILIES:
+        peer = ":".join(rest[1:]) or rest[0]
+        return _key(agent_id, f"openclaw-{rest[0]}", DEFAULT_ACCOUNT, PeerKind.THREAD, peer)
+    if len(rest) == 1:
+        return _key(agent_id, "openclaw-main", DEFAULT_ACCOUNT, PeerKind.DM, rest[0])
+    at = next((i for i, part in enumerate(rest[:3]) if part in _KINDS and i + 1 < len(rest)), None)
+    if at is None:
+        return _key(agent_id, "openclaw-other", DEFAULT_ACCOUNT, PeerKind.THREAD, ":".join(rest))
+    kind, peer, suffix = rest[at], rest[at + 1], rest[at + 2 :]
+    channel = rest[0] if at >= 1 else f"openclaw-{'direct' if kind == 'dm' else kind}"
+    account = rest[1] if at == 2 else DEFAULT_ACCOUNT
+    if suffix:
+        return _key(agent_id, channel, account, PeerKind.THREAD, ":".join([kind, peer, *suffix]))
+    return _key(agent_id, channel, account, _KINDS[kind], peer)
+
+
+def _key(agent: str, channel: str, account: str, kind: PeerKind, peer: str) -> SessionKey:
+    return SessionKey(_fit(agent), _fit(channel), _fit(account), kind, _fit(peer))
+
+
+# --- sources ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Store:
+    agent_id: str
+    folder: Path
+
+
+def find_stores(source: Path) -> list[_Store]:
+    """The session folders under `source`: an OpenClaw state folder (`agents/*/sessions`),
+    one agent's folder (`agents/<id>`), or one `sessions` folder. `ValueError` naming
+    `source` if it is none of them."""
+    if not source.is_dir():
+        raise ValueError(f"source: {source} is not a folder")
+    if (source / "agents").is_dir():
+        return [
+            _Store(agent.name.lower(), agent / "sessions")
+            for agent in sorted((source / "agents").iterdir())
+            if (agent / "sessions").is_dir()
+        ]
+    if (source / "sessions").is_dir():
+        return [_Store(source.name.lower(), source / "sessions")]
+    if (source / "sessions.json").exists() or any(source.glob("*.jsonl")):
+        agent = source.parent.name if source.parent.parent.name == "agents" else "main"
+        return [_Store(agent.lower(), source)]
+    raise ValueError(
+        f"source: {source} holds no OpenClaw sessions (expected agents/<id>/sessions, "
+        "sessions/, or sessions.json and *.jsonl files)"
+    )
+
+
+def read_entries(
+    path: Path, problems: list[OpenClawProblem]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The `(key, entry)` pairs of a `sessions.json`, read one entry at a time (its bulky
+    fields dropped), so that a 50 MB file is never held whole. A file that is empty,
+    truncated or not an object is reported (with the line where reading stopped) after
+    the entries before the damage."""
+    decoder = json.JSONDecoder()
+    try:
+        handle = path.open(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        problems.append(OpenClawProblem(str(path), None, f"cannot be read: {exc.strerror}"))
+        return
+    with handle:
+        buffer, offset, line, done = "", 0, 1, False
+
+        def fill() -> bool:
+            nonlocal buffer, offset, line
+            chunk = handle.read(1 << 20)
+            if not chunk:
+                return False
+            line += buffer.count("\n", 0, offset)
+            buffer = buffer[offset:] + chunk
+            offset = 0
+            return True
+
+        def skip(chars: str) -> str | None:
+            """Skip whitespace and any of `chars`; the next character, None at the end."""
+            nonlocal offset
+            while True:
+                while offset < len(buffer) and (
+                    buffer[offset].isspace() or buffer[offset] in chars
+                ):
+                    offset += 1
+                if offset < len(buffer):
+                    return buffer[offset]
+                if not fill():
+                    return None
+
+        def value() -> Any:
+            nonlocal offset
+            while True:
+                try:
+                    parsed, end = decoder.raw_decode(buffer, offset)
+                except json.JSONDecodeError:
+                    if fill():
+                        continue
+                    raise
+                # A number may run on into the next chunk: read on while it ends the buffer.
+                if end == len(buffer) and not isinstance(parsed, dict | list | str) and fill():
+                    continue
+                offset = end
+                return parsed
+
+        def report(reason: str) -> None:
+            where = line + buffer.count("\n", 0, offset)
+            problems.append(OpenClawProblem(str(path), where, reason))
+
+        first = skip("")
+        if first is None:
+            problems.append(OpenClawProblem(str(path), None, "empty (0 bytes): no entries"))
+            return
+        if first != "{":
+            report("not a JSON object: no entries read")
+            return
+        offset += 1
+        while not done:
+            nxt = skip(",")
+            if nxt is None:
+                report("ends before the object is closed (truncated): the entries before are read")
+                return
+            if nxt == "}":
+                done = True
+                break
+            try:
+                key = value()
+                if skip("") != ":":
+                    raise json.JSONDecodeError("expected ':'", buffer, offset)
+                offset += 1
+                skip("")
+                entry = value()
+            except json.JSONDecodeError as exc:
+                report(f"not JSON here ({exc.msg}; truncated?): the entries before are read")
+                return
+            if not isinstance(key, str) or not isinstance(entry, dict):
+                report(f"entry {key!r} is not an object: skipped")
+                continue
+            for name in BULKY_FIELDS:
+                entry.pop(name, None)
+            yield key, entry
+
+
+@dataclass
+class _Transcript:
+    path: Path
+    header: dict[str, Any] | None
+    live: list[tuple[int, dict[str, Any]]]
+    """The live branch's entries (with their line numbers), oldest first."""
+    other: int
+    """Entries off the live branch."""
+
+
+def read_transcript(path: Path, problems: list[OpenClawProblem]) -> _Transcript:
+    """A transcript's header and its live branch: from the last entry in the file up its
+    `parentId` links (an entry whose parent is missing, after a trim, starts the branch).
+    Two passes over the file; between them only each entry's id, parent and line are
+    held. Lines that are not JSON objects, or entries without an id, are reported."""
+    parents: dict[str, tuple[str | None, int]] = {}
+    header: dict[str, Any] | None = None
+    last: str | None = None
+    anonymous: list[int] = []
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            entry = _json_line(text, path, number, problems)
+            if entry is None:
+                continue
+            if entry.get("type") == "session" and header is None and not parents:
+                header = entry
+                continue
+            ident = entry.get("id")
+            if not isinstance(ident, str):
+                # A v1 transcript (no ids) is one chain, in file order.
+                anonymous.append(number)
+                continue
+            parent = entry.get("parentId")
+            parents[ident] = (parent if isinstance(parent, str) else None, number)
+            last = ident
+    wanted: set[int] = set(anonymous)
+    if last is not None and not anonymous:
+        node: str | None = last
+        seen: set[str] = set()
+        while node is not None and node in parents and node not in seen:
+            seen.add(node)
+            parent, number = parents[node]
+            wanted.add(number)
+            node = parent
+    elif anonymous and parents:
+        wanted.update(number for _, number in parents.values())
+    live: list[tuple[int, dict[str, Any]]] = []
+    if wanted:
+        with path.open(encoding="utf-8", errors="surrogateescape") as handle:
+            for number, text in enumerate(handle, start=1):
+                if number in wanted:
+                    entry = _json_line(text, path, number, None)
+                    if entry is not None:
+                        live.append((number, entry))
+    return _Transcript(path, header, live, len(parents) + len(anonymous) - len(wanted))
+
+
+def _json_line(
+    text: str, path: Path, number: int, problems: list[OpenClawProblem] | None
+) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        if problems is not None:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            problems.append(OpenClawProblem(str(path), number, f"not JSON ({reason}): skipped"))
+        return None
+    if not isinstance(entry, dict):
+        if problems is not None:
+            problems.append(OpenClawProblem(str(path), number, "not a JSON object: skipped"))
+        return None
+    return entry
+
+
+# --- mapping ------------------------------------------------------------------------------
+
+
+def _time(value: Any) -> datetime | None:
+    """An entry's time: epoch milliseconds, or ISO-8601 text."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return datetime.fromtimestamp(value / 1000, UTC)
+        except (OverflowError, ValueError, OSError):
+            return None
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None
+
+
+def entry_message(entry: dict[str, Any], at: datetime) -> dict[str, Any]:
+    """The message fields of one transcript entry (see docs/openclaw.md): a chat
+    message by its role, with its content (blocks kept) and its assistant's tool calls;
+    a compaction or branch summary as a `system` message holding the summary; a custom
+    message as the user's; any other entry as a `system` message without content. The
+    metadata keeps the rest of the entry under `openclaw`, from which it is rebuilt."""
+    kind = entry.get("type")
+    rest = {name: value for name, value in entry.items() if name not in _ENTRY_KEYS}
+    content: Any = None
+    content_field: str | None = None
+    tool_calls: Any = None
+    role = Role.SYSTEM
+    if kind == "message" and isinstance(rest.get("message"), dict):
+        message = dict(rest["message"])
+        role = _ROLES.get(str(message.get("role")), Role.SYSTEM)
+        if "content" in message:
+            content, content_field = message.pop("content"), "message.content"
+        rest["message"] = message
+        if isinstance(content, list):
+            calls = [b for b in content if isinstance(b, dict) and b.get("type") == "toolCall"]
+            tool_calls = calls or None
+        stamp = _time(message.get("timestamp"))
+        if stamp is not None:
+            at = stamp
+    elif kind in _CONTENT_OF and _CONTENT_OF[kind] in rest:
+        content_field = _CONTENT_OF[kind]
+        content = rest.pop(content_field)
+        role = Role.USER if kind == "custom_message" else Role.SYSTEM
+    meta = {
+        "openclaw": {
+            "entry_id": entry.get("id"),
+            "parent_id": entry.get("parentId"),
+            "type": kind,
+            "timestamp": entry.get("timestamp"),
+            "content_field": content_field,
+            "entry": rest,
+        }
+    }
+    return {
+        "role": role,
+        "content": content,
+        "tool_calls": tool_calls,
+        "metadata": meta,
+        "created_at": at,
+    }
+
+
+def rebuild_entry(content: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """The transcript entry a message imported by `entry_message` came from."""
+    stored = meta["openclaw"]
+    entry: dict[str, Any] = {"type": stored["type"], "id": stored["entry_id"]}
+    entry["parentId"] = stored["parent_id"]
+    if stored["timestamp"] is not None:
+        entry["timestamp"] = stored["timestamp"]
+    rest = json.loads(json.dumps(stored["entry"]))
+    field_name = stored["content_field"]
+    if field_name == "message.content":
+        rest["message"]["content"] = content
+    elif field_name is not None:
+        rest[field_name] = content
+    return {**entry, **rest}
+
+
+# --- import -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Planned:
+    store: _Store
+    key_text: str | None
+    """The entry's OpenClaw key; None for an orphan or archived transcript."""
+    entry: dict[str, Any]
+    transcript: Path | None
+    status: SessionStatus = SessionStatus.ACTIVE
+    aliases: list[str] = field(default_factory=list)
+
+
+def import_openclaw(
+    source: str | os.PathLike[str],
+    repository: SessionRepository,
+    *,
+    agents: list[str] | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    archived: bool = False,
+) -> OpenClawImportResult:
+    """Import the OpenClaw sessions under `source` (see `find_stores`) into the store.
+
+    Every entry of every agent's `sessions.json` (of `agents` only, if given) becomes
+    one session, and every transcript without an entry (an orphan) one too, keyed by its
+    session id; archived transcripts (`.reset.`, `.deleted.`, `.bak.`) are imported as
+    `archived` sessions with `archived=True`, else listed in `archived_skipped`. Each
+    session is written with its messages in one write transaction. Importing again adds
+    only new entries (a session whose live branch no longer holds the last entry
+    imported is reported, not changed). A damaged file or line is reported in
+    `problems` by path and line and the rest goes on. With `dry_run`, nothing is
+    written and the counts say what would be. `ValueError` naming `source` or `agents`
+    for a source with no OpenClaw sessions or an agent that is not there."""
+    root = Path(source)
+    stores = find_stores(root)
+    if agents is not None:
+        wanted = {agent.lower() for agent in agents}
+        missing = sorted(wanted - {store.agent_id for store in stores})
+        if missing:
+            raise ValueError(f"agents: no sessions folder for {', '.join(missing)} under {root}")
+        stores = [store for store in stores if store.agent_id in wanted]
+    result = OpenClawImportResult(dry_run=dry_run)
+    plans = [plan for store in stores for plan in _plan(store, result, archived)]
+    for done, plan in enumerate(plans, start=1):
+        _import_one(plan, repository, result, dry_run)
+        if progress is not None:
+            progress(done, len(plans))
+    return result
+
+
+def _plan(store: _Store, result: OpenClawImportResult, archived: bool) -> list[_Planned]:
+    """The sessions to import from one sessions folder, entries first, then orphans and
+    archives; entries naming one transcript are imported once, under the longest key."""
+    plans: dict[str, _Planned] = {}
+    by_file: dict[Path, _Planned] = {}
+    store_file = store.folder / "sessions.json"
+    entries = read_entries(store_file, result.problems) if store_file.exists() else iter(())
+    for key_text, entry in sorted(entries, key=lambda pair: -len(pair[0])):
+        session_id = entry.get("sessionId")
+        if not isinstance(session_id, str) or not session_id.strip():
+            result.problems.append(
+                OpenClawProblem(
+                    str(store_file), None, f"entry {key_text!r} has no sessionId: skipped"
+                )
+            )
+            continue
+        transcript = _transcript_of(store.folder, session_id, entry.get("sessionFile"))
+        if transcript is not None and transcript in by_file:
+            by_file[transcript].aliases.append(key_text)
+            result.aliases += 1
+            continue
+        plan = _Planned(store, key_text, entry, transcript)
+        plans[key_text] = plan
+        if transcript is not None:
+            by_file[transcript] = plan
+    ordered = sorted(plans.values(), key=lambda plan: plan.key_text or "")
+    for path in sorted(store.folder.iterdir()):
+        if path.suffix == ".jsonl" and path.is_file() and path not in by_file:
+            session_id = path.name.removesuffix(".jsonl")
+            ordered.append(_Planned(store, None, {"sessionId": session_id}, path))
+            result.orphans += 1
+            continue
+        found = _ARCHIVE.match(path.name)
+        if found is None or not path.is_file():
+            continue
+        if not archived:
+            result.archived_skipped.append(str(path))
+            continue
+        session_id = found["file"].removesuffix(".jsonl")
+        entry = {"sessionId": session_id, "archived": found["reason"], "archivedAt": found["at"]}
+        ordered.append(_Planned(store, None, entry, path, SessionStatus.ARCHIVED))
+        result.archived_imported += 1
+    return ordered
+
+
+def _transcript_of(folder: Path, session_id: str, session_file: Any) -> Path | None:
+    """The transcript of an entry: `sessionFile`'s name in the folder, that path itself,
+    or `<sessionId>.jsonl`; None if none exists (OpenClaw writes it with the first
+    reply)."""
+    candidates = []
+    if isinstance(session_file, str) and session_file:
+        candidates += [folder / Path(session_file).name, Path(session_file)]
+    candidates.append(folder / f"{session_id}.jsonl")
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def _import_one(
+    plan: _Planned, repository: SessionRepository, result: OpenClawImportResult, dry_run: bool
+) -> None:
+    entry = plan.entry
+    session_id = str(entry["sessionId"])
+    if plan.key_text is not None:
+        key = map_key(plan.key_text, plan.store.agent_id)
+    else:
+        family = "openclaw-archive" if plan.status is SessionStatus.ARCHIVED else "openclaw-orphan"
+        peer = session_id
+        if plan.status is SessionStatus.ARCHIVED:
+            peer = f"{session_id}:{entry['archived']}:{entry['archivedAt']}"
+        key = _key(plan.store.agent_id, family, DEFAULT_ACCOUNT, PeerKind.THREAD, peer)
+    where = str(plan.transcript or plan.store.folder / "sessions.json")
+    if repository.agent_id not in (None, key.agent_id):
+        result.problems.append(
+            OpenClawProblem(
+                where, None, f"agent {key.agent_id!r} is outside the repository's scope: skipped"
+            )
+        )
+        return
+    transcript = None
+    if plan.transcript is not None:
+        try:
+            transcript = read_transcript(plan.transcript, result.problems)
+        except OSError as exc:
+            result.problems.append(OpenClawProblem(where, None, f"cannot be read: {exc.strerror}"))
+    live = [] if transcript is None else transcript.live
+    if transcript is not None:
+        result.other_branches += transcript.other
+    existing = repository.get(key)
+    original = plan.key_text
+    head = live[-1][1].get("id") if live else None
+    if existing is not None:
+        stored = existing.meta.get("openclaw")
+        stored_key = existing.meta.get("openclaw_key")
+        if stored_key != original:
+            result.problems.append(
+                OpenClawProblem(
+                    where,
+                    None,
+                    f"session {key} holds {stored_key!r}, not {original!r} (a key that maps onto "
+                    "the same one): skipped",
+                )
+            )
+            return
+        imported_head = stored.get("head") if isinstance(stored, dict) else None
+        if imported_head is not None and imported_head not in {e.get("id") for _, e in live}:
+            result.problems.append(
+                OpenClawProblem(
+                    where,
+                    None,
+                    f"the live branch no longer holds entry {imported_head!r}, the last one "
+                    "imported (the conversation was branched or rewritten since): skipped",
+                )
+            )
+            return
+    header_time = _time((transcript.header or {}).get("timestamp")) if transcript else None
+    updated = _time(entry.get("updatedAt"))
+    first_time = _time(live[0][1].get("timestamp")) if live else None
+    created = header_time or first_time or updated or datetime.now(UTC)
+    updated = updated or (_time(live[-1][1].get("timestamp")) if live else None) or created
+    messages: list[tuple[int, MessageLine]] = []
+    compactions = 0
+    last_compaction: tuple[datetime, str | None] | None = None
+    key_text = str(key)
+    for number, item in live:
+        at = _time(item.get("timestamp")) or updated
+        fields = entry_message(item, at)
+        if item.get("type") == "compaction":
+            compactions += 1
+            summary = fields["content"] if isinstance(fields["content"], str) else None
+            last_compaction = (fields["created_at"], summary)
+        try:
+            messages.append((number, MessageLine(type="message", session=key_text, **fields)))
+        except ValueError as exc:
+            result.problems.append(OpenClawProblem(where, number, f"not imported: {_reason(exc)}"))
+    meta: dict[str, Any] = {
+        "openclaw_key": original,
+        "openclaw_session_id": session_id,
+        "openclaw": {
+            "agent": plan.store.agent_id,
+            "entry": entry,
+            "transcript": None if plan.transcript is None else plan.transcript.name,
+            "header": None if transcript is None else transcript.header,
+            "head": head,
+            "aliases": plan.aliases,
+        },
+    }
+    counted = entry.get("compactionCount")
+    total = _count(entry.get("totalTokens"))
+    given_in, given_out = _count(entry.get("inputTokens")), _count(entry.get("outputTokens"))
+    try:
+        session = SessionLine(
+            type="session",
+            agent_id=key.agent_id,
+            channel=key.channel,
+            account_id=key.account_id,
+            peer_kind=key.peer_kind,
+            peer_id=key.peer_id,
+            created_at=created,
+            updated_at=max(updated, created),
+            token_usage=max(total, given_in + given_out),
+            input_tokens=given_in,
+            output_tokens=given_out,
+            metadata=meta,
+            status=plan.status,
+            compaction_count=max(compactions, _count(counted)),
+            last_compacted_at=None if last_compaction is None else last_compaction[0],
+            last_compaction_summary=None if last_compaction is None else last_compaction[1],
+        )
+    except ValueError as exc:
+        result.problems.append(
+            OpenClawProblem(where, None, f"session not imported: {_reason(exc)}")
+        )
+        return
+    if dry_run:
+        if existing is None:
+            result.sessions_created += 1
+            result.messages_imported += len(messages)
+        elif existing.meta != meta:
+            result.sessions_updated += 1
+        else:
+            result.sessions_unchanged += 1
+        return
+    outcome = ImportResult()
+    import_records(repository.engine, [(0, session), *messages], outcome, refresh=True)
+    for error in outcome.errors:
+        result.problems.append(
+            OpenClawProblem(where, error.line or None, f"not imported: {error.reason}")
+        )
+    result.messages_imported += outcome.messages_imported
+    result.messages_existing += outcome.messages_existing
+    if outcome.sessions_created:
+        result.sessions_created += 1
+    elif outcome.messages_imported or existing is None or existing.meta != meta:
+        result.sessions_updated += 1
+    else:
+        result.sessions_unchanged += 1
+
+
+def _count(value: Any) -> int:
+    """A token count from an entry: a non-negative integer, else 0."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    if isinstance(value, float) and value.is_integer() and 0 <= value < 2**63:
+        return int(value)
+    return 0
+
+
+def _reason(exc: ValueError) -> str:
+    """A validation error as `field: what is wrong` (its first complaint)."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        return f"{where}: {message}" if where else message
+    return str(exc)
