@@ -99,8 +99,13 @@ def _unescape(text: str) -> str:
 
 
 def _text(field: str, value: Any) -> str:
+    """`value` if it is a string that UTF-8 can hold, else `ValueError` naming `field`."""
     if not isinstance(value, str):
         raise ValueError(f"{field}: must be a string, not {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{field}: holds a lone surrogate, which no store can keep") from None
     return value
 
 
@@ -145,14 +150,18 @@ def user_state_key(app_name: str, user_id: str, agent_id: str = DEFAULT_AGENT) -
     )
 
 
-def split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def split_state(
+    state: Mapping[str, Any], field: str = "state"
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """ADK state (or a state delta) as its app, user and session parts, app and user keys
     without their prefixes, `temp:` keys left out, every value made JSON (as ADK's own
-    SQL stores make it: a value JSON cannot hold becomes its text)."""
+    SQL stores make it: a value JSON cannot hold becomes its text). `ValueError` naming
+    `field` for a key that is not a string UTF-8 can hold."""
     app: dict[str, Any] = {}
     user: dict[str, Any] = {}
     own: dict[str, Any] = {}
     for key, value in state.items():
+        _text(f"{field} key {key!r}", key)
         if key.startswith(State.APP_PREFIX):
             app[key.removeprefix(State.APP_PREFIX)] = value
         elif key.startswith(State.USER_PREFIX):
@@ -254,7 +263,7 @@ class AisopodSessionService(BaseSessionService):
                 "repository: must be a SessionRepository or an AsyncSessionRepository, "
                 f"not {type(repository).__name__}"
             )
-        agent = agent_id or repository.agent_id or DEFAULT_AGENT
+        agent = agent_id if agent_id is not None else repository.agent_id or DEFAULT_AGENT
         try:
             agent = SessionKey(agent, CHANNEL, "a", PeerKind.THREAD, "s").agent_id
         except ValueError as exc:
@@ -341,7 +350,7 @@ class AisopodSessionService(BaseSessionService):
         app, user, own = split_state(state or {})
         app_key, user_key = self._keys(app_name, user_id)
         now = time.time()
-        meta = {**own, APP_NAME: app_name, USER_ID: user_id, UPDATE_TIME: now}
+        meta = {**own, APP_NAME: _escape(app_name), USER_ID: _escape(user_id), UPDATE_TIME: now}
         try:
             result = await self._call(
                 "apply_changes",
@@ -352,6 +361,8 @@ class AisopodSessionService(BaseSessionService):
             )
         except SessionExistsError:
             raise AlreadyExistsError(f"Session with id {session_id} already exists.") from None
+        except ValueError as exc:  # a value of the state the store cannot hold
+            raise ValueError(f"state: {exc}") from None
         related = result.related
         return AdkSession(
             id=session_id,
@@ -382,16 +393,24 @@ class AisopodSessionService(BaseSessionService):
             app_key, user_key = self._keys(app_name, user_id)
         except ValueError:
             return None
-        found = await self._call("get_many", [key, app_key, user_key])
-        session, app_row, user_row = found
-        if session is None:
-            return None
         limit = None if config is None else config.num_recent_events
+        if limit is not None and limit >= 2**62:
+            limit = None  # more than any session holds: all of them
         after = None if config is None else config.after_timestamp
-        try:
-            events = await self._events(key, limit, after)
-        except SessionNotFoundError:
-            return None  # deleted since it was read
+        # Two reads: the session with its state, then its events. An append between
+        # them would give state older than the events: read again (at most three times)
+        # until the newest event is the one the state was last updated with.
+        for _ in range(3):
+            session, app_row, user_row = await self._call("get_many", [key, app_key, user_key])
+            if session is None:
+                return None
+            try:
+                events, newest = await self._events(key, limit, after)
+            except SessionNotFoundError:
+                return None  # deleted since it was read
+            stamp = session.meta.get(UPDATE_TIME)
+            if newest is None or not isinstance(stamp, float | int) or newest == stamp:
+                break
         return _adk_session(
             session,
             app_name,
@@ -402,26 +421,35 @@ class AisopodSessionService(BaseSessionService):
             events,
         )
 
-    async def _events(self, key: SessionKey, limit: int | None, after: float | None) -> list[Event]:
+    async def _events(
+        self, key: SessionKey, limit: int | None, after: float | None
+    ) -> tuple[list[Event], float | None]:
+        """The events `get_session` returns, oldest first, and the timestamp of the newest
+        one read if this adapter wrote it (None if none was read, or another writer
+        appended it)."""
         if limit == 0:
-            return []
+            return [], None
         if after is None:
             messages: list[Message] = await self._call("get_history", key, limit=limit)
-            return [message_to_event(message) for message in messages]
+            events = [message_to_event(message) for message in messages]
+            return events, _stamp(messages[-1], events[-1]) if messages else None
         newest_first: list[Event] = []
+        newest: float | None = None
         before: int | None = None
         while limit is None or len(newest_first) < limit:
             step = _PAGE if limit is None else min(_PAGE, limit - len(newest_first))
             page: list[Message] = await self._call("get_history", key, limit=step, before_id=before)
             for message in reversed(page):
                 event = message_to_event(message)
+                if before is None and message is page[-1]:
+                    newest = _stamp(message, event)
                 if event.timestamp < after:
-                    return newest_first[::-1]
+                    return newest_first[::-1], newest
                 newest_first.append(event)
             if len(page) < step:
                 break
             before = page[0].id
-        return newest_first[::-1]
+        return newest_first[::-1], newest
 
     async def list_sessions(
         self, *, app_name: str, user_id: str | None = None
@@ -434,7 +462,7 @@ class AisopodSessionService(BaseSessionService):
             where: dict[str, Any] = {
                 "agent_id": self.agent_id,
                 "channel": CHANNEL,
-                "meta": {APP_NAME: app_name},
+                "meta": {APP_NAME: _escape(app_name)},
             }
         else:
             try:
@@ -528,7 +556,7 @@ class AisopodSessionService(BaseSessionService):
                 )
 
         try:
-            await self._call(
+            cancelled = await self._settled(
                 "apply_changes",
                 key,
                 messages=[message],
@@ -538,8 +566,42 @@ class AisopodSessionService(BaseSessionService):
             )
         except SessionNotFoundError:
             raise AdkNotFoundError(f"Session {session.id} not found.") from None
+        except ValueError as exc:
+            if isinstance(exc, StaleSessionError):
+                raise
+            raise ValueError(f"event: {exc}") from None
         session.last_update_time = event.timestamp
-        return await super().append_event(session, event)
+        stored = await super().append_event(session, event)
+        if cancelled:
+            raise asyncio.CancelledError
+        return stored
+
+    async def _settled(self, name: str, *args: Any, **kwargs: Any) -> bool:
+        """Run a write to its end even if the caller is cancelled meanwhile (a write
+        handed to a thread would commit anyway); True if it was. Its errors raise."""
+        task = asyncio.ensure_future(self._call(name, *args, **kwargs))
+        cancelled = False
+        while True:
+            try:
+                await asyncio.shield(task)
+                return cancelled
+            except asyncio.CancelledError:
+                if task.cancelled():
+                    raise
+                cancelled = True
+                if task.done():
+                    if task.exception() is not None:
+                        raise
+                    return True
+            except BaseException:
+                if cancelled:  # the write failed: the cancellation is what the caller sees
+                    raise asyncio.CancelledError from None
+                raise
+
+
+def _stamp(message: Message, event: Event) -> float | None:
+    """The event's timestamp if this adapter stored it (its `update_time` then)."""
+    return event.timestamp if message.meta.get("source") == SOURCE else None
 
 
 class _Done:
@@ -553,7 +615,7 @@ def _owner(row: Session) -> str:
     """The ADK user of a session row."""
     user = row.meta.get(USER_ID)
     if isinstance(user, str):
-        return user
+        return _unescape(user)
     return _unescape(row.account_id.partition(":")[2])
 
 
