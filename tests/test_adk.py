@@ -590,3 +590,54 @@ def test_constructor_refusals(store: Engine) -> None:
     assert AisopodSessionService(confined).agent_id == "gateway"
     with pytest.raises(ValueError, match="agent_id"):
         AisopodSessionService(confined, agent_id="other")
+
+
+def test_a_cancelled_append_leaves_the_copy_in_step_with_the_store(
+    service: AisopodSessionService,
+) -> None:
+    """Cancelled while its write runs (on a worker thread with `SessionRepository`, where
+    the write commits anyway): the copy gets every event the store holds."""
+
+    async def go() -> tuple[int, int, int]:
+        session = await service.create_session(app_name=APP, user_id=USER, session_id="c")
+        cancelled = 0
+        for number in range(20):
+            task = asyncio.ensure_future(service.append_event(session, event(text=f"e{number}")))
+            await asyncio.sleep(0)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                cancelled += 1
+        stored = await service.get_session(app_name=APP, user_id=USER, session_id="c")
+        assert stored is not None
+        assert [e.id for e in stored.events] == [e.id for e in session.events]
+        return cancelled, len(stored.events), len(session.events)
+
+    cancelled, stored, held = run(go())
+    assert stored == held
+    assert cancelled + stored >= 20  # each either stored, or cancelled before its write
+
+
+def test_refusals_name_the_argument_and_names_with_nul_list(
+    service: AisopodSessionService, store: Engine
+) -> None:
+    async def go() -> None:
+        session = await service.create_session(app_name="a\x00", user_id="u", session_id="s")
+        listed = await service.list_sessions(app_name="a\x00")
+        assert [(s.user_id, s.id) for s in listed.sessions] == [("u", "s")]
+        before = snapshot(store)
+        with pytest.raises(ValueError, match=r"^state: "):
+            await service.create_session(app_name=APP, user_id=USER, state={"k": float("nan")})
+        with pytest.raises(ValueError, match=r"^state key"):
+            await service.create_session(app_name=APP, user_id=USER, state={"\ud800": 1})
+        with pytest.raises(ValueError, match=r"^app_name: holds a lone surrogate"):
+            await service.create_session(app_name="\ud800", user_id=USER)
+        with pytest.raises(ValueError, match=r"^event: "):
+            await service.append_event(session, event(delta={"k": float("inf")}))
+        assert snapshot(store) == before
+        assert session.events == []
+
+    run(go())
+    with pytest.raises(ValueError, match="agent_id"):
+        AisopodSessionService(SessionRepository(store), agent_id="")
