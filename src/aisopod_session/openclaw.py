@@ -568,6 +568,7 @@ def _import_one(
     existing = repository.get(key)
     original = plan.key_text
     head = live[-1][1].get("id") if live else None
+    new_from = 0
     if existing is not None:
         stored = existing.meta.get("openclaw")
         stored_key = existing.meta.get("openclaw_key")
@@ -582,7 +583,8 @@ def _import_one(
             )
             return
         imported_head = stored.get("head") if isinstance(stored, dict) else None
-        if imported_head is not None and imported_head not in {e.get("id") for _, e in live}:
+        ids = [item.get("id") for _, item in live]
+        if imported_head is not None and imported_head not in ids:
             result.problems.append(
                 OpenClawProblem(
                     where,
@@ -592,6 +594,11 @@ def _import_one(
                 )
             )
             return
+        if imported_head is not None:
+            # What the last run imported ends at its head: only the entries after it are
+            # new (the session and its head are written in one transaction).
+            new_from = ids.index(imported_head) + 1
+            result.messages_existing += new_from
     header_time = _time((transcript.header or {}).get("timestamp")) if transcript else None
     updated = _time(entry.get("updatedAt"))
     first_time = _time(live[0][1].get("timestamp")) if live else None
@@ -600,14 +607,16 @@ def _import_one(
     messages: list[tuple[int, MessageLine]] = []
     compactions = 0
     last_compaction: tuple[datetime, str | None] | None = None
-    key_text = str(key)
-    for number, item in live:
-        at = _time(item.get("timestamp")) or updated
-        fields = entry_message(item, at)
+    for _, item in live:
         if item.get("type") == "compaction":
             compactions += 1
-            summary = fields["content"] if isinstance(fields["content"], str) else None
-            last_compaction = (fields["created_at"], summary)
+            summary = item.get("summary")
+            at = _time(item.get("timestamp")) or updated
+            last_compaction = (at, summary if isinstance(summary, str) else None)
+    key_text = str(key)
+    for number, item in live[new_from:]:
+        at = _time(item.get("timestamp")) or updated
+        fields = entry_message(item, at)
         try:
             messages.append((number, MessageLine(type="message", session=key_text, **fields)))
         except ValueError as exc:

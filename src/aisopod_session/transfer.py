@@ -22,6 +22,7 @@ with the store.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -364,7 +365,7 @@ class MessageLine(_Line):
 
     @model_validator(mode="after")
     def _check(self) -> MessageLine:
-        SessionKey.parse(self.session)
+        _parse_key(self.session)
         return self
 
     def fields(self) -> tuple[str, ...]:
@@ -393,6 +394,9 @@ class ImportResult:
 
 
 Record = HeaderLine | SessionLine | MessageLine
+
+# Every message line names its session by key: parsed once per key, not once per line.
+_parse_key = functools.lru_cache(maxsize=1024)(SessionKey.parse)
 
 
 def parse_line(text: str) -> Record:
@@ -595,6 +599,7 @@ def _import_batch(
     with translated_errors("import"), write_transaction(engine) as conn:
         sessions: dict[str, int] = {}  # key text to the store's id, for this batch
         touched: set[int] = set()
+        new_sessions: set[int] = set()
         pending: dict[int, tuple[int, tuple[Any, ...]]] = {}  # message id: session, fields
         ids = [r.id for _, r in batch if isinstance(r, MessageLine) and r.id is not None]
         taken = _messages_by_id(conn, ids)
@@ -605,6 +610,7 @@ def _import_batch(
                 created = _import_session(conn, record, sessions, result, refresh=refresh)
                 if created is not None:
                     touched.add(created)
+                    new_sessions.add(created)
                 continue
             session_id = _session_id(conn, record.session, sessions)
             if session_id is None:
@@ -631,7 +637,10 @@ def _import_batch(
                         )
                     continue
                 pending[record.id] = (session_id, fields)
-            elif _same_message_exists(conn, session_id, fields, record.created_at, stored):
+            # A session this batch created holds nothing yet: nothing to compare with.
+            elif session_id not in new_sessions and _same_message_exists(
+                conn, session_id, fields, record.created_at, stored
+            ):
                 result.messages_existing += 1
                 continue
             new_messages.append(
