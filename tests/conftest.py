@@ -39,6 +39,7 @@ PROCESS_MODULES = {
     "test_crash_safety",
     "test_demo",
     "test_fork_and_dispose",
+    "test_openclaw_kill",
     "test_pgbouncer",
 }
 """Modules whose tests start processes (forks, children, the installed command)."""
