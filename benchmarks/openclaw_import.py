@@ -45,9 +45,8 @@ def build(root: Path, sessions: int, lines: int, bulky: int) -> int:
                 "systemPromptReport": {"text": "r" * bulky},
             }
             comma = "," if number < sessions - 1 else ""
-            store.write(
-                f"{json.dumps(f'agent:main:telegram:direct:{number}')}: {json.dumps(entry)}{comma}\n"
-            )
+            key = json.dumps(f"agent:main:telegram:direct:{number}")
+            store.write(f"{key}: {json.dumps(entry)}{comma}\n")
             with (folder / f"{session_id}.jsonl").open("w") as transcript:
                 header = {
                     "type": "session",
@@ -120,9 +119,10 @@ start = time.perf_counter()
 result = import_openclaw(sys.argv[1], SessionRepository(engine))
 took = time.perf_counter() - start
 engine.dispose()
-print(json.dumps({"seconds": took, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "created": result.sessions_created, "messages": result.messages_imported,
-                  "existing": result.messages_existing, "problems": len(result.problems)}))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": took, "max_rss_mib": rss, "created": result.sessions_created,
+                  "messages": result.messages_imported, "existing": result.messages_existing,
+                  "problems": len(result.problems)}))
 """
 
 
