@@ -305,7 +305,7 @@ def test_importing_again_adds_nothing_and_new_entries_are_added_alone(
     assert session.meta["openclaw"]["head"] == "b1"
 
 
-def test_the_live_branch_is_imported_and_the_others_counted(
+def test_the_live_branch_is_the_session_and_the_others_forks(
     repo: SessionRepository, tmp_path: Path
 ) -> None:
     folder = tmp_path / "sessions"
@@ -327,6 +327,16 @@ def test_the_live_branch_is_imported_and_the_others_counted(
     history = repo.get_history(map_key("agent:main:main"))
     assert [m.meta["openclaw"]["entry_id"] for m in history] == ["a1", "a2", "a3", "a4", "y1"]
     assert history[-1].content == "Tried tomorrow."
+    # The other branch (a5 … x1, off a4) is a fork: the shared entries, then its own.
+    assert result.forks_created == 1
+    fork_key = SessionKey("main", "openclaw-main", "default", "dm", "main:branch:x1")
+    fork = repo.get(fork_key)
+    assert fork is not None
+    assert fork.meta["openclaw_key"] == "agent:main:main#branch:x1"
+    assert fork.meta["openclaw"]["fork_of"] == str(map_key("agent:main:main"))
+    forked = repo.get_history(fork_key)
+    assert [rebuild_entry(m.content, m.meta) for m in forked] == [*lines[1:9], lines[9]]
+    assert import_openclaw(folder, repo).forks_created == 0
     # OpenClaw branched again from a2: the last imported entry (y1) is not on the live
     # branch any more, so the session is reported and left as it is.
     with (folder / "s-b.jsonl").open("a") as handle:

@@ -1661,6 +1661,7 @@ def import_openclaw_command(
                 "orphans": result.orphans,
                 "aliases": result.aliases,
                 "other_branches": result.other_branches,
+                "forks_created": result.forks_created,
                 "archived_imported": result.archived_imported,
                 "archived_skipped": result.archived_skipped,
                 "problems": [
@@ -1676,7 +1677,7 @@ def import_openclaw_command(
             f"{result.messages_imported:,} message(s) ({result.messages_existing:,} already "
             f"there); {result.orphans:,} transcript(s) without an entry; "
             f"{len(result.archived_skipped):,} archived transcript(s) skipped; "
-            f"{result.other_branches:,} entr(ies) off the live branches not imported; "
+            f"{result.forks_created:,} fork(s) of branches off the live ones; "
             f"problems: {len(result.problems):,}."
         )
     if result.problems:

@@ -86,7 +86,9 @@ class OpenClawImportResult:
     """Entries naming a transcript another entry imports (a cron job's key beside its
     run's): recorded in that session's metadata (`openclaw.aliases`)."""
     other_branches: int = 0
-    """Entries off the live branch of their transcripts: counted, not imported."""
+    """Entries off the live branch of their transcripts (imported in forks)."""
+    forks_created: int = 0
+    """Sessions made of a branch off a transcript's live branch (see docs/openclaw.md)."""
     problems: list[OpenClawProblem] = field(default_factory=list)
     dry_run: bool = False
 
@@ -277,6 +279,18 @@ class _Transcript:
     """The live branch's entries (with their line numbers), oldest first."""
     other: int
     """Entries off the live branch."""
+    branches: list[_Branch] = field(default_factory=list)
+    """The other branches, one per leaf off the live branch, in file order."""
+
+
+@dataclass
+class _Branch:
+    leaf: str
+    """The id of the branch's last entry."""
+    fork_point: str | None
+    """The live branch's entry it branched from (None: it shares none)."""
+    own: list[tuple[int, dict[str, Any]]]
+    """Its entries after the fork point, oldest first."""
 
 
 def read_transcript(path: Path, problems: list[OpenClawProblem]) -> _Transcript:
@@ -317,15 +331,38 @@ def read_transcript(path: Path, problems: list[OpenClawProblem]) -> _Transcript:
             node = parent
     elif anonymous and parents:
         wanted.update(number for _, number in parents.values())
-    live: list[tuple[int, dict[str, Any]]] = []
-    if wanted:
+    # Every other leaf (an entry no entry names as its parent) ends a branch: its
+    # entries run from the leaf up to the first entry on the live branch.
+    on_live = {ident for ident, (_, number) in parents.items() if number in wanted}
+    named = {parent for parent, _ in parents.values() if parent is not None}
+    shapes: list[tuple[str, str | None, list[int]]] = []
+    for leaf, _ in sorted(parents.items(), key=lambda item: item[1][1]):
+        if leaf in named or leaf in on_live or anonymous:
+            continue
+        lines: list[int] = []
+        up: str | None = leaf
+        seen_here: set[str] = set()
+        while up is not None and up in parents and up not in on_live and up not in seen_here:
+            seen_here.add(up)
+            lines.append(parents[up][1])
+            up = parents[up][0]
+        shapes.append((leaf, up if up in on_live else None, lines[::-1]))
+    needed = wanted | {number for _, _, lines in shapes for number in lines}
+    entries: dict[int, dict[str, Any]] = {}
+    if needed:
         with path.open(encoding="utf-8", errors="surrogateescape") as handle:
             for number, text in enumerate(handle, start=1):
-                if number in wanted:
+                if number in needed:
                     entry = _json_line(text, path, number, None)
                     if entry is not None:
-                        live.append((number, entry))
-    return _Transcript(path, header, live, len(parents) + len(anonymous) - len(wanted))
+                        entries[number] = entry
+    live = [(number, entries[number]) for number in sorted(wanted) if number in entries]
+    branches = [
+        _Branch(leaf, point, [(n, entries[n]) for n in lines if n in entries])
+        for leaf, point, lines in shapes
+    ]
+    other = len(parents) + len(anonymous) - len(wanted)
+    return _Transcript(path, header, live, other, branches)
 
 
 def _json_line(
@@ -683,6 +720,91 @@ def _import_one(
         result.sessions_updated += 1
     else:
         result.sessions_unchanged += 1
+    if transcript is not None:
+        name = original if original is not None else session_id
+        for branch in transcript.branches:
+            _import_branch(repository, result, key, name, session_id, live, branch, where)
+
+
+def _import_branch(
+    repository: SessionRepository,
+    result: OpenClawImportResult,
+    key: SessionKey,
+    original: str,
+    session_id: str,
+    live: list[tuple[int, dict[str, Any]]],
+    branch: _Branch,
+    where: str,
+) -> None:
+    """A branch off the live one as a fork of the session: the live entries up to its
+    fork point, then its own, in one write transaction; once (branches do not grow: a
+    continued branch ends at a new leaf, another fork)."""
+    fork_key = _key(
+        key.agent_id,
+        key.channel,
+        key.account_id,
+        key.peer_kind,
+        f"{key.peer_id}:branch:{branch.leaf}",
+    )
+    fork_name = f"{original}#branch:{branch.leaf}"
+    existing = repository.get(fork_key)
+    if existing is not None:
+        if existing.meta.get("openclaw_key") != fork_name:
+            result.problems.append(
+                OpenClawProblem(
+                    where,
+                    None,
+                    f"session {fork_key} holds another key's branch: {branch.leaf!r} skipped",
+                )
+            )
+        return
+    shared: list[tuple[int, dict[str, Any]]] = []
+    if branch.fork_point is not None:
+        for number, item in live:
+            shared.append((number, item))
+            if item.get("id") == branch.fork_point:
+                break
+    entries = [*shared, *branch.own]
+    if not entries:
+        return
+    times = [t for t in (_time(item.get("timestamp")) for _, item in entries) if t is not None]
+    created = times[0] if times else datetime.now(UTC)
+    key_text = str(fork_key)
+    messages: list[tuple[int, MessageLine]] = []
+    for number, item in entries:
+        fields = entry_message(item, _time(item.get("timestamp")) or created)
+        try:
+            messages.append((number, MessageLine(type="message", session=key_text, **fields)))
+        except ValueError as exc:
+            result.problems.append(OpenClawProblem(where, number, f"not imported: {_reason(exc)}"))
+    meta = {
+        "openclaw_key": fork_name,
+        "openclaw_session_id": session_id,
+        "openclaw": {"fork_of": str(key), "fork_point": branch.fork_point, "head": branch.leaf},
+    }
+    try:
+        session = SessionLine(
+            type="session",
+            agent_id=fork_key.agent_id,
+            channel=fork_key.channel,
+            account_id=fork_key.account_id,
+            peer_kind=fork_key.peer_kind,
+            peer_id=fork_key.peer_id,
+            created_at=created,
+            updated_at=max(times) if times else created,
+            metadata=meta,
+        )
+    except ValueError as exc:
+        result.problems.append(OpenClawProblem(where, None, f"branch not imported: {_reason(exc)}"))
+        return
+    outcome = ImportResult()
+    import_records(repository.engine, [(0, session), *messages], outcome)
+    result.forks_created += outcome.sessions_created
+    result.messages_imported += outcome.messages_imported
+    for error in outcome.errors:
+        result.problems.append(
+            OpenClawProblem(where, error.line or None, f"not imported: {error.reason}")
+        )
 
 
 def _count(value: Any) -> int:
