@@ -322,6 +322,10 @@ def test_the_live_branch_is_the_session_and_the_others_forks(
     (folder / "sessions.json").write_text(
         json.dumps({"agent:main:main": {"sessionId": "s-b", "updatedAt": T0}})
     )
+    planned = import_openclaw(folder, repo, dry_run=True)
+    assert (planned.sessions_created, planned.forks_created) == (1, 1)
+    assert planned.messages_imported == 5 + 9
+    assert repo.count_sessions() == 0
     result = import_openclaw(folder, repo)
     assert result.other_branches == 5  # a5 … a8 and x1
     history = repo.get_history(map_key("agent:main:main"))

@@ -641,7 +641,6 @@ def _import_one(
     first_time = _time(live[0][1].get("timestamp")) if live else None
     created = header_time or first_time or updated or datetime.now(UTC)
     updated = updated or (_time(live[-1][1].get("timestamp")) if live else None) or created
-    messages: list[tuple[int, MessageLine]] = []
     compactions = 0
     last_compaction: tuple[datetime, str | None] | None = None
     for _, item in live:
@@ -650,14 +649,7 @@ def _import_one(
             summary = item.get("summary")
             at = _time(item.get("timestamp")) or updated
             last_compaction = (at, summary if isinstance(summary, str) else None)
-    key_text = str(key)
-    for number, item in live[new_from:]:
-        at = _time(item.get("timestamp")) or updated
-        fields = entry_message(item, at)
-        try:
-            messages.append((number, MessageLine(type="message", session=key_text, **fields)))
-        except ValueError as exc:
-            result.problems.append(OpenClawProblem(where, number, f"not imported: {_reason(exc)}"))
+    messages = _message_lines(live[new_from:], key, updated, where, result)
     meta: dict[str, Any] = {
         "openclaw_key": original,
         "openclaw_session_id": session_id,
@@ -673,29 +665,22 @@ def _import_one(
     counted = entry.get("compactionCount")
     total = _count(entry.get("totalTokens"))
     given_in, given_out = _count(entry.get("inputTokens")), _count(entry.get("outputTokens"))
-    try:
-        session = SessionLine(
-            type="session",
-            agent_id=key.agent_id,
-            channel=key.channel,
-            account_id=key.account_id,
-            peer_kind=key.peer_kind,
-            peer_id=key.peer_id,
-            created_at=created,
-            updated_at=max(updated, created),
-            token_usage=max(total, given_in + given_out),
-            input_tokens=given_in,
-            output_tokens=given_out,
-            metadata=meta,
-            status=plan.status,
-            compaction_count=max(compactions, _count(counted)),
-            last_compacted_at=None if last_compaction is None else last_compaction[0],
-            last_compaction_summary=None if last_compaction is None else last_compaction[1],
-        )
-    except ValueError as exc:
-        result.problems.append(
-            OpenClawProblem(where, None, f"session not imported: {_reason(exc)}")
-        )
+    session = _session_line(
+        key,
+        where,
+        result,
+        created_at=created,
+        updated_at=max(updated, created),
+        token_usage=max(total, given_in + given_out),
+        input_tokens=given_in,
+        output_tokens=given_out,
+        metadata=meta,
+        status=plan.status,
+        compaction_count=max(compactions, _count(counted)),
+        last_compacted_at=None if last_compaction is None else last_compaction[0],
+        last_compaction_summary=None if last_compaction is None else last_compaction[1],
+    )
+    if session is None:
         return
     if dry_run:
         if existing is None:
@@ -705,25 +690,20 @@ def _import_one(
             result.sessions_updated += 1
         else:
             result.sessions_unchanged += 1
-        return
-    outcome = ImportResult()
-    import_records(repository.engine, [(0, session), *messages], outcome, refresh=True)
-    for error in outcome.errors:
-        result.problems.append(
-            OpenClawProblem(where, error.line or None, f"not imported: {error.reason}")
-        )
-    result.messages_imported += outcome.messages_imported
-    result.messages_existing += outcome.messages_existing
-    if outcome.sessions_created:
-        result.sessions_created += 1
-    elif outcome.messages_imported or existing is None or existing.meta != meta:
-        result.sessions_updated += 1
     else:
-        result.sessions_unchanged += 1
+        outcome = _write(repository, session, messages, where, result, refresh=True)
+        result.messages_imported += outcome.messages_imported
+        result.messages_existing += outcome.messages_existing
+        if outcome.sessions_created:
+            result.sessions_created += 1
+        elif outcome.messages_imported or existing is None or existing.meta != meta:
+            result.sessions_updated += 1
+        else:
+            result.sessions_unchanged += 1
     if transcript is not None:
         name = original if original is not None else session_id
         for branch in transcript.branches:
-            _import_branch(repository, result, key, name, session_id, live, branch, where)
+            _import_branch(repository, result, key, name, session_id, live, branch, where, dry_run)
 
 
 def _import_branch(
@@ -735,6 +715,7 @@ def _import_branch(
     live: list[tuple[int, dict[str, Any]]],
     branch: _Branch,
     where: str,
+    dry_run: bool,
 ) -> None:
     """A branch off the live one as a fork of the session: the live entries up to its
     fork point, then its own, in one write transaction; once (branches do not grow: a
@@ -769,42 +750,89 @@ def _import_branch(
         return
     times = [t for t in (_time(item.get("timestamp")) for _, item in entries) if t is not None]
     created = times[0] if times else datetime.now(UTC)
-    key_text = str(fork_key)
-    messages: list[tuple[int, MessageLine]] = []
-    for number, item in entries:
-        fields = entry_message(item, _time(item.get("timestamp")) or created)
-        try:
-            messages.append((number, MessageLine(type="message", session=key_text, **fields)))
-        except ValueError as exc:
-            result.problems.append(OpenClawProblem(where, number, f"not imported: {_reason(exc)}"))
+    messages = _message_lines(entries, fork_key, created, where, result)
+    if dry_run:
+        result.forks_created += 1
+        result.messages_imported += len(messages)
+        return
     meta = {
         "openclaw_key": fork_name,
         "openclaw_session_id": session_id,
         "openclaw": {"fork_of": str(key), "fork_point": branch.fork_point, "head": branch.leaf},
     }
-    try:
-        session = SessionLine(
-            type="session",
-            agent_id=fork_key.agent_id,
-            channel=fork_key.channel,
-            account_id=fork_key.account_id,
-            peer_kind=fork_key.peer_kind,
-            peer_id=fork_key.peer_id,
-            created_at=created,
-            updated_at=max(times) if times else created,
-            metadata=meta,
-        )
-    except ValueError as exc:
-        result.problems.append(OpenClawProblem(where, None, f"branch not imported: {_reason(exc)}"))
+    session = _session_line(
+        fork_key,
+        where,
+        result,
+        created_at=created,
+        updated_at=max(times) if times else created,
+        metadata=meta,
+    )
+    if session is None:
         return
-    outcome = ImportResult()
-    import_records(repository.engine, [(0, session), *messages], outcome)
+    outcome = _write(repository, session, messages, where, result)
     result.forks_created += outcome.sessions_created
     result.messages_imported += outcome.messages_imported
+
+
+def _message_lines(
+    entries: list[tuple[int, dict[str, Any]]],
+    key: SessionKey,
+    default: datetime,
+    where: str,
+    result: OpenClawImportResult,
+) -> list[tuple[int, MessageLine]]:
+    """The message lines of transcript entries (by line number) for the session `key`;
+    an entry the store refuses is reported by its line, the others go on."""
+    key_text = str(key)
+    lines: list[tuple[int, MessageLine]] = []
+    for number, item in entries:
+        fields = entry_message(item, _time(item.get("timestamp")) or default)
+        try:
+            lines.append((number, MessageLine(type="message", session=key_text, **fields)))
+        except ValueError as exc:
+            result.problems.append(OpenClawProblem(where, number, f"not imported: {_reason(exc)}"))
+    return lines
+
+
+def _session_line(
+    key: SessionKey, where: str, result: OpenClawImportResult, **values: Any
+) -> SessionLine | None:
+    """The session line for `key` with `values`, or None (reported) if it is refused."""
+    try:
+        return SessionLine(
+            type="session",
+            agent_id=key.agent_id,
+            channel=key.channel,
+            account_id=key.account_id,
+            peer_kind=key.peer_kind,
+            peer_id=key.peer_id,
+            **values,
+        )
+    except ValueError as exc:
+        result.problems.append(
+            OpenClawProblem(where, None, f"session not imported: {_reason(exc)}")
+        )
+        return None
+
+
+def _write(
+    repository: SessionRepository,
+    session: SessionLine,
+    messages: list[tuple[int, MessageLine]],
+    where: str,
+    result: OpenClawImportResult,
+    *,
+    refresh: bool = False,
+) -> ImportResult:
+    """The session and its messages in one write transaction; refusals reported."""
+    outcome = ImportResult()
+    import_records(repository.engine, [(0, session), *messages], outcome, refresh=refresh)
     for error in outcome.errors:
         result.problems.append(
             OpenClawProblem(where, error.line or None, f"not imported: {error.reason}")
         )
+    return outcome
 
 
 def _count(value: Any) -> int:
