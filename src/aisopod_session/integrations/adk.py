@@ -536,7 +536,7 @@ class AisopodSessionService(BaseSessionService):
         if event.partial:
             return event
         delta = event.actions.state_delta if event.actions else None
-        app, user, own = split_state(delta or {})
+        app, user, own = split_state(delta or {}, "event.actions.state_delta")
         key = session_key(session.app_name, session.user_id, session.id, self.agent_id)
         app_key, user_key = self._keys(session.app_name, session.user_id)
         related: dict[SessionKey, dict[str, Any]] = {}
