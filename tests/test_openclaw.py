@@ -333,7 +333,7 @@ def test_the_live_branch_is_the_session_and_the_others_forks(
     assert history[-1].content == "Tried tomorrow."
     # The other branch (a5 … x1, off a4) is a fork: the shared entries, then its own.
     assert result.forks_created == 1
-    fork_key = SessionKey("main", "openclaw-main", "default", "dm", "main:branch:x1")
+    fork_key = SessionKey("main", "openclaw-main", "default", "dm", "main#branch:x1")
     fork = repo.get(fork_key)
     assert fork is not None
     assert fork.meta["openclaw_key"] == "agent:main:main#branch:x1"
@@ -498,3 +498,163 @@ def test_a_large_sessions_json_is_read_entry_by_entry_across_chunks(tmp_path: Pa
         for key, entry in store.items()
     }
     assert read == expected
+
+
+def one_session(
+    folder: Path, key: str, session_id: str, lines: list[dict[str, Any]], **entry: Any
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    store = {key: {"sessionId": session_id, "updatedAt": T0, **entry}}
+    (folder / "sessions.json").write_text(json.dumps(store))
+    write_jsonl(folder / f"{session_id}.jsonl", lines)
+
+
+def test_odd_keys_and_damaged_entries_never_stop_the_rest(
+    repo: SessionRepository, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sessions"
+    folder.mkdir()
+    store = {
+        "agent:main:telegram:direct:bell\x07": {"sessionId": "s1", "updatedAt": T0},
+        "agent:main:telegram:direct:ok": {
+            "sessionId": "s2",
+            "updatedAt": T0,
+            "contextTokens": float("inf"),
+            "cacheRead": 2**64,
+        },
+        "agent:main:telegram:direct:deep": {"sessionId": "s3", "updatedAt": T0, "x": []},
+    }
+    text = json.dumps(store)
+    text = text.replace('"x": []', '"x": ' + "[" * 5000 + "]" * 5000)
+    (folder / "sessions.json").write_text("\ufeff" + text)  # a BOM, as some editors write
+    for session_id in ("s1", "s2", "s3"):
+        write_jsonl(folder / f"{session_id}.jsonl", chat(session_id))
+    result = import_openclaw(folder, repo)
+    reasons = [p.reason for p in result.problems]
+    assert any("field 'contextTokens' not kept" in r for r in reasons), reasons
+    assert any("field 'cacheRead' not kept" in r for r in reasons), reasons
+    assert any("nested too deeply" in r for r in reasons), reasons
+    bell = repo.get(SessionKey("main", "telegram", "default", "dm", "bell%07"))
+    assert bell is not None
+    assert bell.meta["openclaw_key"] == "agent:main:telegram:direct:bell\x07"
+    ok = repo.get(map_key("agent:main:telegram:direct:ok"))
+    assert ok is not None
+    assert "contextTokens" not in ok.meta["openclaw"]["entry"]
+    assert ok.message_count == 8
+    # The entry nested too deeply to read: its transcript still comes in, as an orphan.
+    assert repo.get(SessionKey("main", "openclaw-orphan", "default", "thread", "s3")) is not None
+
+
+def test_a_reset_in_openclaw_continues_the_session_with_the_new_conversation(
+    repo: SessionRepository, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sessions"
+    key = "agent:main:telegram:direct:42"
+    one_session(folder, key, "old", chat("old"))
+    import_openclaw(folder, repo)
+    (folder / "old.jsonl").rename(folder / "old.jsonl.reset.2026-02-14T10-30-00.123Z")
+    one_session(folder, key, "new", chat("new", T0 + 10_000), updatedAt=T0 + 20_000)
+    result = import_openclaw(folder, repo)
+    assert result.problems == []
+    assert result.messages_imported == 8
+    session = repo.get(map_key(key))
+    assert session is not None
+    assert session.meta["openclaw_session_id"] == "new"
+    assert session.meta["openclaw"]["previous_session_ids"] == ["old"]
+    assert session.message_count == 16
+    assert import_openclaw(folder, repo).messages_imported == 0
+
+
+def test_an_entry_the_store_refuses_is_reported_on_every_run(
+    repo: SessionRepository, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sessions"
+    lines = chat("s1")
+    lines[2]["message"]["usage"]["cost"]["total"] = float("nan")
+    one_session(folder, "agent:main:main", "s1", lines)
+    first = import_openclaw(folder, repo)
+    assert [(Path(p.path).name, p.line) for p in first.problems] == [("s1.jsonl", 3)]
+    assert repo.get_history(map_key("agent:main:main"))[-1].meta["openclaw"]["entry_id"] == "a8"
+    again = import_openclaw(folder, repo)
+    assert [(Path(p.path).name, p.line) for p in again.problems] == [("s1.jsonl", 3)]
+    assert again.messages_imported == 0
+    assert len(repo.get_history(map_key("agent:main:main"))) == 7
+
+
+def test_of_two_keys_for_one_session_the_newest_entry_wins(
+    repo: SessionRepository, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sessions"
+    folder.mkdir()
+    store = {
+        "agent:main:Telegram:direct:Bob": {"sessionId": "legacy", "updatedAt": T0},
+        "agent:main:telegram:direct:bob": {"sessionId": "current", "updatedAt": T0 + 5},
+    }
+    (folder / "sessions.json").write_text(json.dumps(store))
+    write_jsonl(folder / "legacy.jsonl", chat("legacy"))
+    write_jsonl(folder / "current.jsonl", chat("current"))
+    result = import_openclaw(folder, repo)
+    session = repo.get(map_key("agent:main:telegram:direct:bob"))
+    assert session is not None
+    assert session.meta["openclaw_session_id"] == "current"
+    assert [p.reason for p in result.problems] == [
+        f"session {map_key('agent:main:telegram:direct:bob')} holds "
+        "'agent:main:telegram:direct:bob', not 'agent:main:Telegram:direct:Bob' (a key that "
+        "maps onto the same one): skipped"
+    ]
+
+
+def test_transcript_oddities_are_reported_and_rebuilt_exactly(
+    repo: SessionRepository, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sessions"
+    lines = chat("s1")
+    lines.insert(4, {"type": "message", "message": {"role": "user", "content": "no id"}})
+    lines.insert(6, {"type": "session", "version": 3, "id": "again"})
+    lines.append({"id": "a9", "parentId": "a8", "timestamp": None, "odd": True})
+    one_session(folder, "agent:main:main", "s1", lines)
+    write_jsonl(folder / "s1.trajectory.jsonl", [{"x": 1}])
+    result = import_openclaw(folder, repo)
+    assert sorted((p.line, p.reason) for p in result.problems) == [
+        (5, "an entry without an id: skipped"),
+        (7, "a second header: skipped"),
+    ]
+    assert result.orphans == 0
+    history = repo.get_history(map_key("agent:main:main"))
+    kept = [
+        line
+        for line in lines[1:]
+        if isinstance(line.get("id"), str) and line.get("type") != "session"
+    ]
+    assert [rebuild_entry(m.content, m.meta) for m in history] == kept
+
+
+def test_a_dry_run_creates_no_store(tmp_path: Path) -> None:
+    source = state_folder(tmp_path / "openclaw")
+    db = tmp_path / "new.db"
+    done = CliRunner().invoke(
+        app, ["import-openclaw", str(source), "--db", str(db), "--dry-run", "--json"]
+    )
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["sessions_created"] == 13
+    assert not db.exists()
+
+
+def test_id_less_transcripts_keep_repeated_messages_on_every_run(
+    repo: SessionRepository, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sessions"
+    same = {
+        "type": "message",
+        "timestamp": iso(T0),
+        "message": {"role": "user", "content": "hi", "timestamp": T0},
+    }
+    one_session(
+        folder,
+        "agent:main:main",
+        "v1",
+        [{"type": "session", "id": "v1", "timestamp": iso(T0)}, same, same],
+    )
+    import_openclaw(folder, repo)
+    import_openclaw(folder, repo)
+    assert [m.content for m in repo.get_history(map_key("agent:main:main"))] == ["hi", "hi"]

@@ -21,7 +21,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1629,13 +1629,22 @@ def import_openclaw_command(
     session is written whole in one transaction; running it again imports only what is
     new. Damaged files and lines are reported (path and line) and skipped; the exit
     status is then 1."""
+    from tempfile import TemporaryDirectory
+
     from aisopod_session.openclaw import import_openclaw
     from aisopod_session.repository import SessionRepository
 
     target = target_of(ctx, db)
     if not Path(path).is_dir():
         raise UserError(f"no folder {path}")
-    with opened(target, create=True, migrate=True) as engine, _counted_bar("importing") as report:
+    store_file = file_of(target)
+    with ExitStack() as stack:
+        if dry_run and store_file is not None and not store_file.exists():
+            # A dry run creates nothing: with no store yet, it compares with an empty one.
+            folder = stack.enter_context(TemporaryDirectory())
+            target = str(Path(folder) / "dry-run.db")
+        engine = stack.enter_context(opened(target, create=True, migrate=True))
+        report = stack.enter_context(_counted_bar("importing"))
         try:
             result = import_openclaw(
                 path,

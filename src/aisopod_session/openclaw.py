@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,9 +24,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from aisopod_session.enums import PeerKind, Role, SessionStatus
+from aisopod_session.errors import SessionStoreError
 from aisopod_session.keys import MAX_KEY_PART_LENGTH, SessionKey
 from aisopod_session.repository import SessionRepository
 from aisopod_session.transfer import ImportResult, MessageLine, SessionLine, import_records
+from aisopod_session.validation import check_json
 
 BULKY_FIELDS = ("skillsSnapshot", "systemPromptReport")
 """Entry fields not carried over: prompts and skill lists OpenClaw rebuilds itself."""
@@ -40,7 +43,8 @@ _FAMILIES = ("subagent", "cron", "hook", "acp")
 _ARCHIVE = re.compile(
     r"^(?P<file>.+\.jsonl)\.(?P<reason>deleted|reset|bak)\.(?P<at>\d{4}-\d\d-\d\dT[\d.-]+Z)$"
 )
-_ENTRY_KEYS = ("type", "id", "parentId", "timestamp")
+_NOT_TRANSCRIPTS = re.compile(r"\.(trajectory|checkpoint\.[^.]+)\.jsonl$")
+"""Later OpenClaw builds' other JSONL files beside the transcripts."""
 _CONTENT_OF = {"compaction": "summary", "branch_summary": "summary", "custom_message": "content"}
 _ROLES = {
     "user": Role.USER,
@@ -48,6 +52,7 @@ _ROLES = {
     "toolResult": Role.TOOL,
     "bashExecution": Role.TOOL,
     "custom": Role.USER,
+    "hookMessage": Role.USER,  # v2's name for `custom`
 }
 
 Progress = Callable[[int, int], object]
@@ -97,12 +102,20 @@ class OpenClawImportResult:
 
 
 def _fit(part: str) -> str:
-    """`part` as a key part: itself when it fits, else a prefix and a digest of it."""
-    part = part.strip() or "unknown"
+    """`part` as a key part: control characters and undecodable bytes percent-encoded
+    (a key part cannot hold them), itself when it then fits, else a prefix and a digest
+    of it."""
+    part = "".join(_encoded(char) for char in part).strip() or "unknown"
     if len(part) <= MAX_KEY_PART_LENGTH:
         return part
     digest = hashlib.sha256(part.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return f"{part[:200]}~{digest}"
+
+
+def _encoded(char: str) -> str:
+    if char == "%" or unicodedata.category(char) in ("Cc", "Cs"):
+        return "".join(f"%{b:02X}" for b in char.encode("utf-8", "surrogateescape"))
+    return char
 
 
 def map_key(key: str, agent_id: str = "main") -> SessionKey:
@@ -188,7 +201,7 @@ def read_entries(
     the entries before the damage."""
     decoder = json.JSONDecoder()
     try:
-        handle = path.open(encoding="utf-8", errors="surrogateescape")
+        handle = path.open(encoding="utf-8-sig", errors="surrogateescape")
     except OSError as exc:
         problems.append(OpenClawProblem(str(path), None, f"cannot be read: {exc.strerror}"))
         return
@@ -263,6 +276,9 @@ def read_entries(
             except json.JSONDecodeError as exc:
                 report(f"not JSON here ({exc.msg}; truncated?): the entries before are read")
                 return
+            except RecursionError:
+                report("nested too deeply to read: the entries before are read")
+                return
             if not isinstance(key, str) or not isinstance(entry, dict):
                 report(f"entry {key!r} is not an object: skipped")
                 continue
@@ -293,35 +309,63 @@ class _Branch:
     """Its entries after the fork point, oldest first."""
 
 
+class TranscriptChangedError(Exception):
+    """A transcript changed between the two passes that read it (OpenClaw wrote or
+    repaired it meanwhile)."""
+
+
 def read_transcript(path: Path, problems: list[OpenClawProblem]) -> _Transcript:
-    """A transcript's header and its live branch: from the last entry in the file up its
-    `parentId` links (an entry whose parent is missing, after a trim, starts the branch).
-    Two passes over the file; between them only each entry's id, parent and line are
-    held. Lines that are not JSON objects, or entries without an id, are reported."""
+    """A transcript's header, its live branch (from the last entry in the file up its
+    `parentId` links; an entry whose parent is missing, after a trim, starts it) and its
+    other branches. Two passes over the file; between them only each entry's id, parent
+    and line are held, and the second checks each entry is still where the first saw
+    it (`TranscriptChangedError` if not). A transcript of format v1 (no entry has an id) is
+    one chain in file order. Reported and skipped: lines that are not JSON objects, a
+    header after the first entry, entries without an id among entries with ids; an id
+    seen twice is reported (the later entry stands for it, as in OpenClaw)."""
     parents: dict[str, tuple[str | None, int]] = {}
+    ids_at: dict[int, str | None] = {}
     header: dict[str, Any] | None = None
     last: str | None = None
     anonymous: list[int] = []
-    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as handle:
         for number, text in enumerate(handle, start=1):
             if not text.strip():
                 continue
             entry = _json_line(text, path, number, problems)
             if entry is None:
                 continue
-            if entry.get("type") == "session" and header is None and not parents:
-                header = entry
+            if entry.get("type") == "session":
+                if header is None and not parents and not anonymous:
+                    header = entry
+                else:
+                    problems.append(OpenClawProblem(str(path), number, "a second header: skipped"))
                 continue
             ident = entry.get("id")
             if not isinstance(ident, str):
-                # A v1 transcript (no ids) is one chain, in file order.
                 anonymous.append(number)
+                ids_at[number] = None
                 continue
+            if ident in parents:
+                problems.append(
+                    OpenClawProblem(
+                        str(path),
+                        parents[ident][1],
+                        f"id {ident!r} is used again on line {number}: the later entry stands",
+                    )
+                )
+                del ids_at[parents[ident][1]]
             parent = entry.get("parentId")
             parents[ident] = (parent if isinstance(parent, str) else None, number)
+            ids_at[number] = ident
             last = ident
+    if parents and anonymous:
+        for number in anonymous:
+            problems.append(OpenClawProblem(str(path), number, "an entry without an id: skipped"))
+            del ids_at[number]
+        anonymous = []
     wanted: set[int] = set(anonymous)
-    if last is not None and not anonymous:
+    if last is not None:
         node: str | None = last
         seen: set[str] = set()
         while node is not None and node in parents and node not in seen:
@@ -329,15 +373,13 @@ def read_transcript(path: Path, problems: list[OpenClawProblem]) -> _Transcript:
             parent, number = parents[node]
             wanted.add(number)
             node = parent
-    elif anonymous and parents:
-        wanted.update(number for _, number in parents.values())
     # Every other leaf (an entry no entry names as its parent) ends a branch: its
     # entries run from the leaf up to the first entry on the live branch.
     on_live = {ident for ident, (_, number) in parents.items() if number in wanted}
     named = {parent for parent, _ in parents.values() if parent is not None}
     shapes: list[tuple[str, str | None, list[int]]] = []
     for leaf, _ in sorted(parents.items(), key=lambda item: item[1][1]):
-        if leaf in named or leaf in on_live or anonymous:
+        if leaf in named or leaf in on_live:
             continue
         lines: list[int] = []
         up: str | None = leaf
@@ -350,16 +392,20 @@ def read_transcript(path: Path, problems: list[OpenClawProblem]) -> _Transcript:
     needed = wanted | {number for _, _, lines in shapes for number in lines}
     entries: dict[int, dict[str, Any]] = {}
     if needed:
-        with path.open(encoding="utf-8", errors="surrogateescape") as handle:
+        with path.open(encoding="utf-8-sig", errors="surrogateescape") as handle:
             for number, text in enumerate(handle, start=1):
                 if number in needed:
                     entry = _json_line(text, path, number, None)
-                    if entry is not None:
-                        entries[number] = entry
-    live = [(number, entries[number]) for number in sorted(wanted) if number in entries]
+                    ident = None if entry is None else entry.get("id")
+                    now = ident if isinstance(ident, str) else None
+                    if entry is None or now != ids_at[number]:
+                        raise TranscriptChangedError(f"line {number} changed between two reads")
+                    entries[number] = entry
+        if len(entries) != len(needed):
+            raise TranscriptChangedError("lines went missing between two reads")
+    live = [(number, entries[number]) for number in sorted(wanted)]
     branches = [
-        _Branch(leaf, point, [(n, entries[n]) for n in lines if n in entries])
-        for leaf, point, lines in shapes
+        _Branch(leaf, point, [(n, entries[n]) for n in lines]) for leaf, point, lines in shapes
     ]
     other = len(parents) + len(anonymous) - len(wanted)
     return _Transcript(path, header, live, other, branches)
@@ -401,14 +447,17 @@ def _time(value: Any) -> datetime | None:
     return None
 
 
-def entry_message(entry: dict[str, Any], at: datetime) -> dict[str, Any]:
+def entry_message(entry: dict[str, Any], at: datetime, line: int | None = None) -> dict[str, Any]:
     """The message fields of one transcript entry (see docs/openclaw.md): a chat
-    message by its role, with its content (blocks kept) and its assistant's tool calls;
-    a compaction or branch summary as a `system` message holding the summary; a custom
-    message as the user's; any other entry as a `system` message without content. The
-    metadata keeps the rest of the entry under `openclaw`, from which it is rebuilt."""
+    message by its role, with its content (blocks kept; a shell run's output) and its
+    assistant's tool calls; a compaction or branch summary as a `system` message holding
+    the summary; a custom message as the user's; any other entry as a `system` message
+    without content. The metadata keeps the rest of the entry under `openclaw.entry`
+    (with its id, type and times also beside it, for queries), from which
+    `rebuild_entry` gives the entry back; an entry without an id also keeps its `line`,
+    so that two equal ones stay two messages."""
     kind = entry.get("type")
-    rest = {name: value for name, value in entry.items() if name not in _ENTRY_KEYS}
+    rest = dict(entry)
     content: Any = None
     content_field: str | None = None
     tool_calls: Any = None
@@ -416,8 +465,9 @@ def entry_message(entry: dict[str, Any], at: datetime) -> dict[str, Any]:
     if kind == "message" and isinstance(rest.get("message"), dict):
         message = dict(rest["message"])
         role = _ROLES.get(str(message.get("role")), Role.SYSTEM)
-        if "content" in message:
-            content, content_field = message.pop("content"), "message.content"
+        name = "content" if "content" in message else "output" if "output" in message else None
+        if name is not None:
+            content, content_field = message.pop(name), f"message.{name}"
         rest["message"] = message
         if isinstance(content, list):
             calls = [b for b in content if isinstance(b, dict) and b.get("type") == "toolCall"]
@@ -429,39 +479,35 @@ def entry_message(entry: dict[str, Any], at: datetime) -> dict[str, Any]:
         content_field = _CONTENT_OF[kind]
         content = rest.pop(content_field)
         role = Role.USER if kind == "custom_message" else Role.SYSTEM
-    meta = {
-        "openclaw": {
-            "entry_id": entry.get("id"),
-            "parent_id": entry.get("parentId"),
-            "type": kind,
-            "timestamp": entry.get("timestamp"),
-            "content_field": content_field,
-            "entry": rest,
-        }
+    stored: dict[str, Any] = {
+        "entry_id": entry.get("id"),
+        "parent_id": entry.get("parentId"),
+        "type": kind,
+        "timestamp": entry.get("timestamp"),
+        "content_field": content_field,
+        "entry": rest,
     }
+    if not isinstance(entry.get("id"), str) and line is not None:
+        stored["line"] = line
     return {
         "role": role,
         "content": content,
         "tool_calls": tool_calls,
-        "metadata": meta,
+        "metadata": {"openclaw": stored},
         "created_at": at,
     }
 
 
 def rebuild_entry(content: Any, meta: dict[str, Any]) -> dict[str, Any]:
-    """The transcript entry a message imported by `entry_message` came from."""
+    """The transcript entry a message imported by `entry_message` came from, exactly."""
     stored = meta["openclaw"]
-    entry: dict[str, Any] = {"type": stored["type"], "id": stored["entry_id"]}
-    entry["parentId"] = stored["parent_id"]
-    if stored["timestamp"] is not None:
-        entry["timestamp"] = stored["timestamp"]
-    rest = json.loads(json.dumps(stored["entry"]))
+    entry: dict[str, Any] = json.loads(json.dumps(stored["entry"]))
     field_name = stored["content_field"]
-    if field_name == "message.content":
-        rest["message"]["content"] = content
+    if field_name is not None and field_name.startswith("message."):
+        entry["message"][field_name.removeprefix("message.")] = content
     elif field_name is not None:
-        rest[field_name] = content
-    return {**entry, **rest}
+        entry[field_name] = content
+    return entry
 
 
 # --- import -------------------------------------------------------------------------------
@@ -510,7 +556,19 @@ def import_openclaw(
     result = OpenClawImportResult(dry_run=dry_run)
     plans = [plan for store in stores for plan in _plan(store, result, archived)]
     for done, plan in enumerate(plans, start=1):
-        _import_one(plan, repository, result, dry_run)
+        where = str(plan.transcript or plan.store.folder / "sessions.json")
+        try:
+            _import_one(plan, repository, result, dry_run)
+        except TranscriptChangedError as exc:
+            result.problems.append(
+                OpenClawProblem(where, None, f"{exc} (OpenClaw wrote it meanwhile): run again")
+            )
+        except (ValueError, RecursionError, OSError, SessionStoreError) as exc:
+            # One session's failure (an input no check foresaw, a store error such as
+            # another import's session created meanwhile) is reported; the rest goes on.
+            result.problems.append(
+                OpenClawProblem(where, None, f"not imported: {type(exc).__name__}: {exc}")
+            )
         if progress is not None:
             progress(done, len(plans))
     return result
@@ -541,9 +599,19 @@ def _plan(store: _Store, result: OpenClawImportResult, archived: bool) -> list[_
         plans[key_text] = plan
         if transcript is not None:
             by_file[transcript] = plan
-    ordered = sorted(plans.values(), key=lambda plan: plan.key_text or "")
+    # The most recently updated first: of two keys that map onto one session (a legacy
+    # spelling beside the current one), the current one is imported.
+    ordered = sorted(
+        plans.values(),
+        key=lambda plan: (-_millis(plan.entry.get("updatedAt")), plan.key_text or ""),
+    )
     for path in sorted(store.folder.iterdir()):
-        if path.suffix == ".jsonl" and path.is_file() and path not in by_file:
+        if (
+            path.suffix == ".jsonl"
+            and path.is_file()
+            and path not in by_file
+            and not _NOT_TRANSCRIPTS.search(path.name)
+        ):
             session_id = path.name.removesuffix(".jsonl")
             ordered.append(_Planned(store, None, {"sessionId": session_id}, path))
             result.orphans += 1
@@ -606,6 +674,7 @@ def _import_one(
     original = plan.key_text
     head = live[-1][1].get("id") if live else None
     new_from = 0
+    previous: list[Any] = []
     if existing is not None:
         stored = existing.meta.get("openclaw")
         stored_key = existing.meta.get("openclaw_key")
@@ -620,6 +689,13 @@ def _import_one(
             )
             return
         imported_head = stored.get("head") if isinstance(stored, dict) else None
+        earlier = stored.get("previous_session_ids", []) if isinstance(stored, dict) else []
+        previous = list(earlier) if isinstance(earlier, list) else []
+        if existing.meta.get("openclaw_session_id") not in (None, session_id):
+            # OpenClaw reset the conversation (a new session id under the key): the new
+            # one continues the session's history after the old one.
+            previous.append(existing.meta.get("openclaw_session_id"))
+            imported_head = None
         ids = [item.get("id") for _, item in live]
         if imported_head is not None and imported_head not in ids:
             result.problems.append(
@@ -639,7 +715,10 @@ def _import_one(
     header_time = _time((transcript.header or {}).get("timestamp")) if transcript else None
     updated = _time(entry.get("updatedAt"))
     first_time = _time(live[0][1].get("timestamp")) if live else None
-    created = header_time or first_time or updated or datetime.now(UTC)
+    modified = None
+    if plan.transcript is not None:
+        modified = datetime.fromtimestamp(plan.transcript.stat().st_mtime, UTC)
+    created = header_time or first_time or updated or modified or datetime.now(UTC)
     updated = updated or (_time(live[-1][1].get("timestamp")) if live else None) or created
     compactions = 0
     last_compaction: tuple[datetime, str | None] | None = None
@@ -650,6 +729,19 @@ def _import_one(
             at = _time(item.get("timestamp")) or updated
             last_compaction = (at, summary if isinstance(summary, str) else None)
     messages = _message_lines(live[new_from:], key, updated, where, result)
+    written = {number for number, _ in messages}
+    refused = next(
+        (
+            index
+            for index, (number, _) in enumerate(live)
+            if index >= new_from and number not in written
+        ),
+        None,
+    )
+    if refused is not None:
+        # The next run starts again from the refused entry (and reports it again).
+        head = live[refused - 1][1].get("id") if refused > 0 else None
+    entry = _storable_entry(entry, plan, result)
     meta: dict[str, Any] = {
         "openclaw_key": original,
         "openclaw_session_id": session_id,
@@ -660,6 +752,7 @@ def _import_one(
             "header": None if transcript is None else transcript.header,
             "head": head,
             "aliases": plan.aliases,
+            "previous_session_ids": previous,
         },
     }
     counted = entry.get("compactionCount")
@@ -725,7 +818,7 @@ def _import_branch(
         key.channel,
         key.account_id,
         key.peer_kind,
-        f"{key.peer_id}:branch:{branch.leaf}",
+        f"{key.peer_id}#branch:{branch.leaf}",
     )
     fork_name = f"{original}#branch:{branch.leaf}"
     existing = repository.get(fork_key)
@@ -775,6 +868,38 @@ def _import_branch(
     result.messages_imported += outcome.messages_imported
 
 
+def _storable_entry(
+    entry: dict[str, Any], plan: _Planned, result: OpenClawImportResult
+) -> dict[str, Any]:
+    """The entry without the fields the store cannot hold (a NaN, an integer beyond 64
+    bits, undecodable text...), each reported by name; the rest is kept."""
+    kept: dict[str, Any] = {}
+    where = str(plan.store.folder / "sessions.json")
+    for name, value in entry.items():
+        try:
+            check_json("entry", {name: value})
+            if not _encodable(name) or not _encodable(json.dumps(value)):
+                raise ValueError("holds text that is not UTF-8")
+        except (ValueError, RecursionError) as exc:
+            reason = str(exc).splitlines()[0]
+            result.problems.append(
+                OpenClawProblem(
+                    where, None, f"entry {plan.key_text!r}: field {name!r} not kept: {reason}"
+                )
+            )
+            continue
+        kept[name] = value
+    return kept
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _message_lines(
     entries: list[tuple[int, dict[str, Any]]],
     key: SessionKey,
@@ -787,7 +912,7 @@ def _message_lines(
     key_text = str(key)
     lines: list[tuple[int, MessageLine]] = []
     for number, item in entries:
-        fields = entry_message(item, _time(item.get("timestamp")) or default)
+        fields = entry_message(item, _time(item.get("timestamp")) or default, number)
         try:
             lines.append((number, MessageLine(type="message", session=key_text, **fields)))
         except ValueError as exc:
@@ -833,6 +958,13 @@ def _write(
             OpenClawProblem(where, error.line or None, f"not imported: {error.reason}")
         )
     return outcome
+
+
+def _millis(value: Any) -> float:
+    """An entry's `updatedAt` for ordering (0 when it is not a number)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
+        return float(value)
+    return 0.0
 
 
 def _count(value: Any) -> int:
