@@ -27,7 +27,13 @@ from aisopod_session.enums import PeerKind, Role, SessionStatus
 from aisopod_session.errors import SessionStoreError
 from aisopod_session.keys import MAX_KEY_PART_LENGTH, SessionKey
 from aisopod_session.repository import SessionRepository
-from aisopod_session.transfer import ImportResult, MessageLine, SessionLine, import_records
+from aisopod_session.transfer import (
+    ImportResult,
+    MessageLine,
+    SessionLine,
+    check_storable,
+    import_records,
+)
 from aisopod_session.validation import check_json
 
 BULKY_FIELDS = ("skillsSnapshot", "systemPromptReport")
@@ -671,7 +677,7 @@ def _import_one(
     if transcript is not None:
         result.other_branches += transcript.other
     existing = repository.get(key)
-    original = plan.key_text
+    original = None if plan.key_text is None else _text_of(plan.key_text)
     head = live[-1][1].get("id") if live else None
     new_from = 0
     previous: list[Any] = []
@@ -728,7 +734,7 @@ def _import_one(
             summary = item.get("summary")
             at = _time(item.get("timestamp")) or updated
             last_compaction = (at, summary if isinstance(summary, str) else None)
-    messages = _message_lines(live[new_from:], key, updated, where, result)
+    messages = _message_lines(live[new_from:], key, updated, where, result, repository)
     written = {number for number, _ in messages}
     refused = next(
         (
@@ -742,6 +748,9 @@ def _import_one(
         # The next run starts again from the refused entry (and reports it again).
         head = live[refused - 1][1].get("id") if refused > 0 else None
     entry = _storable_entry(entry, plan, result)
+    header = None if transcript is None else transcript.header
+    if header is not None:
+        header = _storable_entry(header, plan, result, what="the transcript's header")
     meta: dict[str, Any] = {
         "openclaw_key": original,
         "openclaw_session_id": session_id,
@@ -749,9 +758,9 @@ def _import_one(
             "agent": plan.store.agent_id,
             "entry": entry,
             "transcript": None if plan.transcript is None else plan.transcript.name,
-            "header": None if transcript is None else transcript.header,
+            "header": header,
             "head": head,
-            "aliases": plan.aliases,
+            "aliases": [_text_of(alias) for alias in plan.aliases],
             "previous_session_ids": previous,
         },
     }
@@ -843,7 +852,7 @@ def _import_branch(
         return
     times = [t for t in (_time(item.get("timestamp")) for _, item in entries) if t is not None]
     created = times[0] if times else datetime.now(UTC)
-    messages = _message_lines(entries, fork_key, created, where, result)
+    messages = _message_lines(entries, fork_key, created, where, result, repository)
     if dry_run:
         result.forks_created += 1
         result.messages_imported += len(messages)
@@ -869,12 +878,14 @@ def _import_branch(
 
 
 def _storable_entry(
-    entry: dict[str, Any], plan: _Planned, result: OpenClawImportResult
+    entry: dict[str, Any], plan: _Planned, result: OpenClawImportResult, what: str = ""
 ) -> dict[str, Any]:
-    """The entry without the fields the store cannot hold (a NaN, an integer beyond 64
-    bits, undecodable text...), each reported by name; the rest is kept."""
+    """The entry (or header) without the fields the store cannot hold (a NaN, an
+    integer beyond 64 bits, undecodable text...), each reported by name; the rest is
+    kept."""
     kept: dict[str, Any] = {}
-    where = str(plan.store.folder / "sessions.json")
+    where = str(plan.store.folder / "sessions.json") if not what else str(plan.transcript)
+    what = what or f"entry {plan.key_text!r}"
     for name, value in entry.items():
         try:
             check_json("entry", {name: value})
@@ -883,13 +894,18 @@ def _storable_entry(
         except (ValueError, RecursionError) as exc:
             reason = str(exc).splitlines()[0]
             result.problems.append(
-                OpenClawProblem(
-                    where, None, f"entry {plan.key_text!r}: field {name!r} not kept: {reason}"
-                )
+                OpenClawProblem(where, None, f"{what}: field {name!r} not kept: {reason}")
             )
             continue
         kept[name] = value
     return kept
+
+
+def _text_of(text: str) -> str:
+    """`text` with undecodable bytes (read as lone surrogates) percent-encoded."""
+    if _encodable(text):
+        return text
+    return "".join(_encoded(char) if unicodedata.category(char) == "Cs" else char for char in text)
 
 
 def _encodable(text: str) -> bool:
@@ -906,6 +922,7 @@ def _message_lines(
     default: datetime,
     where: str,
     result: OpenClawImportResult,
+    repository: SessionRepository,
 ) -> list[tuple[int, MessageLine]]:
     """The message lines of transcript entries (by line number) for the session `key`;
     an entry the store refuses is reported by its line, the others go on."""
@@ -914,7 +931,9 @@ def _message_lines(
     for number, item in entries:
         fields = entry_message(item, _time(item.get("timestamp")) or default, number)
         try:
-            lines.append((number, MessageLine(type="message", session=key_text, **fields)))
+            line = MessageLine(type="message", session=key_text, **fields)
+            check_storable(line, repository.engine)
+            lines.append((number, line))
         except ValueError as exc:
             result.problems.append(OpenClawProblem(where, number, f"not imported: {_reason(exc)}"))
     return lines

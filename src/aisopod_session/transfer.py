@@ -543,6 +543,12 @@ def _length(line: str) -> int:
     return len(line) - 1 if line.endswith("\n") else len(line)
 
 
+def check_storable(record: SessionLine | MessageLine, engine: Engine) -> None:
+    """`ValueError` naming the field if `engine`'s database cannot store one of the
+    record's values (PostgreSQL: a NUL character), before anything is written."""
+    _storable(record, engine.dialect.name == "postgresql")
+
+
 def _storable(record: SessionLine | MessageLine, no_nul: bool) -> None:
     """`ValueError` naming the field if PostgreSQL (`no_nul`) cannot store a value."""
     if not no_nul:
