@@ -338,6 +338,10 @@ def test_the_live_branch_is_the_session_and_the_others_forks(
     assert fork is not None
     assert fork.meta["openclaw_key"] == "agent:main:main#branch:x1"
     assert fork.meta["openclaw"]["fork_of"] == str(map_key("agent:main:main"))
+    main = repo.get(map_key("agent:main:main"))
+    assert main is not None
+    assert fork.parent_id == main.id
+    assert fork.forked_from_message_id == history[3].id  # a4, where the branch left
     forked = repo.get_history(fork_key)
     assert [rebuild_entry(m.content, m.meta) for m in forked] == [*lines[1:9], lines[9]]
     assert import_openclaw(folder, repo).forks_created == 0

@@ -862,6 +862,18 @@ def _import_branch(
         "openclaw_session_id": session_id,
         "openclaw": {"fork_of": str(key), "fork_point": branch.fork_point, "head": branch.leaf},
     }
+    # Its lineage, as `fork` records it: the session, and its message the branch left.
+    parent = repository.get(key)
+    point = None
+    if parent is not None and branch.fork_point is not None:
+        point = next(
+            (
+                message.id
+                for message in reversed(repository.get_history(key))
+                if _entry_id(message) == branch.fork_point
+            ),
+            None,
+        )
     session = _session_line(
         fork_key,
         where,
@@ -869,12 +881,20 @@ def _import_branch(
         created_at=created,
         updated_at=max(times) if times else created,
         metadata=meta,
+        parent_id=None if parent is None else parent.id,
+        forked_from_message_id=point,
     )
     if session is None:
         return
-    outcome = _write(repository, session, messages, where, result)
+    outcome = _write(repository, session, messages, where, result, lineage=True)
     result.forks_created += outcome.sessions_created
     result.messages_imported += outcome.messages_imported
+
+
+def _entry_id(message: Any) -> Any:
+    """The OpenClaw entry id of a message this import wrote (None for another's)."""
+    stored = message.meta.get("openclaw")
+    return stored.get("entry_id") if isinstance(stored, dict) else None
 
 
 def _storable_entry(
@@ -968,10 +988,12 @@ def _write(
     result: OpenClawImportResult,
     *,
     refresh: bool = False,
+    lineage: bool = False,
 ) -> ImportResult:
     """The session and its messages in one write transaction; refusals reported."""
     outcome = ImportResult()
-    import_records(repository.engine, [(0, session), *messages], outcome, refresh=refresh)
+    records: list[tuple[int, SessionLine | MessageLine]] = [(0, session), *messages]
+    import_records(repository.engine, records, outcome, refresh=refresh, lineage=lineage)
     for error in outcome.errors:
         result.problems.append(
             OpenClawProblem(where, error.line or None, f"not imported: {error.reason}")

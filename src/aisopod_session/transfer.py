@@ -576,13 +576,17 @@ def import_records(
     result: ImportResult,
     *,
     refresh: bool = False,
+    lineage: bool = False,
 ) -> None:
     """Write numbered, validated records in one write transaction, by `import_jsonl`'s
     rules (a record the store cannot hold goes to `result.errors` under its number). With
     `refresh`, a session already in the store takes the record's metadata, `updated_at`,
     counters, status and compaction columns (its id, `created_at` and messages stay):
-    for importers that bring a session up to date with its source."""
-    _import_batch(engine, records, result, refresh=refresh)
+    for importers that bring a session up to date with its source. With `lineage`, a
+    session created takes the record's `parent_id` and `forked_from_message_id` (ids in
+    this store, which the caller read: an export's are another store's, and are not
+    imported)."""
+    _import_batch(engine, records, result, refresh=refresh, lineage=lineage)
 
 
 def _import_batch(
@@ -591,6 +595,7 @@ def _import_batch(
     result: ImportResult,
     *,
     refresh: bool = False,
+    lineage: bool = False,
 ) -> None:
     no_nul = engine.dialect.name == "postgresql"
     storable: list[tuple[int, SessionLine | MessageLine]] = []
@@ -613,7 +618,9 @@ def _import_batch(
         stored: dict[tuple[int, str], set[bytes]] = {}  # see _same_message_exists
         for number, record in batch:
             if isinstance(record, SessionLine):
-                created = _import_session(conn, record, sessions, result, refresh=refresh)
+                created = _import_session(
+                    conn, record, sessions, result, refresh=refresh, lineage=lineage
+                )
                 if created is not None:
                     touched.add(created)
                     new_sessions.add(created)
@@ -778,9 +785,11 @@ def _import_session(
     result: ImportResult,
     *,
     refresh: bool = False,
+    lineage: bool = False,
 ) -> int | None:
     """The id of the session the import creates, or None if its key is in the store
-    (whose row `refresh` brings up to date with the record, see `import_records`)."""
+    (whose row `refresh` brings up to date with the record; `lineage`: see
+    `import_records`)."""
     key_text = str(record.session_key())
     existing = _session_id(conn, key_text, known)
     if existing is not None:
@@ -792,6 +801,9 @@ def _import_session(
             conn.execute(SESSIONS.update().where(SESSIONS.c.id == existing).values(values))
         return None
     values = record.row()
+    if lineage:
+        values["parent_id"] = record.parent_id
+        values["forked_from_message_id"] = record.forked_from_message_id
     if record.id is not None:
         free = conn.execute(select(SESSIONS.c.id).where(SESSIONS.c.id == record.id)).first()
         if free is None:
