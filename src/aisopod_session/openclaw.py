@@ -32,6 +32,7 @@ from aisopod_session.transfer import (
     MessageLine,
     SessionLine,
     check_storable,
+    first_complaint,
     import_records,
 )
 from aisopod_session.validation import check_json
@@ -1018,10 +1019,7 @@ def _count(value: Any) -> int:
 
 
 def _reason(exc: ValueError) -> str:
-    """A validation error as `field: what is wrong` (its first complaint)."""
+    """A refusal as `field: what is wrong` (a validation error's first complaint)."""
     if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        message = str(first["msg"]).removeprefix("Value error, ")
-        return f"{where}: {message}" if where else message
+        return first_complaint(exc, "entry")
     return str(exc)

@@ -424,10 +424,16 @@ def parse_line(text: str) -> Record:
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or kind
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise ValueError(f"{where}: {message}") from None
+        raise ValueError(first_complaint(exc, str(kind))) from None
+
+
+def first_complaint(exc: ValidationError, record: str) -> str:
+    """A record's validation error as `field: what is wrong`, its first complaint (the
+    field is `record` when the complaint is about the whole record)."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or record
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}"
 
 
 MAX_LINE_LENGTH = 64 * 1024 * 1024
