@@ -115,19 +115,20 @@ def _small_changeset(*args: Any, **kwargs: Any) -> bool:
     )
 
 
-def _a_page(*args: Any, **kwargs: Any) -> bool:
-    limit = kwargs.get("limit")
-    return type(limit) is int and 0 <= limit <= INLINE_MESSAGES
+def _limit_at_most_inline(default: int | None) -> _Inline:
+    """Inline when the call's `limit` (`default` if not given) is an int of at most
+    `INLINE_MESSAGES` rows."""
+
+    def small(*args: Any, **kwargs: Any) -> bool:
+        limit = kwargs.get("limit", default)
+        return type(limit) is int and 0 <= limit <= INLINE_MESSAGES
+
+    return small
 
 
-def _few_sessions(*args: Any, **kwargs: Any) -> bool:
-    limit = kwargs.get("limit", 100)
-    return type(limit) is int and 0 <= limit <= INLINE_MESSAGES
-
-
-def _a_sessions_page(*args: Any, **kwargs: Any) -> bool:
-    limit = kwargs.get("limit", 50)
-    return type(limit) is int and 0 <= limit <= INLINE_MESSAGES
+_a_page = _limit_at_most_inline(None)  # get_history: all messages without a limit
+_few_sessions = _limit_at_most_inline(100)  # list_sessions' default limit
+_a_sessions_page = _limit_at_most_inline(50)  # page_sessions' default limit
 
 
 def _reads(

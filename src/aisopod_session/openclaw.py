@@ -213,7 +213,7 @@ def read_entries(
         problems.append(OpenClawProblem(str(path), None, f"cannot be read: {exc.strerror}"))
         return
     with handle:
-        buffer, offset, line, done = "", 0, 1, False
+        buffer, offset, line = "", 0, 1
 
         def fill() -> bool:
             nonlocal buffer, offset, line
@@ -265,14 +265,13 @@ def read_entries(
             report("not a JSON object: no entries read")
             return
         offset += 1
-        while not done:
+        while True:
             nxt = skip(",")
             if nxt is None:
                 report("ends before the object is closed (truncated): the entries before are read")
                 return
             if nxt == "}":
-                done = True
-                break
+                return
             try:
                 key = value()
                 if skip("") != ":":

@@ -669,21 +669,22 @@ class SessionRepository:
             raise ValueError(f"check: must be callable, not {type(check).__name__}")
         with self._path.transaction("apply_changes", "IMMEDIATE") as conn:
             if create:
-                _, now = self._clock.stamp(conn)
+                now_at, now = self._clock.stamp(conn)
                 found = conn.execute(self._text(INSERT_SESSION), (*key.parts(), now, now))
                 row = found.fetchone()
                 if row is None:
                     raise SessionExistsError(f"a session with key {key} exists already")
-                session_id, current, server_now = row[0], {}, None
+                session_id, current = row[0], {}
             else:
                 found = conn.execute(self._text(SELECT_META), key.parts()).fetchone()
                 if found is None:
                     raise _not_found(key)
                 session_id, stored, server_now = found
                 current = _read_json_object(stored, session_id)
+                # After the lock (PostgreSQL), so created_at follows id order (clock.py).
+                now_at, now = self._clock.stamp(conn, server_now)
             if check is not None:
                 check(copy.deepcopy(current))
-            now_at, now = self._clock.stamp(conn, server_now)
             after: dict[SessionKey, Session] = {}
             for other_key, changes in related:
                 after[other_key] = self._merge_meta(conn, other_key, changes, now)
