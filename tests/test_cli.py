@@ -870,8 +870,13 @@ STORE_LIBRARIES = frozenset({"sqlalchemy", "sqlmodel", "pydantic", "pydantic_cor
 
 
 def imported_packages(*args: str, cwd: Path) -> set[str]:
-    """The top-level packages `python -X importtime -m aisopod_session.cli *args` imports,
-    read from the interpreter's import-time report (on stderr)."""
+    """The top-level packages `python -X importtime -m aisopod_session.cli *args` imports."""
+    return {module.split(".")[0] for module in imported_modules(*args, cwd=cwd)}
+
+
+def imported_modules(*args: str, cwd: Path) -> set[str]:
+    """The modules `python -X importtime -m aisopod_session.cli *args` imports, read from
+    the interpreter's import-time report (on stderr)."""
     environment = {k: v for k, v in os.environ.items() if k != "AISOPOD_SESSION_DB"}
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "aisopod_session.cli", *args],
@@ -885,7 +890,7 @@ def imported_packages(*args: str, cwd: Path) -> set[str]:
     report = [line for line in done.stderr.splitlines() if line.startswith("import time:")]
     modules = {line.rsplit("|", 1)[1].strip() for line in report[1:]}  # after the header
     assert {"aisopod_session", "aisopod_session.enums"} <= modules  # (cli runs as __main__)
-    return {module.split(".")[0] for module in modules}
+    return modules
 
 
 @pytest.mark.parametrize("option", ["--help", "--version"])
@@ -899,9 +904,14 @@ def test_help_and_version_import_neither_the_store_nor_rich(option: str, tmp_pat
 def test_status_on_a_sqlite_file_does_not_import_psycopg(store: Path) -> None:
     """psycopg is imported for a PostgreSQL URL only (the driver errors are looked up
     among the modules already imported, the PostgreSQL dialect compiled on first use)."""
-    packages = imported_packages("--db", str(store), "status", cwd=store.parent)
+    modules = imported_modules("--db", str(store), "status", cwd=store.parent)
+    packages = {module.split(".")[0] for module in modules}
     assert {"sqlalchemy", "sqlmodel", "rich"} <= packages  # the report is read right
     assert "psycopg" not in packages
+    # Nor SQLAlchemy's PostgreSQL dialect (~30 ms), which a `postgresql_` option in the
+    # models would load to check it.
+    assert "sqlalchemy.dialects.sqlite" in modules
+    assert not any(module.startswith("sqlalchemy.dialects.postgresql") for module in modules)
 
 
 # --- search, fork, metadata filters and cursor pages -----------------------------------------

@@ -12,16 +12,12 @@ pydantic.
 from __future__ import annotations
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("aisopod-session")
-    """The installed distribution's version (from its metadata)."""
-except PackageNotFoundError:  # pragma: no cover - run from a source tree not installed
-    __version__ = "0+unknown"
-
 if TYPE_CHECKING:
+    __version__: str
+    """The installed distribution's version (from its metadata)."""
+
     from aisopod_session.asyncrepository import AsyncSessionRepository
     from aisopod_session.copying import CopyResult, copy_database
     from aisopod_session.database import (
@@ -130,13 +126,27 @@ _WHERE = {name: module for module, names in _MODULES.items() for name in names}
 if not TYPE_CHECKING:
 
     def __getattr__(name: str) -> Any:
-        """A public name, imported from its module on first use and kept here after."""
+        """A public name, imported from its module on first use and kept here after.
+        `__version__` too: reading the distribution's metadata imports importlib.metadata,
+        ~30 ms that every command but `--version` would pay."""
+        if name == "__version__":
+            globals()[name] = _installed_version()
+            return globals()[name]
         module = _WHERE.get(name)
         if module is None:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         value = getattr(import_module(f"{__name__}.{module}"), name)
         globals()[name] = value
         return value
+
+
+def _installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aisopod-session")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree not installed
+        return "0+unknown"
 
 
 def __dir__() -> list[str]:

@@ -274,12 +274,10 @@ class Session(SQLModel, table=True):
         Index("idx_sessions_updated_at", "updated_at"),
         # Migration 4 (PostgreSQL also gets idx_sessions_updated_id: see migrations.py).
         Index("idx_sessions_agent_updated", "agent_id", "updated_at", "id"),
-        Index(
-            "idx_sessions_parent",
-            "parent_id",
-            sqlite_where=text("parent_id IS NOT NULL"),
-            postgresql_where=text("parent_id IS NOT NULL"),
-        ),
+        # Partial on both backends (WHERE parent_id IS NOT NULL: migrations.py). Only the
+        # SQLite spelling is here: a `postgresql_where` would import SQLAlchemy's
+        # PostgreSQL dialect (~30 ms) into every process, SQLite ones included.
+        Index("idx_sessions_parent", "parent_id", sqlite_where=text("parent_id IS NOT NULL")),
         {"sqlite_autoincrement": True},
     )
 
