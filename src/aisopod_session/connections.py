@@ -63,7 +63,8 @@ from aisopod_session.settings import lock_timeout_ms
 
 logger = logging.getLogger("aisopod_session")
 
-Mode = Literal["IMMEDIATE", "DEFERRED"]
+Mode = Literal["IMMEDIATE", "DEFERRED", "STATEMENT"]
+"""How a call's transaction begins: see `driver_transaction`."""
 _T = TypeVar("_T")
 
 _FORK_WAIT = 60.0
@@ -618,9 +619,14 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
 
     `mode` is `"IMMEDIATE"` (every write: on SQLite the write lock first, on PostgreSQL
     a `lock_timeout` of `busy_timeout`), `"DEFERRED"` (a read snapshot over several
-    statements) or None (a single statement, which runs as its own transaction). The
-    block's driver and SQL errors become `SessionStoreError`s naming `action`; any
-    exception rolls everything back.
+    statements), None (a single statement, which runs as its own transaction) or
+    `"STATEMENT"`: a write made of one statement that sets its own `lock_timeout`
+    (`statements.LOCK_TIMEOUT`). On PostgreSQL that statement runs as its own
+    transaction, one round trip, except in a cancellable call (the asyncio API's),
+    which gets `"IMMEDIATE"`'s BEGIN … COMMIT so that a cancellation before COMMIT
+    still rolls it back; on SQLite it is `"IMMEDIATE"`. The block's driver and SQL
+    errors become `SessionStoreError`s naming `action`; any exception rolls everything
+    back.
     """
 
     __slots__ = (
@@ -636,6 +642,9 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
     def __init__(self, path: DriverPath, action: str, mode: Mode | None) -> None:
         self._path = path
         self._action = action
+        if mode == "STATEMENT":
+            alone = path.kind == _SERVER and _CANCEL.get() is None
+            mode = None if alone else "IMMEDIATE"
         self._mode = mode
         self._shared: PoolProxiedConnection | None = None
         self._lease: _Lease | None = None

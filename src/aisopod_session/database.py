@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 from aisopod_session.connections import forked_open_error, register, tainted
@@ -254,10 +254,10 @@ def _no_autocheckpoint(dbapi_connection: Any, _record: Any) -> None:
 def _new_engine(url: URL, *, busy_timeout: float, echo: bool, clock: Clock | None) -> Engine:
     """The store's synchronous engine for `url` (nothing connected yet)."""
     if url.get_backend_name() == "postgresql":
-        # pool_pre_ping: a gateway's pool outlives server restarts and idle-connection reaping.
         url, connect_args, choose_prepare = _psycopg_url(url)
-        engine = create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+        engine = create_engine(url, echo=echo, connect_args=connect_args)
         _on_connect(engine, choose_prepare=choose_prepare)
+        _ping_when_idle(engine)
     else:
         engine = create_engine(url, **_sqlite_engine_args(url, busy_timeout, echo))
     set_store_options(engine, busy_timeout=busy_timeout, clock=clock)
@@ -362,6 +362,39 @@ def _psycopg_url(url: URL) -> tuple[URL, dict[str, Any], bool]:
         )
     url = url.difference_update_query(["prepare_threshold"])
     return url, {"prepare_threshold": threshold}, False
+
+
+PING_AFTER = 1.0
+"""Seconds a pooled PostgreSQL connection of the repository's engine may sit idle and
+still be handed out without a ping."""
+_IDLE_SINCE = "aisopod_idle_since"
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """A pooled connection idle for `PING_AFTER` seconds or more is pinged before it is
+    handed out, and replaced if the ping fails, so that a gateway's pool outlives server
+    restarts and the reaping of idle connections (PgBouncer's `server_idle_timeout`, a
+    firewall). SQLAlchemy's `pool_pre_ping` would ping before every call: a second
+    round trip for each one-statement call (docs/postgresql.md). A connection used
+    within the second is the one a server restart could still have cut; that call fails
+    with a `SessionStoreError` and its connection is replaced, as any connection lost
+    mid-call is."""
+
+    def checked_in(dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    def checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is None or time.monotonic() - since < PING_AFTER:
+            return  # just connected, or used a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool closes this connection and hands out a new one.
+            raise DisconnectionError(f"a pooled connection failed its ping: {exc}") from exc
+
+    event.listen(engine, "checkin", checked_in)
+    event.listen(engine, "checkout", checked_out)
 
 
 def _on_connect(engine: Engine, *, choose_prepare: bool) -> None:

@@ -35,6 +35,7 @@ from aisopod_session.models import (
     SessionFilter,
     as_filter,
     as_new_messages,
+    parse_utc_text,
     utc_text,
 )
 from aisopod_session.results import (
@@ -45,6 +46,7 @@ from aisopod_session.results import (
     StoreSummary,
     Totals,
 )
+from aisopod_session.settings import lock_timeout_ms
 from aisopod_session.statements import (
     COPY_MESSAGES,
     COUNT_APPEND,
@@ -63,7 +65,6 @@ from aisopod_session.statements import (
     RECORD_COMPACTION,
     RECORD_POP,
     RESET_SESSION,
-    SELECT_CREATED_AT,
     SELECT_META,
     SELECT_SESSION,
     SELECT_SESSION_BY_ID,
@@ -74,6 +75,8 @@ from aisopod_session.statements import (
     UPDATE_STATUS,
     Query,
     Sql,
+    append_in_one,
+    create_in_one,
     fts_query,
     history,
     insert_messages,
@@ -167,6 +170,11 @@ class SessionRepository:
         self._lock_rows = engine.dialect.name != "sqlite"
         # PostgreSQL's text type cannot hold NUL, which SQLite keeps: refused as input.
         self._no_nul = engine.dialect.name == "postgresql"
+        # PostgreSQL on its own clock: an append and the creation of a session are each
+        # one statement, run as its own transaction (one round trip: docs/postgresql.md).
+        # A clock of the caller's is read after the row lock, so those keep their steps.
+        self._in_one = self._clock.from_server
+        self._lock_timeout = str(lock_timeout_ms(engine)) if self._in_one else ""
         self._agent: str | None = None
 
     @property
@@ -229,11 +237,17 @@ class SessionRepository:
         if row is not None:
             return SESSION.read(row)
         for _ in range(_GET_OR_CREATE_TRIES):
-            with self._path.transaction("get_or_create", "IMMEDIATE") as conn:
-                _, now = self._clock.stamp(conn)
-                row = conn.execute(self._text(INSERT_SESSION), (*parts, now, now)).fetchone()
+            if self._in_one:
+                row = self._create_in_one(parts)
                 if row is None:  # created by another writer since the read
-                    row = conn.execute(self._text(SELECT_SESSION), parts).fetchone()
+                    with self._path.transaction("get_or_create", None) as conn:
+                        row = conn.execute(self._text(SELECT_SESSION), parts).fetchone()
+            else:
+                with self._path.transaction("get_or_create", "IMMEDIATE") as conn:
+                    _, now = self._clock.stamp(conn)
+                    row = conn.execute(self._text(INSERT_SESSION), (*parts, now, now)).fetchone()
+                    if row is None:  # created by another writer since the read
+                        row = conn.execute(self._text(SELECT_SESSION), parts).fetchone()
             # On PostgreSQL the conflicting row may have been deleted between the insert
             # and the read (SQLite's write lock rules that out): insert again.
             if row is not None:
@@ -242,6 +256,14 @@ class SessionRepository:
             f"get_or_create: the session for key {key} was deleted by another writer each "
             f"of {_GET_OR_CREATE_TRIES} times it was created"
         )
+
+    def _create_in_one(self, parts: tuple[str, ...], action: str = "get_or_create") -> Any:
+        """PostgreSQL on its own clock: the new session's row, or None if the key has
+        one; one statement, its own transaction."""
+        with self._path.transaction(action, "STATEMENT") as conn:
+            return conn.execute(
+                self._text(create_in_one()), (*parts, self._lock_timeout)
+            ).fetchone()
 
     def create(self, key: SessionKey | str, *, meta: Mapping[str, Any] | None = None) -> Session:
         """Create the session for `key` (`active`, empty, with `meta` as its metadata if
@@ -255,6 +277,11 @@ class SessionRepository:
             stored = dump_json(check_changes(meta, "meta"))
             check_text_size("meta", stored)
         parts = key.parts()
+        if self._in_one and stored is None:
+            row = self._create_in_one(parts, "create")
+            if row is None:
+                raise SessionExistsError(f"a session with key {key} exists already")
+            return SESSION.read(row)
         with self._path.transaction("create", "IMMEDIATE") as conn:
             _, now = self._clock.stamp(conn)
             row = conn.execute(self._text(INSERT_SESSION), (*parts, now, now)).fetchone()
@@ -578,11 +605,49 @@ class SessionRepository:
         )
 
     def _append(self, key: SessionKey, rows: list[_Row], counts: _Tokens) -> list[Message]:
+        if self._in_one and _one_chunk(rows):
+            appended = self._append_in_one(key, rows, counts)
+            if appended is not None:
+                return appended
+            # No session, or no room: the steps below tell which, under the row lock.
         with self._path.transaction("append_messages", "IMMEDIATE") as conn:
             server_now = self._lock_session(conn, key)[1] if self._lock_rows else None
             # Under the lock, so created_at follows id order (see clock.py).
             now, now_text = self._clock.stamp(conn, server_now)
             session_id, ids = self._insert(conn, key, rows, counts, now_text)
+        build = MESSAGE.build
+        return [
+            build((message_id, session_id, role, content, calls, now, meta))
+            for message_id, (role, content, calls, meta, *_) in zip(ids, rows, strict=True)
+        ]
+
+    def _append_in_one(
+        self, key: SessionKey, rows: list[_Row], counts: _Tokens
+    ) -> list[Message] | None:
+        """PostgreSQL on its own clock: `_append` as one statement (`append_in_one`), its
+        own transaction; None when it wrote nothing (no session, or no room)."""
+        added = len(rows)
+        total, given_in, given_out = counts
+        values: list[Any] = [
+            *key.parts(),
+            self._lock_timeout,
+            added,
+            total,
+            given_in,
+            given_out,
+            self._max_count - added,
+            _MAX_BIGINT - total,
+            _MAX_BIGINT - given_in,
+            _MAX_BIGINT - given_out,
+        ]
+        for role, _, _, _, content, calls, meta in rows:
+            values += (role.value, content, calls, meta)
+        with self._path.transaction("append_messages", "STATEMENT") as conn:
+            found = conn.execute(self._text(append_in_one(added)), values).fetchone()
+        if found is None:
+            return None
+        session_id, now_text, ids = found
+        now = parse_utc_text(now_text)
         build = MESSAGE.build
         return [
             build((message_id, session_id, role, content, calls, now, meta))
@@ -885,8 +950,7 @@ class SessionRepository:
             if newest_removed is None:
                 row = conn.execute(self._text(SELECT_SESSION), key.parts()).fetchone()
                 return CompactionResult(removed=0, summary=None, session=SESSION.read(row))
-            last = newest_removed[0]
-            (last_created,) = conn.execute(self._text(SELECT_CREATED_AT), (last,)).fetchone()
+            last, last_created = newest_removed
             removed = conn.execute(self._text(DELETE_MESSAGES_UP_TO), (session_id, last)).rowcount
             summary_message = None
             if summary is not None:
@@ -1176,6 +1240,13 @@ _Tokens = tuple[int, int, int]
 # 1 GiB or more).
 _INSERT_CHUNK = 500
 _CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def _one_chunk(rows: list[_Row]) -> bool:
+    """Whether `rows` fit one INSERT (`_chunks` would not split them)."""
+    if len(rows) > _INSERT_CHUNK:
+        return False
+    return sum(len(row[4]) + len(row[5] or "") + len(row[6]) for row in rows) <= _CHUNK_BYTES // 4
 
 
 def _chunks(rows: list[_Row]) -> Iterator[list[_Row]]:

@@ -40,7 +40,9 @@ from sqlalchemy import (
     select,
     table,
     text,
+    true,
     update,
+    values,
 )
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -434,25 +436,36 @@ def export_messages(fields: tuple[str, ...]) -> Query:
 
 # --- messages ---------------------------------------------------------------------------
 
+# The counters' room is checked before adding: a sum past the column's range would
+# become a float on SQLite and fail on PostgreSQL.
+_ROOM = (
+    col(Session.message_count) <= bindparam("count_room", type_=BigInteger),
+    col(Session.token_usage) <= bindparam("token_room", type_=BigInteger),
+    col(Session.input_tokens) <= bindparam("input_room", type_=BigInteger),
+    col(Session.output_tokens) <= bindparam("output_room", type_=BigInteger),
+)
+_ADD = {
+    "message_count": col(Session.message_count) + bindparam("added", type_=BigInteger),
+    "token_usage": col(Session.token_usage) + bindparam("tokens", type_=BigInteger),
+    "input_tokens": col(Session.input_tokens) + bindparam("input", type_=BigInteger),
+    "output_tokens": col(Session.output_tokens) + bindparam("output", type_=BigInteger),
+    "status": literal_column(f"'{SessionStatus.ACTIVE.value}'"),
+}
+_COUNTERS = (
+    "added",
+    "tokens",
+    "input",
+    "output",
+    "count_room",
+    "token_room",
+    "input_room",
+    "output_room",
+)
+"""The parameters of `_ADD` then `_ROOM`, in the order they bind."""
 COUNT_APPEND = query(
     update(Session)
-    .where(
-        _BY_KEY,
-        # The counters' room is checked here, before adding: a sum past the column's
-        # range would become a float on SQLite and fail on PostgreSQL.
-        col(Session.message_count) <= bindparam("count_room", type_=BigInteger),
-        col(Session.token_usage) <= bindparam("token_room", type_=BigInteger),
-        col(Session.input_tokens) <= bindparam("input_room", type_=BigInteger),
-        col(Session.output_tokens) <= bindparam("output_room", type_=BigInteger),
-    )
-    .values(
-        message_count=col(Session.message_count) + bindparam("added", type_=BigInteger),
-        token_usage=col(Session.token_usage) + bindparam("tokens", type_=BigInteger),
-        input_tokens=col(Session.input_tokens) + bindparam("input", type_=BigInteger),
-        output_tokens=col(Session.output_tokens) + bindparam("output", type_=BigInteger),
-        updated_at=bindparam("now"),
-        status=literal_column(f"'{SessionStatus.ACTIVE.value}'"),
-    )
+    .where(_BY_KEY, *_ROOM)
+    .values(**_ADD, updated_at=bindparam("now"))
     .returning(col(Session.id)),
     (
         "now",
@@ -469,6 +482,90 @@ COUNT_APPEND = query(
 )
 """Add to a session's counters, if they have room, and make it active; its id, or no
 row when there is no such session or no room."""
+
+LOCK_TIMEOUT = func.set_config(literal_column("'lock_timeout'"), bindparam("lock_timeout"), true())
+"""PostgreSQL: `lock_timeout` set for the rest of the transaction (the statement's own, in
+autocommit), as a condition of a statement's first scan, so that its row locks are
+waited for at most that long (`connections.driver_transaction`'s `"STATEMENT"` mode)."""
+
+
+@functools.cache
+def append_in_one(count: int) -> Query:
+    """PostgreSQL, on the server's clock: a whole append of `count` messages in one
+    statement. The session's row is locked first (`lock_timeout` set before the wait),
+    then stamped with the server's time read after the lock (clock.py), its counters
+    added to if they have room (`COUNT_APPEND`'s rule) and the messages inserted in
+    order with that stamp. One row (the session's id, the stamp, the new ids
+    ascending), or none when there is no such session or no room, with nothing written.
+    Bound from `KEY`, `lock_timeout`, `_COUNTERS`, then each message's role, content,
+    tool calls and metadata texts."""
+    rows = values(
+        column("n", BigInteger),
+        *(column(name, Text) for name in ("role", "content", "tool_calls", "metadata")),
+        name="new",
+    ).data(
+        [
+            (
+                literal_column(str(n)),
+                *(bindparam(f"{name}_{n}") for name in ("role", "content", "tool_calls", "meta")),
+            )
+            for n in range(count)
+        ]
+    )
+    locked = select(col(Session.id)).where(_BY_KEY, LOCK_TIMEOUT.is_not(None)).with_for_update()
+    # The stamp is read over the locked row, so after the wait for its lock (clock.py).
+    now = literal_column(SERVER_NOW, Text).label("now")
+    stamped = select(locked.cte("locked").c.id, now).cte("stamped")
+    counted = (
+        update(Session)
+        .where(col(Session.id) == stamped.c.id, *_ROOM)
+        .values(**_ADD, updated_at=stamped.c.now)
+        .returning(col(Session.id), stamped.c.now)
+        .cte("counted")
+    )
+    new = rows.c
+    inserted = (
+        insert(Message)
+        .from_select(
+            list(MESSAGE_VALUES),
+            select(counted.c.id, new.role, new.content, new.tool_calls, counted.c.now, new.metadata)
+            .select_from(counted.join(rows, true()))
+            .order_by(new.n),
+        )
+        .returning(col(Message.id))
+        .cte("inserted")
+    )
+    ids = select(inserted.c.id).order_by(inserted.c.id).scalar_subquery()
+    order = [
+        *KEY,
+        "lock_timeout",
+        *_COUNTERS,
+        *(
+            f"{name}_{n}"
+            for n in range(count)
+            for name in ("role", "content", "tool_calls", "meta")
+        ),
+    ]
+    return query(select(counted.c.id, counted.c.now, func.array(ids)), order)
+
+
+@functools.cache
+def create_in_one() -> Query:
+    """PostgreSQL, on the server's clock: the session of a key created, stamped with the
+    server's time, unless one exists, in one statement that waits for a conflicting
+    row's lock at most `lock_timeout`; the new session's row, or none when the key had
+    one."""
+    stamp = literal_column(SERVER_NOW, Text).label("now")
+    now = select(stamp).where(LOCK_TIMEOUT.is_not(None)).subquery("stamp")
+    key = [bindparam(name, type_=Text) for name in KEY]
+    statement = (
+        _insert_for("postgresql")(Session)
+        .from_select([*KEY_COLUMNS, "created_at", "updated_at"], select(*key, now.c.now, now.c.now))
+        .on_conflict_do_nothing(index_elements=list(KEY_COLUMNS))
+        .returning(*SESSION.columns)
+    )
+    return query(statement, [*KEY, "lock_timeout"])
+
 
 MESSAGE_VALUES = ("session_id", "role", "content", "tool_calls", "created_at", "metadata")
 """The columns an append writes, in the order of the parameters of `insert_messages`."""
@@ -519,24 +616,21 @@ def history(*, newest_first: bool, limit: bool, after: bool, before: bool) -> Qu
 _BY_SESSION_ID = col(Session.id) == bindparam("session_id")
 
 NEWEST_REMOVED = query(
-    select(col(Message.id))
+    select(col(Message.id), col(Message.created_at))
     .where(col(Message.session_id) == bindparam("session_id"))
     .order_by(col(Message.id).desc())
     .limit(literal_column("1"))
     .offset(bindparam("keep_last")),
     ("session_id", "keep_last"),
 )
-"""The id of the newest message outside the newest `keep_last` (none if there is no
-such message): compaction removes every message up to it."""
+"""The id and stored `created_at` of the newest message outside the newest `keep_last`
+(none if there is no such message): compaction removes every message up to it."""
 
 DELETE_MESSAGES_UP_TO = query(
     delete(Message).where(
         col(Message.session_id) == bindparam("session_id"), col(Message.id) <= bindparam("last")
     ),
     ("session_id", "last"),
-)
-SELECT_CREATED_AT = query(
-    select(col(Message.created_at)).where(col(Message.id) == bindparam("id")), ("id",)
 )
 INSERT_MESSAGE_WITH_ID = query(
     insert(Message).values(
