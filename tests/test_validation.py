@@ -216,6 +216,25 @@ def test_new_message_is_validated_on_construction() -> None:
     assert message.tool_calls == [{"id": "t"}]
 
 
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: NewMessage("user", {"bad": float("nan"), "text": "s3cr3t"}),
+        lambda: NewMessage("user", "s3cr3t", meta={"bad": {1, 2}}),
+        lambda: NewMessage("robot", "s3cr3t"),
+        lambda: SessionFilter.model_validate({"meta": {"s3cr3t": 1}, "colour": "s3cr3t"}),
+    ],
+)
+def test_errors_never_repeat_the_refused_values(build: Callable[[], object]) -> None:
+    """Chat text and metadata stay out of error messages (and so out of logs): the error
+    names the field and the problem only. (pydantic would also print a repr of
+    the input, which for a value of megabytes took seconds.)"""
+    with pytest.raises(ValueError) as caught:
+        build()
+    assert "s3cr3t" not in str(caught.value)
+    assert "input_value" not in str(caught.value)
+
+
 def test_json_at_the_depth_limit_is_accepted(populated: SessionRepository, key: SessionKey) -> None:
     deep = nested(MAX_JSON_DEPTH - 1)
     assert populated.update_metadata(key, deep, replace=True).meta == deep

@@ -89,7 +89,7 @@ class SessionKey(BaseModel):
     Invalid parts raise `ValueError` (a pydantic `ValidationError`) naming the field.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     agent_id: str
     channel: str

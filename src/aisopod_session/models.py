@@ -386,7 +386,9 @@ class NewMessage(BaseModel):
     `MAX_JSON_DEPTH` deep, at most `MAX_TEXT_BYTES` of JSON text each.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Chat text stays out of error messages (and so out of logs): pydantic would print
+    # a repr of the refused value, which for a value of megabytes costs seconds.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     role: Role
     content: JSONValue
@@ -451,7 +453,7 @@ class SessionFilter(BaseModel):
     `*_before` bounds are exclusive and must be timezone-aware; `meta` matches sessions
     whose metadata holds each of its keys with an equal JSON value."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     agent_id: str | None = None
     channel: str | None = None

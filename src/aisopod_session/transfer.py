@@ -262,7 +262,7 @@ def _plain(value: Any) -> Any:
 
 
 class _Line(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class HeaderLine(_Line):
