@@ -188,6 +188,7 @@ def test_init_creates_the_store_once(db_path: Path) -> None:
         (2, "applied"),
         (3, "applied"),
         (4, "applied"),
+        (5, "applied"),
     ]
     assert all(m["applied_at"] and m["recorded"] for m in migrations["migrations"])
     assert migrations["schema_version"] == migrations["code_version"] == SCHEMA_VERSION
@@ -244,11 +245,12 @@ def test_migrate_status_counts_a_crate_stores_unrecorded_versions_as_applied(
         (2, "applied", True),
         (3, "pending", False),
         (4, "pending", False),
+        (5, "pending", False),
     ]
-    assert [m["applied_at"] for m in before["migrations"]] == [None] * 4
+    assert [m["applied_at"] for m in before["migrations"]] == [None] * 5
     text = ok("--db", str(db_path), "migrate", "--status")
     assert "not recorded" in text
-    assert "schema version 2; 2 pending: run `aisopod-session migrate`" in text
+    assert "schema version 2; 3 pending: run `aisopod-session migrate`" in text
     assert "run `aisopod-session migrate`" in failed("--db", str(db_path), "status")
 
     migrated = ok("--db", str(db_path), "migrate", real=True)
@@ -256,12 +258,14 @@ def test_migrate_status_counts_a_crate_stores_unrecorded_versions_as_applied(
     assert "applied 1" not in migrated
     assert "applied 2" not in migrated
     assert "applied 4: fork lineage" in migrated
+    assert "applied 5: PostgreSQL: a session's messages indexed in id order" in migrated
     assert f"is at schema version {SCHEMA_VERSION}" in migrated
 
     after = as_json("--db", str(db_path), "migrate", "--status")
     assert after["schema_version"] == after["code_version"] == SCHEMA_VERSION
     assert [(m["status"], m["recorded"]) for m in after["migrations"]] == [
         ("applied", False),
+        ("applied", True),
         ("applied", True),
         ("applied", True),
         ("applied", True),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from sqlalchemy import Engine
 
 from aisopod_session import (
     Message,
@@ -12,6 +15,7 @@ from aisopod_session import (
     SessionNotFoundError,
     SessionRepository,
 )
+from aisopod_session.statements import KEY, history
 from tests.dbtools import before_io, no_statements
 
 
@@ -137,3 +141,36 @@ def test_bad_window_arguments_name_the_argument(
 ) -> None:
     with pytest.raises(ValueError, match=argument), no_statements():
         repo.get_history(key, **{argument: value})  # type: ignore[arg-type]
+
+
+def test_the_newest_messages_of_a_long_session_are_read_off_the_index_on_postgresql(
+    pg_store: Engine,
+) -> None:
+    """On PostgreSQL the newest 50 of a session of thousands are read off
+    `idx_messages_session_id` (session_id, id) from its end: no step of the plan reads
+    more of the session's messages than the page (before migration 5 and the LATERAL
+    read, every message of the session was read and sorted)."""
+    repo = SessionRepository(pg_store)
+    keys = [SessionKey("agent", "telegram", "bot", "dm", f"peer-{n}") for n in range(3)]
+    for key in keys:
+        repo.get_or_create(key)
+    for turn in range(4):
+        for key in keys:  # interleaved, as a gateway's sessions are
+            repo.append_messages(key, [NewMessage(Role.USER, f"{turn}-{n}") for n in range(500)])
+    sql = history(newest_first=True, limit=True, after=False, before=False).on(pg_store.dialect)
+    page = {**dict(zip(KEY, keys[0].parts(), strict=True)), "limit": 50, "offset": 0}
+    with pg_store.connect() as conn:
+        conn.exec_driver_sql("ANALYZE")
+        plan = [
+            row[0]
+            for row in conn.exec_driver_sql(
+                f"EXPLAIN (ANALYZE, COSTS OFF) {sql.text}",
+                sql.bind(page),
+            )
+        ]
+    read = [line for line in plan if " on messages" in line]
+    assert read, plan
+    rows = [int(re.search(r"rows=(\d+)", line).group(1)) for line in read]  # type: ignore[union-attr]
+    assert max(rows) <= 50, "\n".join(plan)
+    history_page = repo.get_history(keys[0], limit=50)
+    assert [m.content for m in history_page] == [f"3-{n}" for n in range(450, 500)]

@@ -321,6 +321,18 @@ MIGRATIONS: list[Migration] = [
             f"(({PG_SEARCH_VECTOR}))",
         ),
     ),
+    Migration(
+        version=5,
+        name="PostgreSQL: a session's messages indexed in id order",
+        # SQLite's idx_messages_session_id already ends in the rowid (the id), so it is
+        # ordered by (session_id, id): nothing to do there. PostgreSQL's held session_id
+        # alone, so the newest 50 messages of a session meant sorting all of them.
+        statements=(),
+        postgresql=(
+            "DROP INDEX IF EXISTS idx_messages_session_id",
+            "CREATE INDEX idx_messages_session_id ON messages(session_id, id)",
+        ),
+    ),
 ]
 
 SCHEMA_VERSION: int = MIGRATIONS[-1].version

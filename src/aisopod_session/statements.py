@@ -593,22 +593,47 @@ def history(*, newest_first: bool, limit: bool, after: bool, before: bool) -> Qu
     trip): the session row is outer-joined to the messages between the exclusive bounds
     `:after_id` and `:before_id`, so a session without such messages still gives one row
     (its message columns NULL), and no row means no session. Ordered by message id,
-    newest first if asked, at most `:limit` rows if asked."""
+    newest first if asked, at most `:limit` rows if asked.
+
+    On PostgreSQL the messages are a LATERAL subquery of the session with its own order
+    and limit, read off `idx_messages_session_id` (session_id, id) from its end: a join
+    ordered outside could not use that index's order (a nested loop keeps only its outer
+    side's), and would sort every message of the session to return the newest 50."""
     on = [col(Message.session_id) == col(Session.id)]
     if after:
         on.append(col(Message.id) > bindparam("after_id"))
     if before:
         on.append(col(Message.id) < bindparam("before_id"))
-    statement = (
-        select(col(Session.id), *MESSAGE.columns)
-        .select_from(Session)
-        .outerjoin(Message, and_(*on))
-        .where(_BY_KEY)
-        .order_by(col(Message.id).desc() if newest_first else col(Message.id))
-    )
-    if limit:
-        statement = statement.limit(bindparam("limit")).offset(bindparam("offset"))
-    return query(statement)
+
+    def build(dialect: str) -> ClauseElement:
+        if dialect == "postgresql":
+            inner = (
+                select(*MESSAGE.columns)
+                .where(*on)
+                .order_by(col(Message.id).desc() if newest_first else col(Message.id))
+            )
+            if limit:
+                inner = inner.limit(bindparam("limit")).offset(bindparam("offset"))
+            picked = inner.lateral("picked")
+            return (
+                select(col(Session.id), *picked.c)
+                .select_from(Session)
+                .outerjoin(picked, true())
+                .where(_BY_KEY)
+                .order_by(picked.c.id.desc() if newest_first else picked.c.id)
+            )
+        statement = (
+            select(col(Session.id), *MESSAGE.columns)
+            .select_from(Session)
+            .outerjoin(Message, and_(*on))
+            .where(_BY_KEY)
+            .order_by(col(Message.id).desc() if newest_first else col(Message.id))
+        )
+        if limit:
+            statement = statement.limit(bindparam("limit")).offset(bindparam("offset"))
+        return statement
+
+    return Query(build)
 
 
 # --- lifecycle --------------------------------------------------------------------------
