@@ -353,11 +353,13 @@ def test_the_schema_is_the_same_on_every_backend(store: Engine) -> None:
         for index in inspector.get_indexes(table)
         if not index.get("unique")
     }
-    expected = dict(SEED_INDEXES)
+    expected_indexes = dict(SEED_INDEXES)
     if store.dialect.name == "postgresql":
         # Migration 5: in id order within a session, as SQLite's is by its rowid.
-        expected["idx_messages_session_id"] = ("messages", ["session_id", "id"])
-    assert {name: value for name, value in indexes.items() if name in SEED_INDEXES} == expected
+        expected_indexes["idx_messages_session_id"] = ("messages", ["session_id", "id"])
+    assert {
+        name: value for name, value in indexes.items() if name in SEED_INDEXES
+    } == expected_indexes
 
 
 def test_every_statement_compiles_for_both_databases_with_its_parameter_order() -> None:
