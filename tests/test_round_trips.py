@@ -1,16 +1,19 @@
 """PostgreSQL: how many statements and round trips each repository call costs, counted
 on the wire (libpq's protocol trace of every pooled connection), not timed.
 
-On the server's clock an append, and the creation of a session, is one statement run as
-its own transaction: one round trip. A call of the asyncio API, which must roll back
-when it is cancelled before COMMIT, wraps that statement in BEGIN … COMMIT. A pooled
-connection is pinged only after sitting idle (`database.PING_AFTER`)."""
+On the server's clock an append, and the creation of a session, is one statement in its
+write transaction: `BEGIN …; SET LOCAL lock_timeout` (one round trip, so that every lock
+the statement waits for, its tables' too, is waited for at most `busy_timeout`), the
+statement, COMMIT. A read is one statement, one round trip. A pooled connection is
+pinged only after sitting idle (`database.PING_AFTER`), or after another connection of
+the pool was found cut."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,19 +21,22 @@ from typing import IO, Any
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, make_url
 from sqlalchemy.pool import Pool
 
 from aisopod_session import (
     AsyncSessionRepository,
+    DatabaseBusyError,
     NewMessage,
     Role,
     SessionExistsError,
     SessionKey,
     SessionNotFoundError,
     SessionRepository,
+    SessionStoreError,
     database,
     open_async_database,
+    open_database,
 )
 
 KEY = SessionKey("agent", "telegram", "bot", "dm", "peer")
@@ -127,14 +133,16 @@ def repo(pg_store: Engine, tracer: Tracer) -> SessionRepository:
 
 
 ONE = Wire(round_trips=1, commands=("SELECT 1",))
+WRITE = Wire(round_trips=3, commands=("BEGIN", "SET", "SELECT 1", "COMMIT"))
 
 
-def test_an_append_is_one_statement_in_one_round_trip(
+def test_an_append_is_one_statement_in_its_write_transaction(
     repo: SessionRepository, tracer: Tracer
 ) -> None:
-    assert tracer.count(lambda: repo.append_message(KEY, Role.USER, "hi")) == ONE
+    """Before: BEGIN, the row lock, the counters, the insert, COMMIT (five round trips)."""
+    assert tracer.count(lambda: repo.append_message(KEY, Role.USER, "hi")) == WRITE
     batch = [NewMessage(Role.USER, f"message {n}", meta={"n": n}) for n in range(50)]
-    assert tracer.count(lambda: repo.append_messages(KEY, batch, tokens=7)) == ONE
+    assert tracer.count(lambda: repo.append_messages(KEY, batch, tokens=7)) == WRITE
     session = repo.get(KEY)
     assert session is not None
     assert (session.message_count, session.token_usage, session.status.value) == (51, 7, "active")
@@ -154,11 +162,12 @@ def test_reads_and_creations_are_one_round_trip_each(
     assert tracer.count(lambda: repo.get_history(KEY, limit=50)) == ONE
     new_key = SessionKey("agent", "telegram", "bot", "dm", "new")
     # A new key: the read that finds nothing, then the insert (stamped by the server).
+    created = Wire(round_trips=3, commands=("BEGIN", "SET", "INSERT 0 1", "COMMIT"))
     assert tracer.count(lambda: repo.get_or_create(new_key)) == Wire(
-        round_trips=2, commands=("SELECT 0", "INSERT 0 1")
+        round_trips=1 + created.round_trips, commands=("SELECT 0", *created.commands)
     )
     other = SessionKey("agent", "telegram", "bot", "dm", "other")
-    assert tracer.count(lambda: repo.create(other)) == Wire(1, ("INSERT 0 1",))
+    assert tracer.count(lambda: repo.create(other)) == created
     with pytest.raises(SessionExistsError):
         repo.create(other)
 
@@ -172,7 +181,7 @@ def test_a_refused_append_takes_the_careful_path_and_writes_nothing(
     tracer.begin()
     with pytest.raises(SessionNotFoundError):
         repo.append_message(missing, Role.USER, "x")
-    assert tracer.end().commands[0] == "SELECT 0"  # the one statement found nothing
+    assert tracer.end().commands[2] == "SELECT 0"  # the one statement found nothing
     repo.append_message(KEY, Role.USER, "first", tokens=2**63 - 3)
     with pytest.raises(ValueError, match="tokens"):
         repo.append_message(KEY, Role.USER, "second", tokens=5)
@@ -182,11 +191,9 @@ def test_a_refused_append_takes_the_careful_path_and_writes_nothing(
     assert [m.content for m in repo.get_history(KEY)] == ["first"]
 
 
-def test_an_async_append_is_one_statement_between_begin_and_commit(
-    pg_url: str, pg_store: Engine, tracer: Tracer
-) -> None:
-    """The asyncio API's call can be cancelled before its COMMIT (docs/async.md), so its
-    statement runs inside BEGIN … COMMIT: three round trips."""
+def test_an_async_append_has_the_same_shape(pg_url: str, pg_store: Engine, tracer: Tracer) -> None:
+    """The asyncio API runs the same calls on its worker threads: the same statements
+    (its COMMIT is where a cancellation is honoured, docs/async.md)."""
     SessionRepository(pg_store).get_or_create(KEY)
 
     async def main() -> tuple[Wire, Wire]:
@@ -204,8 +211,7 @@ def test_an_async_append_is_one_statement_between_begin_and_commit(
             await engine.dispose()
 
     append, read = asyncio.run(main())
-    assert append.round_trips == 3
-    assert append.commands == ("BEGIN", "SET", "SELECT 1", "COMMIT")
+    assert append == WRITE
     assert read == ONE
 
 
@@ -226,6 +232,103 @@ def test_an_idle_connection_is_pinged_and_a_dead_one_replaced(
     time.sleep(0.3)
     repo.append_message(KEY, Role.USER, "after the restart")
     assert [m.content for m in repo.get_history(KEY)] == ["after the restart"]
+
+
+@pytest.mark.parametrize("table", ["messages", "sessions"])
+def test_a_table_lock_is_waited_for_at_most_busy_timeout(
+    pg_url: str, pg_store: Engine, table: str
+) -> None:
+    """Another program holds a lock on a whole table (as `CREATE INDEX`, `VACUUM FULL`
+    or another host's migration do): an append or a creation gives up after
+    `busy_timeout` with `DatabaseBusyError`, writing nothing. The statement takes its
+    tables' locks before it runs, so `lock_timeout` is set by the statement before it."""
+    SessionRepository(pg_store).get_or_create(KEY)
+    engine = open_database(pg_url, busy_timeout=0.5)
+    repo = SessionRepository(engine)
+    schema = str(make_url(pg_url).query["options"]).split("=")[-1]
+    try:
+        with psycopg.connect(SERVER_URL) as holder:
+            holder.execute(f"SET search_path = {schema}")
+            holder.execute(f"LOCK TABLE {table} IN SHARE MODE")
+            # Released after 3 s whatever happens: a call that waited for it (with no
+            # limit) then goes through, and the test fails instead of hanging.
+            release = threading.Timer(3, holder.rollback)
+            release.start()
+            started = time.monotonic()
+            with pytest.raises(DatabaseBusyError):
+                repo.append_message(KEY, Role.USER, "waits")
+            if table == "sessions":  # a creation writes no message
+                with pytest.raises(DatabaseBusyError):
+                    repo.create(SessionKey("agent", "telegram", "bot", "dm", "new"))
+            assert time.monotonic() - started < 3
+            release.cancel()
+            holder.rollback()
+        assert repo.get_history(KEY) == []
+        assert repo.get(SessionKey("agent", "telegram", "bot", "dm", "new")) is None
+    finally:
+        engine.dispose()
+
+
+def test_writes_hold_on_a_server_whose_default_isolation_is_serializable(
+    pg_url: str, pg_store: Engine
+) -> None:
+    """A database or role may make `serializable` the default; the store's writes ask
+    for READ COMMITTED themselves (they lock the rows they change and read them after
+    the lock), so concurrent appends to one session still all succeed, counted exactly."""
+    url = make_url(pg_url)
+    options = f"{url.query['options']} -cdefault_transaction_isolation=serializable"
+    engine = open_database(url.update_query_dict({"options": options}))
+    repo = SessionRepository(engine)
+    try:
+        repo.get_or_create(KEY)
+
+        def append_some() -> None:
+            for n in range(15):
+                repo.append_message(KEY, Role.USER, f"{n}", tokens=1)
+
+        workers = [threading.Thread(target=append_some) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        session = repo.get(KEY)
+        assert session is not None
+        assert (session.message_count, session.token_usage) == (60, 60)
+        assert len(repo.get_history(KEY)) == 60
+    finally:
+        engine.dispose()
+
+
+def test_after_a_restart_one_call_fails_not_one_per_pooled_connection(
+    repo: SessionRepository, tracer: Tracer
+) -> None:
+    """Every pooled connection cut at once, each used a moment ago (under `PING_AFTER`):
+    the first call to meet one fails with a `SessionStoreError`, and every connection
+    checked in before then is pinged (and replaced) before its next use."""
+    barrier = threading.Barrier(4)
+
+    def hold_one() -> None:  # four calls at once: four connections in the pool
+        barrier.wait()
+        repo.append_message(KEY, Role.USER, "before")
+
+    workers = [threading.Thread(target=hold_one) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    alive = [c for c in tracer.connections if not c.closed]
+    assert len(alive) >= 2
+    with psycopg.connect(SERVER_URL, autocommit=True) as admin:
+        for connection in alive:
+            admin.execute("SELECT pg_terminate_backend(%s)", (connection.info.backend_pid,))
+    outcomes = []
+    for _ in range(6):
+        try:
+            repo.get(KEY)
+            outcomes.append("ok")
+        except SessionStoreError:
+            outcomes.append("failed")
+    assert outcomes == ["failed", *["ok"] * 5]
 
 
 def test_a_compaction_is_one_transaction_of_five_statements(

@@ -63,7 +63,7 @@ from aisopod_session.settings import lock_timeout_ms
 
 logger = logging.getLogger("aisopod_session")
 
-Mode = Literal["IMMEDIATE", "DEFERRED", "STATEMENT"]
+Mode = Literal["IMMEDIATE", "DEFERRED"]
 """How a call's transaction begins: see `driver_transaction`."""
 _T = TypeVar("_T")
 
@@ -582,7 +582,11 @@ def server_begin(engine: Engine, mode: Mode) -> str:
     """What a PostgreSQL transaction of `mode` begins with (one round trip)."""
     if mode == "DEFERRED":
         return _SERVER_READ
-    return f"BEGIN; SET LOCAL lock_timeout = {lock_timeout_ms(engine)}"
+    # READ COMMITTED whatever the server's default: a write locks the rows it changes
+    # and reads them after the lock, which a serializable transaction would refuse.
+    return (
+        f"BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = {lock_timeout_ms(engine)}"
+    )
 
 
 _SERVER, _SHARED, _LEASED, _ASYNC = range(4)
@@ -619,14 +623,9 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
 
     `mode` is `"IMMEDIATE"` (every write: on SQLite the write lock first, on PostgreSQL
     a `lock_timeout` of `busy_timeout`), `"DEFERRED"` (a read snapshot over several
-    statements), None (a single statement, which runs as its own transaction) or
-    `"STATEMENT"`: a write made of one statement that sets its own `lock_timeout`
-    (`statements.LOCK_TIMEOUT`). On PostgreSQL that statement runs as its own
-    transaction, one round trip, except in a cancellable call (the asyncio API's),
-    which gets `"IMMEDIATE"`'s BEGIN … COMMIT so that a cancellation before COMMIT
-    still rolls it back; on SQLite it is `"IMMEDIATE"`. The block's driver and SQL
-    errors become `SessionStoreError`s naming `action`; any exception rolls everything
-    back.
+    statements) or None (a single statement, which runs as its own transaction). The
+    block's driver and SQL errors become `SessionStoreError`s naming `action`; any
+    exception rolls everything back.
     """
 
     __slots__ = (
@@ -642,9 +641,6 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
     def __init__(self, path: DriverPath, action: str, mode: Mode | None) -> None:
         self._path = path
         self._action = action
-        if mode == "STATEMENT":
-            alone = path.kind == _SERVER and _CANCEL.get() is None
-            mode = None if alone else "IMMEDIATE"
         self._mode = mode
         self._shared: PoolProxiedConnection | None = None
         self._lease: _Lease | None = None
@@ -753,8 +749,20 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
                 broken = True
             if broken:
                 shared.invalidate()  # closed and replaced, not reset: no traceback logged
+                _LOST_AT[self._path.engine] = time.monotonic()
                 return
         shared.close()
+
+
+_LOST_AT: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
+
+
+def connection_lost_at(engine: Engine) -> float:
+    """When (`time.monotonic()`) a call on `engine` last found its PostgreSQL connection
+    broken (or 0.0): a server restart, or a killed server process, cuts every pooled
+    connection at once, so each connection checked in before then is pinged before it
+    is handed out again (database.py, `_ping_when_idle`)."""
+    return _LOST_AT.get(engine, 0.0)
 
 
 def _in_transaction(conn: Any, server: bool) -> bool:

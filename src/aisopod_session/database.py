@@ -19,7 +19,12 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.pool import StaticPool
 
-from aisopod_session.connections import forked_open_error, register, tainted
+from aisopod_session.connections import (
+    connection_lost_at,
+    forked_open_error,
+    register,
+    tainted,
+)
 from aisopod_session.errors import (
     DatabaseBusyError,
     SessionStoreError,
@@ -375,18 +380,21 @@ def _ping_when_idle(engine: Engine) -> None:
     handed out, and replaced if the ping fails, so that a gateway's pool outlives server
     restarts and the reaping of idle connections (PgBouncer's `server_idle_timeout`, a
     firewall). SQLAlchemy's `pool_pre_ping` would ping before every call: a second
-    round trip for each one-statement call (docs/postgresql.md). A connection used
-    within the second is the one a server restart could still have cut; that call fails
-    with a `SessionStoreError` and its connection is replaced, as any connection lost
-    mid-call is."""
+    round trip for each call (docs/postgresql.md). A connection used within the second
+    may still have been cut by a restart: the first call to meet one fails with a
+    `SessionStoreError`, its connection is replaced, and every connection checked in
+    before that moment is pinged before its next use, so that one call fails, not one
+    per pooled connection."""
 
     def checked_in(dbapi_connection: Any, record: Any) -> None:
         record.info[_IDLE_SINCE] = time.monotonic()
 
     def checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         since = record.info.get(_IDLE_SINCE)
-        if since is None or time.monotonic() - since < PING_AFTER:
-            return  # just connected, or used a moment ago
+        if since is None:
+            return  # just connected
+        if time.monotonic() - since < PING_AFTER and since > connection_lost_at(engine):
+            return  # used a moment ago, and no connection was found cut since
         try:
             engine.dialect.do_ping(dbapi_connection)
         except Exception as exc:

@@ -46,7 +46,6 @@ from aisopod_session.results import (
     StoreSummary,
     Totals,
 )
-from aisopod_session.settings import lock_timeout_ms
 from aisopod_session.statements import (
     COPY_MESSAGES,
     COUNT_APPEND,
@@ -171,10 +170,9 @@ class SessionRepository:
         # PostgreSQL's text type cannot hold NUL, which SQLite keeps: refused as input.
         self._no_nul = engine.dialect.name == "postgresql"
         # PostgreSQL on its own clock: an append and the creation of a session are each
-        # one statement, run as its own transaction (one round trip: docs/postgresql.md).
+        # one statement in their write transaction (docs/postgresql.md, "Round trips").
         # A clock of the caller's is read after the row lock, so those keep their steps.
         self._in_one = self._clock.from_server
-        self._lock_timeout = str(lock_timeout_ms(engine)) if self._in_one else ""
         self._agent: str | None = None
 
     @property
@@ -259,11 +257,9 @@ class SessionRepository:
 
     def _create_in_one(self, parts: tuple[str, ...], action: str = "get_or_create") -> Any:
         """PostgreSQL on its own clock: the new session's row, or None if the key has
-        one; one statement, its own transaction."""
-        with self._path.transaction(action, "STATEMENT") as conn:
-            return conn.execute(
-                self._text(create_in_one()), (*parts, self._lock_timeout)
-            ).fetchone()
+        one; one statement in a write transaction."""
+        with self._path.transaction(action, "IMMEDIATE") as conn:
+            return conn.execute(self._text(create_in_one()), parts).fetchone()
 
     def create(self, key: SessionKey | str, *, meta: Mapping[str, Any] | None = None) -> Session:
         """Create the session for `key` (`active`, empty, with `meta` as its metadata if
@@ -624,13 +620,12 @@ class SessionRepository:
     def _append_in_one(
         self, key: SessionKey, rows: list[_Row], counts: _Tokens
     ) -> list[Message] | None:
-        """PostgreSQL on its own clock: `_append` as one statement (`append_in_one`), its
-        own transaction; None when it wrote nothing (no session, or no room)."""
+        """PostgreSQL on its own clock: `_append` as one statement (`append_in_one`) in a
+        write transaction; None when it wrote nothing (no session, or no room)."""
         added = len(rows)
         total, given_in, given_out = counts
         values: list[Any] = [
             *key.parts(),
-            self._lock_timeout,
             added,
             total,
             given_in,
@@ -642,7 +637,7 @@ class SessionRepository:
         ]
         for role, _, _, _, content, calls, meta in rows:
             values += (role.value, content, calls, meta)
-        with self._path.transaction("append_messages", "STATEMENT") as conn:
+        with self._path.transaction("append_messages", "IMMEDIATE") as conn:
             found = conn.execute(self._text(append_in_one(added)), values).fetchone()
         if found is None:
             return None

@@ -483,22 +483,18 @@ COUNT_APPEND = query(
 """Add to a session's counters, if they have room, and make it active; its id, or no
 row when there is no such session or no room."""
 
-LOCK_TIMEOUT = func.set_config(literal_column("'lock_timeout'"), bindparam("lock_timeout"), true())
-"""PostgreSQL: `lock_timeout` set for the rest of the transaction (the statement's own, in
-autocommit), as a condition of a statement's first scan, so that its row locks are
-waited for at most that long (`connections.driver_transaction`'s `"STATEMENT"` mode)."""
-
 
 @functools.cache
 def append_in_one(count: int) -> Query:
     """PostgreSQL, on the server's clock: a whole append of `count` messages in one
-    statement. The session's row is locked first (`lock_timeout` set before the wait),
-    then stamped with the server's time read after the lock (clock.py), its counters
-    added to if they have room (`COUNT_APPEND`'s rule) and the messages inserted in
-    order with that stamp. One row (the session's id, the stamp, the new ids
-    ascending), or none when there is no such session or no room, with nothing written.
-    Bound from `KEY`, `lock_timeout`, `_COUNTERS`, then each message's role, content,
-    tool calls and metadata texts."""
+    statement, in a write transaction (whose `SET LOCAL lock_timeout` bounds every lock
+    it waits for). The session's row is locked first, then stamped with the server's
+    time read after the lock (clock.py), its counters added to if they have room
+    (`COUNT_APPEND`'s rule) and the messages inserted in order with that stamp. One row
+    (the session's id, the stamp, the new ids ascending), or none when there is no such
+    session or no room, with nothing written.
+    Bound from `KEY`, `_COUNTERS`, then each message's role, content, tool calls and
+    metadata texts."""
     rows = values(
         column("n", BigInteger),
         *(column(name, Text) for name in ("role", "content", "tool_calls", "metadata")),
@@ -512,7 +508,7 @@ def append_in_one(count: int) -> Query:
             for n in range(count)
         ]
     )
-    locked = select(col(Session.id)).where(_BY_KEY, LOCK_TIMEOUT.is_not(None)).with_for_update()
+    locked = select(col(Session.id)).where(_BY_KEY).with_for_update()
     # The stamp is read over the locked row, so after the wait for its lock (clock.py).
     now = literal_column(SERVER_NOW, Text).label("now")
     stamped = select(locked.cte("locked").c.id, now).cte("stamped")
@@ -538,7 +534,6 @@ def append_in_one(count: int) -> Query:
     ids = select(inserted.c.id).order_by(inserted.c.id).scalar_subquery()
     order = [
         *KEY,
-        "lock_timeout",
         *_COUNTERS,
         *(
             f"{name}_{n}"
@@ -552,11 +547,10 @@ def append_in_one(count: int) -> Query:
 @functools.cache
 def create_in_one() -> Query:
     """PostgreSQL, on the server's clock: the session of a key created, stamped with the
-    server's time, unless one exists, in one statement that waits for a conflicting
-    row's lock at most `lock_timeout`; the new session's row, or none when the key had
-    one."""
+    server's time, unless one exists, in one statement; the new session's row, or none
+    when the key had one."""
     stamp = literal_column(SERVER_NOW, Text).label("now")
-    now = select(stamp).where(LOCK_TIMEOUT.is_not(None)).subquery("stamp")
+    now = select(stamp).subquery("stamp")
     key = [bindparam(name, type_=Text) for name in KEY]
     statement = (
         _insert_for("postgresql")(Session)
@@ -564,7 +558,7 @@ def create_in_one() -> Query:
         .on_conflict_do_nothing(index_elements=list(KEY_COLUMNS))
         .returning(*SESSION.columns)
     )
-    return query(statement, [*KEY, "lock_timeout"])
+    return query(statement, KEY)
 
 
 MESSAGE_VALUES = ("session_id", "role", "content", "tool_calls", "created_at", "metadata")
