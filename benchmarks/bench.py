@@ -15,6 +15,10 @@ Scenarios (file databases, one process unless said):
    in 10^6 messages against a `LIKE` scan, `fork` of 10^4 messages (`find.py`);
 10. through the OpenAI Agents SDK's `Session` interface: `AisopodSession` against the SDK's
     `SQLiteSession`, add one item and the latest 50 of 10^4 (`frameworks.py`);
+pg. the PostgreSQL half, when `AISOPOD_BENCH_POSTGRES_URL` names a server (a loud line
+    says it was not measured otherwise): scenarios 1-6 against the psycopg floor
+    (`floor_postgresql.py`) and the peers on the same server, and concurrent writers
+    (`postgresql.py`); `--only pg` runs it alone;
 start-up: `aisopod-session --help`, `--version` and `status` (on a small SQLite file), and
 `python -c "import sqlmodel"` for reference, each run as a new process 5 times (medians).
 
@@ -68,6 +72,7 @@ from benchmarks.report import (
     STARTUP_STATUS,
     STARTUP_VERSION,
     Report,
+    postgresql_text,
     write_docs,
 )
 
@@ -575,6 +580,13 @@ class Bench:
 
         return Frameworks(self.folder, self.size, self.count).run()
 
+    def postgresql(self, with_peers: bool) -> dict[str, Any]:
+        """The PostgreSQL half (`benchmarks/postgresql.py`), when
+        `AISOPOD_BENCH_POSTGRES_URL` names a server; else `{"skipped": why}`, said loudly."""
+        from benchmarks.postgresql import measure_postgresql
+
+        return measure_postgresql(self, with_peers)
+
     def growth(self) -> list[Scenario]:
         """Scenarios 3 and 4 as the store grows; sessions of 1 000 messages each."""
         sizes = [1000, self.size(100_000), self.size(1_000_000)]
@@ -834,7 +846,9 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="JSON output")
     parser.add_argument(
-        "--only", help="comma-separated scenario numbers, for a partial run (no report)"
+        "--only",
+        help="comma-separated scenario numbers (pg: the PostgreSQL half), for a partial run "
+        "(no report)",
     )
     parser.add_argument("--memory", nargs=2, metavar=("COUNT", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument(
@@ -872,6 +886,7 @@ def main() -> None:
             ("startup", bench.startup),
             ("9", bench.find),
             ("10", bench.frameworks),
+            ("pg", lambda: bench.postgresql(with_peers=not args.no_peers)),
         ]
         outcomes: dict[str, Any] = {}
         for number, step in steps:
@@ -885,7 +900,10 @@ def main() -> None:
             outcomes[number] = step()
         if args.only:
             for number, outcome in outcomes.items():
-                print(number, outcome)
+                if number == "pg":
+                    print(postgresql_text(outcome))
+                else:
+                    print(number, outcome)
             return
         plans = query_plans(folder)
     report = Report(
@@ -897,6 +915,7 @@ def main() -> None:
         startup=outcomes["startup"],
         find=outcomes["9"],
         frameworks=outcomes["10"],
+        postgresql=outcomes["pg"],
         plans=plans,
         journal_modes=bench.journal_modes,
         seconds=time.perf_counter() - began,

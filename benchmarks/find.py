@@ -10,7 +10,7 @@
   16 messages hold both words) and one-word queries (about 4 000 hold the word), against
   `LIKE '%word%'`
   on the content (newest 20 first), the scan a user would write; on PostgreSQL too when
-  `AISOPOD_BENCH_POSTGRES_URL` names an empty database or schema;
+  `AISOPOD_BENCH_POSTGRES_URL` names a server (in a schema of its own);
 - fork: of a session of 10 000 messages, against the floor: plain SQL in one
   transaction (the session's INSERT, the messages' `INSERT … SELECT`, the count);
 - plans: `EXPLAIN QUERY PLAN` (PostgreSQL: `EXPLAIN`) of each new hot query.
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
 
 from aisopod_session import SessionKey, SessionRepository, open_database
 from aisopod_session.statements import SQLITE, fts_query, page_sessions, search
@@ -114,11 +114,14 @@ class Find:
         self.pages()
         self.search_sqlite()
         self.fork()
+        from benchmarks.postgresql import unanswered
+
         url = os.environ.get(POSTGRES_ENV)
-        if url:
+        why = f"not measured: set {POSTGRES_ENV}" if not url else unanswered(url)
+        if url and why is None:
             self.search_postgresql(url)
         else:
-            self.results["figures"]["postgresql"] = f"not measured: set {POSTGRES_ENV}"
+            self.results["figures"]["postgresql"] = why
         return self.results
 
     # --- pages --------------------------------------------------------------------------
@@ -193,12 +196,16 @@ class Find:
                 measure(one_search, count, 10),
             )
 
-    def search_postgresql(self, url: str) -> None:
+    def search_postgresql(self, server_url: str) -> None:
+        from benchmarks.postgresql import Server
+
+        with Server(server_url).schema("search") as url:
+            self._search_postgresql(url)
+
+    def _search_postgresql(self, url: str) -> None:
+        """In a schema of its own (made and dropped by `postgresql.Server`), so that
+        nothing else on the server is touched."""
         messages = self.size(1_000_000)
-        engine = create_engine(url)
-        with engine.begin() as conn:
-            conn.exec_driver_sql("DROP TABLE IF EXISTS messages, sessions, schema_version")
-        engine.dispose()
         engine = open_database(url)
         try:
             seconds = fill_texts(engine, messages)

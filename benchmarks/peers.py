@@ -17,6 +17,11 @@ between them, so nothing it holds is tied to a loop.
 A scenario the peer's public API cannot do raises `NotSupported`. The packages come from
 the `bench` dependency group (`make bench`); `available_peers()` skips the ones that fail
 to import.
+
+On PostgreSQL (`available_server_peers()`, the PostgreSQL half of `make bench`) the same
+three SQLAlchemy-based stores run on psycopg 3 (`postgresql+psycopg`, its asyncio
+connection for the async ones), each opened with `open_server(url)` on a URL whose
+`search_path` names a schema of its own; everything else is the SQLite peer's code.
 """
 
 from __future__ import annotations
@@ -510,6 +515,71 @@ class LangChainSQLHistoryPeer(_OnFile):
         return self._engine
 
 
+# --- the same stores on PostgreSQL --------------------------------------------------
+
+
+class OpenAISQLAlchemySessionServerPeer(OpenAISQLAlchemySessionPeer):
+    """openai-agents `SQLAlchemySession` on a `postgresql+psycopg` AsyncEngine (psycopg's
+    asyncio connection), one session object per id, as on SQLite."""
+
+    def open_server(self, url: str) -> None:
+        """Create the store's tables in the schema `url`'s search path names."""
+        engine = self._create_engine(server_url(url))
+
+        async def create_schema() -> None:
+            probe = self._session_class(SCHEMA_PROBE_ID, engine=engine, create_tables=True)
+            await probe.get_items()  # creates the tables first; reads nothing
+            await engine.dispose()  # no pooled connection outlives this private loop
+
+        _run_to_completion(create_schema)
+        self._engine = engine
+
+
+class AdkDatabaseSessionServerPeer(AdkDatabaseSessionPeer):
+    """google-adk `DatabaseSessionService` on a `postgresql+psycopg` URL: SQLAlchemy picks
+    psycopg's asyncio connection for it (ADK refuses synchronous drivers; its error
+    message suggests asyncpg, which is not installed, and psycopg 3 is asynchronous
+    too)."""
+
+    def open_server(self, url: str) -> None:
+        """Create the service's tables in the schema `url`'s search path names."""
+        service = self._service_class(server_url(url))
+
+        async def create_schema() -> None:
+            await service.prepare_tables()
+            await service.db_engine.dispose()  # no pooled connection outlives this loop
+
+        _run_to_completion(create_schema)
+        self._service = service
+
+
+class LangChainSQLHistoryServerPeer(LangChainSQLHistoryPeer):
+    """langchain-community `SQLChatMessageHistory` (sync API) on one SQLAlchemy Engine on
+    `postgresql+psycopg`, one history object per session id, as on SQLite."""
+
+    def open_server(self, url: str) -> None:
+        """Create the message table in the schema `url`'s search path names."""
+        engine = self._create_engine(server_url(url))
+        self._history_class(SCHEMA_PROBE_ID, connection=engine)
+        self._engine = engine
+
+
+def server_url(url: str) -> str:
+    """`url` (any PostgreSQL URL) on the psycopg 3 driver, which SQLAlchemy runs sync or
+    asyncio as the engine asks."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url).set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+SERVER_PEERS: list[Callable[[], Any]] = [
+    OpenAISQLAlchemySessionServerPeer,
+    AdkDatabaseSessionServerPeer,
+    LangChainSQLHistoryServerPeer,
+]
+
+
 # --- the list the driver loops over ---------------------------------------------------
 
 PEERS: list[Callable[[], Peer]] = [
@@ -523,8 +593,17 @@ PEERS: list[Callable[[], Peer]] = [
 def available_peers() -> list[Peer]:
     """One instance of each peer whose package imports; the others are skipped with the
     reason printed on stderr."""
-    peers: list[Peer] = []
-    for factory in PEERS:
+    return _instances(PEERS)
+
+
+def available_server_peers() -> list[Any]:
+    """One instance of each PostgreSQL peer whose package imports (`open_server`)."""
+    return _instances(SERVER_PEERS)
+
+
+def _instances(factories: list[Callable[[], Any]]) -> list[Any]:
+    peers: list[Any] = []
+    for factory in factories:
         try:
             peers.append(factory())
         except Exception as error:  # an import failure can be any exception

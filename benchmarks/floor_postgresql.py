@@ -1,0 +1,218 @@
+"""The PostgreSQL floor: plain psycopg 3 doing what our repository does on PostgreSQL, and
+nothing else.
+
+It runs the very SQL text the repository runs there (imported from
+`aisopod_session.statements` and compiled for the PostgreSQL dialect, `%s` parameters,
+so the two cannot drift apart), every hot statement prepared on the server
+(`prepare=True`), on one connection kept open in autocommit mode, in the repository's
+transaction shapes (`SessionRepository` on PostgreSQL, on the server's clock):
+
+- an append is one statement (`append_in_one`: the session's row lock, the server's
+  time after it, the counters and the rows) in a write transaction: `BEGIN ISOLATION
+  LEVEL READ COMMITTED; SET LOCAL lock_timeout = …` (one round trip), the statement,
+  `COMMIT`;
+- `get_or_create` of an existing key is the one `SELECT`; a new key is that `SELECT`,
+  then one `INSERT … ON CONFLICT DO NOTHING` stamped by the server (`create_in_one`) in
+  a write transaction, then a `SELECT` if another writer won;
+- a read is one statement, outside any transaction.
+
+It encodes and decodes the same values our API takes and returns (JSON text, aware
+`datetime`s) as plain tuples, and skips validation, key handling, the pool and model
+objects. Each operation is a small function of its own: when the repository's
+statements change (fewer round trips per write), these are the functions to change with
+them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+from sqlalchemy.engine import Dialect, make_url
+
+from aisopod_session.settings import DEFAULT_BUSY_TIMEOUT
+from aisopod_session.statements import (
+    KEY,
+    SELECT_SESSION,
+    append_in_one,
+    create_in_one,
+    history,
+    list_sessions,
+)
+
+POSTGRESQL: Dialect = PGDialect_psycopg()  # type: ignore[no-untyped-call]
+"""The dialect `Query.on` compiles for (it picks `%s` parameters itself)."""
+
+_MAX = 2**63 - 1
+_MAX_MESSAGE_COUNT = 2**31 - 1  # PostgreSQL's message_count is an INTEGER
+
+# (role, content, tool_calls) of one message to append
+MessageSpec = tuple[str, Any, Any]
+
+BEGIN_WRITE = (
+    "BEGIN ISOLATION LEVEL READ COMMITTED; "
+    f"SET LOCAL lock_timeout = {max(1, round(DEFAULT_BUSY_TIMEOUT * 1000))}"
+)
+"""What the repository's write transactions begin with on PostgreSQL
+(`connections.server_begin`, `busy_timeout` of `open_database`'s default)."""
+
+CREATE = create_in_one().on(POSTGRESQL)
+SELECT = SELECT_SESSION.on(POSTGRESQL)
+NEWEST = history(newest_first=True, limit=True, after=False, before=False).on(POSTGRESQL)
+LIST_FOR_AGENT = list_sessions(("agent_id",), count=False).on(POSTGRESQL)
+# The floor binds tuples in these orders, as the repository does for its fixed statements.
+if (
+    SELECT.names != KEY
+    or CREATE.names != KEY
+    or LIST_FOR_AGENT.names != ("agent_id", "limit", "offset")
+):
+    raise RuntimeError("a statement's parameters changed order: update floor_postgresql.py")
+
+
+def conninfo(url: str) -> str:
+    """A libpq URL for psycopg from a SQLAlchemy one (`postgresql+psycopg://…` or
+    `postgresql://…`), its query (`options=-csearch_path=…`) kept."""
+    parsed = make_url(url).set(drivername="postgresql")
+    return parsed.render_as_string(hide_password=False)
+
+
+def connect(url: str) -> psycopg.Connection[Any]:
+    """One connection, in autocommit as the repository's are (no implicit `BEGIN`: a
+    single read is one round trip). Every call below says whether its statement is
+    prepared (`prepare=True` prepares it on first use); the threshold is psycopg's
+    default, since `None` would turn preparing off even where a call asks for it."""
+    return psycopg.connect(conninfo(url), autocommit=True)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else _dumps(value)
+
+
+# --- writes ---------------------------------------------------------------------------
+
+
+@contextmanager
+def _write(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """The repository's write transaction: `BEGIN_WRITE` (not prepared: two statements in
+    one text), the block, `COMMIT`; `ROLLBACK` if the block raised."""
+    conn.execute(BEGIN_WRITE, prepare=False)
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK", prepare=False)
+        raise
+    conn.execute("COMMIT", prepare=False)
+
+
+def append(
+    conn: psycopg.Connection[Any], key: tuple[str, ...], batch: Sequence[MessageSpec], tokens: int
+) -> list[tuple[Any, ...]]:
+    """`append_messages`: `append_in_one(len(batch))`, the repository's one statement,
+    in its write transaction; the messages as tuples."""
+    added = len(batch)
+    values: list[Any] = [
+        *key,
+        added,
+        tokens,
+        0,
+        0,
+        _MAX_MESSAGE_COUNT - added,
+        _MAX - tokens,
+        _MAX,
+        _MAX,
+    ]
+    for role, content, tool_calls in batch:
+        values += (role, _dumps(content), _json(tool_calls), "{}")
+    statement = append_in_one(added).on(POSTGRESQL).text
+    with _write(conn):
+        found = conn.execute(statement, values, prepare=True).fetchone()
+    if found is None:
+        raise LookupError("no session, or no room in its counters")
+    session_id, now_text, ids = found
+    now = datetime.fromisoformat(now_text)
+    return [
+        (message_id, session_id, role, content, tool_calls, now, {})
+        for message_id, (role, content, tool_calls) in zip(ids, batch, strict=True)
+    ]
+
+
+# --- sessions ------------------------------------------------------------------------
+
+
+def _session(row: Sequence[Any]) -> tuple[Any, ...]:
+    values = list(row)
+    values[6] = datetime.fromisoformat(values[6])
+    values[7] = datetime.fromisoformat(values[7])
+    values[10] = json.loads(values[10])
+    if values[13] is not None:  # last_compacted_at
+        values[13] = datetime.fromisoformat(values[13])
+    return tuple(values)
+
+
+def get_session(conn: psycopg.Connection[Any], key: tuple[str, ...]) -> tuple[Any, ...]:
+    """`get_or_create` of an existing key: the one `SELECT`, decoded."""
+    row = conn.execute(SELECT.text, key, prepare=True).fetchone()
+    if row is None:
+        raise LookupError("no session")
+    return _session(row)
+
+
+def create_session(conn: psycopg.Connection[Any], key: tuple[str, ...]) -> tuple[Any, ...]:
+    """`get_or_create`'s write for a new key: `create_in_one` in a write transaction,
+    and the `SELECT` if another writer made it since."""
+    with _write(conn):
+        row = conn.execute(CREATE.text, key, prepare=True).fetchone()
+    if row is None:
+        row = conn.execute(SELECT.text, key, prepare=True).fetchone()
+    if row is None:
+        raise LookupError("the session was deleted as it was made")
+    return _session(row)
+
+
+def get_or_create(conn: psycopg.Connection[Any], key: tuple[str, ...]) -> tuple[Any, ...]:
+    """`get_or_create`: one `SELECT` for an existing key, else `create_session`."""
+    row = conn.execute(SELECT.text, key, prepare=True).fetchone()
+    return _session(row) if row is not None else create_session(conn, key)
+
+
+def list_for_agent(conn: psycopg.Connection[Any], agent: str, limit: int) -> list[tuple[Any, ...]]:
+    """`list_sessions({"agent_id": agent}, limit=limit)`, decoded."""
+    rows = conn.execute(LIST_FOR_AGENT.text, (agent, limit, 0), prepare=True)
+    return [_session(row) for row in rows]
+
+
+# --- reads ---------------------------------------------------------------------------
+
+
+def read_newest(
+    conn: psycopg.Connection[Any], key: tuple[str, ...], limit: int
+) -> list[tuple[Any, ...]]:
+    """`get_history(key, limit=limit)`: one statement, rows decoded, oldest first."""
+    values = NEWEST.bind({**dict(zip(KEY, key, strict=True)), "limit": limit, "offset": 0})
+    rows = conn.execute(NEWEST.text, values, prepare=True).fetchall()
+    if not rows:
+        raise LookupError("no session")
+    messages = [
+        (
+            message_id,
+            session_id,
+            role,
+            json.loads(content),
+            None if tool_calls is None else json.loads(tool_calls),
+            datetime.fromisoformat(created_at),
+            json.loads(metadata),
+        )
+        for _, message_id, session_id, role, content, tool_calls, created_at, metadata in rows
+        if message_id is not None
+    ]
+    messages.reverse()
+    return messages
