@@ -236,3 +236,58 @@ def test_switching_to_wal_gives_up_after_the_busy_timeout(db_path: Path) -> None
             open_database(db_path, busy_timeout=0.1)
     finally:
         holder.join()
+
+
+def test_a_postgresql_pool_is_sized_by_open_database(pg_url: str, key: SessionKey) -> None:
+    """`pool_size` and `max_overflow` size the engine's pool (the per-connection checks
+    of `open_database` still apply), and 6 threads share the 2 + 1 connections."""
+    engine = open_database(pg_url, pool_size=2, max_overflow=1)
+    try:
+        assert engine.pool.size() == 2  # type: ignore[attr-defined]
+        repo = SessionRepository(engine)
+        repo.get_or_create(key)
+        most: list[int] = []
+
+        def append_some(_: int) -> None:
+            for n in range(10):
+                repo.append_message(key, Role.USER, f"{n}")
+                most.append(engine.pool.checkedout())  # type: ignore[attr-defined]
+
+        run_threads(append_some, 6)
+        assert max(most) <= 3
+        session = repo.get(key)
+        assert session is not None
+        assert session.message_count == 60
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"pool_size": 0}, "pool_size"),
+        ({"pool_size": "5"}, "pool_size"),
+        ({"pool_size": True}, "pool_size"),
+        ({"max_overflow": -1}, "max_overflow"),
+        ({"max_overflow": 1.5}, "max_overflow"),
+    ],
+)
+def test_bad_pool_sizes_are_refused_naming_them(
+    options: dict[str, object], named: str, tmp_path: Path
+) -> None:
+    """Checked before anything is opened: a PostgreSQL URL with no server behind it is
+    not even connected to."""
+    with pytest.raises(ValueError, match=named):
+        open_database("postgresql://nobody@127.0.0.1:1/none", **options)  # type: ignore[arg-type]
+
+
+def test_pool_sizes_are_for_postgresql_only(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="pool_size: PostgreSQL only"):
+        open_database(tmp_path / "s.db", pool_size=3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_asyncio_companions_pool_keeps_a_connection_per_worker() -> None:
+    from aisopod_session import asyncbridge, database
+
+    assert database._WORKERS["pool_size"] == asyncbridge.POSTGRESQL_WORKERS

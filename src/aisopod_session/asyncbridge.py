@@ -59,7 +59,7 @@ SQLITE_WORKERS = 4
 below), and more threads would only compete with the event loop for the GIL."""
 POSTGRESQL_WORKERS = 8
 """Worker threads per PostgreSQL store: each waits on a server round trip most of the
-time; SQLAlchemy's default pool (5 + 10 overflow) has a connection for each."""
+time; the companion engine's pool keeps a connection for each (`database._WORKERS`)."""
 
 
 CHECKPOINT_EVERY = 50

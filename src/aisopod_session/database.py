@@ -53,6 +53,7 @@ from aisopod_session.transactions import (
     prepare_engine,
     read_transaction,
 )
+from aisopod_session.validation import check_int
 
 
 def open_database(
@@ -63,6 +64,8 @@ def open_database(
     migrate: bool = True,
     echo: bool = False,
     clock: Clock | None = None,
+    pool_size: int | None = None,
+    max_overflow: int | None = None,
 ) -> Engine:
     """Open (creating if needed) a session store and return its engine, migrated.
 
@@ -83,6 +86,10 @@ def open_database(
     server directly, never through a pooler (safe behind PgBouncer's transaction
     pooling), unless the URL decides (`?prepare_threshold=N` or `none`); a URL's
     `?options=-csearch_path=…` is checked to have taken effect on every new connection.
+    `pool_size` (at least 1) and `max_overflow` (at least 0) size the engine's pool of
+    PostgreSQL connections (SQLAlchemy's defaults, 5 and 10, when not given; what to set
+    for a gateway: docs/postgresql.md, "Pool and server settings"); on SQLite, whose
+    calls keep a connection per thread, giving either is a `ValueError`.
 
     Raises `SchemaVersionError` for a database newer than this code and
     `SessionStoreError` when the target cannot be opened or migrated; the engine is
@@ -90,7 +97,8 @@ def open_database(
     from one thread at a time.
     """
     url = _checked_target(target, busy_timeout, synchronous, clock)
-    engine = _new_engine(url, busy_timeout=busy_timeout, echo=echo, clock=clock)
+    pool = _pool_args(url, pool_size, max_overflow)
+    engine = _new_engine(url, busy_timeout=busy_timeout, echo=echo, clock=clock, pool=pool)
     try:
         _set_up(engine, busy_timeout=busy_timeout, synchronous=synchronous, migrate=migrate)
     except BaseException:
@@ -168,7 +176,7 @@ def _async_store(
     (nothing connected yet): the migrations, then for a SQLite file the inline engine's
     warm-up."""
     url = _checked_target(target, busy_timeout, synchronous, clock)
-    companion = _new_engine(url, busy_timeout=busy_timeout, echo=echo, clock=clock)
+    companion = _new_engine(url, busy_timeout=busy_timeout, echo=echo, clock=clock, pool=_WORKERS)
     try:
         engine = _async_twin(url, companion, echo=echo, synchronous=synchronous)
     except BaseException:
@@ -206,6 +214,7 @@ def companion_engines(engine: AsyncEngine) -> tuple[Engine, Engine | None]:
         busy_timeout=busy_timeout_of(engine.sync_engine),
         echo=False,
         clock=clock_of(engine.sync_engine),
+        pool=_WORKERS,
     )
     prepare_engine(companion, busy_timeout=busy_timeout_of(companion))
     return companion, _inline_twin(companion, "NORMAL")
@@ -256,11 +265,38 @@ def _no_autocheckpoint(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.execute("PRAGMA wal_autocheckpoint = 0")
 
 
-def _new_engine(url: URL, *, busy_timeout: float, echo: bool, clock: Clock | None) -> Engine:
-    """The store's synchronous engine for `url` (nothing connected yet)."""
+# The asyncio API's companion engine on PostgreSQL: a pooled connection for each of the
+# bridge's worker threads (asyncbridge.POSTGRESQL_WORKERS), kept, rather than SQLAlchemy's
+# 5 kept and the rest opened and closed as overflow under load.
+_WORKERS = {"pool_size": 8, "max_overflow": 2}
+
+
+def _pool_args(url: URL, pool_size: Any, max_overflow: Any) -> dict[str, int]:
+    """`create_engine`'s pool arguments from `open_database`'s, checked."""
+    given = {"pool_size": pool_size, "max_overflow": max_overflow}
+    pool = {name: value for name, value in given.items() if value is not None}
+    if pool and url.get_backend_name() != "postgresql":
+        raise ValueError(
+            f"{', '.join(pool)}: PostgreSQL only (a SQLite store keeps one connection per thread)"
+        )
+    for name, value in pool.items():
+        check_int(name, value, minimum=1 if name == "pool_size" else 0)
+    return pool
+
+
+def _new_engine(
+    url: URL,
+    *,
+    busy_timeout: float,
+    echo: bool,
+    clock: Clock | None,
+    pool: dict[str, int] | None = None,
+) -> Engine:
+    """The store's synchronous engine for `url` (nothing connected yet); `pool` sizes a
+    PostgreSQL engine's pool (ignored on SQLite)."""
     if url.get_backend_name() == "postgresql":
         url, connect_args, choose_prepare = _psycopg_url(url)
-        engine = create_engine(url, echo=echo, connect_args=connect_args)
+        engine = create_engine(url, echo=echo, connect_args=connect_args, **(pool or {}))
         _on_connect(engine, choose_prepare=choose_prepare)
         _ping_when_idle(engine)
     else:
