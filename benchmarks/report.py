@@ -1045,10 +1045,11 @@ the machine's own, on loopback); each store in a schema of its own on it.
 - **floor**: psycopg 3 running the very SQL text our repository runs on PostgreSQL
   (imported from `aisopod_session.statements`, compiled for PostgreSQL), every hot
   statement prepared, on one open connection in autocommit, in the repository's
-  transaction shapes: a write is `BEGIN; SET LOCAL lock_timeout`, the session's row
-  locked with the server's time read after the lock, the counters, the rows, `COMMIT`;
-  a read or a `get_or_create` of an existing key is one statement, outside a
-  transaction; rows decoded into plain tuples (`benchmarks/floor_postgresql.py`);
+  transaction shapes: an append is `BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL
+  lock_timeout` (one round trip), one statement (the session's row locked, the server's
+  time read after the lock, the counters, the rows), `COMMIT`; a read or a
+  `get_or_create` of an existing key is one statement, outside a transaction; rows
+  decoded into plain tuples (`benchmarks/floor_postgresql.py`);
 - **ours**: `SessionRepository` on `open_database(url)`, and `AsyncSessionRepository`
   on `open_async_database(url)` (scenarios 1 and 3, every call on a worker thread);
 - **peers** on the same server through their public APIs: openai-agents
@@ -1169,14 +1170,12 @@ WHY = {
     "pg peer 1": _PG_COMMIT,
     "pg peer 2": _PG_COMMIT + " A batch of 50 is still one flush for every store.",
     "pg peer 3": (
-        "The newest 50 are read with the same statement the floor runs (in brackets, its "
-        "own lead over the peer): on PostgreSQL the plan reads every message of the "
-        "session and keeps the newest 50 with a top-N sort, because the messages' index "
-        "there is on `session_id` alone, which gives no id order (EXPLAIN ANALYZE on a "
-        "session of 10 000: a scan of the 10 000 rows and a top-N heapsort, 3.7 ms on the "
-        "server). The time grows with the session's length, not with the store. An index "
-        "on `(session_id, id)` would make it an index range read of 50 rows; that is a "
-        "migration of the store, not done in this round."
+        "The newest 50 are one statement, the floor's own, read off migration 5's "
+        "`(session_id, id)` index from its end (see its plan: 50 rows, no sort, whatever "
+        "the session's length). The peer's read is one indexed statement too, so a round "
+        "trip and 50 rows decoded bound both: in brackets, the floor's own lead over the "
+        "peer, which ours (the pool's check-out and 50 `Message` objects on top) cannot "
+        "exceed."
     ),
     "pg floor 1": (
         "Ours takes a pooled connection per call (SQLAlchemy's pool check-out and "
