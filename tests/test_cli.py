@@ -991,3 +991,42 @@ def test_prune_and_export_take_metadata_filters(store: Path, tmp_path: Path) -> 
         "--dry-run", "--json",
     )  # fmt: skip
     assert report["sessions"] == 0  # just written: not old
+
+
+# --- the operator's side: -h, enums in any case, errors in the command's own words -------
+
+
+def test_dash_h_is_help_on_every_command() -> None:
+    assert "Usage: aisopod-session [OPTIONS] COMMAND" in ok("-h")
+    assert "Usage: aisopod-session sessions list [OPTIONS]" in ok("sessions", "list", "-h")
+    assert "--overwrite" in ok("copy", "-h")
+
+
+def test_enum_options_take_any_case_as_the_api_does(store: Path) -> None:
+    listed = as_json("--db", str(store), "sessions", "list", "--peer-kind", "DM")
+    assert [s["key"] for s in listed] == [str(TELEGRAM)]
+    assert as_json("--db", str(store), "sessions", "list", "--status", "Idle") == as_json(
+        "--db", str(store), "sessions", "list", "--status", "idle"
+    )
+    hits = as_json("--db", str(store), "search", "oslo", "--role", "USER")
+    assert {hit["role"] for hit in hits} == {"user"}
+
+
+def test_a_bad_key_is_one_line_in_the_commands_own_words(store: Path) -> None:
+    said = failed("--db", str(store), "sessions", "show", "a:b:c:d:e")
+    assert said.endswith("peer_kind: must be one of dm, group, channel, thread; got 'd'"), said
+    for framing in ("validation error", "pydantic", "[type=", "Value error"):
+        assert framing not in said
+
+
+def test_copying_into_a_store_that_holds_sessions_names_the_flag(
+    store: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "copy.db"
+    ok("--db", str(store), "copy", "--to", str(target))
+    said = failed("--db", str(store), "copy", "--to", str(target))
+    assert "already holds 3 session(s): pass --overwrite to replace them" in said
+    assert "overwrite=True" not in said
+    assert "Copied 3 session(s)" in ok(
+        "--db", str(store), "copy", "--to", str(target), "--overwrite"
+    )

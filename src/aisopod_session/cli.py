@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 DATABASE_ENV = "AISOPOD_SESSION_DB"
 DEFAULT_DATABASE = "aisopod-sessions.db"
 
+# `-h` as well as `--help`, on every command.
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     name="aisopod-session",
     help="Inspect, export, import and maintain an aisopod session store.",
@@ -50,10 +52,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings=_CONTEXT,
 )
 sessions_app = typer.Typer(
     help="List, show and delete sessions (and compact, reset, prune, mark-idle).",
     no_args_is_help=True,
+    context_settings=_CONTEXT,
 )
 app.add_typer(sessions_app, name="sessions")
 
@@ -270,6 +274,11 @@ def friendly(command: F) -> F:
     return run  # type: ignore[return-value]
 
 
+def _own_words(message: str) -> str:
+    """A pydantic error's message without pydantic's framing (`Value error, `)."""
+    return message.removeprefix("Value error, ")
+
+
 def one_line(exc: Exception) -> str:
     """What went wrong, in one line."""
     from pydantic import ValidationError
@@ -278,7 +287,7 @@ def one_line(exc: Exception) -> str:
 
     if isinstance(exc, ValidationError):
         return "; ".join(
-            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            f"{'.'.join(str(part) for part in error['loc'])}: {_own_words(error['msg'])}"
             for error in exc.errors()
         )
     if isinstance(exc, UserError | SessionStoreError | ValueError | OSError):
@@ -464,7 +473,8 @@ def find_session(repo: SessionRepository, key_or_id: str) -> Session:
         key = SessionKey.parse(text)
     except ValueError as exc:
         raise UserError(
-            f"{text!r} is neither a session id nor a key (agent:channel:account:kind:peer): {exc}"
+            f"{text!r} is neither a session id nor a key (agent:channel:account:kind:peer): "
+            f"{one_line(exc)}"
         ) from None
     found = repo.get(key)
     if found is None:
@@ -711,10 +721,14 @@ def size_text(size: int | None) -> str:
 AgentOption = Annotated[str | None, typer.Option("--agent-id", help="Only this agent's.")]
 ChannelOption = Annotated[str | None, typer.Option("--channel", help="Only this channel's.")]
 AccountOption = Annotated[str | None, typer.Option("--account-id", help="Only this account's.")]
-PeerKindOption = Annotated[PeerKind | None, typer.Option("--peer-kind", help="Only this kind.")]
+# Enum values in any case, as the API takes them (`--peer-kind DM`).
+PeerKindOption = Annotated[
+    PeerKind | None, typer.Option("--peer-kind", case_sensitive=False, help="Only this kind.")
+]
 PeerOption = Annotated[str | None, typer.Option("--peer-id", help="Only this peer's.")]
 StatusOption = Annotated[
-    SessionStatus | None, typer.Option("--status", help="Only sessions in this status.")
+    SessionStatus | None,
+    typer.Option("--status", case_sensitive=False, help="Only sessions in this status."),
 ]
 # A time: ISO-8601 (UTC without an offset) or a duration ago (`30d`); see `parse_time`.
 CreatedAfter = Annotated[str | None, typer.Option(metavar="TIME", help="Created after TIME.")]
@@ -1412,7 +1426,10 @@ def search(
     updated_before: UpdatedBefore = None,
     meta: MetaOption = None,
     role: Annotated[
-        list[Role] | None, typer.Option("--role", help="Only messages of this role; repeatable.")
+        list[Role] | None,
+        typer.Option(
+            "--role", case_sensitive=False, help="Only messages of this role; repeatable."
+        ),
     ] = None,
     limit: Annotated[int, integer_option(0, "At most this many hits.")] = 20,
     db: DbOption = None,
@@ -1732,6 +1749,7 @@ def copy(
     """Copy the whole store into another one (a SQLite file into PostgreSQL, say), ids
     included."""
     from aisopod_session.copying import copy_database
+    from aisopod_session.repository import SessionRepository
 
     source = target_of(ctx, db)
     refuse_copy_into_itself(source, to)
@@ -1740,6 +1758,12 @@ def copy(
         opened(to, create=True, migrate=True) as target,
         progress_bar("copying", None) as report,
     ):
+        present = 0 if overwrite else SessionRepository(target).count_sessions()
+        if present:
+            raise UserError(
+                f"{shown_target(to)} already holds {present:,} session(s): pass --overwrite "
+                "to replace them"
+            )
         result = copy_database(
             repo.engine,
             target,
