@@ -301,7 +301,7 @@ def fill_messages(path: Path, sessions: int, per_session: int) -> None:
                 "INSERT INTO messages (session_id, role, content, tool_calls, created_at) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (
-                    (session_id, role, floor._dumps(content), floor._json(calls), stamp)
+                    (session_id, role, floor.dumps(content), floor.json_or_none(calls), stamp)
                     for role, content, calls in map(spec, range(per_session))
                 ),
             )

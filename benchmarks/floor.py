@@ -57,12 +57,12 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _dumps(value: Any) -> str:
+def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
-def _json(value: Any) -> str | None:
-    return None if value is None else _dumps(value)
+def json_or_none(value: Any) -> str | None:
+    return None if value is None else dumps(value)
 
 
 def append(
@@ -98,7 +98,7 @@ def append(
         session_id = found[0]
         values: list[Any] = []
         for role, content, tool_calls in batch:
-            values += (session_id, role, _dumps(content), _json(tool_calls), now_text, "{}")
+            values += (session_id, role, dumps(content), json_or_none(tool_calls), now_text, "{}")
         ids = sorted(r[0] for r in conn.execute(insert_messages(len(batch)).sqlite.text, values))
         conn.execute("COMMIT")
     except BaseException:
@@ -115,6 +115,12 @@ def read_newest(
 ) -> list[tuple[Any, ...]]:
     """`get_history(key, limit=limit)`: one statement, rows decoded, oldest first."""
     rows = conn.execute(NEWEST.text, (*key, limit, 0)).fetchall()
+    return decode_newest(rows)
+
+
+def decode_newest(rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    """The rows of `history(newest_first=True, …)` as message tuples, oldest first;
+    `LookupError` if there are none (no session)."""
     if not rows:
         raise LookupError("no session")
     messages = [
@@ -134,7 +140,7 @@ def read_newest(
     return messages
 
 
-def _session(row: Sequence[Any]) -> tuple[Any, ...]:
+def decode_session(row: Sequence[Any]) -> tuple[Any, ...]:
     values = list(row)
     values[6] = datetime.fromisoformat(values[6])
     values[7] = datetime.fromisoformat(values[7])
@@ -149,10 +155,10 @@ def get_session(conn: sqlite3.Connection, key: tuple[str, ...]) -> tuple[Any, ..
     row = conn.execute(SELECT_SESSION.sqlite.text, key).fetchone()
     if row is None:
         raise LookupError("no session")
-    return _session(row)
+    return decode_session(row)
 
 
 def list_for_agent(conn: sqlite3.Connection, agent: str, limit: int) -> list[tuple[Any, ...]]:
     """`list_sessions({"agent_id": agent}, limit=limit)`, decoded."""
     rows = conn.execute(LIST_FOR_AGENT.text, (agent, limit, 0))
-    return [_session(row) for row in rows]
+    return [decode_session(row) for row in rows]

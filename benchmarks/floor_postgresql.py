@@ -25,7 +25,6 @@ them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -44,6 +43,7 @@ from aisopod_session.statements import (
     history,
     list_sessions,
 )
+from benchmarks.floor import MessageSpec, decode_newest, decode_session, dumps, json_or_none
 
 POSTGRESQL: Dialect = PGDialect_psycopg()  # type: ignore[no-untyped-call]
 """The dialect `Query.on` compiles for (it picks `%s` parameters itself)."""
@@ -51,8 +51,6 @@ POSTGRESQL: Dialect = PGDialect_psycopg()  # type: ignore[no-untyped-call]
 _MAX = 2**63 - 1
 _MAX_MESSAGE_COUNT = 2**31 - 1  # PostgreSQL's message_count is an INTEGER
 
-# (role, content, tool_calls) of one message to append
-MessageSpec = tuple[str, Any, Any]
 
 BEGIN_WRITE = (
     "BEGIN ISOLATION LEVEL READ COMMITTED; "
@@ -89,14 +87,6 @@ def connect(url: str) -> psycopg.Connection[Any]:
     return psycopg.connect(conninfo(url), autocommit=True)
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else _dumps(value)
-
-
 # --- writes ---------------------------------------------------------------------------
 
 
@@ -131,7 +121,7 @@ def append(
         _MAX,
     ]
     for role, content, tool_calls in batch:
-        values += (role, _dumps(content), _json(tool_calls), "{}")
+        values += (role, dumps(content), json_or_none(tool_calls), "{}")
     statement = append_in_one(added).on(POSTGRESQL).text
     with _write(conn):
         found = conn.execute(statement, values, prepare=True).fetchone()
@@ -148,22 +138,12 @@ def append(
 # --- sessions ------------------------------------------------------------------------
 
 
-def _session(row: Sequence[Any]) -> tuple[Any, ...]:
-    values = list(row)
-    values[6] = datetime.fromisoformat(values[6])
-    values[7] = datetime.fromisoformat(values[7])
-    values[10] = json.loads(values[10])
-    if values[13] is not None:  # last_compacted_at
-        values[13] = datetime.fromisoformat(values[13])
-    return tuple(values)
-
-
 def get_session(conn: psycopg.Connection[Any], key: tuple[str, ...]) -> tuple[Any, ...]:
     """`get_or_create` of an existing key: the one `SELECT`, decoded."""
     row = conn.execute(SELECT.text, key, prepare=True).fetchone()
     if row is None:
         raise LookupError("no session")
-    return _session(row)
+    return decode_session(row)
 
 
 def create_session(conn: psycopg.Connection[Any], key: tuple[str, ...]) -> tuple[Any, ...]:
@@ -175,19 +155,19 @@ def create_session(conn: psycopg.Connection[Any], key: tuple[str, ...]) -> tuple
         row = conn.execute(SELECT.text, key, prepare=True).fetchone()
     if row is None:
         raise LookupError("the session was deleted as it was made")
-    return _session(row)
+    return decode_session(row)
 
 
 def get_or_create(conn: psycopg.Connection[Any], key: tuple[str, ...]) -> tuple[Any, ...]:
     """`get_or_create`: one `SELECT` for an existing key, else `create_session`."""
     row = conn.execute(SELECT.text, key, prepare=True).fetchone()
-    return _session(row) if row is not None else create_session(conn, key)
+    return decode_session(row) if row is not None else create_session(conn, key)
 
 
 def list_for_agent(conn: psycopg.Connection[Any], agent: str, limit: int) -> list[tuple[Any, ...]]:
     """`list_sessions({"agent_id": agent}, limit=limit)`, decoded."""
     rows = conn.execute(LIST_FOR_AGENT.text, (agent, limit, 0), prepare=True)
-    return [_session(row) for row in rows]
+    return [decode_session(row) for row in rows]
 
 
 # --- reads ---------------------------------------------------------------------------
@@ -198,21 +178,4 @@ def read_newest(
 ) -> list[tuple[Any, ...]]:
     """`get_history(key, limit=limit)`: one statement, rows decoded, oldest first."""
     values = NEWEST.bind({**dict(zip(KEY, key, strict=True)), "limit": limit, "offset": 0})
-    rows = conn.execute(NEWEST.text, values, prepare=True).fetchall()
-    if not rows:
-        raise LookupError("no session")
-    messages = [
-        (
-            message_id,
-            session_id,
-            role,
-            json.loads(content),
-            None if tool_calls is None else json.loads(tool_calls),
-            datetime.fromisoformat(created_at),
-            json.loads(metadata),
-        )
-        for _, message_id, session_id, role, content, tool_calls, created_at, metadata in rows
-        if message_id is not None
-    ]
-    messages.reverse()
-    return messages
+    return decode_newest(conn.execute(NEWEST.text, values, prepare=True).fetchall())

@@ -50,6 +50,7 @@ from aisopod_session import (
 )
 from aisopod_session.statements import KEY as KEY_NAMES
 from aisopod_session.statements import append_in_one
+from benchmarks import floor
 from benchmarks import floor_postgresql as pg_floor
 from benchmarks.bench import (
     BATCH,
@@ -260,8 +261,8 @@ def fill_messages(url: str, sessions: int, per_session: int) -> None:
                             (
                                 session_id,
                                 role,
-                                pg_floor._dumps(content),
-                                pg_floor._json(calls),
+                                floor.dumps(content),
+                                floor.json_or_none(calls),
                                 stamp,
                                 "{}",
                             )

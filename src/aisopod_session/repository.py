@@ -623,18 +623,7 @@ class SessionRepository:
         """PostgreSQL on its own clock: `_append` as one statement (`append_in_one`) in a
         write transaction; None when it wrote nothing (no session, or no room)."""
         added = len(rows)
-        total, given_in, given_out = counts
-        values: list[Any] = [
-            *key.parts(),
-            added,
-            total,
-            given_in,
-            given_out,
-            self._max_count - added,
-            _MAX_BIGINT - total,
-            _MAX_BIGINT - given_in,
-            _MAX_BIGINT - given_out,
-        ]
+        values: list[Any] = [*key.parts(), *self._counters(added, counts)]
         for role, _, _, _, content, calls, meta in rows:
             values += (role.value, content, calls, meta)
         with self._path.transaction("append_messages", "IMMEDIATE") as conn:
@@ -649,6 +638,21 @@ class SessionRepository:
             for message_id, (role, content, calls, meta, *_) in zip(ids, rows, strict=True)
         ]
 
+    def _counters(self, added: int, counts: _Tokens) -> tuple[int, ...]:
+        """What an append adds to the session's four counters, then the room each must
+        have left for it (`statements._COUNTERS`)."""
+        total, given_in, given_out = counts
+        return (
+            added,
+            total,
+            given_in,
+            given_out,
+            self._max_count - added,
+            _MAX_BIGINT - total,
+            _MAX_BIGINT - given_in,
+            _MAX_BIGINT - given_out,
+        )
+
     def _insert(
         self, conn: Any, key: SessionKey, rows: list[_Row], counts: _Tokens, now: str
     ) -> tuple[int, list[int]]:
@@ -656,19 +660,9 @@ class SessionRepository:
         session's id and the new ids in row order. Refused (no room, no session) before
         any row is inserted."""
         added = len(rows)
-        total, given_in, given_out = counts
-        counters = (
-            added,
-            total,
-            given_in,
-            given_out,
-            *key.parts(),
-            self._max_count - added,
-            _MAX_BIGINT - total,
-            _MAX_BIGINT - given_in,
-            _MAX_BIGINT - given_out,
-        )
-        found = conn.execute(self._text(COUNT_APPEND), (now, *counters)).fetchone()
+        counters = self._counters(added, counts)
+        params = (now, *counters[:4], *key.parts(), *counters[4:])
+        found = conn.execute(self._text(COUNT_APPEND), params).fetchone()
         if found is None:
             raise self._refused_append(conn, key, added, counts)
         session_id = found[0]

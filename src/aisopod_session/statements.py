@@ -451,34 +451,16 @@ _ADD = {
     "output_tokens": col(Session.output_tokens) + bindparam("output", type_=BigInteger),
     "status": literal_column(f"'{SessionStatus.ACTIVE.value}'"),
 }
-_COUNTERS = (
-    "added",
-    "tokens",
-    "input",
-    "output",
-    "count_room",
-    "token_room",
-    "input_room",
-    "output_room",
-)
+_ADDED = ("added", "tokens", "input", "output")
+_ROOMS = ("count_room", "token_room", "input_room", "output_room")
+_COUNTERS = (*_ADDED, *_ROOMS)
 """The parameters of `_ADD` then `_ROOM`, in the order they bind."""
 COUNT_APPEND = query(
     update(Session)
     .where(_BY_KEY, *_ROOM)
     .values(**_ADD, updated_at=bindparam("now"))
     .returning(col(Session.id)),
-    (
-        "now",
-        "added",
-        "tokens",
-        "input",
-        "output",
-        *KEY,
-        "count_room",
-        "token_room",
-        "input_room",
-        "output_room",
-    ),
+    ("now", *_ADDED, *KEY, *_ROOMS),
 )
 """Add to a session's counters, if they have room, and make it active; its id, or no
 row when there is no such session or no room."""
