@@ -47,10 +47,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from aisopod_session import (
@@ -390,17 +391,44 @@ class Bench:
             except NotSupported as exc:
                 scenario.missing[peer.name] = str(exc) or "not in its public API"
 
+    # Where scenarios 1-6 run: SQLite files here; PostgreSQL schemas in
+    # `postgresql.PostgresBench`, which overrides these and runs the same scenarios.
+    floor: ModuleType = floor
+
+    def backend_store(self, name: str) -> AbstractContextManager[tuple[Any, SessionRepository]]:
+        """A new store holding the empty session `KEY`: its target and our repository."""
+        return store(self.folder, name)
+
+    def backend_async_store(
+        self, runner: asyncio.Runner, target: Any
+    ) -> AbstractContextManager[AsyncSessionRepository]:
+        return async_store(runner, target)
+
+    def floor_connect(self, target: Any) -> Any:
+        """The floor's one connection to the store at `target`."""
+        return floor.connect(target)
+
+    def fill_messages(self, target: Any, sessions: int, per_session: int) -> None:
+        fill_messages(target, sessions, per_session)
+
+    def fill_sessions(self, target: Any, sessions: int, agents: int) -> None:
+        fill_sessions(target, sessions, agents)
+
+    def read_plans(self, conn: Any) -> None:
+        """The hot queries' plans, read on the floor's connection to the largest growth
+        store (SQLite's are read by `query_plans` at the end of the run instead)."""
+
     def append_one(self) -> Scenario:
         scenario = Scenario(1, "append one message per transaction")
         count = self.count(10_000)
         with (
             asyncio.Runner() as runner,
-            store(self.folder, "s1-floor") as (floor_path, _),
-            store(self.folder, "s1-ours") as (_, repository),
-            store(self.folder, "s1-ours-async") as (async_path, checker),
-            async_store(runner, async_path) as async_repository,
+            self.backend_store("s1-floor") as (floor_path, _),
+            self.backend_store("s1-ours") as (_, repository),
+            self.backend_store("s1-ours-async") as (async_path, checker),
+            self.backend_async_store(runner, async_path) as async_repository,
         ):
-            conn = floor.connect(floor_path)
+            conn = self.floor_connect(floor_path)
 
             def ours(i: int) -> object:
                 role, content, calls = spec(i)
@@ -417,7 +445,7 @@ class Bench:
             scenario.stats.update(
                 measure_together(
                     {
-                        "floor": lambda i: floor.append(conn, KEY_PARAMS, [spec(i)], TOKENS),
+                        "floor": lambda i: self.floor.append(conn, KEY_PARAMS, [spec(i)], TOKENS),
                         "ours": ours,
                         ASYNC: ours_async,
                     },
@@ -446,11 +474,11 @@ class Bench:
         messages = [[NewMessage(*message) for message in batch] for batch in batches]
         making = "ours, making the 50 NewMessage objects in the call"
         with (
-            store(self.folder, "s2-floor") as (floor_path, _),
-            store(self.folder, "s2-ours") as (_, repository),
-            store(self.folder, "s2-ours-new") as (_, making_repository),
+            self.backend_store("s2-floor") as (floor_path, _),
+            self.backend_store("s2-ours") as (_, repository),
+            self.backend_store("s2-ours-new") as (_, making_repository),
         ):
-            conn = floor.connect(floor_path)
+            conn = self.floor_connect(floor_path)
 
             def making_them(i: int) -> object:
                 made = [NewMessage(*message) for message in batches[i % 4]]
@@ -458,7 +486,7 @@ class Bench:
 
             results = measure_together(
                 {
-                    "floor": lambda i: floor.append(conn, KEY_PARAMS, batches[i % 4], TOKENS),
+                    "floor": lambda i: self.floor.append(conn, KEY_PARAMS, batches[i % 4], TOKENS),
                     "ours": lambda i: repository.append_messages(
                         KEY, messages[i % 4], tokens=TOKENS
                     ),
@@ -482,15 +510,15 @@ class Bench:
         size = self.size(10_000)
         scenario = Scenario(3, f"read the newest {LIMIT} of {size:,} messages")
         count = self.count(1000)
-        with asyncio.Runner() as runner, store(self.folder, "s3") as (path, repository):
-            fill_messages(path, 1, size)
-            conn = floor.connect(path)
-            check_same_history(floor.read_newest(conn, KEY_PARAMS, LIMIT), repository)
-            with async_store(runner, path) as async_repository:
+        with asyncio.Runner() as runner, self.backend_store("s3") as (path, repository):
+            self.fill_messages(path, 1, size)
+            conn = self.floor_connect(path)
+            check_same_history(self.floor.read_newest(conn, KEY_PARAMS, LIMIT), repository)
+            with self.backend_async_store(runner, path) as async_repository:
                 scenario.stats.update(
                     measure_together(
                         {
-                            "floor": lambda _: floor.read_newest(conn, KEY_PARAMS, LIMIT),
+                            "floor": lambda _: self.floor.read_newest(conn, KEY_PARAMS, LIMIT),
                             "ours": lambda _: repository.get_history(KEY, limit=LIMIT),
                             ASYNC: lambda _: async_repository.get_history(KEY, limit=LIMIT),
                         },
@@ -511,13 +539,13 @@ class Bench:
     def get_existing(self) -> Scenario:
         scenario = Scenario(4, "get_or_create of an existing key")
         count = self.count(5000)
-        with store(self.folder, "s4") as (path, repository):
-            fill_messages(path, 100, 10)
-            conn = floor.connect(path)
+        with self.backend_store("s4") as (path, repository):
+            self.fill_messages(path, 100, 10)
+            conn = self.floor_connect(path)
             scenario.stats.update(
                 measure_together(
                     {
-                        "floor": lambda _: floor.get_session(conn, KEY_PARAMS),
+                        "floor": lambda _: self.floor.get_session(conn, KEY_PARAMS),
                         "ours": lambda _: repository.get_or_create(KEY),
                     },
                     count,
@@ -539,13 +567,13 @@ class Bench:
             5, f"list_sessions of one agent, page of {LIMIT}, {sessions:,} sessions"
         )
         count = self.count(300)
-        with store(self.folder, "s5") as (path, repository):
-            fill_sessions(path, sessions, agents)
-            conn = floor.connect(path)
+        with self.backend_store("s5") as (path, repository):
+            self.fill_sessions(path, sessions, agents)
+            conn = self.floor_connect(path)
             scenario.stats.update(
                 measure_together(
                     {
-                        "floor": lambda _: floor.list_for_agent(conn, "agent-3", LIMIT),
+                        "floor": lambda _: self.floor.list_for_agent(conn, "agent-3", LIMIT),
                         "ours": lambda _: repository.list_sessions(
                             {"agent_id": "agent-3"}, limit=LIMIT
                         ),
@@ -588,22 +616,28 @@ class Bench:
         return measure_postgresql(self, with_peers)
 
     def growth(self) -> list[Scenario]:
-        """Scenarios 3 and 4 as the store grows; sessions of 1 000 messages each."""
+        """Scenarios 3 and 4 as the store grows; sessions of 1 000 messages each. The hot
+        queries' plans are read in the largest store (`read_plans`)."""
         sizes = [1000, self.size(100_000), self.size(1_000_000)]
-        return [self.grown(size, self.count(1000)) for size in sizes]
+        return [
+            self.grown(size, self.count(1000), plans=index == len(sizes) - 1)
+            for index, size in enumerate(sizes)
+        ]
 
-    def grown(self, size: int, count: int) -> Scenario:
+    def grown(self, size: int, count: int, *, plans: bool = False) -> Scenario:
         scenario = Scenario(6, f"{size:,} messages")
-        with store(self.folder, f"s6-{size}") as (path, repository):
-            fill_messages(path, max(1, size // 1000), min(size, 1000))
-            conn = floor.connect(path)
+        with self.backend_store(f"s6-{size}") as (path, repository):
+            self.fill_messages(path, max(1, size // 1000), min(size, 1000))
+            conn = self.floor_connect(path)
+            if plans:
+                self.read_plans(conn)
             scenario.stats.update(
                 measure_together(
                     {
-                        "floor: read newest 50": lambda _: floor.read_newest(
+                        "floor: read newest 50": lambda _: self.floor.read_newest(
                             conn, KEY_PARAMS, LIMIT
                         ),
-                        "floor: get_or_create": lambda _: floor.get_session(conn, KEY_PARAMS),
+                        "floor: get_or_create": lambda _: self.floor.get_session(conn, KEY_PARAMS),
                         "ours: read newest 50": lambda _: repository.get_history(KEY, limit=LIMIT),
                         "ours: get_or_create": lambda _: repository.get_or_create(KEY),
                     },

@@ -11,9 +11,7 @@ transaction shapes (`SessionRepository` on PostgreSQL, on the server's clock):
   time after it, the counters and the rows) in a write transaction: `BEGIN ISOLATION
   LEVEL READ COMMITTED; SET LOCAL lock_timeout = …` (one round trip), the statement,
   `COMMIT`;
-- `get_or_create` of an existing key is the one `SELECT`; a new key is that `SELECT`,
-  then one `INSERT … ON CONFLICT DO NOTHING` stamped by the server (`create_in_one`) in
-  a write transaction, then a `SELECT` if another writer won;
+- `get_or_create` of an existing key is the one `SELECT` (`get_session`);
 - a read is one statement, outside any transaction.
 
 It encodes and decodes the same values our API takes and returns (JSON text, aware
@@ -39,7 +37,6 @@ from aisopod_session.statements import (
     KEY,
     SELECT_SESSION,
     append_in_one,
-    create_in_one,
     history,
     list_sessions,
 )
@@ -59,16 +56,11 @@ BEGIN_WRITE = (
 """What the repository's write transactions begin with on PostgreSQL
 (`connections.server_begin`, `busy_timeout` of `open_database`'s default)."""
 
-CREATE = create_in_one().on(POSTGRESQL)
 SELECT = SELECT_SESSION.on(POSTGRESQL)
 NEWEST = history(newest_first=True, limit=True, after=False, before=False).on(POSTGRESQL)
 LIST_FOR_AGENT = list_sessions(("agent_id",), count=False).on(POSTGRESQL)
 # The floor binds tuples in these orders, as the repository does for its fixed statements.
-if (
-    SELECT.names != KEY
-    or CREATE.names != KEY
-    or LIST_FOR_AGENT.names != ("agent_id", "limit", "offset")
-):
+if SELECT.names != KEY or LIST_FOR_AGENT.names != ("agent_id", "limit", "offset"):
     raise RuntimeError("a statement's parameters changed order: update floor_postgresql.py")
 
 
@@ -144,24 +136,6 @@ def get_session(conn: psycopg.Connection[Any], key: tuple[str, ...]) -> tuple[An
     if row is None:
         raise LookupError("no session")
     return decode_session(row)
-
-
-def create_session(conn: psycopg.Connection[Any], key: tuple[str, ...]) -> tuple[Any, ...]:
-    """`get_or_create`'s write for a new key: `create_in_one` in a write transaction,
-    and the `SELECT` if another writer made it since."""
-    with _write(conn):
-        row = conn.execute(CREATE.text, key, prepare=True).fetchone()
-    if row is None:
-        row = conn.execute(SELECT.text, key, prepare=True).fetchone()
-    if row is None:
-        raise LookupError("the session was deleted as it was made")
-    return decode_session(row)
-
-
-def get_or_create(conn: psycopg.Connection[Any], key: tuple[str, ...]) -> tuple[Any, ...]:
-    """`get_or_create`: one `SELECT` for an existing key, else `create_session`."""
-    row = conn.execute(SELECT.text, key, prepare=True).fetchone()
-    return decode_session(row) if row is not None else create_session(conn, key)
 
 
 def list_for_agent(conn: psycopg.Connection[Any], agent: str, limit: int) -> list[tuple[Any, ...]]:

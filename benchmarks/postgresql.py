@@ -29,10 +29,10 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
+from types import ModuleType
 from typing import Any
 
 import psycopg
@@ -42,7 +42,6 @@ from sqlalchemy.pool import Pool
 
 from aisopod_session import (
     AsyncSessionRepository,
-    NewMessage,
     SessionKey,
     SessionRepository,
     open_async_database,
@@ -53,25 +52,17 @@ from aisopod_session.statements import append_in_one
 from benchmarks import floor
 from benchmarks import floor_postgresql as pg_floor
 from benchmarks.bench import (
-    BATCH,
     KEY,
     KEY_PARAMS,
     LIMIT,
     PEER_SESSION,
     TOKENS,
-    WARMUP,
     Bench,
     Scenario,
     Stats,
-    check_counter,
-    check_same_history,
-    fill_peer,
-    measure,
-    measure_together,
     run,
     spec,
 )
-from benchmarks.report import ASYNC
 
 POSTGRES_ENV = "AISOPOD_BENCH_POSTGRES_URL"
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
@@ -306,14 +297,16 @@ def fill_sessions(url: str, sessions: int, agents: int) -> None:
 # --- the scenarios ----------------------------------------------------------------------
 
 
-@dataclass
-class PostgresBench:
-    """The PostgreSQL half's measurements, sized by `bench` (`count`, `size`)."""
+class PostgresBench(Bench):
+    """The PostgreSQL half: `Bench`'s scenarios 1-6 on PostgreSQL schemas (its store,
+    floor and peer hooks overridden), then the concurrent writers; sized as `bench`."""
 
-    bench: Bench
-    server: Server
-    peers: list[Any]
-    plans: dict[str, list[str]] = field(default_factory=dict)
+    floor: ModuleType = pg_floor
+
+    def __init__(self, bench: Bench, server: Server, peers: list[Any]) -> None:
+        super().__init__(bench.folder, bench.scale, peers)
+        self.server = server
+        self.plans: dict[str, list[str]] = {}
 
     def run(self) -> dict[str, Any]:
         """Every PostgreSQL scenario; the results `Report.postgresql` takes."""
@@ -341,6 +334,27 @@ class PostgresBench:
         results["seconds"] = round(time.perf_counter() - began, 1)
         return results
 
+    # Bench's hooks, for schemas of the server
+    def backend_store(self, name: str) -> AbstractContextManager[tuple[Any, SessionRepository]]:
+        return self.server.store(name)
+
+    def backend_async_store(
+        self, runner: asyncio.Runner, target: Any
+    ) -> AbstractContextManager[AsyncSessionRepository]:
+        return async_store(runner, target)
+
+    def floor_connect(self, target: Any) -> Any:
+        return pinned(pg_floor.connect(target))
+
+    def fill_messages(self, target: Any, sessions: int, per_session: int) -> None:
+        fill_messages(target, sessions, per_session)
+
+    def fill_sessions(self, target: Any, sessions: int, agents: int) -> None:
+        fill_sessions(target, sessions, agents)
+
+    def read_plans(self, conn: Any) -> None:
+        self.plans = query_plans(conn)
+
     # each peer in a schema of its own, with a session to work on
     @contextmanager
     def peer_store(self, peer: Any, name: str) -> Iterator[None]:
@@ -352,223 +366,6 @@ class PostgresBench:
             finally:
                 peer.close()
 
-    def on_peers(self, scenario: Scenario, measure_peer: Callable[[Any], Stats]) -> None:
-        from benchmarks.peers import NotSupported
-
-        for peer in self.peers:
-            try:
-                scenario.stats[peer.name] = measure_peer(peer)
-            except NotSupported as exc:
-                scenario.missing[peer.name] = str(exc) or "not in its public API"
-
-    def append_one(self) -> Scenario:
-        scenario = Scenario(1, "append one message per transaction")
-        count = self.bench.count(10_000)
-        with (
-            asyncio.Runner() as runner,
-            self.server.store("s1_floor") as (floor_url, _),
-            self.server.store("s1_ours") as (_, repository),
-            self.server.store("s1_async") as (async_url, checker),
-            async_store(runner, async_url) as async_repository,
-        ):
-            conn = pinned(pg_floor.connect(floor_url))
-
-            def ours(i: int) -> object:
-                role, content, calls = spec(i)
-                return repository.append_message(
-                    KEY, role, content, tool_calls=calls, tokens=TOKENS
-                )
-
-            def ours_async(i: int) -> Coroutine[Any, Any, object]:
-                role, content, calls = spec(i)
-                return async_repository.append_message(
-                    KEY, role, content, tool_calls=calls, tokens=TOKENS
-                )
-
-            scenario.stats.update(
-                measure_together(
-                    {
-                        "floor": lambda i: pg_floor.append(conn, KEY_PARAMS, [spec(i)], TOKENS),
-                        "ours": ours,
-                        ASYNC: ours_async,
-                    },
-                    count,
-                    runner,
-                )
-            )
-            conn.close()
-            check_counter(repository, count + WARMUP)
-            check_counter(checker, count + WARMUP)
-
-        def peer_append(peer: Any) -> Stats:
-            with self.peer_store(peer, "s1"):
-                return measure(lambda i: peer.append_one(PEER_SESSION, *spec(i)[:2]), count)
-
-        self.on_peers(scenario, peer_append)
-        return scenario
-
-    def append_batch(self) -> Scenario:
-        scenario = Scenario(2, f"append batches of {BATCH} messages per transaction")
-        count = self.bench.count(200, minimum=20)
-        batches = [[spec(i * BATCH + j) for j in range(BATCH)] for i in range(4)]
-        # As on SQLite: the floor is handed tuples, ours ready NewMessage objects; a third
-        # contender shows the cost of making them in the timed call too.
-        messages = [[NewMessage(*message) for message in batch] for batch in batches]
-        making = "ours, making the 50 NewMessage objects in the call"
-        with (
-            self.server.store("s2_floor") as (floor_url, _),
-            self.server.store("s2_ours") as (_, repository),
-            self.server.store("s2_ours_new") as (_, making_repository),
-        ):
-            conn = pinned(pg_floor.connect(floor_url))
-
-            def making_them(i: int) -> object:
-                made = [NewMessage(*message) for message in batches[i % 4]]
-                return making_repository.append_messages(KEY, made, tokens=TOKENS)
-
-            results = measure_together(
-                {
-                    "floor": lambda i: pg_floor.append(conn, KEY_PARAMS, batches[i % 4], TOKENS),
-                    "ours": lambda i: repository.append_messages(
-                        KEY, messages[i % 4], tokens=TOKENS
-                    ),
-                    making: making_them,
-                },
-                count,
-            )
-            conn.close()
-        scenario.extra[making] = results.pop(making)
-        scenario.stats.update(results)
-
-        def peer_batch(peer: Any) -> Stats:
-            pairs = [[(role, content) for role, content, _ in batch] for batch in batches]
-            with self.peer_store(peer, "s2"):
-                return measure(lambda i: peer.append_batch(PEER_SESSION, pairs[i % 4]), count)
-
-        self.on_peers(scenario, peer_batch)
-        return scenario
-
-    def read_newest(self) -> Scenario:
-        size = self.bench.size(10_000)
-        scenario = Scenario(3, f"read the newest {LIMIT} of {size:,} messages")
-        count = self.bench.count(1000)
-        with asyncio.Runner() as runner, self.server.store("s3") as (url, repository):
-            fill_messages(url, 1, size)
-            conn = pinned(pg_floor.connect(url))
-            check_same_history(pg_floor.read_newest(conn, KEY_PARAMS, LIMIT), repository)
-            with async_store(runner, url) as async_repository:
-                scenario.stats.update(
-                    measure_together(
-                        {
-                            "floor": lambda _: pg_floor.read_newest(conn, KEY_PARAMS, LIMIT),
-                            "ours": lambda _: repository.get_history(KEY, limit=LIMIT),
-                            ASYNC: lambda _: async_repository.get_history(KEY, limit=LIMIT),
-                        },
-                        count,
-                        runner,
-                    )
-                )
-            conn.close()
-
-        def peer_read(peer: Any) -> Stats:
-            with self.peer_store(peer, "s3"):
-                fill_peer(peer, size)
-                return measure(lambda _: peer.read_newest(PEER_SESSION, LIMIT), count)
-
-        self.on_peers(scenario, peer_read)
-        return scenario
-
-    def get_existing(self) -> Scenario:
-        scenario = Scenario(4, "get_or_create of an existing key")
-        count = self.bench.count(5000)
-        with self.server.store("s4") as (url, repository):
-            fill_messages(url, 100, 10)
-            conn = pinned(pg_floor.connect(url))
-            scenario.stats.update(
-                measure_together(
-                    {
-                        "floor": lambda _: pg_floor.get_or_create(conn, KEY_PARAMS),
-                        "ours": lambda _: repository.get_or_create(KEY),
-                    },
-                    count,
-                )
-            )
-            conn.close()
-
-        def peer_get(peer: Any) -> Stats:
-            with self.peer_store(peer, "s4"):
-                return measure(lambda _: peer.get_or_create(PEER_SESSION), count)
-
-        self.on_peers(scenario, peer_get)
-        return scenario
-
-    def list_page(self) -> Scenario:
-        sessions = self.bench.size(100_000)
-        agents = 10
-        scenario = Scenario(
-            5, f"list_sessions of one agent, page of {LIMIT}, {sessions:,} sessions"
-        )
-        count = self.bench.count(300)
-        with self.server.store("s5") as (url, repository):
-            fill_sessions(url, sessions, agents)
-            conn = pinned(pg_floor.connect(url))
-            scenario.stats.update(
-                measure_together(
-                    {
-                        "floor": lambda _: pg_floor.list_for_agent(conn, "agent-3", LIMIT),
-                        "ours": lambda _: repository.list_sessions(
-                            {"agent_id": "agent-3"}, limit=LIMIT
-                        ),
-                    },
-                    count,
-                )
-            )
-            conn.close()
-        peer_sessions = min(sessions, self.bench.size(2000))
-
-        def peer_list(peer: Any) -> Stats:
-            with self.peer_store(peer, "s5"):
-                for number in range(peer_sessions):
-                    run(peer.create_session(f"peer-{number}"))
-                return measure(lambda _: peer.list_sessions(LIMIT), count)
-
-        self.on_peers(scenario, peer_list)
-        if self.peers:
-            scenario.title += f" (peers: {peer_sessions:,} sessions)"
-        return scenario
-
-    def growth(self) -> list[Scenario]:
-        """Scenarios 3 and 4 as the store grows; sessions of 1 000 messages each. The hot
-        queries' plans are read in the largest store (`self.plans`)."""
-        sizes = [1000, self.bench.size(100_000), self.bench.size(1_000_000)]
-        return [
-            self.grown(size, self.bench.count(1000), plans=index == len(sizes) - 1)
-            for index, size in enumerate(sizes)
-        ]
-
-    def grown(self, size: int, count: int, *, plans: bool = False) -> Scenario:
-        scenario = Scenario(6, f"{size:,} messages")
-        with self.server.store(f"s6_{size}") as (url, repository):
-            fill_messages(url, max(1, size // 1000), min(size, 1000))
-            conn = pinned(pg_floor.connect(url))
-            if plans:
-                self.plans = query_plans(conn)
-            scenario.stats.update(
-                measure_together(
-                    {
-                        "floor: read newest 50": lambda _: pg_floor.read_newest(
-                            conn, KEY_PARAMS, LIMIT
-                        ),
-                        "floor: get_or_create": lambda _: pg_floor.get_or_create(conn, KEY_PARAMS),
-                        "ours: read newest 50": lambda _: repository.get_history(KEY, limit=LIMIT),
-                        "ours: get_or_create": lambda _: repository.get_or_create(KEY),
-                    },
-                    count,
-                )
-            )
-            conn.close()
-        return scenario
-
     def writers(self) -> tuple[Scenario, dict[str, int]]:
         """Concurrent writers: for each count of threads, floor and ours in turn, each in
         a new store; total appends per second (as µs per append overall) and errors."""
@@ -576,7 +373,7 @@ class PostgresBench:
             7, f"concurrent writers over up to {WRITER_PROCESSES} processes (aggregate)"
         )
         errors: dict[str, int] = {}
-        total = self.bench.count(8000)
+        total = self.count(8000)
         for threads in WRITER_THREADS:
             per_thread = max(10, total // threads)
             for contender in ("floor", "ours"):

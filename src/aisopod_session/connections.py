@@ -12,10 +12,11 @@ from the engine's dialect and pool class:
   may hold one. Writes begin `BEGIN IMMEDIATE`, reads run as single statements (or a
   deferred `BEGIN` for a snapshot over several).
 - **PostgreSQL.** A pooled connection per call, switched to autocommit for the call: a
-  single statement is one round trip; a write sends `BEGIN; SET LOCAL lock_timeout = …`
-  in one round trip (so a row lock is waited for at most `busy_timeout`, also behind
-  PgBouncer's transaction pooling, where a session-level `SET` would not stick), then
-  its statements, then `COMMIT`. A connection whose transaction cannot be ended (the
+  single statement is one round trip; a write sends `BEGIN ISOLATION LEVEL READ
+  COMMITTED; SET LOCAL lock_timeout = …` in one round trip (so every lock, a row's or
+  a table's, is waited for at most `busy_timeout`, also behind PgBouncer's transaction
+  pooling, where a session-level `SET` would not stick), then its statements, then
+  `COMMIT`. A connection whose transaction cannot be ended (the
   server went away) is invalidated, never returned to the pool.
 - **asyncio**: the calls run on worker threads, like any thread's (`asyncbridge.py`);
   a cancelled one rolls back instead of committing (`run_cancellable`).

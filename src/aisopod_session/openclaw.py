@@ -35,7 +35,7 @@ from aisopod_session.transfer import (
     first_complaint,
     import_records,
 )
-from aisopod_session.validation import check_json
+from aisopod_session.validation import check_json, encodable
 
 BULKY_FIELDS = ("skillsSnapshot", "systemPromptReport")
 """Entry fields not carried over: prompts and skill lists OpenClaw rebuilds itself."""
@@ -909,7 +909,7 @@ def _storable_entry(
     for name, value in entry.items():
         try:
             check_json("entry", {name: value})
-            if not _encodable(name) or not _encodable(json.dumps(value)):
+            if not encodable(name) or not encodable(json.dumps(value)):
                 raise ValueError("holds text that is not UTF-8")
         except (ValueError, RecursionError) as exc:
             reason = str(exc).splitlines()[0]
@@ -923,17 +923,9 @@ def _storable_entry(
 
 def _text_of(text: str) -> str:
     """`text` with undecodable bytes (read as lone surrogates) percent-encoded."""
-    if _encodable(text):
+    if encodable(text):
         return text
     return "".join(_encoded(char) if unicodedata.category(char) == "Cs" else char for char in text)
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _message_lines(

@@ -110,7 +110,7 @@ def _plainly_valid(item: Any, depth: int) -> bool:
     kind = type(item)
     if kind is str:
         # A huge string goes through the walk, which refuses one that alone is too large.
-        return len(item) <= _LONG_TEXT and (item.isascii() or _encodable(item))
+        return len(item) <= _LONG_TEXT and (item.isascii() or encodable(item))
     if item is None or kind is bool:
         return True
     if kind is int:
@@ -119,7 +119,7 @@ def _plainly_valid(item: Any, depth: int) -> bool:
         return math.isfinite(item)
     if kind is dict:
         for name, child in item.items():
-            if type(name) is not str or not (name.isascii() or _encodable(name)):
+            if type(name) is not str or not (name.isascii() or encodable(name)):
                 return False
             if not _plainly_valid(child, depth + 1):
                 return False
@@ -129,7 +129,8 @@ def _plainly_valid(item: Any, depth: int) -> bool:
     return False
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
+    """Whether `text` encodes as UTF-8 (it holds no lone surrogate)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
