@@ -44,7 +44,7 @@ venv: $(VENV)/.synced ## Create or update the locked environment in .venv
 # The suite runs on every core (pytest-xdist); WORKERS=0 runs it in one process.
 WORKERS ?= auto
 test: venv ## Run the whole test suite
-	$(VENV)/bin/pytest -n $(WORKERS)
+	$(VENV)/bin/pytest -n $(WORKERS) --dist worksteal
 
 # The lower bounds in pyproject.toml, tested: a second environment with every direct
 # dependency at the lowest version pyproject.toml allows (SQLAlchemy 2.0.40, SQLModel
@@ -62,7 +62,7 @@ $(LOWEST)/.synced: pyproject.toml | $(UV)
 # here), and the seven `slow` tests (tests/conftest.py: hundreds of MiB of text, 10⁴ rows,
 # 200 tasks), which test sizes and load rather than the dependencies' APIs, at seconds each.
 test-lowest: $(LOWEST)/.synced ## The suite at the lowest versions pyproject.toml allows
-	$(LOWEST)/bin/pytest -n $(WORKERS) -m "not slow" --ignore=tests/test_examples.py --ignore=tests/test_bench.py
+	$(LOWEST)/bin/pytest -n $(WORKERS) --dist worksteal -m "not slow" --ignore=tests/test_examples.py --ignore=tests/test_bench.py
 
 STRESS ?= 10
 stress: venv ## The suite with load, crash and property tests 10x larger (STRESS=n to change)

@@ -362,7 +362,10 @@ class Bench:
         self.journal_modes: dict[str, str] = {}
 
     def count(self, base: int, minimum: int = 30) -> int:
-        return max(minimum, round(base * self.scale))
+        """How many timed calls: `base` scaled, never below `minimum`, or 5 in a smoke run
+        (scale below 0.01, tests/test_bench.py), which checks that every measurement
+        runs and is reported, not its figures."""
+        return max(minimum if self.scale >= 0.01 else 5, round(base * self.scale))
 
     def size(self, base: int) -> int:
         """A store's size: never below 1 000 rows, or 100 in a smoke run (scale below
