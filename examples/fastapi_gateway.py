@@ -12,9 +12,9 @@ uvicorn with the other development tools:
 
     make venv && .venv/bin/uvicorn examples.fastapi_gateway:app
 
-or in an environment of your own: `pip install fastapi uvicorn` there (in a venv made by
-uv, which has no pip: `uv pip install fastapi uvicorn`), then `uvicorn
-examples.fastapi_gateway:app`.
+or in an environment of your own that has aisopod-session: `pip install fastapi uvicorn`
+there (in a venv made by uv, which has no pip: `uv pip install fastapi uvicorn`), then
+`uvicorn examples.fastapi_gateway:app` in the checkout.
 
     curl -X POST localhost:8000/agents/support/messages -H 'content-type: application/json' \\
         -d '{"channel": "telegram", "account_id": "bot-1", "peer_kind": "dm",
