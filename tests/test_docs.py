@@ -317,6 +317,7 @@ def dispose_engines(namespace: dict[str, Any]) -> None:
 
 
 def check_readme_chat_service(ran: Ran) -> None:
+    """The README's gateway handler stored both turns, their metadata and tokens."""
     engine = open_database(ran.folder / "aisopod-sessions.db")
     repo = SessionRepository(engine)
     history = repo.get_history("support:telegram:bot-1:dm:12345")
@@ -336,6 +337,7 @@ def check_readme_chat_service(ran: Ran) -> None:
 
 
 def check_readme_asyncio(ran: Ran) -> None:
+    """The README's asyncio example stored and printed its message."""
     engine = open_database(ran.folder / "aisopod-sessions.db")
     history = SessionRepository(engine).get_history("support:telegram:bot-1:dm:67890")
     assert [(m.role, m.content) for m in history] == [("user", "Hello from asyncio")]
@@ -344,6 +346,7 @@ def check_readme_asyncio(ran: Ran) -> None:
 
 
 def check_readme_openai_agents(ran: Ran) -> None:
+    """The README's SDK fragment ran a turn into the key it names."""
     session = ran.namespace["session"]
     assert ran.namespace["result"].final_output == "Hello! How can I help?"
     items = asyncio.run(session.get_items())
@@ -357,6 +360,7 @@ def check_readme_openai_agents(ran: Ran) -> None:
 
 
 def check_readme_adk(ran: Ran) -> None:
+    """The README's ADK fragment gives the runner the store's session service."""
     from aisopod_session.integrations.adk import AisopodSessionService
 
     service = ran.namespace["service"]
@@ -367,6 +371,7 @@ def check_readme_adk(ran: Ran) -> None:
 
 
 def check_api_fork(ran: Ran) -> None:
+    """The fork holds copies of the messages up to 17, in order."""
     repo: SessionRepository = ran.namespace["repo"]
     copied = repo.get_history(ran.namespace["retry"])
     source = repo.get_history(CONVERSATION)
@@ -376,6 +381,7 @@ def check_api_fork(ran: Ran) -> None:
 
 
 def check_api_cursor_pages(ran: Ran) -> None:
+    """The paging loop saw every matching session once, and no other."""
     repo: SessionRepository = ran.namespace["repo"]
     wanted = {"agent_id": VIP_AGENT, "meta": {"tags": ["vip"]}}
     handled = [session.id for session in ran.namespace["handled"]]
@@ -385,6 +391,7 @@ def check_api_cursor_pages(ran: Ran) -> None:
 
 
 def check_api_for_agent(ran: Ran) -> None:
+    """The confined repository wrote its own agent's session and refused the other's."""
     repo: SessionRepository = ran.namespace["repo"]
     history = repo.get_history("support-bot:slack:T01:dm:U7")
     assert [(m.role, m.content) for m in history] == [("user", "hi")]
@@ -395,6 +402,7 @@ def check_api_for_agent(ran: Ran) -> None:
 
 
 def check_api_history_windows(ran: Ran) -> None:
+    """The three windows are the newest 50, the 50 before, and what came after."""
     repo: SessionRepository = ran.namespace["repo"]
     ids = [m.id for m in repo.get_history(CONVERSATION)]
     assert [m.id for m in ran.namespace["recent"]] == ids[-50:]
@@ -405,6 +413,8 @@ def check_api_history_windows(ran: Ran) -> None:
 
 
 def check_api_write_engine(ran: Ran) -> None:
+    """Each run of the read-then-write example counts one more visit."""
+
     def visits() -> object:
         engine = open_database(ran.folder / "aisopod-sessions.db")
         session = SessionRepository(engine).get("support:telegram:bot-1:dm:12345")
@@ -420,6 +430,7 @@ def check_api_write_engine(ran: Ran) -> None:
 
 
 def check_async_md(ran: Ran) -> None:
+    """docs/async.md's example stored and printed both messages and their tokens."""
     assert ran.out == "['Hi!', 'Hello!']\n"
     engine = open_database(ran.folder / "aisopod-sessions.db")
     session = SessionRepository(engine).get("support:telegram:bot-1:dm:12345")
@@ -429,6 +440,7 @@ def check_async_md(ran: Ran) -> None:
 
 
 def check_integrations_openai_agents(ran: Ran) -> None:
+    """The SDK example printed the second answer and stored four items."""
     integrations = ROOT / "docs" / "integrations.md"
     assert ran.out == "You said: Hi!\n"
     engine = open_database(ran.folder / "agents.db")
@@ -445,6 +457,7 @@ def check_integrations_openai_agents(ran: Ran) -> None:
 
 
 def check_integrations_adk(ran: Ran) -> None:
+    """The ADK example printed the answer and stored both events."""
     integrations = ROOT / "docs" / "integrations.md"
     assert ran.out == "You said: Hi!\nYou said: Hi! 2\n"
     engine = open_database(ran.folder / "adk.db")
@@ -459,6 +472,7 @@ def check_integrations_adk(ran: Ran) -> None:
 
 
 def check_lifecycle_compact(ran: Ran) -> None:
+    """The compaction kept the newest 20 behind the summary."""
     repo: SessionRepository = ran.namespace["repo"]
     result = ran.namespace["result"]
     before = ran.namespace["history"]
@@ -473,6 +487,7 @@ class _OneRoundDoneError(Exception):
 
 
 def check_lifecycle_housekeeping(ran: Ran) -> None:
+    """One round of the housekeeping loop marks idle and prunes what it says."""
     now = datetime.now(UTC)
     times = [now - timedelta(days=100)]
     # The store's clock, set back while the sessions are made (`clock` in docs/api.md).
@@ -498,15 +513,18 @@ def check_lifecycle_housekeeping(ran: Ran) -> None:
 
 
 def check_migrations_example(ran: Ran) -> None:
+    """The example migration is migration 2 as it shipped."""
     assert ran.namespace["_"] == MIGRATIONS[1]
 
 
 def check_migrations_inspecting(ran: Ran) -> None:
+    """A fresh file opened without migrating is at version 0, nothing applied."""
     assert ran.out == "0\n"
     assert (ran.folder / "sessions.db").exists()
 
 
 def check_postgresql_open(ran: Ran) -> None:
+    """The opening example's repository works on the server."""
     engine: Engine = ran.namespace["engine"]
     assert engine.dialect.name == "postgresql"
     repo: SessionRepository = ran.namespace["repo"]
@@ -515,6 +533,7 @@ def check_postgresql_open(ran: Ran) -> None:
 
 
 def check_postgresql_copy(ran: Ran) -> None:
+    """The copy printed its counts and holds the source's messages under their ids."""
     assert ran.out.splitlines()[-1] == f"{len(COPY_SOURCE)} {sum(n for _, n in COPY_SOURCE)}"
     target = SessionRepository(ran.namespace["target"])
     source = SessionRepository(ran.namespace["source"])
