@@ -659,6 +659,80 @@ def test_a_failing_fence_points_at_its_line_in_the_document(tmp_path: Path) -> N
     assert raised.traceback[-1].path == doc
 
 
+SIGNATURE = re.compile(r"(?<![\w.])(?P<name>[A-Za-z_]\w*)\((?P<params>[^()`]*)\)")
+BARE_STAR = re.compile(r"(?:^|,)\s*\*\s*(?:,|$)")
+REQUIRED = "(required)"
+
+
+def signature_target(name: str) -> Callable[..., object] | None:
+    """What a documented name means: a public callable of `aisopod_session`, a
+    `SessionRepository` method, or an integration's class; None for any other name."""
+    if name in {"AisopodSession", "AisopodSessionService"}:
+        from aisopod_session.integrations.adk import AisopodSessionService
+        from aisopod_session.integrations.openai_agents import AisopodSession
+
+        return AisopodSession if name == "AisopodSession" else AisopodSessionService
+    if name in aisopod_session.__all__:
+        value = getattr(aisopod_session, name)
+        return value if callable(value) else None
+    method = getattr(SessionRepository, name, None)
+    return method if callable(method) and not name.startswith("_") else None
+
+
+def documented_parameters(params: str) -> list[tuple[str, bool, object]]:
+    """`(name, keyword_only, default)` of each parameter of a signature as written in the
+    docs (`key, *, limit=None`); a default is evaluated (`64 * 1024 * 1024`)."""
+    tree = ast.parse(f"def _({params}): pass").body[0]
+    assert isinstance(tree, ast.FunctionDef)
+    arguments = tree.args
+
+    def value(node: ast.expr | None) -> object:
+        if node is None:
+            return REQUIRED
+        return eval(compile(ast.Expression(node), "<docs>", "eval"), {"__builtins__": {}})
+
+    positional = [*arguments.posonlyargs, *arguments.args]
+    defaults = [None] * (len(positional) - len(arguments.defaults)) + list(arguments.defaults)
+    found = [
+        (arg.arg, False, value(default)) for arg, default in zip(positional, defaults, strict=True)
+    ]
+    keyword = zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True)
+    return found + [(arg.arg, True, value(default)) for arg, default in keyword]
+
+
+def code_parameters(target: Callable[..., object]) -> list[tuple[str, bool, object]]:
+    """`(name, keyword_only, default)` of each parameter of the code (`self` left out)."""
+    return [
+        (
+            parameter.name,
+            parameter.kind is inspect.Parameter.KEYWORD_ONLY,
+            REQUIRED if parameter.default is inspect.Parameter.empty else parameter.default,
+        )
+        for parameter in inspect.signature(target).parameters.values()
+        if parameter.name != "self"
+    ]
+
+
+def test_documented_signatures_match_the_code() -> None:
+    """Every signature the documents give (a public name with its parameters, a bare `*`
+    among them, as in `prune(*, updated_before, ...)`, in prose, tables, headings or
+    `text` fences) names the code's parameters, in order, keyword-only where the code's
+    are, with the code's defaults."""
+    checked = []
+    for path in DOCUMENTS:
+        text = path.read_text()
+        for match in SIGNATURE.finditer(text):
+            params = " ".join(match["params"].split())
+            target = signature_target(match["name"])
+            if target is None or not BARE_STAR.search(params):
+                continue
+            where = f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, match.start()) + 1}"
+            documented = documented_parameters(params)
+            assert documented == code_parameters(target), f"{where}: {match[0]}"
+            checked.append(where)
+    assert len(checked) >= 20, checked
+
+
 def test_schema_md_plain_sql_reads_content_as_documented(store: Engine) -> None:
     """docs/schema.md's plain-SQL reading of JSON content, on the backend at hand: a
     string's text, the text blocks of block content, a metadata field, the text test."""
