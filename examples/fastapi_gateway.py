@@ -7,9 +7,14 @@ handlers through FastAPI's dependency system, confined to the agent named in the
 so one agent's handler cannot touch another agent's sessions.
 
 Run it (the store is `AISOPOD_SESSION_DB`, default `./gateway-sessions.db`; a
-`postgresql://` URL works too):
+`postgresql://` URL works too) from the checkout, whose `make venv` installs FastAPI and
+uvicorn with the other development tools:
 
-    .venv/bin/pip install uvicorn && .venv/bin/uvicorn examples.fastapi_gateway:app
+    make venv && .venv/bin/uvicorn examples.fastapi_gateway:app
+
+or in an environment of your own that has aisopod-session: `pip install fastapi uvicorn`
+there (in a venv made by uv, which has no pip: `uv pip install fastapi uvicorn`), then
+`uvicorn examples.fastapi_gateway:app` in the checkout.
 
     curl -X POST localhost:8000/agents/support/messages -H 'content-type: application/json' \\
         -d '{"channel": "telegram", "account_id": "bot-1", "peer_kind": "dm",
