@@ -195,6 +195,8 @@ def create_app(
             next_url=next_url,
             first_url=("/sessions?" + urlencode(kept)) if cursor else None,
             export_url="/export?" + urlencode(values),
+            limit=limit,
+            page_sizes=sorted({10, 25, SESSION_PAGE, 100, 200, limit}),
             peer_kinds=[kind.value for kind in PeerKind],
             statuses=[state.value for state in SessionStatus],
         )
@@ -255,7 +257,7 @@ def create_app(
 
     @app.get("/export")
     def export(request: Request) -> StreamingResponse:
-        values, session_filter = _filter_of(request.query_params, repo)
+        _, session_filter = _filter_of(request.query_params, repo)
         if repo.agent_id is not None:
             session_filter = session_filter.model_copy(update={"agent_id": repo.agent_id})
         # Written whole before the first byte goes out: an error is still a clean status,

@@ -63,13 +63,12 @@ def size_text(size: int) -> str:
     """A size in bytes as `812 B`, `4.0 KiB`, `21.9 MiB`."""
     if size < 1024:
         return f"{size:,} B"
-    scaled = float(size)
-    unit = "B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        scaled /= 1024
+    scaled = size / 1024
+    for unit in ("KiB", "MiB", "GiB"):
         if scaled < 1024:
-            break
-    return f"{scaled:,.1f} {unit}"
+            return f"{scaled:,.1f} {unit}"
+        scaled /= 1024
+    return f"{scaled:,.1f} TiB"
 
 
 @dataclass(frozen=True)
