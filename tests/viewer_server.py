@@ -140,7 +140,9 @@ def seed(repo: SessionRepository, *, bulk: int = 12) -> Seeded:
 def serving(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
     """`app` served by uvicorn in a thread on a free port for the block; yields its base
     URL (`http://127.0.0.1:PORT`)."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning"))
+    # As `aisopod-session serve` does: the viewer has no websocket route.
+    config = uvicorn.Config(app, host=host, port=0, log_level="warning", ws="none")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     # Started is set once the socket listens; the thread's end means it failed to.

@@ -1841,7 +1841,10 @@ def serve(
         if token is not None:
             address += f"?token={token}"
         out.print(f"Serving {shown_target(target)} read-only at {address} (Ctrl-C stops).")
-        uvicorn.run(create_app(repo, token=token), host=host, port=port, log_level="warning")
+        # No websocket protocol: the viewer has no such route (and older uvicorns would
+        # import a websockets module that warns).
+        app_ = create_app(repo, token=token)
+        uvicorn.run(app_, host=host, port=port, log_level="warning", ws="none")
 
 
 def main() -> None:
