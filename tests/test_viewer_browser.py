@@ -152,6 +152,7 @@ def test_the_screenshots_of_the_docs_are_taken(
         "viewer-sessions.png",
         "viewer-transcript.png",
         "viewer-search.png",
+        "viewer-hostile.png",
     ]
     for path in written:
         assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

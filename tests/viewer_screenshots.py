@@ -3,8 +3,8 @@ viewer's browser tests, and the screenshots in docs/viewer.md, taken the same wa
 
     .venv/bin/python -m tests.viewer_screenshots [FOLDER]    # default: docs/
 
-writes viewer-sessions.png, viewer-transcript.png and viewer-search.png there, of a
-store filled by `tests.viewer_server.seed`."""
+writes viewer-sessions.png, viewer-transcript.png, viewer-search.png and
+viewer-hostile.png there, of a store filled by `tests.viewer_server.seed`."""
 
 from __future__ import annotations
 
@@ -59,11 +59,13 @@ def chromium(programs: tuple[str, str]) -> Iterator[webdriver.Chrome]:
 def take_screenshots(
     driver: webdriver.Chrome, base: str, seeded: Seeded, folder: Path
 ) -> list[Path]:
-    """The sessions list, a transcript with tool calls and a search, as PNGs in `folder`."""
+    """The sessions list, a transcript with tool calls, a search and the hostile
+    session's transcript, as PNGs in `folder`."""
     shots = {
         "viewer-sessions.png": "/sessions?limit=10",
         "viewer-transcript.png": f"/sessions/{seeded.weather_id}",
         "viewer-search.png": "/search?q=oslo",
+        "viewer-hostile.png": f"/sessions/{seeded.hostile_id}",
     }
     written = []
     for name, path in shots.items():
