@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
+from sqlalchemy import Engine
 from typer.testing import CliRunner
 
 from aisopod_session import SCHEMA_VERSION, SessionRepository, export_jsonl, open_database
@@ -36,7 +37,9 @@ from tests.viewer_server import (
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SessionRepository, Seeded]]:
+def seeded_store(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[SessionRepository, Seeded]]:
     engine = open_database(tmp_path_factory.mktemp("viewer") / "sessions.db")
     repo = SessionRepository(engine)
     seeded = seed(repo)
@@ -45,19 +48,19 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SessionRep
 
 
 @pytest.fixture(scope="module")
-def base(store: tuple[SessionRepository, Seeded]) -> Iterator[str]:
-    with serving(create_app(store[0])) as url:
+def base(seeded_store: tuple[SessionRepository, Seeded]) -> Iterator[str]:
+    with serving(create_app(seeded_store[0])) as url:
         yield url
 
 
 @pytest.fixture
-def repo(store: tuple[SessionRepository, Seeded]) -> SessionRepository:
-    return store[0]
+def repo(seeded_store: tuple[SessionRepository, Seeded]) -> SessionRepository:
+    return seeded_store[0]
 
 
 @pytest.fixture
-def seeded(store: tuple[SessionRepository, Seeded]) -> Seeded:
-    return store[1]
+def seeded(seeded_store: tuple[SessionRepository, Seeded]) -> Seeded:
+    return seeded_store[1]
 
 
 def get(url: str, status: int = 200, **headers: str) -> str:
@@ -331,6 +334,25 @@ def test_the_export_download_takes_the_lists_filter_and_one_sessions_key(
     assert "peer_kind" in error_of(get(base + "/export?peer_kind=fax", 400))
 
 
+# --- on either backend ------------------------------------------------------------------
+
+
+def test_every_page_works_on_either_backend(store: Engine) -> None:
+    repo = SessionRepository(store)
+    seeded = seed(repo, bulk=3)
+    with serving(create_app(repo)) as url:
+        status = get(url + "/")
+        assert f'<td id="session-count">{seeded.sessions}</td>' in status
+        assert ("+ WAL" in status) is (store.dialect.name == "sqlite")  # a file's sizes
+        assert len(listed_keys(get(url + "/sessions?limit=2&agent_id=pager"))) == 2
+        transcript = get(url + f"/sessions/{seeded.weather_id}")
+        assert "tool call <b>get_weather</b>" in transcript
+        assert "&lt;mark&gt;" not in get(url + "/search?q=forecast")
+        assert "<mark>forecast</mark>" in get(url + "/search?q=forecast")
+        lines = get(url + "/export").splitlines()
+        assert lines[1:] == exported(store)
+
+
 # --- read-only, confinement, the token ----------------------------------------------------
 
 
@@ -449,9 +471,7 @@ def until_served(url: str) -> Reply:
 
 
 @pytest.mark.processes
-def test_serve_beyond_loopback_makes_up_a_token_and_enforces_it(
-    db_path: Path, repo: SessionRepository
-) -> None:
+def test_serve_beyond_loopback_makes_up_a_token_and_enforces_it(db_path: Path) -> None:
     engine = open_database(db_path)
     seed(SessionRepository(engine), bulk=0)
     engine.dispose()

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 
 from aisopod_session.enums import PeerKind, Role, SessionStatus
-from aisopod_session.errors import SessionStoreError
+from aisopod_session.errors import SessionNotFoundError, SessionStoreError
 from aisopod_session.migrations import current_version
 from aisopod_session.models import Session, SessionFilter
 from aisopod_session.repository import SessionRepository
@@ -147,6 +147,11 @@ def create_app(
     @app.exception_handler(ViewerError)
     async def refused(request: Request, exc: ViewerError) -> Response:
         return page("error.html", exc.status, status=exc.status, message=exc.message)
+
+    @app.exception_handler(SessionNotFoundError)
+    async def gone(request: Request, exc: SessionNotFoundError) -> Response:
+        # Deleted between the page's reads (the viewer reads while the gateway writes).
+        return page("error.html", 404, status=404, message=" ".join(str(exc).split()))
 
     @app.exception_handler(SessionStoreError)
     async def failed(request: Request, exc: SessionStoreError) -> Response:
