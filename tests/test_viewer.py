@@ -451,6 +451,19 @@ def test_serve_refuses_an_empty_token_and_a_bad_port(db_path: Path) -> None:
     assert "--port" in port.stderr
 
 
+def test_serve_without_the_viewer_extra_says_what_to_install(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    open_database(db_path).dispose()
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    done = RUNNER.invoke(cli_app, ["--db", str(db_path), "serve"])
+    assert done.exit_code == 1
+    assert done.stderr.strip() == (
+        "error: serve needs the `viewer` extra (FastAPI, Jinja2 and uvicorn; uvicorn is "
+        "missing): install aisopod-session[viewer]"
+    )
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -1827,8 +1827,8 @@ def serve(
         from aisopod_session.viewer import create_app, is_loopback
     except ImportError as exc:
         raise UserError(
-            f"serve needs the viewer's extra ({exc.name} is missing): "
-            "pip install 'aisopod-session[viewer]'"
+            f"serve needs the `viewer` extra (FastAPI, Jinja2 and uvicorn; {exc.name} is "
+            "missing): install aisopod-session[viewer]"
         ) from None
     if token is None and not is_loopback(host):
         import secrets
