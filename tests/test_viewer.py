@@ -401,6 +401,23 @@ def test_with_a_token_every_request_must_carry_it(repo: SessionRepository) -> No
         assert fetch(url + "/export", {"Authorization": "Bearer s3cret-token"}).status == 200
 
 
+def test_without_a_token_only_loopback_names_are_answered(
+    base: str, repo: SessionRepository
+) -> None:
+    """A page whose name resolves to 127.0.0.1 (DNS rebinding) gets nothing."""
+    port = urlsplit(base).port
+    refused = fetch(base + "/sessions", {"Host": f"attacker.example:{port}"})
+    assert refused.status == 421
+    assert "127.0.0.1 or localhost only" in error_of(refused.body)
+    assert "concierge:" not in refused.body
+    assert fetch(base + "/export", {"Host": "attacker.example"}).status == 421
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
+        assert fetch(base + "/sessions", {"Host": host}).status == 200, host
+    with serving(create_app(repo, token="t0ken")) as url:  # a token: any name
+        reply = fetch(url + "/sessions?token=t0ken", {"Host": "viewer.internal:8765"})
+        assert reply.status == 200
+
+
 def test_an_empty_token_is_refused_naming_it(repo: SessionRepository) -> None:
     with pytest.raises(ValueError, match=r"^token: must not be empty"):
         create_app(repo, token=" ")

@@ -26,6 +26,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
+from aisopod_session.cli import without_passwords
 from aisopod_session.enums import PeerKind, Role, SessionStatus
 from aisopod_session.errors import SessionNotFoundError, SessionStoreError
 from aisopod_session.migrations import current_version
@@ -125,6 +126,17 @@ def create_app(
     @app.middleware("http")
     async def guard(request: Request, call_next: Handler) -> Response:
         given = request.query_params.get("token")
+        if token is None and not is_loopback(_host_name(request.headers.get("host", ""))):
+            # Without a token, only requests addressed to this machine by a loopback name:
+            # a web page whose name was made to resolve to 127.0.0.1 (DNS rebinding)
+            # must not read the store from the operator's browser.
+            return page(
+                "error.html",
+                421,
+                status=421,
+                message="without a token this viewer answers requests to 127.0.0.1 or "
+                "localhost only: serve it with --token to reach it by another name",
+            )
         if token is not None:
             offered = given or request.cookies.get(TOKEN_COOKIE) or _bearer(request)
             if offered is None or not secrets.compare_digest(
@@ -155,7 +167,7 @@ def create_app(
 
     @app.exception_handler(SessionStoreError)
     async def failed(request: Request, exc: SessionStoreError) -> Response:
-        message = " ".join(str(exc).split())
+        message = without_passwords(" ".join(str(exc).split()))
         return page("error.html", 500, status=500, message=f"the store failed: {message}")
 
     @app.exception_handler(404)
@@ -286,6 +298,13 @@ def create_app(
         )
 
     return app
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header, without its port (`[::1]:8765` → `::1`)."""
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
 
 
 def _bearer(request: Request) -> str | None:
