@@ -49,7 +49,11 @@ test: venv ## Run the whole test suite
 # The lower bounds in pyproject.toml, tested: a second environment with every direct
 # dependency at the lowest version pyproject.toml allows (SQLAlchemy 2.0.40, SQLModel
 # 0.0.50, pydantic 2.11, psycopg 3.2, aiosqlite 0.20, greenlet 3.0, Typer 0.26),
-# resolved by uv without touching uv.lock.
+# resolved by uv without touching uv.lock. The viewer's tests run there too, but the dev
+# group's google-adk raises FastAPI to 0.133 and uvicorn to 0.34 in it; the `viewer`
+# extra's own floors (FastAPI 0.110 with Starlette 0.36, Jinja2 3.1.0, uvicorn 0.29,
+# and selenium 4.20 for the tests) pass tests/test_viewer*.py in an environment of
+# `-e ".[viewer,postgresql]"` and pytest alone, resolved lowest-direct.
 LOWEST := .venv-lowest
 $(LOWEST)/.synced: pyproject.toml | $(UV)
 	rm -rf $(LOWEST)

@@ -1784,6 +1784,69 @@ def ago(option: str, now: datetime, age: timedelta) -> datetime:
         raise UserError(f"{option}: reaches back before the year 1") from None
 
 
+# --- the web viewer -------------------------------------------------------------------------
+
+VIEWER_PORT = 8765
+
+
+@app.command("serve")
+@friendly
+def serve(
+    ctx: typer.Context,
+    db: DbOption = None,
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host",
+            metavar="ADDRESS",
+            help="The address to listen on; anything but loopback needs the token.",
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int,
+        typer.Option("--port", metavar="PORT", min=1, max=65535, help="The port to listen on."),
+    ] = VIEWER_PORT,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            metavar="TEXT",
+            envvar="AISOPOD_VIEWER_TOKEN",
+            show_envvar=False,
+            help="The token every request must carry [env AISOPOD_VIEWER_TOKEN]; made up "
+            "and printed when the viewer listens beyond loopback without one.",
+        ),
+    ] = None,
+) -> None:
+    """Browse the store in a read-only web viewer (http://127.0.0.1:8765/ by default)."""
+    if token is not None and not token.strip():
+        raise UserError("--token: must not be empty")
+    try:
+        import uvicorn
+
+        from aisopod_session.viewer import create_app, is_loopback
+    except ImportError as exc:
+        raise UserError(
+            f"serve needs the `viewer` extra (FastAPI, Jinja2 and uvicorn; {exc.name} is "
+            "missing): install aisopod-session[viewer]"
+        ) from None
+    if token is None and not is_loopback(host):
+        import secrets
+
+        token = secrets.token_urlsafe(24)
+    target = target_of(ctx, db)
+    with repository(target) as repo:
+        shown_host = f"[{host}]" if ":" in host else host
+        address = f"http://{shown_host}:{port}/"
+        if token is not None:
+            address += f"?token={token}"
+        out.print(f"Serving {shown_target(target)} read-only at {address} (Ctrl-C stops).")
+        # No websocket protocol: the viewer has no such route (and older uvicorns would
+        # import a websockets module that warns).
+        app_ = create_app(repo, token=token)
+        uvicorn.run(app_, host=host, port=port, log_level="warning", ws="none")
+
+
 def main() -> None:
     """The `aisopod-session` console script."""
     app()

@@ -1,0 +1,553 @@
+"""The web viewer (`aisopod-session serve`) over HTTP: the app served by uvicorn in this
+process on a real store file filled through the repository, read with plain requests.
+The pages in a real browser: tests/test_viewer_browser.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from html import unescape
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import pytest
+from sqlalchemy import Engine
+from typer.testing import CliRunner
+
+from aisopod_session import SCHEMA_VERSION, SessionRepository, export_jsonl, open_database
+from aisopod_session.cli import app as cli_app
+from aisopod_session.viewer import create_app, is_loopback
+from tests.dbtools import make_seed_file
+from tests.viewer_server import (
+    HOSTILE_TEXT,
+    TOOL_RESULT,
+    Reply,
+    Seeded,
+    fetch,
+    seed,
+    serving,
+)
+
+
+@pytest.fixture(scope="module")
+def seeded_store(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[SessionRepository, Seeded]]:
+    engine = open_database(tmp_path_factory.mktemp("viewer") / "sessions.db")
+    repo = SessionRepository(engine)
+    seeded = seed(repo)
+    yield repo, seeded
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def base(seeded_store: tuple[SessionRepository, Seeded]) -> Iterator[str]:
+    with serving(create_app(seeded_store[0])) as url:
+        yield url
+
+
+@pytest.fixture
+def repo(seeded_store: tuple[SessionRepository, Seeded]) -> SessionRepository:
+    return seeded_store[0]
+
+
+@pytest.fixture
+def seeded(seeded_store: tuple[SessionRepository, Seeded]) -> Seeded:
+    return seeded_store[1]
+
+
+def get(url: str, status: int = 200, **headers: str) -> str:
+    reply = fetch(url, headers)
+    assert reply.status == status, reply.body
+    return reply.body
+
+
+def listed_keys(html: str) -> list[str]:
+    """The keys of a sessions page's rows, in order, as text."""
+    return [unescape(key) for key in re.findall(r'<a href="/sessions/\d+">([^<]*)</a>', html)]
+
+
+def next_link(html: str) -> str | None:
+    found = re.search(r'<a href="([^"]*)" id="next-page">', html)
+    return None if found is None else unescape(found.group(1))
+
+
+def error_of(html: str) -> str:
+    found = re.search(r'<p class="error" id="error">(.*?)</p>', html, re.S)
+    assert found is not None, html
+    return unescape(found.group(1))
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+def test_the_status_page_shows_the_schema_version_counts_and_sizes(
+    base: str, repo: SessionRepository, seeded: Seeded
+) -> None:
+    html = get(base + "/")
+    total = repo.summary().total
+    assert f'<td id="schema-version">{SCHEMA_VERSION}</td>' in html
+    assert f'<td id="session-count">{seeded.sessions}</td>' in html
+    assert f'<td id="message-count">{total.messages}</td>' in html
+    assert "+ WAL" in html  # a file's size
+    assert '<a href="/sessions?status=compacted">compacted</a>' in html
+    assert '<a href="/sessions?agent_id=pager">pager</a>' in html
+
+
+# --- the sessions list -----------------------------------------------------------------
+
+
+def test_filters_narrow_the_list_and_take_enum_values_in_any_case(
+    base: str, seeded: Seeded
+) -> None:
+    pager = listed_keys(get(base + "/sessions?agent_id=pager&limit=100"))
+    assert len(pager) == seeded.bulk
+    assert all(key.startswith("pager:") for key in pager)
+    assert listed_keys(get(base + "/sessions?peer_kind=THREAD&limit=100")) == pager
+    assert listed_keys(get(base + "/sessions?status=compacted")) == [
+        "concierge:slack:T024:channel:C0123"
+    ]
+    assert listed_keys(get(base + "/sessions?agent_id=nobody")) == []
+    everything = listed_keys(get(base + "/sessions?limit=100"))
+    assert len(everything) == seeded.sessions
+
+
+def test_cursor_pages_cover_every_session_once_and_keep_the_filter(
+    base: str, seeded: Seeded
+) -> None:
+    url: str | None = "/sessions?agent_id=pager&limit=5"
+    pages: list[list[str]] = []
+    while url is not None:
+        html = get(base + url)
+        pages.append(listed_keys(html))
+        url = next_link(html)
+        if url is not None:
+            query = parse_qs(urlsplit(url).query)
+            assert query["agent_id"] == ["pager"]
+            assert query["limit"] == ["5"]
+            assert '<a href="/sessions?agent_id=pager&amp;limit=5" id="first-page">' in get(
+                base + url
+            )
+    assert [len(page) for page in pages] == [5, 5, seeded.bulk - 10]
+    seen = [key for page in pages for key in page]
+    assert sorted(seen) == sorted(listed_keys(get(base + "/sessions?agent_id=pager&limit=100")))
+    assert len(set(seen)) == seeded.bulk
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ({"peer_kind": "carrier-pigeon"}, "peer_kind: must be one of dm, group"),
+        ({"status": "bogus"}, "status: must be one of active"),
+        ({"agent_id": "a\x01b"}, "agent_id: "),
+        ({"updated_after": "yesterday"}, "updated_after: 'yesterday' is not an ISO-8601 time"),
+        ({"cursor": "not-a-cursor"}, "cursor"),
+        ({"limit": "0"}, "limit: must be between 1 and 1000"),
+        ({"limit": "-3"}, "limit: '-3' is not a whole number"),
+    ],
+)
+def test_a_bad_filter_is_refused_with_400_naming_the_field(
+    base: str, query: dict[str, str], words: str
+) -> None:
+    message = error_of(get(base + "/sessions?" + urlencode(query), 400))
+    assert words in message
+    assert "pydantic" not in message
+    assert "Value error" not in message
+
+
+def test_a_cursor_from_another_filter_is_refused(base: str) -> None:
+    html = get(base + "/sessions?agent_id=pager&limit=5")
+    cursor = parse_qs(urlsplit(next_link(html) or "").query)["cursor"][0]
+    assert "cursor" in error_of(get(base + "/sessions?" + urlencode({"cursor": cursor}), 400))
+
+
+# --- transcripts -----------------------------------------------------------------------
+
+
+def test_a_transcript_shows_tool_calls_their_results_metadata_and_tokens(
+    base: str, seeded: Seeded, repo: SessionRepository
+) -> None:
+    html = get(base + f"/sessions/{seeded.weather_id}")
+    assert '<h1 class="key" id="session-key">concierge:telegram:bot-main:dm:1001</h1>' in html
+    # OpenAI-style tool_calls: the tool's name, its id, its arguments as JSON.
+    assert 'tool call <b>get_weather</b> <span class="call-id">call_1</span>' in html
+    assert "&#34;city&#34;: &#34;Oslo&#34;" in html
+    # The tool message that answers it, and a tool_use / tool_result block pair.
+    assert '<span class="call-id">result of call_1</span>' in html
+    assert TOOL_RESULT in html
+    assert 'tool call <b>get_forecast</b> <span class="call-id">toolu_2</span>' in html
+    assert 'tool result <span class="call-id">toolu_2</span></div><pre class="json">Sunny' in html
+    assert '<span class="usage">input_tokens 9 output_tokens 5 </span>' in html
+    assert "&#34;model&#34;: &#34;echo-1&#34;" in html
+    assert "32 (20 input, 12 output)" in html
+    messages = repo.get_history(seeded.weather)
+    assert re.findall(r'<li class="message [^"]*" id="m(\d+)">', html) == [
+        str(message.id) for message in messages
+    ]
+
+
+def test_a_transcript_pages_forwards(base: str, seeded: Seeded, repo: SessionRepository) -> None:
+    ids = [str(message.id) for message in repo.get_history(seeded.weather)]
+    html = get(base + f"/sessions/{seeded.weather_id}?limit=4")
+    assert re.findall(r'id="m(\d+)"', html) == ids[:4]
+    later = next_link(html)
+    assert later == f"/sessions/{seeded.weather_id}?after={ids[3]}&limit=4"
+    html = get(base + later)
+    assert re.findall(r'<li class="message [^"]*" id="m(\d+)">', html) == ids[4:]
+    assert next_link(html) is None
+    assert 'id="from-start"' in html
+
+
+def test_a_fork_links_to_its_parent_and_the_message_it_was_forked_after(
+    base: str, seeded: Seeded, repo: SessionRepository
+) -> None:
+    fork = repo.get_by_id(seeded.fork_id)
+    assert fork is not None
+    html = get(base + f"/sessions/{seeded.fork_id}")
+    assert f'<a href="/sessions/{seeded.weather_id}" id="parent">' in html
+    after = fork.forked_from_message_id
+    assert after is not None
+    assert f'href="/sessions/{seeded.weather_id}?after={after - 1}#m{after}">{after}</a>' in html
+    assert 'id="lineage"' not in get(base + f"/sessions/{seeded.weather_id}")
+
+
+def test_a_compacted_session_shows_its_summary(base: str, seeded: Seeded) -> None:
+    html = get(base + f"/sessions/{seeded.compacted_id}")
+    assert 'id="compaction"' in html
+    assert "1 time(s)" in html
+    assert '<div class="summary">Earlier: four standup notes about the release.</div>' in html
+
+
+def test_an_unknown_session_is_404_and_a_bad_id_400(base: str) -> None:
+    assert error_of(get(base + "/sessions/99999", 404)) == "no session with id 99999"
+    assert "session id" in error_of(get(base + "/sessions/abc", 400))
+    assert error_of(get(base + "/no/such/page", 404)) == "no page /no/such/page"
+
+
+# --- hostile text ----------------------------------------------------------------------
+
+
+def test_hostile_text_is_escaped_and_control_characters_shown(base: str, seeded: Seeded) -> None:
+    reply = fetch(base + f"/sessions/{seeded.hostile_id}")
+    html = reply.body
+    assert reply.status == 200
+    assert "<script" not in html
+    assert "<img" not in html
+    assert "<b>mallory" not in html
+    assert "&lt;script&gt;window.pwned = 1; alert(1)&lt;/script&gt;" in html
+    assert "&lt;script&gt;alert(3)&lt;/script&gt;" in html  # a tool's name
+    assert "&lt;img src=x onerror=alert(2)&gt;" in html  # session metadata
+    assert "concierge:telegram:bot-main:dm:&lt;b&gt;mallory&lt;/b&gt;" in html  # the key
+    # No character a terminal or the text layout acts on reaches the page raw.
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", html)
+    assert '<span class="ctl" title="control character">\\x1b</span>[31mred' in html
+    assert '<span class="ctl" title="control character">\\u202e</span>evil' in html
+    policy = reply.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy
+    assert "script-src" not in policy  # no script allowed at all
+    assert reply.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_hostile_text_in_lists_and_search_is_escaped(base: str) -> None:
+    for path in ("/sessions?limit=100", "/search?q=pwned", "/search?q=%3Cscript%3E"):
+        html = get(base + path)
+        assert "<script" not in html
+        assert "<b>mallory" not in html
+    html = get(base + "/search?q=pwned")
+    assert "<mark>pwned</mark>" in html
+    assert "&lt;script&gt;window." in html
+
+
+# --- search ------------------------------------------------------------------------------
+
+
+def test_search_finds_messages_marks_the_words_and_links_to_them(
+    base: str, seeded: Seeded, repo: SessionRepository
+) -> None:
+    html = get(base + "/search?q=oslo")
+    hits = repo.search_messages("oslo")
+    rows = re.findall(r'<tr class="hit">(.*?)</tr>', html, re.S)
+    assert len(rows) == len(hits) > 0
+    for row, hit in zip(rows, hits, strict=True):
+        assert f'href="/sessions/{hit.message.session_id}?after=' in row
+        assert f"#m{hit.message.id}" in row
+    assert "<mark>Oslo</mark>" in html
+    narrowed = get(base + "/search?q=oslo&role=TOOL")
+    # The tool's answer, and its copy in the fork.
+    assert len(re.findall(r'<tr class="hit">', narrowed)) == len(
+        repo.search_messages("oslo", roles="tool")
+    )
+    assert "<mark>Oslo</mark>: 4 °C, light rain" in narrowed
+    assert re.findall(r'<tr class="hit">', get(base + "/search?q=oslo&agent_id=pager")) == []
+    assert 'id="hits"' not in get(base + "/search")  # nothing asked, nothing searched
+
+
+def test_search_refuses_a_bad_role_naming_it(base: str) -> None:
+    assert "roles" in error_of(get(base + "/search?q=oslo&role=robot", 400))
+
+
+# --- export ------------------------------------------------------------------------------
+
+
+def exported(engine: Any, **fields: str) -> list[str]:
+    """What `export_jsonl` writes for this filter, without the header's time."""
+    buffer = io.StringIO()
+    export_jsonl(engine, buffer, fields or None)
+    return buffer.getvalue().splitlines()[1:]
+
+
+def test_the_export_download_is_the_export_format(base: str, repo: SessionRepository) -> None:
+    reply = fetch(base + "/export")
+    assert reply.status == 200
+    assert reply.headers["Content-Type"].startswith("application/x-ndjson")
+    assert re.fullmatch(
+        r'attachment; filename="aisopod-sessions-\d{8}T\d{6}Z\.jsonl"',
+        reply.headers["Content-Disposition"],
+    )
+    lines = reply.body.splitlines()
+    header = json.loads(lines[0])
+    assert header["type"] == "aisopod-session-export"
+    assert header["schema_version"] == SCHEMA_VERSION
+    assert lines[1:] == exported(repo.engine)
+
+
+def test_the_export_download_takes_the_lists_filter_and_one_sessions_key(
+    base: str, repo: SessionRepository, seeded: Seeded
+) -> None:
+    body = get(base + "/export?agent_id=pager&status=ACTIVE")
+    assert body.splitlines()[1:] == exported(repo.engine, agent_id="pager", status="active")
+    html = get(base + f"/sessions/{seeded.hostile_id}")
+    link = re.search(r'<a href="([^"]*)" id="export">', html)
+    assert link is not None
+    lines = [json.loads(line) for line in get(base + unescape(link.group(1))).splitlines()[1:]]
+    assert [line["key"] for line in lines if line["type"] == "session"] == [
+        "concierge:telegram:bot-main:dm:<b>mallory</b>"
+    ]
+    assert next(line["content"] for line in lines if line["type"] == "message") == HOSTILE_TEXT
+    assert "peer_kind" in error_of(get(base + "/export?peer_kind=fax", 400))
+
+
+# --- on either backend ------------------------------------------------------------------
+
+
+def test_every_page_works_on_either_backend(store: Engine) -> None:
+    repo = SessionRepository(store)
+    seeded = seed(repo, bulk=3)
+    with serving(create_app(repo)) as url:
+        status = get(url + "/")
+        assert f'<td id="session-count">{seeded.sessions}</td>' in status
+        assert ("+ WAL" in status) is (store.dialect.name == "sqlite")  # a file's sizes
+        assert len(listed_keys(get(url + "/sessions?limit=2&agent_id=pager"))) == 2
+        transcript = get(url + f"/sessions/{seeded.weather_id}")
+        assert "tool call <b>get_weather</b>" in transcript
+        assert "&lt;mark&gt;" not in get(url + "/search?q=forecast")
+        assert "<mark>forecast</mark>" in get(url + "/search?q=forecast")
+        lines = get(url + "/export").splitlines()
+        assert lines[1:] == exported(store)
+
+
+# --- read-only, confinement, the token ----------------------------------------------------
+
+
+def test_every_route_only_reads() -> None:
+    engine = open_database(":memory:")
+    try:
+        routes = create_app(SessionRepository(engine)).routes
+    finally:
+        engine.dispose()
+    methods = {method for route in routes for method in getattr(route, "methods", set())}
+    assert methods <= {"GET", "HEAD"}
+
+
+def test_a_confined_repository_shows_and_exports_only_its_agent(
+    repo: SessionRepository, seeded: Seeded
+) -> None:
+    with serving(create_app(repo.for_agent("pager"))) as url:
+        assert len(listed_keys(get(url + "/sessions?limit=100"))) == seeded.bulk
+        assert "only agent 'pager'" in error_of(get(url + "/sessions?agent_id=concierge", 403))
+        assert "only agent 'pager'" in error_of(get(url + "/export?agent_id=concierge", 403))
+        lines = [json.loads(line) for line in get(url + "/export").splitlines()[1:]]
+        sessions = [line for line in lines if line["type"] == "session"]
+        assert len(sessions) == seeded.bulk
+        assert {line["agent_id"] for line in sessions} == {"pager"}
+        get(url + f"/sessions/{seeded.weather_id}", 404)  # another agent's: as if none
+
+
+def test_with_a_token_every_request_must_carry_it(repo: SessionRepository) -> None:
+    with serving(create_app(repo, token="s3cret-token")) as url:
+        for path in ("/", "/sessions", "/export", "/static/viewer.css", "/sessions/1"):
+            reply = fetch(url + path)
+            assert reply.status == 401, path
+            assert "needs its token" in reply.body
+            assert reply.headers["WWW-Authenticate"] == "Bearer"
+        assert fetch(url + "/?token=wrong").status == 401
+        assert fetch(url + "/", {"Authorization": "Bearer wrong"}).status == 401
+        first = fetch(url + "/?token=s3cret-token")
+        assert first.status == 200
+        cookie = first.headers["Set-Cookie"]
+        assert cookie.startswith("aisopod_viewer_token=s3cret-token")
+        assert "HttpOnly" in cookie
+        assert "SameSite=strict" in cookie or "samesite=strict" in cookie.lower()
+        assert fetch(url + "/sessions", {"Cookie": "aisopod_viewer_token=s3cret-token"}).status == (
+            200
+        )
+        assert fetch(url + "/export", {"Authorization": "Bearer s3cret-token"}).status == 200
+
+
+def test_without_a_token_only_loopback_names_are_answered(
+    base: str, repo: SessionRepository
+) -> None:
+    """A page whose name resolves to 127.0.0.1 (DNS rebinding) gets nothing."""
+    port = urlsplit(base).port
+    refused = fetch(base + "/sessions", {"Host": f"attacker.example:{port}"})
+    assert refused.status == 421
+    assert "127.0.0.1 or localhost only" in error_of(refused.body)
+    assert "concierge:" not in refused.body
+    assert fetch(base + "/export", {"Host": "attacker.example"}).status == 421
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
+        assert fetch(base + "/sessions", {"Host": host}).status == 200, host
+    with serving(create_app(repo, token="t0ken")) as url:  # a token: any name
+        reply = fetch(url + "/sessions?token=t0ken", {"Host": "viewer.internal:8765"})
+        assert reply.status == 200
+
+
+def test_an_empty_token_is_refused_naming_it(repo: SessionRepository) -> None:
+    with pytest.raises(ValueError, match=r"^token: must not be empty"):
+        create_app(repo, token=" ")
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.20", False),
+        ("example.org", False),
+    ],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+# --- the `serve` command ---------------------------------------------------------------
+
+
+RUNNER = CliRunner()
+
+
+def test_serve_refuses_a_missing_store_and_one_that_needs_migrating(tmp_path: Path) -> None:
+    missing = RUNNER.invoke(cli_app, ["--db", str(tmp_path / "none.db"), "serve"])
+    assert missing.exit_code == 1
+    assert "no session store at" in missing.stderr
+    assert not (tmp_path / "none.db").exists()
+    old = tmp_path / "old.db"
+    make_seed_file(old, version=2)
+    behind = RUNNER.invoke(cli_app, ["--db", str(old), "serve"])
+    assert behind.exit_code == 1
+    assert "run `aisopod-session migrate` first" in behind.stderr
+
+
+def test_serve_refuses_an_empty_token_and_a_bad_port(db_path: Path) -> None:
+    open_database(db_path).dispose()
+    empty = RUNNER.invoke(cli_app, ["--db", str(db_path), "serve", "--token", ""])
+    assert (empty.exit_code, empty.stderr.strip()) == (1, "error: --token: must not be empty")
+    port = RUNNER.invoke(cli_app, ["--db", str(db_path), "serve", "--port", "70000"])
+    assert port.exit_code == 2
+    assert "--port" in port.stderr
+
+
+def test_serve_without_the_viewer_extra_says_what_to_install(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    open_database(db_path).dispose()
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    done = RUNNER.invoke(cli_app, ["--db", str(db_path), "serve"])
+    assert done.exit_code == 1
+    assert done.stderr.strip() == (
+        "error: serve needs the `viewer` extra (FastAPI, Jinja2 and uvicorn; uvicorn is "
+        "missing): install aisopod-session[viewer]"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def until_served(url: str) -> Reply:
+    """The first answer from `url` once the server listens (it starts after printing)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return fetch(url)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@pytest.mark.processes
+def test_serve_beyond_loopback_makes_up_a_token_and_enforces_it(db_path: Path) -> None:
+    engine = open_database(db_path)
+    seed(SessionRepository(engine), bulk=0)
+    engine.dispose()
+    port = free_port()
+    script = Path(sys.executable).parent / "aisopod-session"
+    command = [str(script), "--db", str(db_path), "serve", "--host", "0.0.0.0", "--port", str(port)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as server:
+        try:
+            assert server.stdout is not None
+            line = server.stdout.readline()
+            found = re.search(r"read-only at (http://0\.0\.0\.0:\d+/\?token=(\S+)) ", line)
+            assert found is not None, line
+            token = found.group(2)
+            assert len(token) >= 24
+            local = f"http://127.0.0.1:{port}"
+            assert until_served(local + "/").status == 401
+            assert fetch(f"{local}/sessions?token=wrong").status == 401
+            assert "concierge:telegram:bot-main:dm:1001" in get(f"{local}/sessions?token={token}")
+        finally:
+            server.terminate()
+
+
+# --- docs/viewer.md -------------------------------------------------------------------
+
+VIEWER_MD = Path(__file__).resolve().parent.parent / "docs" / "viewer.md"
+
+
+def test_viewer_md_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (example,) = re.findall(r"```python\n(.*?)```", VIEWER_MD.read_text(), flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "viewer_md"}
+    exec(compile(example, str(VIEWER_MD), "exec"), namespace)
+    try:
+        with serving(namespace["app"]) as url:
+            assert fetch(url + "/sessions").status == 401
+            assert fetch(url + "/sessions?token=s3cret").status == 200
+            assert "only agent 'concierge'" in error_of(
+                get(url + "/sessions?agent_id=other&token=s3cret", 403)
+            )
+    finally:
+        namespace["engine"].dispose()
+
+
+def test_viewer_md_documents_every_option_of_serve() -> None:
+    help_text = RUNNER.invoke(cli_app, ["serve", "--help"], terminal_width=200).stdout
+    options = set(re.findall(r"^\s+(--[a-z-]+)", help_text, flags=re.M)) - {"--help", "--db"}
+    assert options == {"--host", "--port", "--token"}
+    documented = set(re.findall(r"^\| `(--[a-z-]+)", VIEWER_MD.read_text(), flags=re.M))
+    assert documented == options
