@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import html
 import inspect
 import logging
 import re
@@ -543,6 +544,22 @@ def check_postgresql_copy(ran: Ran) -> None:
         ]
 
 
+def check_viewer_app(ran: Ran) -> None:
+    """The app serves the confined repository's pages behind its token, and refuses
+    another agent's sessions."""
+    from tests.viewer_server import fetch, serving
+
+    try:
+        with serving(ran.namespace["app"]) as url:
+            assert fetch(url + "/sessions").status == 401
+            assert fetch(url + "/sessions?token=s3cret").status == 200
+            refused = fetch(url + "/sessions?agent_id=other&token=s3cret")
+            assert refused.status == 403
+            assert "only agent 'concierge'" in html.unescape(refused.body)
+    finally:
+        ran.namespace["engine"].dispose()
+
+
 CHECKS: dict[tuple[str, str], Callable[[Ran], None]] = {
     ("README.md", "class ChatService"): check_readme_chat_service,
     ("README.md", "Hello from asyncio"): check_readme_asyncio,
@@ -562,6 +579,7 @@ CHECKS: dict[tuple[str, str], Callable[[Ran], None]] = {
     ("docs/migrations.md", "current_version(engine)"): check_migrations_inspecting,
     ("docs/postgresql.md", "repo = SessionRepository(engine)"): check_postgresql_open,
     ("docs/postgresql.md", "copy_database("): check_postgresql_copy,
+    ("docs/viewer.md", "create_app("): check_viewer_app,
 }
 """A check per fence whose result matters, found by its file and a text only it holds."""
 

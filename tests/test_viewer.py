@@ -529,22 +529,6 @@ def test_serve_beyond_loopback_makes_up_a_token_and_enforces_it(db_path: Path) -
 VIEWER_MD = Path(__file__).resolve().parent.parent / "docs" / "viewer.md"
 
 
-def test_viewer_md_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (example,) = re.findall(r"```python\n(.*?)```", VIEWER_MD.read_text(), flags=re.S)
-    monkeypatch.chdir(tmp_path)
-    namespace: dict[str, Any] = {"__name__": "viewer_md"}
-    exec(compile(example, str(VIEWER_MD), "exec"), namespace)
-    try:
-        with serving(namespace["app"]) as url:
-            assert fetch(url + "/sessions").status == 401
-            assert fetch(url + "/sessions?token=s3cret").status == 200
-            assert "only agent 'concierge'" in error_of(
-                get(url + "/sessions?agent_id=other&token=s3cret", 403)
-            )
-    finally:
-        namespace["engine"].dispose()
-
-
 def test_viewer_md_documents_every_option_of_serve() -> None:
     help_text = RUNNER.invoke(cli_app, ["serve", "--help"], terminal_width=200).stdout
     options = set(re.findall(r"^\s+(--[a-z-]+)", help_text, flags=re.M)) - {"--help", "--db"}
