@@ -142,6 +142,18 @@ def failed(*args: str, real: bool | Literal["fork"] = False) -> str:
     return lines[0]
 
 
+def misused(*args: str) -> str:
+    """The `error:` line a usage error ends with (after the command's usage); the exit
+    status is 2, nothing is printed on stdout and there is no traceback."""
+    done = cli(*args)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), done.stderr
+    return last
+
+
 TELEGRAM = SessionKey("concierge", "telegram", "bot-1", "dm", "1001")
 SLACK = SessionKey("concierge", "slack", "T1", "channel", "C9")
 OTHER = SessionKey("sales", "discord", "guild", "thread", "t-1")
@@ -558,12 +570,12 @@ def test_user_errors_are_one_line_and_exit_1(store: Path, tmp_path: Path) -> Non
     missing = tmp_path / "nowhere.db"
     assert "no session store at" in failed("--db", str(missing), "status", real=True)
     assert not missing.exists()  # reading never creates a store
-    assert "neither a session id nor a key" in failed(
+    assert "neither a session id nor a key" in misused(
         "--db", str(store), "sessions", "show", "not-a-key"
     )
     assert "no session with id 99" in failed("--db", str(store), "sessions", "show", "99")
     assert "no session for key" in failed("--db", str(store), "sessions", "show", "a:b:c:dm:nobody")
-    assert "not a duration" in failed("--db", str(store), "prune", "--older-than", "soon")
+    assert "not a duration" in misused("--db", str(store), "mark-idle", "--idle-for", "soon")
     assert "no file" in failed("--db", str(store), "import", str(tmp_path / "none.jsonl"))
     run_sql(store, "INSERT INTO schema_version (version, name) VALUES (99, 'future')")
     assert "99" in failed("--db", str(store), "status")
@@ -951,7 +963,7 @@ def test_sessions_fork_copies_a_session_under_a_new_key(store: Path) -> None:
     assert "up_to_id: message 5" in failed(
         "--db", str(store), "sessions", "fork", "1", "a:b:c:dm:d", "--up-to", "5"
     )
-    assert "NEW_KEY" in failed("--db", str(store), "sessions", "fork", "1", "not-a-key")
+    assert "NEW_KEY" in misused("--db", str(store), "sessions", "fork", "1", "not-a-key")
 
 
 def test_sessions_list_filters_by_metadata_and_pages_by_cursor(store: Path) -> None:
@@ -962,7 +974,7 @@ def test_sessions_list_filters_by_metadata_and_pages_by_cursor(store: Path) -> N
     assert keys("--meta", 'language="en"') == [str(TELEGRAM)]
     assert keys("--meta", "language=en", "--meta", "x=1") == []
     assert keys("--meta", "language=NaN") == []  # the text "NaN", not a number refused
-    assert "--meta: 'language' is not KEY=JSON" in failed(
+    assert "--meta: 'language' is not KEY=JSON" in misused(
         "--db", str(store), "sessions", "list", "--meta", "language"
     )
     everything = keys()
@@ -975,8 +987,10 @@ def test_sessions_list_filters_by_metadata_and_pages_by_cursor(store: Path) -> N
     assert seen == everything
     text = ok("--db", str(store), "sessions", "list", "--limit", "2")
     assert "Next page: --cursor " in text
-    assert "cursor:" in failed("--db", str(store), "sessions", "list", "--cursor", "nope")
-    assert "--cursor and --offset" in failed(
+    assert "--cursor: not a cursor" in misused(
+        "--db", str(store), "sessions", "list", "--cursor", "nope"
+    )
+    assert "give --cursor or --offset, not both" in misused(
         "--db", str(store), "sessions", "list", "--cursor", "first", "--offset", "1"
     )
 
@@ -1013,7 +1027,7 @@ def test_enum_options_take_any_case_as_the_api_does(store: Path) -> None:
 
 
 def test_a_bad_key_is_one_line_in_the_commands_own_words(store: Path) -> None:
-    said = failed("--db", str(store), "sessions", "show", "a:b:c:d:e")
+    said = misused("--db", str(store), "sessions", "show", "a:b:c:d:e")
     assert said.endswith("peer_kind: must be one of dm, group, channel, thread; got 'd'"), said
     for framing in ("validation error", "pydantic", "[type=", "Value error"):
         assert framing not in said

@@ -895,6 +895,86 @@ def status(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = Fa
         out.print(table)
 
 
+@app.command("vacuum", cls=_Command)
+@friendly
+def vacuum(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = False) -> None:
+    """Give the space of deleted rows back: SQLite checkpoints and empties its WAL and
+    rewrites the file (VACUUM); PostgreSQL runs VACUUM ANALYZE on the store's tables.
+    Prints the sizes before and after. Writers wait while SQLite rewrites the file."""
+    target = target_of(ctx, db)
+    with repository(target) as repo:
+        engine = repo.engine
+        before = store_size(engine, target)
+        if engine.dialect.name == "sqlite":
+            vacuum_sqlite(engine)
+        else:
+            vacuum_postgresql(engine)
+        after = store_size(engine, target)
+    if wants_json(ctx, json_output):
+        print_json({"database": shown_target(target), "bytes_before": before, "bytes_after": after})
+        return
+    out.print(
+        f"Vacuumed {shown_target(target)}: {size_text(before)} before, {size_text(after)} "
+        f"after ({size_text(max(before - after, 0))} given back)."
+    )
+
+
+def store_size(engine: Engine, target: str) -> int:
+    """The store's size in bytes: a SQLite file with its WAL; on PostgreSQL, the store's
+    tables with their indexes and TOAST data."""
+    path = file_of(target)
+    if engine.dialect.name == "sqlite":
+        if path is None:  # :memory:
+            return 0
+        wal = path.with_name(path.name + "-wal")
+        return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        size = conn.execute(
+            text(
+                "SELECT pg_total_relation_size(to_regclass('sessions')) "
+                "+ pg_total_relation_size(to_regclass('messages'))"
+            )
+        ).scalar_one()
+    return int(size)
+
+
+def vacuum_sqlite(engine: Engine) -> None:
+    """Checkpoint the WAL, rewrite the file (VACUUM, which in WAL mode goes through the
+    WAL again) and checkpoint once more, truncating the WAL to nothing. On the driver's
+    own connection: VACUUM cannot run inside the transaction SQLAlchemy would begin."""
+    raw = engine.raw_connection()
+    try:
+        connection = raw.driver_connection
+        assert connection is not None
+        for statement in (
+            "PRAGMA wal_checkpoint(TRUNCATE)",
+            "VACUUM",
+            "PRAGMA wal_checkpoint(TRUNCATE)",
+        ):
+            connection.execute(statement).fetchall()
+    finally:
+        raw.close()
+
+
+def vacuum_postgresql(engine: Engine) -> None:
+    """VACUUM ANALYZE the store's tables, on a connection in autocommit (VACUUM cannot
+    run inside a transaction)."""
+    raw = engine.raw_connection()
+    try:
+        connection = raw.driver_connection
+        assert connection is not None
+        connection.rollback()  # whatever the pool's ping began: autocommit needs none
+        connection.autocommit = True
+        try:
+            connection.execute("VACUUM ANALYZE sessions, messages")
+        finally:
+            connection.autocommit = False
+    finally:
+        raw.close()
+
+
 def split_text(totals: Totals) -> str:
     """` (12 input, 30 output)`: the part of the tokens callers reported split."""
     return f" ({totals.input_tokens:,} input, {totals.output_tokens:,} output)"
@@ -1135,6 +1215,12 @@ def list_sessions(
     meta: MetaOption = None,
     limit: Annotated[int, integer_option(0, "At most this many.")] = 50,
     offset: Annotated[int, integer_option(0, "Skip this many first.")] = 0,
+    wide: Annotated[
+        bool,
+        typer.Option(
+            "--wide", help="Every column, however wide the terminal (tokens, input, output)."
+        ),
+    ] = False,
     cursor: Annotated[
         str | None,
         typer.Option(
@@ -1150,8 +1236,6 @@ def list_sessions(
     """Sessions matching the filters, most recently updated first. TIME is an ISO-8601
     time (UTC when it has no offset) or a duration ago, such as 30d. When more match,
     the next page's cursor is printed (with --cursor and --json, as `next_cursor`)."""
-    from rich.table import Table
-
     from aisopod_session.transfer import session_json
 
     wanted = session_filter(
@@ -1176,9 +1260,15 @@ def list_sessions(
         if offset or limit == 0:
             found = repo.list_sessions(wanted, limit=limit, offset=offset)
         else:
-            page = repo.page_sessions(
-                wanted, limit=limit, cursor=None if cursor in (None, FIRST_PAGE) else cursor
-            )
+            try:
+                page = repo.page_sessions(
+                    wanted, limit=limit, cursor=None if cursor in (None, FIRST_PAGE) else cursor
+                )
+            except ValueError as exc:
+                if not str(exc).startswith("cursor: "):
+                    raise
+                # A cursor that is no cursor (or another filter's) is a bad option value.
+                raise UsageProblem("--cursor", str(exc).removeprefix("cursor: ")) from None
             found, next_cursor = page.sessions, page.next_cursor
         total = repo.count_sessions(wanted)
     if wants_json(ctx, json_output):
@@ -1188,18 +1278,23 @@ def list_sessions(
         else:
             print_json({"sessions": listed, "next_cursor": next_cursor})
         return
-    table = Table("id", "key", "status", "messages", "tokens", "input", "output", "updated (UTC)")
-    for session in found:
-        table.add_row(
-            str(session.id),
-            str(session.key),
-            session.status.value,
-            f"{session.message_count:,}",
-            f"{session.token_usage:,}",
-            f"{session.input_tokens:,}",
-            f"{session.output_tokens:,}",
-            when(session.updated_at),
-        )
+    rows = [
+        {
+            "id": str(session.id),
+            "key": str(session.key),
+            "status": session.status.value,
+            "messages": f"{session.message_count:,}",
+            "tokens": f"{session.token_usage:,}",
+            "input": f"{session.input_tokens:,}",
+            "output": f"{session.output_tokens:,}",
+            "updated (UTC)": when(session.updated_at),
+        }
+        for session in found
+    ]
+    table, needed = fitting_table(rows, LIST_COLUMNS, width=None if wide else out.width)
+    if wide:  # as wide as the table needs, the terminal folding the lines if it must
+        console = real_console(out)
+        console.width = max(console.width, needed)
     out.print(table)
     if cursor is None or cursor == FIRST_PAGE:
         shown = f"{offset + 1}–{offset + len(found)}" if found else "none"
@@ -1208,6 +1303,46 @@ def list_sessions(
         out.print(f"{total:,} session(s) match; showing {len(found):,} after the cursor.")
     if next_cursor is not None:
         out.print(f"Next page: --cursor {next_cursor}")
+
+
+SEARCH_COLUMNS = ("key", "id", "time (UTC)", "role", "snippet")
+
+LIST_COLUMNS = (
+    ("id", "key", "status", "messages", "tokens", "input", "output", "updated (UTC)"),
+    ("id", "key", "status", "messages", "tokens", "updated (UTC)"),
+    ("id", "key", "messages", "updated (UTC)"),
+    ("id", "key", "updated (UTC)"),
+)
+"""The columns of `sessions list`, widest first: the first set that fits is printed."""
+
+
+def fitting_table(
+    rows: list[dict[str, str]], choices: tuple[tuple[str, ...], ...], width: int | None
+) -> Any:
+    """A table of `rows` with the first set of columns in `choices` whose cells all fit
+    in `width` columns unwrapped (every set when `width` is None): the key and the times
+    are never cut nor wrapped. If even the last set does not fit (a key wider than the
+    terminal), the key is folded onto further lines, whole. Also how wide the table is
+    unfolded."""
+    from rich.cells import cell_len
+    from rich.table import Table
+
+    def natural(columns: tuple[str, ...]) -> int:
+        cells = sum(
+            max([cell_len(name)] + [cell_len(row[name]) for row in rows]) for name in columns
+        )
+        return cells + 3 * len(columns) + 1  # padding of one each side, and the rules
+
+    columns = choices[0]
+    if width is not None:
+        columns = next((c for c in choices if natural(c) <= width), choices[-1])
+    table = Table()
+    for name in columns:
+        fold = name == "key" and width is not None and natural(columns) > width
+        table.add_column(name, no_wrap=not fold, overflow="fold")
+    for row in rows:
+        table.add_row(*(row[name] for name in columns))
+    return table, natural(columns)
 
 
 ROLE_STYLES = {
@@ -1240,12 +1375,13 @@ def show(
             {"session": session_json(found), "messages": [message_json(m) for m in messages]}
         )
         return
+    # Three short lines, not one of 140 characters: each fits 80 columns (but for the key).
+    out.print(f"Session #{found.id} {found.key} ({found.status.value})")
     out.print(
-        f"Session #{found.id} {found.key} ({found.status.value}): "
         f"{found.message_count:,} messages, {found.token_usage:,} tokens "
-        f"({found.input_tokens:,} input, {found.output_tokens:,} output); "
-        f"created {when(found.created_at)}, updated {when(found.updated_at)}"
+        f"({found.input_tokens:,} input, {found.output_tokens:,} output)"
     )
+    out.print(f"created {when(found.created_at)}, updated {when(found.updated_at)}")
     if found.meta:
         out.print(f"metadata: {one_line_json(found.meta)}")
     if last is not None and found.message_count > len(messages):
@@ -1771,7 +1907,6 @@ def search(
     """Messages whose text holds WORDS, best first, in the sessions matching the filters
     (those of `sessions list`): each with its session's key, its id, time and a snippet
     with the words marked «like this»."""
-    from rich.table import Table
 
     from aisopod_session.models import utc_text
 
@@ -1806,16 +1941,25 @@ def search(
             ]
         )
         return
-    table = Table("key", "id", "time (UTC)", "role", "snippet")
-    for hit in hits:
-        table.add_row(
-            str(hit.key),
-            str(hit.message.id),
-            when(hit.message.created_at),
-            str(hit.message.role),
-            " ".join(hit.snippet.split()),
-        )
-    out.print(table)
+    rows = [
+        {
+            "key": str(hit.key),
+            "id": str(hit.message.id),
+            "time (UTC)": when(hit.message.created_at),
+            "role": str(hit.message.role),
+            "snippet": " ".join(hit.snippet.split()),
+        }
+        for hit in hits
+    ]
+    table, needed = fitting_table(rows, (tuple(SEARCH_COLUMNS),), width=None)
+    if needed <= out.width:
+        out.print(table)
+    else:
+        # Too narrow for a table (snippets are long): each hit as a line naming it whole,
+        # then its snippet, indented, wrapped by the terminal.
+        for row in rows:
+            out.print(f"{row['key']} #{row['id']} {row['time (UTC)']} {row['role']}")
+            out.print(f"    {row['snippet']}")
     out.print(f"{len(hits):,} hit(s), best first." if hits else "No message matches.")
 
 
