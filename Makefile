@@ -77,7 +77,7 @@ format: venv ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-run: venv ## Record a short conversation in ./$(DB), then show it with the aisopod-session command
+run: venv ## Record a short conversation in aisopod-sessions.db (DB=FILE for another), then show it
 	$(VENV)/bin/python -m aisopod_session.demo $(DB)
 	$(VENV)/bin/aisopod-session --db $(DB) status
 	$(VENV)/bin/aisopod-session --db $(DB) sessions list --agent-id concierge

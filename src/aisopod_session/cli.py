@@ -74,8 +74,8 @@ class UsageProblem(_USAGE_ERROR):  # type: ignore[misc, valid-type]
 
 # Our own placeholders in help and usage lines, in place of Typer's: a required argument's
 # braces (`{KEY-OR-ID}`) and an argument's Python type (`KEY-OR-ID <str>`).
-_BRACED = re.compile(r"\{([A-Z][A-Z0-9_.-]*)\}")
-_ARGUMENT_TYPE = re.compile(r"^(\s+[A-Z][A-Z0-9_.-]*) <[a-z]+>", re.MULTILINE)
+_BRACED = re.compile(r"\{([A-Z][A-Za-z0-9_.-]*)\}")
+_ARGUMENT_TYPE = re.compile(r"^(\s+[A-Z][A-Za-z0-9_.-]*) <[a-z ]+>", re.MULTILINE)
 
 
 def our_placeholders(text: str) -> str:
@@ -1897,7 +1897,10 @@ def search(
     role: Annotated[
         list[Role] | None,
         typer.Option(
-            "--role", case_sensitive=False, help="Only messages of this role; repeatable."
+            "--role",
+            parser=choice(Role),
+            metavar="ROLE",
+            help=f"Only messages of this role ({values_of(Role)}); repeatable.",
         ),
     ] = None,
     limit: Annotated[int, integer_option(0, "At most this many hits.")] = 20,
@@ -2125,13 +2128,15 @@ def import_openclaw_command(
         str,
         typer.Argument(
             metavar="PATH",
-            help="An OpenClaw state folder (~/.openclaw), one agents/<id> folder, or one "
+            help="An OpenClaw state folder (~/.openclaw), one agents/AGENT folder, or one "
             "sessions folder.",
         ),
     ],
     agent: Annotated[
         list[str] | None,
-        typer.Option("--agent", help="Import this agent only (repeat for several)."),
+        typer.Option(
+            "--agent", metavar="AGENT", help="Import this agent only (repeat for several)."
+        ),
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Read everything, write nothing, report.")
