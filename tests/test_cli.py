@@ -1341,3 +1341,6 @@ def test_progress_bars_count_to_their_totals_on_a_terminal(
     seen.truncate(0)
     as_json("--db", str(tmp_path / "copied.db"), "prune", "--updated-before", "1s", "--yes")
     assert "pruning" not in seen.getvalue()  # never with --json
+    ok("--db", str(tmp_path / "new.db"), "init")
+    assert "migrating" in seen.getvalue()
+    assert f"/{SCHEMA_VERSION}" in seen.getvalue()  # every migration of a new store

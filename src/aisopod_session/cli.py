@@ -2,9 +2,11 @@
 
 Every command takes `--db` (a path or a URL; also `AISOPOD_SESSION_DB`; default
 `./aisopod-sessions.db`), before or after the command's name. Reading commands take
-`--json` for machine-readable output. User errors (a missing store, a bad key, an unknown
-session, a newer schema...) print one line on stderr and exit with status 1; usage
-errors exit with 2.
+`--json` for machine-readable output. What the command could not do (a missing store, an
+unknown session, a newer schema...) prints one `error:` line on stderr and exits with
+status 1; a usage error (an unknown option, a value of the wrong form: a bad integer,
+status, time, duration, key...) prints the usage and one `error:` line naming the option,
+in our words, and exits with 2, before anything is written.
 
 Only Typer and the light `aisopod_session.enums` are imported here: `--help` and
 `--version` start at once. Rich, SQLAlchemy, pydantic and the store's modules are
@@ -719,16 +721,22 @@ def init(ctx: typer.Context, db: DbOption = None) -> None:
         out.print(f"{name} is ready at schema version {version}; nothing to do.")
 
 
-def upgrade(target: str) -> tuple[bool, list[AppliedMigration], int]:
+def upgrade(target: str, *, quiet: bool = False) -> tuple[bool, list[AppliedMigration], int]:
     """Create or migrate the store: whether it was created, the migrations applied now,
-    and the schema version."""
-    from aisopod_session.migrations import applied_migrations, current_version
+    and the schema version. On a terminal (unless `quiet`), a bar counts the migrations
+    to apply while they run (a big store's take a while; each one is one step)."""
+    from aisopod_session.migrations import MIGRATIONS, applied_migrations, current_version
 
     path = file_of(target)
     created = path is not None and not path.exists()
     with opened(target, create=True) as engine:
         before = set() if created else {m.version for m in applied_migrations(engine)}
-    with opened(target, create=True, migrate=True) as engine:
+    pending = [m for m in MIGRATIONS if m.version > max(before, default=0)]
+    with (
+        progress_bar("migrating", len(pending), "migrations", hide=quiet or not pending) as report,
+        opened(target, create=True, migrate=True) as engine,
+    ):
+        report(len(pending))
         applied = [m for m in applied_migrations(engine) if m.version not in before]
         return created, applied, current_version(engine)
 
@@ -756,7 +764,7 @@ def migrate(
 
     target = target_of(ctx, db)
     if not status:
-        _, applied, version = upgrade(target)
+        _, applied, version = upgrade(target, quiet=wants_json(ctx, json_output))
         if wants_json(ctx, json_output):
             print_json({"schema_version": version, "applied": [m.version for m in applied]})
             return
@@ -2171,7 +2179,9 @@ def import_openclaw_command(
             folder = stack.enter_context(TemporaryDirectory())
             target = str(Path(folder) / "dry-run.db")
         engine = stack.enter_context(opened(target, create=True, migrate=True))
-        report = stack.enter_context(_counted_bar("importing", "sessions"))
+        report = stack.enter_context(
+            _counted_bar("importing", "sessions", hide=wants_json(ctx, json_output))
+        )
         try:
             result = import_openclaw(
                 path,
@@ -2221,9 +2231,12 @@ def import_openclaw_command(
 
 
 @contextmanager
-def _counted_bar(label: str, unit: str) -> Iterator[Callable[[int, int], object]]:
-    """A progress bar on stderr (when it is a terminal) told its total with each step."""
-    if not err.is_terminal:
+def _counted_bar(
+    label: str, unit: str, *, hide: bool = False
+) -> Iterator[Callable[[int, int], object]]:
+    """A progress bar on stderr (when it is a terminal, and not `hide`) told its total
+    with each step."""
+    if hide or not err.is_terminal:
         yield lambda done, total: None
         return
     with _bar(label, None, unit) as (bar, task):
