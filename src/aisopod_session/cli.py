@@ -1226,7 +1226,7 @@ def list_sessions(
     wide: Annotated[
         bool,
         typer.Option(
-            "--wide", help="Every column, however wide the terminal (tokens, input, output)."
+            "--wide", help="Every column (tokens, input, output), however narrow the terminal."
         ),
     ] = False,
     cursor: Annotated[
