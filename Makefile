@@ -81,11 +81,11 @@ format: venv ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-run: venv ## Record a short conversation in ./aisopod-sessions.db (DB=path for another), then show it
+run: venv ## Record a short conversation in aisopod-sessions.db (DB=FILE for another), then show it
 	$(VENV)/bin/python -m aisopod_session.demo $(DB)
 	$(VENV)/bin/aisopod-session --db $(DB) status
 	$(VENV)/bin/aisopod-session --db $(DB) sessions list --agent-id concierge
-	$(VENV)/bin/aisopod-session --db $(DB) sessions show concierge:telegram:bot-main:dm:1001 --last 4
+	$(VENV)/bin/aisopod-session --db $(DB) sessions show concierge:telegram:bot-main:dm:1001 --last 6
 
 # The PostgreSQL half measures the machine's local server unless told another (a server
 # that does not answer is skipped with a loud line); it works in schemas of its own.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from aisopod_session import (
     export_jsonl,
     open_database,
 )
-from aisopod_session.cli import app, main
+from aisopod_session.cli import app, main, parameter_name
 from tests.dbtools import SEED_SCHEMA, make_seed_file, run_sql, snapshot, stress
 from tests.forking import wait
 
@@ -140,6 +141,18 @@ def failed(*args: str, real: bool | Literal["fork"] = False) -> str:
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ")
     return lines[0]
+
+
+def misused(*args: str) -> str:
+    """The `error:` line a usage error ends with (after the command's usage); the exit
+    status is 2, nothing is printed on stdout and there is no traceback."""
+    done = cli(*args)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), done.stderr
+    return last
 
 
 TELEGRAM = SessionKey("concierge", "telegram", "bot-1", "dm", "1001")
@@ -558,12 +571,12 @@ def test_user_errors_are_one_line_and_exit_1(store: Path, tmp_path: Path) -> Non
     missing = tmp_path / "nowhere.db"
     assert "no session store at" in failed("--db", str(missing), "status", real=True)
     assert not missing.exists()  # reading never creates a store
-    assert "neither a session id nor a key" in failed(
+    assert "neither a session id nor a key" in misused(
         "--db", str(store), "sessions", "show", "not-a-key"
     )
     assert "no session with id 99" in failed("--db", str(store), "sessions", "show", "99")
     assert "no session for key" in failed("--db", str(store), "sessions", "show", "a:b:c:dm:nobody")
-    assert "not a duration" in failed("--db", str(store), "prune", "--older-than", "soon")
+    assert "not a duration" in misused("--db", str(store), "mark-idle", "--idle-for", "soon")
     assert "no file" in failed("--db", str(store), "import", str(tmp_path / "none.jsonl"))
     run_sql(store, "INSERT INTO schema_version (version, name) VALUES (99, 'future')")
     assert "99" in failed("--db", str(store), "status")
@@ -951,7 +964,7 @@ def test_sessions_fork_copies_a_session_under_a_new_key(store: Path) -> None:
     assert "up_to_id: message 5" in failed(
         "--db", str(store), "sessions", "fork", "1", "a:b:c:dm:d", "--up-to", "5"
     )
-    assert "NEW_KEY" in failed("--db", str(store), "sessions", "fork", "1", "not-a-key")
+    assert "NEW_KEY" in misused("--db", str(store), "sessions", "fork", "1", "not-a-key")
 
 
 def test_sessions_list_filters_by_metadata_and_pages_by_cursor(store: Path) -> None:
@@ -962,7 +975,7 @@ def test_sessions_list_filters_by_metadata_and_pages_by_cursor(store: Path) -> N
     assert keys("--meta", 'language="en"') == [str(TELEGRAM)]
     assert keys("--meta", "language=en", "--meta", "x=1") == []
     assert keys("--meta", "language=NaN") == []  # the text "NaN", not a number refused
-    assert "--meta: 'language' is not KEY=JSON" in failed(
+    assert "--meta: 'language' is not KEY=JSON" in misused(
         "--db", str(store), "sessions", "list", "--meta", "language"
     )
     everything = keys()
@@ -975,8 +988,10 @@ def test_sessions_list_filters_by_metadata_and_pages_by_cursor(store: Path) -> N
     assert seen == everything
     text = ok("--db", str(store), "sessions", "list", "--limit", "2")
     assert "Next page: --cursor " in text
-    assert "cursor:" in failed("--db", str(store), "sessions", "list", "--cursor", "nope")
-    assert "--cursor and --offset" in failed(
+    assert "--cursor: not a cursor" in misused(
+        "--db", str(store), "sessions", "list", "--cursor", "nope"
+    )
+    assert "give --cursor or --offset, not both" in misused(
         "--db", str(store), "sessions", "list", "--cursor", "first", "--offset", "1"
     )
 
@@ -1013,7 +1028,7 @@ def test_enum_options_take_any_case_as_the_api_does(store: Path) -> None:
 
 
 def test_a_bad_key_is_one_line_in_the_commands_own_words(store: Path) -> None:
-    said = failed("--db", str(store), "sessions", "show", "a:b:c:d:e")
+    said = misused("--db", str(store), "sessions", "show", "a:b:c:d:e")
     assert said.endswith("peer_kind: must be one of dm, group, channel, thread; got 'd'"), said
     for framing in ("validation error", "pydantic", "[type=", "Value error"):
         assert framing not in said
@@ -1030,3 +1045,302 @@ def test_copying_into_a_store_that_holds_sessions_names_the_flag(
     assert "Copied 3 session(s)" in ok(
         "--db", str(store), "copy", "--to", str(target), "--overwrite"
     )
+
+
+# --- usage errors in our words, one naming scheme, help, docs -----------------------------
+
+LIBRARY_WORDS = ("Invalid value", "Value error", "pydantic", "Input should", "Error:", "[type=")
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("sessions", "list", "--status", "bogus"), "--status: 'bogus' is not one of active, "),
+        (("sessions", "list", "--peer-kind", "pm"), "--peer-kind: 'pm' is not one of dm, "),
+        (("search", "x", "--role", "robot"), "--role: 'robot' is not one of system, "),
+        (("sessions", "list", "--limit", "-1"), "--limit: must be from 0 to 9223372036854775807"),
+        (("sessions", "list", "--limit", "x"), "--limit: 'x' is not a whole number"),
+        (("sessions", "list", "--limit", "\uff11"), "--limit: '\uff11' is not a whole number"),
+        (("sessions", "list", "--limit"), "--limit: needs a value"),
+        (("sessions", "list", "--bogus"), "no option --bogus"),
+        (("sessions", "show"), "missing argument KEY-OR-ID"),
+        (("sessions", "show", "a:b:c:d:e"), "KEY-OR-ID: 'a:b:c:d:e' is neither"),
+        (("compact", "1"), "--last: missing; give --last N"),
+        (("copy",), "--to: missing; give --to PATH-OR-URL"),
+        (("prune",), "--updated-before: missing; give --updated-before TIME"),
+        (("prune", "--updated-before", "0s"), "--updated-before: '0s': a duration ago must be"),
+        (("sessions", "list", "--created-after", "soon"), "--created-after: 'soon' is neither"),
+        (("mark-idle", "--idle-for", "7"), "--idle-for: '7' is not a duration"),
+        (("sessions", "list", "--meta", "x"), "--meta: 'x' is not KEY=JSON"),
+        (("sessions", "list", "--cursor", "nope"), "--cursor: not a cursor"),
+    ],
+)
+def test_usage_errors_name_the_option_in_our_words_and_exit_2(
+    store: Path, args: tuple[str, ...], said: str
+) -> None:
+    before = snapshot(store)
+    line = misused("--db", str(store), *args)
+    assert line.startswith(f"error: {said}"), line
+    for words in LIBRARY_WORDS:
+        assert words not in line
+    assert snapshot(store) == before
+
+
+def test_a_usage_error_shows_the_commands_usage_first(store: Path) -> None:
+    done = cli("--db", str(store), "sessions", "list", "--status", "bogus")
+    assert done.stderr.splitlines()[:2] == [
+        "Usage: aisopod-session sessions list [OPTIONS]",
+        "Try 'aisopod-session sessions list -h' for help.",
+    ]
+
+
+def test_the_old_spellings_still_work_but_help_shows_the_new_ones(
+    store: Path, tmp_path: Path
+) -> None:
+    run_sql(
+        store, "UPDATE sessions SET updated_at = ? WHERE id = 3", ("2020-01-01T00:00:00+00:00",)
+    )
+    new = as_json("--db", str(store), "prune", "--updated-before", "30d", "--dry-run")
+    old = as_json("--db", str(store), "prune", "--older-than", "30d", "--dry-run")
+    assert new["sessions"] == old["sessions"] == 1
+    since = as_json("--db", str(store), "prune", "--updated-before", "2021-01-01", "--dry-run")
+    assert (since["sessions"], since["updated_before"]) == (1, "2021-01-01T00:00:00+00:00")
+    assert "--updated-before: given twice (also as --older-than" in misused(
+        "--db", str(store), "prune", "--updated-before", "30d", "--older-than", "30d"
+    )
+    assert "removed 2 message(s)" in ok("--db", str(store), "compact", "1", "--keep-last", "2")
+    assert "removed 1 message(s)" in ok("--db", str(store), "compact", "1", "--last", "1")
+    for name in ("--out", "-o", "--to"):
+        target = tmp_path / f"export{name}.jsonl"
+        ok("--db", str(store), "export", name, str(target))
+        assert len(target.read_text().splitlines()) == 1 + 3 + 3  # header, sessions, messages
+    helps = {
+        "prune": ("--updated-before TIME", "--older-than"),
+        "compact": ("--last N", "--keep-last"),
+        "export": ("--to FILE", "--out"),
+    }
+    for command, (shown, hidden) in helps.items():
+        text = ok(command, "-h")
+        assert shown in text
+        assert hidden not in text
+    assert "-o," not in ok("export", "-h")
+
+
+def every_command() -> list[tuple[list[str], Any]]:
+    """Every command of the app, by its path (`["sessions", "list"]`), with its click
+    command (as Typer builds it)."""
+    import typer
+
+    found: list[tuple[list[str], Any]] = []
+
+    def walk(command: Any, path: list[str]) -> None:
+        subcommands = getattr(command, "commands", None)
+        if subcommands is None:
+            found.append((path, command))
+            return
+        for name, sub in subcommands.items():
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+def test_help_uses_our_placeholders_and_describes_every_argument() -> None:
+    paths: list[list[str]] = [[], ["sessions"], *(path for path, _ in every_command())]
+    for path in paths:
+        text = ok(*path, "-h")
+        assert not re.findall(r"<[^>\n]*>|\{[^}\n]*\}", text), (path, text)
+        assert "int range" not in text
+    for path, command in every_command():
+        for param in command.params:
+            if param.param_type_name == "argument":
+                assert param.help, (path, param.metavar)
+
+
+def test_docs_cli_md_documents_every_command_and_option_as_help_shows_them() -> None:
+    """Like sqlite-utils' docs test: every command has a row in docs/cli.md's table, every
+    option its --help shows is named in its row or in its section, and every option named
+    in a row or in a section's option list is one the command takes."""
+    text = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    rows = {
+        match.group(1): match.group(0)
+        for match in re.finditer(r"^\| `((?:sessions )?[a-z-]+)[^`]*` \|.*$", text, re.M)
+    }
+    sections = {
+        match.group(1): match.group(2)
+        for match in re.finditer(r"^### ([a-z -]+)\n(.*?)(?=^##|\Z)", text, re.M | re.S)
+    }
+    paragraph = re.search(r"^`\[filters\]` are .*?\n\n", text, re.M | re.S)
+    assert paragraph is not None
+    filters = paragraph.group()
+    shared = {"compact", "reset", "prune", "mark-idle"}  # also under `sessions`
+    commands = every_command()
+    names = {" ".join(path) for path, _ in commands}
+    assert set(rows) <= names, set(rows) - names
+    assert set(sections) <= names, set(sections) - names
+    for path, command in commands:
+        name = " ".join(path)
+        if path[0] == "sessions" and path[-1] in shared:
+            name = path[-1]
+        assert name in rows, f"{name}: no row in docs/cli.md's command table"
+        documented = rows[name] + sections.get(name, "")
+        if "[filters]" in rows[name]:  # the paragraph that names the filters, once for all
+            documented += filters
+        # Each option the help shows, by its long name (`-y` is `--yes`, said once for all).
+        shown = {
+            parameter_name(param)
+            for param in command.params
+            if param.param_type_name == "option" and not param.hidden
+        } - {"--db", "--help"}
+        taken = {opt for param in command.params for opt in getattr(param, "opts", ())}
+        for option in shown:
+            assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", documented), (
+                f"docs/cli.md does not document {option} of {name}"
+            )
+        # What a row or a section's option list names must exist (the old names included).
+        listed = re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", rows[name].split("|")[1])
+        listed += re.findall(r"^- `(--?[a-z][a-z-]*)", sections.get(name, ""), re.M)
+        listed += re.findall(
+            r"^- `--?[a-z-]+[^`]*`, `(--?[a-z][a-z-]*)", sections.get(name, ""), re.M
+        )
+        for option in listed:
+            assert option in taken, f"docs/cli.md names {option} for {name}, which has none"
+
+
+# --- vacuum, 80 columns, files, progress ---------------------------------------------------
+
+
+def test_vacuum_gives_back_the_space_a_prune_freed(tmp_path: Path) -> None:
+    path = tmp_path / "big.db"
+    fill(path, sessions=50, per_session=20)
+    run_sql(path, "UPDATE sessions SET updated_at = ?", ("2020-01-01T00:00:00+00:00",))
+    ok("--db", str(path), "prune", "--updated-before", "30d", "--yes")
+    pruned = as_json("--db", str(path), "status")
+    assert pruned["sessions"] == 0
+    report = as_json("--db", str(path), "vacuum")
+    assert report["bytes_before"] == pruned["file_bytes"] + pruned["wal_bytes"]
+    after = as_json("--db", str(path), "status")
+    assert report["bytes_after"] == after["file_bytes"] + after["wal_bytes"]
+    assert after["wal_bytes"] == 0
+    assert after["file_bytes"] < pruned["file_bytes"] / 2  # the pages went back
+    assert "given back" in ok("--db", str(path), "vacuum")
+
+
+def test_vacuum_runs_on_either_backend(store: Path, store_url: str) -> None:
+    ok("--db", str(store), "copy", "--to", store_url)
+    report = as_json("--db", store_url, "vacuum")
+    assert report["bytes_before"] > 0
+    assert report["bytes_after"] > 0
+    assert as_json("--db", store_url, "status")["sessions"] == 3  # nothing else changed
+
+
+@pytest.fixture
+def terminal_80(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stdout as an 80-column terminal would size it (Rich's console, in this process)."""
+    from aisopod_session import cli as module
+
+    console = module._LazyConsole(
+        highlight=False, soft_wrap=True, markup=False, emoji=False, width=80
+    )
+    monkeypatch.setattr(module, "out", console)
+
+
+LONG = SessionKey("concierge", "telegram", "bot-main-eu", "thread", "t-90210")  # 45 characters
+
+
+@pytest.mark.usefixtures("terminal_80")
+def test_sessions_list_and_show_fit_80_columns_with_every_key_whole(store: Path) -> None:
+    engine = open_database(store)
+    repo = SessionRepository(engine)
+    repo.get_or_create(LONG)
+    repo.append_message(LONG, Role.USER, "hi", tokens=123456)
+    engine.dispose()
+    listed = ok("--db", str(store), "sessions", "list")
+    lines = listed.splitlines()
+    assert max(len(line) for line in lines) <= 80, listed
+    for key in (TELEGRAM, SLACK, OTHER, LONG):
+        assert any(str(key) in line for line in lines), (key, listed)
+    times = re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", listed)
+    assert len(times) == 4  # none wrapped
+    assert "123,456" not in listed  # the token columns left out...
+    wide = ok("--db", str(store), "sessions", "list", "--wide")
+    assert "123,456" in wide  # ... and shown with --wide
+    assert max(len(line) for line in wide.splitlines()) > 80
+    shown = ok("--db", str(store), "sessions", "show", "1")
+    header = shown.splitlines()[:3]
+    assert header[0] == f"Session #1 {TELEGRAM} (active)"
+    assert max(len(line) for line in header) <= 80
+
+
+@pytest.mark.usefixtures("terminal_80")
+def test_a_key_wider_than_the_terminal_is_folded_whole(store: Path) -> None:
+    huge = SessionKey("agent-" + "a" * 40, "telegram", "bot-" + "b" * 30, "dm", "peer-9")
+    engine = open_database(store)
+    SessionRepository(engine).get_or_create(huge)
+    engine.dispose()
+    listed = ok("--db", str(store), "sessions", "list")
+    assert max(len(line) for line in listed.splitlines()) <= 80
+    # The key column's cells, line after line: the folded key is there whole, in order.
+    keys = "".join(
+        line.split("│")[2].strip() for line in listed.splitlines() if line.startswith("│")
+    )
+    assert str(huge) in keys
+
+
+def test_export_does_not_replace_a_file_unasked(store: Path, tmp_path: Path) -> None:
+    target = tmp_path / "backup.jsonl"
+    target.write_text("keep me\n")
+    said = failed("--db", str(store), "export", "--to", str(target))
+    assert said == f"error: --to {target}: the file exists; pass --overwrite to replace it"
+    assert target.read_text() == "keep me\n"
+    for flag in ("--overwrite", "--force"):
+        target.write_text("keep me\n")
+        ok("--db", str(store), "export", "--to", str(target), flag)
+        assert target.read_text().startswith('{"type": "aisopod-session-export"')
+    assert "is a folder" in failed("--db", str(store), "export", "--to", str(tmp_path))
+
+
+def test_import_refuses_a_folder_and_a_file_that_is_no_export(tmp_path: Path) -> None:
+    missing = tmp_path / "new.db"
+    said = failed("--db", str(missing), "import", str(tmp_path))
+    assert said == f"error: {tmp_path} is a folder: name an export file (FILE.jsonl)"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\nshopping: milk, eggs\n")
+    said = failed("--db", str(missing), "import", str(notes))
+    assert said.startswith(f"error: {notes} is not an export (line 2: ")
+    assert not missing.exists()  # no empty store made by mistake
+
+
+def test_progress_bars_count_to_their_totals_on_a_terminal(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    from aisopod_session import cli as module
+
+    seen = io.StringIO()
+    terminal = Console(file=seen, force_terminal=True, width=120)
+    monkeypatch.setattr(module, "err", terminal)
+    export = tmp_path / "all.jsonl"
+    ok("--db", str(store), "export", "--to", str(export))
+    assert "exporting" in seen.getvalue()
+    assert "0/9" in seen.getvalue()  # 3 sessions and 6 messages to write
+    seen.truncate(0)
+    ok("--db", str(tmp_path / "copy.db"), "import", str(export))
+    assert "importing" in seen.getvalue()
+    assert "/10" in seen.getvalue()  # the file's 10 lines: a header, 3 sessions, 6 messages
+    seen.truncate(0)
+    ok("--db", str(store), "copy", "--to", str(tmp_path / "copied.db"))
+    assert "copying" in seen.getvalue()
+    assert "/9" in seen.getvalue()  # 3 sessions and 6 messages
+    seen.truncate(0)
+    run_sql(store, "UPDATE sessions SET updated_at = ?", ("2020-01-01T00:00:00+00:00",))
+    ok("--db", str(store), "prune", "--updated-before", "30d", "--yes")
+    assert "pruning" in seen.getvalue()
+    assert "/3" in seen.getvalue()
+    seen.truncate(0)
+    as_json("--db", str(tmp_path / "copied.db"), "prune", "--updated-before", "1s", "--yes")
+    assert "pruning" not in seen.getvalue()  # never with --json
+    ok("--db", str(tmp_path / "new.db"), "init")
+    assert "migrating" in seen.getvalue()
+    assert f"/{SCHEMA_VERSION}" in seen.getvalue()  # every migration of a new store

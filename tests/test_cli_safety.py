@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 
 from aisopod_session import NewMessage, Role, SessionKey, SessionRepository, open_database
 from tests.dbtools import snapshot, store_location
-from tests.test_cli import Outcome, cli, failed, forked, ok
+from tests.test_cli import Outcome, cli, failed, forked, misused, ok
 
 KEY = SessionKey("concierge", "telegram", "bot-1", "dm", "1001")
 
@@ -510,7 +510,7 @@ HUGE = str(2**63)  # one past the largest 64-bit integer
 def test_overflowing_durations_and_times_name_their_option(
     store: Path, args: tuple[str, ...], option: str
 ) -> None:
-    line = failed("--db", str(store), *args, real=False)
+    line = misused("--db", str(store), *args)
     assert line.startswith(f"error: {option}: ")
     assert "unexpected" not in line
 
@@ -525,7 +525,7 @@ def test_the_longest_duration_that_fits_still_works(store: Path) -> None:
 # Full-width one, Arabic-Indic three, superscript three, a one then an Arabic-Indic three.
 @pytest.mark.parametrize("digits", ["\uff11", "\u0663", "\u00b3", "1\u0663"])
 def test_only_ascii_digits_name_a_session_id(store: Path, digits: str) -> None:
-    line = failed("--db", str(store), "sessions", "show", digits, real=False)
+    line = misused("--db", str(store), "sessions", "show", digits)
     assert "is neither a session id nor a key" in line
 
 
@@ -536,12 +536,10 @@ def test_an_id_beyond_64_bits_is_no_session(store: Path, text: str) -> None:
 
 
 def test_durations_take_only_ascii_digits(store: Path) -> None:
-    assert "not a duration" in failed(
-        "--db", str(store), "prune", "--older-than", "\uff13\uff10d", real=False
+    assert "nor a duration" in misused(
+        "--db", str(store), "prune", "--updated-before", "\uff13\uff10d"
     )
-    assert "not a duration" in failed(
-        "--db", str(store), "mark-idle", "--idle-for", "\u0663d", real=False
-    )
+    assert "not a duration" in misused("--db", str(store), "mark-idle", "--idle-for", "\u0663d")
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,11 @@
 
 Every command takes `--db` (a path or a URL; also `AISOPOD_SESSION_DB`; default
 `./aisopod-sessions.db`), before or after the command's name. Reading commands take
-`--json` for machine-readable output. User errors (a missing store, a bad key, an unknown
-session, a newer schema...) print one line on stderr and exit with status 1; usage
-errors exit with 2.
+`--json` for machine-readable output. What the command could not do (a missing store, an
+unknown session, a newer schema...) prints one `error:` line on stderr and exits with
+status 1; a usage error (an unknown option, a value of the wrong form: a bad integer,
+status, time, duration, key...) prints the usage and one `error:` line naming the option,
+in our words, and exits with 2, before anything is written.
 
 Only Typer and the light `aisopod_session.enums` are imported here: `--help` and
 `--version` start at once. Rich, SQLAlchemy, pydantic and the store's modules are
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar, cast
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from aisopod_session.enums import PeerKind, Role, SessionStatus
 
@@ -45,6 +48,133 @@ DEFAULT_DATABASE = "aisopod-sessions.db"
 
 # `-h` as well as `--help`, on every command.
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def _base_of_bad_parameter(name: str) -> type[Exception]:
+    """The class `name` among typer.BadParameter's bases (click's, which Typer vendors and
+    raises without exporting them)."""
+    return next(
+        (kind for kind in typer.BadParameter.__mro__ if kind.__name__ == name),
+        typer.BadParameter,
+    )
+
+
+_USAGE_ERROR = _base_of_bad_parameter("UsageError")  # every usage error Typer raises
+_TYPER_ERROR = _base_of_bad_parameter("ClickException")  # every error Typer reports
+
+
+class UsageProblem(_USAGE_ERROR):  # type: ignore[misc, valid-type]
+    """A value given on the command line that cannot be right (a time that is no time, a
+    duration out of range, two options that exclude each other): reported as a usage
+    error naming `option`, exit status 2, before the store is opened or written."""
+
+    def __init__(self, option: str, message: str) -> None:
+        # `friendly` gives it the command's context (for the usage line).
+        super().__init__(f"{option}: {message}")
+        self.option = option
+
+
+# Our own placeholders in help and usage lines, in place of Typer's: a required argument's
+# braces (`{KEY-OR-ID}`) and an argument's Python type (`KEY-OR-ID <str>`).
+_BRACED = re.compile(r"\{([A-Z][A-Za-z0-9_.-]*)\}")
+_ARGUMENT_TYPE = re.compile(r"^(\s+[A-Z][A-Za-z0-9_.-]*) <[a-z ]+>", re.MULTILINE)
+
+
+def our_placeholders(text: str) -> str:
+    """Help or usage text as Typer renders it, with its placeholders in our own form:
+    `KEY-OR-ID` for `{KEY-OR-ID}` and `KEY-OR-ID <str>` (the width kept, so the columns
+    stay aligned)."""
+    text = _BRACED.sub(r"\1", text)
+    return _ARGUMENT_TYPE.sub(lambda m: m.group(1) + " " * (len(m.group()) - len(m.group(1))), text)
+
+
+class _Command(TyperCommand):
+    """A command whose help and usage lines use our placeholders (`our_placeholders`)."""
+
+    def get_help(self, ctx: Any) -> str:
+        return our_placeholders(str(super().get_help(ctx)))
+
+    def get_usage(self, ctx: Any) -> str:
+        return our_placeholders(str(super().get_usage(ctx)))
+
+
+class _Group(TyperGroup):
+    """The command group: usage errors (Typer's and `UsageProblem`) reported in our words,
+    in one `error:` line after the usage, with exit status 2; the rest as Typer does."""
+
+    def get_help(self, ctx: Any) -> str:
+        return our_placeholders(str(super().get_help(ctx)))
+
+    def get_usage(self, ctx: Any) -> str:
+        return our_placeholders(str(super().get_usage(ctx)))
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) > 3:  # standalone_mode given by position: the caller's way
+            return super().main(*args, **kwargs)
+        caller_handles_errors = not kwargs.pop("standalone_mode", True)
+        kwargs["standalone_mode"] = False
+        if caller_handles_errors:
+            return super().main(*args, **kwargs)
+        try:
+            code = super().main(*args, **kwargs)
+        except _USAGE_ERROR as exc:
+            report_usage_error(exc)
+            sys.exit(2)
+        except typer.Abort:
+            sys.stderr.write("Aborted.\n")
+            sys.exit(1)
+        except _TYPER_ERROR as exc:  # another of Typer's errors (none is expected)
+            sys.stderr.write(f"error: {terminal_safe(str(exc))}\n")
+            sys.exit(getattr(exc, "exit_code", 1))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def report_usage_error(exc: Exception) -> None:
+    """Print a usage error on stderr: the command's usage and where to find help (when the
+    command is known), then `error: ` and what is wrong, naming the option, in one line.
+    A bare command group's "error" is its help (`aisopod-session` alone), printed as is."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        sys.stderr.write(str(getattr(exc, "message", exc)) + "\n")
+        return
+    if ctx is not None:
+        sys.stderr.write(f"{ctx.get_usage()}\nTry '{ctx.command_path} -h' for help.\n\n")
+    sys.stderr.write(f"error: {terminal_safe(usage_message(exc))}\n")
+
+
+def parameter_name(param: Any) -> str:
+    """How an option (its first long name) or an argument (its metavar) is named."""
+    if getattr(param, "param_type_name", None) == "argument":
+        return str(param.metavar or param.name.upper())
+    names = [str(name) for name in getattr(param, "opts", ())] or [f"--{param.name}"]
+    return next((name for name in names if name.startswith("--")), names[0])
+
+
+def usage_message(exc: Exception) -> str:
+    """A usage error in our words, in one line, naming the option or argument."""
+    param = getattr(exc, "param", None)
+    message = " ".join(str(getattr(exc, "message", exc)).split())
+    if isinstance(exc, UsageProblem):  # ours: already in our words
+        return message
+    if isinstance(exc, typer.BadParameter) and param is not None:
+        name = parameter_name(param)
+        if hasattr(exc, "param_type"):  # a missing value
+            kind = "argument" if getattr(param, "param_type_name", "") == "argument" else "option"
+            shown = name if kind == "argument" else f"{name} {param.metavar or 'VALUE'}"
+            return f"missing {kind} {shown}"
+        return f"{name}: {message.removeprefix('Value error, ')}"
+    option = getattr(exc, "option_name", None)
+    if option is not None:
+        if hasattr(exc, "possibilities"):  # an option that does not exist
+            close = sorted(getattr(exc, "possibilities", None) or ())
+            return f"no option {option}" + (
+                f"; did you mean {' or '.join(close)}?" if close else ""
+            )
+        return f"{option}: needs a value"
+    message = message.rstrip(".")
+    return message[:1].lower() + message[1:]
+
+
 app = typer.Typer(
     name="aisopod-session",
     help="Inspect, export, import and maintain an aisopod session store.",
@@ -53,11 +183,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings=_CONTEXT,
+    cls=_Group,
 )
 sessions_app = typer.Typer(
     help="List, show and delete sessions (and compact, reset, prune, mark-idle).",
     no_args_is_help=True,
+    rich_markup_mode=None,
     context_settings=_CONTEXT,
+    cls=_Group,
 )
 app.add_typer(sessions_app, name="sessions")
 
@@ -190,10 +323,71 @@ MAX_INTEGER = 2**63 - 1
 """The largest integer a store holds (SQLite's INTEGER and PostgreSQL's bigint)."""
 
 
-def integer_option(minimum: int, help_text: str, *names: str) -> Any:
-    """An integer option that Click keeps within [minimum, MAX_INTEGER]: a value outside
-    is a usage error (exit status 2) naming the option and the range."""
-    return typer.Option(*names, min=minimum, max=MAX_INTEGER, help=help_text)
+# ASCII digits only (int() would also read full-width and Arabic-Indic digits, and `1_000`).
+_INTEGER = re.compile(r"\s*([+-]?)([0-9]+)\s*")
+
+
+def whole_number(minimum: int) -> Callable[[Any], int]:
+    """A parser for an integer option: ASCII digits within [minimum, MAX_INTEGER], else
+    `typer.BadParameter` in our words (a usage error naming the option, exit status 2)."""
+
+    def parse(value: Any) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            match = _INTEGER.fullmatch(str(value))
+            if match is None:
+                raise typer.BadParameter(f"{value!r} is not a whole number")
+            sign, digits = match.groups()
+            significant = digits.lstrip("0") or "0"
+            # Beyond MAX_INTEGER's 19 digits, no need to convert (5000 digits would be slow).
+            number = int(sign + significant) if len(significant) <= 20 else MAX_INTEGER + 1
+            if sign == "-" and number > 0:
+                number = -number
+        if not minimum <= number <= MAX_INTEGER:
+            raise typer.BadParameter(
+                f"must be from {minimum} to {MAX_INTEGER} (2^63 - 1); got {value}"
+            )
+        return number
+
+    return parse
+
+
+def integer_option(
+    minimum: int, help_text: str, *names: str, metavar: str = "N", hidden: bool = False
+) -> Any:
+    """An integer option kept within [minimum, MAX_INTEGER]: a value outside, or not a
+    whole number, is a usage error (exit status 2) naming the option and the range."""
+    return typer.Option(
+        *names, parser=whole_number(minimum), metavar=metavar, help=help_text, hidden=hidden
+    )
+
+
+E = TypeVar("E", PeerKind, SessionStatus, Role)
+
+
+def choice(kind: type[E]) -> Callable[[Any], E]:
+    """A parser for an enum option: a member's value in any case, as the API takes it;
+    else `typer.BadParameter` listing the values (a usage error, exit status 2)."""
+
+    def parse(value: Any) -> E:
+        if isinstance(value, kind):
+            return value
+        wanted = str(value).strip().casefold()
+        for member in kind:
+            if member.value.casefold() == wanted:
+                return member
+        raise typer.BadParameter(
+            f"{value!r} is not one of {', '.join(member.value for member in kind)}"
+        )
+
+    return parse
+
+
+def values_of(kind: type[E]) -> str:
+    """`dm, group, channel or thread`: an enum's values, for a help text."""
+    *first, last = (member.value for member in kind)
+    return f"{', '.join(first)} or {last}"
 
 
 def print_version(value: bool) -> None:
@@ -259,6 +453,10 @@ def friendly(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except _USAGE_ERROR as exc:
+            if getattr(exc, "ctx", None) is None:
+                exc.ctx = kwargs.get("ctx")  # type: ignore[attr-defined]
             raise
         except BrokenPipeError:
             # The reader went away (`... | head`): stop quietly, as `cat` would.
@@ -472,9 +670,10 @@ def find_session(repo: SessionRepository, key_or_id: str) -> Session:
     try:
         key = SessionKey.parse(text)
     except ValueError as exc:
-        raise UserError(
+        raise UsageProblem(
+            "KEY-OR-ID",
             f"{text!r} is neither a session id nor a key (agent:channel:account:kind:peer): "
-            f"{one_line(exc)}"
+            f"{one_line(exc)}",
         ) from None
     found = repo.get(key)
     if found is None:
@@ -507,7 +706,7 @@ def when(value: datetime | None) -> str:
 # --- init and migrate ---------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 @friendly
 def init(ctx: typer.Context, db: DbOption = None) -> None:
     """Create the store (or bring an existing one up to date)."""
@@ -522,21 +721,27 @@ def init(ctx: typer.Context, db: DbOption = None) -> None:
         out.print(f"{name} is ready at schema version {version}; nothing to do.")
 
 
-def upgrade(target: str) -> tuple[bool, list[AppliedMigration], int]:
+def upgrade(target: str, *, quiet: bool = False) -> tuple[bool, list[AppliedMigration], int]:
     """Create or migrate the store: whether it was created, the migrations applied now,
-    and the schema version."""
-    from aisopod_session.migrations import applied_migrations, current_version
+    and the schema version. On a terminal (unless `quiet`), a bar counts the migrations
+    to apply while they run (a big store's take a while; each one is one step)."""
+    from aisopod_session.migrations import MIGRATIONS, applied_migrations, current_version
 
     path = file_of(target)
     created = path is not None and not path.exists()
     with opened(target, create=True) as engine:
         before = set() if created else {m.version for m in applied_migrations(engine)}
-    with opened(target, create=True, migrate=True) as engine:
+    pending = [m for m in MIGRATIONS if m.version > max(before, default=0)]
+    with (
+        progress_bar("migrating", len(pending), "migrations", hide=quiet or not pending) as report,
+        opened(target, create=True, migrate=True) as engine,
+    ):
+        report(len(pending))
         applied = [m for m in applied_migrations(engine) if m.version not in before]
         return created, applied, current_version(engine)
 
 
-@app.command()
+@app.command(cls=_Command)
 @friendly
 def migrate(
     ctx: typer.Context,
@@ -559,7 +764,7 @@ def migrate(
 
     target = target_of(ctx, db)
     if not status:
-        _, applied, version = upgrade(target)
+        _, applied, version = upgrade(target, quiet=wants_json(ctx, json_output))
         if wants_json(ctx, json_output):
             print_json({"schema_version": version, "applied": [m.version for m in applied]})
             return
@@ -618,7 +823,7 @@ def applied_text(row: dict[str, Any]) -> str:
 # --- status ---------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 @friendly
 def status(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = False) -> None:
     """Schema version, sessions by status and by agent, messages, tokens, file sizes."""
@@ -698,6 +903,86 @@ def status(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = Fa
         out.print(table)
 
 
+@app.command("vacuum", cls=_Command)
+@friendly
+def vacuum(ctx: typer.Context, db: DbOption = None, json_output: JsonOption = False) -> None:
+    """Give the space of deleted rows back: SQLite checkpoints and empties its WAL and
+    rewrites the file (VACUUM); PostgreSQL runs VACUUM ANALYZE on the store's tables.
+    Prints the sizes before and after. Writers wait while SQLite rewrites the file."""
+    target = target_of(ctx, db)
+    with repository(target) as repo:
+        engine = repo.engine
+        before = store_size(engine, target)
+        if engine.dialect.name == "sqlite":
+            vacuum_sqlite(engine)
+        else:
+            vacuum_postgresql(engine)
+        after = store_size(engine, target)
+    if wants_json(ctx, json_output):
+        print_json({"database": shown_target(target), "bytes_before": before, "bytes_after": after})
+        return
+    out.print(
+        f"Vacuumed {shown_target(target)}: {size_text(before)} before, {size_text(after)} "
+        f"after ({size_text(max(before - after, 0))} given back)."
+    )
+
+
+def store_size(engine: Engine, target: str) -> int:
+    """The store's size in bytes: a SQLite file with its WAL; on PostgreSQL, the store's
+    tables with their indexes and TOAST data."""
+    path = file_of(target)
+    if engine.dialect.name == "sqlite":
+        if path is None:  # :memory:
+            return 0
+        wal = path.with_name(path.name + "-wal")
+        return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        size = conn.execute(
+            text(
+                "SELECT pg_total_relation_size(to_regclass('sessions')) "
+                "+ pg_total_relation_size(to_regclass('messages'))"
+            )
+        ).scalar_one()
+    return int(size)
+
+
+def vacuum_sqlite(engine: Engine) -> None:
+    """Checkpoint the WAL, rewrite the file (VACUUM, which in WAL mode goes through the
+    WAL again) and checkpoint once more, truncating the WAL to nothing. On the driver's
+    own connection: VACUUM cannot run inside the transaction SQLAlchemy would begin."""
+    raw = engine.raw_connection()
+    try:
+        connection = raw.driver_connection
+        assert connection is not None
+        for statement in (
+            "PRAGMA wal_checkpoint(TRUNCATE)",
+            "VACUUM",
+            "PRAGMA wal_checkpoint(TRUNCATE)",
+        ):
+            connection.execute(statement).fetchall()
+    finally:
+        raw.close()
+
+
+def vacuum_postgresql(engine: Engine) -> None:
+    """VACUUM ANALYZE the store's tables, on a connection in autocommit (VACUUM cannot
+    run inside a transaction)."""
+    raw = engine.raw_connection()
+    try:
+        connection = raw.driver_connection
+        assert connection is not None
+        connection.rollback()  # whatever the pool's ping began: autocommit needs none
+        connection.autocommit = True
+        try:
+            connection.execute("VACUUM ANALYZE sessions, messages")
+        finally:
+            connection.autocommit = False
+    finally:
+        raw.close()
+
+
 def split_text(totals: Totals) -> str:
     """` (12 input, 30 output)`: the part of the tokens callers reported split."""
     return f" ({totals.input_tokens:,} input, {totals.output_tokens:,} output)"
@@ -718,23 +1003,52 @@ def size_text(size: int | None) -> str:
 
 # --- sessions -----------------------------------------------------------------------------
 
-AgentOption = Annotated[str | None, typer.Option("--agent-id", help="Only this agent's.")]
-ChannelOption = Annotated[str | None, typer.Option("--channel", help="Only this channel's.")]
-AccountOption = Annotated[str | None, typer.Option("--account-id", help="Only this account's.")]
+AgentOption = Annotated[
+    str | None, typer.Option("--agent-id", metavar="AGENT", help="Only this agent's.")
+]
+ChannelOption = Annotated[
+    str | None, typer.Option("--channel", metavar="CHANNEL", help="Only this channel's.")
+]
+AccountOption = Annotated[
+    str | None, typer.Option("--account-id", metavar="ACCOUNT", help="Only this account's.")
+]
 # Enum values in any case, as the API takes them (`--peer-kind DM`).
 PeerKindOption = Annotated[
-    PeerKind | None, typer.Option("--peer-kind", case_sensitive=False, help="Only this kind.")
+    PeerKind | None,
+    typer.Option(
+        "--peer-kind",
+        parser=choice(PeerKind),
+        metavar="KIND",
+        help=f"Only this kind of peer: {values_of(PeerKind)}.",
+    ),
 ]
-PeerOption = Annotated[str | None, typer.Option("--peer-id", help="Only this peer's.")]
+PeerOption = Annotated[
+    str | None, typer.Option("--peer-id", metavar="PEER", help="Only this peer's.")
+]
 StatusOption = Annotated[
     SessionStatus | None,
-    typer.Option("--status", case_sensitive=False, help="Only sessions in this status."),
+    typer.Option(
+        "--status",
+        parser=choice(SessionStatus),
+        metavar="STATUS",
+        help=f"Only sessions in this status: {values_of(SessionStatus)}.",
+    ),
 ]
 # A time: ISO-8601 (UTC without an offset) or a duration ago (`30d`); see `parse_time`.
-CreatedAfter = Annotated[str | None, typer.Option(metavar="TIME", help="Created after TIME.")]
-CreatedBefore = Annotated[str | None, typer.Option(metavar="TIME", help="Created before TIME.")]
-UpdatedAfter = Annotated[str | None, typer.Option(metavar="TIME", help="Updated after TIME.")]
-UpdatedBefore = Annotated[str | None, typer.Option(metavar="TIME", help="Updated before TIME.")]
+_TIME_HELP = "TIME: ISO-8601 (UTC without an offset) or a duration ago, such as 30d."
+CreatedAfter = Annotated[
+    str | None,
+    typer.Option("--created-after", metavar="TIME", help=f"Created after TIME. {_TIME_HELP}"),
+]
+CreatedBefore = Annotated[
+    str | None, typer.Option("--created-before", metavar="TIME", help="Created before TIME.")
+]
+UpdatedAfter = Annotated[
+    str | None, typer.Option("--updated-after", metavar="TIME", help="Updated after TIME.")
+]
+UpdatedBefore = Annotated[
+    str | None, typer.Option("--updated-before", metavar="TIME", help="Updated before TIME.")
+]
 MetaOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -744,6 +1058,37 @@ MetaOption = Annotated[
         "is a string: --meta title=Oslo); repeat for more keys.",
     ),
 ]
+KeyOrId = Annotated[
+    str,
+    typer.Argument(
+        metavar="KEY-OR-ID",
+        help="A session's id (digits) or its key (agent:channel:account:peer_kind:peer).",
+    ),
+]
+
+
+def hidden(name: str) -> Any:
+    """An old spelling of an option, still taken but not shown in --help (`one_of`)."""
+    return typer.Option(name, hidden=True)
+
+
+T = TypeVar("T")
+
+
+def one_of(option: str, value: T | None, old_name: str, old: T | None) -> T | None:
+    """An option's value, given under its name or under its old one (a hidden alias);
+    `UsageProblem` if both are given."""
+    if value is not None and old is not None:
+        raise UsageProblem(option, f"given twice (also as {old_name}, its old name)")
+    return value if value is not None else old
+
+
+def required(option: str, value: T | None, metavar: str) -> T:
+    """The value of a required option that has a hidden alias (so Typer cannot require
+    it); `UsageProblem` if it is missing."""
+    if value is None:
+        raise UsageProblem(option, f"missing; give {option} {metavar}")
+    return value
 
 
 def _not_json(constant: str) -> Any:
@@ -760,7 +1105,7 @@ def parse_meta(items: list[str] | None) -> dict[str, Any] | None:
     for item in items:
         name, equals, value = item.partition("=")
         if not equals or not name:
-            raise UserError(f"--meta: {item!r} is not KEY=JSON (such as title=Oslo or n=3)")
+            raise UsageProblem("--meta", f"{item!r} is not KEY=JSON (such as title=Oslo or n=3)")
         try:
             meta[name] = json.loads(value, parse_constant=_not_json)
         except ValueError:
@@ -780,13 +1125,13 @@ def parse_time(field: str, text: str | None) -> datetime | None:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise UserError(
-            f"{field}: {text!r} is neither an ISO-8601 time nor a duration like 30d"
+        raise UsageProblem(
+            field, f"{text!r} is neither an ISO-8601 time nor a duration like 30d"
         ) from None
     try:
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     except OverflowError:
-        raise UserError(f"{field}: {text!r} is outside the years 1 to 9999 in UTC") from None
+        raise UsageProblem(field, f"{text!r} is outside the years 1 to 9999 in UTC") from None
 
 
 # ASCII digits only, as for ids; the whole text must match (`$` would let a newline by).
@@ -807,9 +1152,8 @@ def parse_duration_or_none(field: str, text: str) -> timedelta | None:
     except (OverflowError, ValueError):  # beyond timedelta, or too many digits for int()
         found = None
     if found is None or found > longest_ago():
-        raise UserError(
-            f"{field}: {text!r} is too long: at most {longest_ago().days:,} days "
-            "(back to the year 1)"
+        raise UsageProblem(
+            field, f"{text!r} is too long: at most {longest_ago().days:,} days (back to the year 1)"
         )
     return found
 
@@ -824,7 +1168,7 @@ def parse_duration(field: str, text: str) -> timedelta:
     naming `field` otherwise."""
     found = parse_duration_or_none(field, text)
     if found is None or found <= timedelta(0):
-        raise UserError(f"{field}: {text!r} is not a duration like 90s, 45m, 12h, 30d or 2w")
+        raise UsageProblem(field, f"{text!r} is not a duration like 90s, 45m, 12h, 30d or 2w")
     return found
 
 
@@ -862,7 +1206,7 @@ FIRST_PAGE = "first"
 """The `--cursor` value that asks for the first page (and its cursor)."""
 
 
-@sessions_app.command("list")
+@sessions_app.command("list", cls=_Command)
 @friendly
 def list_sessions(
     ctx: typer.Context,
@@ -879,6 +1223,12 @@ def list_sessions(
     meta: MetaOption = None,
     limit: Annotated[int, integer_option(0, "At most this many.")] = 50,
     offset: Annotated[int, integer_option(0, "Skip this many first.")] = 0,
+    wide: Annotated[
+        bool,
+        typer.Option(
+            "--wide", help="Every column (tokens, input, output), however narrow the terminal."
+        ),
+    ] = False,
     cursor: Annotated[
         str | None,
         typer.Option(
@@ -894,8 +1244,6 @@ def list_sessions(
     """Sessions matching the filters, most recently updated first. TIME is an ISO-8601
     time (UTC when it has no offset) or a duration ago, such as 30d. When more match,
     the next page's cursor is printed (with --cursor and --json, as `next_cursor`)."""
-    from rich.table import Table
-
     from aisopod_session.transfer import session_json
 
     wanted = session_filter(
@@ -912,17 +1260,23 @@ def list_sessions(
         meta,
     )
     if cursor is not None and offset:
-        raise UserError("--cursor and --offset: give one of them (a cursor says where to start)")
+        raise UsageProblem("--cursor", "give --cursor or --offset, not both")
     if cursor is not None and limit == 0:
-        raise UserError("--limit: must be at least 1 with --cursor")
+        raise UsageProblem("--limit", "must be at least 1 with --cursor")
     next_cursor = None
     with repository(target_of(ctx, db)) as repo:
         if offset or limit == 0:
             found = repo.list_sessions(wanted, limit=limit, offset=offset)
         else:
-            page = repo.page_sessions(
-                wanted, limit=limit, cursor=None if cursor in (None, FIRST_PAGE) else cursor
-            )
+            try:
+                page = repo.page_sessions(
+                    wanted, limit=limit, cursor=None if cursor in (None, FIRST_PAGE) else cursor
+                )
+            except ValueError as exc:
+                if not str(exc).startswith("cursor: "):
+                    raise
+                # A cursor that is no cursor (or another filter's) is a bad option value.
+                raise UsageProblem("--cursor", str(exc).removeprefix("cursor: ")) from None
             found, next_cursor = page.sessions, page.next_cursor
         total = repo.count_sessions(wanted)
     if wants_json(ctx, json_output):
@@ -932,18 +1286,23 @@ def list_sessions(
         else:
             print_json({"sessions": listed, "next_cursor": next_cursor})
         return
-    table = Table("id", "key", "status", "messages", "tokens", "input", "output", "updated (UTC)")
-    for session in found:
-        table.add_row(
-            str(session.id),
-            str(session.key),
-            session.status.value,
-            f"{session.message_count:,}",
-            f"{session.token_usage:,}",
-            f"{session.input_tokens:,}",
-            f"{session.output_tokens:,}",
-            when(session.updated_at),
-        )
+    rows = [
+        {
+            "id": str(session.id),
+            "key": str(session.key),
+            "status": session.status.value,
+            "messages": f"{session.message_count:,}",
+            "tokens": f"{session.token_usage:,}",
+            "input": f"{session.input_tokens:,}",
+            "output": f"{session.output_tokens:,}",
+            "updated (UTC)": when(session.updated_at),
+        }
+        for session in found
+    ]
+    table, needed = fitting_table(rows, LIST_COLUMNS, width=None if wide else out.width)
+    if wide:  # as wide as the table needs, the terminal folding the lines if it must
+        console = real_console(out)
+        console.width = max(console.width, needed)
     out.print(table)
     if cursor is None or cursor == FIRST_PAGE:
         shown = f"{offset + 1}–{offset + len(found)}" if found else "none"
@@ -952,6 +1311,46 @@ def list_sessions(
         out.print(f"{total:,} session(s) match; showing {len(found):,} after the cursor.")
     if next_cursor is not None:
         out.print(f"Next page: --cursor {next_cursor}")
+
+
+SEARCH_COLUMNS = ("key", "id", "time (UTC)", "role", "snippet")
+
+LIST_COLUMNS = (
+    ("id", "key", "status", "messages", "tokens", "input", "output", "updated (UTC)"),
+    ("id", "key", "status", "messages", "tokens", "updated (UTC)"),
+    ("id", "key", "messages", "updated (UTC)"),
+    ("id", "key", "updated (UTC)"),
+)
+"""The columns of `sessions list`, widest first: the first set that fits is printed."""
+
+
+def fitting_table(
+    rows: list[dict[str, str]], choices: tuple[tuple[str, ...], ...], width: int | None
+) -> Any:
+    """A table of `rows` with the first set of columns in `choices` whose cells all fit
+    in `width` columns unwrapped (every set when `width` is None): the key and the times
+    are never cut nor wrapped. If even the last set does not fit (a key wider than the
+    terminal), the key is folded onto further lines, whole. Also how wide the table is
+    unfolded."""
+    from rich.cells import cell_len
+    from rich.table import Table
+
+    def natural(columns: tuple[str, ...]) -> int:
+        cells = sum(
+            max([cell_len(name)] + [cell_len(row[name]) for row in rows]) for name in columns
+        )
+        return cells + 3 * len(columns) + 1  # padding of one each side, and the rules
+
+    columns = choices[0]
+    if width is not None:
+        columns = next((c for c in choices if natural(c) <= width), choices[-1])
+    table = Table()
+    for name in columns:
+        fold = name == "key" and width is not None and natural(columns) > width
+        table.add_column(name, no_wrap=not fold, overflow="fold")
+    for row in rows:
+        table.add_row(*(row[name] for name in columns))
+    return table, natural(columns)
 
 
 ROLE_STYLES = {
@@ -963,12 +1362,12 @@ ROLE_STYLES = {
 }
 
 
-@sessions_app.command("show")
+@sessions_app.command("show", cls=_Command)
 @friendly
 def show(
     ctx: typer.Context,
-    session: Annotated[str, typer.Argument(metavar="KEY-OR-ID", help="A session id or key.")],
-    last: Annotated[int | None, integer_option(1, "Only the newest N.", "--last")] = None,
+    session: KeyOrId,
+    last: Annotated[int | None, integer_option(1, "Only the newest N messages.", "--last")] = None,
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -984,12 +1383,13 @@ def show(
             {"session": session_json(found), "messages": [message_json(m) for m in messages]}
         )
         return
+    # Three short lines, not one of 140 characters: each fits 80 columns (but for the key).
+    out.print(f"Session #{found.id} {found.key} ({found.status.value})")
     out.print(
-        f"Session #{found.id} {found.key} ({found.status.value}): "
         f"{found.message_count:,} messages, {found.token_usage:,} tokens "
-        f"({found.input_tokens:,} input, {found.output_tokens:,} output); "
-        f"created {when(found.created_at)}, updated {when(found.updated_at)}"
+        f"({found.input_tokens:,} input, {found.output_tokens:,} output)"
     )
+    out.print(f"created {when(found.created_at)}, updated {when(found.updated_at)}")
     if found.meta:
         out.print(f"metadata: {one_line_json(found.meta)}")
     if last is not None and found.message_count > len(messages):
@@ -1210,6 +1610,9 @@ def message_json(message: Message) -> dict[str, Any]:
 
 
 YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", "--force", help="Replace what the target holds.")
+]
 
 
 def confirm(question: str, yes: bool) -> None:
@@ -1226,11 +1629,11 @@ def on_terminal() -> bool:
     return sys.stdin.isatty()
 
 
-@sessions_app.command("delete")
+@sessions_app.command("delete", cls=_Command)
 @friendly
 def delete(
     ctx: typer.Context,
-    session: Annotated[str, typer.Argument(metavar="KEY-OR-ID")],
+    session: KeyOrId,
     yes: YesOption = False,
     db: DbOption = None,
 ) -> None:
@@ -1247,14 +1650,22 @@ def delete(
     out.print(f"Deleted session #{found.id} {found.key} ({found.message_count:,} messages).")
 
 
-@sessions_app.command("fork")
+@sessions_app.command("fork", cls=_Command)
 @friendly
 def fork(
     ctx: typer.Context,
-    session: Annotated[str, typer.Argument(metavar="KEY-OR-ID", help="The session to copy.")],
+    session: Annotated[
+        str,
+        typer.Argument(
+            metavar="KEY-OR-ID",
+            help="The session to copy: its id (digits) or its key "
+            "(agent:channel:account:peer_kind:peer).",
+        ),
+    ],
     new_key: Annotated[str, typer.Argument(metavar="NEW_KEY", help="The new session's key.")],
     up_to: Annotated[
-        int | None, integer_option(0, "Copy the messages up to this message id.", "--up-to")
+        int | None,
+        integer_option(0, "Copy the messages up to this message id.", "--up-to", metavar="ID"),
     ] = None,
     db: DbOption = None,
     json_output: JsonOption = False,
@@ -1267,8 +1678,9 @@ def fork(
     try:
         target = SessionKey.parse(new_key)
     except ValueError as exc:
-        raise UserError(
-            f"NEW_KEY: {new_key!r} is not a key (agent:channel:account:kind:peer): {exc}"
+        raise UsageProblem(
+            "NEW_KEY",
+            f"{new_key!r} is not a key (agent:channel:account:kind:peer): {one_line(exc)}",
         ) from None
     with repository(target_of(ctx, db)) as repo:
         found = find_session(repo, session)
@@ -1286,16 +1698,21 @@ def fork(
 
 def compact(
     ctx: typer.Context,
-    session: Annotated[str, typer.Argument(metavar="KEY-OR-ID")],
-    keep_last: Annotated[int, integer_option(0, "Messages to keep.", "--keep-last")],
+    session: KeyOrId,
+    last: Annotated[
+        int | None, integer_option(0, "The newest N messages to keep (required).", "--last")
+    ] = None,
+    keep_last_old: Annotated[int | None, integer_option(0, "", "--keep-last", hidden=True)] = None,
     summary: Annotated[
-        str | None, typer.Option("--summary", help="A system message in place of the rest.")
+        str | None,
+        typer.Option("--summary", metavar="TEXT", help="A system message in place of the rest."),
     ] = None,
     yes: YesOption = False,
     db: DbOption = None,
 ) -> None:
     """Keep the newest N messages of a session, optionally replacing the rest with a
     summary."""
+    keep_last = required("--last", one_of("--last", last, "--keep-last", keep_last_old), "N")
     with repository(target_of(ctx, db)) as repo:
         found = find_session(repo, session)
         if found.message_count > keep_last:  # otherwise nothing would change
@@ -1316,7 +1733,7 @@ def compact(
 
 def reset(
     ctx: typer.Context,
-    session: Annotated[str, typer.Argument(metavar="KEY-OR-ID")],
+    session: KeyOrId,
     yes: YesOption = False,
     db: DbOption = None,
 ) -> None:
@@ -1329,16 +1746,24 @@ def reset(
 
 
 for command in (compact, reset):
-    app.command(command.__name__)(friendly(command))
-    sessions_app.command(command.__name__)(friendly(command))
+    app.command(command.__name__, cls=_Command)(friendly(command))
+    sessions_app.command(command.__name__, cls=_Command)(friendly(command))
 
 
 @friendly
 def prune(
     ctx: typer.Context,
-    older_than: Annotated[
-        str, typer.Option("--older-than", help="Not updated for this long: 90s, 45m, 12h, 30d, 2w.")
-    ],
+    updated_before: Annotated[
+        str | None,
+        typer.Option(
+            "--updated-before",
+            metavar="TIME",
+            help="Delete the sessions last updated before TIME (required): ISO-8601 (UTC "
+            "without an offset) or a duration ago on the store's clock: 90s, 45m, 12h, 30d, "
+            "2w.",
+        ),
+    ] = None,
+    older_than: Annotated[str | None, hidden("--older-than")] = None,
     status: StatusOption = None,
     agent_id: AgentOption = None,
     meta: MetaOption = None,
@@ -1347,17 +1772,32 @@ def prune(
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Delete sessions not updated for a while, with their messages, in short batches."""
-    age = parse_duration("--older-than", older_than)
+    """Delete sessions not updated since a time, with their messages, in short batches."""
+    option = "--updated-before" if older_than is None else "--older-than"
+    text = required(
+        "--updated-before",
+        one_of("--updated-before", updated_before, "--older-than", older_than),
+        "TIME",
+    )
+    age = parse_duration_or_none(option, text)
+    if age is not None and age <= timedelta(0):
+        raise UsageProblem(option, f"{text!r}: a duration ago must be longer than 0")
+    when_given = None if age is not None else parse_time(option, text)
+    wanted = {"meta": parse_meta(meta)}
     with repository(target_of(ctx, db)) as repo:
         # The store's clock (the server's on PostgreSQL), not this host's, says what is old.
-        before = ago("--older-than", repo.now(), age)
+        before = when_given if age is None else ago(option, repo.now(), age)
+        assert before is not None
         scoped = repo if agent_id is None else repo.for_agent(agent_id)
-        wanted = {"meta": parse_meta(meta)}
         count = scoped.prune(updated_before=before, status=status, filter=wanted, dry_run=True)
         if not dry_run and count:
             confirm(f"Delete {count} session(s) not updated since {when(before)}?", yes)
-            count = scoped.prune(updated_before=before, status=status, filter=wanted)
+            with progress_bar(
+                "pruning", count, "sessions", hide=wants_json(ctx, json_output)
+            ) as report:
+                count = scoped.prune(
+                    updated_before=before, status=status, filter=wanted, on_batch=report
+                )
     if wants_json(ctx, json_output):
         print_json({"dry_run": dry_run, "sessions": count, "updated_before": before.isoformat()})
         return
@@ -1369,7 +1809,12 @@ def prune(
 def mark_idle(
     ctx: typer.Context,
     idle_for: Annotated[
-        str, typer.Option("--idle-for", help="Not updated for this long: 30m, 7d.")
+        str,
+        typer.Option(
+            "--idle-for",
+            metavar="DURATION",
+            help="Not updated for this long: 90s, 45m, 12h, 30d, 2w.",
+        ),
     ],
     db: DbOption = None,
 ) -> None:
@@ -1382,28 +1827,60 @@ def mark_idle(
 
 # The lifecycle commands, at the top level and under `sessions` alike.
 for lifecycle, name in ((prune, "prune"), (mark_idle, "mark-idle")):
-    app.command(name)(lifecycle)
-    sessions_app.command(name)(lifecycle)
+    app.command(name, cls=_Command)(lifecycle)
+    sessions_app.command(name, cls=_Command)(lifecycle)
 
 
 # --- export, import, copy -----------------------------------------------------------------
 
 
 @contextmanager
-def progress_bar(label: str, total: int | None) -> Iterator[Callable[[int], object]]:
-    """A progress bar on stderr when it is a terminal; otherwise nothing."""
-    if not err.is_terminal:
+def progress_bar(
+    label: str, total: int | None, unit: str, *, hide: bool = False
+) -> Iterator[Callable[[int], object]]:
+    """A progress bar on stderr when it is a terminal (and not `hide`, as for --json): done
+    of `total` `unit`, the rate and the time elapsed and left. Elsewhere, nothing."""
+    if hide or not err.is_terminal:
         yield lambda _: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=real_console(err), transient=True) as bar:
-        task = bar.add_task(label, total=total)
+    with _bar(label, total, unit) as (bar, task):
         yield lambda done: bar.update(task, completed=done)
 
 
-@app.command("search")
+@contextmanager
+def _bar(label: str, total: int | None, unit: str) -> Iterator[tuple[Any, Any]]:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        Task,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        """`1,234 messages/s`, once Rich has measured it."""
+
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:,.0f} {unit}/s")
+
+    columns = (
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=real_console(err), transient=True) as bar:
+        yield bar, bar.add_task(label, total=total)
+
+
+@app.command("search", cls=_Command)
 @friendly
 def search(
     ctx: typer.Context,
@@ -1428,7 +1905,10 @@ def search(
     role: Annotated[
         list[Role] | None,
         typer.Option(
-            "--role", case_sensitive=False, help="Only messages of this role; repeatable."
+            "--role",
+            parser=choice(Role),
+            metavar="ROLE",
+            help=f"Only messages of this role ({values_of(Role)}); repeatable.",
         ),
     ] = None,
     limit: Annotated[int, integer_option(0, "At most this many hits.")] = 20,
@@ -1438,7 +1918,6 @@ def search(
     """Messages whose text holds WORDS, best first, in the sessions matching the filters
     (those of `sessions list`): each with its session's key, its id, time and a snippet
     with the words marked «like this»."""
-    from rich.table import Table
 
     from aisopod_session.models import utc_text
 
@@ -1473,26 +1952,41 @@ def search(
             ]
         )
         return
-    table = Table("key", "id", "time (UTC)", "role", "snippet")
-    for hit in hits:
-        table.add_row(
-            str(hit.key),
-            str(hit.message.id),
-            when(hit.message.created_at),
-            str(hit.message.role),
-            " ".join(hit.snippet.split()),
-        )
-    out.print(table)
+    rows = [
+        {
+            "key": str(hit.key),
+            "id": str(hit.message.id),
+            "time (UTC)": when(hit.message.created_at),
+            "role": str(hit.message.role),
+            "snippet": " ".join(hit.snippet.split()),
+        }
+        for hit in hits
+    ]
+    table, needed = fitting_table(rows, (tuple(SEARCH_COLUMNS),), width=None)
+    if needed <= out.width:
+        out.print(table)
+    else:
+        # Too narrow for a table (snippets are long): each hit as a line naming it whole,
+        # then its snippet, indented, wrapped by the terminal.
+        for row in rows:
+            out.print(f"{row['key']} #{row['id']} {row['time (UTC)']} {row['role']}")
+            out.print(f"    {row['snippet']}")
     out.print(f"{len(hits):,} hit(s), best first." if hits else "No message matches.")
 
 
-@app.command("export")
+@app.command("export", cls=_Command)
 @friendly
 def export(
     ctx: typer.Context,
-    out_path: Annotated[
-        str, typer.Option("--out", "-o", metavar="FILE", help="Where to write; - is stdout.")
-    ] = "-",
+    to: Annotated[
+        str | None,
+        typer.Option("--to", metavar="FILE", help="Where to write; - (the default) is stdout."),
+    ] = None,
+    out_old: Annotated[str | None, typer.Option("--out", "-o", hidden=True)] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", "--force", help="Replace an existing FILE without asking."),
+    ] = False,
     agent_id: AgentOption = None,
     channel: ChannelOption = None,
     account_id: AccountOption = None,
@@ -1523,16 +2017,19 @@ def export(
         updated_before,
         meta,
     )
+    out_path = one_of("--to", to, "--out", out_old) or "-"
+    option = "--to" if out_old is None else "--out"
     target = target_of(ctx, db)
     if out_path != "-":
         refuse_store_file(
-            f"--out {out_path}", Path(out_path), target, "the export would overwrite the store"
+            f"{option} {out_path}", Path(out_path), target, "the export would overwrite the store"
         )
+        refuse_to_replace(option, Path(out_path), overwrite)
     with repository(target) as repo:
         engine = repo.engine
         sessions, messages = count_export(engine, wanted)
         with (
-            progress_bar("exporting", sessions + messages) as report,
+            progress_bar("exporting", sessions + messages, "lines") as report,
             open_output(out_path) as stream,
         ):
             result = export_jsonl(engine, stream, wanted, progress=report)
@@ -1550,6 +2047,19 @@ def export(
         raise typer.Exit(1)
 
 
+def refuse_to_replace(option: str, file: Path, overwrite: bool) -> None:
+    """Nothing if `file` does not exist or `overwrite`; else ask on a terminal (abort on
+    no), and without one a `UserError`: an export never replaces a file unasked."""
+    if overwrite or not (file.exists() or file.is_symlink()):
+        return
+    if file.is_dir():
+        raise UserError(f"{option} {file}: is a folder; name a file")
+    if not on_terminal():
+        raise UserError(f"{option} {file}: the file exists; pass --overwrite to replace it")
+    if not typer.confirm(terminal_safe(f"Replace {file}?"), default=False):
+        raise typer.Abort()
+
+
 @contextmanager
 def open_output(path: str) -> Iterator[TextIO]:
     """The export's stream: the file, or stdout through `json_safe` (it may be a
@@ -1563,7 +2073,7 @@ def open_output(path: str) -> Iterator[TextIO]:
         yield stream
 
 
-@app.command("import")
+@app.command("import", cls=_Command)
 @friendly
 def import_(
     ctx: typer.Context,
@@ -1577,16 +2087,22 @@ def import_(
     from aisopod_session.transfer import import_jsonl
 
     target = target_of(ctx, db)
+    total = None
     if file != "-":
         refuse_store_file(
             file, Path(file), target, "a store cannot be imported into itself; import an export"
         )
+        if Path(file).is_dir():
+            raise UserError(f"{file} is a folder: name an export file (FILE.jsonl)")
         if not Path(file).is_file():
             raise UserError(f"no file {file}")
+        refuse_what_is_no_export(file)
+        hide = wants_json(ctx, json_output) or not err.is_terminal
+        total = None if hide else count_lines(file)
     with (
         opened(target, create=True, migrate=True) as engine,
         open_input(file) as lines,
-        progress_bar("importing", None) as report,
+        progress_bar("importing", total, "lines", hide=wants_json(ctx, json_output)) as report,
     ):
         result = import_jsonl(engine, lines, batch_size=batch_size, progress=report)
     for error in result.errors:
@@ -1612,7 +2128,7 @@ def import_(
         raise typer.Exit(1)
 
 
-@app.command("import-openclaw")
+@app.command("import-openclaw", cls=_Command)
 @friendly
 def import_openclaw_command(
     ctx: typer.Context,
@@ -1620,13 +2136,15 @@ def import_openclaw_command(
         str,
         typer.Argument(
             metavar="PATH",
-            help="An OpenClaw state folder (~/.openclaw), one agents/<id> folder, or one "
+            help="An OpenClaw state folder (~/.openclaw), one agents/AGENT folder, or one "
             "sessions folder.",
         ),
     ],
     agent: Annotated[
         list[str] | None,
-        typer.Option("--agent", help="Import this agent only (repeat for several)."),
+        typer.Option(
+            "--agent", metavar="AGENT", help="Import this agent only (repeat for several)."
+        ),
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Read everything, write nothing, report.")
@@ -1661,7 +2179,9 @@ def import_openclaw_command(
             folder = stack.enter_context(TemporaryDirectory())
             target = str(Path(folder) / "dry-run.db")
         engine = stack.enter_context(opened(target, create=True, migrate=True))
-        report = stack.enter_context(_counted_bar("importing"))
+        report = stack.enter_context(
+            _counted_bar("importing", "sessions", hide=wants_json(ctx, json_output))
+        )
         try:
             result = import_openclaw(
                 path,
@@ -1711,17 +2231,52 @@ def import_openclaw_command(
 
 
 @contextmanager
-def _counted_bar(label: str) -> Iterator[Callable[[int, int], object]]:
-    """A progress bar on stderr (when it is a terminal) told its total with each step."""
-    if not err.is_terminal:
+def _counted_bar(
+    label: str, unit: str, *, hide: bool = False
+) -> Iterator[Callable[[int, int], object]]:
+    """A progress bar on stderr (when it is a terminal, and not `hide`) told its total
+    with each step."""
+    if hide or not err.is_terminal:
         yield lambda done, total: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=real_console(err), transient=True) as bar:
-        task = bar.add_task(label, total=None)
+    with _bar(label, None, unit) as (bar, task):
         yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+_PEEK = 1024 * 1024
+"""How much of an import's first line is read to check that the file is an export."""
+
+
+def refuse_what_is_no_export(file: str) -> None:
+    """`UserError` if the first line of `file` that is not blank is not a line of an export
+    (a header, a session or a message): a text file that is no export is refused before
+    any store is opened or created. A first line longer than 1 MiB is left to the import."""
+    from aisopod_session.transfer import parse_line
+
+    with open(file, encoding="utf-8-sig", errors="surrogateescape") as stream:
+        for number, line in enumerate(iter(lambda: stream.readline(_PEEK), ""), start=1):
+            if not line.strip():
+                continue
+            if len(line) >= _PEEK and not line.endswith("\n"):
+                return
+            try:
+                parse_line(line)
+            except ValueError as exc:
+                raise UserError(
+                    f"{file} is not an export (line {number}: {one_line(exc)}); nothing imported"
+                ) from None
+            return
+
+
+def count_lines(file: str) -> int:
+    """The lines in `file` (the import's progress bar total), read in binary chunks."""
+    lines = 0
+    last = b"\n"
+    with open(file, "rb") as stream:
+        while chunk := stream.read(1024 * 1024):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return lines + (last != b"\n")
 
 
 @contextmanager
@@ -1736,14 +2291,15 @@ def open_input(path: str) -> Iterator[Any]:
         yield stream
 
 
-@app.command("copy")
+@app.command("copy", cls=_Command)
 @friendly
 def copy(
     ctx: typer.Context,
-    to: Annotated[str, typer.Option("--to", metavar="URL", help="The target store.")],
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace what the target holds.")
-    ] = False,
+    to: Annotated[
+        str | None,
+        typer.Option("--to", metavar="PATH-OR-URL", help="The target store (required)."),
+    ] = None,
+    overwrite: OverwriteOption = False,
     db: DbOption = None,
 ) -> None:
     """Copy the whole store into another one (a SQLite file into PostgreSQL, say), ids
@@ -1751,37 +2307,41 @@ def copy(
     from aisopod_session.copying import copy_database
     from aisopod_session.repository import SessionRepository
 
+    target_name = required("--to", to, "PATH-OR-URL")
     source = target_of(ctx, db)
-    refuse_copy_into_itself(source, to)
-    with (
-        repository(source) as repo,
-        opened(to, create=True, migrate=True) as target,
-        progress_bar("copying", None) as report,
-    ):
-        present = 0 if overwrite else SessionRepository(target).count_sessions()
-        if present:
-            raise UserError(
-                f"{shown_target(to)} already holds {present:,} session(s): pass --overwrite "
-                "to replace them"
-            )
-        result = copy_database(
-            repo.engine,
-            target,
-            overwrite=overwrite,
-            progress=lambda _table, done, _total: report(done),
-        )
+    refuse_copy_into_itself(source, target_name)
+    with repository(source) as repo:
+        totals = repo.summary().total
+        rows = totals.sessions + totals.messages
+        with (
+            opened(target_name, create=True, migrate=True) as target,
+            progress_bar("copying", rows, "rows") as report,
+        ):
+            present = 0 if overwrite else SessionRepository(target).count_sessions()
+            if present:
+                raise UserError(
+                    f"{shown_target(target_name)} already holds {present:,} session(s): pass "
+                    "--overwrite to replace them"
+                )
+            copied: dict[str, int] = {}
+
+            def progress(table: str, done: int, _total: int) -> None:
+                copied[table] = done
+                report(sum(copied.values()))
+
+            result = copy_database(repo.engine, target, overwrite=overwrite, progress=progress)
     out.print(
         f"Copied {result.sessions:,} session(s) and {result.messages:,} message(s) "
-        f"to {shown_target(to)}."
+        f"to {shown_target(target_name)}."
     )
 
 
 def ago(option: str, now: datetime, age: timedelta) -> datetime:
-    """`now - age`, or a `UserError` naming `option` when that is before the year 1."""
+    """`now - age`, or a `UsageProblem` naming `option` when that is before the year 1."""
     try:
         return now - age
     except OverflowError:
-        raise UserError(f"{option}: reaches back before the year 1") from None
+        raise UsageProblem(option, "reaches back before the year 1") from None
 
 
 # --- the web viewer -------------------------------------------------------------------------
