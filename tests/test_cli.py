@@ -1311,6 +1311,32 @@ def test_import_refuses_a_folder_and_a_file_that_is_no_export(tmp_path: Path) ->
     assert not missing.exists()  # no empty store made by mistake
 
 
+def test_import_from_standard_input_checks_its_first_line_before_creating_a_store(
+    store: Path, tmp_path: Path
+) -> None:
+    """`import -`: text that is no export makes no store; an export piped in is imported
+    whole, its first lines (read to check them) included."""
+    missing = tmp_path / "new.db"
+    env = {"AISOPOD_SESSION_DB": None}
+    refused = RUNNER.invoke(
+        app, ["--db", str(missing), "import", "-"], input="\nshopping: milk\n", env=env
+    )
+    assert refused.exit_code == 1, refused.stderr
+    assert refused.stderr.startswith("error: standard input is not an export (line 2: ")
+    assert not missing.exists()
+    export = ok("--db", str(store), "export")
+    imported = RUNNER.invoke(
+        app, ["--db", str(missing), "import", "-", "--json"], input=export, env=env
+    )
+    assert imported.exit_code == 0, imported.stderr
+    counts = json.loads(imported.stdout)
+    assert (counts["sessions_created"], counts["messages_imported"], counts["errors"]) == (
+        3,
+        6,
+        [],
+    )
+
+
 def test_progress_bars_count_to_their_totals_on_a_terminal(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -367,3 +367,20 @@ def test_processes_migrating_a_fresh_store_at_once_apply_each_version_once(
     ]
     assert SessionRepository(engine).count_sessions() == 1
     engine.dispose()
+
+
+def test_progress_counts_each_pending_migration_as_it_commits(db_path: Path) -> None:
+    """`run_migrations(progress=)`: 0 of the pending before the first, then one more after
+    each commits (each one's version row is there when it is counted); nothing to report
+    on an up-to-date store."""
+    make_seed_file(db_path)  # the seed's tables, no version recorded: every one pending
+    engine = open_database(db_path, migrate=False)
+    seen: list[tuple[int, int, int]] = []
+    run_migrations(
+        engine, progress=lambda done, total: seen.append((done, total, current_version(engine)))
+    )
+    assert seen == [(done, SCHEMA_VERSION, done) for done in range(SCHEMA_VERSION + 1)]
+    seen.clear()
+    run_migrations(engine, progress=lambda done, total: seen.append((done, total, 0)))
+    assert seen == []
+    engine.dispose()

@@ -724,19 +724,23 @@ def init(ctx: typer.Context, db: DbOption = None) -> None:
 def upgrade(target: str, *, quiet: bool = False) -> tuple[bool, list[AppliedMigration], int]:
     """Create or migrate the store: whether it was created, the migrations applied now,
     and the schema version. On a terminal (unless `quiet`), a bar counts the migrations
-    to apply while they run (a big store's take a while; each one is one step)."""
-    from aisopod_session.migrations import MIGRATIONS, applied_migrations, current_version
+    while they run (a big store's take a while), one step per migration."""
+    from aisopod_session.migrations import (
+        MIGRATIONS,
+        applied_migrations,
+        current_version,
+        run_migrations,
+    )
 
     path = file_of(target)
     created = path is not None and not path.exists()
     with opened(target, create=True) as engine:
         before = set() if created else {m.version for m in applied_migrations(engine)}
-    pending = [m for m in MIGRATIONS if m.version > max(before, default=0)]
-    with (
-        progress_bar("migrating", len(pending), "migrations", hide=quiet or not pending) as report,
-        opened(target, create=True, migrate=True) as engine,
-    ):
-        report(len(pending))
+        pending = [m for m in MIGRATIONS if m.version > max(before, default=0)]
+        with progress_bar(
+            "migrating", len(pending), "migrations", hide=quiet or not pending
+        ) as report:
+            run_migrations(engine, progress=lambda done, _total: report(done))
         applied = [m for m in applied_migrations(engine) if m.version not in before]
         return created, applied, current_version(engine)
 
@@ -2100,8 +2104,9 @@ def import_(
         hide = wants_json(ctx, json_output) or not err.is_terminal
         total = None if hide else count_lines(file)
     with (
-        opened(target, create=True, migrate=True) as engine,
+        # Standard input's first line is checked before the store is opened or created.
         open_input(file) as lines,
+        opened(target, create=True, migrate=True) as engine,
         progress_bar("importing", total, "lines", hide=wants_json(ctx, json_output)) as report,
     ):
         result = import_jsonl(engine, lines, batch_size=batch_size, progress=report)
@@ -2251,21 +2256,49 @@ def refuse_what_is_no_export(file: str) -> None:
     """`UserError` if the first line of `file` that is not blank is not a line of an export
     (a header, a session or a message): a text file that is no export is refused before
     any store is opened or created. A first line longer than 1 MiB is left to the import."""
+    with open(file, encoding="utf-8-sig", errors="surrogateescape") as stream:
+        first_lines(stream, file)
+
+
+def first_lines(stream: TextIO, name: str) -> list[str]:
+    """The lines read from `stream` up to its first that is not blank, once that one has
+    been found to be a line of an export (`refuse_what_is_no_export`); `UserError`
+    naming `name` if it is not."""
     from aisopod_session.transfer import parse_line
 
-    with open(file, encoding="utf-8-sig", errors="surrogateescape") as stream:
-        for number, line in enumerate(iter(lambda: stream.readline(_PEEK), ""), start=1):
-            if not line.strip():
-                continue
-            if len(line) >= _PEEK and not line.endswith("\n"):
-                return
-            try:
-                parse_line(line)
-            except ValueError as exc:
-                raise UserError(
-                    f"{file} is not an export (line {number}: {one_line(exc)}); nothing imported"
-                ) from None
-            return
+    read: list[str] = []
+    for number, line in enumerate(iter(lambda: stream.readline(_PEEK), ""), start=1):
+        read.append(line)
+        if not line.strip():
+            continue
+        if len(line) >= _PEEK and not line.endswith("\n"):
+            break
+        try:
+            parse_line(line)
+        except ValueError as exc:
+            raise UserError(
+                f"{name} is not an export (line {number}: {one_line(exc)}); nothing imported"
+            ) from None
+        break
+    return read
+
+
+class _Replayed:
+    """Standard input whose first lines were read already to check them (`first_lines`):
+    they come back first, then the rest, a line at most `limit` characters at a time as
+    the import reads a stream."""
+
+    def __init__(self, read: list[str], rest: TextIO) -> None:
+        self._read = read
+        self._rest = rest
+
+    def readline(self, limit: int = -1) -> str:
+        if self._read:
+            return self._read.pop(0)  # at most _PEEK characters: below any line limit
+        return self._rest.readline(limit)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.readline, "")
 
 
 def count_lines(file: str) -> int:
@@ -2283,7 +2316,7 @@ def count_lines(file: str) -> int:
 def open_input(path: str) -> Iterator[Any]:
     if path == "-":
         sys.stdin.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
-        yield sys.stdin
+        yield _Replayed(first_lines(sys.stdin, "standard input"), sys.stdin)
         return
     # A BOM is skipped; bytes that are not UTF-8 reach the line's checks (and are refused
     # there, with the line's number) instead of stopping the import.

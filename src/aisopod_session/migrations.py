@@ -13,7 +13,7 @@ the Rust crate and hand-written SQL make it, is read and upgraded rather than re
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -390,9 +390,16 @@ def check_schema(
     return applied
 
 
-def run_migrations(engine: Engine, migrations: Sequence[Migration] | None = None) -> int:
+def run_migrations(
+    engine: Engine,
+    migrations: Sequence[Migration] | None = None,
+    *,
+    progress: Callable[[int, int], object] | None = None,
+) -> int:
     """Bring the database up to the newest of `migrations` (default `MIGRATIONS`, read
-    when called) and return the version reached.
+    when called) and return the version reached. `progress(done, total)`, if given, is
+    called before the first pending migration (`done` 0) and after each one has committed
+    (or was found applied by another process), `total` being how many were pending.
 
     Each pending migration runs in its own write transaction together with its
     `schema_version` row, so a failing one leaves no trace (`MigrationError`, chained
@@ -404,11 +411,14 @@ def run_migrations(engine: Engine, migrations: Sequence[Migration] | None = None
     works: one not made by `open_database` is prepared first (see `prepare_engine`).
     """
     migrations = MIGRATIONS if migrations is None else migrations
-    return migrate_from(engine, check_schema(engine, migrations), migrations)
+    return migrate_from(engine, check_schema(engine, migrations), migrations, progress)
 
 
 def migrate_from(
-    engine: Engine, applied: Sequence[AppliedMigration], migrations: Sequence[Migration]
+    engine: Engine,
+    applied: Sequence[AppliedMigration],
+    migrations: Sequence[Migration],
+    progress: Callable[[int, int], object] | None = None,
 ) -> int:
     """`run_migrations` for a caller that has just read `applied` with `check_schema`
     (`open_database`): the same transactions, re-reading the version under the lock."""
@@ -417,7 +427,9 @@ def migrate_from(
         return _version(applied)
     before = _version(applied)
 
-    for migration in pending:
+    for done, migration in enumerate(pending):
+        if progress is not None:
+            progress(done, len(pending))
         with (
             translated_errors(f"apply migration {migration.version}"),
             # Unbounded: on PostgreSQL this waits for another host's migration to end.
@@ -427,9 +439,10 @@ def migrate_from(
             # Re-read under the write lock: another process may have migrated meanwhile.
             applied = _read_applied(conn)
             _check_applied(applied, migrations, conn.dialect.name)
-            if migration not in _pending(applied, migrations):
-                continue
-            _apply(conn, migration, before)
+            if migration in _pending(applied, migrations):
+                _apply(conn, migration, before)
+    if progress is not None:
+        progress(len(pending), len(pending))
     return migrations[-1].version if migrations else 0
 
 
