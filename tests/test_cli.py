@@ -965,6 +965,17 @@ def test_sessions_fork_copies_a_session_under_a_new_key(store: Path) -> None:
         "--db", str(store), "sessions", "fork", "1", "a:b:c:dm:d", "--up-to", "5"
     )
     assert "NEW_KEY" in misused("--db", str(store), "sessions", "fork", "1", "not-a-key")
+    # The forks of session 1, by every command that takes the filters.
+    forks = as_json("--db", str(store), "sessions", "list", "--parent-id", "1", "--json")
+    assert sorted(s["key"] for s in forks) == [
+        "concierge:telegram:bot-1:dm:1002",
+        "concierge:web:x:dm:y",
+    ]
+    found = as_json("--db", str(store), "search", "Oslo", "--parent-id", "1", "--json")
+    assert {hit["key"] for hit in found} == {s["key"] for s in forks}
+    exported = ok("--db", str(store), "export", "--parent-id", "4")
+    assert [json.loads(line)["type"] for line in exported.splitlines()[1:]] == []
+    assert "--parent-id" in misused("--db", str(store), "sessions", "list", "--parent-id", "0")
 
 
 def test_sessions_list_filters_by_metadata_and_pages_by_cursor(store: Path) -> None:

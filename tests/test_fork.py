@@ -151,6 +151,27 @@ def test_lineage_outlives_a_deleted_parent(repo: SessionRepository) -> None:
     assert len(repo.get_history(BRANCH)) == 4
 
 
+def test_a_sessions_forks_are_found_by_the_parent_id_filter(repo: SessionRepository) -> None:
+    """`SessionFilter(parent_id=)` keeps a session's forks, not the forks of its forks,
+    in every call that takes a filter."""
+    conversation(repo)
+    source = repo.get(SOURCE)
+    assert source is not None
+    first = repo.fork(SOURCE, BRANCH)
+    second = repo.fork(SOURCE, SessionKey("agent-1", "telegram", "bot-A", "dm", "alice-2"))
+    repo.fork(BRANCH, SessionKey("agent-1", "telegram", "bot-A", "dm", "alice-3"))
+    forks = {"parent_id": source.id}
+    assert {s.id for s in repo.list_sessions(forks)} == {first.id, second.id}
+    assert repo.count_sessions(forks) == 2
+    assert {s.id for s in repo.page_sessions(forks).sessions} == {first.id, second.id}
+    assert {hit.message.session_id for hit in repo.search_messages("table", filter=forks)} == {
+        first.id,
+        second.id,
+    }
+    assert repo.count_sessions({"parent_id": second.id}) == 0
+    assert [s.id for s in repo.list_sessions({"parent_id": first.id})] != []
+
+
 def test_a_source_whose_metadata_is_not_json_is_refused_naming_the_row(
     repo: SessionRepository, store: Engine
 ) -> None:
@@ -170,6 +191,10 @@ def test_a_source_whose_metadata_is_not_json_is_refused_naming_the_row(
         (lambda r: r.fork(SOURCE, BRANCH, up_to_id="3"), "up_to_id"),
         (lambda r: r.fork(SOURCE, BRANCH, up_to_id=True), "up_to_id"),
         (lambda r: r.fork(SOURCE, BRANCH, up_to_id=2**64), "up_to_id"),
+        (lambda r: r.list_sessions({"parent_id": 0}), "parent_id"),
+        (lambda r: r.count_sessions({"parent_id": "7"}), "parent_id"),
+        (lambda r: r.page_sessions({"parent_id": True}), "parent_id"),
+        (lambda r: r.list_sessions({"parent_id": 2**63}), "parent_id"),
     ],
 )
 def test_bad_arguments_are_refused_naming_the_field_before_any_io(

@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from aisopod_session import SCHEMA_VERSION, SessionRepository, export_jsonl, open_database
 from aisopod_session.cli import app as cli_app
 from aisopod_session.viewer import create_app, is_loopback
-from tests.dbtools import make_seed_file
+from aisopod_session.viewer.app import FORKS_SHOWN
+from tests.dbtools import make_seed_file, run_sql
 from tests.viewer_server import (
     HOSTILE_TEXT,
     TOOL_RESULT,
@@ -216,6 +217,37 @@ def test_a_fork_links_to_its_parent_and_the_message_it_was_forked_after(
     assert after is not None
     assert f'href="/sessions/{seeded.weather_id}?after={after - 1}#m{after}">{after}</a>' in html
     assert 'id="lineage"' not in get(base + f"/sessions/{seeded.weather_id}")
+
+
+def test_a_session_lists_its_forks_and_the_list_filters_by_parent(
+    base: str, seeded: Seeded
+) -> None:
+    html = get(base + f"/sessions/{seeded.weather_id}")
+    assert re.findall(r'<a href="/sessions/(\d+)" class="fork">', html) == [str(seeded.fork_id)]
+    assert 'id="all-forks"' not in html
+    assert 'id="forks"' not in get(base + f"/sessions/{seeded.fork_id}")
+    listed = get(base + f"/sessions?parent_id={seeded.weather_id}")
+    assert listed_keys(listed) == ["concierge:telegram:bot-main:dm:1001-fork"]
+    assert f'name="parent_id" value="{seeded.weather_id}"' in listed
+    assert error_of(get(base + "/sessions?parent_id=0", 400)).startswith("parent_id")
+    assert error_of(get(base + "/sessions?parent_id=x", 400)).startswith("parent_id")
+
+
+def test_a_session_with_many_forks_links_to_all_of_them(tmp_path: Path) -> None:
+    engine = open_database(tmp_path / "forks.db")
+    repo = SessionRepository(engine)
+    source = repo.get_or_create("concierge:telegram:bot-main:dm:1")
+    for n in range(FORKS_SHOWN + 1):
+        repo.fork(source.key, f"concierge:telegram:bot-main:dm:fork-{n}")
+    try:
+        with serving(create_app(repo)) as url:
+            html = get(url + f"/sessions/{source.id}")
+            assert len(re.findall(r'class="fork"', html)) == FORKS_SHOWN
+            assert f'<a href="/sessions?parent_id={source.id}" id="all-forks">' in html
+            listed = listed_keys(get(url + f"/sessions?parent_id={source.id}"))
+            assert len(listed) == FORKS_SHOWN + 1
+    finally:
+        engine.dispose()
 
 
 def test_a_compacted_session_shows_its_summary(base: str, seeded: Seeded) -> None:
@@ -535,3 +567,96 @@ def test_viewer_md_documents_every_option_of_serve() -> None:
     assert options == {"--host", "--port", "--token"}
     documented = set(re.findall(r"^\| `(--[a-z-]+)", VIEWER_MD.read_text(), flags=re.M))
     assert documented == options
+
+
+# --- what other programs and hostile callers store --------------------------------------
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Iterator[tuple[SessionRepository, str]]:
+    """A store of its own (these tests write what the shared one must not hold), served."""
+    engine = open_database(tmp_path / "hostile.db")
+    repo = SessionRepository(engine)
+    try:
+        with serving(create_app(repo)) as url:
+            yield repo, url
+    finally:
+        engine.dispose()
+
+
+def test_big_and_deeply_nested_values_make_a_page_of_bounded_size(
+    hostile: tuple[SessionRepository, str],
+) -> None:
+    """JSON text in a tool call is indented only while that stays small (180 KB of
+    brackets nested 900 deep would indent to 160 MB); JSON too deep for Python is named;
+    text is cut at SHOWN_CHARACTERS with a note."""
+    from aisopod_session import NewMessage
+    from aisopod_session.viewer.render import SHOWN_CHARACTERS
+
+    repo, url = hostile
+    nested = "[" + ",".join(["[" * 900 + "]" * 900] * 100) + "]"
+    calls = [{"id": "c", "function": {"name": "t", "arguments": nested}}]
+    too_deep = {"type": "tool_result", "tool_use_id": "c", "content": "[" * 3000 + "]" * 3000}
+    session = repo.get_or_create("a:web:x:dm:big")
+    repo.append_messages(
+        session.key,
+        [
+            NewMessage("assistant", "calling", tool_calls=calls),
+            NewMessage("user", [too_deep]),
+            NewMessage("user", "y" * (SHOWN_CHARACTERS + 5)),
+        ],
+    )
+    reply = fetch(url + f"/sessions/{session.id}")
+    assert reply.status == 200
+    assert len(reply.body) < 2 * len(nested) + 3 * SHOWN_CHARACTERS
+    assert "[[[[[[[[" in reply.body
+    assert "5 more characters (download the session)" in reply.body
+
+
+def test_characters_a_page_would_hide_are_shown_as_escapes(
+    hostile: tuple[SessionRepository, str],
+) -> None:
+    repo, url = hostile
+    session = repo.get_or_create("a:web:x:dm:hidden")
+    repo.append_message(session.key, "user", "zero\u200bwidth, tag\U000e0041, lrm\u200e, ls\u2028.")
+    html = get(url + f"/sessions/{session.id}")
+    for code in ("\\u200b", "\\U000e0041", "\\u200e", "\\u2028"):
+        assert f">{code}</span>" in html
+    assert not any(char in html for char in "\u200b\U000e0041\u200e\u2028")
+
+
+def test_rows_with_keys_another_program_wrote_neither_break_nor_mislead(
+    hostile: tuple[SessionRepository, str],
+) -> None:
+    """A key part this version would refuse does not take the list down; a key stored in
+    another spelling of an existing session's key is not shown with that one's messages."""
+    repo, url = hostile
+    normal = repo.get_or_create("bot:telegram:b1:group:g1")
+    repo.append_message(normal.key, "user", "the normal session's message")
+    engine = repo.engine
+    now = "2026-11-30T10:00:00Z"
+    for agent, peer in (("Bot", "g1"), ("d3", "x" * 3000)):
+        run_sql(
+            engine,
+            "INSERT INTO sessions (agent_id, channel, account_id, peer_kind, peer_id,"
+            " created_at, updated_at) VALUES (?, 'telegram', 'b1', 'group', ?, ?, ?)",
+            (agent, peer, now, now),
+        )
+    listed = get(url + "/sessions?limit=100")
+    assert "d3:telegram:b1:group:" + "x" * 3000 in unescape(listed)
+    with engine.connect() as conn:
+        spelled = conn.exec_driver_sql("SELECT id FROM sessions WHERE agent_id = 'Bot'").scalar()
+    refused = fetch(url + f"/sessions/{spelled}")
+    assert refused.status == 409
+    assert "the normal session's message" not in refused.body
+    assert "plain SQL" in error_of(refused.body)
+    assert "the normal session&#39;s message" in get(url + f"/sessions/{normal.id}")
+
+
+def test_a_time_out_of_range_is_a_bad_request_and_no_path_is_redirected(
+    hostile: tuple[SessionRepository, str],
+) -> None:
+    _repo, url = hostile
+    html = get(url + "/sessions?" + urlencode({"updated_after": "9999-12-31T23:59:59-23:59"}), 400)
+    assert error_of(html).startswith("updated_after: ")
+    assert fetch(url + "/sessions/").status == 404

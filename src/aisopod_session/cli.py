@@ -1029,6 +1029,10 @@ PeerKindOption = Annotated[
 PeerOption = Annotated[
     str | None, typer.Option("--peer-id", metavar="PEER", help="Only this peer's.")
 ]
+ParentOption = Annotated[
+    int | None,
+    integer_option(1, "Only the forks of the session with this id.", "--parent-id", metavar="ID"),
+]
 StatusOption = Annotated[
     SessionStatus | None,
     typer.Option(
@@ -1188,6 +1192,7 @@ def session_filter(
     updated_after: str | None,
     updated_before: str | None,
     meta: list[str] | None = None,
+    parent_id: int | None = None,
 ) -> dict[str, Any]:
     """The `SessionFilter` fields the options set."""
     fields: dict[str, Any] = {
@@ -1202,6 +1207,7 @@ def session_filter(
         "updated_after": parse_time("--updated-after", updated_after),
         "updated_before": parse_time("--updated-before", updated_before),
         "meta": parse_meta(meta),
+        "parent_id": parent_id,
     }
     return {name: value for name, value in fields.items() if value is not None}
 
@@ -1219,6 +1225,7 @@ def list_sessions(
     account_id: AccountOption = None,
     peer_kind: PeerKindOption = None,
     peer_id: PeerOption = None,
+    parent_id: ParentOption = None,
     status: StatusOption = None,
     created_after: CreatedAfter = None,
     created_before: CreatedBefore = None,
@@ -1262,6 +1269,7 @@ def list_sessions(
         updated_after,
         updated_before,
         meta,
+        parent_id=parent_id,
     )
     if cursor is not None and offset:
         raise UsageProblem("--cursor", "give --cursor or --offset, not both")
@@ -1900,6 +1908,7 @@ def search(
     account_id: AccountOption = None,
     peer_kind: PeerKindOption = None,
     peer_id: PeerOption = None,
+    parent_id: ParentOption = None,
     status: StatusOption = None,
     created_after: CreatedAfter = None,
     created_before: CreatedBefore = None,
@@ -1937,6 +1946,7 @@ def search(
         updated_after,
         updated_before,
         meta,
+        parent_id=parent_id,
     )
     with repository(target_of(ctx, db)) as repo:
         hits = repo.search_messages(words, filter=wanted, roles=role or None, limit=limit)
@@ -1996,6 +2006,7 @@ def export(
     account_id: AccountOption = None,
     peer_kind: PeerKindOption = None,
     peer_id: PeerOption = None,
+    parent_id: ParentOption = None,
     status: StatusOption = None,
     created_after: CreatedAfter = None,
     created_before: CreatedBefore = None,
@@ -2020,6 +2031,7 @@ def export(
         updated_after,
         updated_before,
         meta,
+        parent_id=parent_id,
     )
     out_path = one_of("--to", to, "--out", out_old) or "-"
     option = "--to" if out_old is None else "--out"

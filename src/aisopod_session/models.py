@@ -9,7 +9,7 @@ import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, field_validator
 from sqlalchemy import BigInteger, Column, Dialect, Index, Integer, Text, UniqueConstraint, text
@@ -22,6 +22,7 @@ from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
 from aisopod_session.validation import (
     JSONValue,
     check_content,
+    check_int,
     check_message_meta,
     check_meta_filter,
     check_tool_calls,
@@ -451,7 +452,8 @@ class SessionFilter(BaseModel):
     `search_messages`, `prune` and the export see; every field is optional and the given
     ones must all match. Key parts are normalised as in `SessionKey`; `*_after` and
     `*_before` bounds are exclusive and must be timezone-aware; `meta` matches sessions
-    whose metadata holds each of its keys with an equal JSON value."""
+    whose metadata holds each of its keys with an equal JSON value; `parent_id` matches
+    the forks of that session."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
@@ -468,6 +470,8 @@ class SessionFilter(BaseModel):
     meta: dict[str, Any] | None = None
     """Top-level metadata keys and the JSON values they must hold (each key present with
     an equal value: see docs/api.md, "Metadata filters")."""
+    parent_id: int | None = None
+    """Only the forks of the session with this id (`Session.parent_id`)."""
 
     @field_validator("agent_id", "channel", mode="before")
     @classmethod
@@ -490,6 +494,16 @@ class SessionFilter(BaseModel):
     @classmethod
     def _status(cls, value: Any) -> SessionStatus | None:
         return None if value is None else parse_enum(SessionStatus, value)
+
+    @field_validator("parent_id", mode="plain")
+    @classmethod
+    def _parent_id(cls, value: Any) -> int | None:
+        if value is not None:
+            try:
+                check_int("parent_id", value, minimum=1)
+            except ValueError as exc:  # pydantic names the field itself
+                raise ValueError(str(exc).removeprefix("parent_id: ")) from None
+        return cast(int | None, value)
 
     @field_validator("meta", mode="plain")
     @classmethod

@@ -34,6 +34,7 @@ from aisopod_session.models import Session, SessionFilter
 from aisopod_session.repository import SessionRepository
 from aisopod_session.transfer import export_jsonl
 from aisopod_session.viewer.render import (
+    key_text,
     pretty_json,
     shown_message,
     size_text,
@@ -49,6 +50,8 @@ FILTER_FIELDS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id", "s
 TIME_FIELDS = ("updated_after", "updated_before")
 SESSION_PAGE = 50
 MESSAGE_PAGE = 200
+FORKS_SHOWN = 10
+"""A transcript lists this many of the session's forks, newest first, then links to all."""
 SEARCH_LIMIT = 50
 MAX_LIMIT = 1000
 
@@ -113,11 +116,15 @@ def create_app(
     templates.filters["when"] = when
     templates.filters["json"] = pretty_json
     templates.filters["size"] = size_text
+    templates.filters["key_text"] = key_text
     templates.globals["title"] = title
     templates.globals["nav"] = ""
     templates.globals["agent_scope"] = repo.agent_id
     css = files("aisopod_session.viewer").joinpath("static/viewer.css").read_text("utf-8")
-    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    # No redirect of `/path/` to `/path`: Starlette would build it from the Host header.
+    app = FastAPI(
+        title=title, docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False
+    )
 
     def page(name: str, code: int = 200, **context: Any) -> HTMLResponse:
         html = templates.get_template(name).render(**context)
@@ -224,16 +231,32 @@ def create_app(
         params = request.query_params
         after = _int_param(params.get("after"), "after", 0)
         limit = _limit(params.get("limit"), MESSAGE_PAGE)
+        owner = repo.get(session.key)
+        if owner is None or owner.id != session.id:
+            # Its key parts are stored in a form this version does not write (another
+            # program's row): read by that key, the history would be another session's.
+            raise ViewerError(
+                409,
+                f"session {session.id}: its key is stored as {key_text(session)!r}, which "
+                "this version reads as another session's; read it with plain SQL",
+            )
         messages = repo.get_history(session.key, limit=limit + 1, after_id=after)
         more = len(messages) > limit
         messages = messages[:limit]
         parent = None if session.parent_id is None else repo.get_by_id(session.parent_id)
+        forks = repo.list_sessions({"parent_id": session.id}, limit=FORKS_SHOWN + 1)
         return page(
             "transcript.html",
             nav="sessions",
             session=session,
             meta=pretty_json(session.meta) if session.meta else None,
             parent=parent,
+            forks=forks[:FORKS_SHOWN],
+            more_forks=(
+                "/sessions?" + urlencode({"parent_id": session.id})
+                if len(forks) > FORKS_SHOWN
+                else None
+            ),
             messages=[shown_message(message) for message in messages],
             from_start=after == 0,
             next_url=(
@@ -340,6 +363,9 @@ def _filter_of(params: Any, repo: SessionRepository) -> tuple[dict[str, str], Se
     for name in TIME_FIELDS:
         if name in values:
             fields[name] = _time(name, values[name])
+    if params.get("parent_id"):
+        values["parent_id"] = params["parent_id"]
+        fields["parent_id"] = _int_param(values["parent_id"], "parent_id", 0)
     try:
         session_filter = SessionFilter.model_validate(fields)
     except ValidationError as exc:
@@ -358,7 +384,12 @@ def _time(name: str, text: str) -> datetime:
         raise ViewerError(
             400, f"{name}: {text!r} is not an ISO-8601 time (2026-11-26 or 2026-11-26T08:00)"
         ) from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    value = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ViewerError(400, f"{name}: {text!r} is out of range in UTC") from None
+    return value
 
 
 def _int_param(text: str | None, name: str, default: int) -> int:

@@ -20,15 +20,39 @@ from aisopod_session.results import SNIPPET_MARKS
 # The characters `aisopod-session sessions show` escapes for a terminal (cli.terminal_safe):
 # every control character but newline and tab, and the bidirectional overrides and
 # isolates, which would reorder the text around them on the page too.
-_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# Beyond them, the characters a page would not show at all (zero-width spaces and joiners,
+# direction marks, line and paragraph separators, the byte order mark, and the tag
+# characters, which can hide instructions in chat text) are shown as escapes too.
+_UNSAFE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069"
+    "\ufeff\U000e0000-\U000e007f]"
+)
+
+SHOWN_CHARACTERS = 100_000
+"""The most of one text or JSON value a page shows; the rest is left to the download."""
+
+PRETTY_LIMIT = 64 * 1024
+"""JSON longer than this (compact), or nested deeper than `PRETTY_DEPTH`, is shown
+compact: indenting it would make the page many times the value's size."""
+PRETTY_DEPTH = 20
 
 
 def escape_code(char: str) -> str:
-    """How one unsafe character is written: `\\x1b`, `\\r`, `\\u202e`."""
+    """How one unsafe character is written: `\\x1b`, `\\r`, `\\u202e`, `\\U000e0041`."""
     code = ord(char)
     if code == 0x0D:
         return "\\r"
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def capped(text: str) -> str:
+    """`text`, or its first `SHOWN_CHARACTERS` and a note of how much more there is."""
+    if len(text) <= SHOWN_CHARACTERS:
+        return text
+    rest = len(text) - SHOWN_CHARACTERS
+    return f"{text[:SHOWN_CHARACTERS]}\n… {rest:,} more characters (download the session)"
 
 
 def visible(value: Any) -> Markup:
@@ -50,8 +74,30 @@ def visible(value: Any) -> Markup:
 
 
 def pretty_json(value: Any) -> str:
-    """`value` as indented JSON, non-ASCII text readable."""
-    return json.dumps(value, ensure_ascii=False, indent=2)
+    """`value` as JSON, non-ASCII text readable: indented unless it is big or deeply
+    nested (`PRETTY_LIMIT`, `PRETTY_DEPTH`), cut at `SHOWN_CHARACTERS`; a value nested too
+    deeply for Python to write is named as such."""
+    try:
+        compact = json.dumps(value, ensure_ascii=False)
+        if len(compact) <= PRETTY_LIMIT and _depth_at_most(value, PRETTY_DEPTH):
+            return json.dumps(value, ensure_ascii=False, indent=2)
+    except RecursionError:
+        return "(JSON nested too deeply to show here: download the session)"
+    return capped(compact)
+
+
+def _depth_at_most(value: Any, limit: int) -> bool:
+    """Whether `value`'s lists and objects nest at most `limit` deep (walked without
+    recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= limit:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return True
 
 
 def when(value: datetime | None) -> str:
@@ -145,7 +191,7 @@ def content_parts(content: Any) -> list[Part]:
     """A message's content as parts: text as it is, a list of content blocks block by
     block, any other JSON value as indented JSON."""
     if isinstance(content, str):
-        return [Part("text", content)]
+        return [Part("text", capped(content))]
     if isinstance(content, list) and content:
         return [block_part(block) for block in content]
     return [Part("json", pretty_json(content))]
@@ -156,12 +202,12 @@ def block_part(block: Any) -> Part:
     as tool calls and results, the media, reasoning and refusal blocks labelled, the rest
     as JSON."""
     if isinstance(block, str):
-        return Part("text", block)
+        return Part("text", capped(block))
     if not isinstance(block, dict):
         return Part("json", pretty_json(block))
     kind = block.get("type")
     if kind in _TEXT_BLOCKS and isinstance(block.get("text"), str):
-        return Part("text", block["text"])
+        return Part("text", capped(block["text"]))
     if kind in _TOOL_USE:
         return tool_call_part(block)
     if kind in _TOOL_RESULT:
@@ -207,15 +253,17 @@ def _text_or_json(value: Any) -> str:
     """Text as it is (JSON text indented), a list of text blocks as their text, any
     other value as indented JSON."""
     if isinstance(value, str):
+        if len(value) > PRETTY_LIMIT:
+            return capped(value)  # not re-indented: shown as written
         try:
             parsed = json.loads(value)
-        except ValueError:
-            return value
+        except (ValueError, RecursionError):
+            return capped(value)
         return pretty_json(parsed) if isinstance(parsed, dict | list) else value
     if isinstance(value, list) and all(
         isinstance(item, dict) and item.get("type") in _TEXT_BLOCKS for item in value
     ):
-        return "\n".join(str(item.get("text", "")) for item in value)
+        return capped("\n".join(str(item.get("text", "")) for item in value))
     return pretty_json(value)
 
 
@@ -227,12 +275,27 @@ def _first_text(block: dict[str, Any], *keys: str) -> str:
     return ""
 
 
+SNIPPET_CHARACTERS = 2_000
+"""A search hit's snippet is cut here (one long word is never cut by the search itself)."""
+
+
+def key_text(session: Any) -> str:
+    """A session's key as text; for a row whose key parts this version would refuse
+    (written by another program), the parts as stored, joined."""
+    try:
+        return str(session.key)
+    except ValueError:
+        parts = (session.agent_id, session.channel, session.account_id)
+        kind = session.peer_kind
+        return ":".join([*map(str, parts), str(getattr(kind, "value", kind)), str(session.peer_id)])
+
+
 def snippet_parts(snippet: str) -> list[tuple[str, bool]]:
     """A search snippet as (text, matched) pieces, split at `SNIPPET_MARKS`, so that a
     template marks the matched words without trusting the snippet's text."""
     opening, closing = SNIPPET_MARKS
     pieces: list[tuple[str, bool]] = []
-    rest = snippet
+    rest = snippet if len(snippet) <= SNIPPET_CHARACTERS else snippet[:SNIPPET_CHARACTERS] + "…"
     while rest:
         start = rest.find(opening)
         end = rest.find(closing, start + 1) if start >= 0 else -1
