@@ -15,7 +15,9 @@ import pytest
 from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from aisopod_session import SessionRepository, open_database
 from aisopod_session.viewer import create_app
@@ -57,18 +59,27 @@ def texts(driver: webdriver.Chrome, selector: str) -> list[str]:
     return [element.text for element in driver.find_elements(By.CSS_SELECTOR, selector)]
 
 
+def follow(driver: webdriver.Chrome, element: WebElement) -> None:
+    """Click a link or button that loads a page, and wait until the new page replaced the
+    old (a click returns before a form's page has loaded; reading on would find the old
+    page's elements gone stale)."""
+    old = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(old))
+
+
 def test_the_pages_load_and_link_to_each_other(
     driver: webdriver.Chrome, served: tuple[str, Seeded]
 ) -> None:
     base, seeded = served
     driver.get(base + "/")
     assert driver.find_element(By.ID, "session-count").text == str(seeded.sessions)
-    driver.find_element(By.LINK_TEXT, "Sessions").click()
+    follow(driver, driver.find_element(By.LINK_TEXT, "Sessions"))
     assert driver.title == "Sessions · aisopod-session"
     # The stylesheet loaded (the Content-Security-Policy allows it): the header is dark.
     header = driver.find_element(By.TAG_NAME, "header")
     assert header.value_of_css_property("background-color") == "rgba(29, 35, 48, 1)"
-    driver.find_element(By.LINK_TEXT, "Search").click()
+    follow(driver, driver.find_element(By.LINK_TEXT, "Search"))
     assert driver.find_element(By.TAG_NAME, "h1").text == "Search"
 
 
@@ -80,7 +91,7 @@ def test_the_filter_form_and_the_pages_of_a_list(
     driver.find_element(By.NAME, "agent_id").send_keys("pager")
     Select(driver.find_element(By.NAME, "peer_kind")).select_by_visible_text("thread")
     Select(driver.find_element(By.ID, "per-page")).select_by_visible_text("10")
-    driver.find_element(By.ID, "apply").click()
+    follow(driver, driver.find_element(By.ID, "apply"))
     pages = []
     while True:
         keys = texts(driver, "#sessions td.key")
@@ -91,10 +102,10 @@ def test_the_filter_form_and_the_pages_of_a_list(
         following = driver.find_elements(By.ID, "next-page")
         if not following:
             break
-        following[0].click()
+        follow(driver, following[0])
     assert [len(page) for page in pages] == [10, 10, BULK - 20]
     assert len({key for page in pages for key in page}) == BULK
-    driver.find_element(By.ID, "first-page").click()
+    follow(driver, driver.find_element(By.ID, "first-page"))
     assert texts(driver, "#sessions td.key") == pages[0]
 
 
@@ -103,7 +114,7 @@ def test_a_transcript_shows_a_tool_call_and_its_result(
 ) -> None:
     base, _ = served
     driver.get(base + "/sessions?agent_id=concierge&peer_id=1001")
-    driver.find_element(By.LINK_TEXT, "concierge:telegram:bot-main:dm:1001").click()
+    follow(driver, driver.find_element(By.LINK_TEXT, "concierge:telegram:bot-main:dm:1001"))
     calls = texts(driver, ".tool-call")
     assert any("get_weather" in call and '"city": "Oslo"' in call for call in calls)
     assert any("get_forecast" in call and '"units": "metric"' in call for call in calls)
@@ -137,9 +148,9 @@ def test_search_from_the_form(driver: webdriver.Chrome, served: tuple[str, Seede
     base, _ = served
     driver.get(base + "/search")
     driver.find_element(By.ID, "q").send_keys("forecast")
-    driver.find_element(By.ID, "search").click()
+    follow(driver, driver.find_element(By.ID, "search"))
     assert texts(driver, "#hits mark") == ["forecast"]
-    driver.find_element(By.CSS_SELECTOR, "#hits td.key a").click()
+    follow(driver, driver.find_element(By.CSS_SELECTOR, "#hits td.key a"))
     assert "Checking the forecast too." in driver.find_element(By.ID, "transcript").text
 
 
