@@ -424,12 +424,14 @@ def test_with_a_token_every_request_must_carry_it(repo: SessionRepository) -> No
         first = fetch(url + "/?token=s3cret-token")
         assert first.status == 200
         cookie = first.headers["Set-Cookie"]
-        assert cookie.startswith("aisopod_viewer_token=s3cret-token")
+        # Named with the port: another viewer on this host keeps a cookie of its own.
+        name = f"aisopod_viewer_token_{urlsplit(url).port}"
+        assert cookie.startswith(f"{name}=s3cret-token")
         assert "HttpOnly" in cookie
         assert "SameSite=strict" in cookie or "samesite=strict" in cookie.lower()
-        assert fetch(url + "/sessions", {"Cookie": "aisopod_viewer_token=s3cret-token"}).status == (
-            200
-        )
+        assert fetch(url + "/sessions", {"Cookie": f"{name}=s3cret-token"}).status == 200
+        other_port = {"Cookie": "aisopod_viewer_token_1=s3cret-token"}
+        assert fetch(url + "/sessions", other_port).status == 401
         assert fetch(url + "/export", {"Authorization": "Bearer s3cret-token"}).status == 200
 
 
@@ -660,3 +662,24 @@ def test_a_time_out_of_range_is_a_bad_request_and_no_path_is_redirected(
     html = get(url + "/sessions?" + urlencode({"updated_after": "9999-12-31T23:59:59-23:59"}), 400)
     assert error_of(html).startswith("updated_after: ")
     assert fetch(url + "/sessions/").status == 404
+
+
+def test_a_page_that_fails_unexpectedly_is_our_error_page_with_its_headers(
+    hostile: tuple[SessionRepository, str],
+) -> None:
+    """A row the reading code cannot handle (invalid UTF-8 written by another program)
+    fails its page, not the viewer: our 500 page, with the policy headers, the store's
+    message cut short."""
+    repo, url = hostile
+    session = repo.get_or_create("a:web:x:dm:utf8")
+    run_sql(
+        repo.engine,
+        "INSERT INTO messages (session_id, role, content, created_at)"
+        " VALUES (?, 'user', CAST(? AS TEXT), '2026-11-30T10:00:00Z')",
+        (session.id, b'"' + b"\xff" * 5000 + b'"'),
+    )
+    reply = fetch(url + f"/sessions/{session.id}")
+    assert reply.status == 500
+    assert reply.headers["Content-Security-Policy"].startswith("default-src 'none';")
+    assert reply.headers["Cache-Control"] == "no-store"
+    assert len(error_of(reply.body)) < 700

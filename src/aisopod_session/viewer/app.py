@@ -44,7 +44,18 @@ from aisopod_session.viewer.render import (
 )
 
 TOKEN_COOKIE = "aisopod_viewer_token"
-"""The cookie that carries the token after the first request gave it as `?token=`."""
+"""The cookie that carries the token after the first request gave it as `?token=`
+(named with the port, `aisopod_viewer_token_8765`: a browser sends a host's cookies to
+every port of it, so two viewers on one host would otherwise replace each other's)."""
+ERROR_CHARACTERS = 500
+"""An error page quotes at most this much of the store's error message."""
+
+
+def _cookie(request: Request) -> str:
+    """The token cookie's name for the port the request was addressed to."""
+    port = request.url.port or (443 if request.url.scheme == "https" else 80)
+    return f"{TOKEN_COOKIE}_{port}"
+
 
 FILTER_FIELDS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id", "status")
 TIME_FIELDS = ("updated_after", "updated_before")
@@ -145,7 +156,7 @@ def create_app(
                 "localhost only: serve it with --token to reach it by another name",
             )
         if token is not None:
-            offered = given or request.cookies.get(TOKEN_COOKIE) or _bearer(request)
+            offered = given or request.cookies.get(_cookie(request)) or _bearer(request)
             if offered is None or not secrets.compare_digest(
                 offered.encode("utf-8"), token.encode("utf-8")
             ):
@@ -160,7 +171,7 @@ def create_app(
                 return response
         response = await call_next(request)
         if token is not None and given is not None:
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+            response.set_cookie(_cookie(request), token, httponly=True, samesite="strict")
         return response
 
     @app.exception_handler(ViewerError)
@@ -175,7 +186,19 @@ def create_app(
     @app.exception_handler(SessionStoreError)
     async def failed(request: Request, exc: SessionStoreError) -> Response:
         message = without_passwords(" ".join(str(exc).split()))
+        if len(message) > ERROR_CHARACTERS:  # a driver's message may quote a whole cell
+            message = message[:ERROR_CHARACTERS] + "…"
         return page("error.html", 500, status=500, message=f"the store failed: {message}")
+
+    @app.exception_handler(Exception)
+    async def broken(request: Request, exc: Exception) -> Response:
+        # Anything else (the server logs its traceback): our page, with its headers.
+        return page(
+            "error.html",
+            500,
+            status=500,
+            message=f"the viewer failed on this page ({type(exc).__name__}); see the server's log",
+        )
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc: Exception) -> Response:
