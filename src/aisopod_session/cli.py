@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar, cast
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from aisopod_session.blocks import MEDIA_LABELS, TEXT_BLOCKS, TOOL_RESULT, TOOL_USE, tool_call_list
 from aisopod_session.enums import PeerKind, Role, SessionStatus
 
 if TYPE_CHECKING:
@@ -1453,36 +1454,11 @@ def content_pieces(content: Any) -> list[str]:
     return [indented_json(content)]
 
 
-def tool_call_list(calls: Any) -> list[Any]:
-    """A message's tool calls one by one: the items of a list; one object (or any other
-    value but null) is one call."""
-    if calls is None:
-        return []
-    if isinstance(calls, list):
-        return calls
-    return [calls]
-
-
-# The content block types of the common chat APIs (Anthropic's, OpenAI's Chat Completions
-# and Responses), by what they hold.
-_TEXT_BLOCKS = frozenset({"text", "input_text", "output_text", "summary_text", "reasoning_text"})
+# The transcript labels tool use and tool result blocks too, on one line each.
 _LABELS = {
-    "image": "image",
-    "image_url": "image",
-    "input_image": "image",
-    "file": "file",
-    "input_file": "file",
-    "document": "file",
-    "audio": "audio",
-    "input_audio": "audio",
-    "tool_result": "tool_result",
-    "function_call_output": "tool_result",
-    "tool_use": "tool_use",
-    "function_call": "tool_use",
-    "reasoning": "reasoning",
-    "thinking": "reasoning",
-    "redacted_thinking": "reasoning",
-    "refusal": "refusal",
+    **MEDIA_LABELS,
+    **dict.fromkeys(TOOL_RESULT, "tool_result"),
+    **dict.fromkeys(TOOL_USE, "tool_use"),
 }
 _SHORT = 120
 """The most characters of a labelled block's detail shown."""
@@ -1496,7 +1472,7 @@ def block_text(block: Any) -> str:
         return block
     if isinstance(block, dict):
         kind = block.get("type")
-        if kind in _TEXT_BLOCKS and isinstance(block.get("text"), str):
+        if kind in TEXT_BLOCKS and isinstance(block.get("text"), str):
             return str(block["text"])
         label = _LABELS.get(kind) if isinstance(kind, str) else None
         if label is not None:

@@ -13,6 +13,13 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
+from aisopod_session.blocks import (
+    MEDIA_LABELS,
+    TEXT_BLOCKS,
+    TOOL_RESULT,
+    TOOL_USE,
+    tool_call_list,
+)
 from aisopod_session.enums import Role
 from aisopod_session.models import Message
 from aisopod_session.results import SNIPPET_MARKS
@@ -147,25 +154,6 @@ class ShownMessage:
     usage: dict[str, Any] = field(default_factory=dict)
 
 
-_TEXT_BLOCKS = frozenset({"text", "input_text", "output_text", "summary_text", "reasoning_text"})
-_TOOL_USE = frozenset({"tool_use", "function_call", "server_tool_use"})
-_TOOL_RESULT = frozenset({"tool_result", "function_call_output", "tool_call_output"})
-_LABELS = {
-    "image": "image",
-    "image_url": "image",
-    "input_image": "image",
-    "file": "file",
-    "input_file": "file",
-    "document": "file",
-    "audio": "audio",
-    "input_audio": "audio",
-    "reasoning": "reasoning",
-    "thinking": "reasoning",
-    "redacted_thinking": "reasoning",
-    "refusal": "refusal",
-}
-
-
 def shown_message(message: Message) -> ShownMessage:
     """`message` as the transcript shows it."""
     role = message.role.value if isinstance(message.role, Role) else str(message.role)
@@ -206,11 +194,11 @@ def block_part(block: Any) -> Part:
     if not isinstance(block, dict):
         return Part("json", pretty_json(block))
     kind = block.get("type")
-    if kind in _TEXT_BLOCKS and isinstance(block.get("text"), str):
+    if kind in TEXT_BLOCKS and isinstance(block.get("text"), str):
         return Part("text", capped(block["text"]))
-    if kind in _TOOL_USE:
+    if kind in TOOL_USE:
         return tool_call_part(block)
-    if kind in _TOOL_RESULT:
+    if kind in TOOL_RESULT:
         inner = block.get("content", block.get("output"))
         return Part(
             "tool_result",
@@ -218,18 +206,10 @@ def block_part(block: Any) -> Part:
             call_id=_first_text(block, "tool_use_id", "call_id", "id"),
             error=block.get("is_error") is True,
         )
-    label = _LABELS.get(kind) if isinstance(kind, str) else None
+    label = MEDIA_LABELS.get(kind) if isinstance(kind, str) else None
     if label is not None:
         return Part("block", pretty_json(block), label=label)
     return Part("json", pretty_json(block))
-
-
-def tool_call_list(calls: Any) -> list[Any]:
-    """A message's tool calls one by one: the items of a list; one object (or any other
-    value but null) is one call."""
-    if calls is None:
-        return []
-    return calls if isinstance(calls, list) else [calls]
 
 
 def tool_call_part(call: Any) -> Part:
@@ -261,7 +241,7 @@ def _text_or_json(value: Any) -> str:
             return capped(value)
         return pretty_json(parsed) if isinstance(parsed, dict | list) else value
     if isinstance(value, list) and all(
-        isinstance(item, dict) and item.get("type") in _TEXT_BLOCKS for item in value
+        isinstance(item, dict) and item.get("type") in TEXT_BLOCKS for item in value
     ):
         return capped("\n".join(str(item.get("text", "")) for item in value))
     return pretty_json(value)
