@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -45,6 +45,9 @@ def nested(depth: int) -> Any:
 class Unserialisable:
     pass
 
+
+BEYOND_UTC = datetime(9999, 12, 31, 23, 59, tzinfo=timezone(-timedelta(hours=23, minutes=59)))
+"""A time with no UTC time (it would be in the year 10000 there)."""
 
 BAD_CALLS: dict[str, tuple[str, Call]] = {
     # key parts, given as text keys
@@ -133,6 +136,14 @@ BAD_CALLS: dict[str, tuple[str, Call]] = {
     "filter naive time": (
         "created_after",
         lambda r, k: r.list_sessions({"created_after": datetime(2026, 1, 1)}),
+    ),
+    "filter time with no UTC time": (
+        "updated_after",
+        lambda r, k: r.list_sessions({"updated_after": BEYOND_UTC}),
+    ),
+    "prune time with no UTC time": (
+        "updated_before",
+        lambda r, k: r.prune(updated_before=BEYOND_UTC),
     ),
     "filter bad status": ("status", lambda r, k: r.count_sessions({"status": "gone"})),
     "filter unknown field": ("colour", lambda r, k: r.count_sessions({"colour": "red"})),

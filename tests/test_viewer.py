@@ -637,21 +637,30 @@ def test_rows_with_keys_another_program_wrote_neither_break_nor_mislead(
     repo.append_message(normal.key, "user", "the normal session's message")
     engine = repo.engine
     now = "2026-11-30T10:00:00Z"
-    for agent, peer in (("Bot", "g1"), ("d3", "x" * 3000)):
+    for agent, kind, peer in (
+        ("Bot", "group", "g1"),
+        ("bot", "GROUP", "g1"),  # read back as the kind `group`: only the store can tell
+        ("d3", "group", "x" * 3000),
+    ):
         run_sql(
             engine,
             "INSERT INTO sessions (agent_id, channel, account_id, peer_kind, peer_id,"
-            " created_at, updated_at) VALUES (?, 'telegram', 'b1', 'group', ?, ?, ?)",
-            (agent, peer, now, now),
+            " created_at, updated_at) VALUES (?, 'telegram', 'b1', ?, ?, ?, ?)",
+            (agent, kind, peer, now, now),
         )
     listed = get(url + "/sessions?limit=100")
     assert "d3:telegram:b1:group:" + "x" * 3000 in unescape(listed)
     with engine.connect() as conn:
-        spelled = conn.exec_driver_sql("SELECT id FROM sessions WHERE agent_id = 'Bot'").scalar()
-    refused = fetch(url + f"/sessions/{spelled}")
-    assert refused.status == 409
-    assert "the normal session's message" not in refused.body
-    assert "plain SQL" in error_of(refused.body)
+        spelled = conn.exec_driver_sql(
+            "SELECT id FROM sessions WHERE agent_id = 'Bot' OR peer_kind = 'GROUP'"
+        ).scalars()
+        ids = list(spelled)
+    assert len(ids) == 2
+    for spelled_id in ids:
+        refused = fetch(url + f"/sessions/{spelled_id}")
+        assert refused.status == 409
+        assert "the normal session's message" not in refused.body
+        assert "plain SQL" in error_of(refused.body)
     assert "the normal session&#39;s message" in get(url + f"/sessions/{normal.id}")
 
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar, cast
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationInfo, field_validator
 from sqlalchemy import BigInteger, Column, Dialect, Index, Integer, Text, UniqueConstraint, text
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, Relationship, SQLModel
@@ -21,6 +21,7 @@ from aisopod_session.errors import SessionStoreError
 from aisopod_session.keys import SessionKey, normalize_key_part, parse_enum
 from aisopod_session.validation import (
     JSONValue,
+    check_aware,
     check_content,
     check_int,
     check_message_meta,
@@ -494,6 +495,16 @@ class SessionFilter(BaseModel):
     @classmethod
     def _status(cls, value: Any) -> SessionStatus | None:
         return None if value is None else parse_enum(SessionStatus, value)
+
+    @field_validator("created_after", "created_before", "updated_after", "updated_before")
+    @classmethod
+    def _in_utc(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        if value is None:
+            return None
+        try:
+            return check_aware(info.field_name or "time", value)
+        except ValueError as exc:  # pydantic names the field itself
+            raise ValueError(str(exc).partition(": ")[2]) from None
 
     @field_validator("parent_id", mode="plain")
     @classmethod

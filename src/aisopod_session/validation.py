@@ -346,11 +346,16 @@ def check_idle_for(idle_for: Any) -> timedelta:
 
 
 def check_aware(field: str, value: Any) -> datetime:
-    """A timezone-aware `datetime`, else `ValueError` naming `field`."""
+    """A timezone-aware `datetime` that has a UTC time (the store's form: 9999-12-31
+    23:59 at -23:59 has none), else `ValueError` naming `field`."""
     if not isinstance(value, datetime):
         raise ValueError(f"{field}: must be a datetime, not {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{field}: must be timezone-aware")
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{field}: {value.isoformat()} is out of range in UTC") from None
     return value
 
 
