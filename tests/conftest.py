@@ -89,14 +89,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.processes)
         if item.name.partition("[")[0] in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
-    # The long tests first, so that the workers (pytest-xdist) start them early and share
-    # out the short ones afterwards, instead of one worker finishing a long test alone at
-    # the end of the run. The order within each group is the collection order.
-    items.sort(
-        key=lambda item: (
-            not any(item.iter_markers("slow")) and item.path.stem not in PROCESS_MODULES
-        )
-    )
 
 
 @pytest.fixture(scope="session")
