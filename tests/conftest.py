@@ -72,12 +72,23 @@ SLOW_TESTS = {
 }
 """Tests that take seconds each (hundreds of MiB of text, 10⁴–10⁵ rows, 200 tasks)."""
 
+TIMING_TESTS = {
+    "test_writes_wait_off_the_loop_for_the_lock_then_fail_clearly",
+    "test_200_tasks_append_at_once_without_blocking_the_loop",
+    "test_short_calls_in_a_row_do_not_hold_the_loop",
+}
+"""Tests that hold the event loop's lag to limits: `make test` runs them on their own,
+after the rest, so that the other test workers do not take the cores they measure. They
+live in `TIMING_MODULE`, the one file that second run collects."""
+
+TIMING_MODULE = "test_async"
+
 PG_FIXTURES = {"pg_url", "pg_store", "pgbouncer_url"}
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test `postgres` (it needs the server), `processes` or `slow`."""
+    """Mark every test `postgres` (it needs the server), `processes`, `slow` or `timing`."""
     for item in items:
         module = item.path.stem
         params = getattr(item, "callspec", None)
@@ -89,6 +100,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.processes)
         if item.name.partition("[")[0] in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
+        if item.name.partition("[")[0] in TIMING_TESTS:
+            if module != TIMING_MODULE:
+                raise pytest.UsageError(f"{item.nodeid}: `timing` tests live in {TIMING_MODULE}")
+            item.add_marker(pytest.mark.timing)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +32,7 @@ from aisopod_session import (
     NewMessage,
     Role,
     SchemaVersionError,
+    SessionFilter,
     SessionKey,
     SessionRepository,
     SessionStoreError,
@@ -78,7 +79,10 @@ class LoopMonitor:
         monkeypatch.setattr(asyncio.events.Handle, "_run", timed_run)
 
     async def watch(self, work: Awaitable[T]) -> T:
-        """Run `work` while measuring; its result."""
+        """Run `work` while measuring (from nothing: an earlier watch's figures are
+        dropped); its result."""
+        self.lags = []
+        self.longest_step = 0.0
         stop = asyncio.Event()
 
         async def tick() -> None:
@@ -106,6 +110,33 @@ class LoopMonitor:
             f"p99 {lags[int(len(lags) * 0.99)] * 1e3:.2f} ms, max {lags[-1] * 1e3:.2f} ms "
             f"over {len(lags)} ticks; longest callback {self.longest_step * 1e3:.2f} ms CPU"
         )
+
+
+TRIES = 3
+"""Tries of a loop-lag measurement before its limits count as broken. Store code that
+holds the loop holds it at every try; a moment when the machine's cores (or its host's)
+are taken by others passes."""
+
+
+def within_limits(measure: Callable[[int], tuple[str, list[str]]]) -> None:
+    """Run `measure(try_number)` until a try keeps every limit, at most `TRIES` times.
+
+    `measure` asserts what must hold at every try (nothing lost, every counter exact)
+    itself, and returns its loop report and the limits it broke (none: passed). Fails
+    with every try's report and broken limits."""
+    tries: list[str] = []
+    for attempt in range(1, TRIES + 1):
+        report, broken = measure(attempt)
+        print(report)
+        if not broken:
+            return
+        tries.append(f"try {attempt}: {report}; broke: {', '.join(broken)}")
+    pytest.fail("the loop's limits broke at every try:\n" + "\n".join(tries))
+
+
+def broken_limits(limits: dict[str, bool]) -> list[str]:
+    """The names of the limits that do not hold."""
+    return [name for name, held in limits.items() if not held]
 
 
 # --- open_async_database --------------------------------------------------------------
@@ -174,13 +205,12 @@ def test_writes_wait_off_the_loop_for_the_lock_then_fail_clearly(
     db_path: Path, key: SessionKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A write takes the lock up front (BEGIN IMMEDIATE), waits for it up to the busy
-    timeout on aiosqlite's thread, not on the event loop, and then fails with nothing
+    timeout on a worker thread, not on the event loop, and then fails with nothing
     written; reads meanwhile do not wait at all."""
     open_database(db_path).dispose()
-    blocker = sqlite3.connect(db_path, isolation_level=None)
     monitor = LoopMonitor(monkeypatch)
 
-    async def main() -> None:
+    async def main(blocker: sqlite3.Connection) -> None:
         engine = await open_async_database(db_path, busy_timeout=0.3)
         repo = AsyncSessionRepository(engine)
         await repo.get_or_create(key)
@@ -197,14 +227,18 @@ def test_writes_wait_off_the_loop_for_the_lock_then_fail_clearly(
         assert await repo.get_history(key) == []
         await engine.dispose()
 
-    try:
-        run(main())
-    finally:
-        blocker.close()
-    print(monitor.report("waiting 0.3 s for the lock"))
-    # The loop ticked all along: about 300 ticks in 0.3 s, none of them held up.
-    assert len(monitor.lags) > 100
-    assert max(monitor.lags) < 0.05
+    def measure(attempt: int) -> tuple[str, list[str]]:
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            run(main(blocker))
+        finally:
+            blocker.close()
+        # The loop ticked all along: about 300 ticks in 0.3 s, none of them held up.
+        return monitor.report(f"waiting 0.3 s for the lock (try {attempt})"), broken_limits(
+            {"over 100 ticks": len(monitor.lags) > 100, "max lag < 50 ms": max(monitor.lags) < 0.05}
+        )
+
+    within_limits(measure)
 
 
 def test_memory_database_is_shared_by_concurrent_tasks() -> None:
@@ -399,68 +433,81 @@ def test_200_tasks_append_at_once_without_blocking_the_loop(
 ) -> None:
     """200 tasks on one event loop append to a shared session and their own: no error
     (no "database is locked"), every counter exact, and the loop keeps running."""
-    shared = SessionKey("agent-1", "telegram", "bot", "group", "everyone")
-    own = [SessionKey("agent-1", "telegram", "bot", "dm", f"peer-{n}") for n in range(TASKS)]
     monitor = LoopMonitor(monkeypatch)
     rounds = ROUNDS["postgresql" if "://" in store_url else "sqlite"]
 
-    async def main() -> list[BaseException | None]:
-        engine = await open_async_database(store_url)
-        repo = AsyncSessionRepository(engine)
+    def measure(attempt: int) -> tuple[str, list[str]]:
+        # Each try talks as an agent of its own, in the same store.
+        agent = f"agent-{attempt}"
+        shared = SessionKey(agent, "telegram", "bot", "group", "everyone")
+        own = [SessionKey(agent, "telegram", "bot", "dm", f"peer-{n}") for n in range(TASKS)]
 
-        async def talk(n: int) -> None:
-            await repo.get_or_create(shared)  # 200 tasks race to create it
-            await repo.get_or_create(own[n])
-            for r in range(rounds):
-                await repo.append_message(shared, Role.USER, f"{n}:{r}", tokens=1)
-                await repo.append_messages(
-                    own[n],
-                    [
-                        NewMessage(role=Role.USER, content=f"q{r}"),
-                        {"role": "assistant", "content": f"a{r}"},
-                    ],
-                    tokens=2,
+        async def main() -> list[BaseException | None]:
+            engine = await open_async_database(store_url)
+            repo = AsyncSessionRepository(engine)
+
+            async def talk(n: int) -> None:
+                await repo.get_or_create(shared)  # 200 tasks race to create it
+                await repo.get_or_create(own[n])
+                for r in range(rounds):
+                    await repo.append_message(shared, Role.USER, f"{n}:{r}", tokens=1)
+                    await repo.append_messages(
+                        own[n],
+                        [
+                            NewMessage(role=Role.USER, content=f"q{r}"),
+                            {"role": "assistant", "content": f"a{r}"},
+                        ],
+                        tokens=2,
+                    )
+                    await repo.get_history(own[n], limit=4)
+
+            try:
+                return await monitor.watch(
+                    asyncio.gather(*(talk(n) for n in range(TASKS)), return_exceptions=True)
                 )
-                await repo.get_history(own[n], limit=4)
+            finally:
+                await engine.dispose()
 
+        outcomes = run(main())
+        assert [o for o in outcomes if o is not None] == []
+
+        engine = open_database(store_url)
         try:
-            return await monitor.watch(
-                asyncio.gather(*(talk(n) for n in range(TASKS)), return_exceptions=True)
-            )
+            repo = SessionRepository(engine)
+            everyone = repo.get_or_create(shared)
+            assert everyone.message_count == TASKS * rounds
+            assert everyone.token_usage == TASKS * rounds
+            said: list[str] = []
+            for message in repo.get_history(shared):
+                assert isinstance(message.content, str)
+                said.append(message.content)
+            assert sorted(said) == sorted(f"{n}:{r}" for n in range(TASKS) for r in range(rounds))
+            for n in range(TASKS):
+                # Each task's own appends land in its order.
+                mine_said = [r for r in said if r.startswith(f"{n}:")]
+                assert mine_said == [f"{n}:{r}" for r in range(rounds)]
+                mine = repo.get_or_create(own[n])
+                assert (mine.message_count, mine.token_usage) == (2 * rounds, 2 * rounds)
+            assert repo.count_sessions(SessionFilter(agent_id=agent)) == TASKS + 1
+            assert count_rows(engine, "sessions") == (TASKS + 1) * attempt
+            assert count_rows(engine, "messages") == 3 * TASKS * rounds * attempt
         finally:
-            await engine.dispose()
+            engine.dispose()
+        lags = sorted(monitor.lags)
+        report = monitor.report(f"{TASKS} tasks × {rounds} rounds on {store_url.split(':')[0]}")
+        return f"{report} (try {attempt})", broken_limits(
+            {
+                # The store's code never holds the loop for more than a few ms at a time...
+                "longest callback < 10 ms CPU": monitor.longest_step < 0.01,
+                # ...and a task asking to wake every millisecond is woken in time. (Wall
+                # time also counts other processes on the machine's cores, such as the
+                # PostgreSQL server.)
+                "p99 lag < 20 ms": lags[int(len(lags) * 0.99)] < 0.02,
+                "max lag < 100 ms": lags[-1] < 0.1,
+            }
+        )
 
-    outcomes = run(main())
-    print(monitor.report(f"{TASKS} tasks × {rounds} rounds on {store_url.split(':')[0]}"))
-    assert [o for o in outcomes if o is not None] == []
-
-    engine = open_database(store_url)
-    try:
-        repo = SessionRepository(engine)
-        everyone = repo.get_or_create(shared)
-        assert everyone.message_count == TASKS * rounds
-        assert everyone.token_usage == TASKS * rounds
-        said: list[str] = []
-        for message in repo.get_history(shared):
-            assert isinstance(message.content, str)
-            said.append(message.content)
-        assert sorted(said) == sorted(f"{n}:{r}" for n in range(TASKS) for r in range(rounds))
-        for n in range(TASKS):
-            # Each task's own appends land in its order.
-            assert [r for r in said if r.startswith(f"{n}:")] == [f"{n}:{r}" for r in range(rounds)]
-            mine = repo.get_or_create(own[n])
-            assert (mine.message_count, mine.token_usage) == (2 * rounds, 2 * rounds)
-        assert count_rows(engine, "sessions") == TASKS + 1
-        assert count_rows(engine, "messages") == 3 * TASKS * rounds
-    finally:
-        engine.dispose()
-    # The store's code never holds the loop for more than a few ms at a time...
-    assert monitor.longest_step < 0.01
-    # ...and a task asking to wake every millisecond is woken in time. (Wall time also
-    # counts other processes on the machine's cores, such as the PostgreSQL server.)
-    lags = sorted(monitor.lags)
-    assert lags[int(len(lags) * 0.99)] < 0.02
-    assert lags[-1] < 0.1
+    within_limits(measure)
 
 
 def test_cancelled_calls_leave_no_half_written_batch(store_url: str) -> None:
@@ -566,33 +613,41 @@ def test_short_calls_in_a_row_do_not_hold_the_loop(
     the loop's inline budget its calls go to the worker threads until the loop turns."""
     monitor = LoopMonitor(monkeypatch)
 
-    async def main() -> int:
-        engine = await open_async_database(db_path)
-        repo = AsyncSessionRepository(engine)
-        await repo.get_or_create(key)
+    def measure(attempt: int) -> tuple[str, list[str]]:
+        mine = SessionKey(key.agent_id, key.channel, key.account_id, key.peer_kind, f"p{attempt}")
 
-        async def chatter() -> None:
-            for n in range(300):
-                await repo.append_message(key, Role.USER, f"m{n}")
-                await repo.get_history(key, limit=20)
+        async def main() -> int:
+            engine = await open_async_database(db_path)
+            repo = AsyncSessionRepository(engine)
+            await repo.get_or_create(mine)
 
-        try:
-            await monitor.watch(chatter())
-            session = await repo.get(key)
-            assert session is not None
-            return session.message_count
-        finally:
-            await engine.dispose()
+            async def chatter() -> None:
+                for n in range(300):
+                    await repo.append_message(mine, Role.USER, f"m{n}")
+                    await repo.get_history(mine, limit=20)
 
-    assert run(main()) == 300
-    print(monitor.report("300 appends and reads in a row"))
-    lags = sorted(monitor.lags)
-    assert len(lags) > 10  # the ticking task ran all along
-    assert monitor.longest_step < 0.01
-    # About 100 ticks: their p99 is their maximum, which the OS's scheduling of the other
-    # test workers and the server on two cores decides; the median is the store's.
-    assert lags[len(lags) // 2] < 0.005
-    assert lags[-1] < 0.1
+            try:
+                await monitor.watch(chatter())
+                session = await repo.get(mine)
+                assert session is not None
+                return session.message_count
+            finally:
+                await engine.dispose()
+
+        assert run(main()) == 300
+        lags = sorted(monitor.lags)
+        assert len(lags) > 10  # the ticking task ran all along
+        return monitor.report(f"300 appends and reads in a row (try {attempt})"), broken_limits(
+            {
+                "longest callback < 10 ms CPU": monitor.longest_step < 0.01,
+                # About 100 ticks: their p99 is their maximum, which the OS's scheduling
+                # of the other processes on two cores decides; the median is the store's.
+                "median lag < 5 ms": lags[len(lags) // 2] < 0.005,
+                "max lag < 100 ms": lags[-1] < 0.1,
+            }
+        )
+
+    within_limits(measure)
 
 
 def test_inline_writes_leave_the_checkpoints_to_a_worker_and_the_wal_stays_small(
