@@ -5,6 +5,7 @@ from rows that behave exactly like ORM-loaded ones."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import pickle
 import sqlite3
@@ -238,3 +239,43 @@ def test_an_in_memory_engine_of_ones_own_keeps_its_one_connection(key: SessionKe
     assert [m.content for m in repo.get_history(key)] == ["kept"]
     assert current_version(engine) == SCHEMA_VERSION  # the pool's connection is the same db
     engine.dispose()
+
+
+JSON_CELLS = [
+    '"plain text"',
+    '{"source":"openai-agents","item":{"role":"user","n":[1,2.5,-3e-7,true,null]}}',
+    "{}",
+    "[]",
+    "null",
+    "0",
+    '"\\u00e9\\ud83d\\ude00 é😀"',
+    ' {"a": 1}',
+    '{"a": 1}\n',
+    "\t[1, 2]  ",
+    '{"a": {"b": {"c": {}}}}',
+]
+BAD_JSON_CELLS = ["", " ", "1 2", '"a"x', "[1,", '{"a"}', "NaN", "1e999", "{} {}", "nul"]
+
+
+def test_json_cells_are_read_exactly_as_json_loads_reads_them() -> None:
+    """Guards the json internal the row readers use (loading.py's docstring): the
+    decoder's `scan_once` reads a value at an index and says where it ended, and the
+    fast reader built on it reads what `json.loads` reads and refuses what it refuses,
+    with the same error."""
+    from aisopod_session.models import _strict_json
+
+    scan_once = vars(json.JSONDecoder())["scan_once"]
+    assert scan_once('[1, "x"] ', 0) == ([1, "x"], 8)
+    with pytest.raises(StopIteration):
+        scan_once(" 1", 0)
+    for cell in JSON_CELLS:
+        assert _strict_json(cell) == json.loads(cell), cell
+    for cell in BAD_JSON_CELLS:
+        with pytest.raises(ValueError, match=r"Expecting|Extra data|is not|too large") as refused:
+            _strict_json(cell)
+        if cell not in ("NaN", "1e999"):  # ours refuses these, json.loads does not
+            with pytest.raises(json.JSONDecodeError) as theirs:
+                json.loads(cell)
+            assert str(refused.value) == str(theirs.value), cell
+    with pytest.raises(TypeError):
+        _strict_json(b"{}")  # type: ignore[arg-type]

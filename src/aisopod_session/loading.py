@@ -14,7 +14,11 @@ these internals, each guarded by a test:
   accepts an `sqlalchemy.orm.state.InstanceState(obj, mapper.class_manager)` whose `key`
   is the identity key (tests/test_connections.py:
   `test_built_objects_get_their_orm_state_when_first_asked`,
-  which inspects, copies and `merge`s a built object into an ORM session).
+  which inspects, copies and `merge`s a built object into an ORM session);
+- the standard library's `json.JSONDecoder.scan_once` (models.py, `_strict_json`, the
+  reader of every JSON cell) returns a value read at an index with the index it ended
+  at, and raises `StopIteration` where no value starts (tests/test_connections.py:
+  `test_json_cells_are_read_exactly_as_json_loads_reads_them`).
 """
 
 from __future__ import annotations
