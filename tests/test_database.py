@@ -164,6 +164,26 @@ def test_write_transactions_take_the_lock_up_front(engine: Engine, db_path: Path
     other.close()
 
 
+def test_a_read_transaction_sees_one_snapshot_on_either_backend(
+    store: Engine, key: SessionKey
+) -> None:
+    """What another connection commits while a read transaction is open stays out of
+    all of its statements (on PostgreSQL too, whose default READ COMMITTED would show it
+    to the next statement), and the next read transaction sees it."""
+    repo = SessionRepository(store)
+    repo.get_or_create(key)
+    repo.append_message(key, Role.USER, "before", tokens=1)
+    counts = "SELECT (SELECT count(*) FROM messages), (SELECT sum(token_usage) FROM sessions)"
+    with read_transaction(store) as conn:
+        assert tuple(conn.execute(text(counts)).one()) == (1, 1)
+        # Another connection of the same engine (the repository's own) commits meanwhile.
+        repo.append_message(key, Role.USER, "during", tokens=2)
+        assert conn.execute(text("SELECT count(*) FROM messages")).scalar_one() == 1
+        assert conn.execute(text("SELECT sum(token_usage) FROM sessions")).scalar_one() == 1
+    with read_transaction(store) as conn:
+        assert tuple(conn.execute(text(counts)).one()) == (2, 3)
+
+
 def test_a_failed_write_transaction_rolls_back_everything(engine: Engine, db_path: Path) -> None:
     before = snapshot(db_path)
 

@@ -131,8 +131,10 @@ def write_transaction(engine: Engine, *, bounded: bool = True) -> Iterator[Conne
 
 @contextmanager
 def read_transaction(engine: Engine) -> Iterator[Connection]:
-    """A read-only transaction: one consistent snapshot, no write lock, never blocked by a
-    writer in WAL mode."""
+    """A read transaction seeing one consistent snapshot of the whole store across its
+    statements: SQLite's deferred transaction (no write lock, never blocked by a writer
+    in WAL mode); on PostgreSQL, REPEATABLE READ (READ COMMITTED, the server's default,
+    would give each statement its own snapshot)."""
     with _transaction(engine, "DEFERRED") as conn:
         yield conn
 
@@ -141,5 +143,8 @@ def read_transaction(engine: Engine) -> Iterator[Connection]:
 def _transaction(engine: Engine, mode: BeginMode) -> Iterator[Connection]:
     with engine.connect() as conn:
         conn.execution_options(**{BEGIN_MODE_OPTION: mode})
+        if mode == "DEFERRED" and conn.dialect.name == "postgresql":
+            # Set on the connection for this check-out only: the pool resets it on return.
+            conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
             yield conn
