@@ -242,6 +242,20 @@ def test_a_query_of_every_unicode_category_finds_the_message_holding_it(
     assert ids(repo.search_messages(f"{EVERY_CATEGORY} end")) == [message.id]
 
 
+@pytest.mark.parametrize("term", ["..", "../x", "a..b", ".5", "-x", "x."])
+def test_a_term_is_read_as_the_same_words_in_a_query_as_in_a_message(
+    repo: SessionRepository, term: str
+) -> None:
+    """PostgreSQL's parser reads `..` alone as a file name but between spaces as nothing,
+    and `../x` as one name alone but as `/x` after a space: a query's term is read as
+    the words of a message are (hypothesis found `zq ..` not finding `zq .. qz`)."""
+    repo.get_or_create(ALICE)
+    message = repo.append_message(ALICE, Role.USER, f"zq {term} qz")
+    repo.append_message(ALICE, Role.USER, "zq alone")
+    assert message.id in ids(repo.search_messages(f"zq {term}"))
+    assert message.id in ids(repo.search_messages(f'"zq {term} qz"'))
+
+
 @given(query=st.text(st.characters(exclude_categories=["Cs"]), max_size=60))
 @examples(40)
 def test_any_query_text_runs_and_a_message_holding_it_is_found(

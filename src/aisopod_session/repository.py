@@ -895,7 +895,10 @@ class SessionRepository:
             **params,
             "limit": limit,
             "query": fts_query(terms),
-            "terms": terms,
+            # PostgreSQL's parser reads a token by what surrounds it: `..` alone is a file
+            # name, between spaces (as in a message) nothing. Each term is read between
+            # spaces, as the words of a message are.
+            "terms": [f" {term} " for term in terms],
         }
         for index, role in enumerate(wanted):
             values[f"role_{index}"] = role.value
