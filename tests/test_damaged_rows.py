@@ -4,16 +4,20 @@ the table, the row's id and the column (`DamagedRowError`, a `SessionStoreError`
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 
 from aisopod_session import (
+    AsyncSessionRepository,
     DamagedRowError,
     Role,
     SessionKey,
@@ -21,8 +25,10 @@ from aisopod_session import (
     SessionStoreError,
     export_jsonl,
     import_jsonl,
+    open_async_database,
     open_database,
 )
+from aisopod_session.connections import lease
 from tests.dbtools import run_sql, snapshot
 
 GOOD = SessionKey("agent-1", "telegram", "bot", "dm", "good")
@@ -230,3 +236,87 @@ def test_metadata_that_is_no_json_object_is_read_leniently_or_refused(
             repo.get(BAD)
     if stored in ("null", "[1, 2]"):
         assert repo.update_metadata(BAD, {"lang": "pt"}).meta == {"lang": "pt"}
+
+
+def raw_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the store's tables, text as the bytes stored."""
+    conn = sqlite3.connect(path)
+    conn.text_factory = bytes
+    try:
+        return {
+            table: conn.execute(f'SELECT * FROM "{table}" ORDER BY 1').fetchall()
+            for table in ("sessions", "messages", "schema_version")
+        }
+    finally:
+        conn.close()
+
+
+def test_text_that_is_not_utf8_is_read_with_replacement_characters(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bytes that are not UTF-8, stored as text by another program (SQLite refuses the
+    whole result naming only the column), are read with U+FFFD in their place by every
+    read-only call, sync and async, logged; the export counts them; nothing changes in
+    the file, and the calls that write go on refusing."""
+    engine = open_database(db_path)
+    repo = SessionRepository(engine)
+    for key in (GOOD, BAD):
+        repo.get_or_create(key)
+        repo.append_message(key, Role.USER, f"hello from {key.peer_id}")
+    bad = repo.get(BAD)
+    assert bad is not None
+    assert bad.id is not None
+    run_sql(
+        db_path,
+        "UPDATE messages SET content = CAST(x'2268c3a96cff6c6f22' AS TEXT) WHERE session_id = ?",
+        (bad.id,),
+    )
+    run_sql(
+        db_path,
+        "UPDATE sessions SET last_compaction_summary = CAST(x'6f6bfe' AS TEXT) WHERE id = ?",
+        (bad.id,),
+    )
+    before = raw_rows(db_path)
+
+    with caplog.at_level(logging.WARNING, logger="aisopod_session"):
+        [message] = repo.get_history(BAD)
+    assert message.content == "hél\ufffdlo"
+    assert "not UTF-8" in caplog.text
+    assert "get_history" in caplog.text
+    found = repo.get(BAD)
+    assert found is not None
+    assert found.last_compaction_summary == "ok\ufffd"
+    assert {s.key for s in repo.list_sessions()} == {GOOD, BAD}
+    assert {s.key for s in repo.page_sessions().sessions} == {GOOD, BAD}
+    [good_message] = repo.get_history(GOOD)
+    assert [hit.message.id for hit in repo.search_messages("hello")] == [good_message.id]
+    assert repo.summary().total.sessions == 2
+
+    bad_id = bad.id
+
+    async def read_async() -> tuple[Any, Any]:
+        async_engine = await open_async_database(db_path)
+        try:
+            async_repo = AsyncSessionRepository(async_engine)
+            history = await async_repo.get_history(BAD)
+            return [m.content for m in history], await async_repo.get_by_id(bad_id)
+        finally:
+            await async_engine.dispose()
+
+    contents, by_id = asyncio.run(read_async())
+    assert contents == ["hél\ufffdlo"]
+    assert by_id.last_compaction_summary == "ok\ufffd"
+
+    out = io.StringIO()
+    result = export_jsonl(engine, out)
+    assert (result.sessions, result.messages, result.replaced_text) == (2, 2, 2)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert "hél\ufffdlo" in [line.get("content") for line in lines]
+
+    # A write would store the replaced text back: it is refused, nothing written.
+    with pytest.raises(SessionStoreError, match="UTF-8"):
+        repo.update_metadata(BAD, {"seen": True})
+    # The connection the lenient reads ran on reads text strictly again after them.
+    assert lease(engine).text_factory is str
+    engine.dispose()
+    assert raw_rows(db_path) == before

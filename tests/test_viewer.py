@@ -676,19 +676,39 @@ def test_a_time_out_of_range_is_a_bad_request_and_no_path_is_redirected(
 def test_a_page_that_fails_unexpectedly_is_our_error_page_with_its_headers(
     hostile: tuple[SessionRepository, str],
 ) -> None:
-    """A row the reading code cannot handle (invalid UTF-8 written by another program)
-    fails its page, not the viewer: our 500 page, with the policy headers, the store's
-    message cut short."""
+    """A row the reading code cannot read (a creation time plain SQL wrote) fails its
+    page, not the viewer: our 500 page, with the policy headers, naming the row."""
     repo, url = hostile
-    session = repo.get_or_create("a:web:x:dm:utf8")
+    session = repo.get_or_create("a:web:x:dm:damaged")
     run_sql(
         repo.engine,
-        "INSERT INTO messages (session_id, role, content, created_at)"
-        " VALUES (?, 'user', CAST(? AS TEXT), '2026-11-30T10:00:00Z')",
-        (session.id, b'"' + b"\xff" * 5000 + b'"'),
+        "UPDATE sessions SET created_at = ? WHERE id = ?",
+        ("yesterday" * 1000, session.id),
     )
     reply = fetch(url + f"/sessions/{session.id}")
     assert reply.status == 500
     assert reply.headers["Content-Security-Policy"].startswith("default-src 'none';")
     assert reply.headers["Cache-Control"] == "no-store"
-    assert len(error_of(reply.body)) < 700
+    error = error_of(reply.body)
+    assert f"sessions row {session.id}, column created_at" in error
+    assert len(error) < 700
+
+
+def test_text_that_is_not_utf8_is_shown_with_replacement_characters(
+    hostile: tuple[SessionRepository, str],
+) -> None:
+    """Bytes that are not UTF-8, stored as text by another program, are shown with
+    U+FFFD in their place; the rest of the transcript as ever."""
+    repo, url = hostile
+    session = repo.get_or_create("a:web:x:dm:utf8")
+    repo.append_message(session.key, "user", "before it")
+    run_sql(
+        repo.engine,
+        "INSERT INTO messages (session_id, role, content, created_at)"
+        " VALUES (?, 'user', CAST(? AS TEXT), '2026-11-30T10:00:00Z')",
+        (session.id, b'"caf\xc3\xa9 \xff\xfe"'),
+    )
+    reply = fetch(url + f"/sessions/{session.id}")
+    assert reply.status == 200
+    assert "before it" in reply.body
+    assert "café \ufffd\ufffd" in reply.body

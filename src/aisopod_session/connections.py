@@ -21,6 +21,12 @@ from the engine's dialect and pool class:
 - **asyncio**: the calls run on worker threads, like any thread's (`asyncbridge.py`);
   a cancelled one rolls back instead of committing (`run_cancellable`).
 
+**Text that is not UTF-8.** sqlite3 refuses a whole result when one text cell of it is
+not UTF-8 (another program wrote bytes, plain SQL a `CAST(x'..' AS TEXT)`), naming only
+the column. The repository's read-only calls (`lenient_text_retry`) then run once more
+with such text read with U+FFFD in place of each bad sequence, logged; reading every
+call that way would cost a Python call per text cell.
+
 **Dispose.** `engine.dispose()` closes the leases that are not in a call; a lease in a
 call is closed by its thread when the call ends (closing a sqlite3 connection another
 thread is using crashes the process). An engine that is garbage-collected closes its
@@ -44,6 +50,7 @@ unsafely.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sqlite3
@@ -51,12 +58,13 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.pool import PoolProxiedConnection, QueuePool, SingletonThreadPool, StaticPool
 
 from aisopod_session.errors import SessionStoreError, driver_errors, translate
@@ -574,6 +582,80 @@ def run_cancellable(cancel: Cancel, call: Callable[[], _T]) -> _T:
         _CANCEL.reset(token)
 
 
+_LENIENT_TEXT: ContextVar[bool] = ContextVar("aisopod_lenient_text", default=False)
+_P = ParamSpec("_P")
+
+
+def _lenient_str(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+class LenientText:
+    """A sqlite3 `text_factory` reading text that is not UTF-8 with U+FFFD in place of
+    each bad byte sequence; `replaced` counts such cells."""
+
+    __slots__ = ("replaced",)
+
+    def __init__(self) -> None:
+        self.replaced = 0
+
+    def __call__(self, raw: bytes) -> str:
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            self.replaced += 1
+            return raw.decode("utf-8", "replace")
+
+
+@contextmanager
+def text_read_leniently(conn: Connection) -> Iterator[LenientText]:
+    """While the block runs, `conn` (if SQLite's) reads text that is not UTF-8 leniently
+    (`LenientText`, yielded); for a long read that cannot start again, such as an
+    export's, where a Python call per text cell costs little beside the rest."""
+    text = LenientText()
+    driver = conn.connection.dbapi_connection if conn.dialect.name == "sqlite" else None
+    if not isinstance(driver, sqlite3.Connection):
+        yield text
+        return
+    driver.text_factory = text
+    try:
+        yield text
+    finally:
+        driver.text_factory = str
+
+
+def _undecodable_text(error: BaseException) -> bool:
+    """Whether `error` is, or was translated from, sqlite3's refusal of a text cell that
+    is not UTF-8."""
+    cause = error.__cause__ if isinstance(error, SessionStoreError) else error
+    return isinstance(cause, sqlite3.OperationalError) and str(cause).startswith(
+        "Could not decode to UTF-8"
+    )
+
+
+def lenient_text_retry(method: Callable[_P, _T]) -> Callable[_P, _T]:
+    """A read-only repository call that, if SQLite refuses a text cell that is not UTF-8,
+    runs once more reading such text with U+FFFD in place of each bad byte sequence
+    (logged as a warning naming the call and the column). Only for calls that write
+    nothing: a write would store the replaced text back."""
+
+    @functools.wraps(method)
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return method(*args, **kwargs)
+        except SessionStoreError as exc:
+            if _LENIENT_TEXT.get() or not _undecodable_text(exc):
+                raise
+            logger.warning("read text that is not UTF-8 with U+FFFD in its place: %s", exc)
+        token = _LENIENT_TEXT.set(True)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            _LENIENT_TEXT.reset(token)
+
+    return call
+
+
 _BEGIN: dict[Mode, str] = {"IMMEDIATE": "BEGIN IMMEDIATE", "DEFERRED": "BEGIN"}
 _SERVER_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 _PG_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE
@@ -683,6 +765,8 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
                 "AsyncSessionRepository, not SessionRepository, with it"
             )
         self._conn = conn
+        if _LENIENT_TEXT.get():
+            conn.text_factory = _lenient_str  # for this call only: see `_end`
         if mode is not None:
             conn.execute(_BEGIN[mode])
         return conn
@@ -725,6 +809,8 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
                         # connection that cannot roll back has lost its server.
                         broken = True
         finally:
+            if conn is not None and self._path.kind != _SERVER and _LENIENT_TEXT.get():
+                conn.text_factory = str
             self._release(broken=broken)
         return error
 

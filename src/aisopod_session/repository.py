@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 
 from aisopod_session.clock import StoreClock
-from aisopod_session.connections import DriverPath
+from aisopod_session.connections import DriverPath, lenient_text_retry
 from aisopod_session.cursors import decode_cursor, encode_cursor, fingerprint
 from aisopod_session.enums import Role, SessionStatus
 from aisopod_session.errors import (
@@ -287,6 +287,7 @@ class SessionRepository:
                 row = conn.execute(self._text(UPDATE_META), (now, stored, *parts)).fetchone()
         return SESSION.read(row)
 
+    @lenient_text_retry
     def get(self, key: SessionKey | str) -> Session | None:
         """The session for `key`, or None. Read-only, one statement."""
         parts = self._key(key).parts()
@@ -294,6 +295,7 @@ class SessionRepository:
             row = conn.execute(self._text(SELECT_SESSION), parts).fetchone()
         return None if row is None else SESSION.read(row)
 
+    @lenient_text_retry
     def get_many(self, keys: Sequence[SessionKey | str]) -> list[Session | None]:
         """The sessions for `keys`, in their order, None where there is none. Read-only,
         one statement, so one snapshot of them all. At most 100 keys (`ValueError`
@@ -314,6 +316,7 @@ class SessionRepository:
         }
         return [found.get(key.parts()) for key in wanted]
 
+    @lenient_text_retry
     def get_by_id(self, id: int) -> Session | None:
         """The session with this id, or None (also when it belongs to an agent this
         repository is not confined to). Read-only, one statement."""
@@ -325,6 +328,7 @@ class SessionRepository:
         session = SESSION.read(row)
         return None if self._agent not in (None, session.agent_id) else session
 
+    @lenient_text_retry
     def list_sessions(
         self,
         filter: SessionFilter | Mapping[str, Any] | None = None,
@@ -367,6 +371,7 @@ class SessionRepository:
             (count,) = conn.execute(sql.text, sql.bind(params)).fetchone()
         return int(count)
 
+    @lenient_text_retry
     def page_sessions(
         self,
         filter: SessionFilter | Mapping[str, Any] | None = None,
@@ -499,6 +504,7 @@ class SessionRepository:
             row = conn.execute(self._text(SET_MESSAGE_COUNT), (copied, new_id)).fetchone()
         return SESSION.read(row)
 
+    @lenient_text_retry
     def summary(self) -> StoreSummary:
         """How many sessions there are (of this repository's agent, if confined), per
         status and per agent, with the sums of their `message_count`, `token_usage`,
@@ -806,6 +812,7 @@ class SessionRepository:
             conn.execute(self._text(RECORD_POP), (now, session_id))
         return message
 
+    @lenient_text_retry
     def get_history(
         self,
         key: SessionKey | str,
@@ -863,6 +870,7 @@ class SessionRepository:
             messages.reverse()
         return messages
 
+    @lenient_text_retry
     def search_messages(
         self,
         query: str,

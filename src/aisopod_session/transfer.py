@@ -43,6 +43,7 @@ from pydantic import (
 from sqlalchemy import Connection, Engine, func, insert, select
 from sqlmodel import SQLModel
 
+from aisopod_session.connections import text_read_leniently
 from aisopod_session.copying import high_water, set_high_water
 from aisopod_session.enums import PeerKind, Role, SessionStatus
 from aisopod_session.errors import DamagedRowError, translated_errors
@@ -92,12 +93,15 @@ logger = logging.getLogger("aisopod_session")
 class ExportResult:
     """How many sessions and messages `export_jsonl` wrote, and the stored rows it could
     not read and left out (`damaged`, each naming table, row id and column; the messages
-    of a session left out are left out with it and counted in `skipped_messages`)."""
+    of a session left out are left out with it and counted in `skipped_messages`).
+    `replaced_text`: how many text cells were not UTF-8 (written by another program) and
+    were exported with U+FFFD in place of each bad byte sequence (SQLite)."""
 
     sessions: int
     messages: int
     damaged: list[DamagedRowError] = field(default_factory=list)
     skipped_messages: int = 0
+    replaced_text: int = 0
 
 
 def count_export(
@@ -150,7 +154,11 @@ def export_jsonl(
         )
         + "\n"
     )
-    with translated_errors("export"), engine.connect() as conn:
+    with (
+        translated_errors("export"),
+        engine.connect() as conn,
+        text_read_leniently(conn) as text,
+    ):
         # A read snapshot: SQLite's deferred BEGIN takes no write lock (writers go on),
         # PostgreSQL's repeatable read keeps the sessions and messages read consistent.
         conn = conn.execution_options(**{BEGIN_MODE_OPTION: "DEFERRED"})
@@ -190,8 +198,17 @@ def export_jsonl(
                     progress(sessions + messages)
     if progress is not None:
         progress(sessions + messages)
+    if text.replaced:
+        logger.warning(
+            "export read %d text cells that are not UTF-8 with U+FFFD in their place",
+            text.replaced,
+        )
     return ExportResult(
-        sessions=sessions, messages=messages, damaged=damaged, skipped_messages=skipped
+        sessions=sessions,
+        messages=messages,
+        damaged=damaged,
+        skipped_messages=skipped,
+        replaced_text=text.replaced,
     )
 
 
