@@ -320,3 +320,55 @@ def test_text_that_is_not_utf8_is_read_with_replacement_characters(
     assert lease(engine).text_factory is str
     engine.dispose()
     assert raw_rows(db_path) == before
+
+
+def test_a_call_failing_inside_a_check_leaves_the_call_atomic(db_path: Path) -> None:
+    """A `check` callback's own calls on the same thread (a read of text that is not
+    UTF-8, read again leniently; a write, refused inside the write in progress) do not
+    end the transaction they run inside: the call's writes are committed together, or
+    rolled back together when the check refuses."""
+    engine = open_database(db_path)
+    repo = SessionRepository(engine)
+    for key in (GOOD, BAD):
+        repo.get_or_create(key)
+    repo.append_message(GOOD, Role.USER, "hello")
+    run_sql(
+        db_path,
+        "UPDATE sessions SET last_compaction_summary = CAST(x'6f6bfe' AS TEXT) "
+        "WHERE peer_id = 'bad'",
+    )
+    seen: list[object] = []
+
+    def check(meta: object) -> None:
+        found = repo.get(BAD)
+        assert found is not None
+        seen.append(found.last_compaction_summary)
+        try:
+            repo.update_metadata(BAD, {"nested": True})
+        except SessionStoreError as exc:
+            seen.append(type(exc))
+
+    repo.apply_changes(
+        GOOD, meta={"v": 2}, messages=[{"role": "user", "content": "a"}], check=check
+    )
+    assert seen == ["ok\ufffd", SessionStoreError]
+    good = repo.get(GOOD)
+    assert good is not None
+    assert (good.meta, good.message_count) == ({"v": 2}, 2)
+
+    def refuse(meta: object) -> None:
+        check(meta)
+        raise ValueError("no")
+
+    with pytest.raises(ValueError, match="no"):
+        repo.apply_changes(
+            GOOD, meta={"v": 3}, messages=[{"role": "user", "content": "b"}], check=refuse
+        )
+    good = repo.get(GOOD)
+    assert good is not None
+    assert (good.meta, good.message_count) == ({"v": 2}, 2)
+    assert [m.content for m in repo.get_history(GOOD)] == ["hello", "a"]
+    bad = repo.get(BAD)
+    assert bad is not None
+    assert bad.meta == {}
+    engine.dispose()

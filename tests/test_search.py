@@ -242,18 +242,21 @@ def test_a_query_of_every_unicode_category_finds_the_message_holding_it(
     assert ids(repo.search_messages(f"{EVERY_CATEGORY} end")) == [message.id]
 
 
-@pytest.mark.parametrize("term", ["..", "../x", "a..b", ".5", "-x", "x."])
-def test_a_term_is_read_as_the_same_words_in_a_query_as_in_a_message(
-    repo: SessionRepository, term: str
-) -> None:
-    """PostgreSQL's parser reads `..` alone as a file name but between spaces as nothing,
-    and `../x` as one name alone but as `/x` after a space: a query's term is read as
-    the words of a message are (hypothesis found `zq ..` not finding `zq .. qz`)."""
+@pytest.mark.parametrize("term", ["..", "../x", "./run.sh", "~/projects", "~1", "a..b", ".5", "x."])
+def test_a_term_finds_its_message_wherever_it_stands(repo: SessionRepository, term: str) -> None:
+    """PostgreSQL's parser reads a token by what surrounds it (`..` alone is a file name,
+    after a space nothing; `../x` alone one name, after a space `/x`): a query's term
+    finds a message holding it first, in the middle and last (Hypothesis found `zq ..`
+    not finding `zq .. qz`)."""
     repo.get_or_create(ALICE)
-    message = repo.append_message(ALICE, Role.USER, f"zq {term} qz")
+    first = repo.append_message(ALICE, Role.USER, f"{term} zq qz")
+    middle = repo.append_message(ALICE, Role.USER, f"zq {term} qz")
+    last = repo.append_message(ALICE, Role.USER, f"zq qz {term}")
     repo.append_message(ALICE, Role.USER, "zq alone")
-    assert message.id in ids(repo.search_messages(f"zq {term}"))
-    assert message.id in ids(repo.search_messages(f'"zq {term} qz"'))
+    assert {first.id, middle.id} <= set(ids(repo.search_messages(f"{term} zq")))
+    assert {middle.id, last.id} <= set(ids(repo.search_messages(f"zq {term}")))
+    assert middle.id in ids(repo.search_messages(f'"zq {term} qz"'))
+    assert first.id in ids(repo.search_messages(f'"{term} zq"'))
 
 
 @given(query=st.text(st.characters(exclude_categories=["Cs"]), max_size=60))

@@ -23,9 +23,11 @@ from the engine's dialect and pool class:
 
 **Text that is not UTF-8.** sqlite3 refuses a whole result when one text cell of it is
 not UTF-8 (another program wrote bytes, plain SQL a `CAST(x'..' AS TEXT)`), naming only
-the column. The repository's read-only calls (`lenient_text_retry`) then run once more
-with such text read with U+FFFD in place of each bad sequence, logged; reading every
-call that way would cost a Python call per text cell.
+the column. The repository's calls that store nothing they read (`lenient_text_retry`)
+then run once more with such text read with U+FFFD in place of each bad sequence,
+logged; reading every call that way would cost a Python call per text cell. A call made
+inside another's transaction on the same thread (a `check` callback's) never rolls that
+transaction back.
 
 **Dispose.** `engine.dispose()` closes the leases that are not in a call; a lease in a
 call is closed by its thread when the call ends (closing a sqlite3 connection another
@@ -53,6 +55,7 @@ import asyncio
 import functools
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -617,36 +620,47 @@ def text_read_leniently(conn: Connection) -> Iterator[LenientText]:
     if not isinstance(driver, sqlite3.Connection):
         yield text
         return
+    before = driver.text_factory
     driver.text_factory = text
     try:
         yield text
     finally:
-        driver.text_factory = str
+        driver.text_factory = before
 
 
-def _undecodable_text(error: BaseException) -> bool:
-    """Whether `error` is, or was translated from, sqlite3's refusal of a text cell that
-    is not UTF-8."""
+_UNDECODABLE = re.compile(r"Could not decode to UTF-8 column '([^']*)'")
+
+
+def _undecodable_column(error: BaseException) -> str | None:
+    """The column named by sqlite3's refusal of a text cell that is not UTF-8, if
+    `error` is (or was translated from) one."""
     cause = error.__cause__ if isinstance(error, SessionStoreError) else error
-    return isinstance(cause, sqlite3.OperationalError) and str(cause).startswith(
-        "Could not decode to UTF-8"
-    )
+    if not isinstance(cause, sqlite3.OperationalError):
+        return None
+    found = _UNDECODABLE.match(str(cause))
+    return None if found is None else found[1]
 
 
 def lenient_text_retry(method: Callable[_P, _T]) -> Callable[_P, _T]:
-    """A read-only repository call that, if SQLite refuses a text cell that is not UTF-8,
-    runs once more reading such text with U+FFFD in place of each bad byte sequence
-    (logged as a warning naming the call and the column). Only for calls that write
-    nothing: a write would store the replaced text back."""
+    """A repository call that, if SQLite refuses a text cell that is not UTF-8, runs
+    once more reading such text with U+FFFD in place of each bad byte sequence (logged
+    as a warning naming the call and the column, not the text). Only for calls that
+    store nothing they read: one that did would store the replaced text back. (The
+    first run, refused, wrote nothing: every call is one transaction.)"""
 
     @functools.wraps(method)
     def call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             return method(*args, **kwargs)
         except SessionStoreError as exc:
-            if _LENIENT_TEXT.get() or not _undecodable_text(exc):
+            column = None if _LENIENT_TEXT.get() else _undecodable_column(exc)
+            if column is None:
                 raise
-            logger.warning("read text that is not UTF-8 with U+FFFD in its place: %s", exc)
+            logger.warning(
+                "%s read text that is not UTF-8 (column %s) with U+FFFD in its place",
+                method.__name__,
+                column,
+            )
         token = _LENIENT_TEXT.set(True)
         try:
             return method(*args, **kwargs)
@@ -708,14 +722,17 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
     a `lock_timeout` of `busy_timeout`), `"DEFERRED"` (a read snapshot over several
     statements) or None (a single statement, which runs as its own transaction). The
     block's driver and SQL errors become `SessionStoreError`s naming `action`; any
-    exception rolls everything back.
+    exception rolls everything back (but a call made inside another's transaction on
+    this thread's SQLite connection leaves that transaction to its owner).
     """
 
     __slots__ = (
         "_action",
         "_conn",
+        "_factory",
         "_lease",
         "_mode",
+        "_outer",
         "_path",
         "_pool",
         "_shared",
@@ -729,6 +746,11 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
         self._lease: _Lease | None = None
         self._pool: Any = None
         self._conn: Any = None  # the driver's connection: sqlite3's or psycopg's
+        # Whether this thread's SQLite connection was in a transaction already: a call
+        # made inside another's (a `check` callback's read), whose transaction is not
+        # this call's to roll back.
+        self._outer = False
+        self._factory: Any = None  # the text_factory a lenient call replaced, to restore
 
     def __enter__(self) -> Any:
         try:
@@ -765,7 +787,9 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
                 "AsyncSessionRepository, not SessionRepository, with it"
             )
         self._conn = conn
+        self._outer = conn.in_transaction
         if _LENIENT_TEXT.get():
+            self._factory = conn.text_factory
             conn.text_factory = _lenient_str  # for this call only: see `_end`
         if mode is not None:
             conn.execute(_BEGIN[mode])
@@ -800,7 +824,11 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
                         conn.execute("COMMIT")
                     except driver_errors() as exc:
                         error = exc
-                if error is not None and _in_transaction(conn, self._path.kind == _SERVER):
+                if (
+                    error is not None
+                    and not self._outer
+                    and _in_transaction(conn, self._path.kind == _SERVER)
+                ):
                     try:
                         conn.execute("ROLLBACK")
                     except driver_errors():
@@ -809,8 +837,9 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
                         # connection that cannot roll back has lost its server.
                         broken = True
         finally:
-            if conn is not None and self._path.kind != _SERVER and _LENIENT_TEXT.get():
-                conn.text_factory = str
+            factory, self._factory = self._factory, None
+            if factory is not None:
+                conn.text_factory = factory
             self._release(broken=broken)
         return error
 

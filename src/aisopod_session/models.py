@@ -212,8 +212,8 @@ _scan: Callable[[str, int], tuple[Any, int]] = vars(_DECODER)["scan_once"]
 
 
 def _strict_json(text: str) -> Any:
-    """The JSON value of `text`, exactly as `json.loads` with our options reads it
-    (whitespace around it allowed; anything after it refused)."""
+    """The JSON value of `text`, exactly as `_DECODER.decode` reads it (whitespace
+    around it allowed; anything after it refused; the same errors)."""
     try:
         value, end = _scan(text, 0)
     except StopIteration:  # whitespace first, or no JSON value: decode says which

@@ -221,6 +221,7 @@ class SessionRepository:
 
     # --- sessions -------------------------------------------------------------------
 
+    @lenient_text_retry
     def get_or_create(self, key: SessionKey | str) -> Session:
         """Return the session for `key`, creating it (`active`, empty) if there is none.
 
@@ -790,6 +791,7 @@ class SessionRepository:
         check_text_size(f"related_meta[{key}]", merged)
         return SESSION.read(conn.execute(self._text(UPDATE_META), (now, merged, *parts)).fetchone())
 
+    @lenient_text_retry
     def pop_message(self, key: SessionKey | str) -> Message | None:
         """Remove the session's newest message (the highest id) and return it, or return
         None if the session has no message.
@@ -903,10 +905,7 @@ class SessionRepository:
             **params,
             "limit": limit,
             "query": fts_query(terms),
-            # PostgreSQL's parser reads a token by what surrounds it: `..` alone is a file
-            # name, between spaces (as in a message) nothing. Each term is read between
-            # spaces, as the words of a message are.
-            "terms": [f" {term} " for term in terms],
+            "terms": terms,
         }
         for index, role in enumerate(wanted):
             values[f"role_{index}"] = role.value

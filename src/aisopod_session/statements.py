@@ -30,7 +30,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
-    cast,
     column,
     delete,
     func,
@@ -859,7 +858,7 @@ def search(fields: tuple[str, ...], roles: int) -> Query:
 
     SQLite: `:query` is an FTS5 query of quoted phrases (`fts_query`), matched against
     the FTS5 table `messages_fts`; its bm25 is negated. PostgreSQL: `:terms` is the
-    terms' array, made one `tsquery` by `aisopod_tsquery`, matched against the GIN index
+    terms' array, made one `tsquery` (`_PG_TSQUERY`), matched against the GIN index
     over `migrations.PG_SEARCH_VECTOR`; ranked by `ts_rank`, and the snippets cut by
     `ts_headline` for the page's rows alone."""
 
@@ -896,13 +895,28 @@ def search(fields: tuple[str, ...], roles: int) -> Query:
     return Query(build)
 
 
+# A search's terms as one `tsquery`: each term a phrase of its words, all of them
+# required. PostgreSQL's parser reads a token by what surrounds it (`..` alone is a file
+# name, after a space nothing; `../x` alone one name, after a space `/x`), and a
+# message's words are read after a space but its first word after nothing: each term
+# matches in either reading, read between spaces and read alone; a term with no word
+# between spaces asks nothing. (Migration 4's `aisopod_tsquery` read each term alone.)
+_PG_TSQUERY = """(SELECT string_agg('(' || q::text || ')', ' & ')::tsquery
+ FROM (SELECT CASE WHEN numnode(alone) > 0 AND alone <> spaced
+                   THEN spaced || alone ELSE spaced END AS q
+       FROM (SELECT phraseto_tsquery('simple'::regconfig, ' ' || term || ' ') AS spaced,
+                    phraseto_tsquery('simple'::regconfig, term) AS alone
+             FROM unnest(:terms) AS term) AS readings
+       WHERE numnode(spaced) > 0) AS terms)"""
+
+
 def _search_postgresql(clauses: list[ColumnElement[bool]], keys: list[Any]) -> ClauseElement:
     from sqlalchemy.dialects.postgresql import ARRAY
 
     from aisopod_session.migrations import PG_SEARCH_VECTOR
 
     def tsquery() -> Any:
-        return func.aisopod_tsquery(cast(bindparam("terms"), ARRAY(Text)))
+        return text(_PG_TSQUERY).bindparams(bindparam("terms", type_=ARRAY(Text)))
 
     vector: ColumnElement[Any] = literal_column(
         PG_SEARCH_VECTOR.replace("(content)", "(messages.content)")
