@@ -64,6 +64,7 @@ from aisopod_session.statements import (
     RECORD_COMPACTION,
     RECORD_POP,
     RESET_SESSION,
+    SEARCH_QUERY,
     SELECT_META,
     SELECT_SESSION,
     SELECT_SESSION_BY_ID,
@@ -891,7 +892,8 @@ class SessionRepository:
         message's search text is its content if that is a string, else the strings of
         its text blocks (docs/api.md, "Search"); tool calls and metadata are not
         searched. A query without a word (empty, only spaces or punctuation) finds
-        nothing. Read-only, one statement, through the search index. `ValueError`
+        nothing. Read-only, one statement through the search index (on PostgreSQL after one
+        that makes the query). `ValueError`
         naming `query` for a non-string or one over `MAX_QUERY_CHARS` (100 000)
         characters; naming `roles` or `limit` (an int >= 0) for those. Rows that
         cannot be read are left out and logged, as in `list_sessions`."""
@@ -911,6 +913,11 @@ class SessionRepository:
             values[f"role_{index}"] = role.value
         sql = self._sql(search(fields, len(wanted)))
         with self._path.transaction("search_messages", None) as conn:
+            if self._dialect.name == "postgresql":
+                made = self._sql(SEARCH_QUERY)
+                (values["tsquery"],) = conn.execute(made.text, made.bind(values)).fetchone()
+                if values["tsquery"] is None:
+                    return []  # no term holds a word
             rows = conn.execute(sql.text, sql.bind(values)).fetchall()
         return list(readable(_hit, rows))
 

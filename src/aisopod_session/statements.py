@@ -30,6 +30,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    cast,
     column,
     delete,
     func,
@@ -858,7 +859,7 @@ def search(fields: tuple[str, ...], roles: int) -> Query:
 
     SQLite: `:query` is an FTS5 query of quoted phrases (`fts_query`), matched against
     the FTS5 table `messages_fts`; its bm25 is negated. PostgreSQL: `:terms` is the
-    terms' array, made one `tsquery` (`_PG_TSQUERY`), matched against the GIN index
+    text of the terms' `tsquery` (`SEARCH_QUERY`, `:tsquery`), matched against the GIN index
     over `migrations.PG_SEARCH_VECTOR`; ranked by `ts_rank`, and the snippets cut by
     `ts_headline` for the page's rows alone."""
 
@@ -895,12 +896,14 @@ def search(fields: tuple[str, ...], roles: int) -> Query:
     return Query(build)
 
 
-# A search's terms as one `tsquery`: each term a phrase of its words, all of them
-# required. PostgreSQL's parser reads a token by what surrounds it (`..` alone is a file
-# name, after a space nothing; `../x` alone one name, after a space `/x`), and a
-# message's words are read after a space but its first word after nothing: each term
-# matches in either reading, read between spaces and read alone; a term with no word
-# between spaces asks nothing. (Migration 4's `aisopod_tsquery` read each term alone.)
+# A search's terms as one `tsquery`'s text (NULL: no term holds a word), made by a
+# statement of its own before the search (`SEARCH_QUERY`): each term a phrase of its
+# words, all of them required. PostgreSQL's parser reads a token by what surrounds it
+# (`..` alone is a file name, after a space nothing; `../x` alone one name, after a
+# space `/x`), and a message's words are read after a space but its first word after
+# nothing: each term matches in either reading, read between spaces and read alone; a
+# term with no word between spaces asks nothing. (Migration 4's `aisopod_tsquery` read
+# each term alone.)
 _PG_TSQUERY = """(SELECT string_agg('(' || q::text || ')', ' & ')::tsquery
  FROM (SELECT CASE WHEN numnode(alone) > 0 AND alone <> spaced
                    THEN spaced || alone ELSE spaced END AS q
@@ -910,13 +913,27 @@ _PG_TSQUERY = """(SELECT string_agg('(' || q::text || ')', ' & ')::tsquery
        WHERE numnode(spaced) > 0) AS terms)"""
 
 
-def _search_postgresql(clauses: list[ColumnElement[bool]], keys: list[Any]) -> ClauseElement:
+def _search_query(dialect: str) -> ClauseElement:
     from sqlalchemy.dialects.postgresql import ARRAY
+
+    return text(f"SELECT {_PG_TSQUERY}::text").bindparams(bindparam("terms", type_=ARRAY(Text)))
+
+
+SEARCH_QUERY = Query(_search_query, ("terms",))
+"""PostgreSQL: the `tsquery` text of a search's `:terms` (see `_PG_TSQUERY`)."""
+
+
+def _search_postgresql(clauses: list[ColumnElement[bool]], keys: list[Any]) -> ClauseElement:
+
+    from sqlalchemy.dialects.postgresql import TSQUERY
 
     from aisopod_session.migrations import PG_SEARCH_VECTOR
 
     def tsquery() -> Any:
-        return text(_PG_TSQUERY).bindparams(bindparam("terms", type_=ARRAY(Text)))
+        # The query `search_query` made, as text: a constant when the statement is
+        # planned, as a call of an immutable function on the terms would be, so the
+        # planner weighs its size (a long query is not worth the GIN index).
+        return cast(bindparam("tsquery", type_=Text), TSQUERY)
 
     vector: ColumnElement[Any] = literal_column(
         PG_SEARCH_VECTOR.replace("(content)", "(messages.content)")
