@@ -26,6 +26,7 @@ from aisopod_session import (
     SessionKey,
     SessionNotFoundError,
     current_version,
+    open_database,
     run_migrations,
 )
 from aisopod_session import SessionRepository as Repository
@@ -279,3 +280,29 @@ def test_json_cells_are_read_exactly_as_json_loads_reads_them() -> None:
             assert str(refused.value) == str(theirs.value), cell
     with pytest.raises(TypeError):
         _strict_json(b"{}")  # type: ignore[arg-type]
+
+
+def test_a_call_made_inside_another_leaves_the_connection_in_use(db_path: Path) -> None:
+    """A `check` callback's own call runs on the thread's connection inside the outer
+    call's transaction; when it ends, the connection is still in use: a dispose from
+    another thread meanwhile does not close it under the outer call, which commits."""
+    engine = open_database(db_path)
+    repo = Repository(engine)
+    key = SessionKey("agent-1", "telegram", "bot", "dm", "nested")
+    repo.get_or_create(key)
+
+    def check(meta: object) -> None:
+        assert repo.get(key) is not None  # on this thread's connection, inside the call
+        disposing = threading.Thread(target=engine.dispose)
+        disposing.start()
+        disposing.join()
+
+    repo.apply_changes(key, meta={"v": 1}, messages=[{"role": "user", "content": "x"}], check=check)
+    engine.dispose()
+    reopened = open_database(db_path)
+    try:
+        found = Repository(reopened).get(key)
+        assert found is not None
+        assert (found.meta, found.message_count) == ({"v": 1}, 1)
+    finally:
+        reopened.dispose()

@@ -322,21 +322,24 @@ def test_text_that_is_not_utf8_is_read_with_replacement_characters(
     assert raw_rows(db_path) == before
 
 
-def test_a_call_failing_inside_a_check_leaves_the_call_atomic(db_path: Path) -> None:
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_a_call_failing_inside_a_check_leaves_the_call_atomic(db_path: Path, where: str) -> None:
     """A `check` callback's own calls on the same thread (a read of text that is not
     UTF-8, read again leniently; a write, refused inside the write in progress) do not
-    end the transaction they run inside: the call's writes are committed together, or
-    rolled back together when the check refuses."""
-    engine = open_database(db_path)
+    end the transaction they run inside, on a file or in memory (one shared connection):
+    the call's writes are committed together, or rolled back together when the check
+    refuses."""
+    engine = open_database(db_path if where == "file" else ":memory:")
     repo = SessionRepository(engine)
     for key in (GOOD, BAD):
         repo.get_or_create(key)
     repo.append_message(GOOD, Role.USER, "hello")
-    run_sql(
-        db_path,
-        "UPDATE sessions SET last_compaction_summary = CAST(x'6f6bfe' AS TEXT) "
-        "WHERE peer_id = 'bad'",
-    )
+    with engine.connect() as conn:
+        conn.exec_driver_sql(
+            "UPDATE sessions SET last_compaction_summary = CAST(x'6f6bfe' AS TEXT) "
+            "WHERE peer_id = 'bad'"
+        )
+        conn.commit()
     seen: list[object] = []
 
     def check(meta: object) -> None:

@@ -111,10 +111,21 @@ _gate = _Gate()
 
 class _Lease:
     """A driver connection kept by one thread (`owner`) between calls. `busy` while a
-    call runs on it; `retired` when it must be closed as soon as that call ends. Closed
-    when its thread ends (the thread's reference to it goes)."""
+    call runs on it (`depth`: how many, a call made inside another's counting too, so
+    the lease is busy until the outermost ends); `retired` when it must be closed as soon
+    as that call ends. Closed when its thread ends (the thread's reference to it goes)."""
 
-    __slots__ = ("__weakref__", "busy", "closed", "driver", "held", "owner", "pid", "retired")
+    __slots__ = (
+        "__weakref__",
+        "busy",
+        "closed",
+        "depth",
+        "driver",
+        "held",
+        "owner",
+        "pid",
+        "retired",
+    )
 
     def __init__(self, driver: sqlite3.Connection, held: weakref.WeakSet[_Lease]) -> None:
         self.driver = driver
@@ -122,6 +133,7 @@ class _Lease:
         self.owner = threading.get_ident()
         self.pid = os.getpid()
         self.busy = False
+        self.depth = 0
         self.retired = False
         self.closed = False
 
@@ -385,6 +397,7 @@ def _check_out(engine: Engine) -> _Lease:
                 gate.cond.wait()
         if lease is not None and not lease.retired and lease.pid == gate.pid:
             lease.busy = True
+            lease.depth += 1
             return lease
         leases.refuse_if_forked_open()
         gate.opening += 1  # a fork waits for the connection being opened too
@@ -396,6 +409,7 @@ def _check_out(engine: Engine) -> _Lease:
             gate.opening -= 1
             if lease is not None:
                 lease.busy = True
+                lease.depth = 1
                 leases.held.add(lease)
             if gate.forking is not None:
                 gate.cond.notify_all()
@@ -407,10 +421,14 @@ def _check_in(lease: _Lease, *, discard: bool = False) -> None:
     """End a call on `lease`; close it if it was retired meanwhile or cannot be reused."""
     gate = _gate
     with gate.lock:
-        lease.busy = False
-        close = lease.retired or discard
-        if close:
+        lease.depth -= 1
+        if discard:
             lease.retired = True
+        if lease.depth > 0:
+            return  # a call made inside another's: that one still runs on it, and ends it
+        lease.busy = False
+        close = lease.retired
+        if close:
             lease.held.discard(lease)
         if gate.forking is not None:
             gate.cond.notify_all()
@@ -776,18 +794,19 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
         if kind == _LEASED:
             self._lease = _check_out(engine)
             conn = self._lease.driver
+            self._outer = self._lease.depth > 1
         elif kind == _SHARED:
             # The pool's one connection is the database (`:memory:`): borrow it per call.
             self._shared = engine.raw_connection()
             conn = self._shared.driver_connection
             assert isinstance(conn, sqlite3.Connection)
+            self._outer = conn.in_transaction
         else:
             raise SessionStoreError(
                 "this engine is an asyncio one (from open_async_database): use "
                 "AsyncSessionRepository, not SessionRepository, with it"
             )
         self._conn = conn
-        self._outer = conn.in_transaction
         if _LENIENT_TEXT.get():
             self._factory = conn.text_factory
             conn.text_factory = _lenient_str  # for this call only: see `_end`

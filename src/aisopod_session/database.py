@@ -356,6 +356,10 @@ def _sqlite_engine_args(url: URL, busy_timeout: float, echo: bool) -> dict[str, 
     if _in_memory(url):
         # Every connection to ":memory:" would be a new, empty database: share one.
         args["poolclass"] = StaticPool
+        # Not rolled back when returned: a call made inside another's transaction (a
+        # `check` callback's) returns the one connection while that transaction runs.
+        # Every user ends its own (the repository's calls, SQLAlchemy's `Connection`).
+        args["pool_reset_on_return"] = None
     else:
         _check_file(Path(str(url.database)))
     return args
