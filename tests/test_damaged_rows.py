@@ -43,8 +43,8 @@ SESSION_DAMAGE = [
 ]
 
 
-def damaged_store(store: Engine, column: str, value: object) -> tuple[SessionRepository, int]:
-    """Two sessions with a message each; then plain SQL damages one column of `BAD`."""
+def two_sessions(store: Engine) -> tuple[SessionRepository, int]:
+    """`GOOD` and `BAD` with a message each: the repository and `BAD`'s id."""
     repo = SessionRepository(store)
     for key in (GOOD, BAD):
         repo.get_or_create(key)
@@ -52,8 +52,14 @@ def damaged_store(store: Engine, column: str, value: object) -> tuple[SessionRep
     bad = repo.get(BAD)
     assert bad is not None
     assert bad.id is not None
-    run_sql(store, f"UPDATE sessions SET {column} = ? WHERE id = ?", (value, bad.id))
     return repo, bad.id
+
+
+def damaged_store(store: Engine, column: str, value: object) -> tuple[SessionRepository, int]:
+    """Two sessions with a message each; then plain SQL damages one column of `BAD`."""
+    repo, bad_id = two_sessions(store)
+    run_sql(store, f"UPDATE sessions SET {column} = ? WHERE id = ?", (value, bad_id))
+    return repo, bad_id
 
 
 @pytest.mark.parametrize(("column", "value"), SESSION_DAMAGE)
@@ -259,22 +265,16 @@ def test_text_that_is_not_utf8_is_read_with_replacement_characters(
     read-only call, sync and async, logged; the export counts them; nothing changes in
     the file, and the calls that write go on refusing."""
     engine = open_database(db_path)
-    repo = SessionRepository(engine)
-    for key in (GOOD, BAD):
-        repo.get_or_create(key)
-        repo.append_message(key, Role.USER, f"hello from {key.peer_id}")
-    bad = repo.get(BAD)
-    assert bad is not None
-    assert bad.id is not None
+    repo, bad_id = two_sessions(engine)
     run_sql(
         db_path,
         "UPDATE messages SET content = CAST(x'2268c3a96cff6c6f22' AS TEXT) WHERE session_id = ?",
-        (bad.id,),
+        (bad_id,),
     )
     run_sql(
         db_path,
         "UPDATE sessions SET last_compaction_summary = CAST(x'6f6bfe' AS TEXT) WHERE id = ?",
-        (bad.id,),
+        (bad_id,),
     )
     before = raw_rows(db_path)
 
@@ -291,8 +291,6 @@ def test_text_that_is_not_utf8_is_read_with_replacement_characters(
     [good_message] = repo.get_history(GOOD)
     assert [hit.message.id for hit in repo.search_messages("hello")] == [good_message.id]
     assert repo.summary().total.sessions == 2
-
-    bad_id = bad.id
 
     async def read_async() -> tuple[Any, Any]:
         async_engine = await open_async_database(db_path)
