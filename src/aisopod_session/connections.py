@@ -607,10 +607,6 @@ _LENIENT_TEXT: ContextVar[bool] = ContextVar("aisopod_lenient_text", default=Fal
 _P = ParamSpec("_P")
 
 
-def _lenient_str(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace")
-
-
 class LenientText:
     """A sqlite3 `text_factory` reading text that is not UTF-8 with U+FFFD in place of
     each bad byte sequence; `replaced` counts such cells."""
@@ -809,7 +805,7 @@ class driver_transaction:  # noqa: N801 - used like a function: `with driver_tra
         self._conn = conn
         if _LENIENT_TEXT.get():
             self._factory = conn.text_factory
-            conn.text_factory = _lenient_str  # for this call only: see `_end`
+            conn.text_factory = LenientText()  # for this call only: see `_end`
         if mode is not None:
             conn.execute(_BEGIN[mode])
         return conn
