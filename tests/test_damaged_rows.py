@@ -283,6 +283,8 @@ def test_text_that_is_not_utf8_is_read_with_replacement_characters(
     assert message.content == "hél\ufffdlo"
     assert "not UTF-8" in caplog.text
     assert "get_history" in caplog.text
+    [(_, content_text, _)] = repo.get_history_text(BAD)
+    assert content_text == '"hél\ufffdlo"'
     found = repo.get(BAD)
     assert found is not None
     assert found.last_compaction_summary == "ok\ufffd"

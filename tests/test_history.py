@@ -1,7 +1,9 @@
-"""get_history: chronological order, windows and cursors."""
+"""get_history: chronological order, windows and cursors; get_history_text: the same
+history as the cells stored."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -15,7 +17,7 @@ from aisopod_session import (
     SessionNotFoundError,
     SessionRepository,
 )
-from aisopod_session.statements import KEY, history
+from aisopod_session.statements import HISTORY_TEXT, KEY, history
 from tests.dbtools import before_io, no_statements
 
 
@@ -143,6 +145,43 @@ def test_bad_window_arguments_name_the_argument(
         repo.get_history(key, **{argument: value})  # type: ignore[arg-type]
 
 
+def test_get_history_text_gives_the_stored_cells_in_chronological_order(
+    repo: SessionRepository, key: SessionKey, filled: list[Message]
+) -> None:
+    repo.append_message(key, Role.TOOL, {"rain": [4, None]}, meta={"call": "c1"})
+    history = repo.get_history(key)
+    rows = repo.get_history_text(key)
+    assert all(isinstance(cell, str) for row in rows for cell in row)
+    # The cells are the stored JSON text (no spaces), which decodes to what get_history read.
+    assert rows[-1] == ("tool", '{"rain":[4,null]}', '{"call":"c1"}')
+    assert [(role, json.loads(content), json.loads(meta)) for role, content, meta in rows] == [
+        (str(m.role), m.content, m.meta) for m in history
+    ]
+    assert repo.get_history_text(key, limit=3) == rows[-3:]
+    assert repo.get_history_text(key, limit=100) == rows
+    assert repo.get_history_text(key, limit=0) == []
+
+
+def test_get_history_text_of_an_empty_or_missing_session(
+    repo: SessionRepository, key: SessionKey
+) -> None:
+    for limit in (None, 0, 5):
+        with pytest.raises(SessionNotFoundError):
+            repo.get_history_text(key, limit=limit)
+    repo.get_or_create(key)
+    assert repo.get_history_text(key) == []
+    assert repo.get_history_text(key, limit=5) == []
+
+
+@before_io
+@pytest.mark.parametrize("value", [-1, 2.5, "10", True])
+def test_get_history_text_names_a_bad_limit(
+    repo: SessionRepository, key: SessionKey, value: object
+) -> None:
+    with pytest.raises(ValueError, match="limit"), no_statements():
+        repo.get_history_text(key, limit=value)  # type: ignore[arg-type]
+
+
 def test_the_newest_messages_of_a_long_session_are_read_off_the_index_on_postgresql(
     pg_store: Engine,
 ) -> None:
@@ -174,3 +213,15 @@ def test_the_newest_messages_of_a_long_session_are_read_off_the_index_on_postgre
     assert max(rows) <= 50, "\n".join(plan)
     history_page = repo.get_history(keys[0], limit=50)
     assert [m.content for m in history_page] == [f"3-{n}" for n in range(450, 500)]
+    # get_history_text's statement is a LATERAL read too: with its session's id as an
+    # InitPlan, the planner cannot know the session and reads all of it to sort it.
+    text_sql = HISTORY_TEXT.on(pg_store.dialect)
+    with pg_store.connect() as conn:
+        text_plan = [
+            row[0] for row in conn.exec_driver_sql(f"EXPLAIN {text_sql.text}", text_sql.bind(page))
+        ]
+    assert not any("InitPlan" in line for line in text_plan), "\n".join(text_plan)
+    assert any(line.lstrip().startswith("->  Limit") for line in text_plan), text_plan
+    assert [json.loads(row[1]) for row in repo.get_history_text(keys[0], limit=50)] == [
+        f"3-{n}" for n in range(450, 500)
+    ]

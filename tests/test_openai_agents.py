@@ -21,14 +21,19 @@ from typer.testing import CliRunner
 from aisopod_session import (
     AccessDeniedError,
     AsyncSessionRepository,
+    NewMessage,
     Role,
     SessionKey,
     SessionRepository,
     open_async_database_sync,
 )
 from aisopod_session.cli import app
-from aisopod_session.integrations.openai_agents import AisopodSession, default_key
-from tests.dbtools import python_clock, snapshot
+from aisopod_session.integrations.openai_agents import (
+    AisopodSession,
+    default_key,
+    message_to_item,
+)
+from tests.dbtools import python_clock, run_sql, snapshot
 
 set_tracing_disabled(True)
 
@@ -193,6 +198,70 @@ def test_get_items_gives_the_latest_in_chronological_order(
                 await session.get_items(cast(Any, bad))
 
     asyncio.run(run())
+
+
+def test_items_read_from_any_row_are_what_their_messages_give(
+    repository: SessionRepository | AsyncSessionRepository, store: Engine
+) -> None:
+    """`get_items` reads the rows' cells (`get_history_text`) and decodes each metadata
+    text once per call: its items equal `message_to_item` of the rows' `Message` objects
+    for rows of every shape, the adapter's and other writers' (metadata of another
+    source, not an object, not JSON; content not JSON; a content field placed first or
+    out of range), and no two items share a value a caller could change."""
+    session = AisopodSession("chat-1", repository)
+    nested = {"type": "tool_result", "data": {"tags": ["a"]}, "output": "done"}
+    asyncio.run(session.add_items(cast(Any, [*ITEMS, ITEMS[0], ITEMS[3], nested, nested])))
+    key = default_key("chat-1")
+    sync = SessionRepository(store)
+    shaped = {"source": "openai-agents", "item_type": "message"}
+    sync.append_messages(
+        key,
+        [
+            NewMessage(Role.USER, "gateway's own message", meta={"source": "gateway"}),
+            NewMessage(Role.USER, "b", meta={**shaped, "item": {"id": "m"}, "content_index": 0}),
+            NewMessage(Role.USER, "c", meta={**shaped, "item": {"id": "m"}, "content_index": 7}),
+            NewMessage(Role.USER, "d", meta={**shaped, "item": {"content": "x", "id": "m"}}),
+            NewMessage(Role.USER, "e", meta={**shaped, "item": "not an object"}),
+            NewMessage(Role.USER, "f", meta={**shaped, "item": {"a": 1}, "content_field": 3}),
+            NewMessage(Role.USER, "g", meta={**shaped, "item": {"a": [1]}, "content_field": "t"}),
+        ],
+    )
+    session_id = sync.get(key).id  # type: ignore[union-attr]
+    for content, meta in [("not json", "[1, 2]"), ('"ok"', "not json"), ("{", "{}")]:
+        run_sql(
+            store,
+            "INSERT INTO messages (session_id, role, content, created_at, metadata) "
+            "VALUES (?, 'Narrator', ?, '2026-12-01T00:00:00+00:00', ?)",
+            (session_id, content, meta),
+        )
+    expected = [message_to_item(message) for message in sync.get_history(key)]
+    assert len(expected) == len(ITEMS) + 4 + 7 + 3
+    items = stored(session)
+    assert [json.dumps(item) for item in items] == [json.dumps(item) for item in expected]
+    assert expected[len(ITEMS) + 4 :] == [
+        {"role": "user", "content": "gateway's own message"},
+        {"content": "b", "id": "m"},
+        {"id": "m", "content": "c"},
+        {"content": "d", "id": "m"},
+        {"role": "user", "content": "e"},
+        {"a": 1},
+        {"a": [1], "t": "g"},
+        {"role": "Narrator", "content": "not json"},
+        {"role": "Narrator", "content": "ok"},
+        {"role": "Narrator", "content": "{"},
+    ]
+    # Items made from one shared metadata text are distinct objects, and changing one
+    # changes no other item, now or in a later read.
+    first, again = items[0], items[len(ITEMS)]
+    assert first == again
+    assert first is not again
+    first["role"] = "changed"
+    items[3]["name"] = "changed"
+    items[len(ITEMS) + 2]["data"]["tags"].append("changed")
+    assert again["role"] == "user"
+    assert items[len(ITEMS) + 1]["name"] == "get_weather"
+    assert items[len(ITEMS) + 3] == nested
+    assert stored(session) == expected
 
 
 def test_pop_item_removes_the_latest_and_clear_session_removes_all(

@@ -269,6 +269,7 @@ class AsyncSessionRepository:
     search_messages = _reads(SessionRepository.search_messages)
     summary = _reads(SessionRepository.summary)
     get_history = _reads(SessionRepository.get_history, _a_page)
+    get_history_text = _reads(SessionRepository.get_history_text, _a_page)
     now = _reads(SessionRepository.now, _always)
     update_metadata = _writes(SessionRepository.update_metadata, _small_changes)
     set_status = _writes(SessionRepository.set_status, _always)

@@ -53,6 +53,7 @@ from aisopod_session.statements import (
     DELETE_NEWEST_MESSAGE,
     DELETE_SESSION,
     DELETE_SESSION_MESSAGES,
+    HISTORY_TEXT,
     INSERT_FORK,
     INSERT_MESSAGE_WITH_ID,
     INSERT_SESSION,
@@ -872,6 +873,37 @@ class SessionRepository:
         if newest_first:
             messages.reverse()
         return messages
+
+    @lenient_text_retry
+    def get_history_text(
+        self, key: SessionKey | str, *, limit: int | None = None
+    ) -> list[tuple[Any, Any, Any]]:
+        """The newest `limit` messages (all without it) as the `(role, content, metadata)`
+        cells stored in their rows, in chronological (id) order: text, JSON text for
+        content and metadata, not decoded or checked (another program may have stored
+        anything there; SQLite may even give a number or bytes). The cheapest read of a
+        history, for a reader that decodes only what it needs or forwards the JSON as it
+        is (the OpenAI Agents SDK adapter). One read transaction (one snapshot);
+        `SessionNotFoundError` if there is no session.
+        """
+        key = self._key(key)
+        if limit is not None:
+            check_int("limit", limit, minimum=0)
+        parts = key.parts()
+        sql = self._sql(HISTORY_TEXT)
+        params = sql.bind(
+            {
+                **dict(zip(KEY, parts, strict=True)),
+                "limit": _MAX_BIGINT if limit is None else limit,
+                "offset": 0,
+            }
+        )
+        with self._path.transaction("get_history_text", None) as conn:
+            rows = conn.execute(sql.text, params).fetchall() if limit != 0 else []
+            if not rows and conn.execute(self._text(SELECT_SESSION_ID), parts).fetchone() is None:
+                raise _not_found(key)
+        rows.reverse()
+        return rows
 
     @lenient_text_retry
     def search_messages(

@@ -612,6 +612,43 @@ def history(*, newest_first: bool, limit: bool, after: bool, before: bool) -> Qu
     return Query(build)
 
 
+def _history_text(dialect: str) -> ClauseElement:
+    cells = (col(Message.role), col(Message.content), col(Message.meta))
+    if dialect == "postgresql":
+        # As in `history`: an InitPlan's session id is unknown to the planner, which
+        # then reads every message of the session and sorts them.
+        picked = (
+            select(*cells, col(Message.id))
+            .where(col(Message.session_id) == col(Session.id))
+            .order_by(col(Message.id).desc())
+            .limit(bindparam("limit"))
+            .offset(bindparam("offset"))
+            .lateral("picked")
+        )
+        return (
+            select(picked.c.role, picked.c.content, picked.c.meta)
+            .select_from(Session)
+            .join(picked, true())
+            .where(_BY_KEY)
+            .order_by(picked.c.id.desc())
+        )
+    return (
+        select(*cells)
+        .where(col(Message.session_id) == select(col(Session.id)).where(_BY_KEY).scalar_subquery())
+        .order_by(col(Message.id).desc())
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
+    )
+
+
+HISTORY_TEXT = Query(_history_text)
+"""The role, content and metadata cells, as stored, of the newest `:limit` messages of
+the session with the key, newest first (no row for no session and for no message:
+`SELECT_SESSION_ID` tells which); parameters in a different order on each database
+(bind by name). Read off `idx_messages_session_id` (session_id, id)
+from its end, on PostgreSQL through a LATERAL subquery as in `history`."""
+
+
 # --- lifecycle --------------------------------------------------------------------------
 
 _BY_SESSION_ID = col(Session.id) == bindparam("session_id")
