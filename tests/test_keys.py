@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+import unicodedata
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from aisopod_session import PeerKind, Role, SessionKey, SessionStatus
+from aisopod_session.keys import normalize_key_part
+
+CONTROL = ("Cc", "Cs")
 
 PARTS = ("agent_id", "channel", "account_id", "peer_kind", "peer_id")
 
@@ -119,6 +124,21 @@ def test_bad_parts_are_rejected_naming_the_field(part: str, value: Any, reason: 
     assert errors[0]["loc"] == (part,)
     assert reason in errors[0]["msg"]
     assert part in str(caught.value)
+
+
+def test_a_part_is_refused_for_exactly_the_characters_of_unicodes_control_categories() -> None:
+    """Every code point Python's `unicodedata` puts in Cc or Cs (as of this Python's
+    Unicode) is refused inside a part, with its position, and no other is: keys.py finds
+    them with one regular expression, not a category lookup per character."""
+    controls = {c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in CONTROL}
+    assert len(controls) == 65 + 2048
+    for code in controls:
+        with pytest.raises(ValueError, match="control characters.* at 1$"):
+            normalize_key_part(f"a{chr(code)}b", lower=False)
+    others = "".join(chr(c) for c in range(sys.maxunicode + 1) if c not in controls)
+    for start in range(0, len(others), 250):
+        chunk = f"a{others[start : start + 250]}b"
+        assert normalize_key_part(chunk, lower=False) == chunk.strip()
 
 
 def test_unknown_peer_kind_is_rejected_listing_the_allowed_ones() -> None:

@@ -642,7 +642,9 @@ def _adk_session(
     stamp = row.meta.get(UPDATE_TIME)
     if not isinstance(stamp, int | float) or isinstance(stamp, bool):
         stamp = row.updated_at.timestamp()
-    return AdkSession(
+    # Every value already has its field's type (checked when stored, or made here), so
+    # pydantic's validation, most of the cost of listing sessions, is skipped.
+    return AdkSession.model_construct(
         id=session_id,
         app_name=app_name,
         user_id=user_id,
