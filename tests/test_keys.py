@@ -133,7 +133,7 @@ def test_a_part_is_refused_for_exactly_the_characters_of_unicodes_control_catego
     controls = {c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in CONTROL}
     assert len(controls) == 65 + 2048
     for code in controls:
-        with pytest.raises(ValueError, match="control characters.* at 1$"):
+        with pytest.raises(ValueError, match=r"control characters.* at 1$"):
             normalize_key_part(f"a{chr(code)}b", lower=False)
     others = "".join(chr(c) for c in range(sys.maxunicode + 1) if c not in controls)
     for start in range(0, len(others), 250):
