@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncGenerator, Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +349,37 @@ def test_list_sessions_oldest_update_first_with_merged_state(
     assert [t for *_, t in everyone] == sorted(t for *_, t in everyone)
     assert alice == [("alice", "a2"), ("alice", "a1")]
     assert first.state == {"n": "b1", "app:x": 1}
+
+
+def test_sessions_read_back_are_the_objects_adk_validation_makes(
+    service: AisopodSessionService,
+) -> None:
+    """The sessions `get_session` and `list_sessions` return (built without validating
+    again) equal what ADK's own validation makes of the same values, field for field and
+    type for type: names given as a `StrEnum` come back as plain strings."""
+
+    class Names(StrEnum):
+        APP = "enum-app"
+        USER = "enum-user"
+
+    async def go() -> list[AdkSession]:
+        await service.create_session(
+            app_name=Names.APP, user_id=Names.USER, session_id="s1", state={"n": [1]}
+        )
+        got = await service.get_session(app_name=Names.APP, user_id=Names.USER, session_id="s1")
+        listed = await service.list_sessions(app_name=Names.APP, user_id=Names.USER)
+        everyone = await service.list_sessions(app_name=Names.APP)
+        assert got is not None
+        return [got, *listed.sessions, *everyone.sessions]
+
+    for found in run(go()):
+        validated = AdkSession.model_validate(found.model_dump())
+        assert found == validated
+        assert found.model_dump_json(by_alias=True) == validated.model_dump_json(by_alias=True)
+        assert found.model_fields_set == validated.model_fields_set
+        for name in ("id", "app_name", "user_id"):
+            assert type(getattr(found, name)) is str
+        assert (found.app_name, found.user_id, found.state) == ("enum-app", "enum-user", {"n": [1]})
 
 
 def test_append_event_state_rules(service: AisopodSessionService) -> None:

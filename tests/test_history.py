@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
@@ -17,7 +19,7 @@ from aisopod_session import (
     SessionNotFoundError,
     SessionRepository,
 )
-from aisopod_session.statements import HISTORY_TEXT, KEY, history
+from aisopod_session.statements import HISTORY_TEXT, KEY, SELECT_SESSION_ID, history
 from tests.dbtools import before_io, no_statements
 
 
@@ -171,6 +173,36 @@ def test_get_history_text_of_an_empty_or_missing_session(
     repo.get_or_create(key)
     assert repo.get_history_text(key) == []
     assert repo.get_history_text(key, limit=5) == []
+
+
+def test_get_history_text_tells_missing_from_empty_in_one_snapshot(
+    store: Engine, key: SessionKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session created with its first message by another writer just as the call
+    looks the session up (after finding no message) is either not there yet or there
+    with its message: never there without one, a state that never existed."""
+    repo = SessionRepository(store)
+    writer = SessionRepository(store)
+    looked_up = repo._text
+
+    def create_meanwhile(query: Any) -> str:
+        if query is SELECT_SESSION_ID:
+            thread = threading.Thread(
+                target=writer.apply_changes,
+                args=(key,),
+                kwargs={"create": True, "messages": [NewMessage(Role.USER, "first")]},
+            )
+            thread.start()
+            thread.join()
+        return looked_up(query)
+
+    monkeypatch.setattr(repo, "_text", create_meanwhile)
+    try:
+        rows = repo.get_history_text(key)
+    except SessionNotFoundError:
+        rows = None
+    assert writer.get_history_text(key) == [("user", '"first"', "{}")]
+    assert rows in (None, [("user", '"first"', "{}")])
 
 
 @before_io

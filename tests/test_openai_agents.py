@@ -28,6 +28,7 @@ from aisopod_session import (
     open_async_database_sync,
 )
 from aisopod_session.cli import app
+from aisopod_session.integrations import openai_agents
 from aisopod_session.integrations.openai_agents import (
     AisopodSession,
     default_key,
@@ -210,7 +211,11 @@ def test_items_read_from_any_row_are_what_their_messages_give(
     out of range), and no two items share a value a caller could change."""
     session = AisopodSession("chat-1", repository)
     nested = {"type": "tool_result", "data": {"tags": ["a"]}, "output": "done"}
-    asyncio.run(session.add_items(cast(Any, [*ITEMS, ITEMS[0], ITEMS[3], nested, nested])))
+    # As the SDK's Runner makes a user's turn: the content first.
+    turn = {"content": "hi", "role": "user"}
+    asyncio.run(
+        session.add_items(cast(Any, [*ITEMS, ITEMS[0], ITEMS[3], nested, nested, turn, turn]))
+    )
     key = default_key("chat-1")
     sync = SessionRepository(store)
     shaped = {"source": "openai-agents", "item_type": "message"}
@@ -235,10 +240,14 @@ def test_items_read_from_any_row_are_what_their_messages_give(
             (session_id, content, meta),
         )
     expected = [message_to_item(message) for message in sync.get_history(key)]
-    assert len(expected) == len(ITEMS) + 4 + 7 + 3
+    assert len(expected) == len(ITEMS) + 6 + 7 + 3
     items = stored(session)
     assert [json.dumps(item) for item in items] == [json.dumps(item) for item in expected]
-    assert expected[len(ITEMS) + 4 :] == [
+    assert items[len(ITEMS) + 4 : len(ITEMS) + 6] == [turn, turn]
+    assert [list(item) for item in items[len(ITEMS) + 4 : len(ITEMS) + 6]] == [
+        ["content", "role"]
+    ] * 2
+    assert expected[len(ITEMS) + 6 :] == [
         {"role": "user", "content": "gateway's own message"},
         {"content": "b", "id": "m"},
         {"id": "m", "content": "c"},
@@ -261,7 +270,43 @@ def test_items_read_from_any_row_are_what_their_messages_give(
     assert again["role"] == "user"
     assert items[len(ITEMS) + 1]["name"] == "get_weather"
     assert items[len(ITEMS) + 3] == nested
+    items[len(ITEMS) + 4]["role"] = "changed"
+    assert items[len(ITEMS) + 5] == turn
     assert stored(session) == expected
+
+
+def test_a_long_history_is_decoded_off_the_event_loop(
+    repository: SessionRepository | AsyncSessionRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items are decoded on the event loop only when the async repository read them
+    there (at most 64 short rows); a longer history is decoded on a worker thread, as
+    the repository's own long reads run, and everything through a `SessionRepository`."""
+    decoded_on: list[threading.Thread] = []
+    decode = openai_agents.items_of_rows
+
+    def spy(rows: list[tuple[Any, Any, Any]]) -> list[dict[str, Any]]:
+        decoded_on.append(threading.current_thread())
+        return decode(rows)
+
+    monkeypatch.setattr(openai_agents, "items_of_rows", spy)
+    session = AisopodSession("chat-1", repository)
+    items = [{"role": "user", "content": f"m{i}"} for i in range(100)]
+
+    async def run() -> threading.Thread:
+        await session.add_items(cast(Any, items))
+        assert await session.get_items(3) == items[-3:]
+        assert await session.get_items() == items
+        assert await session.get_items(2) == items[-2:]
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(run())
+    on_loop = [thread is loop_thread for thread in decoded_on]
+    if isinstance(repository, AsyncSessionRepository) and "sqlite" in str(repository.engine.url):
+        assert on_loop == [True, False, True]
+    elif isinstance(repository, AsyncSessionRepository):
+        assert on_loop[1] is False
+    else:
+        assert on_loop == [False, False, False]
 
 
 def test_pop_item_removes_the_latest_and_clear_session_removes_all(

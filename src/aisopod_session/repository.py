@@ -883,8 +883,9 @@ class SessionRepository:
         content and metadata, not decoded or checked (another program may have stored
         anything there; SQLite may even give a number or bytes). The cheapest read of a
         history, for a reader that decodes only what it needs or forwards the JSON as it
-        is (the OpenAI Agents SDK adapter). One read transaction (one snapshot);
-        `SessionNotFoundError` if there is no session.
+        is (the OpenAI Agents SDK adapter). One snapshot: one statement, or, when it
+        finds no message, that statement again and the session's lookup in one read
+        transaction; `SessionNotFoundError` if there is no session.
         """
         key = self._key(key)
         if limit is not None:
@@ -898,10 +899,21 @@ class SessionRepository:
                 "offset": 0,
             }
         )
-        with self._path.transaction("get_history_text", None) as conn:
-            rows = conn.execute(sql.text, params).fetchall() if limit != 0 else []
-            if not rows and conn.execute(self._text(SELECT_SESSION_ID), parts).fetchone() is None:
-                raise _not_found(key)
+        rows: list[tuple[Any, Any, Any]] = []
+        if limit != 0:
+            with self._path.transaction("get_history_text", None) as conn:
+                rows = conn.execute(sql.text, params).fetchall()
+        if not rows:
+            # No message, or no session: which, in one snapshot (a session may have been
+            # created with its first messages since).
+            with self._path.transaction("get_history_text", "DEFERRED") as conn:
+                if limit != 0:
+                    rows = conn.execute(sql.text, params).fetchall()
+                if (
+                    not rows
+                    and conn.execute(self._text(SELECT_SESSION_ID), parts).fetchone() is None
+                ):
+                    raise _not_found(key)
         rows.reverse()
         return rows
 

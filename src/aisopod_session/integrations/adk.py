@@ -643,11 +643,13 @@ def _adk_session(
     if not isinstance(stamp, int | float) or isinstance(stamp, bool):
         stamp = row.updated_at.timestamp()
     # Every value already has its field's type (checked when stored, or made here), so
-    # pydantic's validation, most of the cost of listing sessions, is skipped.
+    # pydantic's validation, most of the cost of listing sessions, is skipped; the
+    # caller's names become plain `str`s as validation would make them (a `StrEnum`'s
+    # value).
     return AdkSession.model_construct(
         id=session_id,
-        app_name=app_name,
-        user_id=user_id,
+        app_name=str.__str__(app_name),
+        user_id=str.__str__(user_id),
         state=_merged(row.meta, app, user),
         events=events,
         last_update_time=float(stamp),

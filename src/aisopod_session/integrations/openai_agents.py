@@ -21,7 +21,7 @@ from agents.memory.session_settings import SessionSettings
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
-from aisopod_session.asyncrepository import AsyncSessionRepository
+from aisopod_session.asyncrepository import INLINE_MESSAGES, INLINE_TEXT, AsyncSessionRepository
 from aisopod_session.database import open_async_database_sync
 from aisopod_session.enums import PeerKind, Role
 from aisopod_session.errors import SessionNotFoundError
@@ -156,37 +156,66 @@ def items_of_rows(rows: list[tuple[Any, Any, Any]]) -> list[dict[str, Any]]:
     its item holds only strings, numbers, booleans and nulls (nothing a caller could
     change in one item and see in another), its items are made from that one decoding:
     half the cost of reading a history of short messages."""
-    shapes: dict[str, tuple[dict[str, Any], str] | None] = {}
+    shapes: dict[str, _Shape | None] = {}
     items = []
     for role, content, meta_text in rows:
         shape = shapes.get(meta_text, _UNKNOWN) if type(meta_text) is str else None
         if shape is _UNKNOWN:
-            shape = shapes[meta_text] = _shape(_read_meta(meta_text))
+            meta = _read_meta(meta_text)
+            shape = shapes[meta_text] = _shape(meta)
+            if shape is None:
+                items.append(_item(_read_role(role), _read_content(content), meta))
+                continue
         if shape is None:
             items.append(_item(_read_role(role), _read_content(content), _read_meta(meta_text)))
         else:
-            rest, field = shape
-            items.append({**rest, field: _read_content(content)})
+            before, field, after = shape
+            items.append({**before, field: _read_content(content), **after})
     return items
 
 
 _UNKNOWN: Any = object()
+_Shape = tuple[dict[str, Any], str, dict[str, Any]]
 
 
-def _shape(meta: Mapping[str, Any]) -> tuple[dict[str, Any], str] | None:
-    """What every item with this metadata shares, the rest of the item and its content's
-    field, when that field goes last and the rest holds no list or object; else None
-    (each such item is read on its own)."""
+def _shape(meta: Mapping[str, Any]) -> _Shape | None:
+    """What every item with this metadata shares: the rest of the item in two parts,
+    before and after its content's field (`{**before, field: content, **after}` is
+    `_item`'s result), when the rest holds no list or object; else None (each such item
+    is read on its own)."""
     rest = meta.get("item") if meta.get("source") == SOURCE else None
     field = meta.get("content_field", "content")
     if (
         not isinstance(rest, dict)
         or not isinstance(field, str)
-        or "content_index" in meta
         or not all(isinstance(value, _SCALARS) for value in rest.values())
     ):
         return None
-    return rest, field
+    index = meta.get("content_index")
+    if not isinstance(index, int) or not 0 <= index <= len(rest):
+        return rest, field, {}
+    pairs = list(rest.items())
+    return dict(pairs[:index]), field, dict(pairs[index:])
+
+
+def _decoded_inline(rows: list[tuple[Any, Any, Any]]) -> bool:
+    """Whether `rows` are few and small enough to decode on the event loop: what the
+    async repository would read inline (`INLINE_MESSAGES` rows, `INLINE_TEXT`
+    characters of text)."""
+    if len(rows) > INLINE_MESSAGES:
+        return False
+    size = 0
+    for _, content, meta in rows:
+        size += (len(content) if isinstance(content, str | bytes) else 0) + (
+            len(meta) if isinstance(meta, str | bytes) else 0
+        )
+    return size <= INLINE_TEXT
+
+
+def _read_items(
+    repository: SessionRepository, key: SessionKey, limit: int | None
+) -> list[dict[str, Any]]:
+    return items_of_rows(repository.get_history_text(key, limit=limit))
 
 
 class AisopodSession:
@@ -291,11 +320,23 @@ class AisopodSession:
         if limit is None and self.session_settings is not None:
             limit = self.session_settings.limit
         _check_limit("limit", limit)
+        if self._closed:
+            raise RuntimeError("AisopodSession is closed")
+        repository = self.repository
         try:
-            rows = await self._call("get_history_text", self.key, limit=limit)
+            if not isinstance(repository, AsyncSessionRepository):
+                items = await asyncio.to_thread(_read_items, repository, self.key, limit)
+            else:
+                rows = await repository.get_history_text(self.key, limit=limit)
+                # Decoding a long or large history would hold the event loop: it goes to
+                # a thread, as the async repository's own long reads do.
+                if _decoded_inline(rows):
+                    items = items_of_rows(rows)
+                else:
+                    items = await asyncio.to_thread(items_of_rows, rows)
         except SessionNotFoundError:
             return []
-        return cast("list[TResponseInputItem]", items_of_rows(rows))
+        return cast("list[TResponseInputItem]", items)
 
     async def add_items(self, items: list[TResponseInputItem]) -> None:
         """Append `items` in order, in one write transaction (the session is created
