@@ -33,7 +33,8 @@ SESSIONS_PER_USER = 10
 
 
 def item(number: int) -> dict[str, Any]:
-    """An item as the SDK's Runner stores a user turn."""
+    """A user turn as an application hands it to the SDK (the Runner's own copy of a
+    turn has the same two fields, content first)."""
     return {"role": "user", "content": f"message {number}: what is the weather like today?"}
 
 
