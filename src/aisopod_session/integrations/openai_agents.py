@@ -151,11 +151,11 @@ def items_of_rows(rows: list[tuple[Any, Any, Any]]) -> list[dict[str, Any]]:
     """The items of `SessionRepository.get_history_text` rows, exactly as
     `message_to_item` rebuilds them from the rows' `Message` objects, each a new dict.
 
-    The rows of one session mostly share a handful of metadata texts (every user
-    message's is the same), so each text is decoded once per call and, when the rest of
-    its item holds only strings, numbers, booleans and nulls (nothing a caller could
-    change in one item and see in another), its items are made from that one decoding:
-    half the cost of reading a history of short messages."""
+    The rows of one session share a few metadata texts (every user turn's is the
+    same): when the rest of such an item holds only strings, numbers, booleans and
+    nulls (nothing a caller could change in one item and see in another), its text is
+    decoded once per call and each of its items made from that one decoding, half the
+    cost of reading a history of short messages; any other text is decoded row by row."""
     shapes: dict[str, _Shape | None] = {}
     items = []
     for role, content, meta_text in rows:
