@@ -118,24 +118,42 @@ def message_to_item(message: Message) -> dict[str, Any]:
     """The SDK item a message row holds: rebuilt exactly from what `item_to_message`
     stored; a message another writer appended under the key (no such metadata) as an
     easy input message, `{"role": ..., "content": ...}`."""
-    return _item(message.role, message.content, message.meta)
+    return _assemble(_layout(message.meta), message.role, message.content)
 
 
-def _item(role: Any, content: Any, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """`message_to_item` of a row's role, content and metadata, read: a new dict (the
-    values in `meta` are shared with it, not copied)."""
+_Layout = tuple[dict[str, Any], str, dict[str, Any]] | dict[str, Any] | None
+"""How an item is rebuilt from its row (`_layout`)."""
+
+
+def _layout(meta: Mapping[str, Any]) -> _Layout:
+    """How a row's metadata rebuilds its item: `(before, field, after)`, the rest of the
+    item around its content's field; the rest alone, for an item stored without a
+    content field; or None for a message another writer appended (its role and
+    content are the item)."""
     rest = meta.get("item") if meta.get("source") == SOURCE else None
     if not isinstance(rest, dict):
-        return {"role": str(role), "content": content}
+        return None
     field = meta.get("content_field", "content")
     if not isinstance(field, str):
-        return dict(rest)
+        return rest
     index = meta.get("content_index")
     if not isinstance(index, int) or not 0 <= index <= len(rest):
-        return {**rest, field: content}
+        return rest, field, {}
     pairs = list(rest.items())
-    pairs.insert(index, (field, content))
-    return dict(pairs)
+    # A field the rest holds too keeps its first place and takes the last value, as
+    # `dict` of the pairs with the content inserted at `index` does.
+    return dict(pairs[:index]), field, dict(pairs[index:])
+
+
+def _assemble(layout: _Layout, role: Any, content: Any) -> dict[str, Any]:
+    """A new item from its layout and its row's role and content, read (the rest's
+    values are shared with `layout`, not copied)."""
+    if layout is None:
+        return {"role": str(role), "content": content}
+    if isinstance(layout, dict):
+        return dict(layout)
+    before, field, after = layout
+    return {**before, field: content, **after}
 
 
 # The readers of the `messages` columns, so stored cells read here exactly as they read
@@ -145,6 +163,7 @@ _read_role: Callable[[Any], Any] = _COLUMNS.role.type.read
 _read_content: Callable[[Any], Any] = _COLUMNS.content.type.read
 _read_meta: Callable[[Any], Any] = _COLUMNS.metadata.type.read
 _SCALARS = (str, int, float, bool, type(None))
+_UNKNOWN: Any = object()
 
 
 def items_of_rows(rows: list[tuple[Any, Any, Any]]) -> list[dict[str, Any]]:
@@ -152,50 +171,33 @@ def items_of_rows(rows: list[tuple[Any, Any, Any]]) -> list[dict[str, Any]]:
     `message_to_item` rebuilds them from the rows' `Message` objects, each a new dict.
 
     The rows of one session share a few metadata texts (every user turn's is the
-    same): when the rest of such an item holds only strings, numbers, booleans and
-    nulls (nothing a caller could change in one item and see in another), its text is
-    decoded once per call and each of its items made from that one decoding, half the
-    cost of reading a history of short messages; any other text is decoded row by row."""
-    shapes: dict[str, _Shape | None] = {}
+    same): a text whose layout holds only strings, numbers, booleans and nulls (nothing
+    a caller could change in one item and see in another) is decoded once per call and
+    its layout used for each of its rows, half the cost of reading a history of short
+    messages; any other text is decoded row by row."""
+    layouts: dict[str, _Layout] = {}
     items = []
     for role, content, meta_text in rows:
-        shape = shapes.get(meta_text, _UNKNOWN) if type(meta_text) is str else None
-        if shape is _UNKNOWN:
-            meta = _read_meta(meta_text)
-            shape = shapes[meta_text] = _shape(meta)
-            if shape is None:
-                items.append(_item(_read_role(role), _read_content(content), meta))
-                continue
-        if shape is None:
-            items.append(_item(_read_role(role), _read_content(content), _read_meta(meta_text)))
-        else:
-            before, field, after = shape
+        cached = type(meta_text) is str
+        layout = layouts.get(meta_text, _UNKNOWN) if cached else _UNKNOWN
+        if layout is _UNKNOWN:
+            layout = _layout(_read_meta(meta_text))
+            if cached and _shareable(layout):
+                layouts[meta_text] = layout
+        if type(layout) is tuple:  # the common case, without a call
+            before, field, after = layout
             items.append({**before, field: _read_content(content), **after})
+        else:
+            items.append(_assemble(layout, _read_role(role), _read_content(content)))
     return items
 
 
-_UNKNOWN: Any = object()
-_Shape = tuple[dict[str, Any], str, dict[str, Any]]
-
-
-def _shape(meta: Mapping[str, Any]) -> _Shape | None:
-    """What every item with this metadata shares: the rest of the item in two parts,
-    before and after its content's field (`{**before, field: content, **after}` is
-    `_item`'s result), when the rest holds no list or object; else None (each such item
-    is read on its own)."""
-    rest = meta.get("item") if meta.get("source") == SOURCE else None
-    field = meta.get("content_field", "content")
-    if (
-        not isinstance(rest, dict)
-        or not isinstance(field, str)
-        or not all(isinstance(value, _SCALARS) for value in rest.values())
-    ):
-        return None
-    index = meta.get("content_index")
-    if not isinstance(index, int) or not 0 <= index <= len(rest):
-        return rest, field, {}
-    pairs = list(rest.items())
-    return dict(pairs[:index]), field, dict(pairs[index:])
+def _shareable(layout: _Layout) -> bool:
+    """Whether items built from one `layout` share nothing a caller could change."""
+    parts = (
+        [layout] if isinstance(layout, dict) else [] if layout is None else [layout[0], layout[2]]
+    )
+    return all(isinstance(value, _SCALARS) for part in parts for value in part.values())
 
 
 def _decoded_inline(rows: list[tuple[Any, Any, Any]]) -> bool:
