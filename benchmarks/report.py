@@ -1330,7 +1330,7 @@ WHY = {
     "adk list": (
         "Ours is two inline reads (the user's sessions in key order on the key's unique "
         "index, then the app's and the user's state) plus one ADK `Session` object per "
-        "session, built with `model_construct` (its values are checked already); the "
-        "rows and the objects are most of what is left."
+        "session (pydantic's validation of its six fields, which costs less than "
+        "`model_construct`); the rows and the objects are most of what is left."
     ),
 }

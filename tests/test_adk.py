@@ -354,9 +354,9 @@ def test_list_sessions_oldest_update_first_with_merged_state(
 def test_sessions_read_back_are_the_objects_adk_validation_makes(
     service: AisopodSessionService,
 ) -> None:
-    """The sessions `get_session` and `list_sessions` return (built without validating
-    again) equal what ADK's own validation makes of the same values, field for field and
-    type for type: names given as a `StrEnum` come back as plain strings."""
+    """The sessions `get_session` and `list_sessions` return equal what ADK's own
+    validation makes of the same values, field for field and type for type: names given
+    as a `StrEnum` come back as plain strings."""
 
     class Names(StrEnum):
         APP = "enum-app"

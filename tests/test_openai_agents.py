@@ -27,6 +27,7 @@ from aisopod_session import (
     SessionRepository,
     open_async_database_sync,
 )
+from aisopod_session.asyncrepository import INLINE_MESSAGES, INLINE_TEXT
 from aisopod_session.cli import app
 from aisopod_session.integrations import openai_agents
 from aisopod_session.integrations.openai_agents import (
@@ -232,7 +233,13 @@ def test_items_read_from_any_row_are_what_their_messages_give(
         ],
     )
     session_id = sync.get(key).id  # type: ignore[union-attr]
-    for content, meta in [("not json", "[1, 2]"), ('"ok"', "not json"), ("{", "{}")]:
+    plain_sql: list[tuple[str | bytes, str]] = [
+        ("not json", "[1, 2]"),
+        ('"ok"', "not json"),
+        ("{", "{}"),
+        (b'"a blob"', "{}"),
+    ]
+    for content, meta in plain_sql:
         run_sql(
             store,
             "INSERT INTO messages (session_id, role, content, created_at, metadata) "
@@ -240,14 +247,17 @@ def test_items_read_from_any_row_are_what_their_messages_give(
             (session_id, content, meta),
         )
     expected = [message_to_item(message) for message in sync.get_history(key)]
-    assert len(expected) == len(ITEMS) + 6 + 7 + 3
+    assert len(expected) == len(ITEMS) + 6 + 7 + 4
     items = stored(session)
     assert [json.dumps(item) for item in items] == [json.dumps(item) for item in expected]
     assert items[len(ITEMS) + 4 : len(ITEMS) + 6] == [turn, turn]
     assert [list(item) for item in items[len(ITEMS) + 4 : len(ITEMS) + 6]] == [
         ["content", "role"]
     ] * 2
-    assert expected[len(ITEMS) + 6 :] == [
+    # The blob reads as its text on SQLite; PostgreSQL stored the bytes' hex form.
+    blob = "a blob" if store.dialect.name == "sqlite" else "\\x" + b'"a blob"'.hex()
+    assert expected[-1] == {"role": "Narrator", "content": blob}
+    assert expected[len(ITEMS) + 6 : -1] == [
         {"role": "user", "content": "gateway's own message"},
         {"content": "b", "id": "m"},
         {"id": "m", "content": "c"},
@@ -307,6 +317,21 @@ def test_a_long_history_is_decoded_off_the_event_loop(
         assert on_loop[1] is False
     else:
         assert on_loop == [False, False, False]
+
+
+def test_only_text_counts_towards_decoding_on_the_loop() -> None:
+    """The size rule of `get_items`' decoding on the event loop (`INLINE_MESSAGES` rows,
+    `INLINE_TEXT` characters of text): text and blob cells count by length, and a cell
+    of another type (which no stored row should hold) counts for nothing."""
+    decoded_inline = openai_agents._decoded_inline
+    small = [("user", '"hi"', "{}")]
+    assert decoded_inline(small)
+    assert decoded_inline([*small, ("user", 42, None)])
+    assert decoded_inline(small * INLINE_MESSAGES)
+    assert not decoded_inline(small * (INLINE_MESSAGES + 1))
+    assert decoded_inline([("user", "x" * (INLINE_TEXT - 2), "{}")])
+    assert not decoded_inline([("user", "x" * (INLINE_TEXT - 1), "{}")])
+    assert not decoded_inline([("user", 42, b"x" * (INLINE_TEXT + 1))])
 
 
 def test_pop_item_removes_the_latest_and_clear_session_removes_all(

@@ -368,7 +368,7 @@ class AisopodSessionService(BaseSessionService):
             id=session_id,
             app_name=app_name,
             user_id=user_id,
-            state=_merged(own, related[app_key].meta, related[user_key].meta),
+            state=_merged(own, _shared(related[app_key].meta, related[user_key].meta)),
             events=[],
             last_update_time=now,
         )
@@ -416,8 +416,9 @@ class AisopodSessionService(BaseSessionService):
             app_name,
             user_id,
             session_id.strip(),
-            {} if app_row is None else app_row.meta,
-            {} if user_row is None else user_row.meta,
+            _shared(
+                {} if app_row is None else app_row.meta, {} if user_row is None else user_row.meta
+            ),
             events,
         )
 
@@ -484,22 +485,16 @@ class AisopodSessionService(BaseSessionService):
         for start in range(0, len(state_keys), 100):
             states += await self._call("get_many", state_keys[start : start + 100])
         app_state = {} if states[0] is None else states[0].meta
-        user_states = {
-            user: ({} if row is None else row.meta)
+        shared = {
+            user: _shared(app_state, {} if row is None else row.meta)
             for user, row in zip(users, states[1:], strict=True)
         }
-        sessions = [
-            _adk_session(
-                row,
-                app_name,
-                _owner(row) if user_id is None else user_id,
-                _unescape(row.peer_id),
-                app_state,
-                user_states[_owner(row) if user_id is None else user_id],
-                [],
+        sessions = []
+        for row in rows:
+            owner = _owner(row) if user_id is None else user_id
+            sessions.append(
+                _adk_session(row, app_name, owner, _unescape(row.peer_id), shared[owner], [])
             )
-            for row in rows
-        ]
         sessions.sort(key=lambda s: (s.last_update_time, s.user_id, s.id))
         return ListSessionsResponse(sessions=sessions)
 
@@ -619,14 +614,18 @@ def _owner(row: Session) -> str:
     return _unescape(row.account_id.partition(":")[2])
 
 
-def _merged(
-    own: Mapping[str, Any], app: Mapping[str, Any], user: Mapping[str, Any]
-) -> dict[str, Any]:
-    """A session's state as ADK shows it: its own keys, then the app's and the user's
-    with their prefixes."""
-    state = {name: value for name, value in own.items() if not name.startswith(State.TEMP_PREFIX)}
-    state.update({State.APP_PREFIX + name: value for name, value in app.items()})
+def _shared(app: Mapping[str, Any], user: Mapping[str, Any]) -> dict[str, Any]:
+    """The app's and the user's state as a session shows them: with their prefixes."""
+    state = {State.APP_PREFIX + name: value for name, value in app.items()}
     state.update({State.USER_PREFIX + name: value for name, value in user.items()})
+    return state
+
+
+def _merged(own: Mapping[str, Any], shared: Mapping[str, Any]) -> dict[str, Any]:
+    """A session's state as ADK shows it: its own keys, then the app's and the user's
+    (`_shared`)."""
+    state = {name: value for name, value in own.items() if not name.startswith(State.TEMP_PREFIX)}
+    state.update(shared)
     return state
 
 
@@ -635,22 +634,17 @@ def _adk_session(
     app_name: str,
     user_id: str,
     session_id: str,
-    app: Mapping[str, Any],
-    user: Mapping[str, Any],
+    shared: Mapping[str, Any],
     events: list[Event],
 ) -> AdkSession:
     stamp = row.meta.get(UPDATE_TIME)
     if not isinstance(stamp, int | float) or isinstance(stamp, bool):
         stamp = row.updated_at.timestamp()
-    # Every value already has its field's type (checked when stored, or made here), so
-    # pydantic's validation, most of the cost of listing sessions, is skipped; the
-    # caller's names become plain `str`s as validation would make them (a `StrEnum`'s
-    # value).
-    return AdkSession.model_construct(
+    return AdkSession(
         id=session_id,
-        app_name=str.__str__(app_name),
-        user_id=str.__str__(user_id),
-        state=_merged(row.meta, app, user),
+        app_name=app_name,
+        user_id=user_id,
+        state=_merged(row.meta, shared),
         events=events,
         last_update_time=float(stamp),
     )

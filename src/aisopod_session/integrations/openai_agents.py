@@ -206,10 +206,11 @@ def _decoded_inline(rows: list[tuple[Any, Any, Any]]) -> bool:
     characters of text)."""
     if len(rows) > INLINE_MESSAGES:
         return False
-    size = 0
-    for _, content, meta in rows:
-        size += (len(content) if isinstance(content, str | bytes) else 0) + (
-            len(meta) if isinstance(meta, str | bytes) else 0
+    try:
+        size = sum([len(content) + len(meta) for _, content, meta in rows])
+    except TypeError:  # a cell plain SQL stored as a number: only text counts
+        size = sum(
+            len(cell) for _, *cells in rows for cell in cells if isinstance(cell, str | bytes)
         )
     return size <= INLINE_TEXT
 
