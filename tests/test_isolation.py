@@ -43,6 +43,7 @@ KEYED_CALLS: dict[str, Call] = {
     "delete": lambda r, k: r.delete(k),
     "append_message": lambda r, k: r.append_message(k, Role.USER, "hi", tokens=3),
     "append_messages": lambda r, k: r.append_messages(k, [NewMessage("user", "a")] * 2),
+    "replace_messages": lambda r, k: r.replace_messages(k, [NewMessage("user", "b")]),
     "get_history": lambda r, k: r.get_history(k),
     "get_history paged": lambda r, k: r.get_history(k, limit=1, before_id=10**6),
 }

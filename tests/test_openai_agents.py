@@ -9,11 +9,13 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
+from unittest.mock import AsyncMock, MagicMock
 
 import pytest
 from agents import Agent, Runner, Session, function_tool, set_tracing_disabled
-from agents.memory import SessionSettings
+from agents.memory import OpenAIResponsesCompactionSession, SessionSettings
 from agents.testing import ScriptedModel, assistant_message, function_call
 from sqlalchemy import Engine
 from typer.testing import CliRunner
@@ -32,6 +34,7 @@ from aisopod_session.cli import app
 from aisopod_session.integrations import openai_agents
 from aisopod_session.integrations.openai_agents import (
     AisopodSession,
+    SessionInputError,
     default_key,
     message_to_item,
 )
@@ -332,6 +335,122 @@ def test_only_text_counts_towards_decoding_on_the_loop() -> None:
     assert decoded_inline([("user", "x" * (INLINE_TEXT - 2), "{}")])
     assert not decoded_inline([("user", "x" * (INLINE_TEXT - 1), "{}")])
     assert not decoded_inline([("user", 42, b"x" * (INLINE_TEXT + 1))])
+
+
+COMPACTED: list[dict[str, Any]] = [
+    {"type": "compaction", "id": "cmp_1", "encrypted_content": "what was said, compacted"},
+    {"role": "user", "content": "and the latest question"},
+]
+
+
+def _compactor(session: Session, output: list[dict[str, Any]]) -> Any:
+    """The SDK's compaction session over `session`, its OpenAI client replaced by one
+    whose `responses.compact` answers `output` (no network)."""
+    client = MagicMock()
+    client.responses.compact = AsyncMock(return_value=SimpleNamespace(output=output, usage=None))
+    return OpenAIResponsesCompactionSession("chat-1", session, client=client)
+
+
+def test_the_sdks_compaction_rewrites_the_history_in_one_transaction(
+    repository: SessionRepository | AsyncSessionRepository,
+    store: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The SDK's `OpenAIResponsesCompactionSession` replaces the stored items with the
+    compacted ones through the adapter's `_atomic_replace_items` (one write
+    transaction), never through `clear_session` then `add_items`, whose gap a dying
+    process would leave empty; a replacement the store refuses leaves the history whole."""
+    session = AisopodSession("chat-1", repository)
+    compactor = _compactor(session, COMPACTED)
+
+    async def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the SDK fell back to clear_session and add_items")
+
+    monkeypatch.setattr(AisopodSession, "clear_session", refuse)
+
+    async def run() -> list[Any]:
+        await compactor.add_items(cast(Any, ITEMS))
+        await compactor.run_compaction({"force": True})
+        return await session.get_items()
+
+    assert asyncio.run(run()) == COMPACTED
+    sent = compactor.client.responses.compact.call_args.kwargs["input"]
+    assert len(sent) == len(ITEMS)
+    assert sent[0]["content"] == ITEMS[0]["content"]
+    assert [m.role for m in SessionRepository(store).get_history(default_key("chat-1"))] == [
+        Role.ASSISTANT,
+        Role.USER,
+    ]
+    # Compacted items are checked as `add_items` checks them: nothing is written.
+    before = snapshot(store)
+    with pytest.raises(SessionInputError, match=r"items\[1\]"):
+        asyncio.run(AisopodSession._atomic_replace_items(session, cast(Any, [COMPACTED[0], 7])))
+    assert snapshot(store) == before
+
+
+def test_a_failed_compaction_write_leaves_the_history_whole(
+    repository: SessionRepository | AsyncSessionRepository, store: Engine
+) -> None:
+    """The deletion of the old items and the insertion of the compacted ones are one
+    transaction: when the database refuses a compacted row (a trigger another program
+    added), the old items are all still there."""
+    session = AisopodSession("chat-1", repository)
+    compactor = _compactor(session, [{"role": "assistant", "content": "boom"}])
+    asyncio.run(compactor.add_items(cast(Any, ITEMS)))
+    if store.dialect.name == "sqlite":
+        run_sql(
+            store,
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages "
+            "WHEN NEW.content LIKE '%boom%' BEGIN SELECT RAISE(ABORT, 'refused boom'); END",
+        )
+    else:
+        run_sql(
+            store,
+            "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF position('boom' in NEW.content) > 0 THEN RAISE EXCEPTION 'refused boom'; "
+            "END IF; RETURN NEW; END $$",
+        )
+        run_sql(
+            store,
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_boom()",
+        )
+    with pytest.raises(Exception, match="refused boom"):
+        asyncio.run(compactor.run_compaction({"force": True}))
+    assert stored(session) == ITEMS
+
+
+def test_a_subclass_that_changes_items_keeps_the_sdks_own_replacement(
+    repository: SessionRepository | AsyncSessionRepository,
+) -> None:
+    """A subclass that overrides `add_items` (say, to redact items) is not bypassed:
+    `_atomic_replace_items` declines, changing nothing, and the SDK's compaction
+    replaces the items through the subclass's own `clear_session` and `add_items`."""
+
+    class Redacting(AisopodSession):
+        async def add_items(self, items: list[Any]) -> None:
+            await super().add_items(
+                cast(Any, [{**item, "content": "[redacted]"} for item in items])
+            )
+
+    session = Redacting("chat-1", repository)
+    asyncio.run(session.add_items([{"role": "user", "content": "secret"}]))
+    assert asyncio.run(Redacting._atomic_replace_items(session, [])) is False
+    assert stored(session) == [{"role": "user", "content": "[redacted]"}]
+    compactor = _compactor(session, [{"role": "assistant", "content": "summary"}])
+    asyncio.run(compactor.run_compaction({"force": True}))
+    assert stored(session) == [{"role": "assistant", "content": "[redacted]"}]
+
+
+def test_compacting_a_session_never_written_creates_nothing_for_no_items(
+    repository: SessionRepository | AsyncSessionRepository, store: Engine
+) -> None:
+    session = AisopodSession("never-written", repository)
+    before = snapshot(store)
+    assert asyncio.run(AisopodSession._atomic_replace_items(session, [])) is True
+    assert snapshot(store) == before
+    assert asyncio.run(AisopodSession._atomic_replace_items(session, cast(Any, COMPACTED[1:])))
+    assert stored(session) == COMPACTED[1:]
 
 
 def test_pop_item_removes_the_latest_and_clear_session_removes_all(

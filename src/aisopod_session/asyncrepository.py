@@ -278,6 +278,8 @@ class AsyncSessionRepository:
     append_messages = _writes(SessionRepository.append_messages, _few_messages)
     append_message = _writes(SessionRepository.append_message, _small_message)
     pop_message = _writes(SessionRepository.pop_message, _always)
+    # Never inline: it deletes every message of the session first, however many.
+    replace_messages = _writes(SessionRepository.replace_messages)
     apply_changes = _writes(SessionRepository.apply_changes, _small_changeset)
     compact = _writes(SessionRepository.compact)
     reset = _writes(SessionRepository.reset)

@@ -816,6 +816,45 @@ class SessionRepository:
             conn.execute(self._text(RECORD_POP), (now, session_id))
         return message
 
+    def replace_messages(
+        self,
+        key: SessionKey | str,
+        messages: Sequence[NewMessage | Mapping[str, Any]],
+        *,
+        tokens: int = 0,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+    ) -> list[Message]:
+        """Replace every message of the session with `messages`, in order (an empty
+        sequence empties it), and return the new ones with their ids and timestamps.
+
+        In one write transaction, so a reader sees the old history or the new one, never
+        a mix, and a failure leaves the old one: the session's rows are deleted, the new
+        ones inserted, `message_count` becomes their number, the token counters grow by
+        the arguments as `append_messages` adds them (what the conversation has cost is
+        kept), `updated_at` becomes now and the status `active`; the metadata and the
+        compaction record are kept. The new rows get new ids, above every id in the
+        store. Every argument is checked first (`ValueError` naming it, `messages[i]`
+        for a message), before anything is written. `SessionNotFoundError` if there is
+        no session. For an agent framework's own compaction, which rewrites a history
+        as a whole (the OpenAI Agents SDK adapter's `_atomic_replace_items`).
+        """
+        key = self._key(key)
+        empty = isinstance(messages, list | tuple) and not messages
+        rows = [] if empty else self._rows(as_new_messages(messages))
+        counts = check_token_counts(tokens, input_tokens, output_tokens)
+        with self._path.transaction("replace_messages", "IMMEDIATE") as conn:
+            session_id, server_now = self._lock_session(conn, key)
+            conn.execute(self._text(DELETE_SESSION_MESSAGES), (session_id,))
+            conn.execute(self._text(SET_MESSAGE_COUNT), (0, session_id))
+            now, now_text = self._clock.stamp(conn, server_now)
+            session_id, ids = self._insert(conn, key, rows, counts, now_text)
+        build = MESSAGE.build
+        return [
+            build((message_id, session_id, role, content, calls, now, meta))
+            for message_id, (role, content, calls, meta, *_) in zip(ids, rows, strict=True)
+        ]
+
     @lenient_text_retry
     def get_history(
         self,

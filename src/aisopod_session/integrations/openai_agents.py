@@ -12,6 +12,7 @@ the item is rebuilt exactly (docs/integrations.md has the mapping). Needs the ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -346,6 +347,38 @@ class AisopodSession:
         first, in its own, if there is none). Every item is checked before anything is
         written (`SessionInputError`, a `ValueError` and a `TypeError`, naming `items[i]`
         and the field)."""
+        messages = self._messages(items)
+        if messages:
+            await self._stored("append_messages", messages)
+
+    async def _atomic_replace_items(self, items: list[TResponseInputItem]) -> bool:
+        """The SDK's hook for rewriting a whole history, which its compaction
+        (`OpenAIResponsesCompactionSession`, manual `run_compaction()` and automatic runs
+        that read the whole history) looks up on the session's class: without it, the
+        SDK clears the session, then adds the compacted items, and a process that dies
+        in between leaves the history empty. Here `items` become the session's items in
+        one write transaction (`SessionRepository.replace_messages`), checked as
+        `add_items` checks them; True when done. False, so that the SDK replaces the
+        items its own way through `clear_session` and `add_items`, for a subclass that
+        overrides `add_items` or `get_items` (its own handling of items must not be
+        bypassed)."""
+        own = type(self)
+        if own.add_items is not AisopodSession.add_items or (
+            own.get_items is not AisopodSession.get_items
+        ):
+            return False
+        messages = self._messages(items)
+        if messages:
+            await self._stored("replace_messages", messages)
+            return True
+        # Nothing stored and nothing to store: no session is made for it.
+        with contextlib.suppress(SessionNotFoundError):
+            await self._call("replace_messages", self.key, messages)
+        return True
+
+    def _messages(self, items: Any) -> list[NewMessage]:
+        """The message rows of `items`, each checked (`SessionInputError` naming
+        `items[i]` and the field); `RuntimeError` once the session is closed."""
         if self._closed:
             raise RuntimeError("AisopodSession is closed")
         if not isinstance(items, list | tuple):
@@ -356,14 +389,17 @@ class AisopodSession:
                 messages.append(item_to_message(cast(Mapping[str, Any], item)))
             except ValueError as exc:
                 raise SessionInputError(f"items[{index}]: {exc}") from None
-        if not messages:
-            return
+        return messages
+
+    async def _stored(self, method: str, messages: list[NewMessage]) -> None:
+        """`append_messages` or `replace_messages` of `messages` under the key, the
+        session created first (in its own write transaction) if there is none."""
         try:
             try:
-                await self._call("append_messages", self.key, messages)
+                await self._call(method, self.key, messages)
             except SessionNotFoundError:
                 await self._call("get_or_create", self.key)
-                await self._call("append_messages", self.key, messages)
+                await self._call(method, self.key, messages)
         except ValueError as exc:
             # What only the store can refuse (a NUL character on PostgreSQL), before it
             # writes anything, names `messages[i]` (`items[i]` here), or no index for one.

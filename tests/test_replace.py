@@ -1,0 +1,211 @@
+"""Replacing a session's whole history (`replace_messages`): what the session holds and
+counts afterwards, the old history kept whole when anything fails, and every refusal
+with nothing written."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from freezegun import freeze_time
+from sqlalchemy import Engine
+
+from aisopod_session import (
+    AccessDeniedError,
+    NewMessage,
+    Role,
+    SessionKey,
+    SessionNotFoundError,
+    SessionRepository,
+    SessionStatus,
+)
+from tests.dbtools import before_io, no_statements, run_sql, snapshot
+
+KEY = SessionKey("agent-1", "telegram", "bot-A", "dm", "alice")
+OTHER = SessionKey("agent-1", "telegram", "bot-A", "dm", "bob")
+START = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def repo(store_repo: SessionRepository) -> SessionRepository:
+    """SQLite and PostgreSQL, sync and async API (see conftest)."""
+    return store_repo
+
+
+def test_replace_gives_the_session_exactly_the_new_messages_and_keeps_the_rest(
+    repo: SessionRepository,
+) -> None:
+    with freeze_time(START) as clock:
+        repo.get_or_create(KEY)
+        repo.update_metadata(KEY, {"title": "kept"})
+        old = repo.append_messages(
+            KEY,
+            [NewMessage("user", f"old {i}") for i in range(5)],
+            input_tokens=5,
+            output_tokens=7,
+        )
+        repo.compact(KEY, keep_last=4, summary="the first turn")
+        repo.set_status(KEY, SessionStatus.IDLE)
+        clock.tick(timedelta(minutes=5))
+        new = repo.replace_messages(
+            KEY,
+            [
+                NewMessage(Role.SYSTEM, "summary of it all", meta={"kind": "compaction"}),
+                {"role": "user", "content": [{"type": "text", "text": "latest"}]},
+                NewMessage("assistant", None, tool_calls=[{"id": "c1"}]),
+            ],
+            output_tokens=3,
+        )
+    assert [(m.role, m.content, m.tool_calls, m.meta) for m in new] == [
+        (Role.SYSTEM, "summary of it all", None, {"kind": "compaction"}),
+        (Role.USER, [{"type": "text", "text": "latest"}], None, {}),
+        (Role.ASSISTANT, None, [{"id": "c1"}], {}),
+    ]
+    assert repo.get_history(KEY) == new
+    # New rows, after every old one, stamped now.
+    assert min(m.id or 0 for m in new) > max(m.id or 0 for m in old)
+    assert {m.created_at for m in new} == {START + timedelta(minutes=5)}
+    session = repo.get(KEY)
+    assert session is not None
+    assert session.message_count == 3
+    assert session.updated_at == START + timedelta(minutes=5)
+    assert session.status == SessionStatus.ACTIVE
+    # What the conversation cost grows by the arguments; metadata and compaction stay.
+    assert (session.token_usage, session.input_tokens, session.output_tokens) == (15, 5, 10)
+    assert session.meta == {"title": "kept"}
+    assert (session.compaction_count, session.last_compaction_summary) == (1, "the first turn")
+
+
+def test_replace_with_no_messages_empties_the_session(repo: SessionRepository) -> None:
+    repo.get_or_create(KEY)
+    repo.append_messages(KEY, [NewMessage("user", "a"), NewMessage("user", "b")])
+    empties: list[list[NewMessage] | tuple[NewMessage, ...]] = [[], ()]
+    for empty in empties:
+        assert repo.replace_messages(KEY, empty) == []
+        assert repo.get_history(KEY) == []
+        session = repo.get(KEY)
+        assert session is not None
+        assert session.message_count == 0
+
+
+def test_replace_touches_only_its_own_session_and_search_follows(
+    repo: SessionRepository,
+) -> None:
+    repo.get_or_create(KEY)
+    repo.get_or_create(OTHER)
+    repo.append_message(KEY, "user", "zanzibar ferry times")
+    theirs = repo.append_message(OTHER, "user", "zanzibar for bob")
+    repo.replace_messages(KEY, [NewMessage("user", "timbuktu buses")])
+    assert repo.get_history(OTHER) == [theirs]
+    assert [hit.key for hit in repo.search_messages("zanzibar")] == [OTHER]
+    assert [hit.message.content for hit in repo.search_messages("timbuktu")] == ["timbuktu buses"]
+
+
+def test_a_count_left_wrong_by_another_program_becomes_true(
+    repo: SessionRepository, store: Engine
+) -> None:
+    repo.get_or_create(KEY)
+    repo.append_message(KEY, "user", "hello")
+    run_sql(store, "UPDATE sessions SET message_count = 40")
+    repo.replace_messages(KEY, [NewMessage("user", "a"), NewMessage("user", "b")])
+    session = repo.get(KEY)
+    assert session is not None
+    assert session.message_count == 2
+
+
+def test_a_failed_insert_leaves_the_old_history_whole(
+    repo: SessionRepository, store: Engine
+) -> None:
+    """The deletion and the insertion are one transaction: a new row the database
+    refuses (here a trigger another program added) rolls the deletion back too."""
+    repo.get_or_create(KEY)
+    repo.append_messages(KEY, [NewMessage("user", f"old {i}") for i in range(3)])
+    if store.dialect.name == "sqlite":
+        run_sql(
+            store,
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages "
+            "WHEN NEW.content LIKE '%boom%' BEGIN SELECT RAISE(ABORT, 'refused boom'); END",
+        )
+    else:
+        run_sql(
+            store,
+            "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF position('boom' in NEW.content) > 0 THEN RAISE EXCEPTION 'refused boom'; END IF; "
+            "RETURN NEW; END $$",
+        )
+        run_sql(
+            store,
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_boom()",
+        )
+    before = snapshot(store)
+    with pytest.raises(Exception, match="refused boom"):
+        repo.replace_messages(KEY, [NewMessage("user", "fine"), NewMessage("user", "boom")])
+    assert snapshot(store) == before
+
+
+def test_readers_see_the_old_history_or_the_new_one_never_a_mix(
+    repo: SessionRepository,
+) -> None:
+    repo.get_or_create(KEY)
+    old = [m.content for m in repo.append_messages(KEY, [NewMessage("user", "old")] * 30)]
+    new = ["new"] * 20
+    seen: set[tuple[object, ...]] = set()
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                seen.add(tuple(m.content for m in repo.get_history(KEY)))
+        except BaseException as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for turn in range(20):
+            contents = new if turn % 2 == 0 else old
+            repo.replace_messages(KEY, [NewMessage("user", text) for text in contents])
+    finally:
+        done.set()
+        reader.join()
+    assert errors == []
+    assert seen <= {tuple(old), tuple(new)}
+
+
+def test_replace_of_a_missing_session_raises_and_creates_nothing(
+    repo: SessionRepository, store: Engine
+) -> None:
+    before = snapshot(store)
+    with pytest.raises(SessionNotFoundError):
+        repo.replace_messages(OTHER, [NewMessage("user", "hi")])
+    with pytest.raises(SessionNotFoundError):
+        repo.replace_messages(OTHER, [])
+    assert snapshot(store) == before
+
+
+@before_io
+def test_replace_refuses_bad_arguments_another_agent_and_a_bad_key_before_any_io(
+    repo: SessionRepository, store: Engine
+) -> None:
+    repo.get_or_create(KEY)
+    repo.append_message(KEY, "user", "hello")
+    before = snapshot(store)
+    refusals: list[tuple[object, dict[str, object], str]] = [
+        (None, {}, r"messages: must be a sequence"),
+        ("text", {}, r"messages: must be a sequence"),
+        ([NewMessage("user", "ok"), 3], {}, r"messages\[1\]"),
+        ([{"role": "user"}], {}, r"messages\[0\]"),
+        ([NewMessage("user", "ok")], {"tokens": -1}, "tokens"),
+        ([], {"output_tokens": 1.5}, "output_tokens"),
+    ]
+    for messages, counts, field in refusals:
+        with pytest.raises(ValueError, match=field), no_statements():
+            repo.replace_messages(KEY, messages, **counts)  # type: ignore[arg-type]
+    with pytest.raises(AccessDeniedError), no_statements():
+        repo.for_agent("agent-2").replace_messages(KEY, [])
+    with pytest.raises(ValueError, match="peer_id"), no_statements():
+        repo.replace_messages("agent-1:telegram:bot-A:dm:", [])
+    assert snapshot(store) == before
