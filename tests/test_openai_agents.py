@@ -322,6 +322,35 @@ def test_a_long_history_is_decoded_off_the_event_loop(
         assert on_loop == [False, False, False]
 
 
+def test_many_items_are_checked_off_the_event_loop(
+    repository: SessionRepository | AsyncSessionRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items to write are checked on the event loop only when the async repository
+    would write them there (at most 64 short items); more, for `add_items` and the
+    compaction hook alike, are checked on a worker thread."""
+    checked_on: list[threading.Thread] = []
+    check = AisopodSession._messages
+
+    def spy(self: AisopodSession, items: Any) -> list[NewMessage]:
+        checked_on.append(threading.current_thread())
+        return check(self, items)
+
+    monkeypatch.setattr(AisopodSession, "_messages", spy)
+    session = AisopodSession("chat-1", repository)
+    many = [{"role": "user", "content": f"m{i}"} for i in range(100)]
+
+    async def run() -> threading.Thread:
+        await session.add_items(cast(Any, many[:3]))
+        await session.add_items(cast(Any, many))
+        await session.add_items(cast(Any, [{"role": "user", "content": "x" * 70_000}]))
+        assert await AisopodSession._atomic_replace_items(session, cast(Any, many))
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(run())
+    assert [thread is loop_thread for thread in checked_on] == [True, False, False, False]
+    assert stored(session) == many
+
+
 def test_only_text_counts_towards_decoding_on_the_loop() -> None:
     """The size rule of `get_items`' decoding on the event loop (`INLINE_MESSAGES` rows,
     `INLINE_TEXT` characters of text): text and blob cells count by length, and a cell

@@ -5,6 +5,8 @@ with nothing written."""
 from __future__ import annotations
 
 import threading
+from collections import UserList
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -80,7 +82,7 @@ def test_replace_gives_the_session_exactly_the_new_messages_and_keeps_the_rest(
 def test_replace_with_no_messages_empties_the_session(repo: SessionRepository) -> None:
     repo.get_or_create(KEY)
     repo.append_messages(KEY, [NewMessage("user", "a"), NewMessage("user", "b")])
-    empties: list[list[NewMessage] | tuple[NewMessage, ...]] = [[], ()]
+    empties: list[Sequence[NewMessage]] = [[], (), UserList()]
     for empty in empties:
         assert repo.replace_messages(KEY, empty) == []
         assert repo.get_history(KEY) == []
@@ -196,6 +198,8 @@ def test_replace_refuses_bad_arguments_another_agent_and_a_bad_key_before_any_io
     refusals: list[tuple[object, dict[str, object], str]] = [
         (None, {}, r"messages: must be a sequence"),
         ("text", {}, r"messages: must be a sequence"),
+        ("", {}, r"messages: must be a sequence"),
+        (b"", {}, r"messages: must be a sequence"),
         ([NewMessage("user", "ok"), 3], {}, r"messages\[1\]"),
         ([{"role": "user"}], {}, r"messages\[0\]"),
         ([NewMessage("user", "ok")], {"tokens": -1}, "tokens"),

@@ -50,7 +50,7 @@ INLINE_TEXT = 64 * 1024
 _INLINE_NODES = 4096
 
 
-def _small(*values: Any) -> bool:
+def fits_inline(*values: Any) -> bool:
     """Whether `values` (JSON values, messages) hold at most `INLINE_TEXT` characters of
     text and `_INLINE_NODES` values in all; stops looking as soon as they do not."""
     room = [INLINE_TEXT, _INLINE_NODES]
@@ -80,22 +80,22 @@ def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: s
 
 
 def _small_message(*args: Any, **kwargs: Any) -> bool:
-    return _small(
+    return fits_inline(
         _argument(args, kwargs, 2, "content"), kwargs.get("tool_calls"), kwargs.get("meta")
     )
 
 
 def _few_messages(*args: Any, **kwargs: Any) -> bool:
     given = _argument(args, kwargs, 1, "messages")
-    return isinstance(given, list | tuple) and len(given) <= INLINE_MESSAGES and _small(given)
+    return isinstance(given, list | tuple) and len(given) <= INLINE_MESSAGES and fits_inline(given)
 
 
 def _small_changes(*args: Any, **kwargs: Any) -> bool:
-    return _small(_argument(args, kwargs, 1, "changes"))
+    return fits_inline(_argument(args, kwargs, 1, "changes"))
 
 
 def _small_meta(*args: Any, **kwargs: Any) -> bool:
-    return _small(kwargs.get("meta"))
+    return fits_inline(kwargs.get("meta"))
 
 
 def _few_keys(*args: Any, **kwargs: Any) -> bool:
@@ -111,7 +111,7 @@ def _small_changeset(*args: Any, **kwargs: Any) -> bool:
         and len(messages) <= INLINE_MESSAGES
         and isinstance(related, dict)
         and len(related) <= 8
-        and _small(messages, kwargs.get("meta"), list(related.values()))
+        and fits_inline(messages, kwargs.get("meta"), list(related.values()))
     )
 
 

@@ -840,7 +840,8 @@ class SessionRepository:
         as a whole (the OpenAI Agents SDK adapter's `_atomic_replace_items`).
         """
         key = self._key(key)
-        empty = isinstance(messages, list | tuple) and not messages
+        empty = isinstance(messages, Sequence) and not isinstance(messages, str | bytes)
+        empty = empty and not messages
         rows = [] if empty else self._rows(as_new_messages(messages))
         counts = check_token_counts(tokens, input_tokens, output_tokens)
         with self._path.transaction("replace_messages", "IMMEDIATE") as conn:

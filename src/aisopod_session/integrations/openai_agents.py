@@ -22,7 +22,12 @@ from agents.memory.session_settings import SessionSettings
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
-from aisopod_session.asyncrepository import INLINE_MESSAGES, INLINE_TEXT, AsyncSessionRepository
+from aisopod_session.asyncrepository import (
+    INLINE_MESSAGES,
+    INLINE_TEXT,
+    AsyncSessionRepository,
+    fits_inline,
+)
 from aisopod_session.database import open_async_database_sync
 from aisopod_session.enums import PeerKind, Role
 from aisopod_session.errors import SessionNotFoundError
@@ -347,7 +352,7 @@ class AisopodSession:
         first, in its own, if there is none). Every item is checked before anything is
         written (`SessionInputError`, a `ValueError` and a `TypeError`, naming `items[i]`
         and the field)."""
-        messages = self._messages(items)
+        messages = await self._checked(items)
         if messages:
             await self._stored("append_messages", messages)
 
@@ -367,7 +372,7 @@ class AisopodSession:
             own.get_items is not AisopodSession.get_items
         ):
             return False
-        messages = self._messages(items)
+        messages = await self._checked(items)
         if messages:
             await self._stored("replace_messages", messages)
             return True
@@ -375,6 +380,16 @@ class AisopodSession:
         with contextlib.suppress(SessionNotFoundError):
             await self._call("replace_messages", self.key, messages)
         return True
+
+    async def _checked(self, items: Any) -> list[NewMessage]:
+        """`_messages(items)`: on the event loop for what the async repository would
+        write there (`INLINE_MESSAGES` items, `INLINE_TEXT` characters of text), else on
+        a worker thread (checking walks every value of every item)."""
+        if not isinstance(items, list | tuple) or (
+            len(items) <= INLINE_MESSAGES and fits_inline(items)
+        ):
+            return self._messages(items)
+        return await asyncio.to_thread(self._messages, items)
 
     def _messages(self, items: Any) -> list[NewMessage]:
         """The message rows of `items`, each checked (`SessionInputError` naming
