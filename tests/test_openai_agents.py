@@ -14,7 +14,7 @@ from typing import Any, cast
 from unittest.mock import AsyncMock, MagicMock
 
 import pytest
-from agents import Agent, Runner, Session, function_tool, set_tracing_disabled
+from agents import Agent, RunConfig, Runner, Session, function_tool, set_tracing_disabled
 from agents.memory import OpenAIResponsesCompactionSession, SessionSettings
 from agents.testing import ScriptedModel, assistant_message, function_call
 from sqlalchemy import Engine
@@ -449,6 +449,112 @@ def test_a_failed_compaction_write_leaves_the_history_whole(
     assert stored(session) == ITEMS
 
 
+def _run_compacting(
+    session: AisopodSession, compact: Any, reply: str = "done"
+) -> OpenAIResponsesCompactionSession:
+    """One turn ("continue") under the SDK's `Runner` through its compaction session
+    over `session`, which compacts after every turn (input mode, one item of history
+    per turn: `session_settings.limit` 1) with `compact` as `responses.compact`."""
+    client = MagicMock()
+    client.responses.compact = AsyncMock(side_effect=compact)
+    compactor = OpenAIResponsesCompactionSession(
+        "chat-1",
+        session,
+        client=client,
+        compaction_mode="input",
+        should_trigger_compaction=lambda _: True,
+    )
+    model = ScriptedModel(steps=[[assistant_message(reply)]])
+    asyncio.run(
+        Runner.run(
+            Agent(name="worker", model=model),
+            "continue",
+            session=compactor,
+            run_config=RunConfig(session_settings=SessionSettings(limit=1)),
+        )
+    )
+    return compactor
+
+
+def test_automatic_compaction_rewrites_only_the_newest_items(
+    repository: SessionRepository | AsyncSessionRepository,
+) -> None:
+    """Under `Runner`, the SDK's automatic compaction reads the newest items through
+    the adapter's `_get_compaction_snapshot` and replaces only those the model saw,
+    atomically: the older items stay as they were."""
+    session = AisopodSession("chat-1", repository)
+    older = [{"role": "user", "content": str(i)} for i in range(4)]
+    asyncio.run(session.add_items(cast(Any, older)))
+    compacted = {"type": "compaction", "id": "cmp_1", "encrypted_content": "summary"}
+    sent: list[Any] = []
+
+    async def compact(**kwargs: Any) -> Any:
+        sent.append(kwargs["input"])
+        return SimpleNamespace(output=[compacted], usage=None)
+
+    _run_compacting(session, compact)
+    [request] = sent
+    assert [item.get("content") for item in request[:2]] == ["3", "continue"]
+    assert len(request) == 3  # the newest stored item, the turn and the model's reply
+    assert stored(session) == [*older[:3], compacted]
+
+
+def test_an_item_written_while_compacting_is_never_lost(
+    repository: SessionRepository | AsyncSessionRepository,
+) -> None:
+    """An item another writer adds while the compaction request is out makes the
+    snapshot stale: the SDK's replacement is refused and writes nothing, and every item
+    stays."""
+    session = AisopodSession("chat-1", repository)
+    other = AisopodSession("chat-1", repository)  # another worker on the same chat
+    older = [{"role": "user", "content": str(i)} for i in range(4)]
+    asyncio.run(session.add_items(cast(Any, older)))
+    meanwhile = {"role": "user", "content": "written meanwhile"}
+
+    async def compact(**kwargs: Any) -> Any:
+        await other.add_items(cast(Any, [meanwhile]))
+        return SimpleNamespace(output=[{"type": "compaction", "id": "c", "encrypted_content": "s"}])
+
+    _run_compacting(session, compact)
+    items = stored(session)
+    assert items[:4] == older
+    assert [item.get("content") for item in items[4:5]] == ["continue"]
+    assert items[-1] == meanwhile
+    assert len(items) == 7  # the turn's two items stored, nothing replaced
+
+
+def test_the_compaction_snapshot_reads_the_newest_items_once(
+    repository: SessionRepository | AsyncSessionRepository, store: Engine
+) -> None:
+    """`_get_compaction_snapshot(limit)`: the newest `limit` items, whether they are all
+    of them, and a `replace_suffix` that refuses an empty or stale suffix; None where
+    the SDK must replace the whole history itself."""
+    session = AisopodSession("chat-1", repository)
+
+    async def run() -> None:
+        empty = await session._get_compaction_snapshot(3)
+        assert empty is not None
+        assert (empty.items, empty.complete) == ([], True)
+        assert await empty.replace_suffix(0, []) is False
+        await session.add_items(cast(Any, ITEMS[:5]))
+        newest = await session._get_compaction_snapshot(2)
+        whole = await session._get_compaction_snapshot(5)
+        assert newest is not None
+        assert whole is not None
+        assert (newest.items, newest.complete) == (ITEMS[3:5], False)
+        assert (whole.items, whole.complete) == (ITEMS[:5], True)
+        assert await newest.replace_suffix(2, []) is False  # nothing from there on
+        assert await newest.replace_suffix(1, cast(Any, [ITEMS[0]])) is True
+        assert await session.get_items() == [*ITEMS[:4], ITEMS[0]]
+        assert await whole.replace_suffix(0, []) is False  # read before that write
+        assert await session.get_items() == [*ITEMS[:4], ITEMS[0]]
+        for limit in (0, -1, 1.5):
+            assert await session._get_compaction_snapshot(cast(Any, limit)) is None
+        assert await session._get_compaction_snapshot(2, prune_prefix=lambda _: True) is None
+
+    asyncio.run(run())
+
+
 def test_a_subclass_that_changes_items_keeps_the_sdks_own_replacement(
     repository: SessionRepository | AsyncSessionRepository,
 ) -> None:
@@ -465,6 +571,7 @@ def test_a_subclass_that_changes_items_keeps_the_sdks_own_replacement(
     session = Redacting("chat-1", repository)
     asyncio.run(session.add_items([{"role": "user", "content": "secret"}]))
     assert asyncio.run(Redacting._atomic_replace_items(session, [])) is False
+    assert asyncio.run(session._get_compaction_snapshot(5)) is None
     assert stored(session) == [{"role": "user", "content": "[redacted]"}]
     compactor = _compactor(session, [{"role": "assistant", "content": "summary"}])
     asyncio.run(compactor.run_compaction({"force": True}))

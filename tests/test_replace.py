@@ -1,6 +1,6 @@
-"""Replacing a session's whole history (`replace_messages`): what the session holds and
-counts afterwards, the old history kept whole when anything fails, and every refusal
-with nothing written."""
+"""Replacing a session's history, or its newest messages (`replace_messages`): what the
+session holds and counts afterwards, the old history kept whole when anything fails or
+has moved on, and every refusal with nothing written."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 
 from aisopod_session import (
     AccessDeniedError,
+    HistoryChangedError,
     NewMessage,
     Role,
     SessionKey,
@@ -177,6 +178,89 @@ def test_readers_see_the_old_history_or_the_new_one_never_a_mix(
     assert seen <= {tuple(old), tuple(new)}
 
 
+def test_replacing_the_newest_messages_keeps_the_older_ones(repo: SessionRepository) -> None:
+    repo.get_or_create(KEY)
+    old = repo.append_messages(KEY, [NewMessage("user", f"old {i}") for i in range(6)], tokens=4)
+    new = repo.replace_messages(
+        KEY,
+        [NewMessage(Role.SYSTEM, "the last four, compacted")],
+        replacing=[m.id or 0 for m in old[2:]],
+    )
+    assert repo.get_history(KEY) == [*old[:2], *new]
+    assert (new[0].id or 0) > (old[-1].id or 0)
+    session = repo.get(KEY)
+    assert session is not None
+    assert (session.message_count, session.token_usage) == (3, 4)
+    assert sorted(str(hit.message.content) for hit in repo.search_messages("old")) == [
+        "old 0",
+        "old 1",
+    ]
+    # Replacing the newest message by nothing removes it, as a pop would.
+    assert repo.replace_messages(KEY, [], replacing=[new[0].id or 0]) == []
+    assert repo.get_history(KEY) == old[:2]
+
+
+def test_replacing_messages_that_are_no_longer_the_newest_writes_nothing(
+    repo: SessionRepository, store: Engine
+) -> None:
+    """A rewrite computed from a history that has moved on (a message appended, popped
+    or deleted since it was read, or ids that were never the newest) is refused whole."""
+    repo.get_or_create(KEY)
+    repo.get_or_create(OTHER)
+    read = repo.append_messages(KEY, [NewMessage("user", f"m{i}") for i in range(4)])
+    theirs = repo.append_message(OTHER, "user", "another session's newest")
+    ids = [m.id or 0 for m in read]
+    summary = [NewMessage(Role.SYSTEM, "summary")]
+    stale: list[list[int]] = [
+        ids[:3],  # not the newest
+        ids[1:3],
+        [*ids[2:], theirs.id or 0],  # another session's message
+        [ids[0], ids[3]],  # a gap
+        [*ids, (theirs.id or 0) + 100],  # an id that does not exist
+    ]
+    before = snapshot(store)
+    for replacing in stale:
+        with pytest.raises(HistoryChangedError):
+            repo.replace_messages(KEY, summary, replacing=replacing)
+    assert snapshot(store) == before
+    appended = repo.append_message(KEY, "user", "written meanwhile")
+    with pytest.raises(HistoryChangedError):
+        repo.replace_messages(KEY, summary, replacing=ids)
+    assert repo.get_history(KEY) == [*read, appended]
+    repo.pop_message(KEY)
+    repo.pop_message(KEY)
+    with pytest.raises(HistoryChangedError):
+        repo.replace_messages(KEY, summary, replacing=ids)
+    assert repo.get_history(KEY) == read[:3]
+
+
+def test_of_two_rewrites_of_one_read_only_one_lands(repo: SessionRepository) -> None:
+    """Two compactions computed from the same read race: the first to take the write
+    lock replaces the messages, the other finds them gone and writes nothing."""
+    repo.get_or_create(KEY)
+    read = repo.append_messages(KEY, [NewMessage("user", f"m{i}") for i in range(10)])
+    ids = [m.id or 0 for m in read[4:]]
+    outcomes: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def rewrite(name: str) -> None:
+        barrier.wait()
+        try:
+            repo.replace_messages(KEY, [NewMessage(Role.SYSTEM, name)], replacing=ids)
+            outcomes.append(name)
+        except HistoryChangedError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=rewrite, args=(f"by {i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes).count("refused") == 3
+    [winner] = [name for name in outcomes if name != "refused"]
+    assert [m.content for m in repo.get_history(KEY)] == [*(m.content for m in read[:4]), winner]
+
+
 def test_replace_of_a_missing_session_raises_and_creates_nothing(
     repo: SessionRepository, store: Engine
 ) -> None:
@@ -204,6 +288,13 @@ def test_replace_refuses_bad_arguments_another_agent_and_a_bad_key_before_any_io
         ([{"role": "user"}], {}, r"messages\[0\]"),
         ([NewMessage("user", "ok")], {"tokens": -1}, "tokens"),
         ([], {"output_tokens": 1.5}, "output_tokens"),
+        ([], {"replacing": []}, r"replacing: must hold at least one"),
+        ([], {"replacing": 7}, r"replacing: must be a sequence"),
+        ([], {"replacing": "12"}, r"replacing: must be a sequence"),
+        ([], {"replacing": [3, 2]}, r"replacing: the message ids must be in increasing"),
+        ([], {"replacing": [1, 1]}, r"replacing: the message ids must be in increasing"),
+        ([], {"replacing": [0]}, r"replacing\[0\]"),
+        ([], {"replacing": [1, True]}, r"replacing\[1\]"),
     ]
     for messages, counts, field in refusals:
         with pytest.raises(ValueError, match=field), no_statements():

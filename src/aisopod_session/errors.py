@@ -28,6 +28,11 @@ class SessionExistsError(SessionStoreError):
     already; nothing was written."""
 
 
+class HistoryChangedError(SessionStoreError):
+    """`replace_messages(..., replacing=ids)` found other newest messages than `ids` (a
+    message appended, popped or deleted since they were read); nothing was written."""
+
+
 class AccessDeniedError(SessionStoreError):
     """A repository confined to one agent (`for_agent`) was given another agent's key."""
 

@@ -21,6 +21,7 @@ from aisopod_session.enums import Role, SessionStatus
 from aisopod_session.errors import (
     AccessDeniedError,
     DamagedRowError,
+    HistoryChangedError,
     SessionExistsError,
     SessionNotFoundError,
     SessionStoreError,
@@ -49,6 +50,7 @@ from aisopod_session.results import (
 from aisopod_session.statements import (
     COPY_MESSAGES,
     COUNT_APPEND,
+    DELETE_MESSAGES_FROM,
     DELETE_MESSAGES_UP_TO,
     DELETE_NEWEST_MESSAGE,
     DELETE_SESSION,
@@ -61,9 +63,11 @@ from aisopod_session.statements import (
     LAST_MESSAGE_ID,
     LOCK_SESSION,
     MESSAGE_IN_SESSION,
+    NEWEST_IDS,
     NEWEST_REMOVED,
     RECORD_COMPACTION,
     RECORD_POP,
+    RECOUNT_MESSAGES,
     RESET_SESSION,
     SEARCH_QUERY,
     SELECT_META,
@@ -102,6 +106,7 @@ from aisopod_session.validation import (
     check_changes,
     check_idle_for,
     check_int,
+    check_message_ids,
     check_page_limit,
     check_roles,
     check_status,
@@ -821,39 +826,56 @@ class SessionRepository:
         key: SessionKey | str,
         messages: Sequence[NewMessage | Mapping[str, Any]],
         *,
+        replacing: Sequence[int] | None = None,
         tokens: int = 0,
         input_tokens: int = 0,
         output_tokens: int = 0,
     ) -> list[Message]:
-        """Replace every message of the session with `messages`, in order (an empty
-        sequence empties it), and return the new ones with their ids and timestamps.
+        """Replace the session's messages with `messages`, in order (an empty sequence
+        removes them), and return the new ones with their ids and timestamps.
+
+        Without `replacing`, every message is replaced. With `replacing`, the ids of the
+        session's newest messages as the caller read them (in id order), only those are:
+        if they are no longer exactly its newest messages (one was appended, popped or
+        deleted since), `HistoryChangedError` and nothing is written, so a rewrite
+        computed from a history that has moved on never overwrites the new messages.
 
         In one write transaction, so a reader sees the old history or the new one, never
-        a mix, and a failure leaves the old one: the session's rows are deleted, the new
-        ones inserted, `message_count` becomes their number, the token counters grow by
-        the arguments as `append_messages` adds them (what the conversation has cost is
-        kept), `updated_at` becomes now and the status `active`; the metadata and the
-        compaction record are kept. The new rows get new ids, above every id in the
-        store. Every argument is checked first (`ValueError` naming it, `messages[i]`
-        for a message), before anything is written. `SessionNotFoundError` if there is
-        no session. For an agent framework's own compaction, which rewrites a history
-        as a whole (the OpenAI Agents SDK adapter's `_atomic_replace_items`).
+        a mix, and a failure leaves the old one: the replaced rows are deleted, the new
+        ones inserted after the rows kept, `message_count` becomes the rows' number, the
+        token counters grow by the arguments as `append_messages` adds them (what the
+        conversation has cost is kept), `updated_at` becomes now and the status
+        `active`; the metadata and the compaction record are kept. The new rows get new
+        ids, above every id in the store. Every argument is checked first (`ValueError`
+        naming it, `messages[i]` for a message; `replacing` must hold at least one id, in
+        increasing order), before anything is written. `SessionNotFoundError` if there is
+        no session. For an agent framework's own compaction, which rewrites a history or
+        its newest part (the OpenAI Agents SDK adapter's).
         """
         key = self._key(key)
         empty = isinstance(messages, Sequence) and not isinstance(messages, str | bytes)
         empty = empty and not messages
         rows = [] if empty else self._rows(as_new_messages(messages))
+        ids = None if replacing is None else check_message_ids("replacing", replacing)
         counts = check_token_counts(tokens, input_tokens, output_tokens)
         with self._path.transaction("replace_messages", "IMMEDIATE") as conn:
             session_id, server_now = self._lock_session(conn, key)
-            conn.execute(self._text(DELETE_SESSION_MESSAGES), (session_id,))
-            conn.execute(self._text(SET_MESSAGE_COUNT), (0, session_id))
+            if ids is None:
+                conn.execute(self._text(DELETE_SESSION_MESSAGES), (session_id,))
+            else:
+                newest = conn.execute(self._text(NEWEST_IDS), (session_id, len(ids))).fetchall()
+                if [row[0] for row in reversed(newest)] != ids:
+                    raise HistoryChangedError(
+                        f"the newest messages of {key} are no longer those of `replacing`"
+                    )
+                conn.execute(self._text(DELETE_MESSAGES_FROM), (session_id, ids[0]))
+            conn.execute(self._text(RECOUNT_MESSAGES), (session_id,))
             now, now_text = self._clock.stamp(conn, server_now)
-            session_id, ids = self._insert(conn, key, rows, counts, now_text)
+            session_id, new_ids = self._insert(conn, key, rows, counts, now_text)
         build = MESSAGE.build
         return [
             build((message_id, session_id, role, content, calls, now, meta))
-            for message_id, (role, content, calls, meta, *_) in zip(ids, rows, strict=True)
+            for message_id, (role, content, calls, meta, *_) in zip(new_ids, rows, strict=True)
         ]
 
     @lenient_text_retry

@@ -688,6 +688,26 @@ _ROWS_OF_SESSION = (
     .where(col(Message.session_id) == col(Session.id))
     .scalar_subquery()
 )
+RECOUNT_MESSAGES = query(
+    update(Session).where(_BY_SESSION_ID).values(message_count=_ROWS_OF_SESSION),
+    ("session_id",),
+)
+"""A session's `message_count` set to its rows' number."""
+NEWEST_IDS = query(
+    select(col(Message.id))
+    .where(col(Message.session_id) == bindparam("session_id"))
+    .order_by(col(Message.id).desc())
+    .limit(bindparam("count"))
+    .offset(literal_column("0")),  # else SQLite's LIMIT binds an OFFSET of its own
+    ("session_id", "count"),
+)
+"""The ids of a session's newest `count` messages, newest first."""
+DELETE_MESSAGES_FROM = query(
+    delete(Message).where(
+        col(Message.session_id) == bindparam("session_id"), col(Message.id) >= bindparam("first")
+    ),
+    ("session_id", "first"),
+)
 RECORD_COMPACTION = query(
     update(Session)
     .where(_BY_SESSION_ID)

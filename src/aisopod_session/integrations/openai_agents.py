@@ -30,7 +30,7 @@ from aisopod_session.asyncrepository import (
 )
 from aisopod_session.database import open_async_database_sync
 from aisopod_session.enums import PeerKind, Role
-from aisopod_session.errors import SessionNotFoundError
+from aisopod_session.errors import HistoryChangedError, SessionNotFoundError
 from aisopod_session.keys import SessionKey
 from aisopod_session.models import Message, NewMessage
 from aisopod_session.repository import SessionRepository
@@ -227,6 +227,19 @@ def _read_items(
     return items_of_rows(repository.get_history_text(key, limit=limit))
 
 
+@dataclasses.dataclass(frozen=True)
+class CompactionSnapshot:
+    """What `AisopodSession._get_compaction_snapshot` gives the SDK's compaction: the
+    attributes of the SDK's own snapshot (`agents.memory.session._CompactionSnapshot`,
+    internal to the SDK, so not imported): the newest items, oldest first, whether they
+    are every item of the session, and the call that replaces the items from an index
+    on, atomically, if they are still the session's newest."""
+
+    items: list[TResponseInputItem]
+    complete: bool
+    replace_suffix: Callable[[int, list[TResponseInputItem]], Awaitable[bool]]
+
+
 class AisopodSession:
     """An OpenAI Agents SDK `Session` whose items live in the session store.
 
@@ -367,10 +380,7 @@ class AisopodSession:
         items its own way through `clear_session` and `add_items`, for a subclass that
         overrides `add_items` or `get_items` (its own handling of items must not be
         bypassed)."""
-        own = type(self)
-        if own.add_items is not AisopodSession.add_items or (
-            own.get_items is not AisopodSession.get_items
-        ):
+        if not self._replaces_its_own_items():
             return False
         messages = await self._checked(items)
         if messages:
@@ -406,15 +416,20 @@ class AisopodSession:
                 raise SessionInputError(f"items[{index}]: {exc}") from None
         return messages
 
-    async def _stored(self, method: str, messages: list[NewMessage]) -> None:
+    async def _stored(
+        self, method: str, messages: list[NewMessage], *, create: bool = True, **options: Any
+    ) -> None:
         """`append_messages` or `replace_messages` of `messages` under the key, the
-        session created first (in its own write transaction) if there is none."""
+        session created first (in its own write transaction) if there is none and
+        `create` says so. What only the store can refuse is a `SessionInputError`."""
         try:
             try:
-                await self._call(method, self.key, messages)
+                await self._call(method, self.key, messages, **options)
             except SessionNotFoundError:
+                if not create:
+                    raise
                 await self._call("get_or_create", self.key)
-                await self._call(method, self.key, messages)
+                await self._call(method, self.key, messages, **options)
         except ValueError as exc:
             # What only the store can refuse (a NUL character on PostgreSQL), before it
             # writes anything, names `messages[i]` (`items[i]` here), or no index for one.
@@ -424,6 +439,60 @@ class AisopodSession:
             elif len(messages) == 1:
                 reason = f"items[0].{reason}"
             raise SessionInputError(reason) from None
+
+    async def _get_compaction_snapshot(
+        self, limit: int, *, prune_prefix: Callable[[Any], bool] | None = None
+    ) -> CompactionSnapshot | None:
+        """The SDK's hook for compacting the newest part of a history, which its
+        automatic compaction (`OpenAIResponsesCompactionSession` under `Runner`) looks up
+        on the session: the newest `limit` items, whether they are all the session holds,
+        and `replace_suffix(start, items)`, which replaces the items from `start` on
+        with `items` in one write transaction if they are still the session's newest
+        (`SessionRepository.replace_messages(..., replacing=ids)`), and else writes
+        nothing and returns False, so that items written meanwhile are never lost. One
+        read. None, so that the SDK reads and replaces the whole history instead
+        (`_atomic_replace_items`), when `prune_prefix` is given (the SDK's
+        `EncryptedSession` asks to delete expired items too) or for a subclass that
+        overrides `add_items` or `get_items`."""
+        if not self._replaces_its_own_items() or prune_prefix is not None:
+            return None
+        if type(limit) is not int or limit < 1:
+            return None
+        try:
+            # One more than asked: whether there is anything older, in the same read.
+            messages: list[Message] = await self._call("get_history", self.key, limit=limit + 1)
+        except SessionNotFoundError:
+            messages = []
+        complete = len(messages) <= limit
+        messages = messages[-limit:]
+        items = [message_to_item(message) for message in messages]
+        ids = [message.id for message in messages if message.id is not None]
+
+        async def replace_suffix(start: int, output: list[TResponseInputItem]) -> bool:
+            replacing = ids[start:] if type(start) is int and start >= 0 else []
+            if not replacing:
+                return False
+            try:
+                await self._stored(
+                    "replace_messages",
+                    await self._checked(output),
+                    create=False,
+                    replacing=replacing,
+                )
+            except (HistoryChangedError, SessionNotFoundError):
+                return False
+            return True
+
+        return CompactionSnapshot(cast("list[TResponseInputItem]", items), complete, replace_suffix)
+
+    def _replaces_its_own_items(self) -> bool:
+        """Whether the SDK's compaction hooks may write here directly: not for a subclass
+        that overrides `add_items` or `get_items` (its own handling of items must not be
+        bypassed)."""
+        own = type(self)
+        return own.add_items is AisopodSession.add_items and (
+            own.get_items is AisopodSession.get_items
+        )
 
     async def pop_item(self) -> TResponseInputItem | None:
         """Remove and return the latest item (`SessionRepository.pop_message`), or None if
