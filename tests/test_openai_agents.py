@@ -450,7 +450,7 @@ def test_a_failed_compaction_write_leaves_the_history_whole(
 
 
 def _run_compacting(
-    session: AisopodSession, compact: Any, reply: str = "done"
+    session: Session, compact: Any, reply: str = "done"
 ) -> OpenAIResponsesCompactionSession:
     """One turn ("continue") under the SDK's `Runner` through its compaction session
     over `session`, which compacts after every turn (input mode, one item of history
@@ -523,6 +523,44 @@ def test_an_item_written_while_compacting_is_never_lost(
     assert len(items) == 7  # the turn's two items stored, nothing replaced
 
 
+def test_an_encrypted_history_compacts_without_losing_an_item_written_meanwhile(
+    repository: SessionRepository | AsyncSessionRepository,
+) -> None:
+    """Under the SDK's `EncryptedSession` (which asks the snapshot to delete expired
+    items too, and gets them left in place), compaction still refuses a stale suffix: the
+    item another worker wrote meanwhile stays; without one, only the newest items are
+    rewritten."""
+    from agents.extensions.memory.encrypt_session import EncryptedSession
+
+    def encrypted() -> EncryptedSession:
+        backend = cast(Any, AisopodSession("chat-1", repository))  # a Session, not SessionABC
+        return EncryptedSession("chat-1", backend, encryption_key="a key", ttl=3600)
+
+    session, other = encrypted(), encrypted()
+    older = [{"role": "user", "content": str(i)} for i in range(4)]
+    asyncio.run(session.add_items(cast(Any, older)))
+    meanwhile = {"role": "user", "content": "written meanwhile"}
+    compacted = {"type": "compaction", "id": "c", "encrypted_content": "s"}
+
+    async def compact_racing(**kwargs: Any) -> Any:
+        await other.add_items(cast(Any, [meanwhile]))
+        return SimpleNamespace(output=[compacted], usage=None)
+
+    _run_compacting(session, compact_racing)
+    first = asyncio.run(session.get_items())
+    assert first[:4] == older
+    assert first[-1] == meanwhile
+    assert len(first) == 7
+
+    async def compact(**kwargs: Any) -> Any:
+        return SimpleNamespace(output=[compacted], usage=None)
+
+    # The next turn sees the newest item (meanwhile), its own and the reply: those three
+    # become the compacted item.
+    _run_compacting(session, compact)
+    assert asyncio.run(session.get_items()) == [*first[:6], compacted]
+
+
 def test_the_compaction_snapshot_reads_the_newest_items_once(
     repository: SessionRepository | AsyncSessionRepository, store: Engine
 ) -> None:
@@ -550,7 +588,9 @@ def test_the_compaction_snapshot_reads_the_newest_items_once(
         assert await session.get_items() == [*ITEMS[:4], ITEMS[0]]
         for limit in (0, -1, 1.5):
             assert await session._get_compaction_snapshot(cast(Any, limit)) is None
-        assert await session._get_compaction_snapshot(2, prune_prefix=lambda _: True) is None
+        pruning = await session._get_compaction_snapshot(2, prune_prefix=lambda _: True)
+        assert pruning is not None
+        assert pruning.items == await session.get_items(2)
 
     asyncio.run(run())
 

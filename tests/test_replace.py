@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from aisopod_session import (
     AccessDeniedError,
     HistoryChangedError,
+    Message,
     NewMessage,
     Role,
     SessionKey,
@@ -184,7 +185,7 @@ def test_replacing_the_newest_messages_keeps_the_older_ones(repo: SessionReposit
     new = repo.replace_messages(
         KEY,
         [NewMessage(Role.SYSTEM, "the last four, compacted")],
-        replacing=[m.id or 0 for m in old[2:]],
+        replacing=old[2:],
     )
     assert repo.get_history(KEY) == [*old[:2], *new]
     assert (new[0].id or 0) > (old[-1].id or 0)
@@ -196,27 +197,27 @@ def test_replacing_the_newest_messages_keeps_the_older_ones(repo: SessionReposit
         "old 1",
     ]
     # Replacing the newest message by nothing removes it, as a pop would.
-    assert repo.replace_messages(KEY, [], replacing=[new[0].id or 0]) == []
+    assert repo.replace_messages(KEY, [], replacing=new) == []
     assert repo.get_history(KEY) == old[:2]
 
 
 def test_replacing_messages_that_are_no_longer_the_newest_writes_nothing(
     repo: SessionRepository, store: Engine
 ) -> None:
-    """A rewrite computed from a history that has moved on (a message appended, popped
-    or deleted since it was read, or ids that were never the newest) is refused whole."""
+    """A rewrite computed from a history that has moved on (a message appended, popped,
+    deleted or rewritten since it was read, or messages that were never the newest) is
+    refused whole."""
     repo.get_or_create(KEY)
     repo.get_or_create(OTHER)
     read = repo.append_messages(KEY, [NewMessage("user", f"m{i}") for i in range(4)])
     theirs = repo.append_message(OTHER, "user", "another session's newest")
-    ids = [m.id or 0 for m in read]
     summary = [NewMessage(Role.SYSTEM, "summary")]
-    stale: list[list[int]] = [
-        ids[:3],  # not the newest
-        ids[1:3],
-        [*ids[2:], theirs.id or 0],  # another session's message
-        [ids[0], ids[3]],  # a gap
-        [*ids, (theirs.id or 0) + 100],  # an id that does not exist
+    stale: list[list[Message]] = [
+        read[:3],  # not the newest
+        read[1:3],
+        [*read[2:], theirs],  # another session's message
+        [read[0], read[3]],  # a gap
+        [*read[:3], read[3].model_copy(update={"content": "not what it says"})],
     ]
     before = snapshot(store)
     for replacing in stale:
@@ -225,13 +226,32 @@ def test_replacing_messages_that_are_no_longer_the_newest_writes_nothing(
     assert snapshot(store) == before
     appended = repo.append_message(KEY, "user", "written meanwhile")
     with pytest.raises(HistoryChangedError):
-        repo.replace_messages(KEY, summary, replacing=ids)
+        repo.replace_messages(KEY, summary, replacing=read)
     assert repo.get_history(KEY) == [*read, appended]
     repo.pop_message(KEY)
     repo.pop_message(KEY)
     with pytest.raises(HistoryChangedError):
-        repo.replace_messages(KEY, summary, replacing=ids)
+        repo.replace_messages(KEY, summary, replacing=read)
     assert repo.get_history(KEY) == read[:3]
+
+
+def test_a_summary_that_took_a_read_messages_id_is_not_replaced(
+    repo: SessionRepository,
+) -> None:
+    """`compact`'s summary takes the id of the newest message it removes: a rewrite of
+    messages read before that compaction finds the same ids but not the same messages,
+    and is refused, so the summary it never read stays."""
+    repo.get_or_create(KEY)
+    read = repo.append_messages(KEY, [NewMessage("user", f"m{i}") for i in range(6)])
+    repo.compact(KEY, keep_last=1, summary="what m0 to m4 said")
+    history = repo.get_history(KEY)
+    assert [m.id for m in history] == [m.id for m in read[4:]]
+    with pytest.raises(HistoryChangedError):
+        repo.replace_messages(KEY, [NewMessage(Role.SYSTEM, "stale")], replacing=read[4:])
+    assert repo.get_history(KEY) == history
+    # What it read now, it may rewrite.
+    repo.replace_messages(KEY, [NewMessage(Role.SYSTEM, "fresh")], replacing=history)
+    assert [m.content for m in repo.get_history(KEY)] == ["fresh"]
 
 
 def test_of_two_rewrites_of_one_read_only_one_lands(repo: SessionRepository) -> None:
@@ -239,14 +259,13 @@ def test_of_two_rewrites_of_one_read_only_one_lands(repo: SessionRepository) -> 
     lock replaces the messages, the other finds them gone and writes nothing."""
     repo.get_or_create(KEY)
     read = repo.append_messages(KEY, [NewMessage("user", f"m{i}") for i in range(10)])
-    ids = [m.id or 0 for m in read[4:]]
     outcomes: list[str] = []
     barrier = threading.Barrier(4)
 
     def rewrite(name: str) -> None:
         barrier.wait()
         try:
-            repo.replace_messages(KEY, [NewMessage(Role.SYSTEM, name)], replacing=ids)
+            repo.replace_messages(KEY, [NewMessage(Role.SYSTEM, name)], replacing=read[4:])
             outcomes.append(name)
         except HistoryChangedError:
             outcomes.append("refused")
@@ -277,7 +296,7 @@ def test_replace_refuses_bad_arguments_another_agent_and_a_bad_key_before_any_io
     repo: SessionRepository, store: Engine
 ) -> None:
     repo.get_or_create(KEY)
-    repo.append_message(KEY, "user", "hello")
+    stored = repo.append_messages(KEY, [NewMessage("user", "hello"), NewMessage("user", "you")])
     before = snapshot(store)
     refusals: list[tuple[object, dict[str, object], str]] = [
         (None, {}, r"messages: must be a sequence"),
@@ -291,10 +310,11 @@ def test_replace_refuses_bad_arguments_another_agent_and_a_bad_key_before_any_io
         ([], {"replacing": []}, r"replacing: must hold at least one"),
         ([], {"replacing": 7}, r"replacing: must be a sequence"),
         ([], {"replacing": "12"}, r"replacing: must be a sequence"),
-        ([], {"replacing": [3, 2]}, r"replacing: the message ids must be in increasing"),
-        ([], {"replacing": [1, 1]}, r"replacing: the message ids must be in increasing"),
-        ([], {"replacing": [0]}, r"replacing\[0\]"),
-        ([], {"replacing": [1, True]}, r"replacing\[1\]"),
+        ([], {"replacing": [1]}, r"replacing\[0\]: must be a stored Message"),
+        ([], {"replacing": [*stored, NewMessage("user", "x")]}, r"replacing\[2\]"),
+        ([], {"replacing": stored[::-1]}, r"replacing: the messages must be in increasing"),
+        ([], {"replacing": [stored[0], stored[0]]}, r"replacing: the messages must be in"),
+        ([], {"replacing": [stored[0].model_copy(update={"id": None})]}, r"replacing\[0\]"),
     ]
     for messages, counts, field in refusals:
         with pytest.raises(ValueError, match=field), no_statements():

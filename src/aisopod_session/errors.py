@@ -29,8 +29,9 @@ class SessionExistsError(SessionStoreError):
 
 
 class HistoryChangedError(SessionStoreError):
-    """`replace_messages(..., replacing=ids)` found other newest messages than `ids` (a
-    message appended, popped or deleted since they were read); nothing was written."""
+    """`replace_messages(..., replacing=messages)` found other newest messages than
+    `messages` (one appended, popped, deleted or rewritten since they were read); nothing
+    was written."""
 
 
 class AccessDeniedError(SessionStoreError):

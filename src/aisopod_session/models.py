@@ -4,6 +4,7 @@ validated input models `NewMessage` and `SessionFilter`.
 The tables mirror migration 1 (`migrations.py`) column for column; a test compares the two.
 """
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -551,6 +552,27 @@ def as_filter(value: Any) -> SessionFilter:
     if isinstance(value, Mapping):
         return SessionFilter.model_validate(dict(value))
     raise ValueError(f"filter: must be a SessionFilter or a mapping, not {type(value).__name__}")
+
+
+def as_read_messages(field: str, value: Any) -> list[Message]:
+    """`value` as a list: a non-empty sequence of stored messages (`Message`s with ids,
+    as a read gave them) in increasing id order; else `ValueError` naming `field` (or
+    `field[i]`)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise ValueError(f"{field}: must be a sequence of messages, not {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{field}: must hold at least one message")
+    messages = list(value)
+    for index, message in enumerate(messages):
+        if not isinstance(message, Message) or type(message.id) is not int:
+            raise ValueError(
+                f"{field}[{index}]: must be a stored Message (as a read gave it), "
+                f"not {type(message).__name__}"
+            )
+    ids = [message.id for message in messages]
+    if any(later <= earlier for earlier, later in itertools.pairwise(ids)):
+        raise ValueError(f"{field}: the messages must be in increasing id order")
+    return messages
 
 
 def as_new_messages(messages: Any) -> list[NewMessage]:

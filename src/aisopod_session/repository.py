@@ -36,6 +36,7 @@ from aisopod_session.models import (
     SessionFilter,
     as_filter,
     as_new_messages,
+    as_read_messages,
     parse_utc_text,
     utc_text,
 )
@@ -63,7 +64,7 @@ from aisopod_session.statements import (
     LAST_MESSAGE_ID,
     LOCK_SESSION,
     MESSAGE_IN_SESSION,
-    NEWEST_IDS,
+    NEWEST_MESSAGES,
     NEWEST_REMOVED,
     RECORD_COMPACTION,
     RECORD_POP,
@@ -106,7 +107,6 @@ from aisopod_session.validation import (
     check_changes,
     check_idle_for,
     check_int,
-    check_message_ids,
     check_page_limit,
     check_roles,
     check_status,
@@ -826,7 +826,7 @@ class SessionRepository:
         key: SessionKey | str,
         messages: Sequence[NewMessage | Mapping[str, Any]],
         *,
-        replacing: Sequence[int] | None = None,
+        replacing: Sequence[Message] | None = None,
         tokens: int = 0,
         input_tokens: int = 0,
         output_tokens: int = 0,
@@ -834,11 +834,13 @@ class SessionRepository:
         """Replace the session's messages with `messages`, in order (an empty sequence
         removes them), and return the new ones with their ids and timestamps.
 
-        Without `replacing`, every message is replaced. With `replacing`, the ids of the
-        session's newest messages as the caller read them (in id order), only those are:
-        if they are no longer exactly its newest messages (one was appended, popped or
-        deleted since), `HistoryChangedError` and nothing is written, so a rewrite
-        computed from a history that has moved on never overwrites the new messages.
+        Without `replacing`, every message is replaced. With `replacing`, the session's
+        newest messages as the caller read them (`get_history`, oldest first), only
+        those are, and only if they are still exactly its newest messages, equal field
+        for field: if one was appended, popped, deleted or rewritten since (`compact`'s
+        summary takes the id of a message it removes), `HistoryChangedError` and nothing
+        is written, so a rewrite computed from a history that has moved on never
+        overwrites what was written since.
 
         In one write transaction, so a reader sees the old history or the new one, never
         a mix, and a failure leaves the old one: the replaced rows are deleted, the new
@@ -847,28 +849,30 @@ class SessionRepository:
         conversation has cost is kept), `updated_at` becomes now and the status
         `active`; the metadata and the compaction record are kept. The new rows get new
         ids, above every id in the store. Every argument is checked first (`ValueError`
-        naming it, `messages[i]` for a message; `replacing` must hold at least one id, in
-        increasing order), before anything is written. `SessionNotFoundError` if there is
-        no session. For an agent framework's own compaction, which rewrites a history or
-        its newest part (the OpenAI Agents SDK adapter's).
+        naming it, `messages[i]` for a message; `replacing` must hold at least one stored
+        `Message`, in increasing id order), before anything is written.
+        `SessionNotFoundError` if there is no session. For an agent framework's own
+        compaction, which rewrites a history or its newest part (the OpenAI Agents SDK
+        adapter's).
         """
         key = self._key(key)
         empty = isinstance(messages, Sequence) and not isinstance(messages, str | bytes)
         empty = empty and not messages
         rows = [] if empty else self._rows(as_new_messages(messages))
-        ids = None if replacing is None else check_message_ids("replacing", replacing)
+        read = None if replacing is None else as_read_messages("replacing", replacing)
         counts = check_token_counts(tokens, input_tokens, output_tokens)
         with self._path.transaction("replace_messages", "IMMEDIATE") as conn:
             session_id, server_now = self._lock_session(conn, key)
-            if ids is None:
+            if read is None:
                 conn.execute(self._text(DELETE_SESSION_MESSAGES), (session_id,))
             else:
-                newest = conn.execute(self._text(NEWEST_IDS), (session_id, len(ids))).fetchall()
-                if [row[0] for row in reversed(newest)] != ids:
+                newest = conn.execute(self._text(NEWEST_MESSAGES), (session_id, len(read)))
+                current = [HISTORY_MESSAGE.read((session_id, *row)) for row in newest]
+                if current[::-1] != read:
                     raise HistoryChangedError(
                         f"the newest messages of {key} are no longer those of `replacing`"
                     )
-                conn.execute(self._text(DELETE_MESSAGES_FROM), (session_id, ids[0]))
+                conn.execute(self._text(DELETE_MESSAGES_FROM), (session_id, read[0].id))
             conn.execute(self._text(RECOUNT_MESSAGES), (session_id,))
             now, now_text = self._clock.stamp(conn, server_now)
             session_id, new_ids = self._insert(conn, key, rows, counts, now_text)

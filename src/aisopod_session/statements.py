@@ -693,15 +693,15 @@ RECOUNT_MESSAGES = query(
     ("session_id",),
 )
 """A session's `message_count` set to its rows' number."""
-NEWEST_IDS = query(
-    select(col(Message.id))
+NEWEST_MESSAGES = query(
+    select(*MESSAGE.columns)
     .where(col(Message.session_id) == bindparam("session_id"))
     .order_by(col(Message.id).desc())
     .limit(bindparam("count"))
     .offset(literal_column("0")),  # else SQLite's LIMIT binds an OFFSET of its own
     ("session_id", "count"),
 )
-"""The ids of a session's newest `count` messages, newest first."""
+"""A session's newest `count` messages, newest first."""
 DELETE_MESSAGES_FROM = query(
     delete(Message).where(
         col(Message.session_id) == bindparam("session_id"), col(Message.id) >= bindparam("first")

@@ -5,10 +5,9 @@ token counts). Key parts are checked by `keys.py` (the key's own rules), and arg
 that are models (`SessionFilter`, `NewMessage`) by their validators, which call the
 checks here, and by `models.as_filter` / `models.as_new_messages`, which make them."""
 
-import itertools
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
@@ -276,21 +275,6 @@ def check_int(field: str, value: Any, *, minimum: int | None) -> None:
         raise ValueError(f"{field}: must be >= {minimum}, got {value}")
     if not -_MAX_INTEGER - 1 <= value <= _MAX_INTEGER:
         raise ValueError(f"{field}: must fit in a 64-bit signed integer, got {value}")
-
-
-def check_message_ids(field: str, value: Any) -> list[int]:
-    """`value` as a list: a non-empty sequence of message ids (ints >= 1) in increasing
-    order; else `ValueError` naming `field` (or `field[i]`)."""
-    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-        raise ValueError(f"{field}: must be a sequence of message ids, not {type(value).__name__}")
-    if not value:
-        raise ValueError(f"{field}: must hold at least one message id")
-    ids = list(value)
-    for index, item in enumerate(ids):
-        check_int(f"{field}[{index}]", item, minimum=1)
-    if any(later <= earlier for earlier, later in itertools.pairwise(ids)):
-        raise ValueError(f"{field}: the message ids must be in increasing order")
-    return ids
 
 
 _EPOCH = datetime(1, 1, 2, tzinfo=UTC)

@@ -448,13 +448,14 @@ class AisopodSession:
         on the session: the newest `limit` items, whether they are all the session holds,
         and `replace_suffix(start, items)`, which replaces the items from `start` on
         with `items` in one write transaction if they are still the session's newest
-        (`SessionRepository.replace_messages(..., replacing=ids)`), and else writes
-        nothing and returns False, so that items written meanwhile are never lost. One
-        read. None, so that the SDK reads and replaces the whole history instead
-        (`_atomic_replace_items`), when `prune_prefix` is given (the SDK's
-        `EncryptedSession` asks to delete expired items too) or for a subclass that
-        overrides `add_items` or `get_items`."""
-        if not self._replaces_its_own_items() or prune_prefix is not None:
+        messages as read (`SessionRepository.replace_messages(..., replacing=...)`), and
+        else writes nothing and returns False, so that items written meanwhile are never
+        lost. One read. `prune_prefix` (the SDK's `EncryptedSession` passes it, to delete
+        expired items ahead of the suffix in the same write) is not applied: expired
+        items stay, as they do without compaction, and the `EncryptedSession` never
+        shows them. None, so that the SDK goes through `add_items` and `get_items`, for
+        a subclass that overrides them."""
+        if not self._replaces_its_own_items():
             return None
         if type(limit) is not int or limit < 1:
             return None
@@ -466,10 +467,9 @@ class AisopodSession:
         complete = len(messages) <= limit
         messages = messages[-limit:]
         items = [message_to_item(message) for message in messages]
-        ids = [message.id for message in messages if message.id is not None]
 
         async def replace_suffix(start: int, output: list[TResponseInputItem]) -> bool:
-            replacing = ids[start:] if type(start) is int and start >= 0 else []
+            replacing = messages[start:] if type(start) is int and start >= 0 else []
             if not replacing:
                 return False
             try:
