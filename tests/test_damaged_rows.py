@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 from aisopod_session import (
     AsyncSessionRepository,
     DamagedRowError,
+    NewMessage,
     Role,
     SessionKey,
     SessionRepository,
@@ -320,6 +321,24 @@ def test_text_that_is_not_utf8_is_read_with_replacement_characters(
     assert lease(engine).text_factory is str
     engine.dispose()
     assert raw_rows(db_path) == before
+
+
+def test_messages_read_with_replacement_characters_can_be_replaced(db_path: Path) -> None:
+    """`replace_messages(replacing=...)` compares the newest messages as `get_history`
+    read them, text that is not UTF-8 included (read the same way), and deletes them:
+    it stores nothing it read, so the rewrite of a damaged history goes through."""
+    engine = open_database(db_path)
+    repo, bad_id = two_sessions(engine)
+    run_sql(
+        db_path,
+        "UPDATE messages SET content = CAST(x'2268c3a96cff6c6f22' AS TEXT) WHERE session_id = ?",
+        (bad_id,),
+    )
+    read = repo.get_history(BAD)
+    assert [m.content for m in read] == ["hél\ufffdlo"]
+    [new] = repo.replace_messages(BAD, [NewMessage(Role.USER, "hello again")], replacing=read)
+    assert repo.get_history(BAD) == [new]
+    engine.dispose()
 
 
 @pytest.mark.parametrize("where", ["file", "memory"])

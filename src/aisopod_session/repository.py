@@ -821,6 +821,7 @@ class SessionRepository:
             conn.execute(self._text(RECORD_POP), (now, session_id))
         return message
 
+    @lenient_text_retry
     def replace_messages(
         self,
         key: SessionKey | str,
