@@ -561,6 +561,33 @@ def test_an_encrypted_history_compacts_without_losing_an_item_written_meanwhile(
     assert asyncio.run(session.get_items()) == [*first[:6], compacted]
 
 
+def test_an_encrypted_history_drops_its_expired_items_when_compacted(
+    repository: SessionRepository | AsyncSessionRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK's `EncryptedSession` asks the snapshot to delete its expired items ahead
+    of the compacted ones (`prune_prefix`): they go in the same write transaction, and
+    the live ones stay."""
+    from agents.extensions.memory.encrypt_session import EncryptedSession
+
+    clock = [1_000.0]  # what the encryption's timestamps and TTL checks read
+    monkeypatch.setattr("cryptography.fernet.time.time", lambda: clock[0])
+    backend = AisopodSession("chat-1", repository)
+    session = EncryptedSession("chat-1", cast(Any, backend), encryption_key="a key", ttl=10)
+    asyncio.run(session.add_items(cast(Any, [{"role": "user", "content": "expired"}] * 3)))
+    clock[0] += 11
+    live = [{"role": "user", "content": f"live {i}"} for i in range(3)]
+    asyncio.run(session.add_items(cast(Any, live)))
+    compacted = {"type": "compaction", "id": "c", "encrypted_content": "s"}
+
+    async def compact(**kwargs: Any) -> Any:
+        return SimpleNamespace(output=[compacted], usage=None)
+
+    _run_compacting(session, compact)
+    # The newest live item, the turn and the reply became the compacted item.
+    assert asyncio.run(session.get_items()) == [*live[:2], compacted]
+    assert len(stored(backend)) == 3  # the expired rows are gone from the store
+
+
 def test_the_compaction_snapshot_reads_the_newest_items_once(
     repository: SessionRepository | AsyncSessionRepository, store: Engine
 ) -> None:

@@ -254,6 +254,44 @@ def test_a_summary_that_took_a_read_messages_id_is_not_replaced(
     assert [m.content for m in repo.get_history(KEY)] == ["fresh"]
 
 
+def test_expired_messages_ahead_of_the_replaced_ones_go_too(
+    repo: SessionRepository, store: Engine
+) -> None:
+    """With `expired`, the oldest messages go while it calls them expired (read page by
+    page), up to the first it keeps; the messages after that one stay, expired or not.
+    It is asked in the same write transaction: when it raises, nothing is written."""
+    repo.get_or_create(KEY)
+    stale = [NewMessage("user", "stale")] * 1100  # more than one page of them
+    kept = [NewMessage("user", "kept"), NewMessage("user", "stale"), NewMessage("user", "kept")]
+    repo.append_messages(KEY, [*stale, *kept, NewMessage("user", "newest")])
+    asked: list[object] = []
+
+    def expired(message: Message) -> bool:
+        asked.append(message.content)
+        return message.content == "stale"
+
+    read = repo.get_history(KEY, limit=1)
+    before = repo.get_history(KEY)
+    repo.replace_messages(
+        KEY, [NewMessage(Role.SYSTEM, "summary")], replacing=read, expired=expired
+    )
+    assert [m.content for m in repo.get_history(KEY)] == ["kept", "stale", "kept", "summary"]
+    assert asked == ["stale"] * 1100 + ["kept"]
+    session = repo.get(KEY)
+    assert session is not None
+    assert session.message_count == 4
+
+    def refuse(message: Message) -> bool:
+        raise RuntimeError("cannot tell")
+
+    read = repo.get_history(KEY, limit=1)
+    state = snapshot(store)
+    with pytest.raises(RuntimeError, match="cannot tell"):
+        repo.replace_messages(KEY, [], replacing=read, expired=refuse)
+    assert snapshot(store) == state
+    assert len(before) == 1104
+
+
 def test_of_two_rewrites_of_one_read_only_one_lands(repo: SessionRepository) -> None:
     """Two compactions computed from the same read race: the first to take the write
     lock replaces the messages, the other finds them gone and writes nothing."""
@@ -315,6 +353,8 @@ def test_replace_refuses_bad_arguments_another_agent_and_a_bad_key_before_any_io
         ([], {"replacing": stored[::-1]}, r"replacing: the messages must be in increasing"),
         ([], {"replacing": [stored[0], stored[0]]}, r"replacing: the messages must be in"),
         ([], {"replacing": [stored[0].model_copy(update={"id": None})]}, r"replacing\[0\]"),
+        ([], {"expired": lambda m: True}, r"expired: .* goes with `replacing`"),
+        ([], {"replacing": stored, "expired": "yes"}, r"expired: must be a callable"),
     ]
     for messages, counts, field in refusals:
         with pytest.raises(ValueError, match=field), no_statements():

@@ -66,6 +66,7 @@ from aisopod_session.statements import (
     MESSAGE_IN_SESSION,
     NEWEST_MESSAGES,
     NEWEST_REMOVED,
+    OLDEST_BETWEEN,
     RECORD_COMPACTION,
     RECORD_POP,
     RECOUNT_MESSAGES,
@@ -134,6 +135,8 @@ PRUNE_BATCH_SESSIONS = 500
 """At most this many sessions are deleted per `prune` transaction..."""
 PRUNE_BATCH_MESSAGES = 5000
 """...holding at most about this many messages between them (a bigger one goes alone)."""
+_EXPIRED_PAGE = 500
+"""Messages `replace_messages` reads at a time while it asks `expired` about them."""
 
 
 @dataclass(frozen=True)
@@ -828,6 +831,7 @@ class SessionRepository:
         messages: Sequence[NewMessage | Mapping[str, Any]],
         *,
         replacing: Sequence[Message] | None = None,
+        expired: Callable[[Message], object] | None = None,
         tokens: int = 0,
         input_tokens: int = 0,
         output_tokens: int = 0,
@@ -841,7 +845,10 @@ class SessionRepository:
         for field: if one was appended, popped, deleted or rewritten since (`compact`'s
         summary takes the id of a message it removes), `HistoryChangedError` and nothing
         is written, so a rewrite computed from a history that has moved on never
-        overwrites what was written since.
+        overwrites what was written since. With `expired` too, the session's oldest
+        messages, from its first on, are deleted while `expired(message)` is true (up to
+        the replaced ones): say, items a framework can no longer read. It runs under the
+        write lock, so keep it short; an exception from it refuses the whole call.
 
         In one write transaction, so a reader sees the old history or the new one, never
         a mix, and a failure leaves the old one: the replaced rows are deleted, the new
@@ -861,6 +868,8 @@ class SessionRepository:
         empty = empty and not messages
         rows = [] if empty else self._rows(as_new_messages(messages))
         read = None if replacing is None else as_read_messages("replacing", replacing)
+        if expired is not None and (read is None or not callable(expired)):
+            raise ValueError("expired: must be a callable, and goes with `replacing`")
         counts = check_token_counts(tokens, input_tokens, output_tokens)
         with self._path.transaction("replace_messages", "IMMEDIATE") as conn:
             session_id, server_now = self._lock_session(conn, key)
@@ -874,6 +883,8 @@ class SessionRepository:
                         f"the newest messages of {key} are no longer those of `replacing`"
                     )
                 conn.execute(self._text(DELETE_MESSAGES_FROM), (session_id, read[0].id))
+                if expired is not None:
+                    self._delete_expired(conn, session_id, read[0].id, expired)
             conn.execute(self._text(RECOUNT_MESSAGES), (session_id,))
             now, now_text = self._clock.stamp(conn, server_now)
             session_id, new_ids = self._insert(conn, key, rows, counts, now_text)
@@ -882,6 +893,30 @@ class SessionRepository:
             build((message_id, session_id, role, content, calls, now, meta))
             for message_id, (role, content, calls, meta, *_) in zip(new_ids, rows, strict=True)
         ]
+
+    def _delete_expired(
+        self, conn: Any, session_id: int, before: Any, expired: Callable[[Message], object]
+    ) -> None:
+        """Delete the session's oldest messages below id `before`, from its first on,
+        while `expired(message)` is true (`replace_messages`)."""
+        after = 0
+        while True:
+            page = conn.execute(
+                self._text(OLDEST_BETWEEN), (session_id, after, before, _EXPIRED_PAGE)
+            ).fetchall()
+            last = None
+            for row in page:
+                message = HISTORY_MESSAGE.read((session_id, *row))
+                if not expired(message):
+                    break
+                last = message.id
+            else:
+                if len(page) == _EXPIRED_PAGE:
+                    after = page[-1][0]
+                    continue
+            if last is not None:
+                conn.execute(self._text(DELETE_MESSAGES_UP_TO), (session_id, last))
+            return
 
     @lenient_text_retry
     def get_history(

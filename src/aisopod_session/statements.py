@@ -702,6 +702,19 @@ NEWEST_MESSAGES = query(
     ("session_id", "count"),
 )
 """A session's newest `count` messages, newest first."""
+OLDEST_BETWEEN = query(
+    select(*MESSAGE.columns)
+    .where(
+        col(Message.session_id) == bindparam("session_id"),
+        col(Message.id) > bindparam("after"),
+        col(Message.id) < bindparam("before"),
+    )
+    .order_by(col(Message.id))
+    .limit(bindparam("count"))
+    .offset(literal_column("0")),
+    ("session_id", "after", "before", "count"),
+)
+"""A session's oldest `count` messages between two ids (both excluded), oldest first."""
 DELETE_MESSAGES_FROM = query(
     delete(Message).where(
         col(Message.session_id) == bindparam("session_id"), col(Message.id) >= bindparam("first")

@@ -450,11 +450,11 @@ class AisopodSession:
         with `items` in one write transaction if they are still the session's newest
         messages as read (`SessionRepository.replace_messages(..., replacing=...)`), and
         else writes nothing and returns False, so that items written meanwhile are never
-        lost. One read. `prune_prefix` (the SDK's `EncryptedSession` passes it, to delete
-        expired items ahead of the suffix in the same write) is not applied: expired
-        items stay, as they do without compaction, and the `EncryptedSession` never
-        shows them. None, so that the SDK goes through `add_items` and `get_items`, for
-        a subclass that overrides them."""
+        lost. One read. `prune_prefix(item)` (the SDK's `EncryptedSession` passes it) is
+        asked about the oldest items in that write transaction, from the first on, and
+        those it calls expired go too, up to the first it keeps
+        (`replace_messages(..., expired=...)`). None, so that the SDK goes through
+        `add_items` and `get_items`, for a subclass that overrides them."""
         if not self._replaces_its_own_items():
             return None
         if type(limit) is not int or limit < 1:
@@ -472,12 +472,20 @@ class AisopodSession:
             replacing = messages[start:] if type(start) is int and start >= 0 else []
             if not replacing:
                 return False
+            expired = None
+            if prune_prefix is not None:
+                prune = prune_prefix
+
+                def expired(message: Message) -> bool:
+                    return bool(prune(message_to_item(message)))
+
             try:
                 await self._stored(
                     "replace_messages",
                     await self._checked(output),
                     create=False,
                     replacing=replacing,
+                    expired=expired,
                 )
             except (HistoryChangedError, SessionNotFoundError):
                 return False
