@@ -588,6 +588,29 @@ def test_an_encrypted_history_drops_its_expired_items_when_compacted(
     assert len(stored(backend)) == 3  # the expired rows are gone from the store
 
 
+def test_an_error_of_the_sdks_prune_callback_reaches_the_sdk_as_it_is(
+    repository: SessionRepository | AsyncSessionRepository, store: Engine
+) -> None:
+    """An exception from the SDK's `prune_prefix` refuses the replacement, nothing
+    written, and reaches the SDK as raised: not as a refused item."""
+    session = AisopodSession("chat-1", repository)
+    asyncio.run(session.add_items(cast(Any, ITEMS[:3])))
+
+    def unreadable(item: Any) -> bool:
+        raise ValueError("cannot read its timestamp")
+
+    async def run() -> None:
+        snapshot_ = await session._get_compaction_snapshot(1, prune_prefix=unreadable)
+        assert snapshot_ is not None
+        await snapshot_.replace_suffix(0, cast(Any, [ITEMS[0]]))
+
+    before = snapshot(store)
+    with pytest.raises(ValueError, match="cannot read its timestamp") as raised:
+        asyncio.run(run())
+    assert not isinstance(raised.value, SessionInputError)
+    assert snapshot(store) == before
+
+
 def test_the_compaction_snapshot_reads_the_newest_items_once(
     repository: SessionRepository | AsyncSessionRepository, store: Engine
 ) -> None:

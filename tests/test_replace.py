@@ -24,6 +24,7 @@ from aisopod_session import (
     SessionRepository,
     SessionStatus,
 )
+from aisopod_session.repository import _EXPIRED_PAGE
 from tests.dbtools import before_io, no_statements, run_sql, snapshot
 
 KEY = SessionKey("agent-1", "telegram", "bot-A", "dm", "alice")
@@ -290,6 +291,25 @@ def test_expired_messages_ahead_of_the_replaced_ones_go_too(
         repo.replace_messages(KEY, [], replacing=read, expired=refuse)
     assert snapshot(store) == state
     assert len(before) == 1104
+
+
+@pytest.mark.parametrize("pages", [1, 2])
+@pytest.mark.parametrize("then", ["a kept one", "the replaced ones"])
+def test_whole_pages_of_expired_messages_go(repo: SessionRepository, pages: int, then: str) -> None:
+    """`expired` reads the oldest messages a page at a time: a run of expired messages
+    that fills whole pages goes whole, whatever follows it."""
+    repo.get_or_create(KEY)
+    stale = [NewMessage("user", "stale")] * (_EXPIRED_PAGE * pages)
+    kept = [NewMessage("user", "kept")] if then == "a kept one" else []
+    repo.append_messages(KEY, [*stale, *kept, NewMessage("user", "newest")])
+    read = repo.get_history(KEY, limit=1)
+    repo.replace_messages(
+        KEY, [], replacing=read, expired=lambda message: message.content == "stale"
+    )
+    assert [m.content for m in repo.get_history(KEY)] == [m.content for m in kept]
+    session = repo.get(KEY)
+    assert session is not None
+    assert session.message_count == len(kept)
 
 
 def test_of_two_rewrites_of_one_read_only_one_lands(repo: SessionRepository) -> None:

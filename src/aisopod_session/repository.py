@@ -848,7 +848,8 @@ class SessionRepository:
         overwrites what was written since. With `expired` too, the session's oldest
         messages, from its first on, are deleted while `expired(message)` is true (up to
         the replaced ones): say, items a framework can no longer read. It runs under the
-        write lock, so keep it short; an exception from it refuses the whole call.
+        write lock, so keep it short and do not call the store from it; an exception from it
+        refuses the whole call.
 
         In one write transaction, so a reader sees the old history or the new one, never
         a mix, and a failure leaves the old one: the replaced rows are deleted, the new
@@ -899,24 +900,23 @@ class SessionRepository:
     ) -> None:
         """Delete the session's oldest messages below id `before`, from its first on,
         while `expired(message)` is true (`replace_messages`)."""
-        after = 0
+        after, last = 0, None
         while True:
             page = conn.execute(
                 self._text(OLDEST_BETWEEN), (session_id, after, before, _EXPIRED_PAGE)
             ).fetchall()
-            last = None
             for row in page:
                 message = HISTORY_MESSAGE.read((session_id, *row))
                 if not expired(message):
                     break
                 last = message.id
             else:
-                if len(page) == _EXPIRED_PAGE:
+                if len(page) == _EXPIRED_PAGE:  # all expired: the next page may be too
                     after = page[-1][0]
                     continue
-            if last is not None:
-                conn.execute(self._text(DELETE_MESSAGES_UP_TO), (session_id, last))
-            return
+            break
+        if last is not None:
+            conn.execute(self._text(DELETE_MESSAGES_UP_TO), (session_id, last))
 
     @lenient_text_retry
     def get_history(

@@ -227,6 +227,11 @@ def _read_items(
     return items_of_rows(repository.get_history_text(key, limit=limit))
 
 
+class _PruneFailedError(Exception):
+    """The SDK's `prune_prefix` raised (its exception is the cause): told apart from the
+    store's refusal of an item, which `_stored` reports as a `SessionInputError`."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CompactionSnapshot:
     """What `AisopodSession._get_compaction_snapshot` gives the SDK's compaction: the
@@ -477,7 +482,10 @@ class AisopodSession:
                 prune = prune_prefix
 
                 def expired(message: Message) -> bool:
-                    return bool(prune(message_to_item(message)))
+                    try:
+                        return bool(prune(message_to_item(message)))
+                    except Exception as exc:
+                        raise _PruneFailedError from exc  # not a refused item: see below
 
             try:
                 await self._stored(
@@ -489,6 +497,8 @@ class AisopodSession:
                 )
             except (HistoryChangedError, SessionNotFoundError):
                 return False
+            except _PruneFailedError as failed:
+                raise cast(Exception, failed.__cause__) from None  # the SDK's own error
             return True
 
         return CompactionSnapshot(cast("list[TResponseInputItem]", items), complete, replace_suffix)
