@@ -71,6 +71,30 @@ def run_sql(target: Path | Engine, sql: str, params: Sequence[Any] = ()) -> None
         conn.close()  # the last connection to close checkpoints the WAL into the file
 
 
+def refuse_boom(store: Engine) -> None:
+    """Make the database itself refuse every new message whose content cell holds
+    "boom" (a trigger, as another program could add), with the error "boom refused": for
+    tests of what a write leaves when the database fails in its middle."""
+    if store.dialect.name == "postgresql":
+        run_sql(
+            store,
+            "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF position('boom' in NEW.content) > 0 THEN RAISE EXCEPTION 'boom refused'; "
+            "END IF; RETURN NEW; END $$",
+        )
+        run_sql(
+            store,
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_boom()",
+        )
+    else:
+        run_sql(
+            store,
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages "
+            "WHEN instr(NEW.content, 'boom') > 0 BEGIN SELECT RAISE(ABORT, 'boom refused'); END",
+        )
+
+
 def snapshot(target: Path | Engine) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every table (and, for a SQLite file, the schema), to prove a call
     changed nothing. An engine is read through SQLAlchemy, so on either backend."""

@@ -39,7 +39,7 @@ from aisopod_session.integrations.openai_agents import (
     default_key,
     message_to_item,
 )
-from tests.dbtools import python_clock, run_sql, snapshot
+from tests.dbtools import python_clock, refuse_boom, run_sql, snapshot
 
 set_tracing_disabled(True)
 
@@ -447,25 +447,8 @@ def test_a_failed_compaction_write_leaves_the_history_whole(
     session = AisopodSession("chat-1", repository)
     compactor = _compactor(session, [{"role": "assistant", "content": "boom"}])
     asyncio.run(compactor.add_items(cast(Any, ITEMS)))
-    if store.dialect.name == "sqlite":
-        run_sql(
-            store,
-            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages "
-            "WHEN NEW.content LIKE '%boom%' BEGIN SELECT RAISE(ABORT, 'refused boom'); END",
-        )
-    else:
-        run_sql(
-            store,
-            "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            "IF position('boom' in NEW.content) > 0 THEN RAISE EXCEPTION 'refused boom'; "
-            "END IF; RETURN NEW; END $$",
-        )
-        run_sql(
-            store,
-            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages "
-            "FOR EACH ROW EXECUTE FUNCTION refuse_boom()",
-        )
-    with pytest.raises(Exception, match="refused boom"):
+    refuse_boom(store)
+    with pytest.raises(Exception, match="boom refused"):
         asyncio.run(compactor.run_compaction({"force": True}))
     assert stored(session) == ITEMS
 

@@ -25,7 +25,7 @@ from aisopod_session import (
     SessionStatus,
 )
 from aisopod_session.repository import _EXPIRED_PAGE
-from tests.dbtools import before_io, no_statements, run_sql, snapshot
+from tests.dbtools import before_io, no_statements, refuse_boom, run_sql, snapshot
 
 KEY = SessionKey("agent-1", "telegram", "bot-A", "dm", "alice")
 OTHER = SessionKey("agent-1", "telegram", "bot-A", "dm", "bob")
@@ -126,26 +126,9 @@ def test_a_failed_insert_leaves_the_old_history_whole(
     refuses (here a trigger another program added) rolls the deletion back too."""
     repo.get_or_create(KEY)
     repo.append_messages(KEY, [NewMessage("user", f"old {i}") for i in range(3)])
-    if store.dialect.name == "sqlite":
-        run_sql(
-            store,
-            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages "
-            "WHEN NEW.content LIKE '%boom%' BEGIN SELECT RAISE(ABORT, 'refused boom'); END",
-        )
-    else:
-        run_sql(
-            store,
-            "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            "IF position('boom' in NEW.content) > 0 THEN RAISE EXCEPTION 'refused boom'; END IF; "
-            "RETURN NEW; END $$",
-        )
-        run_sql(
-            store,
-            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages "
-            "FOR EACH ROW EXECUTE FUNCTION refuse_boom()",
-        )
+    refuse_boom(store)
     before = snapshot(store)
-    with pytest.raises(Exception, match="refused boom"):
+    with pytest.raises(Exception, match="boom refused"):
         repo.replace_messages(KEY, [NewMessage("user", "fine"), NewMessage("user", "boom")])
     assert snapshot(store) == before
 

@@ -23,7 +23,7 @@ from aisopod_session import (
     SessionStoreError,
     Totals,
 )
-from tests.dbtools import count_rows, run_sql, run_threads, snapshot
+from tests.dbtools import count_rows, refuse_boom, run_sql, run_threads, snapshot
 
 T0 = datetime(2026, 11, 26, 3, 59, 48, 123456, tzinfo=UTC)
 
@@ -199,27 +199,8 @@ def test_append_is_all_or_nothing_when_the_database_refuses_a_row(
 ) -> None:
     repo.get_or_create(key)
     repo.append_message(key, Role.USER, "kept")
-    # A plain-SQL trigger makes the database itself fail on the third row of the batch
-    # (content is stored as JSON text: the string boom is the cell "boom").
-    if engine.dialect.name == "postgresql":
-        run_sql(
-            engine,
-            "CREATE FUNCTION refuse_boom() RETURNS trigger AS $$ BEGIN "
-            "IF NEW.content = '\"boom\"' THEN RAISE EXCEPTION 'boom refused'; END IF; "
-            "RETURN NEW; END $$ LANGUAGE plpgsql",
-        )
-        run_sql(
-            engine,
-            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages "
-            "FOR EACH ROW EXECUTE FUNCTION refuse_boom()",
-        )
-    else:
-        run_sql(
-            engine,
-            "CREATE TRIGGER refuse_boom BEFORE INSERT ON messages "
-            "WHEN NEW.content = '\"boom\"' "
-            "BEGIN SELECT RAISE(ABORT, 'boom refused'); END",
-        )
+    # The database itself fails on the third row of the batch.
+    refuse_boom(engine)
     before = snapshot(engine)
     with pytest.raises(SessionStoreError, match="boom refused"):
         repo.append_messages(

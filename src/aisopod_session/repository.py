@@ -628,11 +628,7 @@ class SessionRepository:
             # Under the lock, so created_at follows id order (see clock.py).
             now, now_text = self._clock.stamp(conn, server_now)
             session_id, ids = self._insert(conn, key, rows, counts, now_text)
-        build = MESSAGE.build
-        return [
-            build((message_id, session_id, role, content, calls, now, meta))
-            for message_id, (role, content, calls, meta, *_) in zip(ids, rows, strict=True)
-        ]
+        return _built(ids, session_id, rows, now)
 
     def _append_in_one(
         self, key: SessionKey, rows: list[_Row], counts: _Tokens
@@ -649,11 +645,7 @@ class SessionRepository:
             return None
         session_id, now_text, ids = found
         now = parse_utc_text(now_text)
-        build = MESSAGE.build
-        return [
-            build((message_id, session_id, role, content, calls, now, meta))
-            for message_id, (role, content, calls, meta, *_) in zip(ids, rows, strict=True)
-        ]
+        return _built(ids, session_id, rows, now)
 
     def _counters(self, added: int, counts: _Tokens) -> tuple[int, ...]:
         """What an append adds to the session's four counters, then the room each must
@@ -767,12 +759,7 @@ class SessionRepository:
             if rows:
                 session_id, ids = self._insert(conn, key, rows, (0, 0, 0), now)
             session = SESSION.read(conn.execute(self._text(SELECT_SESSION), key.parts()).fetchone())
-        build = MESSAGE.build
-        added = [
-            build((message_id, session_id, role, content, calls, now_at, meta))
-            for message_id, (role, content, calls, meta, *_) in zip(ids, rows, strict=True)
-        ]
-        return AppliedChanges(session, added, after)
+        return AppliedChanges(session, _built(ids, session_id, rows, now_at), after)
 
     def _merge_meta(self, conn: Any, key: SessionKey, changes: dict[str, Any], now: str) -> Session:
         """Merge `changes` into the metadata of the session for `key`, creating it first if
@@ -889,11 +876,7 @@ class SessionRepository:
             conn.execute(self._text(RECOUNT_MESSAGES), (session_id,))
             now, now_text = self._clock.stamp(conn, server_now)
             session_id, new_ids = self._insert(conn, key, rows, counts, now_text)
-        build = MESSAGE.build
-        return [
-            build((message_id, session_id, role, content, calls, now, meta))
-            for message_id, (role, content, calls, meta, *_) in zip(new_ids, rows, strict=True)
-        ]
+        return _built(new_ids, session_id, rows, now)
 
     def _delete_expired(
         self, conn: Any, session_id: int, before: Any, expired: Callable[[Message], object]
@@ -1399,6 +1382,15 @@ def _one_chunk(rows: list[_Row]) -> bool:
     if len(rows) > _INSERT_CHUNK:
         return False
     return sum(len(row[4]) + len(row[5] or "") + len(row[6]) for row in rows) <= _CHUNK_BYTES // 4
+
+
+def _built(ids: list[int], session_id: int, rows: list[_Row], now: datetime) -> list[Message]:
+    """The `Message`s of rows just inserted with `ids`, stamped `now`."""
+    build = MESSAGE.build
+    return [
+        build((message_id, session_id, role, content, calls, now, meta))
+        for message_id, (role, content, calls, meta, *_) in zip(ids, rows, strict=True)
+    ]
 
 
 def _chunks(rows: list[_Row]) -> Iterator[list[_Row]]:
