@@ -41,6 +41,12 @@ $(VENV)/.synced-bench: pyproject.toml uv.lock | $(UV)
 
 venv: $(VENV)/.synced ## Create or update the locked environment in .venv
 
+# Our own sources (src/, tests/, benchmarks/) are not installed, so UV_COMPILE_BYTECODE
+# does not cover them: where the environment sets PYTHONDONTWRITEBYTECODE, every test
+# worker and every Python process a test starts would compile and rewrite them again
+# (~2 s a worker). The test targets let Python cache them in __pycache__ (ignored by git).
+test test-lowest stress: export PYTHONDONTWRITEBYTECODE :=
+
 # The suite runs on every core (pytest-xdist); WORKERS=0 runs it in one process. The
 # `timing` tests (the event loop's lag, in tests/test_async.py: tests/conftest.py) run
 # after the rest, alone, so that the other workers' tests do not take the cores they
