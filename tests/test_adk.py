@@ -441,6 +441,32 @@ def test_a_stale_session_is_refused_with_nothing_written(
     run(go())
 
 
+def test_tasks_appending_to_one_session_object_take_turns(
+    service: AisopodSessionService,
+) -> None:
+    """Tasks appending to the same session object at once are not stale to each other
+    (ADK's own services lock each session): every event and every state key is kept,
+    in the order the tasks started."""
+
+    async def go() -> None:
+        session = await service.create_session(app_name=APP, user_id=USER, session_id="s1")
+        events = [event(text=f"t{n}", delta={f"k{n}": n, f"user:u{n}": n}) for n in range(12)]
+        await asyncio.gather(*(service.append_event(session, e) for e in events))
+        stored = await service.get_session(app_name=APP, user_id=USER, session_id="s1")
+        assert stored is not None
+        assert [e.id for e in stored.events] == [e.id for e in events]
+        assert stored.state == session.state
+        assert {name: stored.state[name] for name in ("k0", "k11", "user:u0", "user:u11")} == {
+            "k0": 0,
+            "k11": 11,
+            "user:u0": 0,
+            "user:u11": 11,
+        }
+        assert service._appending == {}  # no lock is left behind
+
+    run(go())
+
+
 def test_delete_removes_the_session_and_its_events_only(
     service: AisopodSessionService, store: Engine
 ) -> None:
@@ -667,9 +693,53 @@ def test_refusals_name_the_argument_and_names_with_nul_list(
             await service.create_session(app_name="\ud800", user_id=USER)
         with pytest.raises(ValueError, match=r"^event: "):
             await service.append_event(session, event(delta={"k": float("inf")}))
+        # Values JSON holds but the store does not: named where the event holds them.
+        refused: list[tuple[Event, str]] = [
+            (
+                event(delta={"app:k": 2**70}),
+                r"^event: the integer at event\.actions\.state_delta\.app:k does not fit",
+            ),
+            (
+                event(delta={"k": 2**70}),
+                r"^event: the integer at event\.actions\.state_delta\.k does not fit",
+            ),
+            (
+                Event(
+                    author="agent",
+                    invocation_id="i",
+                    content=types.Content(
+                        role="model",
+                        parts=[
+                            types.Part(
+                                function_call=types.FunctionCall(name="f", args={"n": 2**64})
+                            )
+                        ],
+                    ),
+                ),
+                r"^event: the integer at event\.content\.parts\[0\]\.function_call\.args\.n",
+            ),
+            (
+                event(custom_metadata={"d": _nested(63)}),
+                r"^event: nested deeper than 64 levels at event\.custom_metadata\.d",
+            ),
+        ]
+        for refused_event, reason in refused:
+            with pytest.raises(ValueError, match=reason) as raised:
+                await service.append_event(session, refused_event)
+            assert type(raised.value) is ValueError
+        with pytest.raises(ValueError, match=r"^state: the integer at state\.app:k does not fit"):
+            await service.create_session(app_name=APP, user_id=USER, state={"app:k": -(2**64)})
         assert snapshot(store) == before
         assert session.events == []
 
     run(go())
     with pytest.raises(ValueError, match="agent_id"):
         AisopodSessionService(SessionRepository(store), agent_id="")
+
+
+def _nested(levels: int) -> Any:
+    """A list nested `levels` deep."""
+    value: Any = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value

@@ -126,11 +126,17 @@ def test_refusals_name_the_argument_and_write_nothing(
         ({"messages": [NewMessage("user", "ok"), {"role": "nobody"}]}, "messages"),
         ({"messages": "hello"}, "messages"),
         ({"check": 3}, "check"),
+        ({"check": _async_check}, "check: .*coroutine function"),
+        ({"check": lambda meta: _async_check(meta)}, "check: returned an awaitable"),
     ]
     for arguments, field in bad:
         with pytest.raises(ValueError, match=field):
-            repo.apply_changes(KEY, **arguments)
+            repo.apply_changes(KEY, **{"meta": {"changed": True}, **arguments})
     assert snapshot(store) == before
+
+
+async def _async_check(meta: Any) -> None:
+    raise LookupError("changed since read")
 
 
 def test_a_confined_repository_refuses_related_keys_of_another_agent(

@@ -8,6 +8,7 @@ import threading
 from collections import UserList
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from freezegun import freeze_time
@@ -276,6 +277,39 @@ def test_expired_messages_ahead_of_the_replaced_ones_go_too(
     assert len(before) == 1104
 
 
+async def _async_expired(message: Message) -> bool:
+    return False
+
+
+class _AsyncCall:
+    async def __call__(self, message: Message) -> bool:
+        return False
+
+
+def test_an_expired_that_answers_with_an_awaitable_writes_nothing(
+    repo: SessionRepository, store: Engine
+) -> None:
+    """A plain function that returns a coroutine (or any awaitable) cannot be awaited
+    inside the write transaction, and an unawaited coroutine is no answer: the call is
+    refused naming `expired`, the transaction rolled back, no message expired."""
+    repo.get_or_create(KEY)
+    repo.append_messages(KEY, [NewMessage("user", "old"), NewMessage("user", "newest")])
+    read = repo.get_history(KEY, limit=1)
+    before = snapshot(store)
+    answers: list[Any] = []
+
+    def deferred(message: Message) -> Any:
+        answer = _async_expired(message)
+        answers.append(answer)
+        return answer
+
+    with pytest.raises(ValueError, match=r"expired: returned an awaitable"):
+        repo.replace_messages(KEY, [NewMessage(Role.SYSTEM, "s")], replacing=read, expired=deferred)
+    assert snapshot(store) == before
+    assert len(answers) == 1
+    assert answers[0].cr_frame is None  # closed: never awaited, and no warning about it
+
+
 @pytest.mark.parametrize("pages", [1, 2])
 @pytest.mark.parametrize("then", ["a kept one", "the replaced ones"])
 def test_whole_pages_of_expired_messages_go(repo: SessionRepository, pages: int, then: str) -> None:
@@ -357,7 +391,9 @@ def test_replace_refuses_bad_arguments_another_agent_and_a_bad_key_before_any_io
         ([], {"replacing": [stored[0], stored[0]]}, r"replacing: the messages must be in"),
         ([], {"replacing": [stored[0].model_copy(update={"id": None})]}, r"replacing\[0\]"),
         ([], {"expired": lambda m: True}, r"expired: .* goes with `replacing`"),
-        ([], {"replacing": stored, "expired": "yes"}, r"expired: must be a callable"),
+        ([], {"replacing": stored, "expired": "yes"}, r"expired: must be callable"),
+        ([], {"replacing": stored, "expired": _async_expired}, r"expired: .*coroutine function"),
+        ([], {"replacing": stored, "expired": _AsyncCall()}, r"expired: .*coroutine function"),
     ]
     for messages, counts, field in refusals:
         with pytest.raises(ValueError, match=field), no_statements():

@@ -103,8 +103,10 @@ from aisopod_session.validation import (
     JSONValue,
     ago,
     as_key,
+    callback_answer,
     check_agent_id,
     check_aware,
+    check_callback,
     check_changes,
     check_idle_for,
     check_int,
@@ -728,8 +730,8 @@ class SessionRepository:
                     raise ValueError(f"related_meta: must not name the session's own key {key}")
                 related.append((other_key, check_changes(changes, f"related_meta[{other_key}]")))
             related.sort(key=lambda pair: pair[0].parts())
-        if check is not None and not callable(check):
-            raise ValueError(f"check: must be callable, not {type(check).__name__}")
+        if check is not None:
+            check_callback("check", check)
         with self._path.transaction("apply_changes", "IMMEDIATE") as conn:
             if create:
                 now_at, now = self._clock.stamp(conn)
@@ -747,7 +749,7 @@ class SessionRepository:
                 # After the lock (PostgreSQL), so created_at follows id order (clock.py).
                 now_at, now = self._clock.stamp(conn, server_now)
             if check is not None:
-                check(copy.deepcopy(current))
+                callback_answer("check", check(copy.deepcopy(current)))
             after: dict[SessionKey, Session] = {}
             for other_key, changes in related:
                 after[other_key] = self._merge_meta(conn, other_key, changes, now)
@@ -856,8 +858,10 @@ class SessionRepository:
         empty = empty and not messages
         rows = [] if empty else self._rows(as_new_messages(messages))
         read = None if replacing is None else as_read_messages("replacing", replacing)
-        if expired is not None and (read is None or not callable(expired)):
-            raise ValueError("expired: must be a callable, and goes with `replacing`")
+        if expired is not None:
+            if read is None:
+                raise ValueError("expired: must be a callable, and goes with `replacing`")
+            check_callback("expired", expired)
         counts = check_token_counts(tokens, input_tokens, output_tokens)
         with self._path.transaction("replace_messages", "IMMEDIATE") as conn:
             session_id, server_now = self._lock_session(conn, key)
@@ -890,7 +894,7 @@ class SessionRepository:
             ).fetchall()
             for row in page:
                 message = HISTORY_MESSAGE.read((session_id, *row))
-                if not expired(message):
+                if not callback_answer("expired", expired(message)):
                     break
                 last = message.id
             else:

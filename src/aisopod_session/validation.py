@@ -5,6 +5,7 @@ token counts). Key parts are checked by `keys.py` (the key's own rules), and arg
 that are models (`SessionFilter`, `NewMessage`) by their validators, which call the
 checks here, and by `models.as_filter` / `models.as_new_messages`, which make them."""
 
+import inspect
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -47,18 +48,20 @@ _MAX_INTEGER = 2**63 - 1
 its JSON functions) are signed 64-bit values."""
 
 
-def check_json(field: str, value: Any) -> Any:
-    """Return `value` if it stores and reads back unchanged as JSON, else `ValueError`.
+def check_json(field: str, value: Any, path: str | None = None, depth: int = 1) -> Any:
+    """Return `value` if it stores and reads back unchanged as JSON, else `ValueError`
+    naming `field`, and the failing value's place from `path` (`field` by default) on.
+    `depth`: how deep `value` itself sits in the stored JSON (1: it is the whole of it).
 
     Allowed: dicts with string keys, lists and tuples (read back as lists), strings
     without lone surrogates, integers that fit in 64 signed bits, finite floats, booleans
     and None, nested at most `MAX_JSON_DEPTH` deep.
     """
-    if _plainly_valid(value, 1):
+    if _plainly_valid(value, depth):
         return value
     # Something is wrong, or of a subclass the quick walk does not judge: walk again,
     # keeping the path of every value, to accept it or to say exactly where it fails.
-    stack: list[tuple[Any, int, str]] = [(value, 1, field)]
+    stack: list[tuple[Any, int, str]] = [(value, depth, field if path is None else path)]
     while stack:
         item, depth, path = stack.pop()
         if depth > MAX_JSON_DEPTH:
@@ -275,6 +278,37 @@ def check_int(field: str, value: Any, *, minimum: int | None) -> None:
         raise ValueError(f"{field}: must be >= {minimum}, got {value}")
     if not -_MAX_INTEGER - 1 <= value <= _MAX_INTEGER:
         raise ValueError(f"{field}: must fit in a 64-bit signed integer, got {value}")
+
+
+def check_callback(field: str, value: Any) -> None:
+    """`ValueError` naming `field` unless `value` is callable and not a coroutine
+    function: callbacks run inside a write transaction, on a thread that cannot await,
+    and an unawaited coroutine would be taken for a true answer."""
+    if not callable(value):
+        raise ValueError(f"{field}: must be callable, not {type(value).__name__}")
+    if _asynchronous(value) or _asynchronous(type(value).__call__):
+        raise ValueError(
+            f"{field}: must be a plain function, not a coroutine function (it runs inside "
+            "the write transaction, which cannot await)"
+        )
+
+
+def _asynchronous(function: Any) -> bool:
+    return inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function)
+
+
+def callback_answer(field: str, answer: Any) -> Any:
+    """`answer`, what the `field` callback returned, unless it is awaitable (a function
+    that returns a coroutine without being a coroutine function): `ValueError` naming
+    `field`, raised inside the transaction, so nothing is written."""
+    if inspect.isawaitable(answer):
+        if inspect.iscoroutine(answer):
+            answer.close()  # never awaited, and never to be: no RuntimeWarning about it
+        raise ValueError(
+            f"{field}: returned an awaitable; it must answer at once (it runs inside the "
+            "write transaction, which cannot await)"
+        )
+    return answer
 
 
 _EPOCH = datetime(1, 1, 2, tzinfo=UTC)

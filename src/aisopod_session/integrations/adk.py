@@ -14,12 +14,13 @@ the extra `aisopod-session[adk]`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from typing import Any, cast
 
 from google.adk.errors import StaleSessionError
@@ -47,6 +48,7 @@ from aisopod_session.errors import DamagedRowError, SessionExistsError, SessionN
 from aisopod_session.keys import SessionKey
 from aisopod_session.models import Message, NewMessage, Session
 from aisopod_session.repository import SessionRepository
+from aisopod_session.validation import check_json
 
 DEFAULT_AGENT = "google-adk"
 """The keys' agent, unless the repository is confined to another or `agent_id` says."""
@@ -156,20 +158,26 @@ def split_state(
     """ADK state (or a state delta) as its app, user and session parts, app and user keys
     without their prefixes, `temp:` keys left out, every value made JSON (as ADK's own
     SQL stores make it: a value JSON cannot hold becomes its text). `ValueError` naming
-    `field` for a key that is not a string UTF-8 can hold."""
+    `field` for a key that is not a string UTF-8 can hold, and naming the argument
+    (`field` up to its first dot) and the value's place for a value the store cannot
+    hold (an integer beyond 64 bits, NaN, nesting deeper than `MAX_JSON_DEPTH`)."""
+    kept: dict[str, Any] = {}
+    for key, value in state.items():
+        _text(f"{field} key {key!r}", key)
+        if not key.startswith(State.TEMP_PREFIX):
+            kept[key] = value
+    stored = check_json(field.partition(".")[0], to_jsonable_python(kept, fallback=str), field)
     app: dict[str, Any] = {}
     user: dict[str, Any] = {}
     own: dict[str, Any] = {}
-    for key, value in state.items():
-        _text(f"{field} key {key!r}", key)
+    for key, value in stored.items():
         if key.startswith(State.APP_PREFIX):
             app[key.removeprefix(State.APP_PREFIX)] = value
         elif key.startswith(State.USER_PREFIX):
             user[key.removeprefix(State.USER_PREFIX)] = value
-        elif not key.startswith(State.TEMP_PREFIX):
+        else:
             own[key] = value
-    parts = to_jsonable_python((app, user, own), fallback=str)
-    return parts[0], parts[1], parts[2]
+    return app, user, own
 
 
 def event_to_message(event: Event) -> NewMessage:
@@ -200,7 +208,14 @@ def event_to_message(event: Event) -> NewMessage:
         role = Role.USER
     else:
         role = Role.ASSISTANT
-    return NewMessage(role, parts, meta={"source": SOURCE, "event": data})
+    try:
+        return NewMessage(role, parts, meta={"source": SOURCE, "event": data})
+    except ValueError:
+        # Refused: say where in the event, in ADK's terms, not in the row's (the event
+        # sits in the metadata under `event`, one level down).
+        check_json("event", data, depth=2)
+        check_json("event", parts, "event.content.parts")
+        raise  # pragma: no cover - the same checks refused it above
 
 
 def message_to_event(message: Message) -> Event:
@@ -277,6 +292,9 @@ class AisopodSessionService(BaseSessionService):
         self.agent_id = agent
         self._engine: Engine | AsyncEngine | None = None
         self._closed = False
+        # A lock and its number of users per session being appended to, and per event
+        # loop (an asyncio lock serves one loop): `_one_append_at_a_time`.
+        self._appending: dict[tuple[asyncio.AbstractEventLoop, SessionKey], list[Any]] = {}
 
     @classmethod
     def open(
@@ -540,36 +558,59 @@ class AisopodSessionService(BaseSessionService):
         if user:
             related[user_key] = user
         message = event_to_message(event)
-        seen = session.last_update_time
+        async with self._one_append_at_a_time(key):
+            # Read after the previous append to this session through this service (on
+            # this event loop) set it: tasks appending to one session object in turn
+            # are not stale to each other, as with ADK's own services.
+            seen = session.last_update_time
 
-        def not_stale(meta: Mapping[str, Any]) -> None:
-            stored = meta.get(UPDATE_TIME)
-            if isinstance(stored, int | float) and stored > seen:
-                raise StaleSessionError(
-                    "The last_update_time provided in the session object is earlier than "
-                    "the update_time in storage. Please check if it is a stale session."
+            def not_stale(meta: Mapping[str, Any]) -> None:
+                stored = meta.get(UPDATE_TIME)
+                if isinstance(stored, int | float) and stored > seen:
+                    raise StaleSessionError(
+                        "The last_update_time provided in the session object is earlier "
+                        "than the update_time in storage. Please check if it is a stale "
+                        "session."
+                    )
+
+            try:
+                cancelled = await self._settled(
+                    "apply_changes",
+                    key,
+                    messages=[message],
+                    meta={**own, UPDATE_TIME: event.timestamp},
+                    related_meta=related,
+                    check=not_stale,
                 )
-
-        try:
-            cancelled = await self._settled(
-                "apply_changes",
-                key,
-                messages=[message],
-                meta={**own, UPDATE_TIME: event.timestamp},
-                related_meta=related,
-                check=not_stale,
-            )
-        except SessionNotFoundError:
-            raise AdkNotFoundError(f"Session {session.id} not found.") from None
-        except ValueError as exc:
-            if isinstance(exc, StaleSessionError):
-                raise
-            raise ValueError(f"event: {exc}") from None
-        session.last_update_time = event.timestamp
-        stored = await super().append_event(session, event)
+            except SessionNotFoundError:
+                raise AdkNotFoundError(f"Session {session.id} not found.") from None
+            except ValueError as exc:
+                if isinstance(exc, StaleSessionError):
+                    raise
+                raise ValueError(f"event: {exc}") from None
+            session.last_update_time = event.timestamp
+            stored = await super().append_event(session, event)
         if cancelled:
             raise asyncio.CancelledError
         return stored
+
+    @contextlib.asynccontextmanager
+    async def _one_append_at_a_time(self, key: SessionKey) -> AsyncIterator[None]:
+        """Appends to the session of `key` through this service take turns on this event
+        loop (ADK's own services lock each session so too); the lock is dropped when its
+        last user leaves."""
+        turn = (asyncio.get_running_loop(), key)
+        entry = self._appending.get(turn)
+        if entry is None:
+            entry = self._appending[turn] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._appending[turn]
 
     async def _settled(self, name: str, *args: Any, **kwargs: Any) -> bool:
         """Run a write to its end even if the caller is cancelled meanwhile (a write
