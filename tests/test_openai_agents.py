@@ -766,8 +766,18 @@ def test_bad_input_is_refused_naming_it_and_nothing_is_written(
     before = snapshot(store)
     with pytest.raises(ValueError, match=r"items\[1\]: .*dict"):
         asyncio.run(session.add_items(cast(Any, [{"role": "user", "content": "ok"}, "text"])))
-    with pytest.raises(ValueError, match=r"(?s)items\[0\].*content"):
-        asyncio.run(session.add_items(cast(Any, [{"role": "user", "content": float("nan")}])))
+    # Named by the item's own fields, whether they become the row's content or metadata.
+    refused: list[tuple[dict[str, Any], str]] = [
+        ({"role": "user", "content": float("nan")}, r"nan at items\[0\]\.content is not"),
+        ({"role": "user", "content": "x", "n": 2**64}, r"the integer at items\[0\]\.n does not"),
+        (
+            {"type": "function_call_output", "call_id": "c", "output": [{"v": -(2**70)}]},
+            r"the integer at items\[0\]\.output\[0\]\.v does not",
+        ),
+    ]
+    for item, reason in refused:
+        with pytest.raises(SessionInputError, match=r"^items\[0\]: " + reason):
+            asyncio.run(session.add_items(cast(Any, [item])))
     assert snapshot(store) == before
     for bad in ("", " padded", "a\x00b", "x" * 256, 42):
         with pytest.raises(ValueError, match="session_id"):
@@ -815,6 +825,18 @@ def test_what_only_the_store_refuses_names_the_item_too(
         )
     with pytest.raises(ValueError, match=r"items\[0\]\.content"):
         asyncio.run(session.add_items([{"role": "user", "content": "a\x00b"}]))
+    # Any field of the item, by its own name, not by the row's layout.
+    for item, field in [
+        ({"type": "function_call_output", "call_id": "c", "output": "a\x00"}, r"\.output"),
+        (
+            {"type": "function_call", "call_id": "c\x00", "name": "f", "arguments": "{}"},
+            r"\.call_id",
+        ),
+        ({"role": "user", "content": "x", "name": ["ok", "\x00"]}, r"\.name\[1\]"),
+    ]:
+        reason = r"^items\[1\]: the text at items\[1\]" + field + " holds a NUL character"
+        with pytest.raises(SessionInputError, match=reason):
+            asyncio.run(session.add_items(cast(Any, [{"role": "user", "content": "ok"}, item])))
     assert snapshot(store) == before
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from aisopod_session import (
     SessionRepository,
     SessionStatus,
 )
-from aisopod_session.asyncrepository import INLINE_MESSAGES, INLINE_TEXT
+from aisopod_session.asyncrepository import INLINE_MESSAGES, INLINE_TEXT, fits_inline
 from aisopod_session.validation import MAX_JSON_DEPTH, dump_json
 from tests.dbtools import before_io, no_statements, snapshot
 
@@ -165,6 +166,17 @@ def test_no_statements_sees_the_statements_of_both_apis(
         populated.append_messages(key, [NewMessage(Role.USER, "x")] * (INLINE_MESSAGES + 1))
     with pytest.raises(AssertionError, match="statements ran"), no_statements():
         populated.append_message(key, Role.USER, "x" * (INLINE_TEXT + 1))
+
+
+def test_the_inline_size_rule_counts_messages_given_as_any_mapping() -> None:
+    """The async API writes a batch inline only if its text is small (`fits_inline`):
+    a message given as a mapping that is no dict (which `append_messages` takes) counts
+    too, so a big one goes to a worker thread instead of holding the event loop."""
+    big, small = "x" * (INLINE_TEXT + 1), "x" * 10
+    for message in (dict, MappingProxyType):
+        assert not fits_inline([message({"role": "user", "content": big})])
+        assert not fits_inline([message({"role": "user", "content": "", "meta": {"k": big}})])
+        assert fits_inline([message({"role": "user", "content": small, "tool_calls": [1.5]})])
 
 
 @pytest.fixture

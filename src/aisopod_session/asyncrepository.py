@@ -71,7 +71,14 @@ def fits_inline(*values: Any) -> bool:
             stack.extend(item)
         elif isinstance(item, NewMessage):
             stack.extend((item.content, item.tool_calls, item.meta))
+        elif type(item) not in _SCALARS and isinstance(item, Mapping):
+            # A message given as another mapping (`as_new_messages` takes any).
+            stack.extend(item.keys())
+            stack.extend(item.values())
     return True
+
+
+_SCALARS = frozenset({int, float, bool, type(None)})
 
 
 def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -> Any:

@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-from collections.abc import Awaitable, Callable, Mapping
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from agents.memory.session_settings import SessionSettings
@@ -34,6 +35,7 @@ from aisopod_session.errors import HistoryChangedError, SessionNotFoundError
 from aisopod_session.keys import SessionKey
 from aisopod_session.models import Message, NewMessage
 from aisopod_session.repository import SessionRepository
+from aisopod_session.validation import check_json, first_nul
 
 if TYPE_CHECKING:
     from agents.items import TResponseInputItem
@@ -83,9 +85,10 @@ def default_key(session_id: str, agent_id: str = DEFAULT_AGENT) -> SessionKey:
         raise ValueError(f"session_id: {exc}") from None
 
 
-def item_to_message(item: Mapping[str, Any]) -> NewMessage:
+def item_to_message(item: Mapping[str, Any], at: str = "item") -> NewMessage:
     """The message row of one SDK item (see the module's docstring); `ValueError` naming
-    the field for an item that is not a JSON object or holds a value the store refuses."""
+    the field for an item that is not a JSON object or holds a value the store refuses,
+    with its place in the item from `at` (the item's own name in the message) on."""
     if not isinstance(item, Mapping):
         raise ValueError(f"items: each item must be a dict, not {type(item).__name__}")
     names = list(item)
@@ -117,7 +120,25 @@ def item_to_message(item: Mapping[str, Any]) -> NewMessage:
         stored_role = Role.TOOL
     else:
         stored_role = Role.ASSISTANT
-    return NewMessage(stored_role, item[field] if field is not None else None, meta=meta)
+    content = item[field] if field is not None else None
+    try:
+        return NewMessage(stored_role, content, meta=meta)
+    except ValueError:
+        # Refused: say where in the item, not where in the row (its text is the row's
+        # content; the rest sits in the metadata under `item`, two levels down).
+        if field is not None:
+            check_json(at, content, f"{at}.{field}")
+        check_json(at, meta["item"], at, depth=2)
+        raise  # pragma: no cover - the same checks refused it above
+
+
+def _nul_in_items(items: Sequence[Any], index: int) -> str:
+    """Why PostgreSQL refuses `items[index]`: the place of its first NUL character."""
+    path = first_nul(dict(items[index]))
+    return (
+        f"items[{index}]: the text at items[{index}]{path or ''} holds a NUL character "
+        "(in a key or a value), which PostgreSQL cannot store (SQLite can)"
+    )
 
 
 def message_to_item(message: Message) -> dict[str, Any]:
@@ -372,7 +393,7 @@ class AisopodSession:
         and the field)."""
         messages = await self._checked(items)
         if messages:
-            await self._stored("append_messages", messages)
+            await self._stored("append_messages", items, messages)
 
     async def _atomic_replace_items(self, items: list[TResponseInputItem]) -> bool:
         """The SDK's hook for rewriting a whole history, which its compaction
@@ -389,7 +410,7 @@ class AisopodSession:
             return False
         messages = await self._checked(items)
         if messages:
-            await self._stored("replace_messages", messages)
+            await self._stored("replace_messages", items, messages)
             return True
         # Nothing stored and nothing to store: no session is made for it.
         with contextlib.suppress(SessionNotFoundError):
@@ -415,18 +436,29 @@ class AisopodSession:
             raise SessionInputError(f"items: must be a list of items, not {type(items).__name__}")
         messages = []
         for index, item in enumerate(items):
+            at = f"items[{index}]"
             try:
-                messages.append(item_to_message(cast(Mapping[str, Any], item)))
+                messages.append(item_to_message(cast(Mapping[str, Any], item), at))
             except ValueError as exc:
-                raise SessionInputError(f"items[{index}]: {exc}") from None
+                reason = str(exc)
+                raise SessionInputError(
+                    reason if reason.startswith(at) else f"{at}: {reason}"
+                ) from None
         return messages
 
     async def _stored(
-        self, method: str, messages: list[NewMessage], *, create: bool = True, **options: Any
+        self,
+        method: str,
+        items: Sequence[Any],
+        messages: list[NewMessage],
+        *,
+        create: bool = True,
+        **options: Any,
     ) -> None:
-        """`append_messages` or `replace_messages` of `messages` under the key, the
-        session created first (in its own write transaction) if there is none and
-        `create` says so. What only the store can refuse is a `SessionInputError`."""
+        """`append_messages` or `replace_messages` of `messages` (the rows of `items`)
+        under the key, the session created first (in its own write transaction) if
+        there is none and `create` says so. What only the store can refuse is a
+        `SessionInputError` naming the item."""
         try:
             try:
                 await self._call(method, self.key, messages, **options)
@@ -439,7 +471,10 @@ class AisopodSession:
             # What only the store can refuse (a NUL character on PostgreSQL), before it
             # writes anything, names `messages[i]` (`items[i]` here), or no index for one.
             reason = str(exc)
-            if reason.startswith("messages["):
+            index = re.match(r"messages\[(\d+)\]", reason)
+            if "NUL character" in reason and (index or len(items) == 1):
+                reason = _nul_in_items(items, int(index[1]) if index else 0)
+            elif index:
                 reason = "items[" + reason.removeprefix("messages[")
             elif len(messages) == 1:
                 reason = f"items[0].{reason}"
@@ -490,6 +525,7 @@ class AisopodSession:
             try:
                 await self._stored(
                     "replace_messages",
+                    output,
                     await self._checked(output),
                     create=False,
                     replacing=replacing,
