@@ -14,6 +14,7 @@ import gc
 import inspect
 import random
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -41,6 +42,8 @@ from aisopod_session import (
     open_async_database_sync,
     open_database,
 )
+from aisopod_session.asyncrepository import INLINE_TEXT
+from aisopod_session.repository import messages_of_history
 from aisopod_session.transactions import write_transaction
 from tests.dbtools import count_rows, make_seed_file, run_sql, snapshot, stress
 
@@ -681,6 +684,45 @@ def test_inline_writes_leave_the_checkpoints_to_a_worker_and_the_wal_stays_small
     largest, count = run(main())
     assert count == 3_000
     assert largest < 1_500 * 4096, f"the WAL reached {largest // 4096} pages"
+
+
+def test_a_page_of_big_messages_is_decoded_off_the_event_loop(
+    db_path: Path, key: SessionKey
+) -> None:
+    """`get_history` with a small `limit` reads inline; rows holding more than
+    `INLINE_TEXT` characters in all are decoded on a worker thread, not on the loop
+    (a page of a few messages of megabytes took the loop seconds). Which thread decodes
+    is seen by a profile hook on the loop's thread alone."""
+    decoded_on_loop: list[int] = []
+
+    def watch(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is messages_of_history.__code__:
+            decoded_on_loop.append(len(frame.f_locals["read"].rows))
+
+    async def main() -> tuple[list[Any], list[Any]]:
+        engine = await open_async_database(db_path)
+        repo = AsyncSessionRepository(engine)
+        try:
+            await repo.get_or_create(key)
+            big: list[Any] = ["x" * (INLINE_TEXT // 2), {"blocks": ["y" * (INLINE_TEXT // 2)]}]
+            await repo.append_messages(key, [NewMessage(Role.USER, text) for text in big])
+            await repo.append_message(key, Role.USER, "small")
+            sys.setprofile(watch)
+            try:
+                await asyncio.sleep(0)  # the loop turns: the inline budget is whole
+                small = await repo.get_history(key, limit=1)
+                await asyncio.sleep(0)
+                whole = await repo.get_history(key, limit=3)
+            finally:
+                sys.setprofile(None)
+            return [m.content for m in small], [m.content for m in whole]
+        finally:
+            await engine.dispose()
+
+    small, whole = run(main())
+    assert small == ["small"]
+    assert whole == ["x" * (INLINE_TEXT // 2), {"blocks": ["y" * (INLINE_TEXT // 2)]}, "small"]
+    assert decoded_on_loop == [1]  # the small page on the loop, the big one elsewhere
 
 
 def test_dispose_stops_the_worker_threads(db_path: Path, key: SessionKey) -> None:

@@ -20,8 +20,8 @@ from aisopod_session.asyncbridge import bridge_of, write_gate
 from aisopod_session.database import companion_engines
 from aisopod_session.enums import SessionStatus
 from aisopod_session.keys import SessionKey
-from aisopod_session.models import NewMessage, Session, SessionFilter
-from aisopod_session.repository import SessionRepository
+from aisopod_session.models import Message, NewMessage, Session, SessionFilter
+from aisopod_session.repository import SessionRepository, messages_of_history
 from aisopod_session.transactions import prepare_engine
 
 _P = ParamSpec("_P")
@@ -264,6 +264,35 @@ class AsyncSessionRepository:
             self._inline(SessionRepository.get_or_create, _always, (key,), {}),
         )
 
+    async def get_history(
+        self,
+        key: SessionKey | str,
+        *,
+        limit: int | None = None,
+        before_id: int | None = None,
+        after_id: int | None = None,
+    ) -> list[Message]:
+        """`SessionRepository.get_history`, awaited. A page (`limit` of at most
+        `INLINE_MESSAGES`) is read inline; if its rows hold more than `INLINE_TEXT`
+        characters of text, they are decoded on a worker thread, not on the loop."""
+        read = partial(
+            SessionRepository._get_history_rows,
+            key=key,
+            limit=limit,
+            before_id=before_id,
+            after_id=after_id,
+        )
+        if self._inline_sync is None or not _a_page(limit=limit):
+            return await self._bridge.run(
+                partial(
+                    self._sync.get_history, key, limit=limit, before_id=before_id, after_id=after_id
+                )
+            )
+        rows = await self._bridge.run(partial(read, self._sync), partial(read, self._inline_sync))
+        if rows.text_size() <= INLINE_TEXT:
+            return messages_of_history(rows)
+        return await self._bridge.run(partial(messages_of_history, rows))
+
     # Each method of SessionRepository, and which of its calls may run inline (on a
     # SQLite file: see asyncbridge.py); the rest always go to a worker thread.
     create = _writes(SessionRepository.create, _small_meta)
@@ -275,7 +304,6 @@ class AsyncSessionRepository:
     page_sessions = _reads(SessionRepository.page_sessions, _a_sessions_page)
     search_messages = _reads(SessionRepository.search_messages)
     summary = _reads(SessionRepository.summary)
-    get_history = _reads(SessionRepository.get_history, _a_page)
     get_history_text = _reads(SessionRepository.get_history_text, _a_page)
     now = _reads(SessionRepository.now, _always)
     update_metadata = _writes(SessionRepository.update_metadata, _small_changes)

@@ -672,7 +672,7 @@ def lenient_text_retry(method: Callable[_P, _T]) -> Callable[_P, _T]:
                 raise
             logger.warning(
                 "%s read text that is not UTF-8 (column %s) with U+FFFD in its place",
-                method.__name__,
+                method.__name__.lstrip("_"),
                 column,
             )
         token = _LENIENT_TEXT.set(True)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Engine
 
@@ -905,7 +905,6 @@ class SessionRepository:
         if last is not None:
             conn.execute(self._text(DELETE_MESSAGES_UP_TO), (session_id, last))
 
-    @lenient_text_retry
     def get_history(
         self,
         key: SessionKey | str,
@@ -923,6 +922,21 @@ class SessionRepository:
         last id you got). One statement, so one snapshot; `SessionNotFoundError` if
         there is no session.
         """
+        return messages_of_history(
+            self._get_history_rows(key, limit=limit, before_id=before_id, after_id=after_id)
+        )
+
+    @lenient_text_retry
+    def _get_history_rows(
+        self,
+        key: SessionKey | str,
+        *,
+        limit: int | None = None,
+        before_id: int | None = None,
+        after_id: int | None = None,
+    ) -> HistoryRows:
+        """`get_history`'s read: its rows, not decoded yet (`messages_of_history`), so
+        that the async API may decode a page of big messages off the event loop."""
         key = self._key(key)
         if limit is not None:
             check_int("limit", limit, minimum=0)
@@ -935,7 +949,7 @@ class SessionRepository:
             with self._path.transaction("get_history", None) as conn:
                 if conn.execute(self._text(SELECT_SESSION_ID), key.parts()).fetchone() is None:
                     raise _not_found(key)
-            return []
+            return HistoryRows([], False)
         newest_first = limit is not None and after_id is None
         sql = self._sql(
             history(
@@ -957,11 +971,8 @@ class SessionRepository:
         if not rows:
             raise _not_found(key)
         if rows[0][1] is None:  # the session, without a message in the window
-            return []
-        messages = [HISTORY_MESSAGE.read(row) for row in rows]
-        if newest_first:
-            messages.reverse()
-        return messages
+            return HistoryRows([], False)
+        return HistoryRows(rows, newest_first)
 
     @lenient_text_retry
     def get_history_text(
@@ -1429,3 +1440,22 @@ def _read_json_object(stored: str, session_id: int) -> dict[str, Any]:
             f"not JSON ({exc}); replace it with update_metadata(..., replace=True)",
         ) from exc
     return value if isinstance(value, dict) else {}
+
+
+class HistoryRows(NamedTuple):
+    """`get_history`'s rows as read (`SessionRepository._get_history_rows`)."""
+
+    rows: list[Any]
+    newest_first: bool
+
+    def text_size(self) -> int:
+        """How many characters of text (and bytes of blobs) the rows' cells hold."""
+        return sum(len(cell) for row in self.rows for cell in row if isinstance(cell, str | bytes))
+
+
+def messages_of_history(read: HistoryRows) -> list[Message]:
+    """The `Message`s of `get_history`'s rows, oldest first."""
+    messages = [HISTORY_MESSAGE.read(row) for row in read.rows]
+    if read.newest_first:
+        messages.reverse()
+    return messages
