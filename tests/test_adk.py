@@ -730,6 +730,21 @@ def test_refusals_name_the_argument_and_names_with_nul_list(
         with pytest.raises(ValueError, match=r"^state: the integer at state\.app:k does not fit"):
             await service.create_session(app_name=APP, user_id=USER, state={"app:k": -(2**64)})
         assert snapshot(store) == before
+        if store.dialect.name != "postgresql":
+            return  # SQLite stores NUL characters
+        # What only PostgreSQL refuses, a NUL character, is named in ADK's terms too.
+        nul: list[tuple[Event, str]] = [
+            (event(delta={"k": ["ok", "a\x00"]}), r"event\.actions\.state_delta\.k\[1\]"),
+            (event(delta={"user:k": "\x00"}), r"event\.actions\.state_delta\.user:k"),
+            (event(text="a\x00b"), r"event\.content\.parts\[0\]\.text"),
+        ]
+        for refused_event, place in nul:
+            with pytest.raises(ValueError, match=rf"^event: the text at {place} holds a NUL"):
+                await service.append_event(session, refused_event)
+        assert snapshot(store) == before
+        # State is metadata, JSON text that holds the escape `\u0000`: stored there too.
+        made = await service.create_session(app_name=APP, user_id=USER, state={"app:k": "\x00"})
+        assert made.state == {"app:k": "\x00"}
         assert session.events == []
 
     run(go())

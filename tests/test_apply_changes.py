@@ -126,8 +126,9 @@ def test_refusals_name_the_argument_and_write_nothing(
         ({"messages": [NewMessage("user", "ok"), {"role": "nobody"}]}, "messages"),
         ({"messages": "hello"}, "messages"),
         ({"check": 3}, "check"),
-        ({"check": _async_check}, "check: .*coroutine function"),
+        ({"check": _async_check}, "check: .*coroutine or generator function"),
         ({"check": lambda meta: _async_check(meta)}, "check: returned an awaitable"),
+        ({"check": lambda meta: (n for n in [meta])}, "check: returned an awaitable or a gen"),
     ]
     for arguments, field in bad:
         with pytest.raises(ValueError, match=field):

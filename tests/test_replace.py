@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections import UserList
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -281,6 +281,10 @@ async def _async_expired(message: Message) -> bool:
     return False
 
 
+def _generating(message: Message) -> Iterator[bool]:
+    yield False
+
+
 class _AsyncCall:
     async def __call__(self, message: Message) -> bool:
         return False
@@ -303,11 +307,19 @@ def test_an_expired_that_answers_with_an_awaitable_writes_nothing(
         answers.append(answer)
         return answer
 
-    with pytest.raises(ValueError, match=r"expired: returned an awaitable"):
+    with pytest.raises(ValueError, match=r"expired: returned an awaitable or a generator"):
         repo.replace_messages(KEY, [NewMessage(Role.SYSTEM, "s")], replacing=read, expired=deferred)
     assert snapshot(store) == before
     assert len(answers) == 1
     assert answers[0].cr_frame is None  # closed: never awaited, and no warning about it
+
+    async def agen(message: Message) -> AsyncIterator[bool]:
+        yield False
+
+    for answer in (lambda m: agen(m), lambda m: (no for no in [False])):
+        with pytest.raises(ValueError, match=r"expired: returned an awaitable or a generator"):
+            repo.replace_messages(KEY, [], replacing=read, expired=answer)
+    assert snapshot(store) == before
 
 
 @pytest.mark.parametrize("pages", [1, 2])
@@ -392,8 +404,13 @@ def test_replace_refuses_bad_arguments_another_agent_and_a_bad_key_before_any_io
         ([], {"replacing": [stored[0].model_copy(update={"id": None})]}, r"replacing\[0\]"),
         ([], {"expired": lambda m: True}, r"expired: .* goes with `replacing`"),
         ([], {"replacing": stored, "expired": "yes"}, r"expired: must be callable"),
-        ([], {"replacing": stored, "expired": _async_expired}, r"expired: .*coroutine function"),
-        ([], {"replacing": stored, "expired": _AsyncCall()}, r"expired: .*coroutine function"),
+        (
+            [],
+            {"replacing": stored, "expired": _async_expired},
+            r"expired: .*coroutine or generator function",
+        ),
+        ([], {"replacing": stored, "expired": _AsyncCall()}, r"expired: .*coroutine or gen"),
+        ([], {"replacing": stored, "expired": _generating}, r"expired: .*coroutine or gen"),
     ]
     for messages, counts, field in refusals:
         with pytest.raises(ValueError, match=field), no_statements():

@@ -293,6 +293,8 @@ class AsyncSessionRepository:
             return messages_of_history(rows)
         return await self._bridge.run(partial(messages_of_history, rows))
 
+    get_history.__doc__ = f"{get_history.__doc__}\n\n{SessionRepository.get_history.__doc__}"
+
     # Each method of SessionRepository, and which of its calls may run inline (on a
     # SQLite file: see asyncbridge.py); the rest always go to a worker thread.
     create = _writes(SessionRepository.create, _small_meta)

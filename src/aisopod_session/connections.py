@@ -661,7 +661,16 @@ def lenient_text_retry(method: Callable[_P, _T]) -> Callable[_P, _T]:
     as a warning naming the call and the column, not the text). Only for calls that
     store nothing they read: one that did would store the replaced text back. (The
     first run, refused, wrote nothing: every call is one transaction.)"""
+    return _lenient(method, method.__name__)
 
+
+def lenient_text_retry_as(call: str) -> Callable[[Callable[_P, _T]], Callable[_P, _T]]:
+    """`lenient_text_retry` for a helper of the public call named `call`, which its
+    warning names."""
+    return lambda method: _lenient(method, call)
+
+
+def _lenient(method: Callable[_P, _T], name: str) -> Callable[_P, _T]:
     @functools.wraps(method)
     def call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
@@ -672,7 +681,7 @@ def lenient_text_retry(method: Callable[_P, _T]) -> Callable[_P, _T]:
                 raise
             logger.warning(
                 "%s read text that is not UTF-8 (column %s) with U+FFFD in its place",
-                method.__name__.lstrip("_"),
+                name,
                 column,
             )
         token = _LENIENT_TEXT.set(True)

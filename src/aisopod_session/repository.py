@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, TypeVar
 from sqlalchemy import Engine
 
 from aisopod_session.clock import StoreClock
-from aisopod_session.connections import DriverPath, lenient_text_retry
+from aisopod_session.connections import DriverPath, lenient_text_retry, lenient_text_retry_as
 from aisopod_session.cursors import decode_cursor, encode_cursor, fingerprint
 from aisopod_session.enums import Role, SessionStatus
 from aisopod_session.errors import (
@@ -926,7 +926,7 @@ class SessionRepository:
             self._get_history_rows(key, limit=limit, before_id=before_id, after_id=after_id)
         )
 
-    @lenient_text_retry
+    @lenient_text_retry_as("get_history")
     def _get_history_rows(
         self,
         key: SessionKey | str,

@@ -281,32 +281,36 @@ def check_int(field: str, value: Any, *, minimum: int | None) -> None:
 
 
 def check_callback(field: str, value: Any) -> None:
-    """`ValueError` naming `field` unless `value` is callable and not a coroutine
-    function: callbacks run inside a write transaction, on a thread that cannot await,
-    and an unawaited coroutine would be taken for a true answer."""
+    """`ValueError` naming `field` unless `value` is callable and not a coroutine or
+    generator function: callbacks run inside a write transaction, on a thread that
+    cannot await, and an unawaited coroutine would be taken for a true answer."""
     if not callable(value):
         raise ValueError(f"{field}: must be callable, not {type(value).__name__}")
     if _asynchronous(value) or _asynchronous(type(value).__call__):
         raise ValueError(
-            f"{field}: must be a plain function, not a coroutine function (it runs inside "
-            "the write transaction, which cannot await)"
+            f"{field}: must be a plain function, not a coroutine or generator function (it "
+            "runs inside the write transaction, which cannot await)"
         )
 
 
 def _asynchronous(function: Any) -> bool:
-    return inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function)
+    return (
+        inspect.iscoroutinefunction(function)
+        or inspect.isasyncgenfunction(function)
+        or inspect.isgeneratorfunction(function)
+    )
 
 
 def callback_answer(field: str, answer: Any) -> Any:
-    """`answer`, what the `field` callback returned, unless it is awaitable (a function
-    that returns a coroutine without being a coroutine function): `ValueError` naming
-    `field`, raised inside the transaction, so nothing is written."""
-    if inspect.isawaitable(answer):
-        if inspect.iscoroutine(answer):
-            answer.close()  # never awaited, and never to be: no RuntimeWarning about it
+    """`answer`, what the `field` callback returned, unless it is awaitable or a
+    generator (a function that returns a coroutine without being a coroutine function):
+    `ValueError` naming `field`, raised inside the transaction, so nothing is written."""
+    if inspect.isawaitable(answer) or inspect.isasyncgen(answer) or inspect.isgenerator(answer):
+        if inspect.iscoroutine(answer) or inspect.isgenerator(answer):
+            answer.close()  # never run, and never to be: no RuntimeWarning about it
         raise ValueError(
-            f"{field}: returned an awaitable; it must answer at once (it runs inside the "
-            "write transaction, which cannot await)"
+            f"{field}: returned an awaitable or a generator; it must answer at once (it "
+            "runs inside the write transaction, which cannot await)"
         )
     return answer
 

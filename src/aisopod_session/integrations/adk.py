@@ -48,7 +48,7 @@ from aisopod_session.errors import DamagedRowError, SessionExistsError, SessionN
 from aisopod_session.keys import SessionKey
 from aisopod_session.models import Message, NewMessage, Session
 from aisopod_session.repository import SessionRepository
-from aisopod_session.validation import check_json
+from aisopod_session.validation import check_json, first_nul
 
 DEFAULT_AGENT = "google-adk"
 """The keys' agent, unless the repository is confined to another or `agent_id` says."""
@@ -380,7 +380,12 @@ class AisopodSessionService(BaseSessionService):
         except SessionExistsError:
             raise AlreadyExistsError(f"Session with id {session_id} already exists.") from None
         except ValueError as exc:  # a value of the state the store cannot hold
-            raise ValueError(f"state: {exc}") from None
+            stored = {
+                **own,
+                **{State.APP_PREFIX + name: value for name, value in app.items()},
+                **{State.USER_PREFIX + name: value for name, value in user.items()},
+            }
+            raise ValueError(_refusal("state", str(exc), ("state", stored))) from None
         related = result.related
         return AdkSession(
             id=session_id,
@@ -587,7 +592,9 @@ class AisopodSessionService(BaseSessionService):
             except ValueError as exc:
                 if isinstance(exc, StaleSessionError):
                     raise
-                raise ValueError(f"event: {exc}") from None
+                event_data = (message.meta or {}).get("event")
+                places = (("event", event_data), ("event.content.parts", message.content))
+                raise ValueError(_refusal("event", str(exc), *places)) from None
             session.last_update_time = event.timestamp
             stored = await super().append_event(session, event)
         if cancelled:
@@ -633,6 +640,21 @@ class AisopodSessionService(BaseSessionService):
                 if cancelled:  # the write failed: the cancellation is what the caller sees
                     raise asyncio.CancelledError from None
                 raise
+
+
+def _refusal(argument: str, reason: str, *places: tuple[str, Any]) -> str:
+    """Why the store refused `argument`: for a NUL character (PostgreSQL), the place of
+    the first one in the values given as `(path, value)`, in ADK's terms, not the row's;
+    else the store's own reason."""
+    if "NUL character" in reason:
+        for root, value in places:
+            path = first_nul(value)
+            if path is not None:
+                return (
+                    f"{argument}: the text at {root}{path} holds a NUL character (in a key "
+                    "or a value), which PostgreSQL cannot store (SQLite can)"
+                )
+    return f"{argument}: {reason}"
 
 
 def _stamp(message: Message, event: Event) -> float | None:
