@@ -30,6 +30,7 @@ from aisopod_session import (
     open_database,
 )
 from aisopod_session.connections import lease
+from aisopod_session.repository import HistoryRows
 from tests.dbtools import run_sql, snapshot
 
 GOOD = SessionKey("agent-1", "telegram", "bot", "dm", "good")
@@ -256,6 +257,17 @@ def raw_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         }
     finally:
         conn.close()
+
+
+def test_the_size_of_a_history_page_counts_whatever_other_programs_stored() -> None:
+    """The async API decodes a page of history off the event loop when its text is
+    large (`HistoryRows.text_size`): cells another program stored as numbers, blobs or
+    NULL count by their length when they have one, and never make it fail."""
+    plain = (1, 7, 1, "user", '"abc"', None, "2026-01-01T00:00:00Z", "{}")
+    odd = (1, 8, 1, "user", 42, b"xyz", "2026-01-01T00:00:00Z", None)
+    assert HistoryRows([plain], True).text_size() == 5 + 2
+    assert HistoryRows([plain, odd], True).text_size() == 5 + 2 + 3
+    assert HistoryRows([], False).text_size() == 0
 
 
 def test_text_that_is_not_utf8_is_read_with_replacement_characters(

@@ -64,6 +64,7 @@ class Loader(Generic[Model]):
         # Class attribute named as SQLAlchemy's state attribute; see _StateOnDemand.
         if not isinstance(model.__dict__.get("_sa_instance_state"), _StateOnDemand):
             type.__setattr__(model, "_sa_instance_state", _StateOnDemand(model, self._manager))
+        self.skip = skip
         self.read: Callable[[Sequence[Any]], Model] = self._compile_reader(skip, stored=True)
         """An object from a row of stored values, in `columns` order after `skip`
         leading columns."""

@@ -1449,8 +1449,26 @@ class HistoryRows(NamedTuple):
     newest_first: bool
 
     def text_size(self) -> int:
-        """How many characters of text (and bytes of blobs) the rows' cells hold."""
-        return sum(len(cell) for row in self.rows for cell in row if isinstance(cell, str | bytes))
+        """How many characters of text (and bytes of blobs) the rows' content, tool
+        calls and metadata hold."""
+        content, calls, meta = _HISTORY_TEXT_CELLS
+        try:
+            return sum(
+                [
+                    len(r[content]) + len(r[meta]) + (len(r[calls]) if r[calls] else 0)
+                    for r in self.rows
+                ]
+            )
+        except TypeError:  # a cell another program stored as a number, or NULL
+            cells = [r[i] for r in self.rows for i in _HISTORY_TEXT_CELLS]
+            return sum(len(cell) for cell in cells if isinstance(cell, str | bytes))
+
+
+_HISTORY_TEXT_CELLS = tuple(
+    HISTORY_MESSAGE.skip + HISTORY_MESSAGE.names.index(name)
+    for name in ("content", "tool_calls", "meta")
+)
+"""Where a history row holds its text: the cells of `content`, `tool_calls`, `meta`."""
 
 
 def messages_of_history(read: HistoryRows) -> list[Message]:
