@@ -47,11 +47,13 @@ venv: $(VENV)/.synced ## Create or update the locked environment in .venv
 # (~2 s a worker). The test targets let Python cache them in __pycache__ (ignored by git).
 test test-lowest stress: export PYTHONDONTWRITEBYTECODE :=
 
-# The suite runs on every core (pytest-xdist); WORKERS=0 runs it in one process. The
-# `timing` tests (the event loop's lag, in tests/test_async.py: tests/conftest.py) run
-# after the rest, alone, so that the other workers' tests do not take the cores they
-# measure; `make test` fails when either run fails.
-WORKERS ?= auto
+# The suite runs on one worker more than the machine has cores (pytest-xdist): its
+# tests spend part of their time waiting (for locks, child processes, the server), and
+# on this 2-core machine 3 workers took 106-115 s where 2 took 112-127 s. WORKERS=0 runs
+# it in one process. The `timing` tests (the event loop's lag, in tests/test_async.py:
+# tests/conftest.py) run after the rest, alone, so that the other workers' tests do not
+# take the cores they measure; `make test` fails when either run fails.
+WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: venv ## Run the whole test suite
 	$(VENV)/bin/pytest -n $(WORKERS) --dist worksteal -m "not timing"
 	$(VENV)/bin/pytest -m timing tests/test_async.py
