@@ -703,15 +703,15 @@ def startup_times(
 ) -> dict[str, Stats]:
     """Each command run `runs` times in turns (so that the machine's drift weighs on all
     alike), after one untimed run each (none for a smoke run of 1), timed from start to
-    exit. The children keep a bytecode cache, as an installed package has one, under
-    `folder` (so nothing is written beside the sources, and PYTHONDONTWRITEBYTECODE does
-    not make every run compile every module)."""
+    exit. The children use and keep bytecode caches, as an installed package has them:
+    the environment's, compiled when it was installed (`UV_COMPILE_BYTECODE`), and our
+    sources' in `__pycache__` beside them (ignored by git), so PYTHONDONTWRITEBYTECODE
+    is not passed on (with it, every run would compile every module of ours again)."""
     environment = {
         name: value
         for name, value in os.environ.items()
         if name not in ("AISOPOD_SESSION_DB", "PYTHONDONTWRITEBYTECODE")
     }
-    environment["PYTHONPYCACHEPREFIX"] = str(folder / "pycache")
     samples: dict[str, list[int]] = {name: [] for name in commands}
 
     def run_once(command: list[str]) -> int:

@@ -43,6 +43,7 @@ from aisopod_session import (
     open_database,
 )
 from aisopod_session.asyncrepository import INLINE_TEXT
+from aisopod_session.loading import HISTORY_MESSAGE
 from aisopod_session.repository import messages_of_history
 from aisopod_session.transactions import write_transaction
 from tests.dbtools import count_rows, make_seed_file, run_sql, snapshot, stress
@@ -723,6 +724,48 @@ def test_a_page_of_big_messages_is_decoded_off_the_event_loop(
     assert small == ["small"]
     assert whole == ["x" * (INLINE_TEXT // 2), {"blocks": ["y" * (INLINE_TEXT // 2)]}, "small"]
     assert decoded_on_loop == [1]  # the small page on the loop, the big one elsewhere
+
+
+def test_a_popped_message_of_megabytes_is_decoded_off_the_event_loop(
+    db_path: Path, key: SessionKey
+) -> None:
+    """`pop_message` runs inline; when the newest message holds more than `INLINE_TEXT`
+    characters of text, that call rolls back and the pop runs on a worker thread, which
+    decodes it. Which thread decodes is seen by a profile hook on the loop's thread."""
+    decoded_on_loop: list[Any] = []
+    reader = HISTORY_MESSAGE.read.__code__
+
+    def watch(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is reader:
+            decoded_on_loop.append(frame.f_locals["row"][0])
+
+    big: Any = {"blocks": ["y" * INLINE_TEXT]}
+
+    async def main() -> tuple[list[Any], int, list[Any]]:
+        engine = await open_async_database(db_path)
+        repo = AsyncSessionRepository(engine)
+        try:
+            session = await repo.get_or_create(key)
+            await repo.append_messages(key, [NewMessage(Role.USER, big)])
+            await repo.append_message(key, Role.ASSISTANT, "small")
+            sys.setprofile(watch)
+            try:
+                popped = []
+                for _ in range(3):
+                    await asyncio.sleep(0)  # the loop turns: the inline budget is whole
+                    popped.append(await repo.pop_message(key))
+            finally:
+                sys.setprofile(None)
+            after = await repo.get(key)
+            assert after is not None
+            return [m and m.content for m in popped], after.message_count, [session.id]
+        finally:
+            await engine.dispose()
+
+    popped, count, session_id = run(main())
+    assert popped == ["small", big, None]
+    assert count == 0
+    assert decoded_on_loop == session_id  # the small message on the loop, the big elsewhere
 
 
 def test_dispose_stops_the_worker_threads(db_path: Path, key: SessionKey) -> None:

@@ -49,7 +49,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
-from aisopod_session.connections import Cancel, DriverPath, run_cancellable
+from aisopod_session.connections import Cancel, DriverPath, OffTheLoop, run_cancellable
 from aisopod_session.errors import DatabaseBusyError, SessionStoreError
 
 _T = TypeVar("_T")
@@ -141,8 +141,9 @@ class Bridge:
         """Run `call`, synchronous repository code, on a worker thread and await its
         result; cancelled, see the module docstring. `inline`, the same call on the
         inline engine, runs on the event loop itself instead when the store has one and
-        the loop's budget allows (module docstring); if it finds the lock taken, `call`
-        goes to a worker thread after all, to wait for it there. `writes`: the call
+        the loop's budget allows (module docstring); if it finds the lock taken, or more
+        work than the loop should do (`OffTheLoop`), `call` goes to a worker thread
+        after all. `writes`: the call
         writes (an inline write counts towards the next checkpoint)."""
         loop = asyncio.get_running_loop()
         if inline is not None and self.inline is not None:
@@ -151,8 +152,10 @@ class Bridge:
                 start = time.perf_counter()
                 try:
                     result = inline()
-                except DatabaseBusyError:
-                    pass  # rolled back, nothing written: wait for the lock on a worker
+                except (DatabaseBusyError, OffTheLoop):
+                    # Rolled back, nothing written: a worker waits for the lock, or does
+                    # the work too big for the loop.
+                    pass
                 else:
                     if writes and self._checkpoint_due():
                         # Its writer waits for it, still holding this loop's write gate,

@@ -295,6 +295,17 @@ class AsyncSessionRepository:
 
     get_history.__doc__ = f"{get_history.__doc__}\n\n{SessionRepository.get_history.__doc__}"
 
+    async def pop_message(self, key: SessionKey | str) -> Message | None:
+        """`SessionRepository.pop_message`, awaited. It runs inline; a message holding
+        more than `INLINE_TEXT` characters of text is not decoded on the loop: that call
+        rolls back, having written nothing, and the pop runs on a worker thread."""
+        inline = None
+        if self._inline_sync is not None:
+            inline = partial(self._inline_sync._pop_message, key, text_limit=INLINE_TEXT)
+        return await self._write(partial(self._sync.pop_message, key), inline)
+
+    pop_message.__doc__ = f"{pop_message.__doc__}\n\n{SessionRepository.pop_message.__doc__}"
+
     # Each method of SessionRepository, and which of its calls may run inline (on a
     # SQLite file: see asyncbridge.py); the rest always go to a worker thread.
     create = _writes(SessionRepository.create, _small_meta)
@@ -314,7 +325,6 @@ class AsyncSessionRepository:
     fork = _writes(SessionRepository.fork)
     append_messages = _writes(SessionRepository.append_messages, _few_messages)
     append_message = _writes(SessionRepository.append_message, _small_message)
-    pop_message = _writes(SessionRepository.pop_message, _always)
     # Never inline: it deletes every message of the session first, however many.
     replace_messages = _writes(SessionRepository.replace_messages)
     apply_changes = _writes(SessionRepository.apply_changes, _small_changeset)

@@ -591,6 +591,13 @@ class Cancel:
         self.requested = False
 
 
+class OffTheLoop(Exception):  # noqa: N818 - a signal to the bridge, not an error
+    """Raised by an inline call (`asyncbridge.Bridge.run`) that finds, once in its
+    transaction, more work than the event loop should do (a popped message of megabytes
+    to decode): its transaction rolls back, nothing is written, and the same call runs
+    on a worker thread instead."""
+
+
 def run_cancellable(cancel: Cancel, call: Callable[[], _T]) -> _T:
     """Run `call` on this (worker) thread; its transactions roll back instead of
     committing once `cancel` is requested (`asyncio.CancelledError`)."""

@@ -15,7 +15,12 @@ from typing import Any, NamedTuple, TypeVar
 from sqlalchemy import Engine
 
 from aisopod_session.clock import StoreClock
-from aisopod_session.connections import DriverPath, lenient_text_retry, lenient_text_retry_as
+from aisopod_session.connections import (
+    DriverPath,
+    OffTheLoop,
+    lenient_text_retry,
+    lenient_text_retry_as,
+)
 from aisopod_session.cursors import decode_cursor, encode_cursor, fingerprint
 from aisopod_session.enums import Role, SessionStatus
 from aisopod_session.errors import (
@@ -790,7 +795,6 @@ class SessionRepository:
         check_text_size(f"related_meta[{key}]", merged)
         return SESSION.read(conn.execute(self._text(UPDATE_META), (now, merged, *parts)).fetchone())
 
-    @lenient_text_retry
     def pop_message(self, key: SessionKey | str) -> Message | None:
         """Remove the session's newest message (the highest id) and return it, or return
         None if the session has no message.
@@ -802,13 +806,24 @@ class SessionRepository:
         is locked first). Cells written by other programs are read as leniently as
         `get_history` reads them. `SessionNotFoundError` if there is no session.
         """
+        return self._pop_message(key, text_limit=None)
+
+    @lenient_text_retry_as("pop_message")
+    def _pop_message(self, key: SessionKey | str, *, text_limit: int | None) -> Message | None:
+        """`pop_message`. With `text_limit` (the async repository's inline call), a message
+        of more than `text_limit` characters of text is not decoded here: `OffTheLoop`,
+        and nothing is written. Its cells are decoded inside the transaction, so that a
+        row this code cannot read is refused, not deleted."""
         key = self._key(key)
         with self._path.transaction("pop_message", "IMMEDIATE") as conn:
             session_id, server_now = self._lock_session(conn, key)
             row = conn.execute(self._text(DELETE_NEWEST_MESSAGE), (session_id,)).fetchone()
             if row is None:
                 return None
-            message = HISTORY_MESSAGE.read((session_id, *row))
+            read = HistoryRows([(session_id, *row)], newest_first=False)
+            if text_limit is not None and read.text_size() > text_limit:
+                raise OffTheLoop
+            message = HISTORY_MESSAGE.read(read.rows[0])
             _, now = self._clock.stamp(conn, server_now)
             conn.execute(self._text(RECORD_POP), (now, session_id))
         return message
