@@ -165,8 +165,37 @@ def test_merging_into_metadata_that_is_not_json_names_the_row_and_replacing_repa
     assert repo.get(BAD) == repaired
 
 
+def test_merging_into_metadata_stored_as_bytes_names_the_row(db_path: Path) -> None:
+    """SQLite keeps a blob that plain SQL binds as bytes: every call that merges into
+    the stored metadata refuses it as a damaged row, writing nothing."""
+    engine = open_database(db_path)
+    try:
+        repo, bad_id = damaged_store(engine, "metadata", b'{"lang": "en"}')
+        before = snapshot(engine)
+        calls = {
+            "update_metadata": lambda: repo.update_metadata(BAD, {"lang": "pt"}),
+            "fork": lambda: repo.fork(BAD, SessionKey("agent-1", "telegram", "bot", "dm", "fork")),
+            "apply_changes": lambda: repo.apply_changes(BAD, meta={"lang": "pt"}),
+            "related_meta": lambda: repo.apply_changes(GOOD, related_meta={BAD: {"x": 1}}),
+        }
+        for name, call in calls.items():
+            with pytest.raises(DamagedRowError) as refused:
+                call()
+            assert (refused.value.table, refused.value.row_id, refused.value.column) == (
+                "sessions",
+                bad_id,
+                "metadata",
+            ), name
+            assert "not text but bytes" in str(refused.value), name
+            assert snapshot(engine) == before, name
+        assert repo.update_metadata(BAD, {"lang": "pt"}, replace=True).meta == {"lang": "pt"}
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize(
-    ("column", "value"), [("token_usage", 2.0**63), ("message_count", "three")]
+    ("column", "value"),
+    [("token_usage", 2.0**63), ("message_count", "three"), ("message_count", b"\x01")],
 )
 def test_a_counter_that_is_not_an_integer_is_read_as_damaged(
     db_path: Path, column: str, value: object
@@ -186,6 +215,9 @@ def test_a_counter_that_is_not_an_integer_is_read_as_damaged(
         assert [(d.table, d.row_id, d.column) for d in result.damaged] == [
             ("sessions", bad_id, column)
         ]
+        # Retention still deletes every old session, the damaged one among them.
+        assert repo.prune(updated_before=datetime(2999, 1, 1, tzinfo=UTC)) == 2
+        assert repo.summary().total.sessions == 0
     finally:
         engine.dispose()
 

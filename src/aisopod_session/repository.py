@@ -1266,7 +1266,10 @@ class SessionRepository:
         with self._path.transaction("prune", "IMMEDIATE") as conn:
             batch: list[int] = []
             messages = 0
-            for session_id, count in conn.execute(candidates.text, candidates.bind(plan.values)):
+            for session_id, stored in conn.execute(candidates.text, candidates.bind(plan.values)):
+                # A counter another program left unreadable (text, bytes, a float) says
+                # nothing of the session's messages: that session takes a batch alone.
+                count = stored if type(stored) is int else PRUNE_BATCH_MESSAGES
                 if batch and messages + count > PRUNE_BATCH_MESSAGES:
                     break
                 batch.append(session_id)
@@ -1442,18 +1445,19 @@ def _not_found(key: SessionKey) -> SessionNotFoundError:
     return SessionNotFoundError(f"no session for key {key}")
 
 
-def _read_json_object(stored: str, session_id: int) -> dict[str, Any]:
+def _read_json_object(stored: Any, session_id: int) -> dict[str, Any]:
     """Stored metadata to merge into: JSON that is not an object (plain SQL may have
-    stored one) starts afresh; text that is not JSON is refused, naming the row."""
+    stored one) starts afresh; text that is not JSON, and a cell that is not text
+    (SQLite may hold bytes or a number there), is refused, naming the row."""
+    fix = "replace it with update_metadata(..., replace=True)"
+    if not isinstance(stored, str):
+        raise DamagedRowError(
+            "sessions", session_id, "metadata", f"not text but {type(stored).__name__}; {fix}"
+        )
     try:
         value = JSONText().read(stored)
     except ValueError as exc:
-        raise DamagedRowError(
-            "sessions",
-            session_id,
-            "metadata",
-            f"not JSON ({exc}); replace it with update_metadata(..., replace=True)",
-        ) from exc
+        raise DamagedRowError("sessions", session_id, "metadata", f"not JSON ({exc}); {fix}") from exc
     return value if isinstance(value, dict) else {}
 
 
