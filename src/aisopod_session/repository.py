@@ -1457,7 +1457,9 @@ def _read_json_object(stored: Any, session_id: int) -> dict[str, Any]:
     try:
         value = JSONText().read(stored)
     except ValueError as exc:
-        raise DamagedRowError("sessions", session_id, "metadata", f"not JSON ({exc}); {fix}") from exc
+        raise DamagedRowError(
+            "sessions", session_id, "metadata", f"not JSON ({exc}); {fix}"
+        ) from exc
     return value if isinstance(value, dict) else {}
 
 
