@@ -10,6 +10,7 @@ import json
 import logging
 import sqlite3
 from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,7 @@ def test_merging_into_metadata_stored_as_bytes_names_the_row(db_path: Path) -> N
     try:
         repo, bad_id = damaged_store(engine, "metadata", b'{"lang": "en"}')
         before = snapshot(engine)
-        calls = {
+        calls: dict[str, Callable[[], object]] = {
             "update_metadata": lambda: repo.update_metadata(BAD, {"lang": "pt"}),
             "fork": lambda: repo.fork(BAD, SessionKey("agent-1", "telegram", "bot", "dm", "fork")),
             "apply_changes": lambda: repo.apply_changes(BAD, meta={"lang": "pt"}),
