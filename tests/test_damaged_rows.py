@@ -9,8 +9,8 @@ import io
 import json
 import logging
 import sqlite3
-from datetime import UTC, datetime
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
