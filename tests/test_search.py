@@ -25,6 +25,7 @@ from aisopod_session import (
     SessionRepository,
     open_database,
 )
+from aisopod_session.validation import MAX_QUERY_WORDS
 from tests.dbtools import before_io, no_statements, run_sql
 from tests.test_hostile_input import examples
 
@@ -285,6 +286,9 @@ def test_any_query_text_runs_and_a_message_holding_it_is_found(
         ({"query": 42}, "query"),
         ({"query": b"kiwi"}, "query"),
         ({"query": "k" * 100_001}, "query"),
+        ({"query": " ".join(f"w{n}" for n in range(4_097))}, "query"),
+        ({"query": '"' + "hi " * 4_097 + '"'}, "query"),
+        ({"query": "a-" * 4_097}, "query"),
         ({"query": "kiwi", "limit": -1}, "limit"),
         ({"query": "kiwi", "limit": 1.5}, "limit"),
         ({"query": "kiwi", "limit": True}, "limit"),
@@ -302,6 +306,33 @@ def test_bad_arguments_are_refused_naming_the_field_before_any_io(
 ) -> None:
     with no_statements(), pytest.raises(ValueError, match=field):
         repo.search_messages(**arguments)
+
+
+def test_a_query_of_the_most_words_runs_and_finds_its_phrase(repo: SessionRepository) -> None:
+    """`MAX_QUERY_WORDS` words in one quoted phrase: PostgreSQL refused about 15 000 as
+    a query tree deeper than its stack; repeated terms count once."""
+    repo.get_or_create(ALICE)
+    words = [f"w{number}" for number in range(MAX_QUERY_WORDS)]
+    message = repo.append_message(ALICE, Role.USER, " ".join(words))
+    assert ids(repo.search_messages('"' + " ".join(words) + '"')) == [message.id]
+    assert ids(repo.search_messages("w1 w2 " * MAX_QUERY_WORDS)) == [message.id]
+
+
+def test_a_word_too_long_for_postgresql_to_index_finds_nothing_there(
+    repo: SessionRepository, store_url: str
+) -> None:
+    """PostgreSQL leaves a word of over 2 047 bytes out of its index and out of a
+    query: a query requiring one finds nothing there, instead of matching without it.
+    SQLite indexes it and finds the message holding it."""
+    repo.get_or_create(ALICE)
+    long_word = "é" * 1_024  # 2 048 bytes of UTF-8
+    holding = repo.append_message(ALICE, Role.USER, f"hello {long_word} there")
+    repo.append_message(ALICE, Role.USER, "hello world")
+    found = ids(repo.search_messages(f"hello {long_word}"))
+    assert found == ([] if "://" in store_url else [holding.id])
+    assert repo.search_messages(f"world {'x' * 2_048}") == []
+    shorter = repo.append_message(ALICE, Role.USER, f"hello {'é' * 1_023}")  # 2 046 bytes
+    assert ids(repo.search_messages(f"hello {'é' * 1_023}")) == [shorter.id]
 
 
 # --- rows written by others, and the index of a store's existing rows -----------------------

@@ -105,6 +105,7 @@ from aisopod_session.statements import (
 )
 from aisopod_session.transactions import prepare_engine
 from aisopod_session.validation import (
+    POSTGRESQL_MAX_WORD_BYTES,
     JSONValue,
     ago,
     as_key,
@@ -122,6 +123,7 @@ from aisopod_session.validation import (
     check_text_size,
     check_token_counts,
     dump_json,
+    longest_word_bytes,
     refuse_nul,
     search_terms,
     stored_json,
@@ -1053,8 +1055,10 @@ class SessionRepository:
         searched. A query without a word (empty, only spaces or punctuation) finds
         nothing. Read-only, one statement through the search index (on PostgreSQL after one
         that makes the query). `ValueError`
-        naming `query` for a non-string or one over `MAX_QUERY_CHARS` (100 000)
-        characters; naming `roles` or `limit` (an int >= 0) for those. Rows that
+        naming `query` for a non-string, one over `MAX_QUERY_CHARS` (100 000)
+        characters, or one whose distinct terms hold over `MAX_QUERY_WORDS` (4 096) words;
+        naming `roles` or `limit` (an int >= 0) for those. On PostgreSQL, a word of
+        over 2 047 bytes is in no index, so a query holding one finds nothing. Rows that
         cannot be read are left out and logged, as in `list_sessions`."""
         terms = search_terms(query)
         fields, params = self._filter_params(filter)
@@ -1062,6 +1066,11 @@ class SessionRepository:
         check_int("limit", limit, minimum=0)
         if not terms or limit == 0:
             return []
+        if (
+            self._dialect.name == "postgresql"
+            and longest_word_bytes(terms) > POSTGRESQL_MAX_WORD_BYTES
+        ):
+            return []  # PostgreSQL indexes no such word, so no message holds it there
         values: dict[str, Any] = {
             **params,
             "limit": limit,
