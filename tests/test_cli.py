@@ -3,18 +3,21 @@ subprocess) and through Typer's test runner, on real files (and PostgreSQL where
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO, cast
 
 import pytest
 from typer.testing import CliRunner
@@ -784,6 +787,77 @@ def test_a_big_export_runs_in_flat_memory(tmp_path: Path) -> None:
     assert big_peak < small_peak + 16
 
 
+@pytest.mark.parametrize(
+    "failure", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")]
+)
+def test_an_export_cut_short_leaves_no_part_and_the_file_it_was_to_replace(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    """Ctrl-C, or a full disk, after two lines of the real export were written: FILE
+    keeps the previous export, and no temporary file is left beside it."""
+    from aisopod_session import transfer
+
+    real = transfer.export_jsonl
+
+    class CutShort:
+        def __init__(self, stream: Any) -> None:
+            self.stream, self.lines = stream, 0
+
+        def write(self, text: str) -> int:
+            self.lines += 1
+            if self.lines > 2:
+                raise failure
+            return int(self.stream.write(text))
+
+    def cut_short(engine: Any, stream: Any, *args: Any, **kwargs: Any) -> Any:
+        return real(engine, cast(TextIO, CutShort(stream)), *args, **kwargs)
+
+    monkeypatch.setattr(transfer, "export_jsonl", cut_short)
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    target = folder / "keep.jsonl"
+    target.write_text("the previous export\n")
+    arguments = ("--db", str(store), "export", "--to", str(target), "--overwrite")
+    if isinstance(failure, KeyboardInterrupt):
+        assert cli(*arguments).returncode != 0
+    else:
+        assert failed(*arguments) == "error: [Errno 28] No space left on device"
+    assert target.read_text() == "the previous export\n"
+    assert [p.name for p in folder.iterdir()] == ["keep.jsonl"]
+    monkeypatch.undo()
+    ok("--db", str(store), "export", "--to", str(target), "--overwrite")
+    ok("--db", str(store), "export", "--to", str(folder / "new.jsonl"))
+    lines = [len((folder / name).read_text().splitlines()) for name in ("keep.jsonl", "new.jsonl")]
+    assert lines[0] == lines[1] > 2
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.jsonl", "new.jsonl"]
+
+
+def test_an_export_terminated_midway_leaves_the_file_it_was_to_replace(tmp_path: Path) -> None:
+    """SIGTERM (a service manager stopping it) while the real command writes: exit
+    status 143, the previous export untouched, no temporary file left."""
+    store = tmp_path / "big.db"
+    fill_fast(store, EXPORT_MESSAGES)
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    target = folder / "keep.jsonl"
+    target.write_text("the previous export\n")
+    process = subprocess.Popen(
+        [str(SCRIPT), "--db", str(store), "export", "--to", str(target), "--overwrite"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not any(p.name != "keep.jsonl" and p.stat().st_size for p in folder.iterdir()):
+        assert process.poll() is None, "the export ended before it was seen under way"
+        assert time.monotonic() < deadline, "no export under way after 60 s"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 143, errors
+    assert target.read_text() == "the previous export\n"
+    assert [p.name for p in folder.iterdir()] == ["keep.jsonl"]
+
+
 def test_export_takes_no_write_lock(store: Path) -> None:
     """Writers go on while an export reads its snapshot."""
     writes: list[str] = []
@@ -855,6 +929,27 @@ def test_a_closed_pipe_ends_quietly(store: Path) -> None:
     process.stderr.close()
     assert process.wait() == 141
     assert errors == b""
+
+
+def test_a_command_started_with_standard_output_closed_says_so_or_runs(store: Path) -> None:
+    """`aisopod-session ... >&-`: Python has no `sys.stdout` then. A command whose
+    output is only shown runs (the output goes nowhere); an export to standard output
+    is refused in one line, not with a traceback."""
+
+    def closed_stdout(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(SCRIPT), "--db", str(store), *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+            preexec_fn=lambda: os.close(1),  # in the child, before it starts
+        )
+
+    status = closed_stdout("status")
+    assert (status.returncode, status.stderr) == (0, "")
+    export = closed_stdout("export")
+    assert export.returncode == 1
+    assert export.stderr == "error: standard output is closed: name a file with --to\n"
 
 
 def test_version_is_the_installed_distributions(tmp_path: Path) -> None:

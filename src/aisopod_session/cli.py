@@ -16,12 +16,16 @@ for type checkers only).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import re
+import signal
+import stat
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -293,7 +297,7 @@ out = cast(
         soft_wrap=True,
         markup=False,
         emoji=False,
-        width=None if sys.stdout.isatty() else 200,
+        width=None if sys.stdout is not None and sys.stdout.isatty() else 200,
     ),
 )
 err = cast(
@@ -2054,15 +2058,70 @@ def refuse_to_replace(option: str, file: Path, overwrite: bool) -> None:
 
 @contextmanager
 def open_output(path: str) -> Iterator[TextIO]:
-    """The export's stream: the file, or stdout through `json_safe` (it may be a
-    terminal; the JSON it carries means the same)."""
+    """The export's stream: stdout through `json_safe` (it may be a terminal; the JSON
+    it carries means the same), or a temporary file beside the file named, which takes
+    its name only once the export is whole and on disk: an export interrupted (Ctrl-C,
+    SIGTERM) or failed (a full disk) leaves no part of itself behind, and a file it was
+    to replace as it was. Through a symbolic link, the file it names is replaced; a
+    device or a FIFO is written directly."""
     if path == "-":
+        if sys.stdout is None:
+            raise UserError("standard output is closed: name a file with --to")
         # export_jsonl only writes to its stream.
         yield cast(TextIO, _JsonSafeWriter(sys.stdout))
         sys.stdout.flush()
         return
-    with open(path, "w", encoding="utf-8", newline="\n") as stream:
-        yield stream
+    import tempfile
+
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        with open(path, "w", encoding="utf-8", newline="\n") as stream:
+            yield stream
+        return
+    descriptor, part = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        os.fchmod(descriptor, _new_file_mode(target))
+        with (
+            os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as stream,
+            _terminated_as_exit(),
+        ):
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(part, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
+
+
+def _new_file_mode(target: Path) -> int:
+    """The mode a file written at `target` gets: the replaced file's, else what `open`
+    would give a new one (the process's umask applied)."""
+    if target.exists():
+        return stat.S_IMODE(target.stat().st_mode)
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextmanager
+def _terminated_as_exit() -> Iterator[None]:
+    """SIGTERM, while the block runs in the main thread, ends the command as an
+    exception would (exit status 143), so that the block's clean-up runs; Python's
+    default is to die at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command("import", cls=_Command)
