@@ -1443,6 +1443,40 @@ def test_import_from_standard_input_checks_its_first_line_before_creating_a_stor
     )
 
 
+def test_a_first_line_of_megabytes_is_checked_whole_from_a_file_and_from_stdin(
+    store: Path, tmp_path: Path
+) -> None:
+    """The first line is checked whole, however long: a JSON array of 2 MiB on one line
+    is refused before a store is made, and an export without its header whose first
+    line holds 2 MiB of metadata imports from standard input as from the file (it was
+    read in two pieces from stdin, each refused)."""
+    missing = tmp_path / "new.db"
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps(["x" * 1024] * 2048))
+    said = failed("--db", str(missing), "import", str(array))
+    assert said == f"error: {array} is not an export (line 1: not a JSON object but list); " + (
+        "nothing imported"
+    )
+    assert not missing.exists()
+    lines = [json.loads(line) for line in ok("--db", str(store), "export").splitlines()[1:]]
+    lines[0]["metadata"] = {"notes": "n" * (2 << 20)}
+    headless = tmp_path / "headless.jsonl"
+    headless.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    env = {"AISOPOD_SESSION_DB": None}
+    counts = []
+    for name, source in (("file.db", str(headless)), ("stdin.db", "-")):
+        done = RUNNER.invoke(
+            app,
+            ["--db", str(tmp_path / name), "import", source, "--json"],
+            input=headless.read_text() if source == "-" else None,
+            env=env,
+        )
+        assert done.exit_code == 0, done.stderr
+        counts.append(json.loads(done.stdout))
+    assert counts[0] == counts[1]
+    assert (counts[0]["sessions_created"], counts[0]["messages_imported"]) == (3, 6)
+
+
 def test_progress_bars_count_to_their_totals_on_a_terminal(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

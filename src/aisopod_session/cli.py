@@ -2302,25 +2302,30 @@ _PEEK = 1024 * 1024
 def refuse_what_is_no_export(file: str) -> None:
     """`UserError` if the first line of `file` that is not blank is not a line of an export
     (a header, a session or a message): a text file that is no export is refused before
-    any store is opened or created. A first line longer than 1 MiB is left to the import."""
+    any store is opened or created."""
     with open(file, encoding="utf-8-sig", errors="surrogateescape") as stream:
         first_lines(stream, file)
 
 
 def first_lines(stream: TextIO, name: str) -> list[str]:
     """The lines read from `stream` up to its first that is not blank, once that one has
-    been found to be a line of an export (`refuse_what_is_no_export`); `UserError`
-    naming `name` if it is not."""
-    from aisopod_session.transfer import parse_line
+    been found to be a line of an export (`refuse_what_is_no_export`), each whole;
+    `UserError` naming `name` if it is not (a line over the import's `MAX_LINE_LENGTH`
+    is not). Blank lines are read `_PEEK` characters at a time, the first other line
+    whole: a file of one long line is checked like any other."""
+    from aisopod_session.transfer import MAX_LINE_LENGTH, parse_line
 
     read: list[str] = []
-    for number, line in enumerate(iter(lambda: stream.readline(_PEEK), ""), start=1):
+    for number, start in enumerate(iter(lambda: stream.readline(_PEEK), ""), start=1):
+        line = start
+        if not line.endswith("\n") and len(line) >= _PEEK:
+            line += stream.readline(MAX_LINE_LENGTH + 2 - len(line))
         read.append(line)
         if not line.strip():
             continue
-        if len(line) >= _PEEK and not line.endswith("\n"):
-            break
         try:
+            if not line.endswith("\n") and len(line) > MAX_LINE_LENGTH:
+                raise ValueError(f"longer than {MAX_LINE_LENGTH:,} characters")
             parse_line(line)
         except ValueError as exc:
             raise UserError(
@@ -2341,7 +2346,7 @@ class _Replayed:
 
     def readline(self, limit: int = -1) -> str:
         if self._read:
-            return self._read.pop(0)  # at most _PEEK characters: below any line limit
+            return self._read.pop(0)  # whole, and at most the import's line limit
         return self._rest.readline(limit)
 
     def __iter__(self) -> Iterator[str]:
