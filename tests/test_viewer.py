@@ -497,9 +497,28 @@ def test_serve_refuses_an_empty_token_and_a_bad_port(db_path: Path) -> None:
     open_database(db_path).dispose()
     empty = RUNNER.invoke(cli_app, ["--db", str(db_path), "serve", "--token", ""])
     assert (empty.exit_code, empty.stderr.strip()) == (1, "error: --token: must not be empty")
-    port = RUNNER.invoke(cli_app, ["--db", str(db_path), "serve", "--port", "70000"])
-    assert port.exit_code == 2
-    assert "--port" in port.stderr
+    for value, reason in (("70000", "must be from 1 to 65535; got 70000"), ("abc", "'abc' is")):
+        port = RUNNER.invoke(cli_app, ["--db", str(db_path), "serve", "--port", value])
+        assert port.exit_code == 2
+        assert f"error: --port: {reason}" in port.stderr
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line_before_claiming_to_serve(
+    db_path: Path,
+) -> None:
+    """The port is bound before "Serving …" is printed: one taken by another server is
+    a one-line error (uvicorn printed its own and exited 3, after our "Serving")."""
+    open_database(db_path).dispose()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = RUNNER.invoke(cli_app, ["--db", str(db_path), "serve", "--port", str(port)])
+    assert done.exit_code == 1
+    assert done.stdout == ""
+    assert done.stderr == (
+        f"error: --port {port}: in use on 127.0.0.1 (another server?); pass another --port\n"
+    )
 
 
 def test_serve_without_the_viewer_extra_says_what_to_install(

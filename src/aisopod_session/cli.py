@@ -17,6 +17,7 @@ for type checkers only).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -332,8 +333,8 @@ MAX_INTEGER = 2**63 - 1
 _INTEGER = re.compile(r"\s*([+-]?)([0-9]+)\s*")
 
 
-def whole_number(minimum: int) -> Callable[[Any], int]:
-    """A parser for an integer option: ASCII digits within [minimum, MAX_INTEGER], else
+def whole_number(minimum: int, maximum: int = MAX_INTEGER) -> Callable[[Any], int]:
+    """A parser for an integer option: ASCII digits within [minimum, maximum], else
     `typer.BadParameter` in our words (a usage error naming the option, exit status 2)."""
 
     def parse(value: Any) -> int:
@@ -349,10 +350,9 @@ def whole_number(minimum: int) -> Callable[[Any], int]:
             number = int(sign + significant) if len(significant) <= 20 else MAX_INTEGER + 1
             if sign == "-" and number > 0:
                 number = -number
-        if not minimum <= number <= MAX_INTEGER:
-            raise typer.BadParameter(
-                f"must be from {minimum} to {MAX_INTEGER} (2^63 - 1); got {value}"
-            )
+        if not minimum <= number <= maximum:
+            most = f"{MAX_INTEGER} (2^63 - 1)" if maximum == MAX_INTEGER else str(maximum)
+            raise typer.BadParameter(f"must be from {minimum} to {most}; got {value}")
         return number
 
     return parse
@@ -2449,7 +2449,9 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[
         int,
-        typer.Option("--port", metavar="PORT", min=1, max=65535, help="The port to listen on."),
+        typer.Option(
+            "--port", metavar="PORT", parser=whole_number(1, 65535), help="The port to listen on."
+        ),
     ] = VIEWER_PORT,
     token: Annotated[
         str | None,
@@ -2480,7 +2482,7 @@ def serve(
 
         token = secrets.token_urlsafe(24)
     target = target_of(ctx, db)
-    with repository(target) as repo:
+    with repository(target) as repo, listening(host, port) as sock:
         shown_host = f"[{host}]" if ":" in host else host
         address = f"http://{shown_host}:{port}/"
         if token is not None:
@@ -2488,8 +2490,32 @@ def serve(
         out.print(f"Serving {shown_target(target)} read-only at {address} (Ctrl-C stops).")
         # No websocket protocol: the viewer has no such route (and older uvicorns would
         # import a websockets module that warns).
-        app_ = create_app(repo, token=token)
-        uvicorn.run(app_, host=host, port=port, log_level="warning", ws="none")
+        config = uvicorn.Config(create_app(repo, token=token), log_level="warning", ws="none")
+        uvicorn.Server(config).run(sockets=[sock])
+
+
+@contextmanager
+def listening(host: str, port: int) -> Iterator[Any]:
+    """A socket bound to `host` and `port` (as uvicorn binds one), closed after the
+    block; `UserError` in one line when it cannot be (the port in use, no such
+    address), before the viewer says it serves."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(
+                f"--port {port}: in use on {host} (another server?); pass another --port"
+            ) from None
+        reason = exc.strerror or str(exc)
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({reason})") from None
+    with sock:
+        yield sock
 
 
 def main() -> None:
