@@ -223,6 +223,25 @@ def test_migrate_upgrades_an_old_store_and_status_waits_for_it(db_path: Path) ->
     assert as_json("--db", str(db_path), "status")["schema_version"] == SCHEMA_VERSION
 
 
+def test_reading_commands_leave_a_store_behind_the_schema_byte_for_byte(tmp_path: Path) -> None:
+    """A file another program keeps in its own journal mode (the seed's schema in
+    plain SQL, and an empty file): commands that refuse it, or only report on it, write
+    nothing to it, not even the switch to WAL mode that a store in use gets."""
+    seed, empty = tmp_path / "seed.db", tmp_path / "empty.db"
+    make_seed_file(seed)
+    empty.touch()
+    reading = [("status",), ("sessions", "list"), ("export",), ("search", "hi")]
+    for path in (seed, empty):
+        before = path.read_bytes()
+        for command in reading:
+            assert "run `aisopod-session migrate`" in failed("--db", str(path), *command)
+        assert as_json("--db", str(path), "migrate", "--status")["schema_version"] == 0
+        assert path.read_bytes() == before, path.name
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db", "seed.db"]
+    with sqlite3.connect(seed) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
 def make_crate_store(path: Path) -> None:
     """A store as the Rust crate makes it, in plain sqlite3: the seed's DDL, its version-2
     compaction columns and a bare one-row `schema_version` (2), with two messages whose

@@ -31,7 +31,13 @@ from aisopod_session.errors import (
     is_busy,
     translated_errors,
 )
-from aisopod_session.migrations import MIGRATIONS, check_schema, migrate_from
+from aisopod_session.migrations import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    check_schema,
+    migrate_from,
+    version_of,
+)
 from aisopod_session.settings import (
     DEFAULT_BUSY_TIMEOUT,
     Clock,
@@ -76,7 +82,9 @@ def open_database(
     process crash; `FULL` also the last transactions of a power loss); a file is put in
     WAL mode. Transactions begin `IMMEDIATE` unless the store marks them read-only.
     With `migrate=False` the schema is left as it is (to inspect pending migrations or
-    run `run_migrations` yourself); a database newer than this code is refused either way.
+    run `run_migrations` yourself), and a file behind this code's schema is not put in
+    WAL mode either: nothing is written to it; a database newer than this code is
+    refused either way.
     `busy_timeout` (0 to about 24.8 days) also bounds a PostgreSQL write's wait for a row
     lock (`lock_timeout`). Timestamps come from the store's clock (see `clock.py`): the
     server's on PostgreSQL, this host's (never going backwards) on SQLite, or `clock`, a
@@ -554,7 +562,10 @@ def _set_up(
             conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar_one()
         # Refuse a newer or edited schema before anything, WAL included, touches the file.
         applied = check_schema(engine)
-        if not _in_memory(url):
+        # A store this code works on goes to WAL mode (a change stored in the file); one
+        # left behind its schema (`migrate=False`: to inspect it, or to be refused, as the
+        # command's reading commands refuse it) is not written at all.
+        if not _in_memory(url) and (migrate or version_of(applied) >= SCHEMA_VERSION):
             _enable_wal(engine, busy_timeout=busy_timeout)
         if migrate:
             migrate_from(engine, applied, MIGRATIONS)

@@ -373,7 +373,7 @@ def applied_migrations(engine: Engine) -> list[AppliedMigration]:
 
 def current_version(engine: Engine) -> int:
     """The highest applied schema version, 0 for a fresh database. Read-only."""
-    return _version(applied_migrations(engine))
+    return version_of(applied_migrations(engine))
 
 
 def check_schema(
@@ -424,8 +424,8 @@ def migrate_from(
     (`open_database`): the same transactions, re-reading the version under the lock."""
     pending = _pending(applied, migrations)
     if not pending:
-        return _version(applied)
-    before = _version(applied)
+        return version_of(applied)
+    before = version_of(applied)
 
     for done, migration in enumerate(pending):
         if progress is not None:
@@ -449,11 +449,12 @@ def migrate_from(
 def _pending(
     applied: Sequence[AppliedMigration], migrations: Sequence[Migration]
 ) -> list[Migration]:
-    current = _version(applied)
+    current = version_of(applied)
     return [migration for migration in migrations if migration.version > current]
 
 
-def _version(applied: Sequence[AppliedMigration]) -> int:
+def version_of(applied: Sequence[AppliedMigration]) -> int:
+    """The highest version among `applied` (`applied_migrations`' rows), 0 for none."""
     return max((row.version for row in applied), default=0)
 
 
@@ -557,7 +558,7 @@ def _check_sequence(migrations: Sequence[Migration]) -> None:
 def _check_applied(
     applied: Sequence[AppliedMigration], migrations: Sequence[Migration], dialect: str
 ) -> None:
-    newest = _version(applied)
+    newest = version_of(applied)
     latest = migrations[-1].version if migrations else 0
     if newest > latest:
         raise SchemaVersionError(
