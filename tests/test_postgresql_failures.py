@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
 from aisopod_session import (
@@ -124,6 +124,32 @@ def test_a_write_on_a_row_locked_by_another_connection_gives_up_after_busy_timeo
         assert snapshot(engine) == before
     finally:
         holder.close()
+        engine.dispose()
+
+
+def test_a_call_finding_every_pooled_connection_in_use_gives_up_as_busy(
+    pg_store: Engine, pg_url: str, key: SessionKey
+) -> None:
+    """More threads calling at once than the pool holds, each waiting on a lock, leave
+    a call without a connection: past the pool's timeout that is a `DatabaseBusyError`
+    naming the call (SQLAlchemy's own `TimeoutError` escaped), and the engine works on."""
+    engine = create_engine(
+        make_url(pg_url).set(drivername="postgresql+psycopg"),
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=0.2,
+    )
+    try:
+        repo = SessionRepository(engine)
+        repo.get_or_create(key)
+        held = engine.raw_connection()  # the pool's one connection, checked out
+        try:
+            with pytest.raises(DatabaseBusyError, match=r"^get: no connection of the engine"):
+                repo.get(key)
+        finally:
+            held.close()
+        assert repo.get(key) is not None
+    finally:
         engine.dispose()
 
 

@@ -48,7 +48,8 @@ class MigrationError(SessionStoreError):
 
 class DatabaseBusyError(SessionStoreError):
     """The write lock (on PostgreSQL, a row lock) could not be taken within the busy
-    timeout."""
+    timeout; or no connection of a PostgreSQL engine's pool came free within its
+    timeout (SQLAlchemy's `pool_timeout`, 30 s), every one held by other calls."""
 
 
 class DamagedRowError(SessionStoreError):
@@ -80,7 +81,7 @@ def driver_errors() -> tuple[type[Exception], ...]:
 
 def _translated() -> tuple[type[Exception], ...]:
     """The errors `translate` turns into `SessionStoreError`s."""
-    return (sa_exc.StatementError, *driver_errors())
+    return (sa_exc.StatementError, sa_exc.TimeoutError, *driver_errors())
 
 
 def is_busy(error: BaseException) -> bool:
@@ -110,6 +111,13 @@ def translate(error: BaseException, action: str) -> BaseException:
     message names the operation as well as the reason."""
     if isinstance(error, SessionStoreError) or not isinstance(error, _translated()):
         return error
+    if isinstance(error, sa_exc.TimeoutError):
+        # SQLAlchemy's own: every connection of the engine's pool stayed checked out.
+        reason = str(error).split(" (Background on this error", 1)[0]
+        return DatabaseBusyError(
+            f"{action}: no connection of the engine's pool came free in time, all in use by "
+            f"other calls (open_database's pool_size and max_overflow size it; {reason})"
+        )
     # SQLAlchemy wraps driver errors (and errors binding parameters); the driver's own
     # are not wrapped.
     cause = error.orig if isinstance(error, sa_exc.StatementError) and error.orig else error
