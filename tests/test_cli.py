@@ -1496,6 +1496,25 @@ def test_a_first_line_of_megabytes_is_checked_whole_from_a_file_and_from_stdin(
     assert (counts[0]["sessions_created"], counts[0]["messages_imported"]) == (3, 6)
 
 
+def test_the_first_line_check_refuses_a_line_one_character_over_the_limit(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The import's line limit (lowered here to 2 000 characters) counts a line without
+    its line break, in the first line's check as in the import."""
+    from aisopod_session import transfer
+
+    monkeypatch.setattr(transfer, "MAX_LINE_LENGTH", 2_000)
+    header = ok("--db", str(store), "export").splitlines()[0]
+    for extra, ending, refused in ((1, "\n", True), (0, "\r\n", False), (0, "\n", False)):
+        first = tmp_path / "first.jsonl"
+        first.write_text(header + " " * (2_000 + extra - len(header)) + ending, newline="")
+        target = tmp_path / "target.db"
+        done = cli("--db", str(target), "import", str(first))
+        assert ("longer than 2,000 characters" in done.stderr) == refused, (extra, ending)
+        assert target.exists() != refused
+        target.unlink(missing_ok=True)
+
+
 def test_progress_bars_count_to_their_totals_on_a_terminal(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2324,7 +2324,8 @@ def first_lines(stream: TextIO, name: str) -> list[str]:
         if not line.strip():
             continue
         try:
-            if not line.endswith("\n") and len(line) > MAX_LINE_LENGTH:
+            breaks = 2 if line.endswith("\r\n") else 1 if line.endswith("\n") else 0
+            if len(line) - breaks > MAX_LINE_LENGTH:
                 raise ValueError(f"longer than {MAX_LINE_LENGTH:,} characters")
             parse_line(line)
         except ValueError as exc:
