@@ -196,7 +196,8 @@ def store(tmp_path: Path) -> Path:
 
 def test_init_creates_the_store_once(db_path: Path) -> None:
     assert "Created" in ok("--db", str(db_path), "init", real=True)
-    assert db_path.exists()
+    with sqlite3.connect(db_path) as conn:  # a store made is a store in use: WAL mode
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert "nothing to do" in ok("init", "--db", str(db_path))
     migrations = as_json("--db", str(db_path), "migrate", "--status")
     assert [(m["version"], m["status"]) for m in migrations["migrations"]] == [
@@ -218,6 +219,8 @@ def test_migrate_upgrades_an_old_store_and_status_waits_for_it(db_path: Path) ->
     assert before["schema_version"] == 0
     migrated = ok("--db", str(db_path), "migrate")
     assert all(f"applied {n}" in migrated for n in range(1, SCHEMA_VERSION + 1)), migrated
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     after = as_json("--db", str(db_path), "migrate", "--status")
     assert [m["status"] for m in after["migrations"]] == ["applied"] * SCHEMA_VERSION
     assert as_json("--db", str(db_path), "status")["schema_version"] == SCHEMA_VERSION

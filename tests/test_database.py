@@ -11,12 +11,14 @@ import pytest
 from sqlalchemy import Engine, text
 
 from aisopod_session import (
+    SCHEMA_VERSION,
     DatabaseBusyError,
     Role,
     SessionKey,
     SessionRepository,
     SessionStoreError,
     open_database,
+    run_migrations,
 )
 from aisopod_session.transactions import read_transaction, write_transaction
 from tests.dbtools import run_threads, snapshot
@@ -256,6 +258,22 @@ def test_switching_to_wal_gives_up_after_the_busy_timeout(db_path: Path) -> None
             open_database(db_path, busy_timeout=0.1)
     finally:
         holder.join()
+
+
+def test_a_file_opened_without_migrating_goes_to_wal_once_run_migrations_migrates_it(
+    db_path: Path,
+) -> None:
+    """`open_database(migrate=False)` writes nothing to a file behind the schema (a new
+    one stays empty, in no journal mode of its own); `run_migrations` on that engine
+    migrates it and puts it in WAL mode, as `open_database` would have."""
+    engine = open_database(db_path, migrate=False)
+    try:
+        assert db_path.stat().st_size == 0
+        assert run_migrations(engine) == SCHEMA_VERSION
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        engine.dispose()
 
 
 def test_a_postgresql_pool_is_sized_by_open_database(pg_url: str, key: SessionKey) -> None:

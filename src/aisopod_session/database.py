@@ -8,7 +8,6 @@ import ipaddress
 import os
 import re
 import shlex
-import sqlite3
 import time
 from functools import partial
 from pathlib import Path
@@ -26,7 +25,6 @@ from aisopod_session.connections import (
     tainted,
 )
 from aisopod_session.errors import (
-    DatabaseBusyError,
     SessionStoreError,
     is_busy,
     translated_errors,
@@ -56,6 +54,7 @@ if TYPE_CHECKING:
 from aisopod_session.transactions import (
     Synchronous,
     check_busy_timeout,
+    enable_wal,
     prepare_engine,
     read_transaction,
 )
@@ -566,7 +565,7 @@ def _set_up(
         # left behind its schema (`migrate=False`: to inspect it, or to be refused, as the
         # command's reading commands refuse it) is not written at all.
         if not _in_memory(url) and (migrate or version_of(applied) >= SCHEMA_VERSION):
-            _enable_wal(engine, busy_timeout=busy_timeout)
+            enable_wal(engine, busy_timeout=busy_timeout)
         if migrate:
             migrate_from(engine, applied, MIGRATIONS)
 
@@ -624,48 +623,3 @@ def _check_file(path: Path) -> None:
             f"cannot open {path}: its folder {folder} is read-only for this process; "
             f"SQLite must create {path.name}-wal and {path.name}-shm beside the database"
         )
-
-
-def _enable_wal(engine: Engine, *, busy_timeout: float) -> None:
-    # journal_mode is stored in the file and cannot change inside a transaction, so it is
-    # set here, on a connection with no transaction open. Changing it needs the file to
-    # itself, and SQLite answers "locked" at once instead of calling the busy handler, so
-    # processes opening a fresh file together retry here within their busy timeout.
-    deadline = time.monotonic() + busy_timeout
-    pause = 0.001
-    with engine.connect() as conn:
-        driver = conn.connection.dbapi_connection
-        assert driver is not None
-        while True:
-            try:
-                mode = _pragma(driver, "PRAGMA journal_mode")
-                if str(mode).lower() != "wal":
-                    mode = _pragma(driver, "PRAGMA journal_mode = WAL")
-            except sqlite3.OperationalError as exc:
-                if not is_busy(exc):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise DatabaseBusyError(
-                        f"could not switch the database to WAL mode within the busy timeout "
-                        f"({busy_timeout} s): another connection kept it locked ({exc})"
-                    ) from exc
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
-                continue
-            if str(mode).lower() != "wal":
-                raise SessionStoreError(
-                    f"could not put the database in WAL mode (journal_mode stays {mode!r})"
-                )
-            return
-
-
-def _pragma(driver: Any, sql: str) -> Any:
-    """The one value a PRAGMA returns, through a DB-API cursor: the one interface both
-    sqlite3 and SQLAlchemy's aiosqlite adapter (2.0's as 2.1's) give alike."""
-    cursor = driver.cursor()
-    try:
-        cursor.execute(sql)
-        row = cursor.fetchone()
-    finally:
-        cursor.close()
-    return None if row is None else row[0]

@@ -21,7 +21,12 @@ from sqlalchemy import Connection, Engine, text
 
 from aisopod_session.errors import MigrationError, SchemaVersionError, translated_errors
 from aisopod_session.models import parse_utc_text, utc_text
-from aisopod_session.transactions import prepare_engine, read_transaction, write_transaction
+from aisopod_session.transactions import (
+    enable_wal,
+    prepare_engine,
+    read_transaction,
+    write_transaction,
+)
 
 
 @dataclass(frozen=True)
@@ -405,13 +410,20 @@ def run_migrations(
     `schema_version` row, so a failing one leaves no trace (`MigrationError`, chained
     to the cause) and the ones before it stay applied. The write lock is held from reading
     the version to recording it, so processes migrating at once apply each migration once.
-    An up-to-date database is checked read-only and not written at all. A database newer
+    An up-to-date database is checked read-only and not written at all; a SQLite file
+    that was migrated is then put in WAL mode (`enable_wal`). A database newer
     than `migrations` raises `SchemaVersionError`, and one whose recorded checksum differs
     from the code raises `MigrationError`; neither modifies the file. Any SQLite engine
     works: one not made by `open_database` is prepared first (see `prepare_engine`).
     """
     migrations = MIGRATIONS if migrations is None else migrations
-    return migrate_from(engine, check_schema(engine, migrations), migrations, progress)
+    applied = check_schema(engine, migrations)
+    version = migrate_from(engine, applied, migrations, progress)
+    if version != version_of(applied):
+        # A file `open_database(migrate=False)` left as it was, being behind the schema,
+        # now is a store this code works on: WAL mode, as `open_database` gives one.
+        enable_wal(engine)
+    return version
 
 
 def migrate_from(

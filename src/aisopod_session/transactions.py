@@ -19,6 +19,8 @@ The repository's own calls do not go through SQLAlchemy's execution layer: see
 from __future__ import annotations
 
 import math
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -27,7 +29,8 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from aisopod_session import connections
-from aisopod_session.settings import DEFAULT_BUSY_TIMEOUT, lock_timeout_ms
+from aisopod_session.errors import DatabaseBusyError, SessionStoreError, is_busy
+from aisopod_session.settings import DEFAULT_BUSY_TIMEOUT, busy_timeout_of, lock_timeout_ms
 
 MAX_BUSY_TIMEOUT = 2_147_483.0
 """The longest `busy_timeout` in seconds: SQLite counts it in milliseconds in a signed
@@ -148,3 +151,56 @@ def _transaction(engine: Engine, mode: BeginMode) -> Iterator[Connection]:
             conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
             yield conn
+
+
+def enable_wal(engine: Engine, *, busy_timeout: float | None = None) -> None:
+    """Put a SQLite file in WAL mode (stored in the file: once is enough), waiting up to
+    `busy_timeout` (the store's, if not given) for the file to itself; nothing for
+    PostgreSQL or an in-memory database. `DatabaseBusyError` past the timeout."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return
+    if busy_timeout is None:
+        busy_timeout = busy_timeout_of(engine)
+    # journal_mode is stored in the file and cannot change inside a transaction, so it is
+    # set here, on a connection with no transaction open. Changing it needs the file to
+    # itself, and SQLite answers "locked" at once instead of calling the busy handler, so
+    # processes opening a fresh file together retry here within their busy timeout.
+    deadline = time.monotonic() + busy_timeout
+    pause = 0.001
+    with engine.connect() as conn:
+        driver = conn.connection.dbapi_connection
+        assert driver is not None
+        while True:
+            try:
+                mode = _pragma(driver, "PRAGMA journal_mode")
+                if str(mode).lower() != "wal":
+                    mode = _pragma(driver, "PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise DatabaseBusyError(
+                        f"could not switch the database to WAL mode within the busy timeout "
+                        f"({busy_timeout} s): another connection kept it locked ({exc})"
+                    ) from exc
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                continue
+            if str(mode).lower() != "wal":
+                raise SessionStoreError(
+                    f"could not put the database in WAL mode (journal_mode stays {mode!r})"
+                )
+            return
+
+
+def _pragma(driver: Any, sql: str) -> Any:
+    """The one value a PRAGMA returns, through a DB-API cursor: the one interface both
+    sqlite3 and SQLAlchemy's aiosqlite adapter (2.0's as 2.1's) give alike."""
+    cursor = driver.cursor()
+    try:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    return None if row is None else row[0]
