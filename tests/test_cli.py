@@ -854,6 +854,31 @@ def test_an_export_cut_short_leaves_no_part_and_the_file_it_was_to_replace(
     assert sorted(p.name for p in folder.iterdir()) == ["keep.jsonl", "new.jsonl"]
 
 
+def test_an_export_is_written_in_place_where_a_replacement_would_change_more(
+    store: Path, tmp_path: Path
+) -> None:
+    """A file with another hard link keeps its links (both names see the export), and
+    `/dev/stdout` that is a pipe is written, not replaced (a temporary file cannot be
+    made beside it)."""
+    target, link = tmp_path / "out.jsonl", tmp_path / "link.jsonl"
+    target.write_text("previous\n")
+    os.link(target, link)
+    ok("--db", str(store), "export", "--to", str(target), "--overwrite")
+    assert link.read_text() == target.read_text() != "previous\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".jsonl") == [
+        "link.jsonl",
+        "out.jsonl",
+    ]
+    piped = subprocess.run(
+        [str(SCRIPT), "--db", str(store), "export", "--to", "/dev/stdout", "--overwrite"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert len(piped.stdout.splitlines()) == len(target.read_text().splitlines()) > 2
+
+
 def test_an_export_terminated_midway_leaves_the_file_it_was_to_replace(tmp_path: Path) -> None:
     """SIGTERM (a service manager stopping it) while the real command writes: exit
     status 143, the previous export untouched, no temporary file left."""

@@ -2059,11 +2059,14 @@ def refuse_to_replace(option: str, file: Path, overwrite: bool) -> None:
 @contextmanager
 def open_output(path: str) -> Iterator[TextIO]:
     """The export's stream: stdout through `json_safe` (it may be a terminal; the JSON
-    it carries means the same), or a temporary file beside the file named, which takes
+    it carries means the same), or for a file a temporary file beside it, which takes
     its name only once the export is whole and on disk: an export interrupted (Ctrl-C,
     SIGTERM) or failed (a full disk) leaves no part of itself behind, and a file it was
-    to replace as it was. Through a symbolic link, the file it names is replaced; a
-    device or a FIFO is written directly."""
+    to replace as it was. Through a symbolic link, the file it names is replaced. The
+    file is written in place, as `open` would, where a replacement would change more
+    than its content: a device, FIFO or pipe (`/dev/stdout`), a file with other hard
+    links, another user's file or one this process may not write, a folder where no
+    temporary file can be made."""
     if path == "-":
         if sys.stdout is None:
             raise UserError("standard output is closed: name a file with --to")
@@ -2071,16 +2074,13 @@ def open_output(path: str) -> Iterator[TextIO]:
         yield cast(TextIO, _JsonSafeWriter(sys.stdout))
         sys.stdout.flush()
         return
-    import tempfile
-
-    target = Path(os.path.realpath(path))
-    if target.exists() and not target.is_file():
+    part = _temporary_beside(path)
+    if part is None:
         with open(path, "w", encoding="utf-8", newline="\n") as stream:
             yield stream
         return
-    descriptor, part = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    descriptor, temporary, target = part
     try:
-        os.fchmod(descriptor, _new_file_mode(target))
         with (
             os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as stream,
             _terminated_as_exit(),
@@ -2088,21 +2088,50 @@ def open_output(path: str) -> Iterator[TextIO]:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(part, target)
+        os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(part)
+            os.unlink(temporary)
         raise
 
 
-def _new_file_mode(target: Path) -> int:
-    """The mode a file written at `target` gets: the replaced file's, else what `open`
-    would give a new one (the process's umask applied)."""
-    if target.exists():
-        return stat.S_IMODE(target.stat().st_mode)
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+def _temporary_beside(path: str) -> tuple[int, str, str] | None:
+    """A new temporary file (descriptor, its path, and the path it will replace) in the
+    folder of the file `path` names, with the mode that file has (or `open` would give
+    a new one); None where the export is to be written in place (`open_output`)."""
+    import tempfile
+
+    try:
+        found = os.stat(path)  # through symbolic links
+    except FileNotFoundError:
+        mask = os.umask(0)
+        os.umask(mask)
+        mode = 0o666 & ~mask
+    except OSError:
+        return None  # a link loop, no access: `open` says what
+    else:
+        if not (
+            stat.S_ISREG(found.st_mode)
+            and found.st_nlink == 1
+            and found.st_uid == os.geteuid()
+            and os.access(path, os.W_OK)
+        ):
+            return None
+        mode = stat.S_IMODE(found.st_mode)
+    target = os.path.realpath(path)
+    try:
+        descriptor, temporary = tempfile.mkstemp(
+            dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}."
+        )
+    except OSError:
+        return None
+    try:
+        os.fchmod(descriptor, mode)
+    except OSError:
+        os.close(descriptor)
+        os.unlink(temporary)
+        return None
+    return descriptor, temporary, target
 
 
 @contextmanager
