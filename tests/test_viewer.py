@@ -577,6 +577,33 @@ def test_serve_beyond_loopback_makes_up_a_token_and_enforces_it(db_path: Path) -
             server.terminate()
 
 
+def test_serve_listens_on_every_address_its_host_gives(db_path: Path) -> None:
+    """`--host ""` listens on every address of this machine, IPv4 and IPv6 alike, as
+    uvicorn binds a host (one socket each): both loopbacks answer (IPv6 where the
+    machine has it)."""
+    open_database(db_path).dispose()
+    port = free_port()
+    loopbacks = ["127.0.0.1"]
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+            loopbacks.append("[::1]")
+        except OSError:
+            pass  # no IPv6 here
+    script = Path(sys.executable).parent / "aisopod-session"
+    command = [str(script), "--db", str(db_path), "serve", "--host", "", "--port", str(port)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as server:
+        try:
+            assert server.stdout is not None
+            found = re.search(r"\?token=(\S+) ", server.stdout.readline())
+            assert found is not None
+            for address in loopbacks:
+                url = f"http://{address}:{port}/?token={found.group(1)}"
+                assert until_served(url).status == 200, address
+        finally:
+            server.terminate()
+
+
 # --- docs/viewer.md -------------------------------------------------------------------
 
 VIEWER_MD = Path(__file__).resolve().parent.parent / "docs" / "viewer.md"

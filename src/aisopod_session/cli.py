@@ -2512,7 +2512,7 @@ def serve(
 
         token = secrets.token_urlsafe(24)
     target = target_of(ctx, db)
-    with repository(target) as repo, listening(host, port) as sock:
+    with repository(target) as repo, listening(host, port) as sockets:
         shown_host = f"[{host}]" if ":" in host else host
         address = f"http://{shown_host}:{port}/"
         if token is not None:
@@ -2521,31 +2521,52 @@ def serve(
         # No websocket protocol: the viewer has no such route (and older uvicorns would
         # import a websockets module that warns).
         config = uvicorn.Config(create_app(repo, token=token), log_level="warning", ws="none")
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(config).run(sockets=sockets)
 
 
 @contextmanager
-def listening(host: str, port: int) -> Iterator[Any]:
-    """A socket bound to `host` and `port` (as uvicorn binds one), closed after the
-    block; `UserError` in one line when it cannot be (the port in use, no such
-    address), before the viewer says it serves."""
+def listening(host: str, port: int) -> Iterator[list[Any]]:
+    """Listening sockets on every address `host` names (all of this machine's for
+    ""), as asyncio's `create_server` makes them for uvicorn (an IPv6 one for IPv6
+    alone), closed after the block; `UserError` in one line when one cannot be made
+    (the port in use, no such address), before the viewer says it serves."""
     import socket
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise UserError(
-                f"--port {port}: in use on {host} (another server?); pass another --port"
-            ) from None
         reason = exc.strerror or str(exc)
-        raise UserError(f"--host {host} --port {port}: cannot listen there ({reason})") from None
-    with sock:
-        yield sock
+        raise UserError(f"--host {host}: no address to listen on ({reason})") from None
+    sockets: list[Any] = []
+    with ExitStack() as opened:
+        for family, kind, protocol, _, address in dict.fromkeys(found):
+            sock = opened.enter_context(socket.socket(family, kind, protocol))
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                # Listening here, not in uvicorn: two servers may bind one port with
+                # SO_REUSEADDR, and only the second's listen() finds it taken.
+                sock.listen(_BACKLOG)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise UserError(
+                        f"--port {port}: in use on {address[0]} (another server?); pass "
+                        "another --port"
+                    ) from None
+                reason = exc.strerror or str(exc)
+                raise UserError(
+                    f"--host {host} --port {port}: cannot listen on {address[0]} ({reason})"
+                ) from None
+            sockets.append(sock)
+        yield sockets
+
+
+_BACKLOG = 2048
+"""The listening sockets' backlog: uvicorn's default."""
 
 
 def main() -> None:
