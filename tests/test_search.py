@@ -333,6 +333,18 @@ def test_a_word_too_long_for_postgresql_to_index_finds_nothing_there(
     assert repo.search_messages(f"world {'x' * 2_048}") == []
     shorter = repo.append_message(ALICE, Role.USER, f"hello {'é' * 1_023}")  # 2 046 bytes
     assert ids(repo.search_messages(f"hello {'é' * 1_023}")) == [shorter.id]
+    # PostgreSQL reads a URL (an e-mail address, a path) as one token: too long, it is
+    # left out of the query too, which must not then find every message of the host.
+    url = "http://example.com/" + "p" * 3_000
+    with_url = repo.append_message(ALICE, Role.USER, f"see {url}")
+    repo.append_message(ALICE, Role.USER, "see http://example.com/other")
+    found = ids(repo.search_messages(url))
+    assert found == ([] if "://" in store_url else [with_url.id])
+    # Words joined by characters PostgreSQL splits words at (², ½), though Python counts
+    # them as word characters: each word is short, and the message is found on both.
+    joined = "²".join(f"w{number}" for number in range(500))
+    holding_joined = repo.append_message(ALICE, Role.USER, joined)
+    assert ids(repo.search_messages(joined)) == [holding_joined.id]
 
 
 # --- rows written by others, and the index of a store's existing rows -----------------------

@@ -105,7 +105,6 @@ from aisopod_session.statements import (
 )
 from aisopod_session.transactions import prepare_engine
 from aisopod_session.validation import (
-    POSTGRESQL_MAX_WORD_BYTES,
     JSONValue,
     ago,
     as_key,
@@ -123,7 +122,6 @@ from aisopod_session.validation import (
     check_text_size,
     check_token_counts,
     dump_json,
-    longest_word_bytes,
     refuse_nul,
     search_terms,
     stored_json,
@@ -1057,8 +1055,9 @@ class SessionRepository:
         that makes the query). `ValueError`
         naming `query` for a non-string, one over `MAX_QUERY_CHARS` (100 000)
         characters, or one whose distinct terms hold over `MAX_QUERY_WORDS` (4 096) words;
-        naming `roles` or `limit` (an int >= 0) for those. On PostgreSQL, a word of
-        over 2 047 bytes is in no index, so a query holding one finds nothing. Rows that
+        naming `roles` or `limit` (an int >= 0) for those. On PostgreSQL, a token of
+        over 2 047 bytes (a word, a URL, an address) is in no index, so a query holding
+        one finds nothing. Rows that
         cannot be read are left out and logged, as in `list_sessions`."""
         terms = search_terms(query)
         fields, params = self._filter_params(filter)
@@ -1066,11 +1065,6 @@ class SessionRepository:
         check_int("limit", limit, minimum=0)
         if not terms or limit == 0:
             return []
-        if (
-            self._dialect.name == "postgresql"
-            and longest_word_bytes(terms) > POSTGRESQL_MAX_WORD_BYTES
-        ):
-            return []  # PostgreSQL indexes no such word, so no message holds it there
         values: dict[str, Any] = {
             **params,
             "limit": limit,
@@ -1083,9 +1077,12 @@ class SessionRepository:
         with self._path.transaction("search_messages", None) as conn:
             if self._dialect.name == "postgresql":
                 made = self._sql(SEARCH_QUERY)
-                (values["tsquery"],) = conn.execute(made.text, made.bind(values)).fetchone()
-                if values["tsquery"] is None:
-                    return []  # no term holds a word
+                query, too_long = conn.execute(made.text, made.bind(values)).fetchone()
+                if query is None or too_long:
+                    # No term holds a word; or one holds a token PostgreSQL indexes in no
+                    # message, which the query would leave out, asking less.
+                    return []
+                values["tsquery"] = query
             rows = conn.execute(sql.text, sql.bind(values)).fetchall()
         return list(readable(_hit, rows))
 

@@ -983,14 +983,29 @@ _PG_TSQUERY = """(SELECT string_agg('(' || q::text || ')', ' & ')::tsquery
        WHERE numnode(spaced) > 0) AS terms)"""
 
 
+# Whether a term, in either reading, holds a token PostgreSQL leaves out of a query and
+# out of every message's index alike: one of 2 048 bytes or more ("word is too long to
+# be indexed"), whichever kind of token its parser makes of it (a word, a URL, an e-mail
+# address, a path), spaces aside. Without that token the term would ask less, and find
+# messages without it.
+_PG_TOO_LONG = """EXISTS (SELECT 1 FROM unnest(:terms) AS term,
+       LATERAL (VALUES (term), (' ' || term || ' ')) AS reading(text),
+       LATERAL ts_parse('default', reading.text) AS token
+ WHERE octet_length(token.token) >= 2048
+   AND token.tokid <> (SELECT tokid FROM ts_token_type('default') WHERE alias = 'blank'))"""
+
+
 def _search_query(dialect: str) -> ClauseElement:
     from sqlalchemy.dialects.postgresql import ARRAY
 
-    return text(f"SELECT {_PG_TSQUERY}::text").bindparams(bindparam("terms", type_=ARRAY(Text)))
+    return text(f"SELECT {_PG_TSQUERY}::text, {_PG_TOO_LONG}").bindparams(
+        bindparam("terms", type_=ARRAY(Text))
+    )
 
 
-SEARCH_QUERY = Query(_search_query, ("terms",))
-"""PostgreSQL: the `tsquery` text of a search's `:terms` (see `_PG_TSQUERY`)."""
+SEARCH_QUERY = Query(_search_query, ("terms", "terms"))
+"""PostgreSQL: the `tsquery` text of a search's `:terms` (see `_PG_TSQUERY`), and
+whether a term holds a token too long for PostgreSQL to index (`_PG_TOO_LONG`)."""
 
 
 def _search_postgresql(clauses: list[ColumnElement[bool]], keys: list[Any]) -> ClauseElement:

@@ -8,7 +8,6 @@ checks here, and by `models.as_filter` / `models.as_new_messages`, which make th
 import inspect
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
@@ -445,13 +444,11 @@ def refuse_nul(field: str, value: Any) -> None:
 MAX_QUERY_CHARS = 100_000
 """The longest search query `search_messages` takes (`ValueError` naming `query` beyond)."""
 MAX_QUERY_WORDS = 4_096
-"""The most words (runs of letters and digits) the distinct terms of a search query may
-hold (`ValueError` naming `query` beyond): PostgreSQL makes a query tree as deep as a
-phrase is long, and refuses one of some 15 000 words as deeper than its stack."""
-POSTGRESQL_MAX_WORD_BYTES = 2_047
-"""The longest word PostgreSQL's text search indexes, in bytes of UTF-8: it leaves a
-longer one out of a message's index and out of a query alike."""
-_WORD = re.compile(r"[^\W_]+")
+"""The most words the distinct terms of a search query may hold (`ValueError` naming
+`query` beyond): PostgreSQL makes a query tree as deep as a phrase is long, and refuses
+one of some 15 000 words as deeper than its stack. A word is a run of letters and
+decimal digits, so that every character either database's parser may split a word at
+(`²`, `½`, a hyphen) splits it here too: the count is never below theirs."""
 
 
 def search_terms(query: Any) -> list[str]:
@@ -475,16 +472,21 @@ def search_terms(query: Any) -> list[str]:
             terms.extend(part.split())
     # A term given twice asks nothing more; fewer terms keep the query's tree shallow.
     distinct = list(dict.fromkeys(terms))
-    words = sum(len(_WORD.findall(term)) for term in distinct)
+    words = sum(_words(term) for term in distinct)
     if words > MAX_QUERY_WORDS:
         raise ValueError(f"query: {words} words (in distinct terms), more than {MAX_QUERY_WORDS}")
     return distinct
 
 
-def longest_word_bytes(terms: Iterable[str]) -> int:
-    """The length in bytes of UTF-8 of the longest word (run of letters and digits) in
-    `terms`; 0 for none."""
-    return max((len(w.encode()) for term in terms for w in _WORD.findall(term)), default=0)
+def _words(term: str) -> int:
+    """How many runs of letters and decimal digits `term` holds."""
+    count = 0
+    inside = False
+    for character in term:
+        letter = character.isalpha() or character.isdecimal()
+        count += letter and not inside
+        inside = letter
+    return count
 
 
 def check_roles(roles: Any) -> tuple[Role, ...] | None:
