@@ -341,7 +341,7 @@ def postgresql_plans(engine: Engine) -> dict[str, list[str]]:
         cursor = raw.cursor()
         # The search's query, as `search_messages` makes it first.
         made = SEARCH_QUERY.on(dialect)
-        cursor.execute(made.text, made.bind({"terms": ["w1", "w2"]}))
+        cursor.execute(made.text, made.bind({"terms": ["w1", "w2"], "long": False}))
         query, _ = cursor.fetchall()[0]  # the query, and whether a term is too long
         shapes["PostgreSQL search_messages(query)"][1]["tsquery"] = query
         for name, (sql, values) in shapes.items():

@@ -1077,6 +1077,7 @@ class SessionRepository:
         with self._path.transaction("search_messages", None) as conn:
             if self._dialect.name == "postgresql":
                 made = self._sql(SEARCH_QUERY)
+                values["long"] = any(len(term.encode()) >= 2048 for term in terms)
                 query, too_long = conn.execute(made.text, made.bind(values)).fetchone()
                 if query is None or too_long:
                     # No term holds a word; or one holds a token PostgreSQL indexes in no

@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     ColumnElement,
     Select,
     Table,
@@ -998,14 +999,18 @@ _PG_TOO_LONG = """EXISTS (SELECT 1 FROM unnest(:terms) AS term,
 def _search_query(dialect: str) -> ClauseElement:
     from sqlalchemy.dialects.postgresql import ARRAY
 
-    return text(f"SELECT {_PG_TSQUERY}::text, {_PG_TOO_LONG}").bindparams(
-        bindparam("terms", type_=ARRAY(Text))
+    # The parse runs only when a term could hold such a token (`:long`, a term of 2 048
+    # bytes or more): CASE evaluates its branches lazily.
+    checked = f"CASE WHEN :long THEN {_PG_TOO_LONG} ELSE false END"
+    return text(f"SELECT {_PG_TSQUERY}::text, {checked}").bindparams(
+        bindparam("terms", type_=ARRAY(Text)), bindparam("long", type_=Boolean)
     )
 
 
-SEARCH_QUERY = Query(_search_query, ("terms", "terms"))
+SEARCH_QUERY = Query(_search_query, ("terms", "long", "terms"))
 """PostgreSQL: the `tsquery` text of a search's `:terms` (see `_PG_TSQUERY`), and
-whether a term holds a token too long for PostgreSQL to index (`_PG_TOO_LONG`)."""
+whether a term holds a token too long for PostgreSQL to index (`_PG_TOO_LONG`; looked
+for when `:long`, some term being of 2 048 bytes of UTF-8 or more)."""
 
 
 def _search_postgresql(clauses: list[ColumnElement[bool]], keys: list[Any]) -> ClauseElement:
