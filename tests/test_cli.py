@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -877,6 +878,34 @@ def test_an_export_is_written_in_place_where_a_replacement_would_change_more(
     )
     assert piped.returncode == 0, piped.stderr
     assert len(piped.stdout.splitlines()) == len(target.read_text().splitlines()) > 2
+
+
+def test_an_export_replacing_a_file_keeps_its_group_and_extended_attributes(
+    store: Path, tmp_path: Path
+) -> None:
+    """A replaced file keeps its mode and group (another group than the process's own
+    where the file had one); a file with extended attributes (an ACL is one) is
+    written in place, keeping them."""
+    grouped, tagged = tmp_path / "grouped.jsonl", tmp_path / "tagged.jsonl"
+    for path in (grouped, tagged):
+        path.write_text("previous\n")
+    other_group = next((g for g in os.getgroups() if g != os.getegid()), None)
+    if other_group is None and os.geteuid() == 0:
+        other_group = os.getegid() + 1  # root may give any group
+    if other_group is not None:
+        os.chown(grouped, -1, other_group)
+    grouped.chmod(0o640)
+    try:
+        os.setxattr(tagged, "user.tag", b"keep")
+    except OSError:
+        pytest.skip("this file system keeps no extended attributes")
+    for path in (grouped, tagged):
+        ok("--db", str(store), "export", "--to", str(path), "--overwrite")
+        assert path.read_text() != "previous\n"
+    assert stat.S_IMODE(grouped.stat().st_mode) == 0o640
+    if other_group is not None:
+        assert grouped.stat().st_gid == other_group
+    assert os.getxattr(tagged, "user.tag") == b"keep"
 
 
 def test_an_export_terminated_midway_leaves_the_file_it_was_to_replace(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.pool import QueuePool
 
 from aisopod_session import (
     SCHEMA_VERSION,
@@ -272,6 +273,20 @@ def test_a_file_opened_without_migrating_goes_to_wal_once_run_migrations_migrate
         assert run_migrations(engine) == SCHEMA_VERSION
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        engine.dispose()
+
+
+def test_run_migrations_on_a_shared_in_memory_database_leaves_its_journal_alone() -> None:
+    """An in-memory database named by a URI (`file:…?mode=memory`) cannot be in WAL
+    mode: `run_migrations` migrates it and leaves its journal as it is."""
+    engine = create_engine(
+        "sqlite:///file:aisopod_memory?mode=memory&cache=shared&uri=true", poolclass=QueuePool
+    )
+    try:
+        with engine.connect() as keeper:  # the shared database lives while one is open
+            assert run_migrations(engine) == SCHEMA_VERSION
+            assert keeper.exec_driver_sql("PRAGMA journal_mode").scalar() == "memory"
     finally:
         engine.dispose()
 

@@ -289,6 +289,8 @@ def test_any_query_text_runs_and_a_message_holding_it_is_found(
         ({"query": " ".join(f"w{n}" for n in range(4_097))}, "query"),
         ({"query": '"' + "hi " * 4_097 + '"'}, "query"),
         ({"query": "a-" * 4_097}, "query"),
+        ({"query": '"' + "\u2160 " * 4_097 + '"'}, "query"),  # Roman numeral one
+        ({"query": "x\u00b2" * 4_097}, "query"),  # superscript two splits words
         ({"query": "kiwi", "limit": -1}, "limit"),
         ({"query": "kiwi", "limit": 1.5}, "limit"),
         ({"query": "kiwi", "limit": True}, "limit"),

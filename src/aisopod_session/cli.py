@@ -2062,11 +2062,12 @@ def open_output(path: str) -> Iterator[TextIO]:
     it carries means the same), or for a file a temporary file beside it, which takes
     its name only once the export is whole and on disk: an export interrupted (Ctrl-C,
     SIGTERM) or failed (a full disk) leaves no part of itself behind, and a file it was
-    to replace as it was. Through a symbolic link, the file it names is replaced. The
-    file is written in place, as `open` would, where a replacement would change more
-    than its content: a device, FIFO or pipe (`/dev/stdout`), a file with other hard
-    links, another user's file or one this process may not write, a folder where no
-    temporary file can be made."""
+    to replace as it was. Through a symbolic link, the file it names is replaced,
+    keeping its mode and group. The file is written in place, as `open` would, where a
+    replacement would change more than its content: a device, FIFO or pipe
+    (`/dev/stdout`), a file with other hard links, extended attributes (an ACL) or
+    another owner, one this process may not write, a group this process cannot give, a
+    folder where no temporary file can be made."""
     if path == "-":
         if sys.stdout is None:
             raise UserError("standard output is closed: name a file with --to")
@@ -2074,64 +2075,81 @@ def open_output(path: str) -> Iterator[TextIO]:
         yield cast(TextIO, _JsonSafeWriter(sys.stdout))
         sys.stdout.flush()
         return
-    part = _temporary_beside(path)
-    if part is None:
-        with open(path, "w", encoding="utf-8", newline="\n") as stream:
-            yield stream
-        return
-    descriptor, temporary, target = part
-    try:
-        with (
-            os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as stream,
-            _terminated_as_exit(),
-        ):
-            yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    with _terminated_as_exit():
+        part = _temporary_beside(path)
+        if part is None:
+            with open(path, "w", encoding="utf-8", newline="\n") as stream:
+                yield stream
+            return
+        descriptor, temporary, target = part
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as stream:
+                yield stream
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
 
 
 def _temporary_beside(path: str) -> tuple[int, str, str] | None:
     """A new temporary file (descriptor, its path, and the path it will replace) in the
-    folder of the file `path` names, with the mode that file has (or `open` would give
-    a new one); None where the export is to be written in place (`open_output`)."""
-    import tempfile
+    folder of the file `path` names: made as `open` makes a new file (the umask, or the
+    folder's default ACL, decides its mode), then given the mode and group of the file
+    it will replace; None where the export is to be written in place (`open_output`)."""
+    import secrets
 
+    if path.endswith((os.sep, os.altsep or os.sep)):
+        return None  # `open` says that a folder is meant
     try:
-        found = os.stat(path)  # through symbolic links
+        found: os.stat_result | None = os.stat(path)  # through symbolic links
     except FileNotFoundError:
-        mask = os.umask(0)
-        os.umask(mask)
-        mode = 0o666 & ~mask
+        found = None
     except OSError:
         return None  # a link loop, no access: `open` says what
-    else:
-        if not (
-            stat.S_ISREG(found.st_mode)
-            and found.st_nlink == 1
-            and found.st_uid == os.geteuid()
-            and os.access(path, os.W_OK)
-        ):
-            return None
-        mode = stat.S_IMODE(found.st_mode)
+    if found is not None and not (
+        stat.S_ISREG(found.st_mode)
+        and found.st_nlink == 1
+        and found.st_uid == os.geteuid()
+        and os.access(path, os.W_OK)
+        and not _extended_attributes(path)  # an ACL among them
+    ):
+        return None
     target = os.path.realpath(path)
-    try:
-        descriptor, temporary = tempfile.mkstemp(
-            dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}."
-        )
-    except OSError:
+    folder, name = os.path.split(target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(10):
+        temporary = os.path.join(folder, f".{name}.{secrets.token_hex(4)}")
+        try:
+            descriptor = os.open(temporary, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+    else:
         return None
     try:
-        os.fchmod(descriptor, mode)
+        if found is not None:
+            os.fchmod(descriptor, stat.S_IMODE(found.st_mode))
+            if os.fstat(descriptor).st_gid != found.st_gid:
+                os.fchown(descriptor, -1, found.st_gid)
     except OSError:
         os.close(descriptor)
         os.unlink(temporary)
         return None
     return descriptor, temporary, target
+
+
+def _extended_attributes(path: str) -> bool:
+    """Whether the file has extended attributes (an ACL is one), which a new file would
+    not get: False where the file system has none."""
+    try:
+        return bool(os.listxattr(path))
+    except (OSError, AttributeError):
+        return False
 
 
 @contextmanager
@@ -2542,7 +2560,10 @@ def listening(host: str, port: int) -> Iterator[list[Any]]:
     sockets: list[Any] = []
     with ExitStack() as opened:
         for family, kind, protocol, _, address in dict.fromkeys(found):
-            sock = opened.enter_context(socket.socket(family, kind, protocol))
+            try:
+                sock = opened.enter_context(socket.socket(family, kind, protocol))
+            except OSError:
+                continue  # a family this machine lacks (IPv6 turned off), as asyncio skips
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
@@ -2562,6 +2583,8 @@ def listening(host: str, port: int) -> Iterator[list[Any]]:
                     f"--host {host} --port {port}: cannot listen on {address[0]} ({reason})"
                 ) from None
             sockets.append(sock)
+        if not sockets:
+            raise UserError(f"--host {host}: this machine cannot listen on any of its addresses")
         yield sockets
 
 

@@ -174,6 +174,8 @@ def enable_wal(engine: Engine, *, busy_timeout: float | None = None) -> None:
         while True:
             try:
                 mode = _pragma(driver, "PRAGMA journal_mode")
+                if str(mode).lower() == "memory":
+                    return  # an in-memory database however named (`file:…?mode=memory`)
                 if str(mode).lower() != "wal":
                     mode = _pragma(driver, "PRAGMA journal_mode = WAL")
             except sqlite3.OperationalError as exc:

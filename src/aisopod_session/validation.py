@@ -446,9 +446,8 @@ MAX_QUERY_CHARS = 100_000
 MAX_QUERY_WORDS = 4_096
 """The most words the distinct terms of a search query may hold (`ValueError` naming
 `query` beyond): PostgreSQL makes a query tree as deep as a phrase is long, and refuses
-one of some 15 000 words as deeper than its stack. A word is a run of letters and
-decimal digits, so that every character either database's parser may split a word at
-(`²`, `½`, a hyphen) splits it here too: the count is never below theirs."""
+one of some 15 000 words as deeper than its stack. Words are counted so that the count
+is never below either database's (`_words`)."""
 
 
 def search_terms(query: Any) -> list[str]:
@@ -479,13 +478,19 @@ def search_terms(query: Any) -> list[str]:
 
 
 def _words(term: str) -> int:
-    """How many runs of letters and decimal digits `term` holds."""
+    """How many words `term` holds, counted so that neither database's parser finds
+    more: runs of letters and decimal digits, and each other character that is neither
+    a space nor ASCII punctuation (a mark, `²`, a Roman numeral, an emoji) as a word of its own,
+    which one parser may take as part of a word and the other as a break between two."""
     count = 0
     inside = False
     for character in term:
-        letter = character.isalpha() or character.isdecimal()
-        count += letter and not inside
-        inside = letter
+        if character.isalpha() or character.isdecimal():
+            count += not inside
+            inside = True
+        else:
+            inside = False
+            count += not (character.isspace() or character.isascii())
     return count
 
 
