@@ -11,6 +11,7 @@ import re
 import signal
 import sqlite3
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -906,6 +907,54 @@ def test_an_export_replacing_a_file_keeps_its_group_and_extended_attributes(
     if other_group is not None:
         assert grouped.stat().st_gid == other_group
     assert os.getxattr(tagged, "user.tag") == b"keep"
+
+
+def test_an_export_to_dev_stdout_open_on_a_file_writes_through_the_descriptor(
+    store: Path, tmp_path: Path
+) -> None:
+    """`{ echo header; aisopod-session export --to /dev/stdout; } > log`: the export goes
+    to the file the shell opened, which is not replaced (the shell's later writes would
+    go to a file no name leads to)."""
+    log = tmp_path / "log.txt"
+    with log.open("w") as opened:
+        inode = os.fstat(opened.fileno()).st_ino
+        done = subprocess.run(
+            [str(SCRIPT), "--db", str(store), "export", "--to", "/dev/stdout", "--overwrite"],
+            stdout=opened,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    assert log.stat().st_ino == inode
+    assert log.read_text().startswith('{"type": "aisopod-session-export"')
+
+
+def test_an_export_replacing_a_file_in_a_folder_with_a_default_acl_writes_in_place(
+    store: Path, tmp_path: Path
+) -> None:
+    """A folder whose default ACL gives new files an access ACL: replacing a file that
+    has none would widen who may read it, so the file is written in place."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    target = folder / "plain.jsonl"
+    target.write_text("previous\n")
+    target.chmod(0o640)
+    everyone = 0xFFFFFFFF
+    # A POSIX ACL as Linux stores it: version 2, then (tag, permissions, id) entries;
+    # user `nobody` (65534) may read and write new files.
+    entries = [(1, 6, everyone), (2, 6, 65534), (4, 0, everyone), (0x10, 6, everyone)]
+    entries.append((0x20, 0, everyone))
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    try:
+        os.setxattr(folder, "system.posix_acl_default", acl)
+    except OSError:
+        pytest.skip("this file system keeps no ACLs")
+    ok("--db", str(store), "export", "--to", str(target), "--overwrite")
+    assert target.read_text().startswith('{"type": "aisopod-session-export"')
+    assert os.listxattr(target) == []
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert sorted(p.name for p in folder.iterdir()) == ["plain.jsonl"]
 
 
 def test_an_export_terminated_midway_leaves_the_file_it_was_to_replace(tmp_path: Path) -> None:

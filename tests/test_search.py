@@ -25,7 +25,7 @@ from aisopod_session import (
     SessionRepository,
     open_database,
 )
-from aisopod_session.validation import MAX_QUERY_WORDS
+from aisopod_session.validation import MAX_QUERY_WORDS, _words, search_terms
 from tests.dbtools import before_io, no_statements, run_sql
 from tests.test_hostile_input import examples
 
@@ -291,6 +291,7 @@ def test_any_query_text_runs_and_a_message_holding_it_is_found(
         ({"query": "a-" * 4_097}, "query"),
         ({"query": '"' + "\u2160 " * 4_097 + '"'}, "query"),  # Roman numeral one
         ({"query": "x\u00b2" * 4_097}, "query"),  # superscript two splits words
+        ({"query": '"' + "\u0301 " * 4_097 + '"'}, "query"),  # lone marks, a word each
         ({"query": "kiwi", "limit": -1}, "limit"),
         ({"query": "kiwi", "limit": 1.5}, "limit"),
         ({"query": "kiwi", "limit": True}, "limit"),
@@ -308,6 +309,17 @@ def test_bad_arguments_are_refused_naming_the_field_before_any_io(
 ) -> None:
     with no_statements(), pytest.raises(ValueError, match=field):
         repo.search_messages(**arguments)
+
+
+def test_words_written_with_marks_count_once_toward_the_limit() -> None:
+    """Vowel signs and accents are part of their word, as both databases read them:
+    a vocalised Arabic or a decomposed Vietnamese passage of 600 words is far from the
+    limit, where counting each mark as a word came near it."""
+    arabic = "\u0643\u064e\u062a\u064e\u0628\u064e"  # kataba, with its three vowel signs
+    vietnamese = unicodedata.normalize("NFD", "Vi\u1ec7t")
+    for word in (arabic, vietnamese):
+        assert search_terms(" ".join([word] * 600) + f' "{word} {word}"') != []
+        assert _words(" ".join([word] * 600)) == 600
 
 
 def test_a_query_of_the_most_words_runs_and_finds_its_phrase(repo: SessionRepository) -> None:

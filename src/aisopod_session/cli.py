@@ -2065,9 +2065,10 @@ def open_output(path: str) -> Iterator[TextIO]:
     to replace as it was. Through a symbolic link, the file it names is replaced,
     keeping its mode and group. The file is written in place, as `open` would, where a
     replacement would change more than its content: a device, FIFO or pipe
-    (`/dev/stdout`), a file with other hard links, extended attributes (an ACL) or
-    another owner, one this process may not write, a group this process cannot give, a
-    folder where no temporary file can be made."""
+    (`/dev/stdout`, whatever it is open on), a file with other hard links, extended
+    attributes (an ACL) or another owner, one this process may not write, a group this
+    process cannot give, a folder where no temporary file can be made or that gives new
+    files attributes (a default ACL) the file lacks."""
     if path == "-":
         if sys.stdout is None:
             raise UserError("standard output is closed: name a file with --to")
@@ -2103,6 +2104,8 @@ def _temporary_beside(path: str) -> tuple[int, str, str] | None:
 
     if path.endswith((os.sep, os.altsep or os.sep)):
         return None  # `open` says that a folder is meant
+    if _names_a_descriptor(path):
+        return None
     try:
         found: os.stat_result | None = os.stat(path)  # through symbolic links
     except FileNotFoundError:
@@ -2133,14 +2136,34 @@ def _temporary_beside(path: str) -> tuple[int, str, str] | None:
         return None
     try:
         if found is not None:
+            # What the folder gave the new file (a default ACL) the file it replaces
+            # lacks (it has no extended attribute: checked above).
+            if _extended_attributes(temporary):
+                raise OSError("the folder gives new files attributes the file lacks")
             os.fchmod(descriptor, stat.S_IMODE(found.st_mode))
             if os.fstat(descriptor).st_gid != found.st_gid:
                 os.fchown(descriptor, -1, found.st_gid)
-    except OSError:
+    except BaseException as exc:  # SIGTERM too: the temporary file goes
         os.close(descriptor)
         os.unlink(temporary)
-        return None
+        if isinstance(exc, OSError):
+            return None
+        raise
     return descriptor, temporary, target
+
+
+def _names_a_descriptor(path: str) -> bool:
+    """Whether `path`, or a symbolic link it leads through, is under /dev or /proc
+    (`/dev/stdout`, `/dev/fd/3`): a descriptor the shell opened, which is written
+    through, never replaced, whatever file it is open on."""
+    current = os.path.abspath(path)
+    for _ in range(40):
+        if current.startswith(("/dev/", "/proc/")):
+            return True
+        if not os.path.islink(current):
+            return False
+        current = os.path.normpath(os.path.join(os.path.dirname(current), os.readlink(current)))
+    return False
 
 
 def _extended_attributes(path: str) -> bool:

@@ -8,6 +8,7 @@ checks here, and by `models.as_filter` / `models.as_new_messages`, which make th
 import inspect
 import json
 import math
+import unicodedata
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
@@ -479,13 +480,18 @@ def search_terms(query: Any) -> list[str]:
 
 def _words(term: str) -> int:
     """How many words `term` holds, counted so that neither database's parser finds
-    more: runs of letters and decimal digits, and each other character that is neither
-    a space nor ASCII punctuation (a mark, `²`, a Roman numeral, an emoji) as a word of its own,
-    which one parser may take as part of a word and the other as a break between two."""
+    more: runs of letters, decimal digits and marks, and each other character that is
+    neither a space nor ASCII punctuation (`²`, a Roman numeral, an emoji) as a word of
+    its own, which one parser may take as part of a word and the other as a break."""
     count = 0
     inside = False
     for character in term:
-        if character.isalpha() or character.isdecimal():
+        if (
+            character.isalpha()
+            or character.isdecimal()
+            or unicodedata.category(character).startswith("M")
+        ):
+            # Letters, digits and the marks written on them (vowel signs, accents).
             count += not inside
             inside = True
         else:
