@@ -564,7 +564,7 @@ def _set_up(
         # A store this code works on goes to WAL mode (a change stored in the file); one
         # left behind its schema (`migrate=False`: to inspect it, or to be refused, as the
         # command's reading commands refuse it) is not written at all.
-        if not _in_memory(url) and (migrate or version_of(applied) >= SCHEMA_VERSION):
+        if migrate or version_of(applied) >= SCHEMA_VERSION:
             enable_wal(engine, busy_timeout=busy_timeout)
         if migrate:
             migrate_from(engine, applied, MIGRATIONS)

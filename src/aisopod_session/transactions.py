@@ -157,8 +157,7 @@ def enable_wal(engine: Engine, *, busy_timeout: float | None = None) -> None:
     """Put a SQLite file in WAL mode (stored in the file: once is enough), waiting up to
     `busy_timeout` (the store's, if not given) for the file to itself; nothing for
     PostgreSQL or an in-memory database. `DatabaseBusyError` past the timeout."""
-    url = engine.url
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+    if engine.url.get_backend_name() != "sqlite":
         return
     if busy_timeout is None:
         busy_timeout = busy_timeout_of(engine)
@@ -175,7 +174,7 @@ def enable_wal(engine: Engine, *, busy_timeout: float | None = None) -> None:
             try:
                 mode = _pragma(driver, "PRAGMA journal_mode")
                 if str(mode).lower() == "memory":
-                    return  # an in-memory database however named (`file:…?mode=memory`)
+                    return  # an in-memory database, `:memory:` or `file:…?mode=memory`
                 if str(mode).lower() != "wal":
                     mode = _pragma(driver, "PRAGMA journal_mode = WAL")
             except sqlite3.OperationalError as exc:
